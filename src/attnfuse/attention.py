@@ -1,0 +1,271 @@
+"""Multi-head attention: a drop-in for :class:`torch.nn.MultiheadAttention`.
+
+Same constructor, same ``forward`` signature, same returned shapes and the same ``state_dict`` keys
+(packed ``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ from
+``embed_dim``), so ``ours.load_state_dict(theirs.state_dict())`` just works. What differs:
+
+* a query whose keys are all masked gets output 0 and weights 0 (torch: NaN), with finite grads;
+* ``is_causal=True`` works without an ``attn_mask`` and is combined with one that is given;
+* train and eval run the same kernels (no separate inference fast path), so they agree;
+* no (L, S) matrix is built unless weights are asked for.
+
+Per head, d_k = embed_dim / num_heads (512 / 8 = 64 in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import scaled_dot_product_attention
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head scaled dot-product attention, ``Concat(head_1..head_h) W_O``.
+
+    Args:
+        embed_dim: model size E (queries' feature size and output size).
+        num_heads: H; must divide ``embed_dim``; each head works in E/H dimensions.
+        dropout: dropout on the attention probabilities (training only).
+        bias: add biases to the input and output projections.
+        add_bias_kv: append a learned key and value (``bias_k``, ``bias_v``) to the sequence.
+        add_zero_attn: append an all-zero key and value (after the head split).
+        kdim, vdim: feature sizes of key and value (default E); cross-attention between
+            modalities of different sizes sets these.
+        batch_first: inputs are ``(N, L, E)`` instead of ``(L, N, E)``.
+
+    Shapes (batch_first=False; swap the first two dims when True; drop N for unbatched input):
+        query ``(L, N, E)``, key ``(S, N, kdim)``, value ``(S, N, vdim)``;
+        key_padding_mask ``(N, S)``; attn_mask ``(L, S)`` or ``(N*H, L, S)``;
+        output ``(L, N, E)``; weights ``(N, L, S)`` averaged over heads or ``(N, H, L, S)``.
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads: expected positive, got {embed_dim} and {num_heads}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a value in [0, 1), got {dropout}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.add_zero_attn = add_zero_attn
+
+        # Parameter names and registration order mirror torch so state_dicts are interchangeable.
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # The same initialisation as torch (Xavier-uniform projections, zero biases).
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+        if self.out_proj.bias is not None:
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """See the class docstring for shapes. Returns ``(output, weights or None)``."""
+        unbatched = self._check_inputs(query, key, value)
+        if unbatched:
+            # (L, E) -> a batch of one along this layout's batch axis.
+            if key_padding_mask is not None and key_padding_mask.dim() != 1:
+                raise ValueError(
+                    f"key_padding_mask: expected shape {(key.shape[0],)} for unbatched input, "
+                    f"got {tuple(key_padding_mask.shape)}"
+                )
+            bdim = 0 if self.batch_first else 1
+            query, key, value = query.unsqueeze(bdim), key.unsqueeze(bdim), value.unsqueeze(bdim)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+            # An unbatched (H, L, S) attn_mask already is torch's (N*H, L, S) with N = 1.
+
+        seq_dim = 1 if self.batch_first else 0
+        batch_size, tgt_len, src_len = query.shape[1 - seq_dim], query.shape[seq_dim], key.shape[seq_dim]
+        E, H, hd = self.embed_dim, self.num_heads, self.head_dim
+        attn_mask, key_padding_mask = self._check_masks(attn_mask, key_padding_mask, batch_size, tgt_len, src_len)
+
+        q, k, v = self._project(query, key, value)  # in the input layout, last dim E
+        if self.bias_k is not None:
+            # A learned extra key/value: one more source position that no mask blocks.
+            shape = (batch_size, 1, E) if self.batch_first else (1, batch_size, E)
+            k = torch.cat([k, self.bias_k.expand(shape)], dim=seq_dim)
+            v = torch.cat([v, self.bias_v.expand(shape)], dim=seq_dim)
+            key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, L|S, hd)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(batch_size, H, 1, hd)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+            key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
+
+        out, weights = scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )  # out (N, H, L, hd); weights (N, H, L, S)
+
+        # Merge heads back into the input layout, then W_O.
+        if self.batch_first:
+            out = out.transpose(1, 2).reshape(batch_size, tgt_len, E)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch_size, E)
+        out = self.out_proj(out)
+
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)  # (N, L, S)
+        if unbatched:
+            out = out.squeeze(1 - seq_dim)
+            weights = weights.squeeze(0) if weights is not None else None
+        return out, weights
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_masks(
+        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, tgt_len: int, src_len: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Check torch's mask layouts; (N*H, L, S) attn_mask becomes (N, H, L, S)."""
+        H = self.num_heads
+        if attn_mask is not None:
+            if attn_mask.dim() == 3 and tuple(attn_mask.shape) == (n * H, tgt_len, src_len):
+                attn_mask = attn_mask.view(n, H, tgt_len, src_len)
+            elif tuple(attn_mask.shape) != (tgt_len, src_len):
+                raise ValueError(
+                    f"attn_mask: expected shape {(tgt_len, src_len)} or {(n * H, tgt_len, src_len)}, "
+                    f"got {tuple(attn_mask.shape)}"
+                )
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (n, src_len):
+            raise ValueError(f"key_padding_mask: expected shape {(n, src_len)}, got {tuple(key_padding_mask.shape)}")
+        return attn_mask, key_padding_mask
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections in the input's own layout (no transposed copies before the matmul)."""
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if not self._qkv_same_embed_dim:
+            return (
+                F.linear(query, self.q_proj_weight, bq),
+                F.linear(key, self.k_proj_weight, bk),
+                F.linear(value, self.v_proj_weight, bv),
+            )
+        w = self.in_proj_weight
+        if query is key and key is value:
+            # Self-attention: one (3E x E) matmul, then three views of its output.
+            return F.linear(query, w, b).split(E, dim=-1)
+        if key is value:
+            # Cross-attention with shared key/value input: one matmul for both.
+            k, v = F.linear(key, w[E:], None if b is None else b[E:]).split(E, dim=-1)
+            return F.linear(query, w[:E], bq), k, v
+        wq, wk, wv = w.chunk(3)
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """(N, L, E) or (L, N, E) -> (N, H, L, hd), a view whenever the layout allows."""
+        x = x.unflatten(-1, (self.num_heads, self.head_dim))  # (N, L, H, hd) or (L, N, H, hd)
+        return x.transpose(1, 2) if self.batch_first else x.permute(1, 2, 0, 3)
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        """Validate ranks and sizes; returns True for unbatched (2-D) input."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query: expected rank 3 (batched) or 2 (unbatched), got shape {tuple(query.shape)}")
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != query.dim():
+                raise ValueError(
+                    f"{name}: expected rank {query.dim()} like query {tuple(query.shape)}, got shape {tuple(t.shape)}"
+                )
+        for name, t, size in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != size:
+                raise ValueError(f"{name}: expected feature size {size}, got {t.shape[-1]} (shape {tuple(t.shape)})")
+        if query.dim() == 3:
+            bdim = 0 if self.batch_first else 1
+            for name, t in (("key", key), ("value", value)):
+                if t.shape[bdim] != query.shape[bdim]:
+                    raise ValueError(
+                        f"{name}: expected batch size {query.shape[bdim]} (as query) on dim {bdim}, got shape "
+                        f"{tuple(t.shape)}"
+                    )
+        sdim = 0 if (query.dim() == 2 or not self.batch_first) else 1
+        if key.shape[sdim] != value.shape[sdim]:
+            raise ValueError(
+                f"value: expected sequence length {key.shape[sdim]} (as key), got shape {tuple(value.shape)}"
+            )
+        return query.dim() == 2
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
+            f"dropout={self.dropout}, batch_first={self.batch_first}"
+        )
+
+
+def _pad_last(mask: Tensor | None) -> Tensor | None:
+    """Append one 'allowed' column (False for bool masks, 0 for float masks) for an extra key."""
+    return None if mask is None else F.pad(mask, (0, 1))

@@ -1,0 +1,259 @@
+"""Transformer encoder building blocks (Vaswani et al., 2017, section 3).
+
+Each encoder layer is two sublayers, multi-head self-attention and a position-wise feed-forward net
+(d_model -> dim_feedforward -> d_model with ReLU: 512 -> 2048 -> 512 in the paper), each wrapped in
+"Add & Norm": ``LayerNorm(x + Dropout(Sublayer(x)))`` (post-norm, the paper's form, and the default)
+or ``x + Dropout(Sublayer(LayerNorm(x)))`` (pre-norm, ``norm_first=True``, easier to train deep).
+
+Argument names and ``state_dict`` keys match :class:`torch.nn.TransformerEncoderLayer` and
+:class:`torch.nn.TransformerEncoder`, so their weights load here and give the same outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import MultiheadAttention
+
+__all__ = ["PositionalEncoding", "FeedForward", "TransformerEncoderLayer", "TransformerEncoder"]
+
+Activation = str | Callable[[Tensor], Tensor]
+
+
+def _get_activation(activation: Activation) -> Callable[[Tensor], Tensor]:
+    if callable(activation):
+        return activation
+    if activation == "relu":
+        return F.relu
+    if activation == "gelu":
+        return F.gelu
+    raise ValueError(f"activation: expected 'relu', 'gelu' or a callable, got {activation!r}")
+
+
+class PositionalEncoding(nn.Module):
+    """Adds position information to a sequence of embeddings.
+
+    Sinusoidal (the paper's formula, no parameters)::
+
+        PE[pos, 2i]   = sin(pos / 10000^(2i / d_model))
+        PE[pos, 2i+1] = cos(pos / 10000^(2i / d_model))
+
+    or, with ``learned=True``, a trained table of ``max_len`` position vectors.
+
+    Shapes: input and output ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first=True``, with
+    ``E = d_model`` and ``L <= max_len``.
+    """
+
+    def __init__(
+        self, d_model: int, max_len: int = 5000, dropout: float = 0.0, learned: bool = False, batch_first: bool = False
+    ) -> None:
+        super().__init__()
+        self.d_model, self.max_len, self.learned, self.batch_first = d_model, max_len, learned, batch_first
+        self.dropout = nn.Dropout(dropout)
+        if learned:
+            self.pe = nn.Parameter(torch.empty(max_len, d_model))
+            nn.init.normal_(self.pe, std=0.02)
+        else:
+            self.register_buffer("pe", sinusoidal_table(max_len, d_model), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (L, N, {self.d_model}) or (N, L, {self.d_model}), got {tuple(x.shape)}")
+        seq_len = x.shape[1] if self.batch_first else x.shape[0]
+        if seq_len > self.max_len:
+            raise ValueError(f"x: expected sequence length <= max_len={self.max_len}, got {seq_len}")
+        pe = self.pe[:seq_len].to(x.dtype)  # (L, E)
+        pe = pe.unsqueeze(0) if self.batch_first else pe.unsqueeze(1)
+        return self.dropout(x + pe)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, max_len={self.max_len}, learned={self.learned}"
+
+
+def sinusoidal_table(length: int, d_model: int) -> Tensor:
+    """The (length, d_model) sinusoid table of the paper (odd d_model drops the last cosine)."""
+    pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)  # (L, 1)
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: d_model // 2])
+    return table.float()
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward net: ``Linear(d_model, d_ff) -> activation -> Dropout -> Linear(d_ff, d_model)``.
+
+    Shapes: input and output ``(..., d_model)``; every position is transformed independently.
+    """
+
+    def __init__(
+        self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1, activation: Activation = "relu",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
+        self.activation = _get_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _feed_forward(self, x)
+
+
+def _feed_forward(m: FeedForward | _AddNormBlock, x: Tensor) -> Tensor:
+    # Shared by FeedForward and the encoder blocks, which hold the same four attributes.
+    return m.linear2(m.dropout(m.activation(m.linear1(x))))
+
+
+class _AddNormBlock(nn.Module):
+    """An attention sublayer followed by a feed-forward sublayer, each with residual + LayerNorm.
+
+    Subclasses create ``self.<attention>`` and implement the attention call; the feed-forward
+    weights sit directly on the block (``linear1``, ``linear2``) so the keys match torch.
+    """
+
+    def __init__(
+        self, d_model: int, dim_feedforward: int, dropout: float, activation: Activation, layer_norm_eps: float,
+        norm_first: bool, bias: bool, factory: dict,
+    ) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = _get_activation(activation)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout2(_feed_forward(self, x))
+
+    def _residual(self, x: Tensor, attend: Callable[[Tensor], tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+        """Both sublayers; ``attend(normed_or_raw_x) -> (attention output, weights)``."""
+        if self.norm_first:
+            a, weights = attend(self.norm1(x))
+            x = x + self.dropout1(a)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            a, weights = attend(x)
+            x = self.norm1(x + self.dropout1(a))
+            x = self.norm2(x + self._ff_block(x))
+        return x, weights
+
+
+class TransformerEncoderLayer(_AddNormBlock):
+    """One encoder layer: self-attention and feed-forward, each with Add & Norm.
+
+    Arguments and ``state_dict`` keys as :class:`torch.nn.TransformerEncoderLayer`.
+
+    Shapes: src ``(S, N, E)`` (``(N, S, E)`` with ``batch_first``; ``(S, E)`` unbatched);
+    src_mask ``(S, S)`` or ``(N*H, S, S)``; src_key_padding_mask ``(N, S)``, True = padding.
+    Returns the output (same shape as src), and with ``need_weights=True`` also the per-head
+    weights ``(N, H, S, S)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Activation = "relu",
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias, factory)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
+        self.batch_first = batch_first
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        def attend(x: Tensor) -> tuple[Tensor, Tensor | None]:
+            return self.self_attn(
+                x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal,
+                need_weights=need_weights, average_attn_weights=False,
+            )
+
+        out, weights = self._residual(src, attend)
+        return (out, weights) if need_weights else out
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of ``num_layers`` identical encoder layers (the paper: 6 layers, d_model 512, 8 heads,
+    feed-forward 2048, dropout 0.1), with an optional final LayerNorm (on by default for pre-norm,
+    whose last layer output is otherwise un-normalised).
+
+    ``state_dict`` keys match :class:`torch.nn.TransformerEncoder` (``layers.{i}.…``, ``norm.…``).
+
+    Shapes: src ``(S, N, E)`` or ``(N, S, E)`` with ``batch_first``; mask ``(S, S)`` or
+    ``(N*H, S, S)``; src_key_padding_mask ``(N, S)``. Returns the output, and with
+    ``return_attention=True`` also a list with every layer's weights ``(N, H, S, S)``. Without it
+    no weights are computed (fused kernels).
+    """
+
+    def __init__(
+        self,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Activation = "relu",
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        final_norm: bool | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(
+                d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
+                device=device, dtype=dtype,
+            )
+            for _ in range(num_layers)
+        )
+        self.num_layers = num_layers
+        final_norm = norm_first if final_norm is None else final_norm
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, device=device, dtype=dtype) if final_norm else None
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        x, maps = src, []
+        for layer in self.layers:
+            if return_attention:
+                x, w = layer(x, mask, src_key_padding_mask, is_causal, need_weights=True)
+                maps.append(w)
+            else:
+                x = layer(x, mask, src_key_padding_mask, is_causal)
+        if self.norm is not None:
+            x = self.norm(x)
+        return (x, maps) if return_attention else x
