@@ -73,6 +73,7 @@ def merge_masks(
     tgt_len: int,
     src_len: int,
     dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Combine the three ways of masking into one mask in SDPA's convention.
 
@@ -92,7 +93,8 @@ def merge_masks(
         masks.append(_expand_key_padding_mask(key_padding_mask, batch, src_len))
     if is_causal:
         # Top-left aligned, as torch: query i sees keys 0..i. Never replaces a mask that was given.
-        device = masks[0].device if masks else None
+        # On the inputs' device (``device``) when no mask was given: a CPU mask breaks CUDA inputs.
+        device = masks[0].device if masks else device
         masks.append(torch.ones(tgt_len, src_len, dtype=torch.bool, device=device).triu_(1))
     if not masks:
         return None, None
@@ -158,7 +160,9 @@ def scaled_dot_product_attention(
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True, scale=scale)
         return out, None
 
-    mask, dead = merge_masks(attn_mask, key_padding_mask, is_causal, batch, tgt_len, src_len, query.dtype)
+    mask, dead = merge_masks(
+        attn_mask, key_padding_mask, is_causal, batch, tgt_len, src_len, query.dtype, device=query.device
+    )
     if not need_weights:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         if dead is not None:
@@ -193,12 +197,18 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
         )
     if query.shape[:-2] != key.shape[:-2] or key.shape[:-2] != value.shape[:-2]:
         raise ValueError(
-            f"query, key, value: expected the same leading (batch) dims, got "
-            f"{_shape(query)[:-2]}, {_shape(key)[:-2]}, {_shape(value)[:-2]}"
+            f"query, key, value: expected the same leading (batch) dims, got shapes "
+            f"{_shape(query)}, {_shape(key)}, {_shape(value)}"
         )
     if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key: expected feature size {query.shape[-1]} (as query), got {key.shape[-1]}")
+        raise ValueError(
+            f"key: expected feature size {query.shape[-1]} (as query {_shape(query)}), got {key.shape[-1]} "
+            f"(shape {_shape(key)})"
+        )
     if value.shape[-2] != key.shape[-2]:
-        raise ValueError(f"value: expected sequence length {key.shape[-2]} (as key), got {value.shape[-2]}")
+        raise ValueError(
+            f"value: expected sequence length {key.shape[-2]} (as key {_shape(key)}), got {value.shape[-2]} "
+            f"(shape {_shape(value)})"
+        )
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"query, key, value: expected one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
