@@ -20,6 +20,15 @@ KDIM, VDIM = 5, 7
 ATOL, RTOL = 1e-5, 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial values everywhere (torch initialises biases to 0, which would hide bias bugs)."""
     g = torch.Generator().manual_seed(seed)
@@ -228,6 +237,17 @@ def test_default_init_and_head_dim():
     assert m.in_proj_weight.abs().max() <= bound
 
 
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_same_seed_same_initial_weights_as_torch(cfg):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, **CONFIGS[cfg])
+    torch.manual_seed(0)
+    ours = MultiheadAttention(E, H, **CONFIGS[cfg])
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+
+
 # --------------------------------------------------------------------------- improvements over torch
 
 
@@ -278,18 +298,25 @@ def test_fully_masked_row_torch_nan_ours_zero(kind, batch_first):
     assert (out[dead_out] == 0).all()
 
 
-def test_fully_masked_row_gets_only_the_output_bias():
-    """Dead rows: every head's attention output is 0, so the result is W_O·0 + b_O = b_O."""
-    ours = randomize_(MultiheadAttention(E, H))
-    x = torch.randn(L, N, E)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_fully_masked_row_gets_only_the_output_bias_like_torchs_fused_path(batch_first):
+    """Dead rows: every head's attention is 0, so the result is W_O·0 + b_O = b_O, which is also what
+    torch's own fused (need_weights=False) path returns; its weights path gives NaN instead."""
+    ref, ours = make_pair(batch_first=batch_first)  # random, non-zero biases
+    x = torch.randn((N, L, E) if batch_first else (L, N, E))
     kpm = torch.zeros(N, L, dtype=torch.bool)
     kpm[0] = True
-    for nw in (False, True):
-        out, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=nw)
-        close(out[:, 0], ours.out_proj.bias.expand(L, E))
-    nobias = randomize_(MultiheadAttention(E, H, bias=False))
+    dead = (slice(None), 0) if not batch_first else (0,)
+    with torch.no_grad():
+        theirs, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False)
+        for nw in (False, True):
+            out, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=nw)
+            close(out[dead], ours.out_proj.bias.expand(L, E))
+            close(out, theirs)
+        assert torch.isnan(ref(x, x, x, key_padding_mask=kpm, need_weights=True)[0][dead]).all()
+    nobias = randomize_(MultiheadAttention(E, H, bias=False, batch_first=batch_first))
     out, _ = nobias(x, x, x, key_padding_mask=kpm)
-    assert (out[:, 0] == 0).all()
+    assert (out[dead] == 0).all()
 
 
 def causal_mask(n_q, n_k):

@@ -4,7 +4,9 @@ Same constructor, same ``forward`` signature, same returned shapes and the same 
 (packed ``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ from
 ``embed_dim``), so ``ours.load_state_dict(theirs.state_dict())`` just works. What differs:
 
-* a query whose keys are all masked gets output 0 and weights 0 (torch: NaN), with finite grads;
+* a query whose keys are all masked gets attention 0 and weights 0 (torch: NaN when weights are
+  asked for), with finite grads; its output is then ``out_proj(0) = out_proj.bias``, which is what
+  torch's own fused path returns;
 * ``is_causal=True`` works without an ``attn_mask`` and is combined with one that is given;
 * train and eval run the same kernels (no separate inference fast path), so they agree;
 * no (L, S) matrix is built unless weights are asked for.
@@ -146,6 +148,11 @@ class MultiheadAttention(nn.Module):
         batch_size, tgt_len, src_len = query.shape[1 - seq_dim], query.shape[seq_dim], key.shape[seq_dim]
         E, H, hd = self.embed_dim, self.num_heads, self.head_dim
         attn_mask, key_padding_mask = self._check_masks(attn_mask, key_padding_mask, batch_size, tgt_len, src_len)
+        if is_causal and (self.bias_k is not None or self.add_zero_attn):
+            # The causal mask is over the S given keys; the appended ones (bias_k, zero) stay visible
+            # to every query, exactly as with an explicit causal attn_mask (padded with an allowed
+            # column below). Built now, before the padding, instead of over S + extra keys later.
+            attn_mask, is_causal = _with_causal(attn_mask, tgt_len, src_len, query.device), False
 
         q, k, v = self._project(query, key, value)  # in the input layout, last dim E
         if self.bias_k is not None:
@@ -264,6 +271,16 @@ class MultiheadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
             f"dropout={self.dropout}, batch_first={self.batch_first}"
         )
+
+
+def _with_causal(mask: Tensor | None, tgt_len: int, src_len: int, device: torch.device) -> Tensor:
+    """``mask`` (None, bool True = blocked, or float) combined with the top-left causal mask."""
+    causal = torch.ones(tgt_len, src_len, dtype=torch.bool, device=device).triu_(1)
+    if mask is None:
+        return causal
+    if mask.dtype == torch.bool:
+        return mask | causal
+    return mask.masked_fill(causal, float("-inf"))
 
 
 def _pad_last(mask: Tensor | None) -> Tensor | None:

@@ -173,14 +173,28 @@ def scaled_dot_product_attention(
     scores = torch.matmul(query * scale, key.transpose(-2, -1))  # (..., L, S)
     if mask is not None:
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            # In place: `scores` is our own fresh (..., L, S) tensor and autograd does not need it
+            # (matmul saves q and k, softmax saves its output), so no second (L, S) allocation.
+            scores.masked_fill_(~mask, float("-inf"))
         else:
-            scores = scores + mask
-    weights = torch.softmax(scores, dim=-1)
-    if dead is not None:
-        weights = weights.masked_fill(dead.unsqueeze(-1), 0.0)
+            scores += mask
+    if _records_grad(query, key, value):
+        weights = torch.softmax(scores, dim=-1)  # autograd keeps this output for backward
+        if dead is not None:
+            weights = weights.masked_fill(dead.unsqueeze(-1), 0.0)
+    else:
+        # No autograd: softmax in place into the scores buffer. Fresh large tensors are costly on
+        # CPU (every page is faulted in), and this saves one of (..., L, S) -- as torch's fast path.
+        weights = torch.softmax(scores, dim=-1, out=scores)
+        if dead is not None:
+            weights.masked_fill_(dead.unsqueeze(-1), 0.0)
     attn = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
     return torch.matmul(attn, value), weights
+
+
+def _records_grad(*tensors: Tensor) -> bool:
+    """True if autograd will record ops on these tensors (so they must not be changed in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:

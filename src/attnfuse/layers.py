@@ -113,15 +113,19 @@ def _feed_forward(m: FeedForward | _AddNormBlock, x: Tensor) -> Tensor:
 class _AddNormBlock(nn.Module):
     """An attention sublayer followed by a feed-forward sublayer, each with residual + LayerNorm.
 
-    Subclasses create ``self.<attention>`` and implement the attention call; the feed-forward
-    weights sit directly on the block (``linear1``, ``linear2``) so the keys match torch.
+    Subclasses pass their attention module as ``attention=(name, module)`` and implement the
+    attention call; it is registered first and the feed-forward weights sit directly on the block
+    (``linear1``, ``linear2``), so the keys, their order (``parameters()``, optimizer state) and
+    the seeded initialisation all match torch.
     """
 
     def __init__(
         self, d_model: int, dim_feedforward: int, dropout: float, activation: Activation, layer_norm_eps: float,
-        norm_first: bool, bias: bool, factory: dict,
+        norm_first: bool, bias: bool, factory: dict, attention: tuple[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        if attention is not None:
+            self.add_module(*attention)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
@@ -174,8 +178,12 @@ class TransformerEncoderLayer(_AddNormBlock):
         dtype=None,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
-        super().__init__(d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias, factory)
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
+        # Created first, as torch does: the same seed gives the same initial weights.
+        self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
+        super().__init__(
+            d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias, factory,
+            attention=("self_attn", self_attn),
+        )
         self.batch_first = batch_first
 
     def forward(

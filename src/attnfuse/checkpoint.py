@@ -1,0 +1,122 @@
+"""Model directories: ``model.safetensors`` (weights), ``config.json`` (everything needed to rebuild
+the model and the feature standardisation) and ``metrics.json``.
+
+Checkpoints never use pickle: safetensors holds only tensors, JSON only plain values, so loading a
+model directory cannot run code. Every file is written to a temporary name and renamed into place,
+so an interrupted save never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .data import MultimodalDataset, Standardizer
+from .fusion import FusionModel, build_model
+
+__all__ = ["save_model", "load_model", "check_compatible", "atomic_write", "write_json"]
+
+WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (same directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, dump)
+
+
+def save_model(
+    out_dir: str | os.PathLike,
+    model: FusionModel,
+    fusion: str,
+    data: MultimodalDataset,
+    standardizer: Standardizer,
+    train_config: dict,
+    split_seed: int,
+) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``out_dir``.
+
+    ``split_seed`` is the seed of the train/valid/test split drawn for data without a split
+    column, so that ``evaluate`` can report the same parts later."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"fusion": fusion}))
+    config = {
+        "attnfuse_version": __version__,
+        "fusion": fusion,
+        "model": asdict(model.config),
+        "data": {"name": data.name, "n": data.n, **data.spec_dict()},
+        "split_seed": split_seed,
+        "standardizer": standardizer.to_dict(),
+        "train": train_config,
+    }
+    write_json(out_dir / CONFIG, config)
+
+
+def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[FusionModel, dict, Standardizer]:
+    """Rebuild a saved model (in eval mode) with its config and its standardiser."""
+    model_dir = Path(model_dir)
+    for name in (CONFIG, WEIGHTS):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"model: {model_dir} is not a model directory (no {name}); train one first")
+    try:
+        config = json.loads((model_dir / CONFIG).read_text())
+        fusion, model_values = config["fusion"], config["model"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"model: {model_dir / CONFIG} is not a valid attnfuse config ({e})") from None
+    model = build_model(fusion, model_values)
+    model.load_state_dict(load_file(model_dir / WEIGHTS, device="cpu"))
+    return model.to(device).eval(), config, Standardizer.from_dict(config["standardizer"])
+
+
+def check_compatible(config: dict, data: MultimodalDataset) -> None:
+    """Data given to ``evaluate``/``predict`` must fit the trained model; say precisely what differs."""
+    trained = config["data"]
+    if data.task != trained["task"]:
+        raise ValueError(f"data: the model was trained for {trained['task']}, the data's targets are {data.task}")
+    if data.task == "classification" and data.num_classes > trained["num_classes"]:
+        raise ValueError(
+            f"data: the model was trained with {trained['num_classes']} classes, the data has labels up to "
+            f"{data.num_classes - 1}"
+        )
+    if data.task == "regression" and data.target_dim != trained["target_dim"]:
+        raise ValueError(f"data: the model predicts {trained['target_dim']} targets, the data has {data.target_dim}")
+    specs = {m.name: m for m in data.modalities}
+    for m in trained["modalities"]:
+        got = specs.get(m["name"])
+        if got is None:
+            raise ValueError(f"data: modality '{m['name']}' is missing (the model was trained on {list(specs)})")
+        if got.dim != m["dim"]:
+            raise ValueError(f"modality '{m['name']}': expected feature size {m['dim']} (as in training), got {got.dim}")
+        if got.is_sequence != m["is_sequence"] or (m["is_sequence"] and got.length > m["length"]):
+            raise ValueError(
+                f"modality '{m['name']}': expected {'a sequence of at most ' + str(m['length']) + ' steps' if m['is_sequence'] else 'a vector (N, D)'}, "
+                f"got {'sequences of ' + str(got.length) + ' steps' if got.is_sequence else 'vectors'}"
+            )
+    extra = sorted(set(specs) - {m["name"] for m in trained["modalities"]})
+    if extra:
+        raise ValueError(f"data: modalities {extra} were not seen in training (expected {[m['name'] for m in trained['modalities']]})")

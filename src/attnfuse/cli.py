@@ -1,0 +1,257 @@
+"""The ``attnfuse`` command line: train, evaluate, predict, datasets (and explain, in explain_cli).
+
+Bad input never shows a traceback: every ValueError/TypeError/OSError becomes one line on stderr
+and exit code 2, and nothing is written (files are written whole, after the work succeeded).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .checkpoint import METRICS, atomic_write, check_compatible, load_model, save_model, write_json
+from .data import MultimodalDataset, load_data
+from .datasets import BUILTINS
+from .fusion import FUSIONS
+from .metrics import PRIMARY_METRIC, compute_metrics, summarize
+from .training import TrainConfig, predict, run, to_predictions
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Attention-based multimodal fusion: train, evaluate, predict and explain.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Task(str, Enum):
+    auto = "auto"
+    classification = "classification"
+    regression = "regression"
+
+
+class MetricSet(str, Enum):
+    default = "default"
+    sentiment = "sentiment"
+
+
+def cli_errors(command: Callable) -> Callable:
+    """One clear line and exit code 2 for bad input, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, TypeError, OSError) as e:
+            message = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"no such file: {e.filename}"
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _load(source: str, allow_pickle: bool, seed: int = 0, task: str = "auto") -> MultimodalDataset:
+    data = load_data(source, allow_pickle=allow_pickle, seed=seed)
+    if task != "auto" and task != data.task:
+        # Rebuild with the task the user asked for; validation says if the labels cannot fit it.
+        data = MultimodalDataset(
+            data.features, data.y, masks=data.masks, split=data.split, task=task, name=data.name, info=data.info
+        )
+    return data
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4f}"
+
+
+def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
+    """Rows: splits; columns: metrics. Values are floats or {'mean', 'std'} summaries."""
+    table = Table(title=title, title_justify="left")
+    names = list(next(iter(metrics.values())))
+    table.add_column("split")
+    for n in names:
+        table.add_column(n, justify="right")
+    for split, values in metrics.items():
+        cells = [
+            f"{values[n]['mean']:.4f} ± {values[n]['std']:.4f}" if isinstance(values[n], dict) else _fmt(values[n])
+            for n in names
+        ]
+        table.add_row(split, *cells)
+    return table
+
+
+@app.command()
+@cli_errors
+def train(
+    data: str = typer.Option("mfeat", help="Built-in dataset name (see `attnfuse datasets`) or a .npz/.pkl file."),
+    fusion: str = typer.Option("self", help=f"Fusion model: {', '.join(FUSIONS)}."),
+    task: Task = typer.Option(Task.auto, help="auto: classification for integer labels, else regression."),
+    epochs: int = typer.Option(100, help="Maximum epochs (early stopping on the validation metric)."),
+    batch_size: int = typer.Option(64, help="Mini-batch size."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-2, help="AdamW weight decay."),
+    patience: int = typer.Option(20, help="Stop after this many epochs without validation improvement."),
+    d_model: Optional[int] = typer.Option(None, help="Model width (default 64)."),
+    layers: Optional[int] = typer.Option(None, help="Attention layers per stack (default 2)."),
+    heads: Optional[int] = typer.Option(None, help="Attention heads (default 4)."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout (default 0.1)."),
+    pooling: Optional[str] = typer.Option(None, help="Aggregation: mean, cls or attention."),
+    loss: str = typer.Option("auto", help="Regression loss: l1 or mse (classification: cross-entropy)."),
+    metrics: MetricSet = typer.Option(MetricSet.default, help="'sentiment' adds the MOSI/MOSEI metrics."),
+    seed: int = typer.Option(0, help="Random seed (model init, shuffling, and the split when the data has none)."),
+    repeat: int = typer.Option(1, help="Run this many seeds (and splits, when the data has none); report mean ± std."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default runs/<data>-<fusion>)."),
+) -> None:
+    """Train a fusion model; write model.safetensors, config.json and metrics.json."""
+    if repeat < 1:
+        raise ValueError(f"repeat: expected >= 1, got {repeat}")
+    dataset = _load(data, allow_pickle, seed, task.value)
+    overrides = {"d_model": d_model, "num_layers": layers, "nhead": heads, "dropout": dropout, "pooling": pooling}
+    if fusion == "concat":
+        overrides = {k: overrides[k] for k in ("d_model", "dropout")}
+    elif fusion == "mult" and layers is not None:
+        overrides["self_layers"] = layers
+    configs = [
+        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+                    seed=seed + i, device=device, loss=loss, sentiment_metrics=metrics is MetricSet.sentiment)
+        for i in range(repeat)
+    ]
+    out = out or Path("runs") / f"{dataset.name}-{fusion}"
+    metric, _ = PRIMARY_METRIC[dataset.task]
+    console.print(
+        f"[bold]attnfuse train[/]: {dataset.name} ({dataset.n} samples, {dataset.task}, modalities "
+        f"{', '.join(f'{m.name}{list((m.length, m.dim)) if m.is_sequence else [m.dim]}' for m in dataset.modalities)}), "
+        f"fusion={fusion}", highlight=False,
+    )
+
+    results = []
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        for i, cfg in enumerate(configs):
+            bar = progress.add_task(f"run {i + 1}/{repeat} seed {cfg.seed}", total=cfg.epochs, status="")
+
+            def on_epoch(r: dict, bar=bar) -> None:
+                progress.update(
+                    bar, completed=r["epoch"],
+                    status=f"loss {r['train_loss']:.4f}  valid {metric} {r[f'valid_{metric}']:.4f}  best@{r['best_epoch']}",
+                )
+
+            # Without a split in the data, each repeat also draws its own split (seed + i).
+            result = run(dataset, fusion, overrides, cfg, split_seed=cfg.seed, on_epoch=on_epoch)
+            progress.update(bar, total=result.history[-1]["epoch"], completed=result.history[-1]["epoch"])
+            results.append(result)
+
+    first = results[0]
+    save_model(out, first.model, fusion, dataset, first.standardizer, asdict(configs[0]), split_seed=configs[0].seed)
+    if repeat == 1:
+        report = first.metrics
+        console.print(_metrics_table(f"{fusion} on {dataset.name} (best epoch {first.best_epoch})", report))
+    else:
+        runs = [{"seed": c.seed, "best_epoch": r.best_epoch, **r.metrics} for c, r in zip(configs, results)]
+        summary = {s: summarize([r.metrics[s] for r in results]) for s in first.metrics}
+        report = {"runs": runs, "summary": summary}
+        console.print(_metrics_table(f"{fusion} on {dataset.name}: mean ± std over {repeat} runs", summary))
+    write_json(out / METRICS, report)
+    console.print(f"model, config and metrics written to [bold]{out}[/]", highlight=False)
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
+    data: str = typer.Option(..., help="Built-in dataset name or a .npz/.pkl file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
+) -> None:
+    """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
+    net, config, standardizer = load_model(model)
+    dataset = _load(data, allow_pickle, task=config["data"]["task"])
+    check_compatible(config, dataset)
+    batch = standardizer.transform(dataset).to_batch()
+    sentiment = config["train"].get("sentiment_metrics", False)
+    y_pred = to_predictions(dataset.task, predict(net, batch))
+    parts = {}
+    trained = config["data"]
+    if dataset.split is not None:
+        parts = {s: np.flatnonzero(dataset.split == s) for s in ("train", "valid", "test")}
+    elif (dataset.name, dataset.n) == (trained["name"], trained.get("n")):
+        # The training data again (e.g. a built-in): the same parts as in training.
+        parts = dataset.split_indices(config["split_seed"])
+    parts["all"] = np.arange(dataset.n)
+    report = {
+        s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
+        for s, idx in parts.items() if idx.size
+    }
+    write_json(out or Path(model) / "evaluation.json", report)
+    console.print(_metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
+
+
+@app.command("predict")
+@cli_errors
+def predict_cmd(
+    model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
+    data: str = typer.Option(..., help="Built-in dataset name or a .npz/.pkl file."),
+    out: Path = typer.Option(Path("predictions.csv"), help="CSV file to write, one row per sample."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+) -> None:
+    """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
+    net, config, standardizer = load_model(model)
+    dataset = _load(data, allow_pickle, task=config["data"]["task"])
+    check_compatible(config, dataset)
+    outputs = predict(net, standardizer.transform(dataset).to_batch())
+    y_pred = to_predictions(dataset.task, outputs)
+
+    header, columns = ["index"], [np.arange(dataset.n)]
+    if dataset.split is not None:
+        header.append("split"), columns.append(dataset.split)
+    y_true = dataset.y.reshape(dataset.n, -1)
+    y_hat = y_pred.reshape(dataset.n, -1)
+    k = y_true.shape[1]
+    header += ["y_true"] if k == 1 else [f"y_true_{j}" for j in range(k)]
+    header += ["y_pred"] if k == 1 else [f"y_pred_{j}" for j in range(k)]
+    columns += [y_true[:, j] for j in range(k)] + [y_hat[:, j] for j in range(k)]
+    if dataset.task == "classification":
+        probs = outputs.softmax(dim=-1).numpy()
+        header += [f"prob_{c}" for c in range(probs.shape[1])]
+        columns += [np.round(probs[:, c], 6) for c in range(probs.shape[1])]
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(zip(*columns))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    console.print(f"{dataset.n} predictions written to [bold]{out}[/]", highlight=False)
+
+
+@app.command()
+def datasets() -> None:
+    """List the built-in datasets."""
+    table = Table(title="built-in datasets (use the name with --data)", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, (_, description) in BUILTINS.items():
+        table.add_row(name, description)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
