@@ -200,6 +200,21 @@ def test_parity_with_torch(cfg, batch_first, mode, mask):
     check_parity(ref, ours, inputs, attn_mask, kpm)
 
 
+@pytest.mark.parametrize("mask", ["none", "bool2d", "bool3d+kpm_bool"])
+def test_parity_covers_torchs_inference_fast_path(monkeypatch, mask):
+    """The eval comparison above is against torch's fused inference kernel where it applies."""
+    calls = []
+    native = torch._native_multi_head_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", spy)
+    test_parity_with_torch("default", True, "self", mask)
+    assert len(calls) == len(WEIGHT_MODES)
+
+
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_reverse_state_dict_load(cfg, batch_first):
@@ -438,5 +453,28 @@ def test_input_errors(batch_first):
 def test_unbatched_input_errors():
     m = MultiheadAttention(E, H)
     x = torch.randn(L, E)
-    raises(["key_padding_mask", str((L,)), str((1, L))], m, x, x, x, key_padding_mask=torch.zeros(1, L, dtype=torch.bool))
-    raises(["attn_mask", str((L, L)), str((H, L, L))], m, x, x, x, attn_mask=torch.zeros(H + 1, L, L, dtype=torch.bool))
+    raises(["key_padding_mask", str((L,)), str((1, L))], m, x, x, x,
+           key_padding_mask=torch.zeros(1, L, dtype=torch.bool))
+    raises(["attn_mask", str((L, L)), str((H, L, L)), str((H + 1, L, L))], m, x, x, x,
+           attn_mask=torch.zeros(H + 1, L, L, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cfg", ["default", "all_extras"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_cuda_matches_cpu(cfg, need_weights):
+    ours = randomize_(MultiheadAttention(E, H, **CONFIGS[cfg]))
+    inputs = make_inputs("cross", False, "kdim" in CONFIGS[cfg])
+    attn_mask, kpm = make_masks("bool3d+kpm_bool", S)
+    kw = dict(attn_mask=attn_mask, key_padding_mask=kpm, need_weights=need_weights, is_causal=True)
+    out, w = ours(*inputs, **kw)
+    cuda = MultiheadAttention(E, H, **CONFIGS[cfg]).cuda()
+    cuda.load_state_dict(ours.state_dict())
+    out_c, w_c = cuda(*(t.detach().cuda() for t in inputs), **{n: m.cuda() if isinstance(m, torch.Tensor) else m
+                                                              for n, m in kw.items()})
+    close(out_c.cpu(), out, atol=1e-4, rtol=1e-4)
+    if need_weights:
+        close(w_c.cpu(), w, atol=1e-4, rtol=1e-4)
+    # is_causal alone: the causal mask is built on the inputs' device.
+    out_c, _ = cuda(*(t.detach().cuda() for t in inputs), is_causal=True, need_weights=need_weights)
+    close(out_c.cpu(), ours(*inputs, is_causal=True, need_weights=need_weights)[0], atol=1e-4, rtol=1e-4)

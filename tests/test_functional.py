@@ -397,12 +397,13 @@ def test_error_mask_dtype(name):
 
 def test_device_of_causal_mask_follows_the_inputs():
     # On the meta device no CPU tensor may sneak in (it would on CUDA too).
-    q = torch.randn(2, 3, 4, device="meta")
-    for nw in (False, True):
-        out, w = sdpa(q, q, q, is_causal=True, need_weights=nw)
-        assert out.device.type == "meta" and out.shape == (2, 3, 4)
-        if nw:
-            assert w.device.type == "meta" and w.shape == (2, 3, 3)
+    for requires_grad in (False, True):
+        q = torch.randn(2, 3, 4, device="meta", requires_grad=requires_grad)
+        for nw in (False, True):
+            out, w = sdpa(q, q, q, is_causal=True, need_weights=nw)
+            assert out.device.type == "meta" and out.shape == (2, 3, 4)
+            if nw:
+                assert w.device.type == "meta" and w.shape == (2, 3, 3)
 
 
 # --------------------------------------------------------------------------- properties (hypothesis)
@@ -466,3 +467,53 @@ def test_property_self_attention_is_permutation_equivariant(batch, L, E, seed, u
     assert_close(out_p, out[..., perm, :])
     if need_weights:
         assert_close(w_p, w[..., perm, :][..., perm])
+
+
+# --------------------------------------------------------------------------- dtypes and devices
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@BOTH_PATHS
+def test_other_dtypes_with_dead_rows(dtype, tol, kind, need_weights):
+    q, k, v = rand_qkv(dtype=dtype)
+    blocked = dead_row_masks()
+    mask = blocked if kind == "bool" else as_float_mask(blocked)  # a float32 mask on any input dtype
+    out, w = sdpa(q, k, v, attn_mask=mask, need_weights=need_weights)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out[blocked.all(-1)] == 0).all()
+    ref_out, ref_w = reference(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    if need_weights:
+        assert w.dtype == dtype
+        torch.testing.assert_close(w.double(), ref_w, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["none", "causal", "bool", "float", "kpm+causal"])
+@BOTH_PATHS
+def test_cuda_matches_cpu(kind, need_weights):
+    q, k, v = rand_qkv(batch=(2, 3), L=5, S=5, requires_grad=True)
+    blocked = rand_bool_mask((2, 3, 5, 5), keep_first=False)
+    kw: dict = {}
+    if kind == "causal":
+        kw["is_causal"] = True
+    elif kind == "bool":
+        kw["attn_mask"] = blocked
+    elif kind == "float":
+        kw["attn_mask"] = as_float_mask(blocked)
+    elif kind == "kpm+causal":
+        kw.update(key_padding_mask=rand_bool_mask((2, 5), keep_first=False), is_causal=True)
+    out, w = sdpa(q, k, v, need_weights=need_weights, **kw)
+    qc, kc, vc = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    kw_c = {n: (m.cuda() if isinstance(m, torch.Tensor) else m) for n, m in kw.items()}
+    out_c, w_c = sdpa(qc, kc, vc, need_weights=need_weights, **kw_c)
+    assert out_c.device.type == "cuda"
+    torch.testing.assert_close(out_c.cpu(), out, atol=1e-4, rtol=1e-4)
+    if need_weights:
+        torch.testing.assert_close(w_c.cpu(), w, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    out_c.sum().backward()
+    for a, b in ((q, qc), (k, kc), (v, vc)):
+        assert torch.isfinite(b.grad).all()
+        torch.testing.assert_close(b.grad.cpu(), a.grad, atol=1e-3, rtol=1e-3)

@@ -147,6 +147,20 @@ def test_encoder_layer_parity(mask, activation, norm_first, batch_first):
     )
 
 
+@pytest.mark.parametrize("mask", ["none", "kpm"])
+def test_layer_parity_covers_torchs_inference_fast_path(monkeypatch, mask):
+    calls = []
+    native = torch._transformer_encoder_layer_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
+    test_encoder_layer_parity(mask, "relu", False, True)
+    assert calls
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layer_unbatched(norm_first):
     kw = dict(dim_feedforward=FF, dropout=0.0, norm_first=norm_first)

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -55,7 +56,8 @@ def cli_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except (ValueError, TypeError, OSError) as e:
             message = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"no such file: {e.filename}"
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            # escape: a message quoting a path or value with [brackets] is text, not rich markup.
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -69,6 +71,19 @@ def _load(source: str, allow_pickle: bool, seed: int = 0, task: str = "auto") ->
             data.features, data.y, masks=data.masks, split=data.split, task=task, name=data.name, info=data.info
         )
     return data
+
+
+def _parts(dataset: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
+    """Row indices per split: the data's split column, or, for the training data itself (e.g. a
+    built-in without a split), the split drawn in training; always also "all"."""
+    parts = {}
+    trained = config["data"]
+    if dataset.split is not None:
+        parts = {s: np.flatnonzero(dataset.split == s) for s in ("train", "valid", "test")}
+    elif (dataset.name, dataset.n) == (trained["name"], trained.get("n")):
+        parts = dataset.split_indices(config["split_seed"])
+    parts["all"] = np.arange(dataset.n)
+    return parts
 
 
 def _fmt(v: float) -> str:
@@ -185,14 +200,7 @@ def evaluate(
     batch = standardizer.transform(dataset).to_batch()
     sentiment = config["train"].get("sentiment_metrics", False)
     y_pred = to_predictions(dataset.task, predict(net, batch))
-    parts = {}
-    trained = config["data"]
-    if dataset.split is not None:
-        parts = {s: np.flatnonzero(dataset.split == s) for s in ("train", "valid", "test")}
-    elif (dataset.name, dataset.n) == (trained["name"], trained.get("n")):
-        # The training data again (e.g. a built-in): the same parts as in training.
-        parts = dataset.split_indices(config["split_seed"])
-    parts["all"] = np.arange(dataset.n)
+    parts = _parts(dataset, config)
     report = {
         s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
         for s, idx in parts.items() if idx.size
@@ -247,6 +255,37 @@ def datasets() -> None:
     for name, (_, description) in BUILTINS.items():
         table.add_row(name, description)
     console.print(table)
+
+
+@app.command()
+@cli_errors
+def explain(
+    model: Optional[Path] = typer.Option(None, help="A model directory written by `attnfuse train`."),
+    data: Optional[str] = typer.Option(None, help="Data to explain (default: the model's training data)."),
+    samples: Optional[str] = typer.Option(None, help="Row indices for the heatmaps, e.g. '0,5,9' (default: 2 test rows)."),
+    split: str = typer.Option("test", help="Split to average the modality attention over (train, valid, test, all)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default MODEL/explain)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+    query: Optional[str] = typer.Option(None, help="Walkthrough: query vector(s), e.g. '1,2'."),
+    keys: Optional[str] = typer.Option(None, help="Walkthrough: key vectors, e.g. '2,3;1,0'."),
+    values: Optional[str] = typer.Option(None, help="Walkthrough: value vectors (default: the keys)."),
+    self_vectors: Optional[str] = typer.Option(None, "--self", help="Walkthrough of self-attention: Q = K = V = these vectors."),
+    no_scale: bool = typer.Option(False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling (as in the notes)."),
+) -> None:
+    """Show where a model's attention looked (heatmaps, modality attribution, HTML report), or walk
+    through the attention arithmetic for hand-made vectors (--query/--keys or --self)."""
+    from .explain_cli import explain_model, print_walkthrough
+
+    if query is not None or keys is not None or self_vectors is not None:
+        print_walkthrough(console, query, keys, values, self_vectors, scale=not no_scale)
+        return
+    if model is None:
+        raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
+    net, config, standardizer = load_model(model)
+    dataset = _load(data or config["data"]["name"], allow_pickle, task=config["data"]["task"])
+    check_compatible(config, dataset)
+    explain_model(console, net, config, standardizer, dataset, _parts(dataset, config), samples, split,
+                  out or Path(model) / "explain")
 
 
 def main() -> None:

@@ -169,22 +169,27 @@ def scaled_dot_product_attention(
             out = out.masked_fill(dead.unsqueeze(-1), 0.0)
         return out, None
 
-    # Explicit path. Scale q (L×E work) rather than the scores (L×S work).
-    scores = torch.matmul(query * scale, key.transpose(-2, -1))  # (..., L, S)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            # In place: `scores` is our own fresh (..., L, S) tensor and autograd does not need it
-            # (matmul saves q and k, softmax saves its output), so no second (L, S) allocation.
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores += mask
-    if _records_grad(query, key, value):
+    # Explicit path. One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in
+    # (alpha): the reshapes are the only copies of q and k (heads split from a packed projection are
+    # strided views), where `matmul(query * scale, key.mT)` made three (q*scale, q, k).
+    n = math.prod(batch)  # not -1: that is ambiguous for empty sequences
+    q3, k3 = query.reshape(n, tgt_len, query.shape[-1]), key.reshape(n, src_len, key.shape[-1])
+    scores = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=scale)
+    scores = scores.view(batch + (tgt_len, src_len))  # (..., L, S)
+    if _records_grad(query, key, value, mask):
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = torch.softmax(scores, dim=-1)  # autograd keeps this output for backward
         if dead is not None:
             weights = weights.masked_fill(dead.unsqueeze(-1), 0.0)
     else:
-        # No autograd: softmax in place into the scores buffer. Fresh large tensors are costly on
-        # CPU (every page is faulted in), and this saves one of (..., L, S) -- as torch's fast path.
+        # No autograd: mask and softmax in place in `scores`, our own fresh tensor. A fresh large
+        # tensor is costly on CPU (every page is faulted in); this saves up to two (..., L, S)
+        # tensors, as torch's inference fast path does.
+        if mask is not None and mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        elif mask is not None:
+            scores.add_(mask)
         weights = torch.softmax(scores, dim=-1, out=scores)
         if dead is not None:
             weights.masked_fill_(dead.unsqueeze(-1), 0.0)
@@ -192,9 +197,9 @@ def scaled_dot_product_attention(
     return torch.matmul(attn, value), weights
 
 
-def _records_grad(*tensors: Tensor) -> bool:
-    """True if autograd will record ops on these tensors (so they must not be changed in place)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _records_grad(*tensors: Tensor | None) -> bool:
+    """True if autograd records ops on any of these tensors (None is skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:

@@ -89,6 +89,8 @@ class SelfFusionConfig(FusionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.nhead < 1:  # checked first: `d_model % 0` would be a ZeroDivisionError
+            raise ValueError(f"heads: expected >= 1, got {self.nhead}")
         if self.d_model % self.nhead != 0:
             raise ValueError(f"d_model: expected a multiple of heads={self.nhead}, got {self.d_model}")
         if self.num_layers < 1:
@@ -240,7 +242,7 @@ class SelfAttentionFusion(FusionModel):
             x = self.encoder(x, src_key_padding_mask=~valid)
         else:
             x, weights = self.encoder(x, src_key_padding_mask=~valid, return_attention=True)
-            maps += [AttentionMap(f"self/layer{i}", w, labels, labels) for i, w in enumerate(weights)]
+            maps += [AttentionMap(f"self/layer{i}", w, labels, labels, valid) for i, w in enumerate(weights)]
         return self.pool(x, valid)
 
 
@@ -272,7 +274,7 @@ class CrossModalFusion(FusionModel):
                 q = layer(q, ctx, ~ctx_valid)
             else:
                 q, w = layer(q, ctx, ~ctx_valid, need_weights=True)
-                maps.append(AttentionMap(f"{name}/layer{i}", w, q_labels, ctx_labels))
+                maps.append(AttentionMap(f"{name}/layer{i}", w, q_labels, ctx_labels, q_valid))
         return self.pool(self.norm(q), q_valid)
 
 
@@ -305,8 +307,8 @@ class BiCrossFusion(FusionModel):
                 a, b = layer(a, b, ~a_valid, ~b_valid)
             else:
                 a, b, w_ab, w_ba = layer(a, b, ~a_valid, ~b_valid, need_weights=True)
-                maps.append(AttentionMap(f"cross:{a_name}->{b_name}/layer{i}", w_ab, a_labels, b_labels))
-                maps.append(AttentionMap(f"cross:{b_name}->{a_name}/layer{i}", w_ba, b_labels, a_labels))
+                maps.append(AttentionMap(f"cross:{a_name}->{b_name}/layer{i}", w_ab, a_labels, b_labels, a_valid))
+                maps.append(AttentionMap(f"cross:{b_name}->{a_name}/layer{i}", w_ba, b_labels, a_labels, b_valid))
         tokens = self.norm(torch.cat([a, b], dim=1))  # (B, Ta + Tb, d)
         return self.pool(tokens, torch.cat([a_valid, b_valid], dim=1))
 
@@ -357,14 +359,15 @@ class MulTFusion(FusionModel):
                         x = layer(x, h[s], s_pad)
                     else:
                         x, w = layer(x, h[s], s_pad, need_weights=True)
-                        maps.append(AttentionMap(f"cross:{t}->{s}/layer{i}", w, t_labels, token_labels(self.specs[s])))
+                        s_labels = token_labels(self.specs[s])
+                        maps.append(AttentionMap(f"cross:{t}->{s}/layer{i}", w, t_labels, s_labels, t_valid))
                 per_source.append(self.cross_norm[t](x))
             x = torch.cat(per_source, dim=-1)  # (B, T_t, (M-1) d)
             if maps is None:
                 x = self.self_attn[t](x, src_key_padding_mask=~t_valid)
             else:
                 x, ws = self.self_attn[t](x, src_key_padding_mask=~t_valid, return_attention=True)
-                maps += [AttentionMap(f"self:{t}/layer{i}", w, t_labels, t_labels) for i, w in enumerate(ws)]
+                maps += [AttentionMap(f"self:{t}/layer{i}", w, t_labels, t_labels, t_valid) for i, w in enumerate(ws)]
             fused.append(masked_mean(x, t_valid))
         return torch.cat(fused, dim=-1)  # (B, M (M-1) d)
 

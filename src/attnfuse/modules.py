@@ -25,12 +25,15 @@ class AttentionMap:
 
     weights: ``(B, H, L, S)``; ``query_tokens`` has L labels and ``key_tokens`` S labels, each
     ``"modality"`` for a one-token modality or ``"modality[t]"`` for step t of a sequence.
+    query_valid: ``(B, L)`` bool, True for real query tokens (padding and absent modalities are
+    False: their rows are not meaningful). Keys that were masked have weight exactly 0.
     """
 
     name: str
     weights: Tensor
     query_tokens: list[str]
     key_tokens: list[str]
+    query_valid: Tensor
 
 
 def token_labels(spec: ModalitySpec) -> list[str]:
