@@ -263,3 +263,11 @@ def test_cli_explain_concat_says_it_has_no_attention(trained_dirs):
     assert result.exit_code == 2
     assert "no attention to show" in result.output
     assert not (root / "concat-explain").exists()
+
+
+def test_cli_explain_defaults_to_the_training_file(trained_dirs):
+    root, dirs = trained_dirs
+    out = root / "default-data"
+    result = runner.invoke(app, ["explain", "--model", str(dirs["bicross"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").is_file()

@@ -57,11 +57,13 @@ def save_model(
     standardizer: Standardizer,
     train_config: dict,
     split_seed: int,
+    source: str | None = None,
 ) -> None:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir``.
 
     ``split_seed`` is the seed of the train/valid/test split drawn for data without a split
-    column, so that ``evaluate`` can report the same parts later."""
+    column, so that ``evaluate`` can report the same parts later; ``source`` is where the data
+    came from (a built-in name or a file path), the default data of ``explain``."""
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"fusion": fusion}))
@@ -69,7 +71,7 @@ def save_model(
         "attnfuse_version": __version__,
         "fusion": fusion,
         "model": asdict(model.config),
-        "data": {"name": data.name, "n": data.n, **data.spec_dict()},
+        "data": {"name": data.name, "source": source or data.name, "n": data.n, **data.spec_dict()},
         "split_seed": split_seed,
         "standardizer": standardizer.to_dict(),
         "train": train_config,

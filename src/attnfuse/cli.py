@@ -63,14 +63,26 @@ def cli_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _load(source: str, allow_pickle: bool, seed: int = 0, task: str = "auto") -> MultimodalDataset:
-    data = load_data(source, allow_pickle=allow_pickle, seed=seed)
+def _load(
+    source: str, allow_pickle: bool, seed: int = 0, task: str = "auto", num_classes: int | None = None
+) -> MultimodalDataset:
+    # A file is read with the task (and label space) asked for; validation says if its labels cannot fit.
+    data = load_data(source, allow_pickle=allow_pickle, seed=seed, task=task, num_classes=num_classes)
     if task != "auto" and task != data.task:
-        # Rebuild with the task the user asked for; validation says if the labels cannot fit it.
+        # A built-in: rebuild with the task the user asked for.
         data = MultimodalDataset(
             data.features, data.y, masks=data.masks, split=data.split, task=task, name=data.name, info=data.info
         )
     return data
+
+
+def _load_for_model(source: str, allow_pickle: bool, config: dict) -> MultimodalDataset:
+    """Data for a trained model: a generated built-in (synthetic-*) is regenerated with the seed it
+    was trained with (`train --seed`), so it is the same data, not a fresh draw. Labels are read in
+    the model's label space, so data holding fewer classes (even one) can be evaluated."""
+    trained = config["data"]
+    return _load(source, allow_pickle, seed=config["train"].get("seed", 0), task=trained["task"],
+                 num_classes=trained.get("num_classes") if trained["task"] == "classification" else None)
 
 
 def _parts(dataset: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
@@ -92,7 +104,7 @@ def _fmt(v: float) -> str:
 
 def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
     """Rows: splits; columns: metrics. Values are floats or {'mean', 'std'} summaries."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")  # titles quote paths/names: plain text
     names = list(next(iter(metrics.values())))
     table.add_column("split")
     for n in names:
@@ -134,6 +146,8 @@ def train(
     if repeat < 1:
         raise ValueError(f"repeat: expected >= 1, got {repeat}")
     dataset = _load(data, allow_pickle, seed, task.value)
+    if metrics is MetricSet.sentiment and dataset.task != "regression":
+        raise ValueError(f"metrics: 'sentiment' needs regression targets (sentiment scores), the data is {dataset.task}")
     overrides = {"d_model": d_model, "num_layers": layers, "nhead": heads, "dropout": dropout, "pooling": pooling}
     if fusion == "concat":
         overrides = {k: overrides[k] for k in ("d_model", "dropout")}
@@ -147,9 +161,9 @@ def train(
     out = out or Path("runs") / f"{dataset.name}-{fusion}"
     metric, _ = PRIMARY_METRIC[dataset.task]
     console.print(
-        f"[bold]attnfuse train[/]: {dataset.name} ({dataset.n} samples, {dataset.task}, modalities "
+        f"[bold]attnfuse train[/]: {escape(dataset.name)} ({dataset.n} samples, {dataset.task}, modalities "
         f"{', '.join(f'{m.name}{list((m.length, m.dim)) if m.is_sequence else [m.dim]}' for m in dataset.modalities)}), "
-        f"fusion={fusion}", highlight=False,
+        f"fusion={escape(fusion)}", highlight=False,
     )
 
     results = []
@@ -172,7 +186,8 @@ def train(
             results.append(result)
 
     first = results[0]
-    save_model(out, first.model, fusion, dataset, first.standardizer, asdict(configs[0]), split_seed=configs[0].seed)
+    save_model(out, first.model, fusion, dataset, first.standardizer, asdict(configs[0]), split_seed=configs[0].seed,
+               source=data if data in BUILTINS else str(Path(data).resolve()))
     if repeat == 1:
         report = first.metrics
         console.print(_metrics_table(f"{fusion} on {dataset.name} (best epoch {first.best_epoch})", report))
@@ -182,7 +197,7 @@ def train(
         report = {"runs": runs, "summary": summary}
         console.print(_metrics_table(f"{fusion} on {dataset.name}: mean ± std over {repeat} runs", summary))
     write_json(out / METRICS, report)
-    console.print(f"model, config and metrics written to [bold]{out}[/]", highlight=False)
+    console.print(f"model, config and metrics written to [bold]{escape(str(out))}[/]", highlight=False)
 
 
 @app.command()
@@ -195,7 +210,7 @@ def evaluate(
 ) -> None:
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
     net, config, standardizer = load_model(model)
-    dataset = _load(data, allow_pickle, task=config["data"]["task"])
+    dataset = _load_for_model(data, allow_pickle, config)
     check_compatible(config, dataset)
     batch = standardizer.transform(dataset).to_batch()
     sentiment = config["train"].get("sentiment_metrics", False)
@@ -219,7 +234,7 @@ def predict_cmd(
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
     net, config, standardizer = load_model(model)
-    dataset = _load(data, allow_pickle, task=config["data"]["task"])
+    dataset = _load_for_model(data, allow_pickle, config)
     check_compatible(config, dataset)
     outputs = predict(net, standardizer.transform(dataset).to_batch())
     y_pred = to_predictions(dataset.task, outputs)
@@ -243,7 +258,7 @@ def predict_cmd(
     writer.writerow(header)
     writer.writerows(zip(*columns))
     atomic_write(out, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
-    console.print(f"{dataset.n} predictions written to [bold]{out}[/]", highlight=False)
+    console.print(f"{dataset.n} predictions written to [bold]{escape(str(out))}[/]", highlight=False)
 
 
 @app.command()
@@ -282,7 +297,7 @@ def explain(
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
     net, config, standardizer = load_model(model)
-    dataset = _load(data or config["data"]["name"], allow_pickle, task=config["data"]["task"])
+    dataset = _load_for_model(data or config["data"].get("source", config["data"]["name"]), allow_pickle, config)
     check_compatible(config, dataset)
     explain_model(console, net, config, standardizer, dataset, _parts(dataset, config), samples, split,
                   out or Path(model) / "explain")

@@ -496,12 +496,14 @@ def _existing_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_npz(path: str | os.PathLike) -> MultimodalDataset:
+def load_npz(path: str | os.PathLike, *, task: str = "auto", num_classes: int | None = None) -> MultimodalDataset:
     """Load a dataset from an .npz file.
 
     Arrays: ``x_<modality>`` (N, D) or (N, T, D) real, ``y``, optional ``mask_<modality>`` bool
     (N,) or (N, T), optional ``split`` strings, optional ``info_<name>`` per-sample extras.
-    Modalities keep the order they have in the file.
+    Modalities keep the order they have in the file. ``task`` and ``num_classes`` are passed to
+    :class:`MultimodalDataset` (e.g. a trained model's label space, so that data with a single
+    class can still be evaluated).
     """
     p = _existing_file(path)
     try:
@@ -533,7 +535,8 @@ def load_npz(path: str | os.PathLike) -> MultimodalDataset:
         if mod not in features:
             raise ValueError(f"{p}: mask_{mod} has no matching x_{mod}")
     return MultimodalDataset(
-        features, arrays["y"], masks=masks, split=arrays.get("split"), name=p.stem, info=info
+        features, arrays["y"], masks=masks, split=arrays.get("split"), name=p.stem, info=info, task=task,
+        num_classes=num_classes,
     )
 
 
@@ -588,7 +591,9 @@ def _steps_from_lengths(lengths: Any, x: np.ndarray, where: str) -> np.ndarray:
     return np.arange(t)[None, :] < lengths[:, None]
 
 
-def load_pickle(path: str | os.PathLike, allow_pickle: bool = False) -> MultimodalDataset:
+def load_pickle(
+    path: str | os.PathLike, allow_pickle: bool = False, *, task: str = "auto", num_classes: int | None = None
+) -> MultimodalDataset:
     """Load a MulT / MMSA feature pickle: {'train','valid','test'} -> {'text','audio','vision', labels}.
 
     Labels come from 'regression_labels' (N,) or 'labels' (N, 1, 1); -inf features (present in
@@ -647,13 +652,18 @@ def load_pickle(path: str | os.PathLike, allow_pickle: bool = False) -> Multimod
         masks={m: np.concatenate(parts) for m, parts in masks.items()},
         split=np.array(split),
         name=p.stem,
+        task=task,
+        num_classes=num_classes,
     )
 
 
-def load_data(source: str, *, allow_pickle: bool = False, seed: int = 0) -> MultimodalDataset:
+def load_data(
+    source: str, *, allow_pickle: bool = False, seed: int = 0, task: str = "auto", num_classes: int | None = None
+) -> MultimodalDataset:
     """A built-in dataset by name (see ``attnfuse.datasets.BUILTINS``) or a .npz / .pkl / .pickle file.
 
-    ``seed`` is passed to built-ins that are generated (the synthetic ones).
+    ``seed`` is passed to built-ins that are generated (the synthetic ones); ``task`` and
+    ``num_classes`` to files (built-ins have their own).
     """
     from attnfuse.datasets import BUILTINS  # late import: datasets builds on this module
 
@@ -663,9 +673,9 @@ def load_data(source: str, *, allow_pickle: bool = False, seed: int = 0) -> Mult
         return factory(seed=seed) if takes_seed else factory()
     suffix = Path(source).suffix.lower()
     if suffix == ".npz":
-        return load_npz(source)
+        return load_npz(source, task=task, num_classes=num_classes)
     if suffix in (".pkl", ".pickle"):
-        return load_pickle(source, allow_pickle=allow_pickle)
+        return load_pickle(source, allow_pickle=allow_pickle, task=task, num_classes=num_classes)
     raise ValueError(
         f"data: expected a built-in dataset ({', '.join(BUILTINS)}) or a path ending in .npz, .pkl or .pickle, "
         f"got {source!r}"

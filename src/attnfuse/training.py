@@ -96,10 +96,14 @@ def run(
     train: TrainConfig | None = None,
     split_seed: int | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
 ) -> RunResult:
-    """Split, standardise, build, fit and evaluate one model (deterministic for a seed on CPU)."""
+    """Split, standardise, build, fit and evaluate one model (deterministic for a seed on CPU).
+
+    Data without a split column is split by ``split_seed`` (default: the training seed) into
+    train/valid/test ``fractions``."""
     train = train or TrainConfig()
-    splits = data.split_indices(seed=train.seed if split_seed is None else split_seed)
+    splits = data.split_indices(seed=train.seed if split_seed is None else split_seed, fractions=fractions)
     standardizer = Standardizer.fit(data, splits["train"])
     scaled = standardizer.transform(data)
     batches = {name: scaled.to_batch(idx).to(train.device) for name, idx in splits.items()}
