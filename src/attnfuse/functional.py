@@ -165,8 +165,10 @@ def scaled_dot_product_attention(
     )
     if not need_weights:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        if dead is not None:
-            out = out.masked_fill(dead.unsqueeze(-1), 0.0)
+        if dead is not None and _records_grad(query, key, value, mask):
+            out = out.masked_fill(dead.unsqueeze(-1), 0.0)  # out of place: SDPA saves `out` for backward
+        elif dead is not None:
+            out.masked_fill_(dead.unsqueeze(-1), 0.0)  # no autograd: no copy of the output
         return out, None
 
     # Explicit path. One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in
