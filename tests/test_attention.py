@@ -314,24 +314,29 @@ def test_fully_masked_row_torch_nan_ours_zero(kind, batch_first):
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_fully_masked_row_gets_only_the_output_bias_like_torchs_fused_path(batch_first):
-    """Dead rows: every head's attention is 0, so the result is W_O·0 + b_O = b_O, which is also what
-    torch's own fused (need_weights=False) path returns; its weights path gives NaN instead."""
+def test_fully_masked_row_outputs_zero_even_with_an_output_bias(batch_first):
+    """Dead rows get output 0 on every path, also with a non-zero out_proj.bias: torch's fused
+    (need_weights=False) path returns W_O·0 + b_O = b_O there, its weights path NaN. Live rows
+    equal torch's."""
     ref, ours = make_pair(batch_first=batch_first)  # random, non-zero biases
-    x = torch.randn((N, L, E) if batch_first else (L, N, E))
+    assert ours.out_proj.bias.abs().min() > 0
+    x = torch.randn((N, L, E) if batch_first else (L, N, E), requires_grad=True)
     kpm = torch.zeros(N, L, dtype=torch.bool)
     kpm[0] = True
     dead = (slice(None), 0) if not batch_first else (0,)
+    live = (slice(None), slice(1, None)) if not batch_first else (slice(1, None),)
     with torch.no_grad():
         theirs, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False)
-        for nw in (False, True):
-            out, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=nw)
-            close(out[dead], ours.out_proj.bias.expand(L, E))
-            close(out, theirs)
+        close(theirs[dead], ref.out_proj.bias.expand(L, E))
         assert torch.isnan(ref(x, x, x, key_padding_mask=kpm, need_weights=True)[0][dead]).all()
-    nobias = randomize_(MultiheadAttention(E, H, bias=False, batch_first=batch_first))
-    out, _ = nobias(x, x, x, key_padding_mask=kpm)
-    assert (out[dead] == 0).all()
+    for nw in (False, True):
+        out, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=nw)
+        assert (out[dead] == 0).all()
+        close(out[live], theirs[live])
+        grads = torch.autograd.grad(out.sum(), [x, *ours.parameters()])
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert (grads[1 + [n for n, _ in ours.named_parameters()].index("out_proj.bias")] ==
+                (N - 1) * L).all()  # the dead rows add nothing to the bias gradient
 
 
 def causal_mask(n_q, n_k):

@@ -4,9 +4,8 @@ Same constructor, same ``forward`` signature, same returned shapes and the same 
 (packed ``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ from
 ``embed_dim``), so ``ours.load_state_dict(theirs.state_dict())`` just works. What differs:
 
-* a query whose keys are all masked gets attention 0 and weights 0 (torch: NaN when weights are
-  asked for), with finite grads; its output is then ``out_proj(0) = out_proj.bias``, which is what
-  torch's own fused path returns;
+* a query whose keys are all masked gets output 0 and weights 0, with finite gradients (torch:
+  NaN outputs and weights when weights are asked for, and ``out_proj.bias`` on its fused path);
 * ``is_causal=True`` works without an ``attn_mask`` and is combined with one that is given;
 * train and eval run the same kernels (no separate inference fast path), so they agree;
 * no (L, S) matrix is built unless weights are asked for.
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import scaled_dot_product_attention
+from .functional import attend
 
 __all__ = ["MultiheadAttention"]
 
@@ -167,14 +166,10 @@ class MultiheadAttention(nn.Module):
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
             key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
 
-        out, weights = scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )  # out (N, H, L, hd); weights (N, H, L, S)
+        out, weights, dead = attend(
+            q, k, v, attn_mask, key_padding_mask, is_causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=None, need_weights=need_weights,
+        )  # out (N, H, L, hd); weights (N, H, L, S); dead broadcasts to (N, H, L)
 
         # Merge heads back into the input layout, then W_O.
         if self.batch_first:
@@ -182,6 +177,11 @@ class MultiheadAttention(nn.Module):
         else:
             out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch_size, E)
         out = self.out_proj(out)
+        if dead is not None:
+            # A query that sees no key in any head receives nothing: output 0, not W_O·0 + b = b.
+            dead_rows = dead.expand(batch_size, H, tgt_len).all(dim=1)  # (N, L)
+            # In place: out_proj's backward does not need its output.
+            out.masked_fill_((dead_rows if self.batch_first else dead_rows.T).unsqueeze(-1), 0.0)
 
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (N, L, S)

@@ -32,9 +32,8 @@ class CrossAttention(_AddNormBlock):
         context_key_padding_mask ``(N, S)``, True = padding; attn_mask ``(L, S)`` or ``(N*H, L, S)``.
         Returns ``(L, N, query_dim)``, and with ``need_weights=True`` also ``(N, H, L, S)`` weights.
         A query with no visible context (e.g. the whole modality is absent) receives nothing from
-        it and no NaN: every head's attention is 0 (weights 0), so the attention sublayer adds only
-        the constant ``cross_attn.out_proj.bias`` (as torch's fused path does; exactly 0 with
-        ``bias=False``) and the residual carries the query through.
+        it and no NaN: the attention output is 0 (weights 0) and the residual carries the query
+        through to the feed-forward sublayer.
     """
 
     def __init__(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["scaled_dot_product_attention", "merge_masks"]
+__all__ = ["scaled_dot_product_attention", "attend", "merge_masks"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -150,6 +150,24 @@ def scaled_dot_product_attention(
     _check_qkv(query, key, value)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
+    out, weights, _ = attend(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, need_weights)
+    return out, weights
+
+
+def attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`scaled_dot_product_attention` for callers that checked q, k, v already; also returns
+    the dead-row mask (True for query rows that could see no key; None when none can be dead),
+    broadcastable to ``(..., L)``."""
     batch = _shape(query)[:-2]
     tgt_len, src_len = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
@@ -158,7 +176,7 @@ def scaled_dot_product_attention(
         # Causal alone: the kernel builds the mask itself (no (L, S) tensor at all). No row is
         # dead: query i always sees key 0.
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True, scale=scale)
-        return out, None
+        return out, None, None
 
     mask, dead = merge_masks(
         attn_mask, key_padding_mask, is_causal, batch, tgt_len, src_len, query.dtype, device=query.device
@@ -169,7 +187,7 @@ def scaled_dot_product_attention(
             out = out.masked_fill(dead.unsqueeze(-1), 0.0)  # out of place: SDPA saves `out` for backward
         elif dead is not None:
             out.masked_fill_(dead.unsqueeze(-1), 0.0)  # no autograd: no copy of the output
-        return out, None
+        return out, None, dead
 
     # Explicit path. One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in
     # (alpha): the reshapes are the only copies of q and k (heads split from a packed projection are
@@ -196,7 +214,7 @@ def scaled_dot_product_attention(
         if dead is not None:
             weights.masked_fill_(dead.unsqueeze(-1), 0.0)
     attn = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
-    return torch.matmul(attn, value), weights
+    return torch.matmul(attn, value), weights, dead
 
 
 def _records_grad(*tensors: Tensor | None) -> bool:
