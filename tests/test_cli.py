@@ -25,6 +25,7 @@ from attnfuse.cli import app
 
 # Small, fast models for every training run in this file.
 FAST = ["--epochs", "2", "--d-model", "16", "--heads", "2", "--layers", "1", "--batch-size", "32"]
+FAST_CONCAT = ["--epochs", "2", "--d-model", "16", "--batch-size", "32"]  # concat has no layers or heads
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -175,7 +176,7 @@ def test_regression_with_k_targets_predict_columns(workdir):
     a = rng.normal(size=(60, 3)).astype(np.float32)
     np.savez(path, x_a=a, x_c=rng.normal(size=(60, 2)).astype(np.float32), y=(a[:, :2] * 2).astype(np.float32))
     out = workdir / "model-reg"
-    ok(cli("train", "--data", path, "--fusion", "concat", "--loss", "mse", *FAST, "--out", out))
+    ok(cli("train", "--data", path, "--fusion", "concat", "--loss", "mse", *FAST_CONCAT, "--out", out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) == {"mae", "rmse", "r2", "corr"}
     config = json.loads((out / "config.json").read_text())
@@ -206,7 +207,7 @@ def test_train_on_synthetic_with_a_seed_then_evaluate(workdir):
 
 def test_repeat_writes_runs_and_summary(workdir, npz):
     out = workdir / "model-repeat"
-    ok(cli("train", "--data", npz, "--fusion", "concat", "--repeat", "2", "--seed", "4", *FAST, "--out", out))
+    ok(cli("train", "--data", npz, "--fusion", "concat", "--repeat", "2", "--seed", "4", *FAST_CONCAT, "--out", out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"runs", "summary"}
     runs = metrics["runs"]
@@ -429,3 +430,25 @@ def test_sentiment_metrics_need_regression_and_fail_before_training(npz, tmp_pat
     result = cli("train", "--data", npz, "--metrics", "sentiment", "--out", out)
     assert_clean_error(result, "metrics: 'sentiment' needs regression targets")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "fusion, option, flag",
+    [("concat", ["--layers", "2"], "layers"), ("concat", ["--pooling", "mean"], "pooling"),
+     ("self", ["--query", "a"], "query"), ("mult", ["--query", "a"], "query")],
+)
+def test_an_option_the_fusion_lacks_is_an_error(npz, tmp_path, fusion, option, flag):
+    result = cli("train", "--data", npz, "--fusion", fusion, *option, "--out", tmp_path / "never")
+    assert_clean_error(result, f"{flag}: the '{fusion}' fusion has no such setting")
+    assert not (tmp_path / "never").exists()
+
+
+def test_pooling_and_query_options_reach_the_model(npz, tmp_path):
+    out = tmp_path / "m"
+    ok(cli("train", "--data", npz, "--fusion", "self", "--pooling", "modality", "--modality-dropout", "0.3",
+           "--label-smoothing", "0.1", *FAST, "--out", out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["pooling"] == "modality" and config["model"]["modality_dropout"] == 0.3
+    assert config["train"]["label_smoothing"] == 0.1
+    assert_clean_error(cli("train", "--data", npz, "--fusion", "cross", "--pooling", "cls", *FAST, "--out", out),
+                       "pooling: expected one of")

@@ -211,8 +211,9 @@ def trained_dirs(tmp_path_factory):
     dirs = {}
     for fusion in ("bicross", "concat"):
         out = root / fusion
+        heads = ["--heads", "2"] if fusion != "concat" else []
         result = runner.invoke(app, ["train", "--data", str(root / "planted.npz"), "--fusion", fusion, "--epochs", "3",
-                                     "--d-model", "16", "--heads", "2", "--out", str(out)])
+                                     "--d-model", "16", *heads, "--out", str(out)])
         assert result.exit_code == 0, result.output
         dirs[fusion] = out
     return root, dirs

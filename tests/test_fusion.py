@@ -165,13 +165,16 @@ FULL = [0, 4, 5]
 
 
 @pytest.mark.parametrize(
-    "extra", [{}, {"pooling": "attention"}, {"pooling": "cls"}, {"query": "b"}], ids=["mean", "attn", "cls", "query-b"]
+    "extra",
+    [{}, {"pooling": "attention"}, {"pooling": "cls"}, {"pooling": "modality"}, {"query": "b"}],
+    ids=["mean", "attn", "cls", "modality", "query-b"],
 )
 @pytest.mark.parametrize("fusion", ALL)
 def test_masked_tokens_do_not_change_predictions(fusion, extra):
-    if fusion == "concat" and extra:
-        pytest.skip("concat has no pooling or query choice")
-    if fusion in ("self", "mult") and "query" in extra:
+    config_class = FUSIONS[fusion].config_class
+    if extra.get("pooling", "mean") not in getattr(config_class, "POOLINGS", ("mean",)):
+        pytest.skip(f"{fusion} has no {extra['pooling']} pooling")
+    if "query" in extra and fusion not in ("cross", "bicross"):
         pytest.skip("only cross and bicross have a query modality")
     data = make_data("mixed", n=6)
     model = build(fusion, data, **extra).eval()

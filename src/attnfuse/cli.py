@@ -133,7 +133,14 @@ def train(
     layers: Optional[int] = typer.Option(None, help="Attention layers per stack (default 2)."),
     heads: Optional[int] = typer.Option(None, help="Attention heads (default 4)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout (default 0.1)."),
-    pooling: Optional[str] = typer.Option(None, help="Aggregation: mean, cls or attention."),
+    pooling: Optional[str] = typer.Option(
+        None, help="Aggregation: mean (default), attention, cls or modality (self fusion: per-modality means, concatenated)."
+    ),
+    query: Optional[str] = typer.Option(None, help="cross/bicross: the modality whose tokens ask (default: the first)."),
+    modality_dropout: Optional[float] = typer.Option(
+        None, help="Training: hide each modality of a sample with this probability (default 0)."
+    ),
+    label_smoothing: float = typer.Option(0.0, help="Classification: label smoothing of the cross-entropy."),
     loss: str = typer.Option("auto", help="Regression loss: l1 or mse (classification: cross-entropy)."),
     metrics: MetricSet = typer.Option(MetricSet.default, help="'sentiment' adds the MOSI/MOSEI metrics."),
     seed: int = typer.Option(0, help="Random seed (model init, shuffling, and the split when the data has none)."),
@@ -148,14 +155,20 @@ def train(
     dataset = _load(data, allow_pickle, seed, task.value)
     if metrics is MetricSet.sentiment and dataset.task != "regression":
         raise ValueError(f"metrics: 'sentiment' needs regression targets (sentiment scores), the data is {dataset.task}")
-    overrides = {"d_model": d_model, "num_layers": layers, "nhead": heads, "dropout": dropout, "pooling": pooling}
-    if fusion == "concat":
-        overrides = {k: overrides[k] for k in ("d_model", "dropout")}
-    elif fusion == "mult" and layers is not None:
-        overrides["self_layers"] = layers
+    overrides = {"d_model": d_model, "num_layers": layers, "nhead": heads, "dropout": dropout, "pooling": pooling,
+                 "modality_dropout": modality_dropout, "query": query}
+    # An option that the chosen fusion does not have is an error, not silently ignored.
+    unused = {"concat": ("num_layers", "nhead", "pooling", "query"), "self": ("query",), "mult": ("query",)}
+    for name in unused.get(fusion, ()):
+        if overrides.pop(name) is not None:
+            flag = {"num_layers": "layers", "nhead": "heads"}.get(name, name)
+            raise ValueError(f"{flag}: the '{fusion}' fusion has no such setting")
+    if fusion == "mult" and layers is not None:
+        overrides["self_layers"] = layers  # --layers sets both its cross-modal and its self-attention depth
     configs = [
         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-                    seed=seed + i, device=device, loss=loss, sentiment_metrics=metrics is MetricSet.sentiment)
+                    seed=seed + i, device=device, loss=loss, label_smoothing=label_smoothing,
+                    sentiment_metrics=metrics is MetricSet.sentiment)
         for i in range(repeat)
     ]
     out = out or Path("runs") / f"{dataset.name}-{fusion}"

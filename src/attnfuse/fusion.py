@@ -52,6 +52,7 @@ class FusionConfig:
     d_model: int = 64
     dropout: float = 0.1
     head_hidden: int | None = None  # hidden size of the MLP head (default 2 * d_model)
+    modality_dropout: float = 0.0  # training only: hide each modality of a sample with this probability
 
     def __post_init__(self) -> None:
         self.modalities = [m if isinstance(m, ModalitySpec) else ModalitySpec(**m) for m in self.modalities]
@@ -63,6 +64,8 @@ class FusionConfig:
             raise ValueError(f"d_model: expected >= 1, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout: expected a value in [0, 1), got {self.modality_dropout}")
 
     @property
     def hidden(self) -> int:
@@ -85,7 +88,9 @@ class SelfFusionConfig(FusionConfig):
     num_layers: int = 2
     dim_feedforward: int | None = None  # default 4 * d_model, the paper's ratio
     norm_first: bool = True  # pre-norm: stabler on small data sets than the paper's post-norm
-    pooling: str = "mean"  # "mean" (the notes), "cls" or "attention"
+    pooling: str = "mean"  # see POOLINGS: "mean" (the notes), "attention", "cls", "modality"
+
+    POOLINGS = ("mean", "attention", "cls", "modality")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,8 +100,8 @@ class SelfFusionConfig(FusionConfig):
             raise ValueError(f"d_model: expected a multiple of heads={self.nhead}, got {self.d_model}")
         if self.num_layers < 1:
             raise ValueError(f"layers: expected >= 1, got {self.num_layers}")
-        if self.pooling not in Pooling.KINDS:
-            raise ValueError(f"pooling: expected one of {Pooling.KINDS}, got {self.pooling!r}")
+        if self.pooling not in self.POOLINGS:
+            raise ValueError(f"pooling: expected one of {self.POOLINGS} for this fusion, got {self.pooling!r}")
 
     @property
     def ff(self) -> int:
@@ -111,6 +116,8 @@ class CrossFusionConfig(SelfFusionConfig):
 
     query: str | None = None
     context: list[str] | None = None
+
+    POOLINGS = ("mean", "attention")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +147,8 @@ class MulTConfig(SelfFusionConfig):
     ``(M - 1) * d_model``, which ``nhead`` must divide)."""
 
     self_layers: int = 3
+
+    POOLINGS = ("mean",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,13 +181,36 @@ class FusionModel(nn.Module):
         self.embed = ModalityEmbedding(config.modalities, config.d_model, config.dropout)
 
     def forward(self, batch: Batch, return_attention: bool = False) -> Tensor | tuple[Tensor, list[AttentionMap]]:
+        if self.training and self.config.modality_dropout > 0:
+            batch = self._drop_modalities(batch)
         maps: list[AttentionMap] | None = [] if return_attention else None
         out = self.head(self.fuse(batch, maps))
         return (out, maps) if return_attention else out
 
+    def _drop_modalities(self, batch: Batch) -> Batch:
+        """Hide whole modalities at random (through the masks, as a missing modality is hidden),
+        keeping at least one present modality per sample: the fusion learns not to lean on any
+        single modality, and to cope when one is missing."""
+        names = list(self.specs)
+        present = torch.stack([batch.mask[n].any(dim=1) for n in names], dim=1)  # (B, M)
+        keep = (torch.rand(present.shape, device=present.device) >= self.config.modality_dropout) & present
+        keep = torch.where(keep.any(dim=1, keepdim=True), keep, present)  # never hide everything
+        mask = {n: batch.mask[n] & keep[:, i : i + 1] for i, n in enumerate(names)}
+        return Batch(batch.x, mask, batch.y)
+
     def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
         """(B, fused_dim); appends attention maps to ``maps`` when it is a list."""
         raise NotImplementedError
+
+    def _per_modality(self, h: dict[str, Tensor], mask: dict[str, Tensor], missing: Tensor) -> Tensor:
+        """Each modality's mean over its valid tokens, concatenated: (B, M * d). An absent
+        modality is represented by its learned ``missing[i]`` vector, not by zeros."""
+        pooled = []
+        for i, name in enumerate(self.specs):
+            valid = mask[name]
+            present = valid.any(dim=1, keepdim=True)  # (B, 1)
+            pooled.append(torch.where(present, masked_mean(h[name], valid), missing[i]))
+        return torch.cat(pooled, dim=-1)
 
     def _tokens(self, h: dict[str, Tensor], batch: Batch, names: list[str]) -> tuple[Tensor, Tensor, list[str]]:
         """Concatenate modalities along the token axis: (B, ΣT, d), valid (B, ΣT), labels."""
@@ -207,30 +239,30 @@ class ConcatFusion(FusionModel):
         self.head = MLPHead(m * d, config.hidden, config.out_dim, config.dropout)
 
     def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
-        h = self.embed(batch)
-        pooled = []
-        for i, name in enumerate(self.specs):
-            valid = batch.mask[name]
-            present = valid.any(dim=1, keepdim=True)  # (B, 1)
-            pooled.append(torch.where(present, masked_mean(h[name], valid), self.missing[i]))
-        return torch.cat(pooled, dim=-1)  # (B, M * d)
+        return self._per_modality(self.embed(batch), batch.mask, self.missing)  # (B, M * d)
 
 
 class SelfAttentionFusion(FusionModel):
-    """Self-attention across all modalities' tokens (Transformer encoder), then aggregation."""
+    """Self-attention across all modalities' tokens (Transformer encoder), then aggregation:
+    ``mean`` / ``attention`` / ``cls`` pool all tokens into one d-vector; ``modality`` pools each
+    modality's tokens and concatenates the M vectors (the attention-refined version of ``concat``)."""
 
     config_class = SelfFusionConfig
 
     def __init__(self, config: SelfFusionConfig) -> None:
         super().__init__(config)
-        d = config.d_model
+        d, m = config.d_model, len(config.modalities)
         self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02) if config.pooling == "cls" else None
         self.encoder = TransformerEncoder(
             d, config.nhead, config.num_layers, config.ff, config.dropout, activation="gelu", batch_first=True,
             norm_first=config.norm_first,
         )
-        self.pool = Pooling(config.pooling, d)
-        self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
+        if config.pooling == "modality":
+            self.pool, self.missing = None, nn.Parameter(torch.zeros(m, d))
+            fused = m * d
+        else:
+            self.pool, fused = Pooling(config.pooling, d), d
+        self.head = MLPHead(fused, config.hidden, config.out_dim, config.dropout)
 
     def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
         x, valid, labels = self._tokens(self.embed(batch), batch, list(self.specs))  # (B, T, d), (B, T)
@@ -243,6 +275,9 @@ class SelfAttentionFusion(FusionModel):
         else:
             x, weights = self.encoder(x, src_key_padding_mask=~valid, return_attention=True)
             maps += [AttentionMap(f"self/layer{i}", w, labels, labels, valid) for i, w in enumerate(weights)]
+        if self.pool is None:
+            lengths = [self.specs[n].length for n in self.specs]
+            return self._per_modality(dict(zip(self.specs, x.split(lengths, dim=1))), batch.mask, self.missing)
         return self.pool(x, valid)
 
 
@@ -260,7 +295,7 @@ class CrossModalFusion(FusionModel):
             for _ in range(config.num_layers)
         )
         self.norm = _ln(d, config.norm_first)
-        self.pool = Pooling(config.pooling if config.pooling != "cls" else "mean", d)
+        self.pool = Pooling(config.pooling, d)
         self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
 
     def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
@@ -293,7 +328,7 @@ class BiCrossFusion(FusionModel):
             for _ in range(config.num_layers)
         )
         self.norm = _ln(d, config.norm_first)
-        self.pool = Pooling(config.pooling if config.pooling != "cls" else "mean", d)
+        self.pool = Pooling(config.pooling, d)
         self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
 
     def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:

@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     loss: str = "auto"  # classification: cross_entropy; regression: l1 (as MulT/MMSA) or mse
+    label_smoothing: float = 0.0  # classification only
     sentiment_metrics: bool = False  # add the MOSI/MOSEI metrics (acc2, acc7, ...) for regression
 
     def __post_init__(self) -> None:
@@ -52,6 +53,8 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label-smoothing: expected a value in [0, 1), got {self.label_smoothing}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -126,7 +129,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[int, list[dict]]:
     """Train in place; keep the weights of the best validation epoch. Returns (best_epoch, history)."""
-    loss_fn = _loss_fn(cfg.loss_name(task))
+    loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing)
     metric, mode = PRIMARY_METRIC[task]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -184,9 +187,9 @@ def evaluate(model: FusionModel, batch: Batch, task: str, sentiment: bool = Fals
     return compute_metrics(task, _np(batch.y), to_predictions(task, predict(model, batch)), sentiment=sentiment)
 
 
-def _loss_fn(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+def _loss_fn(name: str, label_smoothing: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
     if name == "cross_entropy":
-        return F.cross_entropy
+        return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
 
     reduce = F.l1_loss if name == "l1" else F.mse_loss
 
