@@ -20,14 +20,6 @@ KDIM, VDIM = 5, 7
 ATOL, RTOL = 1e-5, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial values everywhere (torch initialises biases to 0, which would hide bias bugs)."""

@@ -17,12 +17,6 @@ from attnfuse.training import TrainConfig, predict, run
 FUSIONS = ["concat", "self", "cross", "bicross", "mult"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_data(n: int = 60, num_classes: int = 3, seed: int = 0, b_dim: int = 2, steps: int = 3) -> MultimodalDataset:

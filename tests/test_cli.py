@@ -29,12 +29,6 @@ FAST_CONCAT = ["--epochs", "2", "--d-model", "16", "--batch-size", "32"]  # conc
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(*args: str | Path):

@@ -13,14 +13,6 @@ from attnfuse import BidirectionalCrossAttention, CrossAttention, MultiheadAtten
 QD, CD, NH, FF, N, L, S = 8, 6, 2, 16, 3, 4, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def close(a, b, atol=1e-5, rtol=1e-5):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)

@@ -19,13 +19,6 @@ from attnfuse.training import TrainConfig, model_config, run
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine run faster (and steadier) on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- the notes' worked examples ------------------------------------------------------------------

@@ -17,14 +17,6 @@ ATTENTION = ["self", "cross", "bicross", "mult"]
 SMALL = {"d_model": 16, "nhead": 2, "num_layers": 1, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads
-    can be 10-100x slower than one; restore the setting after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small(fusion: str, **extra) -> dict:

@@ -15,13 +15,6 @@ import attnfuse
 from attnfuse import MultiheadAttention, scaled_dot_product_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_self_attention_fusion_over_four_modalities():
     n_modalities, bs, dim = 4, 256, 32

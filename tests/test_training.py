@@ -14,13 +14,6 @@ from attnfuse.training import TrainConfig, model_config, predict, run, to_predic
 SMALL = {"d_model": 16, "nhead": 2, "num_layers": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and far steadier on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def classification_data(n: int = 150, seed: int = 0, noise: float = 1.0) -> MultimodalDataset:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .data import MultimodalDataset, Standardizer
 from .fusion import FusionModel, build_model
 
