@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnfuse.data import load_data
+from attnfuse.files import load_data
 from attnfuse.datasets import BUILTINS, load_mfeat, make_planted
 
 SHARED_MFEAT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci-mfeat"

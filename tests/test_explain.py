@@ -198,7 +198,7 @@ def test_attention_lands_on_the_planted_step():
 def trained_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
     data = make_planted(n=300, seq_len=4, num_keys=6, seed=3, task="classification")
-    from attnfuse.data import save_npz
+    from attnfuse.files import save_npz
 
     save_npz(data, root / "planted.npz")
     dirs = {}

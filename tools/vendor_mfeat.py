@@ -7,7 +7,7 @@ Usage (from the repository root)::
 Input: six CSVs ``mfeat-<view>.csv`` whose first row holds column numbers, whose last
 column is the digit label, and whose rows are aligned across files.
 
-Output: an attnfuse ``.npz`` dataset (the format ``attnfuse.data.load_npz`` reads):
+Output: an attnfuse ``.npz`` dataset (the format ``attnfuse.files.load_npz`` reads):
 ``x_fou, x_fac, x_kar, x_pix, x_zer, x_mor`` (in that order) and ``y`` (int64, 0..9).
 Only the storage changes, never a value:
 

@@ -14,7 +14,8 @@ from ._version import __version__
 from .attention import MultiheadAttention
 from .checkpoint import load_model, save_model
 from .cross import BidirectionalCrossAttention, CrossAttention
-from .data import Batch, ModalitySpec, MultimodalDataset, Standardizer, iter_batches, load_data, load_npz, save_npz
+from .data import Batch, ModalitySpec, MultimodalDataset, Standardizer, iter_batches
+from .files import load_data, load_npz, save_npz
 from .datasets import BUILTINS, load_mfeat, make_planted
 from .explain import collect_maps, modality_attention, walkthrough
 from .functional import scaled_dot_product_attention
@@ -40,6 +41,7 @@ from .modules import AttentionMap
 from .training import RunResult, TrainConfig, evaluate, fit, model_config, predict, run
 
 __all__ = [
+    "__version__",
     # attention core
     "scaled_dot_product_attention", "MultiheadAttention", "PositionalEncoding", "FeedForward",
     "TransformerEncoderLayer", "TransformerEncoder", "CrossAttention", "BidirectionalCrossAttention",

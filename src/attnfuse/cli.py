@@ -22,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .checkpoint import METRICS, atomic_write, check_compatible, load_model, save_model, write_json
-from .data import MultimodalDataset, load_data
+from .data import MultimodalDataset
+from .files import load_data
 from .datasets import BUILTINS
 from .fusion import FUSIONS
 from .metrics import PRIMARY_METRIC, compute_metrics, summarize

@@ -1,6 +1,6 @@
 """Built-in datasets: UCI Multiple Features (vendored) and synthetic planted-answer tasks.
 
-``BUILTINS`` maps the names accepted by ``attnfuse.data.load_data`` (and listed by
+``BUILTINS`` maps the names accepted by ``attnfuse.files.load_data`` (and listed by
 ``attnfuse datasets``) to a factory and a one-line description.
 """
 
@@ -13,7 +13,8 @@ from importlib import resources
 
 import numpy as np
 
-from attnfuse.data import MultimodalDataset, load_npz
+from .data import MultimodalDataset
+from .files import load_npz
 
 MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 

@@ -48,7 +48,8 @@ def print_walkthrough(
         return "Q" if single else f"Q{i + 1}"
 
     console.print(f"[bold]Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V[/]   d_k = {d_k}", highlight=False)
-    dots = Table(title="1. dot products (similarity of each query with each key)", title_justify="left")
+    console.print("1. dot products: how similar each query is to each key", highlight=False)
+    dots = Table()
     for col in ("query", "key", "q · k", "score"):
         dots.add_column(col, justify="right" if col == "score" else "left")
     for i in range(w.query.shape[0]):
@@ -65,7 +66,8 @@ def print_walkthrough(
     else:
         console.print("2. scaling: skipped (--no-scale), as in the study notes' simplified example", highlight=False)
 
-    soft = Table(title="3. softmax over the keys (each row sums to 1)", title_justify="left")
+    console.print("3. softmax over the keys: the attention weights (each row sums to 1)", highlight=False)
+    soft = Table()
     soft.add_column("query")
     for j in range(w.keys.shape[0]):
         soft.add_column(f"K{j + 1}: score → weight", justify="right")
@@ -83,7 +85,7 @@ def print_walkthrough(
                                   for i in range(len(top))),
         highlight=False,
     )
-    if self_vectors is not None and not scale:
+    if self_vectors is not None:
         console.print(
             "Note: softmax never gives exact 0/1 rows: softmax([1, 0]) = [0.7311, 0.2689]. The study notes print "
             "the identity matrix here, which is wrong.", highlight=False,

@@ -220,6 +220,15 @@ class FusionModel(nn.Module):
         return x, valid, labels
 
 
+def _cross_stack(config: SelfFusionConfig, block: type[nn.Module] = CrossAttention) -> nn.ModuleList:
+    """``num_layers`` cross-attention blocks of width d_model (GELU feed-forward, batch-first)."""
+    d = config.d_model
+    return nn.ModuleList(
+        block(d, d, config.nhead, config.ff, config.dropout, "gelu", batch_first=True, norm_first=config.norm_first)
+        for _ in range(config.num_layers)
+    )
+
+
 def _ln(dim: int, on: bool) -> nn.Module:
     # Pre-norm stacks end with a LayerNorm (their last residual output is un-normalised).
     return nn.LayerNorm(dim) if on else nn.Identity()
@@ -289,11 +298,7 @@ class CrossModalFusion(FusionModel):
     def __init__(self, config: CrossFusionConfig) -> None:
         super().__init__(config)
         d = config.d_model
-        self.layers = nn.ModuleList(
-            CrossAttention(d, d, config.nhead, config.ff, config.dropout, "gelu", batch_first=True,
-                           norm_first=config.norm_first)
-            for _ in range(config.num_layers)
-        )
+        self.layers = _cross_stack(config)
         self.norm = _ln(d, config.norm_first)
         self.pool = Pooling(config.pooling, d)
         self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
@@ -322,11 +327,7 @@ class BiCrossFusion(FusionModel):
     def __init__(self, config: BiCrossFusionConfig) -> None:
         super().__init__(config)
         d = config.d_model
-        self.layers = nn.ModuleList(
-            BidirectionalCrossAttention(d, d, config.nhead, config.ff, config.dropout, "gelu", batch_first=True,
-                                        norm_first=config.norm_first)
-            for _ in range(config.num_layers)
-        )
+        self.layers = _cross_stack(config, BidirectionalCrossAttention)
         self.norm = _ln(d, config.norm_first)
         self.pool = Pooling(config.pooling, d)
         self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
@@ -360,16 +361,9 @@ class MulTFusion(FusionModel):
         d, names = config.d_model, config.names()
         wide = (len(names) - 1) * d
 
-        def cross_stack() -> nn.ModuleList:
-            return nn.ModuleList(
-                CrossAttention(d, d, config.nhead, config.ff, config.dropout, "gelu", batch_first=True,
-                               norm_first=config.norm_first)
-                for _ in range(config.num_layers)
-            )
-
         # cross[target][source]: target's tokens query source's tokens.
         self.cross = nn.ModuleDict(
-            {t: nn.ModuleDict({s: cross_stack() for s in names if s != t}) for t in names}
+            {t: nn.ModuleDict({s: _cross_stack(config) for s in names if s != t}) for t in names}
         )
         self.cross_norm = nn.ModuleDict({t: _ln(d, config.norm_first) for t in names})
         self.self_attn = nn.ModuleDict(
