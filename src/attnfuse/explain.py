@@ -19,12 +19,12 @@ import torch
 
 from .data import Batch, iter_batches
 from .functional import scaled_dot_product_attention
-from .fusion import FusionModel
+from .fusion import FUSIONS, FusionModel
 from .modules import AttentionMap
 
 __all__ = [
     "Walkthrough", "walkthrough", "parse_vectors", "collect_maps", "ModalityAttention", "modality_attention",
-    "token_modality", "bertviz_export",
+    "token_modality", "bertviz_export", "require_attention",
 ]
 
 
@@ -97,10 +97,12 @@ def token_modality(label: str) -> str:
     return label if label.startswith("[") else label.split("[", 1)[0]
 
 
-def _require_attention(model: FusionModel) -> None:
+def require_attention(model: FusionModel) -> None:
+    """ValueError for a model without attention (``concat``): there is nothing to explain."""
     if not model.has_attention:
+        name = next((k for k, cls in FUSIONS.items() if type(model) is cls), type(model).__name__)
         raise ValueError(
-            f"model: the '{type(model).__name__}' fusion has no attention to show (it pools and concatenates); "
+            f"model: the '{name}' fusion has no attention to show (it pools and concatenates); "
             f"train an attention fusion (self, cross, bicross, mult) to explain it"
         )
 
@@ -108,7 +110,7 @@ def _require_attention(model: FusionModel) -> None:
 @torch.no_grad()
 def collect_maps(model: FusionModel, batch: Batch) -> tuple[torch.Tensor, list[AttentionMap]]:
     """Outputs ``(B, out_dim)`` and the attention maps for the (few) samples of ``batch``."""
-    _require_attention(model)
+    require_attention(model)
     model.eval()
     return model(batch, return_attention=True)
 
@@ -131,7 +133,7 @@ class ModalityAttention:
 def modality_attention(model: FusionModel, batch: Batch, batch_size: int = 256) -> ModalityAttention:
     """Aggregate a model's attention to modalities over all samples of ``batch``, chunk by chunk
     (the per-token maps of a whole split are never held at once)."""
-    _require_attention(model)
+    require_attention(model)
     model.eval()
     sums: dict[str, np.ndarray] = {}  # block -> (Mq, Mk) summed weights
     counts: dict[str, np.ndarray] = {}  # block -> (Mq,) valid query tokens

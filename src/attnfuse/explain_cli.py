@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .data import MultimodalDataset, Standardizer
-from .explain import bertviz_export, collect_maps, modality_attention, parse_vectors, walkthrough
+from .explain import (
+    bertviz_export, collect_maps, modality_attention, parse_vectors, require_attention, walkthrough,
+)
 from .fusion import FusionModel
 from .metrics import PRIMARY_METRIC, compute_metrics
 from .report import plot_heads, plot_modality_matrices, plot_received, save_figure, write_html_report
@@ -108,11 +110,7 @@ def explain_model(
     out: Path,
 ) -> None:
     """Heatmaps for chosen samples, modality attention over a split, bertviz export, report.html."""
-    if not model.has_attention:
-        raise ValueError(
-            f"model: the '{config['fusion']}' fusion has no attention to show (it pools and concatenates); "
-            f"train an attention fusion (self, cross, bicross, mult) to explain it"
-        )
+    require_attention(model)
     if split not in parts:
         raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")
     rows = parts[split]
