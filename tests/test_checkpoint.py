@@ -131,7 +131,6 @@ def trained_config(tmp_path_factory):
 def test_check_compatible_accepts_the_same_layout(trained_config):
     check_compatible(trained_config, make_data(seed=3, n=10))
     check_compatible(trained_config, make_data(n=10, num_classes=2))  # fewer classes: fine
-    check_compatible(trained_config, make_data(n=10, steps=2))  # shorter sequences: fine
 
 
 @pytest.mark.parametrize(
@@ -139,7 +138,8 @@ def test_check_compatible_accepts_the_same_layout(trained_config):
     [
         (lambda: make_data(n=12, num_classes=4), "3 classes"),
         (lambda: make_data(n=12, b_dim=5), "'b'.*feature size 2.*got 5"),
-        (lambda: make_data(n=12, steps=4), "'b'.*at most 3 steps"),
+        (lambda: make_data(n=12, steps=4), "'b'.*sequences of 3 steps.*got sequences of 4"),
+        (lambda: make_data(n=12, steps=2), "'b'.*sequences of 3 steps.*pad shorter ones"),
         (lambda: MultimodalDataset({"a": np.zeros((4, 4), np.float32)}, np.array([0, 1, 2, 0])), "'b' is missing"),
         (lambda: MultimodalDataset({"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 3, 2), np.float32),
                                     "z": np.zeros((4, 1), np.float32)}, np.array([0, 1, 2, 0])), "'z'"),
@@ -148,7 +148,7 @@ def test_check_compatible_accepts_the_same_layout(trained_config):
         (lambda: MultimodalDataset({"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 3, 2), np.float32)},
                                    np.zeros(4, np.float32)), "classification"),
     ],
-    ids=["classes", "dim", "length", "missing", "extra", "vector-vs-sequence", "task"],
+    ids=["classes", "dim", "longer", "shorter", "missing", "extra", "vector-vs-sequence", "task"],
 )
 def test_check_compatible_names_what_differs(trained_config, data, match):
     with pytest.raises(ValueError, match=match):
@@ -166,3 +166,16 @@ def test_check_compatible_regression_target_count(tmp_path):
     one = MultimodalDataset({"a": np.zeros((4, 3), np.float32)}, np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="predicts 2 targets.*has 1"):
         check_compatible(config, one)
+
+
+def test_damaged_model_directory_is_a_value_error(tmp_path, trained_config):
+    model_dir = tmp_path / "damaged"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(trained_config))
+    (model_dir / "model.safetensors").write_bytes(b"\x00" * 40)  # truncated / not safetensors
+    with pytest.raises(ValueError, match="does not hold this model's weights"):
+        load_model(model_dir)
+    broken = {k: v for k, v in trained_config.items() if k != "standardizer"}
+    (model_dir / "config.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="not a valid attnfuse config.*standardizer"):
+        load_model(model_dir)

@@ -300,7 +300,6 @@ BAD_TRAIN_INPUTS = {
     "unknown-builtin": (lambda d: "mnist", [], ["built-in", "'mnist'"]),
     "zero-epochs": (lambda d: write_npz(d / "ok7.npz"), ["--epochs", "0"], ["epochs"]),
     "dropout-too-big": (lambda d: write_npz(d / "ok8.npz"), ["--dropout", "1.5"], ["dropout"]),
-    # Fails only after training (metrics at the end): still nothing written.
     "sentiment-for-classification": (lambda d: write_npz(d / "ok9.npz"), ["--metrics", "sentiment"],
                                      ["sentiment", "regression"]),
 }
@@ -422,8 +421,42 @@ def test_train_with_defaults_for_one_epoch(tmp_path, monkeypatch):
 def test_sentiment_metrics_need_regression_and_fail_before_training(npz, tmp_path):
     out = tmp_path / "never"
     result = cli("train", "--data", npz, "--metrics", "sentiment", "--out", out)
-    assert_clean_error(result, "metrics: 'sentiment' needs regression targets")
+    assert_clean_error(result, "metrics: 'sentiment' needs one regression target", "class labels")
     assert not out.exists()
+
+
+def test_options_that_do_not_apply_are_errors(npz, workdir, tmp_path):
+    reg = workdir / "reg2.npz"
+    rng = np.random.default_rng(1)
+    np.savez(reg, x_a=rng.normal(size=(40, 3)).astype(np.float32), y=rng.normal(size=(40, 2)).astype(np.float32))
+    assert_clean_error(cli("train", "--data", reg, "--metrics", "sentiment", "--out", tmp_path / "x"),
+                       "sentiment", "2 targets")
+    assert_clean_error(cli("train", "--data", reg, "--label-smoothing", "0.1", "--out", tmp_path / "x"),
+                       "label-smoothing: applies to classification only")
+    assert_clean_error(cli("explain", "--model", tmp_path, "--query", "1,2", "--keys", "1,2"), "one or the other")
+    assert_clean_error(cli("explain", "--model", tmp_path, "--no-scale"), "--no-scale: applies to the walkthrough")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["text.bert", "train", "to", "1st"])
+def test_unusable_modality_names_are_one_line_errors(workdir, tmp_path, name):
+    path = workdir / f"names-{name}.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, **{f"x_{name}": rng.normal(size=(30, 3)).astype(np.float32)}, y=rng.integers(0, 2, 30))
+    assert_clean_error(cli("train", "--data", path, "--out", tmp_path / "x"), f"modality name '{name}'")
+
+
+def test_an_npy_renamed_to_npz_and_a_corrupt_archive(workdir, tmp_path):
+    npy = workdir / "array.npz"
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros(3))
+    assert_clean_error(cli("train", "--data", npy, "--out", tmp_path / "x"), "single .npy array")
+    good = write_npz(workdir / "tocorrupt.npz")
+    raw = bytearray(good.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = b"\xff" * 64  # damage the compressed payload
+    bad = workdir / "corrupt.npz"
+    bad.write_bytes(bytes(raw))
+    assert_clean_error(cli("train", "--data", bad, "--out", tmp_path / "x"), "corrupt.npz")
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ so an interrupted save never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
@@ -71,12 +73,22 @@ def save_model(
         "attnfuse_version": __version__,
         "fusion": fusion,
         "model": asdict(model.config),
-        "data": {"name": data.name, "source": source or data.name, "n": data.n, **data.spec_dict()},
+        "data": {"name": data.name, "source": source or data.name, "n": data.n, "fingerprint": fingerprint(data),
+                 **data.spec_dict()},
         "split_seed": split_seed,
         "standardizer": standardizer.to_dict(),
         "train": train_config,
     }
     write_json(out_dir / CONFIG, config)
+
+
+def fingerprint(data: MultimodalDataset) -> str:
+    """A short hash of the targets and the feature shapes: tells the training data from other data
+    with the same name and size (``evaluate`` then reports the training split)."""
+    h = hashlib.sha256(np.ascontiguousarray(data.y).tobytes())
+    for m in data.modalities:
+        h.update(f"{m.name}:{m.dim}:{m.length}".encode())
+    return h.hexdigest()[:16]
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[FusionModel, dict, Standardizer]:
@@ -87,12 +99,18 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[Fusio
             raise FileNotFoundError(f"model: {model_dir} is not a model directory (no {name}); train one first")
     try:
         config = json.loads((model_dir / CONFIG).read_text())
-        fusion, model_values = config["fusion"], config["model"]
-    except (json.JSONDecodeError, KeyError) as e:
+        missing = [k for k in ("fusion", "model", "data", "standardizer", "train", "split_seed") if k not in config]
+        if missing:
+            raise ValueError(f"missing keys {missing}")
+        model = build_model(config["fusion"], config["model"])
+        standardizer = Standardizer.from_dict(config["standardizer"])
+    except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"model: {model_dir / CONFIG} is not a valid attnfuse config ({e})") from None
-    model = build_model(fusion, model_values)
-    model.load_state_dict(load_file(model_dir / WEIGHTS, device="cpu"))
-    return model.to(device).eval(), config, Standardizer.from_dict(config["standardizer"])
+    try:
+        model.load_state_dict(load_file(model_dir / WEIGHTS, device="cpu"))
+    except Exception as e:  # safetensors' own errors, or weights that do not fit the config
+        raise ValueError(f"model: {model_dir / WEIGHTS} does not hold this model's weights ({e})") from None
+    return model.to(device).eval(), config, standardizer
 
 
 def check_compatible(config: dict, data: MultimodalDataset) -> None:
@@ -114,10 +132,12 @@ def check_compatible(config: dict, data: MultimodalDataset) -> None:
             raise ValueError(f"data: modality '{m['name']}' is missing (the model was trained on {list(specs)})")
         if got.dim != m["dim"]:
             raise ValueError(f"modality '{m['name']}': expected feature size {m['dim']} (as in training), got {got.dim}")
-        if got.is_sequence != m["is_sequence"] or (m["is_sequence"] and got.length > m["length"]):
+        if (got.is_sequence, got.length) != (m["is_sequence"], m["length"]):
+            expected = f"sequences of {m['length']} steps" if m["is_sequence"] else "vectors (N, D)"
+            actual = f"sequences of {got.length} steps" if got.is_sequence else "vectors (N, D)"
             raise ValueError(
-                f"modality '{m['name']}': expected {'a sequence of at most ' + str(m['length']) + ' steps' if m['is_sequence'] else 'a vector (N, D)'}, "
-                f"got {'sequences of ' + str(got.length) + ' steps' if got.is_sequence else 'vectors'}"
+                f"modality '{m['name']}': expected {expected} as in training (pad shorter ones and mark the "
+                f"padding in mask_{m['name']}), got {actual}"
             )
     extra = sorted(set(specs) - {m["name"] for m in trained["modalities"]})
     if extra:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .checkpoint import METRICS, atomic_write, check_compatible, load_model, save_model, write_json
+from .checkpoint import METRICS, atomic_write, check_compatible, fingerprint, load_model, save_model, write_json
 from .data import MultimodalDataset
 from .files import load_data
 from .datasets import BUILTINS
@@ -93,7 +93,7 @@ def _parts(dataset: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
     trained = config["data"]
     if dataset.split is not None:
         parts = {s: np.flatnonzero(dataset.split == s) for s in ("train", "valid", "test")}
-    elif (dataset.name, dataset.n) == (trained["name"], trained.get("n")):
+    elif trained.get("fingerprint") == fingerprint(dataset):
         parts = dataset.split_indices(config["split_seed"])
     parts["all"] = np.arange(dataset.n)
     return parts
@@ -154,8 +154,13 @@ def train(
     if repeat < 1:
         raise ValueError(f"repeat: expected >= 1, got {repeat}")
     dataset = _load(data, allow_pickle, seed, task.value)
-    if metrics is MetricSet.sentiment and dataset.task != "regression":
-        raise ValueError(f"metrics: 'sentiment' needs regression targets (sentiment scores), the data is {dataset.task}")
+    if metrics is MetricSet.sentiment and (dataset.task != "regression" or dataset.target_dim != 1):
+        raise ValueError(
+            "metrics: 'sentiment' needs one regression target per sample (a sentiment score), the data has "
+            + (f"{dataset.target_dim} targets" if dataset.task == "regression" else "class labels")
+        )
+    if label_smoothing and dataset.task != "classification":
+        raise ValueError("label-smoothing: applies to classification only, the data is regression")
     overrides = {"d_model": d_model, "num_layers": layers, "nhead": heads, "dropout": dropout, "pooling": pooling,
                  "modality_dropout": modality_dropout, "query": query}
     # An option that the chosen fusion does not have is an error, not silently ignored.
@@ -180,7 +185,7 @@ def train(
         f"fusion={escape(fusion)}", highlight=False,
     )
 
-    results = []
+    first, runs = None, []  # the first run's model is saved; of the others only the metrics are kept
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=console, transient=False,
@@ -197,17 +202,16 @@ def train(
             # Without a split in the data, each repeat also draws its own split (seed + i).
             result = run(dataset, fusion, overrides, cfg, split_seed=cfg.seed, on_epoch=on_epoch)
             progress.update(bar, total=result.history[-1]["epoch"], completed=result.history[-1]["epoch"])
-            results.append(result)
+            runs.append({"seed": cfg.seed, "best_epoch": result.best_epoch, **result.metrics})
+            first = first or result
 
-    first = results[0]
     save_model(out, first.model, fusion, dataset, first.standardizer, asdict(configs[0]), split_seed=configs[0].seed,
                source=data if data in BUILTINS else str(Path(data).resolve()))
     if repeat == 1:
         report = first.metrics
         console.print(_metrics_table(f"{fusion} on {dataset.name} (best epoch {first.best_epoch})", report))
     else:
-        runs = [{"seed": c.seed, "best_epoch": r.best_epoch, **r.metrics} for c, r in zip(configs, results)]
-        summary = {s: summarize([r.metrics[s] for r in results]) for s in first.metrics}
+        summary = {s: summarize([r[s] for r in runs]) for s in first.metrics}
         report = {"runs": runs, "summary": summary}
         console.print(_metrics_table(f"{fusion} on {dataset.name}: mean ± std over {repeat} runs", summary))
     write_json(out / METRICS, report)
@@ -305,9 +309,15 @@ def explain(
     through the attention arithmetic for hand-made vectors (--query/--keys or --self)."""
     from .explain_cli import explain_model, print_walkthrough
 
-    if query is not None or keys is not None or self_vectors is not None:
+    walkthrough_args = query is not None or keys is not None or self_vectors is not None or values is not None
+    if walkthrough_args:
+        if model is not None:
+            raise ValueError("explain: --model explains a trained model, --query/--keys/--values/--self a "
+                             "hand-made example; give one or the other")
         print_walkthrough(console, query, keys, values, self_vectors, scale=not no_scale)
         return
+    if no_scale:
+        raise ValueError("--no-scale: applies to the walkthrough (--query/--keys or --self) only")
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
     net, config, standardizer = load_model(model)

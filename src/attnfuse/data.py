@@ -13,6 +13,8 @@ and what was found: the CLI prints them as one-line errors.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,10 @@ import numpy as np
 import torch
 
 SPLITS = ("train", "valid", "test")
+# Modality names become token labels ("video[3]") and keys of the models' nn.ModuleDicts, which
+# reject '.' and names of their own attributes.
+MODALITY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+RESERVED_NAMES = frozenset(n for n in dir(torch.nn.ModuleDict) if not n.startswith("_"))
 TASKS = ("auto", "classification", "regression")
 STD_FLOOR = 1e-6  # below this a feature is treated as constant (see Standardizer.fit)
 
@@ -162,6 +168,12 @@ class MultimodalDataset:
         n = self.n
         if not isinstance(mod, str) or not mod:
             raise TypeError(f"features: modality names must be non-empty strings, got {mod!r}")
+        if not MODALITY_NAME.fullmatch(mod) or mod in RESERVED_NAMES:
+            raise ValueError(
+                f"features: modality name {mod!r} is not usable: expected letters, digits, '_' or '-' "
+                f"(no '.' or brackets), starting with a letter, and not a name of torch's nn.ModuleDict "
+                f"(e.g. 'train', 'to', 'eval', 'keys')"
+            )
         x = np.asarray(raw)
         if x.dtype.kind not in "iuf":
             raise TypeError(f"features[{mod!r}]: expected a real-valued (float) array, got dtype {x.dtype}")

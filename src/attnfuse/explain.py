@@ -122,7 +122,7 @@ class ModalityAttention:
     matrices: block name -> (query modalities, key modalities, ``(Mq, Mk)`` array): row qm is how
     the attention of qm's valid tokens is spread over the key modalities (each row sums to 1).
     received: modality -> share of all attention (every block, head and valid query) landing on
-    its tokens (the shares sum to 1).
+    its tokens (the shares sum to 1, less the share of queries that could see no key at all).
     """
 
     matrices: dict[str, tuple[list[str], list[str], np.ndarray]]

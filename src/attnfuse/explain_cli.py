@@ -34,7 +34,7 @@ def print_walkthrough(
     """Print every step of softmax(Q Kᵀ/√d_k) V for the vectors given on the command line."""
     if self_vectors is not None:
         if query is not None or keys is not None or values is not None:
-            raise ValueError("--self: give either --self or --query/--keys, not both")
+            raise ValueError("--self: give either --self or --query/--keys/--values, not both")
         q = k = parse_vectors(self_vectors, "--self")
         v = None
     else:
@@ -137,7 +137,9 @@ def explain_model(
     predictions = to_predictions(task, outputs)
     attribution = modality_attention(model, split_batch)
 
-    with tempfile.TemporaryDirectory(prefix=".explain-", dir=out.parent if out.parent.exists() else None) as tmp:
+    # Build everything in a sibling temporary folder (same file system, so the moves are renames).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
         tmp = Path(tmp)
         heat_sections = []
         for pos, row in enumerate(chosen):

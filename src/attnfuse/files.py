@@ -12,6 +12,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,12 @@ def load_npz(path: str | os.PathLike, *, task: str = "auto", num_classes: int | 
     """
     p = _existing_file(path)
     try:
-        with np.load(p, allow_pickle=False) as npz:
+        loaded = np.load(p, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file: one array, not an archive
+            raise ValueError(f"{p}: expected an .npz archive of named arrays, got a single .npy array")
+        with loaded as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except AttributeError:  # np.load returned a plain array: a .npy file, not an archive
-        raise ValueError(f"{p}: expected an .npz archive of named arrays, got a single .npy array") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         # allow_pickle=False makes object arrays fail here too, which is what we want.
         raise ValueError(f"{p}: not a readable .npz file ({e})") from None
 

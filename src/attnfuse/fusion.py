@@ -3,7 +3,8 @@
 =========  ===================================================================================
 concat     pool each modality, concatenate, MLP: the baseline every attention model must beat
 self       all modalities' tokens in one Transformer encoder (self-attention across modalities),
-           then aggregation (mean over valid tokens, a [CLS] token, or attention pooling)
+           then aggregation (mean over valid tokens, attention pooling, a [CLS] token, or
+           per-modality means concatenated)
 cross      one modality's tokens query the others' (text queries video), stacked cross-attention
 bicross    both directions (a queries b, b queries a), concatenated along the token axis, aggregated
 mult       MulT-style: every modality queries each other one through a cross-modal Transformer,
@@ -15,7 +16,9 @@ outputs). With ``return_attention=True`` it also returns a list of :class:`Atten
 it no attention weights are computed and the fused kernels run.
 
 A missing modality (an all-False row of its token mask) is skipped by the attention masks, never
-zero-filled: its tokens are keys nobody may attend to and they are left out of the aggregation.
+zero-filled: its tokens are keys nobody may attend to and they are left out of the aggregation;
+where a model's fused vector would come from it alone (concat, a query modality, a MulT target),
+a learned "missing" vector stands in.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class BiCrossFusionConfig(CrossFusionConfig):
 class MulTConfig(SelfFusionConfig):
     """``mult``: ``num_layers`` cross-modal layers per (target, source) pair, then ``self_layers``
     of self-attention per target over the concatenated cross-modal outputs (width
-    ``(M - 1) * d_model``, which ``nhead`` must divide)."""
+    ``(M - 1) * d_model``; its feed-forward is ``dim_feedforward`` or 4x that width)."""
 
     self_layers: int = 3
 
@@ -155,8 +158,6 @@ class MulTConfig(SelfFusionConfig):
         m = len(self.modalities)
         if m < 2:
             raise ValueError(f"modalities: mult needs at least 2 modalities, got {self.names()}")
-        if ((m - 1) * self.d_model) % self.nhead != 0:
-            raise ValueError(f"heads: expected a divisor of {(m - 1) * self.d_model} ((M-1)*d_model), got {self.nhead}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class FusionModel(nn.Module):
         super().__init__()
         self.config = config
         self.specs = {m.name: m for m in config.modalities}
+        self.labels = {m.name: token_labels(m) for m in config.modalities}  # axis labels of attention maps
         self.embed = ModalityEmbedding(config.modalities, config.d_model, config.dropout)
 
     def forward(self, batch: Batch, return_attention: bool = False) -> Tensor | tuple[Tensor, list[AttentionMap]]:
@@ -216,7 +218,7 @@ class FusionModel(nn.Module):
         """Concatenate modalities along the token axis: (B, ΣT, d), valid (B, ΣT), labels."""
         x = torch.cat([h[n] for n in names], dim=1)
         valid = torch.cat([batch.mask[n] for n in names], dim=1)
-        labels = [lab for n in names for lab in token_labels(self.specs[n])]
+        labels = [lab for n in names for lab in self.labels[n]]
         return x, valid, labels
 
 
@@ -301,6 +303,7 @@ class CrossModalFusion(FusionModel):
         self.layers = _cross_stack(config)
         self.norm = _ln(d, config.norm_first)
         self.pool = Pooling(config.pooling, d)
+        self.missing = nn.Parameter(torch.zeros(d))  # the fused vector when the query modality is absent
         self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
 
     def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
@@ -315,7 +318,7 @@ class CrossModalFusion(FusionModel):
             else:
                 q, w = layer(q, ctx, ~ctx_valid, need_weights=True)
                 maps.append(AttentionMap(f"{name}/layer{i}", w, q_labels, ctx_labels, q_valid))
-        return self.pool(self.norm(q), q_valid)
+        return torch.where(q_valid.any(dim=1, keepdim=True), self.pool(self.norm(q), q_valid), self.missing)
 
 
 class BiCrossFusion(FusionModel):
@@ -368,18 +371,19 @@ class MulTFusion(FusionModel):
         self.cross_norm = nn.ModuleDict({t: _ln(d, config.norm_first) for t in names})
         self.self_attn = nn.ModuleDict(
             {
-                t: TransformerEncoder(wide, config.nhead, config.self_layers, 4 * wide, config.dropout, "gelu",
-                                      batch_first=True, norm_first=config.norm_first)
+                t: TransformerEncoder(wide, config.nhead, config.self_layers, config.dim_feedforward or 4 * wide,
+                                      config.dropout, "gelu", batch_first=True, norm_first=config.norm_first)
                 for t in names
             }
         )
+        self.missing = nn.Parameter(torch.zeros(len(names), wide))  # a target modality that is absent
         self.head = MLPHead(len(names) * wide, config.hidden, config.out_dim, config.dropout)
 
     def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
         h = self.embed(batch)
         fused = []
-        for t, sources in self.cross.items():
-            t_valid, t_labels = batch.mask[t], token_labels(self.specs[t])
+        for j, (t, sources) in enumerate(self.cross.items()):
+            t_valid, t_labels = batch.mask[t], self.labels[t]
             per_source = []
             for s, stack in sources.items():
                 x, s_pad = h[t], ~batch.mask[s]
@@ -388,8 +392,7 @@ class MulTFusion(FusionModel):
                         x = layer(x, h[s], s_pad)
                     else:
                         x, w = layer(x, h[s], s_pad, need_weights=True)
-                        s_labels = token_labels(self.specs[s])
-                        maps.append(AttentionMap(f"cross:{t}->{s}/layer{i}", w, t_labels, s_labels, t_valid))
+                        maps.append(AttentionMap(f"cross:{t}->{s}/layer{i}", w, t_labels, self.labels[s], t_valid))
                 per_source.append(self.cross_norm[t](x))
             x = torch.cat(per_source, dim=-1)  # (B, T_t, (M-1) d)
             if maps is None:
@@ -397,7 +400,7 @@ class MulTFusion(FusionModel):
             else:
                 x, ws = self.self_attn[t](x, src_key_padding_mask=~t_valid, return_attention=True)
                 maps += [AttentionMap(f"self:{t}/layer{i}", w, t_labels, t_labels, t_valid) for i, w in enumerate(ws)]
-            fused.append(masked_mean(x, t_valid))
+            fused.append(torch.where(t_valid.any(dim=1, keepdim=True), masked_mean(x, t_valid), self.missing[j]))
         return torch.cat(fused, dim=-1)  # (B, M (M-1) d)
 
 

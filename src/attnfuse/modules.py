@@ -116,8 +116,8 @@ class Pooling(nn.Module):
 
 
 class MLPHead(nn.Module):
-    """``Linear -> GELU -> Dropout -> Linear``: fused vector ``(B, in_dim)`` -> ``(B, out_dim)``
-    (class logits, or regression outputs)."""
+    """``LayerNorm -> Linear -> GELU -> Dropout -> Linear``: fused vector ``(B, in_dim)`` ->
+    ``(B, out_dim)`` (class logits, or regression outputs)."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float) -> None:
         super().__init__()
