@@ -14,20 +14,11 @@ import torch
 from torch import nn
 
 from attnfuse import MultiheadAttention
+from helpers import randomize_
 
 E, H, N, L, S = 8, 2, 3, 4, 5
 KDIM, VDIM = 5, 7
 ATOL, RTOL = 1e-5, 1e-5
-
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial values everywhere (torch initialises biases to 0, which would hide bias bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-    return module
 
 
 def make_pair(reverse: bool = False, **kw) -> tuple[nn.MultiheadAttention, MultiheadAttention]:

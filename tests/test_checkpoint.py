@@ -17,8 +17,6 @@ from attnfuse.training import TrainConfig, predict, run
 FUSIONS = ["concat", "self", "cross", "bicross", "mult"]
 
 
-
-
 def make_data(n: int = 60, num_classes: int = 3, seed: int = 0, b_dim: int = 2, steps: int = 3) -> MultimodalDataset:
     rng = np.random.default_rng(seed)
     y = np.arange(n) % num_classes

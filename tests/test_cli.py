@@ -29,8 +29,6 @@ FAST_CONCAT = ["--epochs", "2", "--d-model", "16", "--batch-size", "32"]  # conc
 REPO = Path(__file__).resolve().parents[1]
 
 
-
-
 def cli(*args: str | Path):
     return CliRunner().invoke(app, [str(a) for a in args])
 

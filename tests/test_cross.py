@@ -9,21 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnfuse import BidirectionalCrossAttention, CrossAttention, MultiheadAttention
+from helpers import randomize_
 
 QD, CD, NH, FF, N, L, S = 8, 6, 2, 16, 3, 4, 5
 
 
-
 def close(a, b, atol=1e-5, rtol=1e-5):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-    return module
 
 
 def inputs(batch_first: bool, seed: int = 0):

@@ -19,8 +19,6 @@ from attnfuse.training import TrainConfig, model_config, run
 runner = CliRunner()
 
 
-
-
 # -- the notes' worked examples ------------------------------------------------------------------
 
 

@@ -23,7 +23,6 @@ ATOL = RTOL = 1e-5
 BOTH_PATHS = pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "explicit"])
 
 
-
 # --------------------------------------------------------------------------- reference helpers
 
 

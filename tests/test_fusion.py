@@ -17,8 +17,6 @@ ATTENTION = ["self", "cross", "bicross", "mult"]
 SMALL = {"d_model": 16, "nhead": 2, "num_layers": 1, "dropout": 0.0}
 
 
-
-
 def small(fusion: str, **extra) -> dict:
     """Small, fast model overrides for ``fusion`` (concat takes no attention settings)."""
     over = {"d_model": 16, "dropout": 0.0} if fusion == "concat" else dict(SMALL)

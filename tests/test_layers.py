@@ -13,6 +13,7 @@ from torch import nn
 
 import attnfuse
 from attnfuse import FeedForward, MultiheadAttention, PositionalEncoding, TransformerEncoder, TransformerEncoderLayer
+from helpers import randomize_
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 
@@ -20,17 +21,8 @@ D, NH, FF, N, S = 8, 2, 16, 3, 5
 ATOL = RTOL = 1e-5
 
 
-
 def close(a, b, atol=ATOL, rtol=RTOL, msg=""):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{msg}: {m}")
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-    return module
 
 
 def causal(n: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ import attnfuse
 from attnfuse import MultiheadAttention, scaled_dot_product_attention
 
 
-
 def test_self_attention_fusion_over_four_modalities():
     n_modalities, bs, dim = 4, 256, 32
     torch.manual_seed(0)

@@ -14,8 +14,6 @@ from attnfuse.training import TrainConfig, model_config, predict, run, to_predic
 SMALL = {"d_model": 16, "nhead": 2, "num_layers": 1}
 
 
-
-
 def classification_data(n: int = 150, seed: int = 0, noise: float = 1.0) -> MultimodalDataset:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, size=n)

@@ -1,0 +1,13 @@
+"""Helpers shared by the attention-core tests."""
+
+import torch
+from torch import nn
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial values everywhere (torch initialises biases to 0, which would hide bias bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) - 0.5)
+    return module
