@@ -111,8 +111,8 @@ def test_maps_shapes_labels_and_masks(fusion):
         # Keys of absent modalities / invalid steps get exactly zero weight.
         key_valid = torch.cat([batch.mask[mod] for mod in dict.fromkeys(map(token_modality, m.key_tokens))
                                if mod != "[CLS]"], dim=1)
-        if key_valid.shape[1] == S:
-            assert (m.weights.masked_select(~key_valid[:, None, None, :].expand_as(m.weights)) == 0).all()
+        assert key_valid.shape[1] == S  # the check below must not be skipped
+        assert (m.weights.masked_select(~key_valid[:, None, None, :].expand_as(m.weights)) == 0).all()
         rows = m.weights.sum(-1)  # (B, H, L): 1, or 0 where a query has no visible key
         assert torch.all(((rows - 1).abs() < 1e-5) | (rows == 0))
     assert any("video[4]" in m.key_tokens or "video[4]" in m.query_tokens for m in maps)

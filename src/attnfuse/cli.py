@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .checkpoint import METRICS, atomic_write, check_compatible, fingerprint, load_model, save_model, write_json
-from .data import MultimodalDataset
+from .data import MultimodalDataset, Standardizer
 from .files import load_data
 from .datasets import BUILTINS
-from .fusion import FUSIONS
+from .fusion import FUSIONS, FusionModel
 from .metrics import PRIMARY_METRIC, compute_metrics, summarize
 from .training import TrainConfig, predict, run, to_predictions
 
@@ -77,13 +77,21 @@ def _load(
     return data
 
 
-def _load_for_model(source: str, allow_pickle: bool, config: dict) -> MultimodalDataset:
-    """Data for a trained model: a generated built-in (synthetic-*) is regenerated with the seed it
-    was trained with (`train --seed`), so it is the same data, not a fresh draw. Labels are read in
-    the model's label space, so data holding fewer classes (even one) can be evaluated."""
+def _load_for_model(
+    model_dir: Path, source: str | None, allow_pickle: bool
+) -> tuple[FusionModel, dict, Standardizer, MultimodalDataset]:
+    """A trained model with data checked to fit it (default data: the model's training data).
+
+    A generated built-in (synthetic-*) is regenerated with the seed it was trained with (`train
+    --seed`), so it is the same data, not a fresh draw. Labels are read in the model's label space,
+    so data holding fewer classes (even one) can be evaluated."""
+    net, config, standardizer = load_model(model_dir)
     trained = config["data"]
-    return _load(source, allow_pickle, seed=config["train"].get("seed", 0), task=trained["task"],
-                 num_classes=trained.get("num_classes") if trained["task"] == "classification" else None)
+    dataset = _load(source or trained.get("source", trained["name"]), allow_pickle,
+                    seed=config["train"].get("seed", 0), task=trained["task"],
+                    num_classes=trained.get("num_classes") if trained["task"] == "classification" else None)
+    check_compatible(config, dataset)
+    return net, config, standardizer, dataset
 
 
 def _parts(dataset: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
@@ -227,9 +235,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
 ) -> None:
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
-    net, config, standardizer = load_model(model)
-    dataset = _load_for_model(data, allow_pickle, config)
-    check_compatible(config, dataset)
+    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     batch = standardizer.transform(dataset).to_batch()
     sentiment = config["train"].get("sentiment_metrics", False)
     y_pred = to_predictions(dataset.task, predict(net, batch))
@@ -251,9 +257,7 @@ def predict_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
-    net, config, standardizer = load_model(model)
-    dataset = _load_for_model(data, allow_pickle, config)
-    check_compatible(config, dataset)
+    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     outputs = predict(net, standardizer.transform(dataset).to_batch())
     y_pred = to_predictions(dataset.task, outputs)
 
@@ -320,9 +324,7 @@ def explain(
         raise ValueError("--no-scale: applies to the walkthrough (--query/--keys or --self) only")
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
-    net, config, standardizer = load_model(model)
-    dataset = _load_for_model(data or config["data"].get("source", config["data"]["name"]), allow_pickle, config)
-    check_compatible(config, dataset)
+    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     explain_model(console, net, config, standardizer, dataset, _parts(dataset, config), samples, split,
                   out or Path(model) / "explain")
 
