@@ -20,6 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/attnfuse train
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -41,9 +41,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,7 @@ def build(kind: str, E: int, H: int, kdim: int | None, vdim: int | None, state: 
 def train_step(m: nn.Module, q: Tensor, k: Tensor, v: Tensor, need_weights: bool, grad: Tensor) -> Callable[[], None]:
     """Forward + backward of one attention call (inputs require grad, as inside a network)."""
     params = list(m.parameters())
-    leaves = [t for t in {id(t): t for t in (q, k, v)}.values()]
+    leaves = list({id(t): t for t in (q, k, v)}.values())
 
     def step() -> None:
         m.train()
@@ -212,7 +212,7 @@ def interleave(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             gc.collect()
             t0 = time.perf_counter()
@@ -255,6 +255,7 @@ def run_block(
 
 
 # -- long sequence: one contender per fresh subprocess, peak RSS --------------------------------
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -334,6 +335,7 @@ def run_long(L: int, E: int, H: int) -> list[dict]:
 
 # -- report ------------------------------------------------------------------------------------
 
+
 def machine() -> dict[str, str]:
     cpu = platform.processor() or "unknown"
     try:
@@ -366,8 +368,12 @@ def render(rows: list[Row], long: list[dict], mach: dict[str, str], args, load_e
     out.append("")
     gpu = torch.cuda.is_available()
     out.append(
-        "GPU: " + (f"{torch.cuda.get_device_name()} available, but this script measures CPU float32 only."
-                   if gpu else "no GPU was available in this session, so the bf16 GPU run is not recorded.")
+        "GPU: "
+        + (
+            f"{torch.cuda.get_device_name()} available, but this script measures CPU float32 only."
+            if gpu
+            else "no GPU was available in this session, so the bf16 GPU run is not recorded."
+        )
     )
     out.append("")
     out.append(

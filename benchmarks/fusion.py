@@ -41,8 +41,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}, "
-            f"{date.today().isoformat()}")
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{date.today().isoformat()}"
+    )
 
 
 # (label, fusion, model overrides, training overrides): every fusion at its defaults, plus the
@@ -65,8 +67,11 @@ def mfeat_accuracy(splits: int, epochs: int) -> dict[str, list[float]]:
             config = TrainConfig(epochs=epochs, seed=seed, **train)
             result = run(data, fusion, overrides, config, fractions=MFEAT_FRACTIONS)
             scores[label].append(result.metrics["test"]["accuracy"])
-            print(f"mfeat {label}, split {seed}: test accuracy {scores[label][-1]:.4f} "
-                  f"(best epoch {result.best_epoch}, {time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"mfeat {label}, split {seed}: test accuracy {scores[label][-1]:.4f} "
+                f"(best epoch {result.best_epoch}, {time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     return scores
 
 
@@ -84,8 +89,10 @@ def planted_r2(seeds: int, epochs: int, fusions: list[str]) -> dict[str, list[fl
 def mosei_like(n: int, seed: int = 0) -> MultimodalDataset:
     """Random features with MOSEI's aligned sizes (T=50; text 300, audio 74, vision 35)."""
     rng = np.random.default_rng(seed)
-    features = {name: rng.normal(size=(n, 50, dim)).astype(np.float32)
-                for name, dim in (("text", 300), ("audio", 74), ("vision", 35))}
+    features = {
+        name: rng.normal(size=(n, 50, dim)).astype(np.float32)
+        for name, dim in (("text", 300), ("audio", 74), ("vision", 35))
+    }
     return MultimodalDataset(features, rng.uniform(-3, 3, n).astype(np.float32))
 
 
@@ -144,29 +151,45 @@ def main() -> None:
     if args.part in ("all", "throughput"):
         t = mult_throughput(steps, repeats)
         print(f"mult throughput: {t}", flush=True)
-        lines += ["### `mult` training throughput at MOSEI sizes", "",
-                  "T=50, dims 300/74/35, d_model 30, 5 cross layers + 5 self layers, 5 heads, batch 24, "
-                  f"{24 * steps} samples per epoch, median of {repeats} interleaved epochs.", "",
-                  "| attention path | samples/s | ratio |", "|---|---|---|",
-                  f"| fused kernels (`F.scaled_dot_product_attention`) | {t['fused']:.0f} | 1.00 |",
-                  f"| explicit matmul + softmax (weights materialised) | {t['explicit']:.0f} | "
-                  f"{t['explicit'] / t['fused']:.2f} |", ""]
+        lines += [
+            "### `mult` training throughput at MOSEI sizes",
+            "",
+            "T=50, dims 300/74/35, d_model 30, 5 cross layers + 5 self layers, 5 heads, batch 24, "
+            f"{24 * steps} samples per epoch, median of {repeats} interleaved epochs.",
+            "",
+            "| attention path | samples/s | ratio |",
+            "|---|---|---|",
+            f"| fused kernels (`F.scaled_dot_product_attention`) | {t['fused']:.0f} | 1.00 |",
+            f"| explicit matmul + softmax (weights materialised) | {t['explicit']:.0f} | "
+            f"{t['explicit'] / t['fused']:.2f} |",
+            "",
+        ]
     if args.part in ("all", "mfeat"):
         acc = mfeat_accuracy(splits, epochs)
-        lines += [f"### UCI mfeat: test accuracy (%), {splits} stratified 80/20 splits (seeds 0..{splits - 1}; "
-                  "10% of the data carved from the 80% for early stopping)", "",
-                  "Default settings of `attnfuse train` (d_model 64, 2 layers, 4 heads, dropout 0.1, AdamW 1e-3, "
-                  f"batch 64, up to {epochs} epochs, patience 20). Simple baselines reach 98.6–98.7% and TMC 98.5% "
-                  "(published figures, not run here).", "",
-                  "| fusion | mean ± std | min | max |", "|---|---|---|---|"]
+        lines += [
+            f"### UCI mfeat: test accuracy (%), {splits} stratified 80/20 splits (seeds 0..{splits - 1}; "
+            "10% of the data carved from the 80% for early stopping)",
+            "",
+            "Default settings of `attnfuse train` (d_model 64, 2 layers, 4 heads, dropout 0.1, AdamW 1e-3, "
+            f"batch 64, up to {epochs} epochs, patience 20). Simple baselines reach 98.6–98.7% and TMC 98.5% "
+            "(published figures, not run here).",
+            "",
+            "| fusion | mean ± std | min | max |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {f} | {fmt(s, True)} | {100 * min(s):.2f} | {100 * max(s):.2f} |" for f, s in acc.items()]
         lines.append("")
     if args.part in ("all", "planted"):
         r2 = planted_r2(seeds, epochs, fusions)
-        lines += [f"### Planted cross-modal lookup (synthetic regression): test R², {seeds} seeds", "",
-                  "`make_planted()` defaults: 2,000 samples, text query (16-d), video of 8 steps (key 16-d + value "
-                  "8-d), noise 0.1; split 70/15/15 by seed. Pooling destroys which step matches; attention can find it.",
-                  "", "| fusion | R² mean ± std |", "|---|---|"]
+        lines += [
+            f"### Planted cross-modal lookup (synthetic regression): test R², {seeds} seeds",
+            "",
+            "`make_planted()` defaults: 2,000 samples, text query (16-d), video of 8 steps (key 16-d + value "
+            "8-d), noise 0.1; split 70/15/15 by seed. Pooling destroys which step matches; attention can find it.",
+            "",
+            "| fusion | R² mean ± std |",
+            "|---|---|",
+        ]
         lines += [f"| {f} | {fmt(s, False)} |" for f, s in r2.items()]
         lines.append("")
     text = "\n".join(lines) + "\n"

@@ -95,8 +95,17 @@ def make_masks(kind: str, src_len: int, seed: int = 0, batched: bool = True):
     return attn_mask, kpm
 
 
-MASKS = ["none", "bool2d", "float2d", "bool3d", "float3d", "kpm_bool", "kpm_float", "bool2d+kpm_bool",
-         "float3d+kpm_float"]
+MASKS = [
+    "none",
+    "bool2d",
+    "float2d",
+    "bool3d",
+    "float3d",
+    "kpm_bool",
+    "kpm_float",
+    "bool2d+kpm_bool",
+    "float3d+kpm_float",
+]
 CONFIGS = {
     "default": {},
     "nobias": {"bias": False},
@@ -117,8 +126,7 @@ def grid():
 
 
 def run_both(ref, ours, inputs, attn_mask, kpm, need_weights, average, is_causal=False):
-    kw = dict(key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn_mask,
-              average_attn_weights=average)
+    kw = dict(key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average)
     theirs = ref(*inputs, is_causal=is_causal, **kw)
     mine = ours(*inputs, is_causal=is_causal, **kw)
     return theirs, mine
@@ -164,8 +172,7 @@ def check_parity(ref, ours, inputs, attn_mask, kpm, is_causal=False):
 
         ref.eval(), ours.eval()
         with torch.no_grad():
-            (out_r, w_r), (out_o, w_o) = run_both(ref, ours, inputs, attn_mask, kpm, need_weights, average,
-                                                   is_causal)
+            (out_r, w_r), (out_o, w_o) = run_both(ref, ours, inputs, attn_mask, kpm, need_weights, average, is_causal)
         close(out_o, out_r, msg="eval output")
         if need_weights:
             close(w_o, w_r, msg="eval weights")
@@ -318,8 +325,9 @@ def test_fully_masked_row_outputs_zero_even_with_an_output_bias(batch_first):
         close(out[live], theirs[live])
         grads = torch.autograd.grad(out.sum(), [x, *ours.parameters()])
         assert all(torch.isfinite(g).all() for g in grads)
-        assert (grads[1 + [n for n, _ in ours.named_parameters()].index("out_proj.bias")] ==
-                (N - 1) * L).all()  # the dead rows add nothing to the bias gradient
+        assert (
+            grads[1 + [n for n, _ in ours.named_parameters()].index("out_proj.bias")] == (N - 1) * L
+        ).all()  # the dead rows add nothing to the bias gradient
 
 
 def causal_mask(n_q, n_k):
@@ -430,21 +438,35 @@ def test_input_errors(batch_first):
     raises(["query", "(4,)"], m, torch.randn(4), k, v)
     raises(["key", str(tuple(q.shape)), "(5, 5)"], m, q, torch.randn(5, 5), v)
     for bad in [(L, S + 1), (S, L), (N, L, S), (N * H, L, S, 1), (1, L, S)]:
-        raises(["attn_mask", str((L, S)), str((N * H, L, S)), str(bad)], m, q, k, v,
-               attn_mask=torch.zeros(bad, dtype=torch.bool))
+        raises(
+            ["attn_mask", str((L, S)), str((N * H, L, S)), str(bad)],
+            m,
+            q,
+            k,
+            v,
+            attn_mask=torch.zeros(bad, dtype=torch.bool),
+        )
     for bad in [(N, S + 1), (N + 1, S), (S,), (N, 1, S)]:
-        raises(["key_padding_mask", str((N, S)), str(bad)], m, q, k, v,
-               key_padding_mask=torch.zeros(bad, dtype=torch.bool))
+        raises(
+            ["key_padding_mask", str((N, S)), str(bad)], m, q, k, v, key_padding_mask=torch.zeros(bad, dtype=torch.bool)
+        )
     raises(["attn_mask", "int64"], m, q, k, v, attn_mask=torch.zeros(L, S, dtype=torch.long))
 
 
 def test_unbatched_input_errors():
     m = MultiheadAttention(E, H)
     x = torch.randn(L, E)
-    raises(["key_padding_mask", str((L,)), str((1, L))], m, x, x, x,
-           key_padding_mask=torch.zeros(1, L, dtype=torch.bool))
-    raises(["attn_mask", str((L, L)), str((H, L, L)), str((H + 1, L, L))], m, x, x, x,
-           attn_mask=torch.zeros(H + 1, L, L, dtype=torch.bool))
+    raises(
+        ["key_padding_mask", str((L,)), str((1, L))], m, x, x, x, key_padding_mask=torch.zeros(1, L, dtype=torch.bool)
+    )
+    raises(
+        ["attn_mask", str((L, L)), str((H, L, L)), str((H + 1, L, L))],
+        m,
+        x,
+        x,
+        x,
+        attn_mask=torch.zeros(H + 1, L, L, dtype=torch.bool),
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -458,8 +480,10 @@ def test_cuda_matches_cpu(cfg, need_weights):
     out, w = ours(*inputs, **kw)
     cuda = MultiheadAttention(E, H, **CONFIGS[cfg]).cuda()
     cuda.load_state_dict(ours.state_dict())
-    out_c, w_c = cuda(*(t.detach().cuda() for t in inputs), **{n: m.cuda() if isinstance(m, torch.Tensor) else m
-                                                              for n, m in kw.items()})
+    out_c, w_c = cuda(
+        *(t.detach().cuda() for t in inputs),
+        **{n: m.cuda() if isinstance(m, torch.Tensor) else m for n, m in kw.items()},
+    )
     close(out_c.cpu(), out, atol=1e-4, rtol=1e-4)
     if need_weights:
         close(w_c.cpu(), w, atol=1e-4, rtol=1e-4)

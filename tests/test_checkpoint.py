@@ -112,7 +112,7 @@ def test_save_overwrites_in_place(tmp_path):
     for seed in (0, 1):
         result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=1, seed=seed))
         save_model(tmp_path, result.model, "concat", data, result.standardizer, {"seed": seed}, split_seed=seed)
-    model, config, _ = load_model(tmp_path)
+    _model, config, _ = load_model(tmp_path)
     assert config["train"] == {"seed": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS, CONFIG])
 
@@ -139,12 +139,29 @@ def test_check_compatible_accepts_the_same_layout(trained_config):
         (lambda: make_data(n=12, steps=4), "'b'.*sequences of 3 steps.*got sequences of 4"),
         (lambda: make_data(n=12, steps=2), "'b'.*sequences of 3 steps.*pad shorter ones"),
         (lambda: MultimodalDataset({"a": np.zeros((4, 4), np.float32)}, np.array([0, 1, 2, 0])), "'b' is missing"),
-        (lambda: MultimodalDataset({"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 3, 2), np.float32),
-                                    "z": np.zeros((4, 1), np.float32)}, np.array([0, 1, 2, 0])), "'z'"),
-        (lambda: MultimodalDataset({"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 2), np.float32)},
-                                   np.array([0, 1, 2, 0])), "'b'.*sequence"),
-        (lambda: MultimodalDataset({"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 3, 2), np.float32)},
-                                   np.zeros(4, np.float32)), "classification"),
+        (
+            lambda: MultimodalDataset(
+                {
+                    "a": np.zeros((4, 4), np.float32),
+                    "b": np.zeros((4, 3, 2), np.float32),
+                    "z": np.zeros((4, 1), np.float32),
+                },
+                np.array([0, 1, 2, 0]),
+            ),
+            "'z'",
+        ),
+        (
+            lambda: MultimodalDataset(
+                {"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 2), np.float32)}, np.array([0, 1, 2, 0])
+            ),
+            "'b'.*sequence",
+        ),
+        (
+            lambda: MultimodalDataset(
+                {"a": np.zeros((4, 4), np.float32), "b": np.zeros((4, 3, 2), np.float32)}, np.zeros(4, np.float32)
+            ),
+            "classification",
+        ),
     ],
     ids=["classes", "dim", "longer", "shorter", "missing", "extra", "vector-vs-sequence", "task"],
 )

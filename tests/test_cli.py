@@ -49,8 +49,9 @@ def assert_clean_error(result, *needles: str) -> str:
     return err
 
 
-def write_npz(path: Path, n: int = 90, num_classes: int = 3, seed: int = 0, b_dim: int = 2, split: bool = False,
-              **arrays) -> Path:
+def write_npz(
+    path: Path, n: int = 90, num_classes: int = 3, seed: int = 0, b_dim: int = 2, split: bool = False, **arrays
+) -> Path:
     """x_a (N, 4) vector, x_b (N, 3, b_dim) sequence with a step mask, integer labels y."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % num_classes
@@ -181,8 +182,23 @@ def test_regression_with_k_targets_predict_columns(workdir):
 
 def test_train_on_synthetic_with_a_seed_then_evaluate(workdir):
     out = workdir / "model-synth"
-    ok(cli("train", "--data", "synthetic-classification", "--fusion", "concat", "--seed", "3", "--epochs", "1",
-           "--d-model", "8", "--out", out))
+    ok(
+        cli(
+            "train",
+            "--data",
+            "synthetic-classification",
+            "--fusion",
+            "concat",
+            "--seed",
+            "3",
+            "--epochs",
+            "1",
+            "--d-model",
+            "8",
+            "--out",
+            out,
+        )
+    )
     trained = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["name"] == "synthetic-classification" and config["data"]["num_classes"] == 4
@@ -252,8 +268,11 @@ def test_pickle_requires_allow_pickle(workdir):
     assert_clean_error(cli("train", "--data", data, *FAST, "--out", out), "--allow-pickle", "mosi.pkl")
     assert not out.exists()
     out = workdir / "model-pkl"
-    ok(cli("train", "--data", data, "--fusion", "mult", "--allow-pickle", "--metrics", "sentiment", *FAST,
-           "--out", out))
+    ok(
+        cli(
+            "train", "--data", data, "--fusion", "mult", "--allow-pickle", "--metrics", "sentiment", *FAST, "--out", out
+        )
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"mae", "corr", "acc2", "acc7"} <= set(metrics["test"])
     config = json.loads((out / "config.json").read_text())
@@ -280,17 +299,27 @@ BAD_TRAIN_INPUTS = {
     "brackets-in-path": (lambda d: d / "x[/y]" / "nope.npz", [], [r"x\[/y\]/nope\.npz"]),
     "not-npz": (lambda d: d / "data.csv", [], ["npz"]),
     "unknown-array": (lambda d: write_npz(d / "unknown.npz", extra=np.zeros(90)), [], ["not a modality", "'extra'"]),
-    "different-n": (lambda d: write_npz(d / "diffn.npz", x_b=np.zeros((80, 3, 2), np.float32), mask_b=None), [],
-                    ["'b'", "N=90", "80"]),
-    "nan": (lambda d: write_npz(d / "nan.npz", x_a=nan_at(np.ones((90, 4), np.float32), [(5, 1), (7, 0), (7, 3)])),
-            [], ["'a'", "3 non-finite", "sample 5"]),
+    "different-n": (
+        lambda d: write_npz(d / "diffn.npz", x_b=np.zeros((80, 3, 2), np.float32), mask_b=None),
+        [],
+        ["'b'", "N=90", "80"],
+    ),
+    "nan": (
+        lambda d: write_npz(d / "nan.npz", x_a=nan_at(np.ones((90, 4), np.float32), [(5, 1), (7, 0), (7, 3)])),
+        [],
+        ["'a'", "3 non-finite", "sample 5"],
+    ),
     "float-labels-for-classification": (
         lambda d: write_npz(d / "float.npz", y=np.linspace(0, 1, 90).astype(np.float32)),
-        ["--task", "classification"], ["integer labels", "sample 1"],
+        ["--task", "classification"],
+        ["integer labels", "sample 1"],
     ),
     "bad-fusion": (lambda d: write_npz(d / "ok1.npz"), ["--fusion", "transformer"], ["fusion", "'transformer'"]),
-    "heads-do-not-divide": (lambda d: write_npz(d / "ok2.npz"), ["--d-model", "10", "--heads", "4"],
-                            ["d_model", "heads=4"]),
+    "heads-do-not-divide": (
+        lambda d: write_npz(d / "ok2.npz"),
+        ["--d-model", "10", "--heads", "4"],
+        ["d_model", "heads=4"],
+    ),
     "zero-heads": (lambda d: write_npz(d / "ok3.npz"), ["--heads", "0"], ["heads"]),
     "bad-pooling": (lambda d: write_npz(d / "ok4.npz"), ["--pooling", "max"], ["pooling"]),
     "bad-loss": (lambda d: write_npz(d / "ok5.npz"), ["--loss", "huber"], ["loss"]),
@@ -298,8 +327,11 @@ BAD_TRAIN_INPUTS = {
     "unknown-builtin": (lambda d: "mnist", [], ["built-in", "'mnist'"]),
     "zero-epochs": (lambda d: write_npz(d / "ok7.npz"), ["--epochs", "0"], ["epochs"]),
     "dropout-too-big": (lambda d: write_npz(d / "ok8.npz"), ["--dropout", "1.5"], ["dropout"]),
-    "sentiment-for-classification": (lambda d: write_npz(d / "ok9.npz"), ["--metrics", "sentiment"],
-                                     ["sentiment", "regression"]),
+    "sentiment-for-classification": (
+        lambda d: write_npz(d / "ok9.npz"),
+        ["--metrics", "sentiment"],
+        ["sentiment", "regression"],
+    ),
 }
 
 
@@ -362,8 +394,9 @@ def test_evaluate_and_predict_accept_data_with_fewer_classes(tmp_path, model_dir
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
 def test_evaluate_and_predict_need_a_model_directory(tmp_path, npz, command):
     out = tmp_path / "out.file"
-    assert_clean_error(cli(command, "--model", tmp_path / "nothing", "--data", npz, "--out", out),
-                       "not a model directory")
+    assert_clean_error(
+        cli(command, "--model", tmp_path / "nothing", "--data", npz, "--out", out), "not a model directory"
+    )
     assert not out.exists()
 
 
@@ -374,13 +407,39 @@ def test_no_traceback_through_the_real_script(tmp_path, npz):
         pytest.skip(f"console script not installed next to {sys.executable}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     out = tmp_path / "model"
-    done = subprocess.run([script, "train", "--data", npz, "--fusion", "bicross", "--epochs", "1", "--d-model", "8",
-                           "--heads", "2", "--layers", "1", "--out", out],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            script,
+            "train",
+            "--data",
+            npz,
+            "--fusion",
+            "bicross",
+            "--epochs",
+            "1",
+            "--d-model",
+            "8",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
-    bad = subprocess.run([script, "train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    bad = subprocess.run(
+        [script, "train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "missing.npz" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr + bad.stdout
@@ -427,10 +486,13 @@ def test_options_that_do_not_apply_are_errors(npz, workdir, tmp_path):
     reg = workdir / "reg2.npz"
     rng = np.random.default_rng(1)
     np.savez(reg, x_a=rng.normal(size=(40, 3)).astype(np.float32), y=rng.normal(size=(40, 2)).astype(np.float32))
-    assert_clean_error(cli("train", "--data", reg, "--metrics", "sentiment", "--out", tmp_path / "x"),
-                       "sentiment", "2 targets")
-    assert_clean_error(cli("train", "--data", reg, "--label-smoothing", "0.1", "--out", tmp_path / "x"),
-                       "label-smoothing: applies to classification only")
+    assert_clean_error(
+        cli("train", "--data", reg, "--metrics", "sentiment", "--out", tmp_path / "x"), "sentiment", "2 targets"
+    )
+    assert_clean_error(
+        cli("train", "--data", reg, "--label-smoothing", "0.1", "--out", tmp_path / "x"),
+        "label-smoothing: applies to classification only",
+    )
     assert_clean_error(cli("explain", "--model", tmp_path, "--query", "1,2", "--keys", "1,2"), "one or the other")
     assert_clean_error(cli("explain", "--model", tmp_path, "--no-scale"), "--no-scale: applies to the walkthrough")
     assert not (tmp_path / "x").exists()
@@ -459,8 +521,12 @@ def test_an_npy_renamed_to_npz_and_a_corrupt_archive(workdir, tmp_path):
 
 @pytest.mark.parametrize(
     "fusion, option, flag",
-    [("concat", ["--layers", "2"], "layers"), ("concat", ["--pooling", "mean"], "pooling"),
-     ("self", ["--query", "a"], "query"), ("mult", ["--query", "a"], "query")],
+    [
+        ("concat", ["--layers", "2"], "layers"),
+        ("concat", ["--pooling", "mean"], "pooling"),
+        ("self", ["--query", "a"], "query"),
+        ("mult", ["--query", "a"], "query"),
+    ],
 )
 def test_an_option_the_fusion_lacks_is_an_error(npz, tmp_path, fusion, option, flag):
     result = cli("train", "--data", npz, "--fusion", fusion, *option, "--out", tmp_path / "never")
@@ -470,10 +536,28 @@ def test_an_option_the_fusion_lacks_is_an_error(npz, tmp_path, fusion, option, f
 
 def test_pooling_and_query_options_reach_the_model(npz, tmp_path):
     out = tmp_path / "m"
-    ok(cli("train", "--data", npz, "--fusion", "self", "--pooling", "modality", "--modality-dropout", "0.3",
-           "--label-smoothing", "0.1", *FAST, "--out", out))
+    ok(
+        cli(
+            "train",
+            "--data",
+            npz,
+            "--fusion",
+            "self",
+            "--pooling",
+            "modality",
+            "--modality-dropout",
+            "0.3",
+            "--label-smoothing",
+            "0.1",
+            *FAST,
+            "--out",
+            out,
+        )
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["pooling"] == "modality" and config["model"]["modality_dropout"] == 0.3
     assert config["train"]["label_smoothing"] == 0.1
-    assert_clean_error(cli("train", "--data", npz, "--fusion", "cross", "--pooling", "cls", *FAST, "--out", out),
-                       "pooling: expected one of")
+    assert_clean_error(
+        cli("train", "--data", npz, "--fusion", "cross", "--pooling", "cls", *FAST, "--out", out),
+        "pooling: expected one of",
+    )

@@ -71,8 +71,11 @@ def test_shapes_and_weights(batch_first, norm_first):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("which", ["torch", "ours"])
 def test_equals_hand_composition(batch_first, norm_first, activation, which):
-    block = randomize_(CrossAttention(QD, CD, NH, FF, dropout=0.0, activation=activation, batch_first=batch_first,
-                                      norm_first=norm_first))
+    block = randomize_(
+        CrossAttention(
+            QD, CD, NH, FF, dropout=0.0, activation=activation, batch_first=batch_first, norm_first=norm_first
+        )
+    )
     cls = nn.MultiheadAttention if which == "torch" else MultiheadAttention
     mha = cls(QD, NH, dropout=0.0, kdim=CD, vdim=CD, batch_first=batch_first)
     mha.load_state_dict(block.cross_attn.state_dict())  # strict: the keys are torch's
@@ -103,7 +106,7 @@ def test_absent_context_contributes_nothing(norm_first, bias):
     assert torch.isfinite(out).all()
     assert (w[2] == 0).all()
     # The absent item's output does not depend on its context at all ...
-    gc, = torch.autograd.grad(out[:, 2].sum(), ctx, retain_graph=True)
+    (gc,) = torch.autograd.grad(out[:, 2].sum(), ctx, retain_graph=True)
     assert (gc == 0).all() and torch.isfinite(gc).all()
     ctx2 = ctx.detach().clone()
     ctx2[:, 2] = 1e3 * torch.randn(S, CD)

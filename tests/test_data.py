@@ -27,9 +27,7 @@ def make_data(task: str = "classification", seed: int = 0, **kwargs) -> Multimod
     """12 samples: a vector modality 'a' (N, 3) and a sequence modality 'b' (N, 5, 4)."""
     rng = np.random.default_rng(seed)
     y = np.arange(N) % 3 if task == "classification" else rng.standard_normal(N).astype(np.float32)
-    return MultimodalDataset(
-        {"a": rng.standard_normal((N, 3)), "b": rng.standard_normal((N, T, 4))}, y, **kwargs
-    )
+    return MultimodalDataset({"a": rng.standard_normal((N, 3)), "b": rng.standard_normal((N, T, 4))}, y, **kwargs)
 
 
 # --- construction and validation ------------------------------------------------------------
@@ -79,8 +77,11 @@ Y = np.array([0, 1, 0, 1])
         (dict(features=X, y=np.zeros((4, 2, 1))), ValueError, ["y", "(4, 2, 1)"]),
         (dict(features=X, y=np.array([0, 1, -1, 1])), ValueError, ["y", ">= 0", "-1", "sample 2"]),
         (dict(features=X, y=np.zeros(4, dtype=int)), ValueError, ["y", "at least 2 classes"]),
-        (dict(features=X, y=np.array([0, 0.5, 1, 1]), task="classification"), ValueError,
-         ["y", "integer labels", "0.5", "sample 1"]),
+        (
+            dict(features=X, y=np.array([0, 0.5, 1, 1]), task="classification"),
+            ValueError,
+            ["y", "integer labels", "0.5", "sample 1"],
+        ),
         (dict(features=X, y=np.zeros((4, 2), dtype=int)), ValueError, ["y", "task='regression'"]),
         (dict(features=X, y=np.array([0.0, np.nan, 1.0, np.inf])), ValueError, ["y", "2 non-finite", "sample 1"]),
         (dict(features=X, y=np.array(["a", "b", "a", "b"])), TypeError, ["y", "dtype <U1"]),
@@ -89,12 +90,21 @@ Y = np.array([0, 1, 0, 1])
         (dict(features=X, y=Y.astype(float), num_classes=3), ValueError, ["num_classes", "regression"]),
         (dict(features=X, y=Y, masks={"z": np.ones(4, bool)}), ValueError, ["masks", "'z'", "not a modality"]),
         (dict(features=X, y=Y, masks={"a": np.ones(4)}), TypeError, ["masks['a']", "bool", "float64"]),
-        (dict(features=X, y=Y, masks={"a": np.ones((4, 3), bool)}), ValueError,
-         ["masks['a']", "(4,) or (4, 1)", "(4, 3)"]),
-        (dict(features=X, y=Y, masks={"a": np.array([True, False, True, True])}), ValueError,
-         ["no valid token", "sample 1"]),
-        (dict(features=X, y=Y, split=np.array(["train", "val", "test", "test"])), ValueError,
-         ["split", "'val'", "sample 1", "'valid'"]),
+        (
+            dict(features=X, y=Y, masks={"a": np.ones((4, 3), bool)}),
+            ValueError,
+            ["masks['a']", "(4,) or (4, 1)", "(4, 3)"],
+        ),
+        (
+            dict(features=X, y=Y, masks={"a": np.array([True, False, True, True])}),
+            ValueError,
+            ["no valid token", "sample 1"],
+        ),
+        (
+            dict(features=X, y=Y, split=np.array(["train", "val", "test", "test"])),
+            ValueError,
+            ["split", "'val'", "sample 1", "'valid'"],
+        ),
         (dict(features=X, y=Y, split=np.array(["train"] * 3)), ValueError, ["split", "(4,)", "(3,)"]),
         (dict(features=X, y=Y, info={"step": np.zeros(3)}), ValueError, ["info['step']", "N=4", "(3,)"]),
     ],
@@ -135,8 +145,11 @@ def test_valid_mask_combines_presence_and_steps():
     steps = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=bool)  # sample 3 lacks 's'
     absent_s = np.array([True, True, False, True])  # presence mask for a second sequence modality
     d = MultimodalDataset(
-        {"v": rng.standard_normal((4, 2)) + 5, "s": rng.standard_normal((4, 3, 2)) + 5,
-         "p": rng.standard_normal((4, 3, 2)) + 5},
+        {
+            "v": rng.standard_normal((4, 2)) + 5,
+            "s": rng.standard_normal((4, 3, 2)) + 5,
+            "p": rng.standard_normal((4, 3, 2)) + 5,
+        },
         np.array([0, 1, 0, 1]),
         masks={"v": presence, "s": steps, "p": absent_s},
     )
@@ -316,8 +329,9 @@ def test_standardizer_round_trips_through_json_and_checks_modalities():
     with pytest.raises(ValueError, match="'b'.*missing"):
         scaler.transform(MultimodalDataset({"a": np.zeros((N, 3))}, d.y))
     with pytest.raises(ValueError, match="'c'.*not fitted"):
-        scaler.transform(MultimodalDataset({"a": np.zeros((N, 3)), "b": np.zeros((N, T, 4)),
-                                            "c": np.zeros((N, 1))}, d.y))
+        scaler.transform(
+            MultimodalDataset({"a": np.zeros((N, 3)), "b": np.zeros((N, T, 4)), "c": np.zeros((N, 1))}, d.y)
+        )
     with pytest.raises(ValueError, match="'a'"):
         Standardizer.from_dict({"a": {"mean": [0.0], "std": [0.0]}})
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnfuse.files import load_data
 from attnfuse.datasets import BUILTINS, load_mfeat, make_planted
+from attnfuse.files import load_data
 
 SHARED_MFEAT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci-mfeat"
 
@@ -22,8 +22,12 @@ def mfeat():
 def test_mfeat_shapes_and_labels(mfeat):
     assert mfeat.name == "mfeat" and mfeat.n == 2000 and mfeat.task == "classification"
     assert [(m.name, m.dim, m.is_sequence) for m in mfeat.modalities] == [
-        ("fou", 76, False), ("fac", 216, False), ("kar", 64, False),
-        ("pix", 240, False), ("zer", 47, False), ("mor", 6, False),
+        ("fou", 76, False),
+        ("fac", 216, False),
+        ("kar", 64, False),
+        ("pix", 240, False),
+        ("zer", 47, False),
+        ("mor", 6, False),
     ]
     assert mfeat.y.dtype == np.int64 and mfeat.num_classes == 10
     np.testing.assert_array_equal(np.bincount(mfeat.y), [200] * 10)
@@ -113,8 +117,14 @@ def test_planted_classification_bins_the_planted_value():
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [(dict(n=0), "n"), (dict(seq_len=8, num_keys=4), "num_keys"), (dict(noise=-1.0), "noise"),
-     (dict(task="ranking"), "task"), (dict(num_classes=1), "num_classes"), (dict(key_dim=2.5), "key_dim")],
+    [
+        (dict(n=0), "n"),
+        (dict(seq_len=8, num_keys=4), "num_keys"),
+        (dict(noise=-1.0), "noise"),
+        (dict(task="ranking"), "task"),
+        (dict(num_classes=1), "num_classes"),
+        (dict(key_dim=2.5), "key_dim"),
+    ],
 )
 def test_planted_rejects_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):

@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 from attnfuse.cli import app
 from attnfuse.data import MultimodalDataset
 from attnfuse.datasets import make_planted
-from attnfuse.explain import bertviz_export, collect_maps, modality_attention, parse_vectors, token_modality, walkthrough
+from attnfuse.explain import (
+    bertviz_export,
+    collect_maps,
+    modality_attention,
+    parse_vectors,
+    token_modality,
+    walkthrough,
+)
 from attnfuse.fusion import build_model
 from attnfuse.training import TrainConfig, model_config, run
 
@@ -87,9 +94,13 @@ def _mixed_data(n: int = 40) -> MultimodalDataset:
     steps = np.ones((n, 5), dtype=bool)
     steps[:, 3:] = rng.random((n, 2)) < 0.5  # ragged video
     return MultimodalDataset(
-        {"text": rng.normal(size=(n, 6)).astype(np.float32), "audio": rng.normal(size=(n, 4)).astype(np.float32),
-         "video": rng.normal(size=(n, 5, 3)).astype(np.float32)},
-        rng.integers(0, 3, n), masks={"audio": present, "video": steps},
+        {
+            "text": rng.normal(size=(n, 6)).astype(np.float32),
+            "audio": rng.normal(size=(n, 4)).astype(np.float32),
+            "video": rng.normal(size=(n, 5, 3)).astype(np.float32),
+        },
+        rng.integers(0, 3, n),
+        masks={"audio": present, "video": steps},
     )
 
 
@@ -105,12 +116,13 @@ def test_maps_shapes_labels_and_masks(fusion):
     assert len(names) == len(set(names))
     for m in maps:
         B, H, L, S = m.weights.shape
-        assert (B, H) == (len(data), 2) and (L, S) == (len(m.query_tokens), len(m.key_tokens))
+        assert (len(data), 2) == (B, H) and (len(m.query_tokens), len(m.key_tokens)) == (L, S)
         assert m.query_valid.shape == (B, L)
         assert torch.isfinite(m.weights).all()
         # Keys of absent modalities / invalid steps get exactly zero weight.
-        key_valid = torch.cat([batch.mask[mod] for mod in dict.fromkeys(map(token_modality, m.key_tokens))
-                               if mod != "[CLS]"], dim=1)
+        key_valid = torch.cat(
+            [batch.mask[mod] for mod in dict.fromkeys(map(token_modality, m.key_tokens)) if mod != "[CLS]"], dim=1
+        )
         assert key_valid.shape[1] == S  # the check below must not be skipped
         assert (m.weights.masked_select(~key_valid[:, None, None, :].expand_as(m.weights)) == 0).all()
         rows = m.weights.sum(-1)  # (B, H, L): 1, or 0 where a query has no visible key
@@ -203,8 +215,23 @@ def trained_dirs(tmp_path_factory):
     for fusion in ("bicross", "concat"):
         out = root / fusion
         heads = ["--heads", "2"] if fusion != "concat" else []
-        result = runner.invoke(app, ["train", "--data", str(root / "planted.npz"), "--fusion", fusion, "--epochs", "3",
-                                     "--d-model", "16", *heads, "--out", str(out)])
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "--data",
+                str(root / "planted.npz"),
+                "--fusion",
+                fusion,
+                "--epochs",
+                "3",
+                "--d-model",
+                "16",
+                *heads,
+                "--out",
+                str(out),
+            ],
+        )
         assert result.exit_code == 0, result.output
         dirs[fusion] = out
     return root, dirs
@@ -213,15 +240,31 @@ def trained_dirs(tmp_path_factory):
 def test_cli_explain_writes_report(trained_dirs):
     root, dirs = trained_dirs
     out = root / "report"
-    result = runner.invoke(app, ["explain", "--model", str(dirs["bicross"]), "--data", str(root / "planted.npz"),
-                                 "--samples", "0,7", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "--model",
+            str(dirs["bicross"]),
+            "--data",
+            str(root / "planted.npz"),
+            "--samples",
+            "0,7",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (out / "report.html").is_file() and (out / "modality_matrix.png").is_file()
     assert (out / "modality_received.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     heatmaps = sorted(p.name for p in (out / "heatmaps" / "sample7").iterdir())
     assert heatmaps == sorted(
-        ["cross_text-_video_layer0.png", "cross_video-_text_layer0.png", "cross_text-_video_layer1.png",
-         "cross_video-_text_layer1.png"]
+        [
+            "cross_text-_video_layer0.png",
+            "cross_video-_text_layer0.png",
+            "cross_text-_video_layer1.png",
+            "cross_video-_text_layer1.png",
+        ]
     )
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 + 2 * 4  # self-contained: every image embedded
@@ -241,8 +284,9 @@ def test_cli_explain_writes_report(trained_dirs):
 def test_cli_explain_bad_input_writes_nothing(trained_dirs, args, fragment):
     root, dirs = trained_dirs
     out = root / f"bad-{abs(hash(tuple(args)))}"
-    result = runner.invoke(app, ["explain", "--model", str(dirs["bicross"]), "--data", str(root / "planted.npz"),
-                                 "--out", str(out), *args])
+    result = runner.invoke(
+        app, ["explain", "--model", str(dirs["bicross"]), "--data", str(root / "planted.npz"), "--out", str(out), *args]
+    )
     assert result.exit_code == 2
     assert fragment in result.output and "Traceback" not in result.output
     assert not out.exists()
@@ -250,8 +294,18 @@ def test_cli_explain_bad_input_writes_nothing(trained_dirs, args, fragment):
 
 def test_cli_explain_concat_says_it_has_no_attention(trained_dirs):
     root, dirs = trained_dirs
-    result = runner.invoke(app, ["explain", "--model", str(dirs["concat"]), "--data", str(root / "planted.npz"),
-                                 "--out", str(root / "concat-explain")])
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "--model",
+            str(dirs["concat"]),
+            "--data",
+            str(root / "planted.npz"),
+            "--out",
+            str(root / "concat-explain"),
+        ],
+    )
     assert result.exit_code == 2
     assert "no attention to show" in result.output
     assert not (root / "concat-explain").exists()

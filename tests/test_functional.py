@@ -99,8 +99,11 @@ def test_no_mask_matches_torch_and_reference(need_weights):
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("mask_shape", [(4, 5), (2, 3, 4, 5), (1, 3, 4, 5), (2, 1, 4, 5), (1, 1, 4, 5)],
-                         ids=["2d", "full", "bcast-N", "bcast-H", "bcast-both"])
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(4, 5), (2, 3, 4, 5), (1, 3, 4, 5), (2, 1, 4, 5), (1, 1, 4, 5)],
+    ids=["2d", "full", "bcast-N", "bcast-H", "bcast-both"],
+)
 @BOTH_PATHS
 def test_attn_mask_matches_torch_and_reference(kind, mask_shape, need_weights):
     q, k, v = rand_qkv()
@@ -175,8 +178,9 @@ def test_is_causal_is_combined_with_masks_never_replaces_them(kind, need_weights
     kpm = torch.zeros(2, 5, dtype=torch.bool)
     kpm[1, 2] = True
     out, w = sdpa(q, k, v, attn_mask=mask, key_padding_mask=kpm, is_causal=True, need_weights=need_weights)
-    ref_out, ref_w = reference(q, k, v, attn_mask=mask, key_padding_mask=kpm[:, None, :].expand(2, 3, 5),
-                               is_causal=True)
+    ref_out, ref_w = reference(
+        q, k, v, attn_mask=mask, key_padding_mask=kpm[:, None, :].expand(2, 3, 5), is_causal=True
+    )
     assert_close(out, ref_out)
     # Not the same as either mask alone.
     assert not torch.allclose(out, sdpa(q, k, v, is_causal=True)[0], atol=1e-4)
@@ -291,8 +295,9 @@ def test_gradcheck(kind, need_weights):
     elif kind == "float":
         kw["attn_mask"] = as_float_mask(blocked).double()
     elif kind == "kpm+causal":
-        kw.update(key_padding_mask=torch.tensor([[False, False, True, False], [True, True, True, True]]),
-                  is_causal=True)
+        kw.update(
+            key_padding_mask=torch.tensor([[False, False, True, False], [True, True, True, True]]), is_causal=True
+        )
 
     def f(q, k, v):
         out, w = sdpa(q, k, v, need_weights=need_weights, **kw)
@@ -369,8 +374,14 @@ def test_error_dtypes():
 def test_error_attn_mask_shape(shape):
     q, k, v = rand_qkv()
     for nw in (False, True):
-        _raises(["attn_mask", "(4, 5)", str(shape)], q, k, v, attn_mask=torch.zeros(shape, dtype=torch.bool),
-                need_weights=nw)
+        _raises(
+            ["attn_mask", "(4, 5)", str(shape)],
+            q,
+            k,
+            v,
+            attn_mask=torch.zeros(shape, dtype=torch.bool),
+            need_weights=nw,
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (3, 5), (5,), (2, 3, 4), (2, 1, 5, 1)])
@@ -444,8 +455,14 @@ def test_property_shapes_row_sums_and_masked_keys(problem):
 
 
 @SETTINGS
-@given(batch=st.sampled_from([(), (2,), (2, 2)]), L=st.integers(2, 6), E=dims, seed=st.integers(0, 2**16),
-       use_kpm=st.booleans(), need_weights=st.booleans())
+@given(
+    batch=st.sampled_from([(), (2,), (2, 2)]),
+    L=st.integers(2, 6),
+    E=dims,
+    seed=st.integers(0, 2**16),
+    use_kpm=st.booleans(),
+    need_weights=st.booleans(),
+)
 def test_property_self_attention_is_permutation_equivariant(batch, L, E, seed, use_kpm, need_weights):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*batch, L, E, generator=g)
@@ -453,8 +470,7 @@ def test_property_self_attention_is_permutation_equivariant(batch, L, E, seed, u
     kpm = rand_bool_mask(batch + (L,), p=0.3, seed=seed, keep_first=False) if use_kpm else None
     out, w = sdpa(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
     xp = x[..., perm, :]
-    out_p, w_p = sdpa(xp, xp, xp, key_padding_mask=None if kpm is None else kpm[..., perm],
-                      need_weights=need_weights)
+    out_p, w_p = sdpa(xp, xp, xp, key_padding_mask=None if kpm is None else kpm[..., perm], need_weights=need_weights)
     assert_close(out_p, out[..., perm, :])
     if need_weights:
         assert_close(w_p, w[..., perm, :][..., perm])

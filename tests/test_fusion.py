@@ -40,8 +40,11 @@ def build(fusion: str, data: MultimodalDataset, seed: int = 0, **extra) -> torch
 
 
 def clone(batch: Batch) -> Batch:
-    return Batch({k: v.clone() for k, v in batch.x.items()}, {k: v.clone() for k, v in batch.mask.items()},
-                 None if batch.y is None else batch.y.clone())
+    return Batch(
+        {k: v.clone() for k, v in batch.x.items()},
+        {k: v.clone() for k, v in batch.mask.items()},
+        None if batch.y is None else batch.y.clone(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +75,9 @@ def test_registry_names_all_five_models():
 @pytest.mark.parametrize("fusion", ALL)
 def test_regression_outputs_have_target_dim(fusion):
     rng = np.random.default_rng(1)
-    data = MultimodalDataset({"a": rng.normal(size=(8, 4)), "b": rng.normal(size=(8, 3, 2))},
-                             rng.normal(size=(8, 3)), task="regression")
+    data = MultimodalDataset(
+        {"a": rng.normal(size=(8, 4)), "b": rng.normal(size=(8, 3, 2))}, rng.normal(size=(8, 3)), task="regression"
+    )
     model = build(fusion, data).eval()
     assert model(data.to_batch()).shape == (8, 3)
 

@@ -124,10 +124,13 @@ def test_encoder_layer_parity(mask, activation, norm_first, batch_first):
     src_mask, kpm, causal_r, causal_o = make_masks(mask)
     ours_mask = None if mask.startswith("causal") else src_mask
     compare_train_and_eval(
-        ref, ours, src,
+        ref,
+        ours,
+        src,
         lambda x: ref(x, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=causal_r),
         lambda x: ours(x, src_mask=ours_mask, src_key_padding_mask=kpm, is_causal=causal_o),
-        kpm, batch_first,
+        kpm,
+        batch_first,
     )
 
 
@@ -153,8 +156,15 @@ def test_encoder_layer_unbatched(norm_first):
     ours.load_state_dict(ref.state_dict())
     src = make_src(False, batched=False)
     kpm = torch.tensor([False, False, False, True, True])
-    compare_train_and_eval(ref, ours, src, lambda x: ref(x, src_key_padding_mask=kpm),
-                           lambda x: ours(x, src_key_padding_mask=kpm), None, False)
+    compare_train_and_eval(
+        ref,
+        ours,
+        src,
+        lambda x: ref(x, src_key_padding_mask=kpm),
+        lambda x: ours(x, src_key_padding_mask=kpm),
+        None,
+        False,
+    )
 
 
 def test_encoder_layer_need_weights():
@@ -196,8 +206,9 @@ def make_encoders(norm_first, batch_first, activation="relu", num_layers=3, reve
     kw = dict(dim_feedforward=FF, dropout=0.0, activation=activation, batch_first=batch_first, norm_first=norm_first)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch: "enable_nested_tensor is True, but ... norm_first"
-        ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, NH, **kw), num_layers,
-                                    norm=nn.LayerNorm(D) if norm_first else None)
+        ref = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(D, NH, **kw), num_layers, norm=nn.LayerNorm(D) if norm_first else None
+        )
     ours = TransformerEncoder(D, NH, num_layers, **kw)
     if reverse:
         randomize_(ours, 3)
@@ -217,10 +228,13 @@ def test_encoder_parity(mask, norm_first, batch_first):
     src_mask, kpm, causal_r, causal_o = make_masks(mask, seed=1)
     ours_mask = None if mask.startswith("causal") else src_mask
     compare_train_and_eval(
-        ref, ours, src,
+        ref,
+        ours,
+        src,
         lambda x: ref(x, mask=src_mask, src_key_padding_mask=kpm, is_causal=causal_r),
         lambda x: ours(x, mask=ours_mask, src_key_padding_mask=kpm, is_causal=causal_o),
-        kpm, batch_first,
+        kpm,
+        batch_first,
     )
 
 
@@ -236,7 +250,8 @@ def test_encoder_reverse_load_and_final_norm(norm_first):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_plain = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(D, NH, FF, 0.0, batch_first=True, norm_first=True), 3)
+            nn.TransformerEncoderLayer(D, NH, FF, 0.0, batch_first=True, norm_first=True), 3
+        )
     randomize_(ref_plain)
     plain.load_state_dict(ref_plain.state_dict())
     close(plain.eval()(src), ref_plain.eval()(src))
@@ -300,8 +315,12 @@ def test_return_attention(norm_first, mask, mode):
         for i, (w, layer, ref_layer) in enumerate(zip(maps, ours.layers, ref.layers)):
             assert w.shape == (N, NH, S, S)
             inp = layer.norm1(x) if norm_first else x
-            mha_kw = dict(key_padding_mask=kpm, need_weights=True, average_attn_weights=False,
-                          attn_mask=causal(S) if causal_o else None)
+            mha_kw = dict(
+                key_padding_mask=kpm,
+                need_weights=True,
+                average_attn_weights=False,
+                attn_mask=causal(S) if causal_o else None,
+            )
             _, w_mha = layer.self_attn(inp, inp, inp, **mha_kw)
             _, w_ref = ref_layer.self_attn(inp, inp, inp, **mha_kw)
             close(w, w_mha, msg=f"layer {i}")
@@ -358,12 +377,20 @@ def test_sinusoidal_positional_encoding_matches_the_formula():
     table = pe(torch.zeros(50, 1, d))[:, 0]  # x + PE with x = 0
     # Hand-computed: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(same).
     expected = {
-        (0, 0): 0.0, (0, 1): 1.0, (0, 4): 0.0, (0, 5): 1.0,
-        (1, 0): math.sin(1.0), (1, 1): math.cos(1.0),
-        (1, 2): math.sin(1 / 10000 ** (2 / 6)), (1, 3): math.cos(1 / 10000 ** (2 / 6)),
-        (2, 4): math.sin(2 / 10000 ** (4 / 6)), (2, 5): math.cos(2 / 10000 ** (4 / 6)),
-        (7, 0): math.sin(7.0), (7, 1): math.cos(7.0),
-        (49, 2): math.sin(49 / 10000 ** (1 / 3)), (49, 3): math.cos(49 / 10000 ** (1 / 3)),
+        (0, 0): 0.0,
+        (0, 1): 1.0,
+        (0, 4): 0.0,
+        (0, 5): 1.0,
+        (1, 0): math.sin(1.0),
+        (1, 1): math.cos(1.0),
+        (1, 2): math.sin(1 / 10000 ** (2 / 6)),
+        (1, 3): math.cos(1 / 10000 ** (2 / 6)),
+        (2, 4): math.sin(2 / 10000 ** (4 / 6)),
+        (2, 5): math.cos(2 / 10000 ** (4 / 6)),
+        (7, 0): math.sin(7.0),
+        (7, 1): math.cos(7.0),
+        (49, 2): math.sin(49 / 10000 ** (1 / 3)),
+        (49, 3): math.cos(49 / 10000 ** (1 / 3)),
     }
     for (pos, i), value in expected.items():
         assert table[pos, i].item() == pytest.approx(value, abs=1e-6), (pos, i)
@@ -429,7 +456,15 @@ def test_feed_forward_activation_and_defaults():
 
 
 def test_public_api():
-    for name in ("scaled_dot_product_attention", "MultiheadAttention", "PositionalEncoding", "FeedForward",
-                 "TransformerEncoderLayer", "TransformerEncoder", "CrossAttention", "BidirectionalCrossAttention"):
+    for name in (
+        "scaled_dot_product_attention",
+        "MultiheadAttention",
+        "PositionalEncoding",
+        "FeedForward",
+        "TransformerEncoderLayer",
+        "TransformerEncoder",
+        "CrossAttention",
+        "BidirectionalCrossAttention",
+    ):
         assert name in attnfuse.__all__ and hasattr(attnfuse, name)
     assert attnfuse.MultiheadAttention is MultiheadAttention

@@ -111,8 +111,11 @@ def test_compute_metrics_dispatch():
 
 
 def test_summarize():
-    runs = [{"accuracy": 0.5, "seed": 0, "name": "a"}, {"accuracy": 0.7, "seed": 1, "name": "b"},
-            {"accuracy": 0.9, "seed": 2, "name": "c"}]
+    runs = [
+        {"accuracy": 0.5, "seed": 0, "name": "a"},
+        {"accuracy": 0.7, "seed": 1, "name": "b"},
+        {"accuracy": 0.9, "seed": 2, "name": "c"},
+    ]
     s = summarize(runs)
     assert s["accuracy"]["mean"] == pytest.approx(0.7)
     assert s["accuracy"]["std"] == pytest.approx(0.2)  # sample std (ddof=1)

@@ -128,8 +128,9 @@ def test_standardizer_uses_the_split_column_and_valid_tokens():
     steps[:10, 2] = False
     x_raw = x.copy()
     x[:10, 2] = 1e6  # invalid steps: ignored
-    data = MultimodalDataset({"s": x, "v": rng.normal(size=(n, 2)).astype(np.float32)},
-                             np.arange(n) % 2, masks={"s": steps}, split=split)
+    data = MultimodalDataset(
+        {"s": x, "v": rng.normal(size=(n, 2)).astype(np.float32)}, np.arange(n) % 2, masks={"s": steps}, split=split
+    )
     result = run(data, "self", SMALL, TrainConfig(epochs=1, seed=0))
     tokens = x_raw[:20][steps[:20]]
     np.testing.assert_allclose(result.standardizer.mean["s"], tokens.mean(axis=0), rtol=1e-5, atol=1e-5)
@@ -164,8 +165,12 @@ def test_regression_with_k_targets_and_each_loss(loss, fn):
 
 def test_regression_learns_a_linear_target_with_mse():
     data = regression_data(n=200, k=2, noise=0.05)
-    result = run(data, "concat", {"d_model": 16, "dropout": 0.0},
-                 TrainConfig(epochs=60, batch_size=32, lr=1e-2, patience=60, seed=0, loss="mse"))
+    result = run(
+        data,
+        "concat",
+        {"d_model": 16, "dropout": 0.0},
+        TrainConfig(epochs=60, batch_size=32, lr=1e-2, patience=60, seed=0, loss="mse"),
+    )
     assert result.metrics["test"]["r2"] > 0.8, result.metrics["test"]
 
 
@@ -179,8 +184,9 @@ def test_loss_must_fit_the_task():
         TrainConfig(loss="huber")
 
 
-@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("patience", 0), ("lr", 0.0),
-                                          ("device", "tpu")])
+@pytest.mark.parametrize(
+    "field, value", [("epochs", 0), ("batch_size", 0), ("patience", 0), ("lr", 0.0), ("device", "tpu")]
+)
 def test_train_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         TrainConfig(**{field: value})

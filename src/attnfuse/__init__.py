@@ -15,9 +15,9 @@ from .attention import MultiheadAttention
 from .checkpoint import load_model, save_model
 from .cross import BidirectionalCrossAttention, CrossAttention
 from .data import Batch, ModalitySpec, MultimodalDataset, Standardizer, iter_batches
-from .files import load_data, load_npz, save_npz
 from .datasets import BUILTINS, load_mfeat, make_planted
 from .explain import collect_maps, modality_attention, walkthrough
+from .files import load_data, load_npz, save_npz
 from .functional import scaled_dot_product_attention
 from .fusion import (
     FUSIONS,
@@ -43,18 +43,55 @@ from .training import RunResult, TrainConfig, evaluate, fit, model_config, predi
 __all__ = [
     "__version__",
     # attention core
-    "scaled_dot_product_attention", "MultiheadAttention", "PositionalEncoding", "FeedForward",
-    "TransformerEncoderLayer", "TransformerEncoder", "CrossAttention", "BidirectionalCrossAttention",
+    "scaled_dot_product_attention",
+    "MultiheadAttention",
+    "PositionalEncoding",
+    "FeedForward",
+    "TransformerEncoderLayer",
+    "TransformerEncoder",
+    "CrossAttention",
+    "BidirectionalCrossAttention",
     # data
-    "ModalitySpec", "Batch", "MultimodalDataset", "Standardizer", "iter_batches", "load_data", "load_npz", "save_npz",
-    "BUILTINS", "load_mfeat", "make_planted",
+    "ModalitySpec",
+    "Batch",
+    "MultimodalDataset",
+    "Standardizer",
+    "iter_batches",
+    "load_data",
+    "load_npz",
+    "save_npz",
+    "BUILTINS",
+    "load_mfeat",
+    "make_planted",
     # fusion models
-    "FusionConfig", "ConcatConfig", "SelfFusionConfig", "CrossFusionConfig", "BiCrossFusionConfig", "MulTConfig",
-    "FusionModel", "ConcatFusion", "SelfAttentionFusion", "CrossModalFusion", "BiCrossFusion", "MulTFusion",
-    "FUSIONS", "build_model", "AttentionMap",
+    "FusionConfig",
+    "ConcatConfig",
+    "SelfFusionConfig",
+    "CrossFusionConfig",
+    "BiCrossFusionConfig",
+    "MulTConfig",
+    "FusionModel",
+    "ConcatFusion",
+    "SelfAttentionFusion",
+    "CrossModalFusion",
+    "BiCrossFusion",
+    "MulTFusion",
+    "FUSIONS",
+    "build_model",
+    "AttentionMap",
     # training, metrics, checkpoints
-    "TrainConfig", "RunResult", "run", "fit", "predict", "evaluate", "model_config", "compute_metrics",
-    "save_model", "load_model",
+    "TrainConfig",
+    "RunResult",
+    "run",
+    "fit",
+    "predict",
+    "evaluate",
+    "model_config",
+    "compute_metrics",
+    "save_model",
+    "load_model",
     # explanation
-    "walkthrough", "collect_maps", "modality_attention",
+    "walkthrough",
+    "collect_maps",
+    "modality_attention",
 ]

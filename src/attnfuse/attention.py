@@ -44,8 +44,6 @@ class MultiheadAttention(nn.Module):
         output ``(L, N, E)``; weights ``(N, L, S)`` averaged over heads or ``(N, H, L, S)``.
     """
 
-    __constants__ = ["batch_first"]
-
     def __init__(
         self,
         embed_dim: int,
@@ -167,8 +165,15 @@ class MultiheadAttention(nn.Module):
             key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
 
         out, weights, dead = attend(
-            q, k, v, attn_mask, key_padding_mask, is_causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=None, need_weights=need_weights,
+            q,
+            k,
+            v,
+            attn_mask,
+            key_padding_mask,
+            is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=None,
+            need_weights=need_weights,
         )  # out (N, H, L, hd); weights (N, H, L, S); dead broadcasts to (N, H, L)
 
         # Merge heads back into the input layout, then W_O.

@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from safetensors.torch import load_file, save_file
@@ -73,8 +73,13 @@ def save_model(
         "attnfuse_version": __version__,
         "fusion": fusion,
         "model": asdict(model.config),
-        "data": {"name": data.name, "source": source or data.name, "n": data.n, "fingerprint": fingerprint(data),
-                 **data.spec_dict()},
+        "data": {
+            "name": data.name,
+            "source": source or data.name,
+            "n": data.n,
+            "fingerprint": fingerprint(data),
+            **data.spec_dict(),
+        },
         "split_seed": split_seed,
         "standardizer": standardizer.to_dict(),
         "train": train_config,
@@ -131,7 +136,9 @@ def check_compatible(config: dict, data: MultimodalDataset) -> None:
         if got is None:
             raise ValueError(f"data: modality '{m['name']}' is missing (the model was trained on {list(specs)})")
         if got.dim != m["dim"]:
-            raise ValueError(f"modality '{m['name']}': expected feature size {m['dim']} (as in training), got {got.dim}")
+            raise ValueError(
+                f"modality '{m['name']}': expected feature size {m['dim']} (as in training), got {got.dim}"
+            )
         if (got.is_sequence, got.length) != (m["is_sequence"], m["length"]):
             expected = f"sequences of {m['length']} steps" if m["is_sequence"] else "vectors (N, D)"
             actual = f"sequences of {got.length} steps" if got.is_sequence else "vectors (N, D)"
@@ -141,4 +148,6 @@ def check_compatible(config: dict, data: MultimodalDataset) -> None:
             )
     extra = sorted(set(specs) - {m["name"] for m in trained["modalities"]})
     if extra:
-        raise ValueError(f"data: modalities {extra} were not seen in training (expected {[m['name'] for m in trained['modalities']]})")
+        raise ValueError(
+            f"data: modalities {extra} were not seen in training (expected {[m['name'] for m in trained['modalities']]})"
+        )

@@ -9,10 +9,10 @@ from __future__ import annotations
 import csv
 import functools
 import io
+from collections.abc import Callable
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import typer
@@ -23,14 +23,16 @@ from rich.table import Table
 
 from .checkpoint import METRICS, atomic_write, check_compatible, fingerprint, load_model, save_model, write_json
 from .data import MultimodalDataset, Standardizer
-from .files import load_data
 from .datasets import BUILTINS
+from .files import load_data
 from .fusion import FUSIONS, FusionModel
 from .metrics import PRIMARY_METRIC, compute_metrics, summarize
 from .training import TrainConfig, predict, run, to_predictions
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Attention-based multimodal fusion: train, evaluate, predict and explain.",
 )
 console = Console()
@@ -56,7 +58,9 @@ def cli_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except (ValueError, TypeError, OSError) as e:
-            message = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"no such file: {e.filename}"
+            message = (
+                str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"no such file: {e.filename}"
+            )
             # escape: a message quoting a path or value with [brackets] is text, not rich markup.
             err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
@@ -87,9 +91,13 @@ def _load_for_model(
     so data holding fewer classes (even one) can be evaluated."""
     net, config, standardizer = load_model(model_dir)
     trained = config["data"]
-    dataset = _load(source or trained.get("source", trained["name"]), allow_pickle,
-                    seed=config["train"].get("seed", 0), task=trained["task"],
-                    num_classes=trained.get("num_classes") if trained["task"] == "classification" else None)
+    dataset = _load(
+        source or trained.get("source", trained["name"]),
+        allow_pickle,
+        seed=config["train"].get("seed", 0),
+        task=trained["task"],
+        num_classes=trained.get("num_classes") if trained["task"] == "classification" else None,
+    )
     check_compatible(config, dataset)
     return net, config, standardizer, dataset
 
@@ -138,15 +146,16 @@ def train(
     lr: float = typer.Option(1e-3, help="AdamW learning rate."),
     weight_decay: float = typer.Option(1e-2, help="AdamW weight decay."),
     patience: int = typer.Option(20, help="Stop after this many epochs without validation improvement."),
-    d_model: Optional[int] = typer.Option(None, help="Model width (default 64)."),
-    layers: Optional[int] = typer.Option(None, help="Attention layers per stack (default 2)."),
-    heads: Optional[int] = typer.Option(None, help="Attention heads (default 4)."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout (default 0.1)."),
-    pooling: Optional[str] = typer.Option(
-        None, help="Aggregation: mean (default), attention, cls or modality (self fusion: per-modality means, concatenated)."
+    d_model: int | None = typer.Option(None, help="Model width (default 64)."),
+    layers: int | None = typer.Option(None, help="Attention layers per stack (default 2)."),
+    heads: int | None = typer.Option(None, help="Attention heads (default 4)."),
+    dropout: float | None = typer.Option(None, help="Dropout (default 0.1)."),
+    pooling: str | None = typer.Option(
+        None,
+        help="Aggregation: mean (default), attention, cls or modality (self fusion: per-modality means, concatenated).",
     ),
-    query: Optional[str] = typer.Option(None, help="cross/bicross: the modality whose tokens ask (default: the first)."),
-    modality_dropout: Optional[float] = typer.Option(
+    query: str | None = typer.Option(None, help="cross/bicross: the modality whose tokens ask (default: the first)."),
+    modality_dropout: float | None = typer.Option(
         None, help="Training: hide each modality of a sample with this probability (default 0)."
     ),
     label_smoothing: float = typer.Option(0.0, help="Classification: label smoothing of the cross-entropy."),
@@ -156,7 +165,7 @@ def train(
     repeat: int = typer.Option(1, help="Run this many seeds (and splits, when the data has none); report mean ± std."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default runs/<data>-<fusion>)."),
+    out: Path | None = typer.Option(None, help="Output directory (default runs/<data>-<fusion>)."),
 ) -> None:
     """Train a fusion model; write model.safetensors, config.json and metrics.json."""
     if repeat < 1:
@@ -169,8 +178,15 @@ def train(
         )
     if label_smoothing and dataset.task != "classification":
         raise ValueError("label-smoothing: applies to classification only, the data is regression")
-    overrides = {"d_model": d_model, "num_layers": layers, "nhead": heads, "dropout": dropout, "pooling": pooling,
-                 "modality_dropout": modality_dropout, "query": query}
+    overrides = {
+        "d_model": d_model,
+        "num_layers": layers,
+        "nhead": heads,
+        "dropout": dropout,
+        "pooling": pooling,
+        "modality_dropout": modality_dropout,
+        "query": query,
+    }
     # An option that the chosen fusion does not have is an error, not silently ignored.
     unused = {"concat": ("num_layers", "nhead", "pooling", "query"), "self": ("query",), "mult": ("query",)}
     for name in unused.get(fusion, ()):
@@ -180,30 +196,46 @@ def train(
     if fusion == "mult" and layers is not None:
         overrides["self_layers"] = layers  # --layers sets both its cross-modal and its self-attention depth
     configs = [
-        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-                    seed=seed + i, device=device, loss=loss, label_smoothing=label_smoothing,
-                    sentiment_metrics=metrics is MetricSet.sentiment)
+        TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            patience=patience,
+            seed=seed + i,
+            device=device,
+            loss=loss,
+            label_smoothing=label_smoothing,
+            sentiment_metrics=metrics is MetricSet.sentiment,
+        )
         for i in range(repeat)
     ]
     out = out or Path("runs") / f"{dataset.name}-{fusion}"
     metric, _ = PRIMARY_METRIC[dataset.task]
     console.print(
         f"[bold]attnfuse train[/]: {escape(dataset.name)} ({dataset.n} samples, {dataset.task}, modalities "
-        f"{', '.join(f'{m.name}{list((m.length, m.dim)) if m.is_sequence else [m.dim]}' for m in dataset.modalities)}), "
-        f"fusion={escape(fusion)}", highlight=False,
+        f"{', '.join(f'{m.name}{[m.length, m.dim] if m.is_sequence else [m.dim]}' for m in dataset.modalities)}), "
+        f"fusion={escape(fusion)}",
+        highlight=False,
     )
 
     first, runs = None, []  # the first run's model is saved; of the others only the metrics are kept
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         for i, cfg in enumerate(configs):
             bar = progress.add_task(f"run {i + 1}/{repeat} seed {cfg.seed}", total=cfg.epochs, status="")
 
             def on_epoch(r: dict, bar=bar) -> None:
                 progress.update(
-                    bar, completed=r["epoch"],
+                    bar,
+                    completed=r["epoch"],
                     status=f"loss {r['train_loss']:.4f}  valid {metric} {r[f'valid_{metric}']:.4f}  best@{r['best_epoch']}",
                 )
 
@@ -213,8 +245,16 @@ def train(
             runs.append({"seed": cfg.seed, "best_epoch": result.best_epoch, **result.metrics})
             first = first or result
 
-    save_model(out, first.model, fusion, dataset, first.standardizer, asdict(configs[0]), split_seed=configs[0].seed,
-               source=data if data in BUILTINS else str(Path(data).resolve()))
+    save_model(
+        out,
+        first.model,
+        fusion,
+        dataset,
+        first.standardizer,
+        asdict(configs[0]),
+        split_seed=configs[0].seed,
+        source=data if data in BUILTINS else str(Path(data).resolve()),
+    )
     if repeat == 1:
         report = first.metrics
         console.print(_metrics_table(f"{fusion} on {dataset.name} (best epoch {first.best_epoch})", report))
@@ -232,7 +272,7 @@ def evaluate(
     model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
     data: str = typer.Option(..., help="Built-in dataset name or a .npz/.pkl file."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
+    out: Path | None = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
 ) -> None:
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
@@ -242,7 +282,8 @@ def evaluate(
     parts = _parts(dataset, config)
     report = {
         s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
-        for s, idx in parts.items() if idx.size
+        for s, idx in parts.items()
+        if idx.size
     }
     write_json(out or Path(model) / "evaluation.json", report)
     console.print(_metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
@@ -257,7 +298,7 @@ def predict_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
-    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    net, _config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     outputs = predict(net, standardizer.transform(dataset).to_batch())
     y_pred = to_predictions(dataset.task, outputs)
 
@@ -297,17 +338,21 @@ def datasets() -> None:
 @app.command()
 @cli_errors
 def explain(
-    model: Optional[Path] = typer.Option(None, help="A model directory written by `attnfuse train`."),
-    data: Optional[str] = typer.Option(None, help="Data to explain (default: the model's training data)."),
-    samples: Optional[str] = typer.Option(None, help="Row indices for the heatmaps, e.g. '0,5,9' (default: 2 test rows)."),
+    model: Path | None = typer.Option(None, help="A model directory written by `attnfuse train`."),
+    data: str | None = typer.Option(None, help="Data to explain (default: the model's training data)."),
+    samples: str | None = typer.Option(None, help="Row indices for the heatmaps, e.g. '0,5,9' (default: 2 test rows)."),
     split: str = typer.Option("test", help="Split to average the modality attention over (train, valid, test, all)."),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default MODEL/explain)."),
+    out: Path | None = typer.Option(None, help="Output directory (default MODEL/explain)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
-    query: Optional[str] = typer.Option(None, help="Walkthrough: query vector(s), e.g. '1,2'."),
-    keys: Optional[str] = typer.Option(None, help="Walkthrough: key vectors, e.g. '2,3;1,0'."),
-    values: Optional[str] = typer.Option(None, help="Walkthrough: value vectors (default: the keys)."),
-    self_vectors: Optional[str] = typer.Option(None, "--self", help="Walkthrough of self-attention: Q = K = V = these vectors."),
-    no_scale: bool = typer.Option(False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling (as in the notes)."),
+    query: str | None = typer.Option(None, help="Walkthrough: query vector(s), e.g. '1,2'."),
+    keys: str | None = typer.Option(None, help="Walkthrough: key vectors, e.g. '2,3;1,0'."),
+    values: str | None = typer.Option(None, help="Walkthrough: value vectors (default: the keys)."),
+    self_vectors: str | None = typer.Option(
+        None, "--self", help="Walkthrough of self-attention: Q = K = V = these vectors."
+    ),
+    no_scale: bool = typer.Option(
+        False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling (as in the notes)."
+    ),
 ) -> None:
     """Show where a model's attention looked (heatmaps, modality attribution, HTML report), or walk
     through the attention arithmetic for hand-made vectors (--query/--keys or --self)."""
@@ -316,8 +361,10 @@ def explain(
     walkthrough_args = query is not None or keys is not None or self_vectors is not None or values is not None
     if walkthrough_args:
         if model is not None:
-            raise ValueError("explain: --model explains a trained model, --query/--keys/--values/--self a "
-                             "hand-made example; give one or the other")
+            raise ValueError(
+                "explain: --model explains a trained model, --query/--keys/--values/--self a "
+                "hand-made example; give one or the other"
+            )
         print_walkthrough(console, query, keys, values, self_vectors, scale=not no_scale)
         return
     if no_scale:
@@ -325,8 +372,17 @@ def explain(
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
-    explain_model(console, net, config, standardizer, dataset, _parts(dataset, config), samples, split,
-                  out or Path(model) / "explain")
+    explain_model(
+        console,
+        net,
+        config,
+        standardizer,
+        dataset,
+        _parts(dataset, config),
+        samples,
+        split,
+        out or Path(model) / "explain",
+    )
 
 
 def main() -> None:

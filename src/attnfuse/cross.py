@@ -55,7 +55,13 @@ class CrossAttention(_AddNormBlock):
         dim_feedforward = 4 * query_dim if dim_feedforward is None else dim_feedforward
         super().__init__(query_dim, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias, factory)
         self.cross_attn = MultiheadAttention(
-            query_dim, nhead, dropout=dropout, bias=bias, kdim=context_dim, vdim=context_dim, batch_first=batch_first,
+            query_dim,
+            nhead,
+            dropout=dropout,
+            bias=bias,
+            kdim=context_dim,
+            vdim=context_dim,
+            batch_first=batch_first,
             **factory,
         )
         self.norm_context = nn.LayerNorm(context_dim, eps=layer_norm_eps, bias=bias, **factory) if norm_first else None
@@ -73,8 +79,13 @@ class CrossAttention(_AddNormBlock):
 
         def attend(q: Tensor) -> tuple[Tensor, Tensor | None]:
             return self.cross_attn(
-                q, ctx, ctx, key_padding_mask=context_key_padding_mask, attn_mask=attn_mask,
-                need_weights=need_weights, average_attn_weights=False,
+                q,
+                ctx,
+                ctx,
+                key_padding_mask=context_key_padding_mask,
+                attn_mask=attn_mask,
+                need_weights=need_weights,
+                average_attn_weights=False,
             )
 
         out, weights = self._residual(x, attend)
@@ -109,8 +120,15 @@ class BidirectionalCrossAttention(nn.Module):
     ) -> None:
         super().__init__()
         kw = dict(
-            nhead=nhead, dropout=dropout, activation=activation, layer_norm_eps=layer_norm_eps,
-            batch_first=batch_first, norm_first=norm_first, bias=bias, device=device, dtype=dtype,
+            nhead=nhead,
+            dropout=dropout,
+            activation=activation,
+            layer_norm_eps=layer_norm_eps,
+            batch_first=batch_first,
+            norm_first=norm_first,
+            bias=bias,
+            device=device,
+            dtype=dtype,
         )
         self.a_to_b = CrossAttention(dim_a, dim_b, dim_feedforward=dim_feedforward, **kw)
         self.b_to_a = CrossAttention(dim_b, dim_a, dim_feedforward=dim_feedforward, **kw)

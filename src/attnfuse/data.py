@@ -14,7 +14,6 @@ and what was found: the CLI prints them as one-line errors.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -280,9 +279,7 @@ class MultimodalDataset:
             bad = ~np.isfinite(y) | (y != np.round(y))
             if bad.any():
                 first = int(np.flatnonzero(bad)[0])
-                raise ValueError(
-                    f"y: task='classification' needs integer labels, got {y[first]!r} at sample {first}"
-                )
+                raise ValueError(f"y: task='classification' needs integer labels, got {y[first]!r} at sample {first}")
         labels = y.astype(np.int64)
         if (labels < 0).any():
             first = int(np.flatnonzero(labels < 0)[0])
@@ -304,7 +301,7 @@ class MultimodalDataset:
         return self.n
 
     def __repr__(self) -> str:
-        mods = ", ".join(f"{m.name}{'(T=%d)' % m.length if m.is_sequence else ''}:{m.dim}" for m in self.modalities)
+        mods = ", ".join(f"{m.name}{f'(T={m.length})' if m.is_sequence else ''}:{m.dim}" for m in self.modalities)
         target = f"{self.num_classes} classes" if self.task == "classification" else f"target_dim={self.target_dim}"
         return f"MultimodalDataset({self.name!r}, n={self.n}, {self.task}, {target}, modalities=[{mods}])"
 

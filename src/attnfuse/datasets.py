@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Real
 from functools import partial
 from importlib import resources
+from numbers import Real
 
 import numpy as np
 
@@ -60,8 +60,14 @@ def make_planted(
     info: "planted_step" (N,) the matching step, "values" (N, seq_len) the v_t,
     "key_ids" (N, seq_len) the codebook index of each step's key, "query_id" (N,).
     """
-    for arg, value, low in (("n", n, 1), ("seq_len", seq_len, 1), ("num_keys", num_keys, 1),
-                            ("key_dim", key_dim, 1), ("value_dim", value_dim, 1), ("num_classes", num_classes, 2)):
+    for arg, value, low in (
+        ("n", n, 1),
+        ("seq_len", seq_len, 1),
+        ("num_keys", num_keys, 1),
+        ("key_dim", key_dim, 1),
+        ("value_dim", value_dim, 1),
+        ("num_classes", num_classes, 2),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{arg}: expected an integer >= {low}, got {value!r}")
     if num_keys < seq_len:
@@ -101,8 +107,12 @@ def make_planted(
         y,
         task=task,
         name=f"synthetic-{task}",
-        info={"planted_step": planted.astype(np.int64), "values": values.astype(np.float32),
-              "key_ids": key_ids.astype(np.int64), "query_id": query_id.astype(np.int64)},
+        info={
+            "planted_step": planted.astype(np.int64),
+            "values": values.astype(np.float32),
+            "key_ids": key_ids.astype(np.int64),
+            "query_id": query_id.astype(np.int64),
+        },
         num_classes=num_classes if task == "classification" else None,
     )
 

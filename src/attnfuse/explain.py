@@ -23,8 +23,15 @@ from .fusion import FUSIONS, FusionModel
 from .modules import AttentionMap
 
 __all__ = [
-    "Walkthrough", "walkthrough", "parse_vectors", "collect_maps", "ModalityAttention", "modality_attention",
-    "token_modality", "bertviz_export", "require_attention",
+    "Walkthrough",
+    "walkthrough",
+    "parse_vectors",
+    "collect_maps",
+    "ModalityAttention",
+    "modality_attention",
+    "token_modality",
+    "bertviz_export",
+    "require_attention",
 ]
 
 
@@ -67,7 +74,9 @@ def parse_vectors(text: str, name: str) -> np.ndarray:
     return np.array(vectors, dtype=np.float64)
 
 
-def walkthrough(query: np.ndarray, keys: np.ndarray, values: np.ndarray | None = None, scale: bool = True) -> Walkthrough:
+def walkthrough(
+    query: np.ndarray, keys: np.ndarray, values: np.ndarray | None = None, scale: bool = True
+) -> Walkthrough:
     """Attention of each query row over the key rows, with every step kept.
 
     Shapes: query ``(L, d)``, keys ``(S, d)``, values ``(S, dv)`` (default: the keys, as in the

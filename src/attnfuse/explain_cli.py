@@ -14,7 +14,12 @@ from rich.table import Table
 
 from .data import MultimodalDataset, Standardizer
 from .explain import (
-    bertviz_export, collect_maps, modality_attention, parse_vectors, require_attention, walkthrough,
+    bertviz_export,
+    collect_maps,
+    modality_attention,
+    parse_vectors,
+    require_attention,
+    walkthrough,
 )
 from .fusion import FusionModel
 from .metrics import PRIMARY_METRIC, compute_metrics
@@ -63,7 +68,8 @@ def print_walkthrough(
     if scale:
         console.print(
             f"2. scaling: scores × 1/√d_k = scores × 1/√{d_k} = scores × {w.scale:.5f} (keeps softmax out of "
-            f"its flat, vanishing-gradient region as d_k grows)", highlight=False,
+            f"its flat, vanishing-gradient region as d_k grows)",
+            highlight=False,
         )
     else:
         console.print("2. scaling: skipped (--no-scale), as in the study notes' simplified example", highlight=False)
@@ -74,7 +80,9 @@ def print_walkthrough(
     for j in range(w.keys.shape[0]):
         soft.add_column(f"K{j + 1}: score → weight", justify="right")
     for i in range(w.query.shape[0]):
-        soft.add_row(qname(i), *[f"{w.scores[i, j] * w.scale:.5g} → {w.weights[i, j]:.5f}" for j in range(w.keys.shape[0])])
+        soft.add_row(
+            qname(i), *[f"{w.scores[i, j] * w.scale:.5g} → {w.weights[i, j]:.5f}" for j in range(w.keys.shape[0])]
+        )
     console.print(soft)
 
     console.print("4. weighted sum of the values:", highlight=False)
@@ -83,14 +91,15 @@ def print_walkthrough(
         console.print(f"   {qname(i)}: {terms} = {_vec(w.output[i])}", highlight=False)
     top = w.weights.argmax(axis=1)
     console.print(
-        "The focus: " + "; ".join(f"{qname(i)} attends most to K{top[i] + 1} ({w.weights[i, top[i]]:.1%})"
-                                  for i in range(len(top))),
+        "The focus: "
+        + "; ".join(f"{qname(i)} attends most to K{top[i] + 1} ({w.weights[i, top[i]]:.1%})" for i in range(len(top))),
         highlight=False,
     )
     if self_vectors is not None:
         console.print(
             "Note: softmax never gives exact 0/1 rows: softmax([1, 0]) = [0.7311, 0.2689]. The study notes print "
-            "the identity matrix here, which is wrong.", highlight=False,
+            "the identity matrix here, which is wrong.",
+            highlight=False,
         )
 
 
@@ -144,7 +153,11 @@ def explain_model(
         heat_sections = []
         for pos, row in enumerate(chosen):
             truth, pred = dataset.y[row], predictions[pos]
-            fmt = (lambda v: f"{int(v)}") if task == "classification" else (lambda v: np.array2string(np.asarray(v), precision=3))
+            fmt = (
+                (lambda v: f"{int(v)}")
+                if task == "classification"
+                else (lambda v: np.array2string(np.asarray(v), precision=3))
+            )
             images = [
                 save_figure(
                     plot_heads(m, pos, f"{m.name} — sample {row} (true {fmt(truth)}, predicted {fmt(pred)})"),
@@ -157,18 +170,24 @@ def explain_model(
             (tmp / "bertviz").mkdir(exist_ok=True)
             (tmp / "bertviz" / f"sample{row}.json").write_text(json.dumps(export))
         matrix_png = save_figure(
-            plot_modality_matrices(attribution, f"Modality-to-modality attention, mean over {split} ({len(rows)} samples)"),
+            plot_modality_matrices(
+                attribution, f"Modality-to-modality attention, mean over {split} ({len(rows)} samples)"
+            ),
             tmp / "modality_matrix.png",
         )
         received_png = save_figure(
             plot_received(attribution, f"Attention received per modality — {headline}"), tmp / "modality_received.png"
         )
-        summary = [("model", f"{fusion} fusion ({sum(p.numel() for p in model.parameters()):,} parameters)"),
-                   ("data", f"{dataset.name}, {dataset.n} samples, {task}"),
-                   (f"{split} {metric}", f"{score:.4f}"),
-                   ("attention blocks", ", ".join(m.name for m in maps))]
+        summary = [
+            ("model", f"{fusion} fusion ({sum(p.numel() for p in model.parameters()):,} parameters)"),
+            ("data", f"{dataset.name}, {dataset.n} samples, {task}"),
+            (f"{split} {metric}", f"{score:.4f}"),
+            ("attention blocks", ", ".join(m.name for m in maps)),
+        ]
         write_html_report(
-            tmp / "report.html", f"attnfuse explain — {fusion} on {dataset.name}", summary,
+            tmp / "report.html",
+            f"attnfuse explain — {fusion} on {dataset.name}",
+            summary,
             [("Where the attention goes, by modality", [received_png, matrix_png])] + heat_sections,
         )
         # Everything exists: move it into place (a failure above leaves `out` untouched).
@@ -185,5 +204,6 @@ def explain_model(
         table.add_row(name, f"{share:.1%}")
     console.print(headline, highlight=False)
     console.print(table)
-    console.print(f"report, heatmaps and bertviz export written to [bold]{out}[/] (open {out / 'report.html'})",
-                  highlight=False)
+    console.print(
+        f"report, heatmaps and bertviz export written to [bold]{out}[/] (open {out / 'report.html'})", highlight=False
+    )

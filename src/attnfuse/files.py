@@ -26,7 +26,6 @@ __all__ = ["load_npz", "save_npz", "load_pickle", "load_data"]
 PICKLE_MODALITIES = ("text", "audio", "vision")  # MulT/MMSA feature pickles
 
 
-
 def _existing_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
@@ -76,7 +75,13 @@ def load_npz(path: str | os.PathLike, *, task: str = "auto", num_classes: int | 
         if mod not in features:
             raise ValueError(f"{p}: mask_{mod} has no matching x_{mod}")
     return MultimodalDataset(
-        features, arrays["y"], masks=masks, split=arrays.get("split"), name=p.stem, info=info, task=task,
+        features,
+        arrays["y"],
+        masks=masks,
+        split=arrays.get("split"),
+        name=p.stem,
+        info=info,
+        task=task,
         num_classes=num_classes,
     )
 

@@ -35,9 +35,21 @@ from .layers import TransformerEncoder
 from .modules import AttentionMap, MLPHead, ModalityEmbedding, Pooling, masked_mean, token_labels
 
 __all__ = [
-    "FusionConfig", "ConcatConfig", "SelfFusionConfig", "CrossFusionConfig", "BiCrossFusionConfig", "MulTConfig",
-    "FusionModel", "ConcatFusion", "SelfAttentionFusion", "CrossModalFusion", "BiCrossFusion", "MulTFusion",
-    "FUSIONS", "build_model", "config_from_dict",
+    "FusionConfig",
+    "ConcatConfig",
+    "SelfFusionConfig",
+    "CrossFusionConfig",
+    "BiCrossFusionConfig",
+    "MulTConfig",
+    "FusionModel",
+    "ConcatFusion",
+    "SelfAttentionFusion",
+    "CrossModalFusion",
+    "BiCrossFusion",
+    "MulTFusion",
+    "FUSIONS",
+    "build_model",
+    "config_from_dict",
 ]
 
 
@@ -135,7 +147,9 @@ class CrossFusionConfig(SelfFusionConfig):
             self.context = [n for n in names if n != self.query]
         bad = [c for c in self.context if c not in names or c == self.query]
         if bad or not self.context:
-            raise ValueError(f"context: expected modalities from {names} other than query {self.query!r}, got {self.context}")
+            raise ValueError(
+                f"context: expected modalities from {names} other than query {self.query!r}, got {self.context}"
+            )
 
 
 @dataclass
@@ -265,7 +279,13 @@ class SelfAttentionFusion(FusionModel):
         d, m = config.d_model, len(config.modalities)
         self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02) if config.pooling == "cls" else None
         self.encoder = TransformerEncoder(
-            d, config.nhead, config.num_layers, config.ff, config.dropout, activation="gelu", batch_first=True,
+            d,
+            config.nhead,
+            config.num_layers,
+            config.ff,
+            config.dropout,
+            activation="gelu",
+            batch_first=True,
             norm_first=config.norm_first,
         )
         if config.pooling == "modality":
@@ -371,8 +391,16 @@ class MulTFusion(FusionModel):
         self.cross_norm = nn.ModuleDict({t: _ln(d, config.norm_first) for t in names})
         self.self_attn = nn.ModuleDict(
             {
-                t: TransformerEncoder(wide, config.nhead, config.self_layers, config.dim_feedforward or 4 * wide,
-                                      config.dropout, "gelu", batch_first=True, norm_first=config.norm_first)
+                t: TransformerEncoder(
+                    wide,
+                    config.nhead,
+                    config.self_layers,
+                    config.dim_feedforward or 4 * wide,
+                    config.dropout,
+                    "gelu",
+                    batch_first=True,
+                    norm_first=config.norm_first,
+                )
                 for t in names
             }
         )

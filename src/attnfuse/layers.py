@@ -12,7 +12,7 @@ Argument names and ``state_dict`` keys match :class:`torch.nn.TransformerEncoder
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,9 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected shape (L, N, {self.d_model}) or (N, L, {self.d_model}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x: expected shape (L, N, {self.d_model}) or (N, L, {self.d_model}), got {tuple(x.shape)}"
+            )
         seq_len = x.shape[1] if self.batch_first else x.shape[0]
         if seq_len > self.max_len:
             raise ValueError(f"x: expected sequence length <= max_len={self.max_len}, got {seq_len}")
@@ -92,7 +94,11 @@ class FeedForward(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.1, activation: Activation = "relu",
+        self,
+        d_model: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Activation = "relu",
         bias: bool = True,
     ) -> None:
         super().__init__()
@@ -120,8 +126,16 @@ class _AddNormBlock(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, dim_feedforward: int, dropout: float, activation: Activation, layer_norm_eps: float,
-        norm_first: bool, bias: bool, factory: dict, attention: tuple[str, nn.Module] | None = None,
+        self,
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float,
+        activation: Activation,
+        layer_norm_eps: float,
+        norm_first: bool,
+        bias: bool,
+        factory: dict,
+        attention: tuple[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if attention is not None:
@@ -139,7 +153,9 @@ class _AddNormBlock(nn.Module):
     def _ff_block(self, x: Tensor) -> Tensor:
         return self.dropout2(_feed_forward(self, x))
 
-    def _residual(self, x: Tensor, attend: Callable[[Tensor], tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    def _residual(
+        self, x: Tensor, attend: Callable[[Tensor], tuple[Tensor, Tensor | None]]
+    ) -> tuple[Tensor, Tensor | None]:
         """Both sublayers; ``attend(normed_or_raw_x) -> (attention output, weights)``."""
         if self.norm_first:
             a, weights = attend(self.norm1(x))
@@ -181,7 +197,14 @@ class TransformerEncoderLayer(_AddNormBlock):
         # Created first, as torch does: the same seed gives the same initial weights.
         self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **factory)
         super().__init__(
-            d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias, factory,
+            d_model,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            norm_first,
+            bias,
+            factory,
             attention=("self_attn", self_attn),
         )
         self.batch_first = batch_first
@@ -196,8 +219,14 @@ class TransformerEncoderLayer(_AddNormBlock):
     ) -> Tensor | tuple[Tensor, Tensor]:
         def attend(x: Tensor) -> tuple[Tensor, Tensor | None]:
             return self.self_attn(
-                x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal,
-                need_weights=need_weights, average_attn_weights=False,
+                x,
+                x,
+                x,
+                attn_mask=src_mask,
+                key_padding_mask=src_key_padding_mask,
+                is_causal=is_causal,
+                need_weights=need_weights,
+                average_attn_weights=False,
             )
 
         out, weights = self._residual(src, attend)
@@ -238,14 +267,25 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
         self.layers = nn.ModuleList(
             TransformerEncoderLayer(
-                d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
-                device=device, dtype=dtype,
+                d_model,
+                nhead,
+                dim_feedforward,
+                dropout,
+                activation,
+                layer_norm_eps,
+                batch_first,
+                norm_first,
+                bias,
+                device=device,
+                dtype=dtype,
             )
             for _ in range(num_layers)
         )
         self.num_layers = num_layers
         final_norm = norm_first if final_norm is None else final_norm
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, device=device, dtype=dtype) if final_norm else None
+        self.norm = (
+            nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, device=device, dtype=dtype) if final_norm else None
+        )
 
     def forward(
         self,

@@ -10,12 +10,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from .explain import ModalityAttention  # noqa: E402
-from .modules import AttentionMap  # noqa: E402
+from .explain import ModalityAttention
+from .modules import AttentionMap
 
 __all__ = ["plot_heads", "plot_modality_matrices", "plot_received", "save_figure", "write_html_report"]
 
@@ -39,8 +39,9 @@ def plot_heads(m: AttentionMap, sample: int, title: str) -> Figure:
     rows = int(np.ceil(heads / cols))
     cell_w = max(2.6, 0.22 * S + 1.2)
     cell_h = max(1.6, 0.22 * L + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(cell_w * cols + 1.2, cell_h * rows + 1.0), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cell_w * cols + 1.2, cell_h * rows + 1.0), squeeze=False, layout="constrained"
+    )
     vmax = float(w.max()) if w.size else 1.0
     image = None
     for h in range(rows * cols):
@@ -67,8 +68,9 @@ def plot_modality_matrices(attn: ModalityAttention, title: str) -> Figure:
     rows = int(np.ceil(len(blocks) / cols))
     sizes = [max(len(q), len(k)) for _, (q, k, _) in blocks]
     cell = max(3.0, 0.55 * max(sizes) + 1.6)
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.8), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.8), squeeze=False, layout="constrained"
+    )
     # One colour scale for all panels, stretched to the largest value so differences show.
     vmax = max(float(mat.max()) for _, (_, _, mat) in blocks) or 1.0
     image = None
@@ -86,7 +88,9 @@ def plot_modality_matrices(attn: ModalityAttention, title: str) -> Figure:
         ax.set_title(name, fontsize=9)
         if mat.size <= 64:
             for (r, c), v in np.ndenumerate(mat):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 * vmax else "black")
+                ax.text(
+                    c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 * vmax else "black"
+                )
     fig.colorbar(image, ax=axes, shrink=0.9, label="mean attention weight")
     fig.suptitle(title, fontsize=10)
     return fig
@@ -118,14 +122,18 @@ def save_figure(fig: Figure, path: Path) -> bytes:
     return data
 
 
-def write_html_report(path: Path, title: str, summary: list[tuple[str, str]], sections: list[tuple[str, list[bytes]]]) -> None:
+def write_html_report(
+    path: Path, title: str, summary: list[tuple[str, str]], sections: list[tuple[str, list[bytes]]]
+) -> None:
     """A single HTML file with every image embedded (base64), readable offline."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
     body = []
     for heading, images in sections:
         body.append(f"<h2>{html.escape(heading)}</h2>")
         for png in images:
-            body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+            body.append(
+                f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -136,7 +144,7 @@ img {{ max-width: 100%; display: block; margin: 0.5em 0 1.5em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <table>{rows}</table>
-{''.join(body)}
+{"".join(body)}
 </body></html>
 """
     tmp = path.with_name(f".{path.name}.tmp")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -114,9 +114,7 @@ def run(
     torch.manual_seed(train.seed)
     model = build_model(fusion, model_config(fusion, data, **(model_overrides or {}))).to(train.device)
     best_epoch, history = fit(model, batches["train"], batches["valid"], data.task, train, on_epoch)
-    metrics = {
-        name: evaluate(model, batch, data.task, train.sentiment_metrics) for name, batch in batches.items()
-    }
+    metrics = {name: evaluate(model, batch, data.task, train.sentiment_metrics) for name, batch in batches.items()}
     return RunResult(model, fusion, standardizer, metrics, best_epoch, history)
 
 
@@ -151,8 +149,12 @@ def fit(
         valid_out = predict(model, valid_batch)
         valid_loss = loss_fn(valid_out, valid_batch.y).item()
         valid_metrics = compute_metrics(task, _np(valid_batch.y), to_predictions(task, valid_out))
-        record = {"epoch": epoch, "train_loss": total.item() / count, "valid_loss": valid_loss,
-                  f"valid_{metric}": valid_metrics[metric]}
+        record = {
+            "epoch": epoch,
+            "train_loss": total.item() / count,
+            "valid_loss": valid_loss,
+            f"valid_{metric}": valid_metrics[metric],
+        }
         history.append(record)
         # Higher is better for the key; validation loss breaks ties of a coarse metric (accuracy).
         key = (valid_metrics[metric] if mode == "max" else -valid_metrics[metric], -valid_loss)
