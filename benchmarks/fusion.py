@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnfuse.data import MultimodalDataset, iter_batches
-from attnfuse.datasets import load_mfeat, make_planted
+from attnfuse.data import MultimodalDataset, iter_batches, load_mfeat, make_planted
 from attnfuse.fusion import FUSIONS, build_model
 from attnfuse.training import TrainConfig, model_config, run
 

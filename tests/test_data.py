@@ -17,8 +17,11 @@ from attnfuse.data import (
     MultimodalDataset,
     Standardizer,
     iter_batches,
+    load_data,
+    load_npz,
+    load_pickle,
+    save_npz,
 )
-from attnfuse.files import load_data, load_npz, load_pickle, save_npz
 
 N, T = 12, 5
 

@@ -1,4 +1,4 @@
-"""Tests for attnfuse.datasets: the vendored mfeat data and the planted synthetic tasks."""
+"""Tests for attnfuse.data.builtins: the vendored mfeat data and the planted synthetic tasks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnfuse.datasets import BUILTINS, load_mfeat, make_planted
-from attnfuse.files import load_data
+from attnfuse.data import BUILTINS, load_data, load_mfeat, make_planted
 
 SHARED_MFEAT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci-mfeat"
 
@@ -49,7 +48,7 @@ def test_mfeat_values_match_the_csv_first_row(mfeat):
 
 
 def test_mfeat_file_is_small_and_attributed():
-    data_dir = resources.files("attnfuse") / "data"
+    data_dir = resources.files("attnfuse") / "resources"
     assert (data_dir / "mfeat.npz").stat().st_size < 3_000_000
     attribution = (data_dir / "ATTRIBUTION.md").read_text()
     assert "CC BY 4.0" in attribution and "Duin" in attribution and "Kybernetika" in attribution

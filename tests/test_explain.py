@@ -10,8 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from attnfuse.cli import app
-from attnfuse.data import MultimodalDataset
-from attnfuse.datasets import make_planted
+from attnfuse.data import MultimodalDataset, make_planted
 from attnfuse.explain import (
     bertviz_export,
     collect_maps,
@@ -208,7 +207,7 @@ def test_attention_lands_on_the_planted_step():
 def trained_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
     data = make_planted(n=300, seq_len=4, num_keys=6, seed=3, task="classification")
-    from attnfuse.files import save_npz
+    from attnfuse.data import save_npz
 
     save_npz(data, root / "planted.npz")
     dirs = {}

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnfuse.data import Batch, MultimodalDataset
-from attnfuse.datasets import make_planted
+from attnfuse.data import Batch, MultimodalDataset, make_planted
 from attnfuse.fusion import FUSIONS, build_model, config_from_dict
 from attnfuse.modules import AttentionMap
 from attnfuse.training import TrainConfig, model_config, run

@@ -1,13 +1,13 @@
-"""Regenerate ``src/attnfuse/data/mfeat.npz`` from the UCI Multiple Features CSVs.
+"""Regenerate ``src/attnfuse/resources/mfeat.npz`` from the UCI Multiple Features CSVs.
 
 Usage (from the repository root)::
 
-    python tools/vendor_mfeat.py [--src ../shared/data/uci-mfeat] [--out src/attnfuse/data/mfeat.npz]
+    python tools/vendor_mfeat.py [--src ../shared/data/uci-mfeat] [--out src/attnfuse/resources/mfeat.npz]
 
 Input: six CSVs ``mfeat-<view>.csv`` whose first row holds column numbers, whose last
 column is the digit label, and whose rows are aligned across files.
 
-Output: an attnfuse ``.npz`` dataset (the format ``attnfuse.files.load_npz`` reads):
+Output: an attnfuse ``.npz`` dataset (the format ``attnfuse.data.load_npz`` reads):
 ``x_fou, x_fac, x_kar, x_pix, x_zer, x_mor`` (in that order) and ``y`` (int64, 0..9).
 Only the storage changes, never a value:
 
@@ -88,7 +88,7 @@ def build(src: Path) -> dict[str, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "uci-mfeat")
-    parser.add_argument("--out", type=Path, default=ROOT / "src" / "attnfuse" / "data" / "mfeat.npz")
+    parser.add_argument("--out", type=Path, default=ROOT / "src" / "attnfuse" / "resources" / "mfeat.npz")
     args = parser.parse_args()
 
     arrays = build(args.src)

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .data import MultimodalDataset, Standardizer
+from .data.dataset import MultimodalDataset, Standardizer
 from .fusion import FusionModel, build_model
 
 __all__ = ["save_model", "load_model", "check_compatible", "atomic_write", "write_json"]

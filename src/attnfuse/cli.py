@@ -22,9 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .checkpoint import METRICS, atomic_write, check_compatible, fingerprint, load_model, save_model, write_json
-from .data import MultimodalDataset, Standardizer
-from .datasets import BUILTINS
-from .files import load_data
+from .data import BUILTINS, MultimodalDataset, Standardizer, load_data
 from .fusion import FUSIONS, FusionModel
 from .metrics import PRIMARY_METRIC, compute_metrics, summarize
 from .training import TrainConfig, predict, run, to_predictions

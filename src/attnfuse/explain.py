@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Batch, iter_batches
-from .functional import scaled_dot_product_attention
+from .data.dataset import Batch, iter_batches
 from .fusion import FUSIONS, FusionModel
 from .modules import AttentionMap
+from .nn.functional import scaled_dot_product_attention
 
 __all__ = [
     "Walkthrough",

@@ -12,7 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .data import MultimodalDataset, Standardizer
+from .data.dataset import MultimodalDataset, Standardizer
 from .explain import (
     bertviz_export,
     collect_maps,

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .cross import BidirectionalCrossAttention, CrossAttention
-from .data import Batch, ModalitySpec
-from .layers import TransformerEncoder
+from .data.dataset import Batch, ModalitySpec
 from .modules import AttentionMap, MLPHead, ModalityEmbedding, Pooling, masked_mean, token_labels
+from .nn.cross import BidirectionalCrossAttention, CrossAttention
+from .nn.layers import TransformerEncoder
 
 __all__ = [
     "FusionConfig",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .data import Batch, ModalitySpec
-from .layers import sinusoidal_table
+from .data.dataset import Batch, ModalitySpec
+from .nn.layers import sinusoidal_table
 
 __all__ = ["AttentionMap", "ModalityEmbedding", "Pooling", "MLPHead", "masked_mean", "token_labels"]
 

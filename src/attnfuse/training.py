@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import Batch, MultimodalDataset, Standardizer, iter_batches
+from .data.dataset import Batch, MultimodalDataset, Standardizer, iter_batches
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics
 

@@ -1,7 +1,9 @@
-"""Built-in datasets: UCI Multiple Features (vendored) and synthetic planted-answer tasks.
+"""Built-in datasets (UCI Multiple Features, vendored; synthetic planted-answer tasks) and
+:func:`load_data`, which takes a built-in's name or a file path.
 
-``BUILTINS`` maps the names accepted by ``attnfuse.files.load_data`` (and listed by
-``attnfuse datasets``) to a factory and a one-line description.
+``BUILTINS`` maps each name (listed by ``attnfuse datasets``) to a factory and a one-line
+description. Every factory has the same signature, ``factory(seed=0) -> MultimodalDataset``: a
+generated data set draws from ``seed``; a vendored one ignores it.
 """
 
 from __future__ import annotations
@@ -10,23 +12,26 @@ from collections.abc import Callable
 from functools import partial
 from importlib import resources
 from numbers import Real
+from pathlib import Path
 
 import numpy as np
 
-from .data import MultimodalDataset
-from .files import load_npz
+from .dataset import MultimodalDataset
+from .io import FILE_SUFFIXES, read_file
+from .io.npz import load_npz
 
 MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 
 
-def load_mfeat() -> MultimodalDataset:
+def load_mfeat(seed: int = 0) -> MultimodalDataset:
     """UCI Multiple Features: 2,000 handwritten digits (200 per class), y int64 in 0..9.
 
     Six vector modalities, in this order: fou (76 Fourier coefficients), fac (216 profile
     correlations), kar (64 Karhunen-Loeve coefficients), pix (240 pixel averages), zer (47 Zernike
-    moments), mor (6 morphological features). No predefined split. See data/ATTRIBUTION.md.
+    moments), mor (6 morphological features). No predefined split. See resources/ATTRIBUTION.md.
+    ``seed`` is accepted for the factories' common signature; the data is fixed.
     """
-    with resources.as_file(resources.files("attnfuse") / "data" / "mfeat.npz") as path:
+    with resources.as_file(resources.files("attnfuse") / "resources" / "mfeat.npz") as path:
         data = load_npz(path)
     names = [m.name for m in data.modalities]
     if names != list(MFEAT_VIEWS):  # guards against a badly regenerated file
@@ -128,3 +133,21 @@ BUILTINS: dict[str, tuple[Callable[..., MultimodalDataset], str]] = {
         "planted cross-modal lookup: classify the binned video value whose key matches the text query",
     ),
 }
+
+
+def load_data(
+    source: str, *, allow_pickle: bool = False, seed: int = 0, task: str = "auto", num_classes: int | None = None
+) -> MultimodalDataset:
+    """A built-in dataset by name (see :data:`BUILTINS`) or a data file (see ``attnfuse.data.io``).
+
+    ``seed`` is passed to the built-ins (the synthetic ones draw from it); ``task`` and
+    ``num_classes`` to files (built-ins have their own).
+    """
+    if source in BUILTINS:
+        return BUILTINS[source][0](seed=seed)
+    if Path(source).suffix.lower() not in FILE_SUFFIXES:
+        raise ValueError(
+            f"data: expected a built-in dataset ({', '.join(BUILTINS)}) or a path ending in "
+            f"{', '.join(FILE_SUFFIXES)}, got {source!r}"
+        )
+    return read_file(source, allow_pickle=allow_pickle, task=task, num_classes=num_classes)
