@@ -1,4 +1,4 @@
-"""The work behind ``attnfuse explain``: the printed walkthrough, and the files for a model."""
+"""``attnfuse explain``: the printed walkthrough, and the files for a model."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from .data.dataset import MultimodalDataset, Standardizer
-from .explain import (
+from ..data.dataset import MultimodalDataset, Standardizer
+from ..explain import (
     bertviz_export,
     collect_maps,
     modality_attention,
@@ -21,10 +22,11 @@ from .explain import (
     require_attention,
     walkthrough,
 )
-from .fusion import FusionModel
-from .metrics import PRIMARY_METRIC, compute_metrics
-from .report import plot_heads, plot_modality_matrices, plot_received, save_figure, write_html_report
-from .training import predict, to_predictions
+from ..fusion import FusionModel
+from ..metrics import PRIMARY_METRIC, compute_metrics
+from ..report import plot_heads, plot_modality_matrices, plot_received, save_figure, write_html_report
+from ..training import predict, to_predictions
+from .common import _load_for_model, _parts, console
 
 DEFAULT_SAMPLES = 2
 
@@ -206,4 +208,50 @@ def explain_model(
     console.print(table)
     console.print(
         f"report, heatmaps and bertviz export written to [bold]{out}[/] (open {out / 'report.html'})", highlight=False
+    )
+
+
+def explain(
+    model: Path | None = typer.Option(None, help="A model directory written by `attnfuse train`."),
+    data: str | None = typer.Option(None, help="Data to explain (default: the model's training data)."),
+    samples: str | None = typer.Option(None, help="Row indices for the heatmaps, e.g. '0,5,9' (default: 2 test rows)."),
+    split: str = typer.Option("test", help="Split to average the modality attention over (train, valid, test, all)."),
+    out: Path | None = typer.Option(None, help="Output directory (default MODEL/explain)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+    query: str | None = typer.Option(None, help="Walkthrough: query vector(s), e.g. '1,2'."),
+    keys: str | None = typer.Option(None, help="Walkthrough: key vectors, e.g. '2,3;1,0'."),
+    values: str | None = typer.Option(None, help="Walkthrough: value vectors (default: the keys)."),
+    self_vectors: str | None = typer.Option(
+        None, "--self", help="Walkthrough of self-attention: Q = K = V = these vectors."
+    ),
+    no_scale: bool = typer.Option(
+        False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling (as in the notes)."
+    ),
+) -> None:
+    """Show where a model's attention looked (heatmaps, modality attribution, HTML report), or walk
+    through the attention arithmetic for hand-made vectors (--query/--keys or --self)."""
+    walkthrough_args = query is not None or keys is not None or self_vectors is not None or values is not None
+    if walkthrough_args:
+        if model is not None:
+            raise ValueError(
+                "explain: --model explains a trained model, --query/--keys/--values/--self a "
+                "hand-made example; give one or the other"
+            )
+        print_walkthrough(console, query, keys, values, self_vectors, scale=not no_scale)
+        return
+    if no_scale:
+        raise ValueError("--no-scale: applies to the walkthrough (--query/--keys or --self) only")
+    if model is None:
+        raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
+    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    explain_model(
+        console,
+        net,
+        config,
+        standardizer,
+        dataset,
+        _parts(dataset, config),
+        samples,
+        split,
+        out or Path(model) / "explain",
     )

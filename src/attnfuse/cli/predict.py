@@ -1,0 +1,82 @@
+"""``attnfuse evaluate``, ``attnfuse predict`` and ``attnfuse datasets``."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..checkpoint import atomic_write, write_json
+from ..data import BUILTINS
+from ..metrics import compute_metrics
+from ..training import predict, to_predictions
+from .common import _load_for_model, _metrics_table, _parts, console
+
+
+def evaluate(
+    model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
+    data: str = typer.Option(..., help="Built-in dataset name or a .npz/.pkl file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+    out: Path | None = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
+) -> None:
+    """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
+    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    batch = standardizer.transform(dataset).to_batch()
+    sentiment = config["train"].get("sentiment_metrics", False)
+    y_pred = to_predictions(dataset.task, predict(net, batch))
+    parts = _parts(dataset, config)
+    report = {
+        s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
+        for s, idx in parts.items()
+        if idx.size
+    }
+    write_json(out or Path(model) / "evaluation.json", report)
+    console.print(_metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
+
+
+def predict_cmd(
+    model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
+    data: str = typer.Option(..., help="Built-in dataset name or a .npz/.pkl file."),
+    out: Path = typer.Option(Path("predictions.csv"), help="CSV file to write, one row per sample."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+) -> None:
+    """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
+    net, _config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    outputs = predict(net, standardizer.transform(dataset).to_batch())
+    y_pred = to_predictions(dataset.task, outputs)
+
+    header, columns = ["index"], [np.arange(dataset.n)]
+    if dataset.split is not None:
+        header.append("split"), columns.append(dataset.split)
+    y_true = dataset.y.reshape(dataset.n, -1)
+    y_hat = y_pred.reshape(dataset.n, -1)
+    k = y_true.shape[1]
+    header += ["y_true"] if k == 1 else [f"y_true_{j}" for j in range(k)]
+    header += ["y_pred"] if k == 1 else [f"y_pred_{j}" for j in range(k)]
+    columns += [y_true[:, j] for j in range(k)] + [y_hat[:, j] for j in range(k)]
+    if dataset.task == "classification":
+        probs = outputs.softmax(dim=-1).numpy()
+        header += [f"prob_{c}" for c in range(probs.shape[1])]
+        columns += [np.round(probs[:, c], 6) for c in range(probs.shape[1])]
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(zip(*columns))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    console.print(f"{dataset.n} predictions written to [bold]{escape(str(out))}[/]", highlight=False)
+
+
+def datasets() -> None:
+    """List the built-in datasets."""
+    table = Table(title="built-in datasets (use the name with --data)", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, (_, description) in BUILTINS.items():
+        table.add_row(name, description)
+    console.print(table)
