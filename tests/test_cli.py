@@ -22,6 +22,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from attnfuse.cli import app
+from attnfuse.data import load_npz
 
 # Small, fast models for every training run in this file.
 FAST = ["--epochs", "2", "--d-model", "16", "--heads", "2", "--layers", "1", "--batch-size", "32"]
@@ -97,7 +98,12 @@ def model_dir(workdir, npz) -> Path:
 
 
 def test_train_writes_model_config_and_metrics(model_dir, npz):
-    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+        "run.yaml",
+    ]
     config = json.loads((model_dir / "config.json").read_text())
     assert config["fusion"] == "cross" and config["data"]["name"] == "toy" and config["data"]["n"] == 90
     assert config["model"]["d_model"] == 16 and config["model"]["nhead"] == 2 and config["model"]["num_layers"] == 1
@@ -131,14 +137,19 @@ def test_predict_writes_one_row_per_sample(model_dir, npz, workdir):
     out = workdir / "pred.csv"
     ok(cli("predict", "--model", model_dir, "--data", npz, "--out", out))
     header, rows = read_csv(out)
-    assert header == ["index", "y_true", "y_pred", "prob_0", "prob_1", "prob_2"]
+    # The training data has no split column: the split drawn in training is written.
+    assert header == ["index", "split", "y_true", "y_pred", "prob_0", "prob_1", "prob_2"]
     assert len(rows) == 90
     assert [int(r[0]) for r in rows] == list(range(90))
+    config = json.loads((model_dir / "config.json").read_text())
+    parts = load_npz(npz).split_indices(config["split_seed"])
+    for name, rows_of_split in parts.items():
+        assert {rows[i][1] for i in rows_of_split} == {name}
     y = np.load(npz)["y"]
-    np.testing.assert_array_equal([int(r[1]) for r in rows], y)
-    probs = np.array([[float(v) for v in r[3:]] for r in rows])
+    np.testing.assert_array_equal([int(r[2]) for r in rows], y)
+    probs = np.array([[float(v) for v in r[4:]] for r in rows])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
-    np.testing.assert_array_equal([int(r[2]) for r in rows], probs.argmax(axis=1))
+    np.testing.assert_array_equal([int(r[3]) for r in rows], probs.argmax(axis=1))
     # The predictions are the ones evaluate scores.
     ok(cli("evaluate", "--model", model_dir, "--data", npz, "--out", workdir / "eval2.json"))
     acc = json.loads((workdir / "eval2.json").read_text())["all"]["accuracy"]
@@ -176,7 +187,7 @@ def test_regression_with_k_targets_predict_columns(workdir):
     assert config["train"]["loss"] == "mse" and config["model"]["out_dim"] == 2
     ok(cli("predict", "--model", out, "--data", path, "--out", workdir / "reg.csv"))
     header, rows = read_csv(workdir / "reg.csv")
-    assert header == ["index", "y_true_0", "y_true_1", "y_pred_0", "y_pred_1"]
+    assert header == ["index", "split", "y_true_0", "y_true_1", "y_pred_0", "y_pred_1"]
     assert len(rows) == 60
 
 
@@ -210,7 +221,7 @@ def test_train_on_synthetic_with_a_seed_then_evaluate(workdir):
     ok(cli("predict", "--model", out, "--data", "synthetic-classification", "--out", workdir / "synth.csv"))
     header, rows = read_csv(workdir / "synth.csv")
     assert len(rows) == 2000 and header[-4:] == ["prob_0", "prob_1", "prob_2", "prob_3"]
-    assert np.mean([r[1] == r[2] for r in rows]) == pytest.approx(report["all"]["accuracy"])
+    assert np.mean([r[2] == r[3] for r in rows]) == pytest.approx(report["all"]["accuracy"])
 
 
 def test_repeat_writes_runs_and_summary(workdir, npz):
@@ -318,9 +329,9 @@ BAD_TRAIN_INPUTS = {
     "heads-do-not-divide": (
         lambda d: write_npz(d / "ok2.npz"),
         ["--d-model", "10", "--heads", "4"],
-        ["d_model", "heads=4"],
+        ["d_model", "nhead=4"],
     ),
-    "zero-heads": (lambda d: write_npz(d / "ok3.npz"), ["--heads", "0"], ["heads"]),
+    "zero-heads": (lambda d: write_npz(d / "ok3.npz"), ["--heads", "0"], ["nhead"]),
     "bad-pooling": (lambda d: write_npz(d / "ok4.npz"), ["--pooling", "max"], ["pooling"]),
     "bad-loss": (lambda d: write_npz(d / "ok5.npz"), ["--loss", "huber"], ["loss"]),
     "repeat-zero": (lambda d: write_npz(d / "ok6.npz"), ["--repeat", "0"], ["repeat"]),
@@ -432,7 +443,7 @@ def test_no_traceback_through_the_real_script(tmp_path, npz):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "run.yaml"]
     bad = subprocess.run(
         [script, "train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"],
         capture_output=True,
@@ -448,11 +459,6 @@ def test_no_traceback_through_the_real_script(tmp_path, npz):
 
 # ---------------------------------------------------------------------------------------------
 # `make demo` = `attnfuse train` with no arguments: the self fusion on mfeat
-
-
-def test_make_demo_runs_plain_train():
-    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M)
-    assert recipe and recipe.group(1).strip().endswith("attnfuse train")
 
 
 def test_train_defaults_are_self_fusion_on_mfeat():
@@ -491,7 +497,7 @@ def test_options_that_do_not_apply_are_errors(npz, workdir, tmp_path):
     )
     assert_clean_error(
         cli("train", "--data", reg, "--label-smoothing", "0.1", "--out", tmp_path / "x"),
-        "label-smoothing: applies to classification only",
+        "label_smoothing: applies to classification only",
     )
     assert_clean_error(cli("explain", "--model", tmp_path, "--query", "1,2", "--keys", "1,2"), "one or the other")
     assert_clean_error(cli("explain", "--model", tmp_path, "--no-scale"), "--no-scale: applies to the walkthrough")

@@ -316,7 +316,7 @@ def test_heads_must_divide_d_model(fusion):
     data = make_data("vector")
     with pytest.raises(ValueError, match="d_model"):
         model_config(fusion, data, d_model=10, nhead=4)
-    with pytest.raises(ValueError, match="heads"):
+    with pytest.raises(ValueError, match="^nhead: "):  # the field's name, not a command-line flag
         model_config(fusion, data, d_model=16, nhead=0)
 
 
@@ -351,11 +351,21 @@ def test_other_config_errors_name_the_field():
     data = make_data("vector")
     with pytest.raises(ValueError, match="dropout"):
         model_config("self", data, dropout=1.0)
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(ValueError, match="^num_layers: "):
         model_config("self", data, num_layers=0)
     with pytest.raises(ValueError, match="pooling"):
         model_config("self", data, pooling="max")
     with pytest.raises(ValueError, match="d_model"):
         model_config("concat", data, d_model=0)
-    with pytest.raises(ValueError, match="unknown fields.*nhead"):
+    with pytest.raises(ValueError, match="^nhead: the 'concat' fusion has no such setting"):
         config_from_dict("concat", {"modalities": [], "out_dim": 2, "nhead": 2})
+
+
+def test_a_config_without_modalities_checks_its_own_settings():
+    """The command line checks options before loading data: a config without modalities
+    validates its settings and leaves the modality-dependent checks for later."""
+    assert config_from_dict("cross", {"query": "text", "nhead": 2, "d_model": 8}).query == "text"
+    with pytest.raises(ValueError, match="^d_model: expected a multiple of nhead=3"):
+        config_from_dict("self", {"nhead": 3})
+    with pytest.raises(ValueError, match="^modalities: "):
+        build_model("self", {})

@@ -1,5 +1,6 @@
 """Model directories: ``model.safetensors`` (weights), ``config.json`` (everything needed to rebuild
-the model and the feature standardisation) and ``metrics.json``.
+the model and the feature standardisation), ``metrics.json`` and ``run.yaml`` (the options the run
+was trained with: ``attnfuse train --config DIR/run.yaml`` trains it again).
 
 Checkpoints never use pickle: safetensors holds only tensors, JSON only plain values, so loading a
 model directory cannot run code. Every file is written to a temporary name and renamed into place,
@@ -17,15 +18,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .data.dataset import MultimodalDataset, Standardizer
 from .fusion import FusionModel, build_model
 
-__all__ = ["save_model", "load_model", "check_compatible", "atomic_write", "write_json"]
+__all__ = ["save_model", "save_run", "load_model", "check_compatible", "atomic_write", "write_json"]
 
-WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
+WEIGHTS, CONFIG, METRICS, RUN = "model.safetensors", "config.json", "metrics.json", "run.yaml"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -85,6 +87,29 @@ def save_model(
         "train": train_config,
     }
     write_json(out_dir / CONFIG, config)
+
+
+def save_run(
+    out_dir: str | os.PathLike,
+    model: FusionModel,
+    fusion: str,
+    data: MultimodalDataset,
+    standardizer: Standardizer,
+    train_config: dict,
+    split_seed: int,
+    metrics: dict,
+    options: dict,
+) -> None:
+    """A whole run directory: the model (:func:`save_model`), ``metrics.json`` and ``run.yaml``
+    (``options``: the option values of ``attnfuse train`` that reproduce the run)."""
+    out_dir = Path(out_dir)
+    save_model(out_dir, model, fusion, data, standardizer, train_config, split_seed, source=options.get("data"))
+    write_json(out_dir / METRICS, metrics)
+
+    def dump(tmp: str) -> None:
+        Path(tmp).write_text(yaml.safe_dump(options, sort_keys=False))
+
+    atomic_write(out_dir / RUN, dump)
 
 
 def fingerprint(data: MultimodalDataset) -> str:

@@ -24,15 +24,16 @@ a learned "missing" vector stands in.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .data.dataset import Batch, ModalitySpec
 from .modules import AttentionMap, MLPHead, ModalityEmbedding, Pooling, masked_mean, token_labels
-from .nn.cross import BidirectionalCrossAttention, CrossAttention
-from .nn.layers import TransformerEncoder
+from .nn import BidirectionalCrossAttention, CrossAttention, TransformerEncoder
+from .options import option, options_of
 
 __all__ = [
     "FusionConfig",
@@ -54,33 +55,40 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs
+# Configs: every field made with `option` is a user-facing setting (see attnfuse.options)
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class FusionConfig:
-    """What every fusion model needs: the modalities it reads, the output size and the width."""
+    """What every fusion model needs: the modalities it reads, the output size and the width.
 
-    modalities: list[ModalitySpec]
-    out_dim: int  # number of classes, or of regression targets
-    d_model: int = 64
-    dropout: float = 0.1
-    head_hidden: int | None = None  # hidden size of the MLP head (default 2 * d_model)
-    modality_dropout: float = 0.0  # training only: hide each modality of a sample with this probability
+    ``modalities`` and ``out_dim`` come from the data (:func:`attnfuse.training.model_config`); a
+    config without modalities checks its own settings only (the command line does that before any
+    data is loaded)."""
+
+    modalities: list[ModalitySpec] = field(default_factory=list)
+    out_dim: int = 1  # number of classes, or of regression targets
+    d_model: int = option(64, "Model width: every modality's features are projected to it.")
+    dropout: float = option(0.1, "Dropout rate (embeddings, attention, feed-forward, head).")
+    head_hidden: int | None = option(None, "Hidden size of the MLP head (default 2 * d_model).")
+    modality_dropout: float = option(
+        0.0, "Training only: hide each modality of a sample with this probability (at least one stays)."
+    )
 
     def __post_init__(self) -> None:
         self.modalities = [m if isinstance(m, ModalitySpec) else ModalitySpec(**m) for m in self.modalities]
-        if not self.modalities:
-            raise ValueError("modalities: expected at least one modality, got none")
-        if self.out_dim < 1:
-            raise ValueError(f"out_dim: expected >= 1, got {self.out_dim}")
-        if self.d_model < 1:
-            raise ValueError(f"d_model: expected >= 1, got {self.d_model}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout: expected a value in [0, 1), got {self.modality_dropout}")
+        _check_int("out_dim", self.out_dim, 1)
+        _check_int("d_model", self.d_model, 1)
+        if self.head_hidden is not None:
+            _check_int("head_hidden", self.head_hidden, 1)
+        _check_rate("dropout", self.dropout)
+        _check_rate("modality_dropout", self.modality_dropout)
+        if self.modalities:
+            self.check_modalities(self.names())
+
+    def check_modalities(self, names: list[str]) -> None:
+        """Checks of the settings that name modalities, once the data's modalities are known."""
 
     @property
     def hidden(self) -> int:
@@ -99,24 +107,31 @@ class ConcatConfig(FusionConfig):
 class SelfFusionConfig(FusionConfig):
     """``self``: one Transformer encoder over the tokens of all modalities."""
 
-    nhead: int = 4
-    num_layers: int = 2
-    dim_feedforward: int | None = None  # default 4 * d_model, the paper's ratio
-    norm_first: bool = True  # pre-norm: stabler on small data sets than the paper's post-norm
-    pooling: str = "mean"  # see POOLINGS: "mean" (the notes), "attention", "cls", "modality"
+    nhead: int = option(4, "Attention heads (must divide d_model).", flags=("heads",))
+    num_layers: int = option(2, "Attention layers per stack.", flags=("layers",))
+    dim_feedforward: int | None = option(None, "Hidden size of the feed-forward sublayers (default 4 * width).")
+    norm_first: bool = option(
+        True, "Pre-norm blocks (stabler on small data); --no-norm-first: post-norm, as the paper."
+    )
+    pooling: str = option(
+        "mean",
+        "Aggregation of the fused tokens: mean over valid tokens, attention (a learned query), cls (a [CLS] "
+        "token), or modality (self fusion: per-modality means, concatenated).",
+        choices=("mean", "attention", "cls", "modality"),
+    )
 
-    POOLINGS = ("mean", "attention", "cls", "modality")
+    POOLINGS: ClassVar[tuple[str, ...]] = ("mean", "attention", "cls", "modality")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.nhead < 1:  # checked first: `d_model % 0` would be a ZeroDivisionError
-            raise ValueError(f"heads: expected >= 1, got {self.nhead}")
-        if self.d_model % self.nhead != 0:
-            raise ValueError(f"d_model: expected a multiple of heads={self.nhead}, got {self.d_model}")
-        if self.num_layers < 1:
-            raise ValueError(f"layers: expected >= 1, got {self.num_layers}")
+        _check_int("nhead", self.nhead, 1)  # before d_model % nhead, which would divide by 0
+        _check_int("num_layers", self.num_layers, 1)
+        if self.dim_feedforward is not None:
+            _check_int("dim_feedforward", self.dim_feedforward, 1)
         if self.pooling not in self.POOLINGS:
             raise ValueError(f"pooling: expected one of {self.POOLINGS} for this fusion, got {self.pooling!r}")
+        super().__post_init__()
+        if self.d_model % self.nhead != 0:
+            raise ValueError(f"d_model: expected a multiple of nhead={self.nhead}, got {self.d_model}")
 
     @property
     def ff(self) -> int:
@@ -129,14 +144,14 @@ class CrossFusionConfig(SelfFusionConfig):
 
     Defaults: the first modality queries all the others (for text/audio/vision: text queries)."""
 
-    query: str | None = None
-    context: list[str] | None = None
+    query: str | None = option(None, "cross/bicross: the modality whose tokens ask (default: the first).")
+    context: list[str] | None = option(
+        None, "cross/bicross: the modalities that answer (repeat the option; default: all but the query)."
+    )
 
-    POOLINGS = ("mean", "attention")
+    POOLINGS: ClassVar[tuple[str, ...]] = ("mean", "attention")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        names = self.names()
+    def check_modalities(self, names: list[str]) -> None:
         if len(names) < 2:
             raise ValueError(f"modalities: cross-modal fusion needs at least 2 modalities, got {names}")
         if self.query is None:
@@ -163,15 +178,113 @@ class MulTConfig(SelfFusionConfig):
     of self-attention per target over the concatenated cross-modal outputs (width
     ``(M - 1) * d_model``; its feed-forward is ``dim_feedforward`` or 4x that width)."""
 
-    self_layers: int = 3
+    self_layers: int | None = option(None, "mult: self-attention layers per target modality (default: num_layers).")
 
-    POOLINGS = ("mean",)
+    POOLINGS: ClassVar[tuple[str, ...]] = ("mean",)
 
     def __post_init__(self) -> None:
+        if self.self_layers is not None:
+            _check_int("self_layers", self.self_layers, 1)
         super().__post_init__()
-        m = len(self.modalities)
-        if m < 2:
-            raise ValueError(f"modalities: mult needs at least 2 modalities, got {self.names()}")
+
+    def check_modalities(self, names: list[str]) -> None:
+        if len(names) < 2:
+            raise ValueError(f"modalities: mult needs at least 2 modalities, got {names}")
+
+    @property
+    def self_depth(self) -> int:
+        return self.self_layers or self.num_layers
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def _check_rate(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a value in [0, 1), got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacks: each returns its output and every layer's attention weights (an empty list unless
+# `return_attention`), so the models collect maps without branching.
+# ---------------------------------------------------------------------------------------------
+
+
+class CrossStack(nn.ModuleList):
+    """``num_layers`` cross-attention blocks of width d_model (GELU feed-forward, batch-first).
+
+    forward(x ``(B, L, d)``, context ``(B, S, d)``, context_pad ``(B, S)`` True = ignore) ->
+    (x ``(B, L, d)``, weights: list of ``(B, H, L, S)``)."""
+
+    def __init__(self, config: SelfFusionConfig, block: type[nn.Module] = CrossAttention) -> None:
+        d = config.d_model
+        super().__init__(
+            block(d, d, config.nhead, config.ff, config.dropout, "gelu", batch_first=True, norm_first=config.norm_first)
+            for _ in range(config.num_layers)
+        )
+
+    def forward(self, x: Tensor, context: Tensor, context_pad: Tensor, return_attention: bool = False):
+        weights = []
+        for layer in self:
+            if return_attention:
+                x, w = layer(x, context, context_pad, need_weights=True)
+                weights.append(w)
+            else:
+                x = layer(x, context, context_pad)
+        return x, weights
+
+
+class BiCrossStack(nn.ModuleList):
+    """``num_layers`` bidirectional blocks: a attends to b and b to a, both updated every layer.
+
+    forward(a ``(B, La, d)``, b ``(B, Lb, d)``, a_pad, b_pad) -> (a, b, weights a->b, weights b->a)."""
+
+    def __init__(self, config: SelfFusionConfig) -> None:
+        d = config.d_model
+        super().__init__(
+            BidirectionalCrossAttention(
+                d, d, config.nhead, config.ff, config.dropout, "gelu", batch_first=True, norm_first=config.norm_first
+            )
+            for _ in range(config.num_layers)
+        )
+
+    def forward(self, a: Tensor, b: Tensor, a_pad: Tensor, b_pad: Tensor, return_attention: bool = False):
+        w_ab, w_ba = [], []
+        for layer in self:
+            if return_attention:
+                a, b, ab, ba = layer(a, b, a_pad, b_pad, need_weights=True)
+                w_ab.append(ab)
+                w_ba.append(ba)
+            else:
+                a, b = layer(a, b, a_pad, b_pad)
+        return a, b, w_ab, w_ba
+
+
+def encode(encoder: TransformerEncoder, x: Tensor, pad: Tensor, return_attention: bool) -> tuple[Tensor, list]:
+    """A self-attention stack in the stacks' convention: (output, weights per layer or [])."""
+    if return_attention:
+        return encoder(x, src_key_padding_mask=pad, return_attention=True)
+    return encoder(x, src_key_padding_mask=pad), []
+
+
+def layer_maps(
+    name: str, weights: list[Tensor], queries: list[str], keys: list[str], query_valid: Tensor
+) -> list[AttentionMap]:
+    """Name a stack's per-layer weights ``name/layer{i}`` with the token labels of both axes."""
+    return [AttentionMap(f"{name}/layer{i}", w, queries, keys, query_valid) for i, w in enumerate(weights)]
+
+
+def or_missing(vector: Tensor, present: Tensor, missing: Tensor) -> Tensor:
+    """``vector`` ``(B, D)`` where ``present`` ``(B, 1)``, else the learned ``missing`` ``(D,)``: a
+    fused vector that would come from an absent modality alone is a learned stand-in, not zeros."""
+    return torch.where(present, vector, missing)
+
+
+def _ln(dim: int, on: bool) -> nn.Module:
+    # Pre-norm stacks end with a LayerNorm (their last residual output is un-normalised).
+    return nn.LayerNorm(dim) if on else nn.Identity()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +304,8 @@ class FusionModel(nn.Module):
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__()
+        if not config.modalities:
+            raise ValueError("modalities: expected at least one modality, got none")
         self.config = config
         self.specs = {m.name: m for m in config.modalities}
         self.labels = {m.name: token_labels(m) for m in config.modalities}  # axis labels of attention maps
@@ -199,9 +314,13 @@ class FusionModel(nn.Module):
     def forward(self, batch: Batch, return_attention: bool = False) -> Tensor | tuple[Tensor, list[AttentionMap]]:
         if self.training and self.config.modality_dropout > 0:
             batch = self._drop_modalities(batch)
-        maps: list[AttentionMap] | None = [] if return_attention else None
-        out = self.head(self.fuse(batch, maps))
+        fused, maps = self.fuse(batch, return_attention)
+        out = self.head(fused)
         return (out, maps) if return_attention else out
+
+    def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:
+        """The fused vector ``(B, fused_dim)`` and the attention maps (empty unless asked)."""
+        raise NotImplementedError
 
     def _drop_modalities(self, batch: Batch) -> Batch:
         """Hide whole modalities at random (through the masks, as a missing modality is hidden),
@@ -214,19 +333,16 @@ class FusionModel(nn.Module):
         mask = {n: batch.mask[n] & keep[:, i : i + 1] for i, n in enumerate(names)}
         return Batch(batch.x, mask, batch.y)
 
-    def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
-        """(B, fused_dim); appends attention maps to ``maps`` when it is a list."""
-        raise NotImplementedError
-
     def _per_modality(self, h: dict[str, Tensor], mask: dict[str, Tensor], missing: Tensor) -> Tensor:
-        """Each modality's mean over its valid tokens, concatenated: (B, M * d). An absent
-        modality is represented by its learned ``missing[i]`` vector, not by zeros."""
-        pooled = []
-        for i, name in enumerate(self.specs):
-            valid = mask[name]
-            present = valid.any(dim=1, keepdim=True)  # (B, 1)
-            pooled.append(torch.where(present, masked_mean(h[name], valid), missing[i]))
-        return torch.cat(pooled, dim=-1)
+        """Each modality's mean over its valid tokens, concatenated: (B, M * d); an absent modality
+        contributes its learned ``missing[i]`` vector."""
+        return torch.cat(
+            [
+                or_missing(masked_mean(h[n], mask[n]), mask[n].any(dim=1, keepdim=True), missing[i])
+                for i, n in enumerate(self.specs)
+            ],
+            dim=-1,
+        )
 
     def _tokens(self, h: dict[str, Tensor], batch: Batch, names: list[str]) -> tuple[Tensor, Tensor, list[str]]:
         """Concatenate modalities along the token axis: (B, ΣT, d), valid (B, ΣT), labels."""
@@ -234,20 +350,6 @@ class FusionModel(nn.Module):
         valid = torch.cat([batch.mask[n] for n in names], dim=1)
         labels = [lab for n in names for lab in self.labels[n]]
         return x, valid, labels
-
-
-def _cross_stack(config: SelfFusionConfig, block: type[nn.Module] = CrossAttention) -> nn.ModuleList:
-    """``num_layers`` cross-attention blocks of width d_model (GELU feed-forward, batch-first)."""
-    d = config.d_model
-    return nn.ModuleList(
-        block(d, d, config.nhead, config.ff, config.dropout, "gelu", batch_first=True, norm_first=config.norm_first)
-        for _ in range(config.num_layers)
-    )
-
-
-def _ln(dim: int, on: bool) -> nn.Module:
-    # Pre-norm stacks end with a LayerNorm (their last residual output is un-normalised).
-    return nn.LayerNorm(dim) if on else nn.Identity()
 
 
 class ConcatFusion(FusionModel):
@@ -259,12 +361,11 @@ class ConcatFusion(FusionModel):
     def __init__(self, config: ConcatConfig) -> None:
         super().__init__(config)
         m, d = len(config.modalities), config.d_model
-        # An absent modality is represented by a learned vector, not by zeros.
-        self.missing = nn.Parameter(torch.zeros(m, d))
+        self.missing = nn.Parameter(torch.zeros(m, d))  # stand-ins for absent modalities
         self.head = MLPHead(m * d, config.hidden, config.out_dim, config.dropout)
 
-    def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
-        return self._per_modality(self.embed(batch), batch.mask, self.missing)  # (B, M * d)
+    def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:
+        return self._per_modality(self.embed(batch), batch.mask, self.missing), []  # (B, M * d)
 
 
 class SelfAttentionFusion(FusionModel):
@@ -295,21 +396,18 @@ class SelfAttentionFusion(FusionModel):
             self.pool, fused = Pooling(config.pooling, d), d
         self.head = MLPHead(fused, config.hidden, config.out_dim, config.dropout)
 
-    def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
+    def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:
         x, valid, labels = self._tokens(self.embed(batch), batch, list(self.specs))  # (B, T, d), (B, T)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
             valid = torch.cat([valid.new_ones(x.shape[0], 1), valid], dim=1)
-            labels = ["[CLS]"] + labels
-        if maps is None:
-            x = self.encoder(x, src_key_padding_mask=~valid)
-        else:
-            x, weights = self.encoder(x, src_key_padding_mask=~valid, return_attention=True)
-            maps += [AttentionMap(f"self/layer{i}", w, labels, labels, valid) for i, w in enumerate(weights)]
+            labels = ["[CLS]", *labels]
+        x, weights = encode(self.encoder, x, ~valid, return_attention)
+        maps = layer_maps("self", weights, labels, labels, valid)
         if self.pool is None:
             lengths = [self.specs[n].length for n in self.specs]
-            return self._per_modality(dict(zip(self.specs, x.split(lengths, dim=1))), batch.mask, self.missing)
-        return self.pool(x, valid)
+            return self._per_modality(dict(zip(self.specs, x.split(lengths, dim=1))), batch.mask, self.missing), maps
+        return self.pool(x, valid), maps
 
 
 class CrossModalFusion(FusionModel):
@@ -320,56 +418,49 @@ class CrossModalFusion(FusionModel):
     def __init__(self, config: CrossFusionConfig) -> None:
         super().__init__(config)
         d = config.d_model
-        self.layers = _cross_stack(config)
+        self.layers = CrossStack(config)
         self.norm = _ln(d, config.norm_first)
         self.pool = Pooling(config.pooling, d)
         self.missing = nn.Parameter(torch.zeros(d))  # the fused vector when the query modality is absent
         self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
 
-    def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
+    def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:
         cfg = self.config
         h = self.embed(batch)
-        q, q_valid, q_labels = self._tokens(h, batch, [cfg.query])
-        ctx, ctx_valid, ctx_labels = self._tokens(h, batch, cfg.context)
-        name = f"cross:{cfg.query}->{'+'.join(cfg.context)}"
-        for i, layer in enumerate(self.layers):
-            if maps is None:
-                q = layer(q, ctx, ~ctx_valid)
-            else:
-                q, w = layer(q, ctx, ~ctx_valid, need_weights=True)
-                maps.append(AttentionMap(f"{name}/layer{i}", w, q_labels, ctx_labels, q_valid))
-        return torch.where(q_valid.any(dim=1, keepdim=True), self.pool(self.norm(q), q_valid), self.missing)
+        q, q_valid, q_labels = self._tokens(h, batch, [cfg.query])  # (B, Tq, d)
+        ctx, ctx_valid, ctx_labels = self._tokens(h, batch, cfg.context)  # (B, Tc, d)
+        q, weights = self.layers(q, ctx, ~ctx_valid, return_attention)
+        maps = layer_maps(f"cross:{cfg.query}->{'+'.join(cfg.context)}", weights, q_labels, ctx_labels, q_valid)
+        fused = self.pool(self.norm(q), q_valid)  # (B, d)
+        return or_missing(fused, q_valid.any(dim=1, keepdim=True), self.missing), maps
 
 
 class BiCrossFusion(FusionModel):
     """a queries b and b queries a; the two outputs are concatenated along the token axis and
-    aggregated over their valid tokens (the notes' text <-> video example)."""
+    aggregated over their valid tokens (text <-> video)."""
 
     config_class = BiCrossFusionConfig
 
     def __init__(self, config: BiCrossFusionConfig) -> None:
         super().__init__(config)
         d = config.d_model
-        self.layers = _cross_stack(config, BidirectionalCrossAttention)
+        self.layers = BiCrossStack(config)
         self.norm = _ln(d, config.norm_first)
         self.pool = Pooling(config.pooling, d)
         self.head = MLPHead(d, config.hidden, config.out_dim, config.dropout)
 
-    def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
+    def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:
         cfg = self.config
         h = self.embed(batch)
-        a, a_valid, a_labels = self._tokens(h, batch, [cfg.query])
-        b, b_valid, b_labels = self._tokens(h, batch, cfg.context)
+        a, a_valid, a_labels = self._tokens(h, batch, [cfg.query])  # (B, Ta, d)
+        b, b_valid, b_labels = self._tokens(h, batch, cfg.context)  # (B, Tb, d)
+        a, b, w_ab, w_ba = self.layers(a, b, ~a_valid, ~b_valid, return_attention)
         a_name, b_name = cfg.query, "+".join(cfg.context)
-        for i, layer in enumerate(self.layers):
-            if maps is None:
-                a, b = layer(a, b, ~a_valid, ~b_valid)
-            else:
-                a, b, w_ab, w_ba = layer(a, b, ~a_valid, ~b_valid, need_weights=True)
-                maps.append(AttentionMap(f"cross:{a_name}->{b_name}/layer{i}", w_ab, a_labels, b_labels, a_valid))
-                maps.append(AttentionMap(f"cross:{b_name}->{a_name}/layer{i}", w_ba, b_labels, a_labels, b_valid))
+        ab = layer_maps(f"cross:{a_name}->{b_name}", w_ab, a_labels, b_labels, a_valid)
+        ba = layer_maps(f"cross:{b_name}->{a_name}", w_ba, b_labels, a_labels, b_valid)
+        maps = [m for pair in zip(ab, ba) for m in pair]  # layer by layer, a->b before b->a
         tokens = self.norm(torch.cat([a, b], dim=1))  # (B, Ta + Tb, d)
-        return self.pool(tokens, torch.cat([a_valid, b_valid], dim=1))
+        return self.pool(tokens, torch.cat([a_valid, b_valid], dim=1)), maps
 
 
 class MulTFusion(FusionModel):
@@ -385,16 +476,14 @@ class MulTFusion(FusionModel):
         wide = (len(names) - 1) * d
 
         # cross[target][source]: target's tokens query source's tokens.
-        self.cross = nn.ModuleDict(
-            {t: nn.ModuleDict({s: _cross_stack(config) for s in names if s != t}) for t in names}
-        )
+        self.cross = nn.ModuleDict({t: nn.ModuleDict({s: CrossStack(config) for s in names if s != t}) for t in names})
         self.cross_norm = nn.ModuleDict({t: _ln(d, config.norm_first) for t in names})
         self.self_attn = nn.ModuleDict(
             {
                 t: TransformerEncoder(
                     wide,
                     config.nhead,
-                    config.self_layers,
+                    config.self_depth,
                     config.dim_feedforward or 4 * wide,
                     config.dropout,
                     "gelu",
@@ -407,29 +496,20 @@ class MulTFusion(FusionModel):
         self.missing = nn.Parameter(torch.zeros(len(names), wide))  # a target modality that is absent
         self.head = MLPHead(len(names) * wide, config.hidden, config.out_dim, config.dropout)
 
-    def fuse(self, batch: Batch, maps: list[AttentionMap] | None) -> Tensor:
+    def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:
         h = self.embed(batch)
-        fused = []
+        fused, maps = [], []
         for j, (t, sources) in enumerate(self.cross.items()):
             t_valid, t_labels = batch.mask[t], self.labels[t]
             per_source = []
             for s, stack in sources.items():
-                x, s_pad = h[t], ~batch.mask[s]
-                for i, layer in enumerate(stack):
-                    if maps is None:
-                        x = layer(x, h[s], s_pad)
-                    else:
-                        x, w = layer(x, h[s], s_pad, need_weights=True)
-                        maps.append(AttentionMap(f"cross:{t}->{s}/layer{i}", w, t_labels, self.labels[s], t_valid))
+                x, weights = stack(h[t], h[s], ~batch.mask[s], return_attention)  # (B, T_t, d)
+                maps += layer_maps(f"cross:{t}->{s}", weights, t_labels, self.labels[s], t_valid)
                 per_source.append(self.cross_norm[t](x))
-            x = torch.cat(per_source, dim=-1)  # (B, T_t, (M-1) d)
-            if maps is None:
-                x = self.self_attn[t](x, src_key_padding_mask=~t_valid)
-            else:
-                x, ws = self.self_attn[t](x, src_key_padding_mask=~t_valid, return_attention=True)
-                maps += [AttentionMap(f"self:{t}/layer{i}", w, t_labels, t_labels, t_valid) for i, w in enumerate(ws)]
-            fused.append(torch.where(t_valid.any(dim=1, keepdim=True), masked_mean(x, t_valid), self.missing[j]))
-        return torch.cat(fused, dim=-1)  # (B, M (M-1) d)
+            x, weights = encode(self.self_attn[t], torch.cat(per_source, dim=-1), ~t_valid, return_attention)
+            maps += layer_maps(f"self:{t}", weights, t_labels, t_labels, t_valid)  # x: (B, T_t, (M-1) d)
+            fused.append(or_missing(masked_mean(x, t_valid), t_valid.any(dim=1, keepdim=True), self.missing[j]))
+        return torch.cat(fused, dim=-1), maps  # (B, M (M-1) d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,12 +527,13 @@ FUSIONS: dict[str, type[FusionModel]] = {
 
 def config_from_dict(fusion: str, values: dict) -> FusionConfig:
     """Build ``fusion``'s config from a dict (e.g. a saved config.json); unknown keys are an error."""
-    model_class = _model_class(fusion)
-    known = {f.name for f in dataclasses.fields(model_class.config_class)}
-    unknown = sorted(set(values) - known)
+    config_class = _model_class(fusion).config_class
+    known = [f.name for f in dataclasses.fields(config_class)]
+    unknown = [k for k in values if k not in known]
     if unknown:
-        raise ValueError(f"config for fusion '{fusion}': unknown fields {unknown}; known: {sorted(known)}")
-    return model_class.config_class(**values)
+        settings = ", ".join(o.name for o in options_of(config_class))
+        raise ValueError(f"{unknown[0]}: the '{fusion}' fusion has no such setting (its settings: {settings})")
+    return config_class(**values)
 
 
 def build_model(fusion: str, config: FusionConfig | dict) -> FusionModel:

@@ -14,53 +14,107 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data.dataset import Batch, MultimodalDataset, Standardizer, iter_batches
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics
+from .options import option
 
-__all__ = ["TrainConfig", "RunResult", "run", "fit", "predict", "evaluate", "to_predictions", "model_config"]
+__all__ = [
+    "TrainConfig",
+    "RunResult",
+    "run",
+    "fit",
+    "predict",
+    "evaluate",
+    "to_predictions",
+    "model_config",
+    "param_groups",
+]
 
 LOSSES = ("auto", "cross_entropy", "l1", "mse")
+METRIC_SETS = ("default", "sentiment")
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of one run (saved into config.json)."""
+    """Optimisation settings of one run (saved into config.json). Each field is an option of
+    ``attnfuse train`` (see :mod:`attnfuse.options`)."""
 
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    clip_grad: float = 1.0
-    patience: int = 20  # epochs without validation improvement before stopping
-    seed: int = 0
-    device: str = "cpu"
-    loss: str = "auto"  # classification: cross_entropy; regression: l1 (as MulT/MMSA) or mse
-    label_smoothing: float = 0.0  # classification only
-    sentiment_metrics: bool = False  # add the MOSI/MOSEI metrics (acc2, acc7, ...) for regression
+    epochs: int = option(100, "Maximum epochs (early stopping on the validation metric).")
+    batch_size: int = option(64, "Mini-batch size.")
+    lr: float = option(1e-3, "AdamW learning rate.")
+    weight_decay: float = option(
+        1e-2, "AdamW weight decay, on weight matrices only (not biases, LayerNorm or learned embeddings)."
+    )
+    clip_grad: float = option(1.0, "Clip the gradient norm to this value (0: no clipping).")
+    patience: int = option(20, "Stop after this many epochs without validation improvement.")
+    seed: int = option(0, "Random seed (model init, shuffling, and the split when the data has none).")
+    device: str = option("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+    loss: str = option(
+        "auto", "Loss: auto (classification: cross_entropy; regression: l1, as MulT/MMSA), l1 or mse.", choices=LOSSES
+    )
+    label_smoothing: float = option(0.0, "Classification: label smoothing of the cross-entropy.")
+    metrics: str = option("default", "'sentiment' adds the MOSI/MOSEI metrics (acc2, acc7, ...).", choices=METRIC_SETS)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        for name in ("lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            name = "weight_decay" if self.weight_decay < 0 else "clip_grad"
+            raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label-smoothing: expected a value in [0, 1), got {self.label_smoothing}")
+            raise ValueError(f"label_smoothing: expected a value in [0, 1), got {self.label_smoothing}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device: expected 'cpu' or 'cuda', got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device: {self.device!r} was asked for but CUDA is not available on this machine")
+        if self.metrics not in METRIC_SETS:
+            raise ValueError(f"metrics: expected one of {METRIC_SETS}, got {self.metrics!r}")
+        self.torch_device()  # checks the device now, not after the data is loaded
+
+    @property
+    def sentiment_metrics(self) -> bool:
+        return self.metrics == "sentiment"
+
+    def torch_device(self) -> torch.device:
+        """The device to train on: ``auto`` is CUDA when available, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device != "cpu" and re.fullmatch(r"cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device: {self.device!r} was asked for but CUDA is not available on this machine")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device: {self.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        return torch.device(self.device)
+
+    def check_task(self, task: str, target_dim: int | None = None) -> None:
+        """Settings that only fit one task are errors for the other (before any training)."""
+        self.loss_name(task)
+        if self.label_smoothing and task != "classification":
+            raise ValueError("label_smoothing: applies to classification only, the data is regression")
+        if self.sentiment_metrics and (task != "regression" or target_dim != 1):
+            got = f"{target_dim} targets" if task == "regression" else "class labels"
+            raise ValueError(
+                f"metrics: 'sentiment' needs one regression target per sample (a score), the data has {got}"
+            )
 
     def loss_name(self, task: str) -> str:
         if task == "classification":
@@ -70,6 +124,17 @@ class TrainConfig:
         if self.loss == "cross_entropy":
             raise ValueError("loss: regression trains with 'l1' or 'mse', got 'cross_entropy'")
         return "l1" if self.loss == "auto" else self.loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as nanoGPT makes them: decay the weight matrices of linear maps and attention
+    projections; not biases, LayerNorm gains, nor the learned vectors (modality-type embeddings,
+    "missing" stand-ins, [CLS]), which have no scale for decay to regularise."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if name.endswith("weight") and p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -109,10 +174,11 @@ def run(
     splits = data.split_indices(seed=train.seed if split_seed is None else split_seed, fractions=fractions)
     standardizer = Standardizer.fit(data, splits["train"])
     scaled = standardizer.transform(data)
-    batches = {name: scaled.to_batch(idx).to(train.device) for name, idx in splits.items()}
+    device = train.torch_device()
+    batches = {name: scaled.to_batch(idx).to(device) for name, idx in splits.items()}
 
     torch.manual_seed(train.seed)
-    model = build_model(fusion, model_config(fusion, data, **(model_overrides or {}))).to(train.device)
+    model = build_model(fusion, model_config(fusion, data, **(model_overrides or {}))).to(device)
     best_epoch, history = fit(model, batches["train"], batches["valid"], data.task, train, on_epoch)
     metrics = {name: evaluate(model, batch, data.task, train.sentiment_metrics) for name, batch in batches.items()}
     return RunResult(model, fusion, standardizer, metrics, best_epoch, history)
@@ -129,7 +195,7 @@ def fit(
     """Train in place; keep the weights of the best validation epoch. Returns (best_epoch, history)."""
     loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing)
     metric, mode = PRIMARY_METRIC[task]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     best_key, best_state, best_epoch, history = None, None, 0, []

@@ -1,22 +1,60 @@
 """The ``attnfuse`` command line: one module per group of commands, registered here behind one
-error boundary (:func:`.common.cli_errors`)."""
+error boundary (:func:`.common.cli_errors`); command-line parsing errors are one line too."""
 
 from __future__ import annotations
 
-import typer
+import sys
 
-from .common import cli_errors
+import typer
+from typer.core import TyperGroup
+
+from .._version import __version__
+from .common import cli_errors, err_console, one_line
 from .explain import explain
 from .predict import datasets, evaluate, predict_cmd
 from .train import train
 
+
+class _OneLineErrors(TyperGroup):
+    """Parsing errors (an unknown option, a value of the wrong type) as one line and exit code 2,
+    like every other error, instead of click's boxed usage message."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # click's usage errors (typer vendors click)
+            err_console.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except typer.Abort:
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Attention-based multimodal fusion: train, evaluate, predict and explain.",
 )
-app.command()(cli_errors(train))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"attnfuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."
+    ),
+) -> None:
+    """Attention-based multimodal fusion: train, evaluate, predict and explain."""
+
+
+app.command(context_settings={"allow_interspersed_args": True})(cli_errors(train))
 app.command()(cli_errors(evaluate))
 app.command("predict")(cli_errors(predict_cmd))
 app.command()(datasets)

@@ -27,7 +27,7 @@ def evaluate(
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     batch = standardizer.transform(dataset).to_batch()
-    sentiment = config["train"].get("sentiment_metrics", False)
+    sentiment = config["train"].get("metrics") == "sentiment"
     y_pred = to_predictions(dataset.task, predict(net, batch))
     parts = _parts(dataset, config)
     report = {
@@ -46,13 +46,18 @@ def predict_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
-    net, _config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     outputs = predict(net, standardizer.transform(dataset).to_batch())
     y_pred = to_predictions(dataset.task, outputs)
 
     header, columns = ["index"], [np.arange(dataset.n)]
-    if dataset.split is not None:
-        header.append("split"), columns.append(dataset.split)
+    parts = _parts(dataset, config)  # the data's split, or the one drawn in training for its own data
+    if len(parts) > 1:
+        split = np.empty(dataset.n, dtype=object)
+        for name, rows in parts.items():
+            if name != "all":
+                split[rows] = name
+        header.append("split"), columns.append(split)
     y_true = dataset.y.reshape(dataset.n, -1)
     y_hat = y_pred.reshape(dataset.n, -1)
     k = y_true.shape[1]
