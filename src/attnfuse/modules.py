@@ -87,7 +87,7 @@ class ModalityEmbedding(nn.Module):
 class Pooling(nn.Module):
     """Aggregates a token sequence into one vector, ignoring invalid tokens.
 
-    * ``mean``: the mean of the valid tokens (the notes' aggregation);
+    * ``mean``: the mean of the valid tokens;
     * ``attention``: a learned query attends over the valid tokens (a softmax-weighted mean);
     * ``cls``: the first token, for models that prepend a [CLS] token.
 

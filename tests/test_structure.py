@@ -1,0 +1,104 @@
+"""The package's shape: no import cycle, layers that import only downwards, every module importable
+on its own. The import graph is ruff's (`ruff analyze graph`), the check is here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "attnfuse"
+
+# Layers, lowest first: a module may import from its own layer and the layers below it only. A
+# module missing from this table fails the test, so that a new module is placed on purpose.
+LAYERS: list[tuple[str, list[str]]] = [
+    ("base", ["_version.py", "options.py", "metrics.py"]),
+    ("nn", ["nn/"]),
+    ("data", ["data/"]),
+    ("model", ["modules.py", "fusion.py"]),
+    ("training", ["training.py"]),
+    ("model directories", ["checkpoint.py"]),
+    ("pipeline", ["pipeline.py"]),
+    ("explanation", ["explain.py", "report.py"]),
+    ("command line", ["cli/", "__main__.py"]),
+    ("public API", ["__init__.py"]),
+]
+
+
+def layer_of(path: str) -> int:
+    rel = Path(path).relative_to(PACKAGE).as_posix()
+    for rank, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if rel == m or (m.endswith("/") and rel.startswith(m)):
+                return rank
+    raise AssertionError(f"{rel}: not in any layer of tests/test_structure.py's LAYERS; place it there")
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, list[str]]:
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (it comes with the test extras: pip install -e '.[test]')")
+    out = subprocess.run([ruff, "analyze", "graph", str(PACKAGE)], capture_output=True, text=True, check=True)
+    edges = json.loads(out.stdout)
+    return {str(Path(k).resolve()): [str(Path(v).resolve()) for v in vs] for k, vs in edges.items()}
+
+
+def test_the_import_graph_has_no_cycle(graph):
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                raise AssertionError("import cycle: " + " -> ".join(Path(p).relative_to(SRC).as_posix() for p in cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_layers_import_only_downwards(graph):
+    upward = [
+        f"{Path(m).relative_to(PACKAGE)} ({LAYERS[layer_of(m)][0]}) imports "
+        f"{Path(d).relative_to(PACKAGE)} ({LAYERS[layer_of(d)][0]})"
+        for m, deps in graph.items()
+        for d in deps
+        if layer_of(d) > layer_of(m)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_attention_core_depends_on_torch_alone(graph):
+    nn_modules = [m for m in graph if Path(m).relative_to(PACKAGE).as_posix().startswith("nn/")]
+    assert nn_modules
+    for m in nn_modules:
+        assert all(Path(d).relative_to(PACKAGE).as_posix().startswith("nn/") for d in graph[m]), m
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first, in a fresh package state: an import that works only after some
+    other module was loaded (a hidden cycle) fails here."""
+    modules = sorted(
+        "attnfuse." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__main__.py"
+    )
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'attnfuse' or m.startswith('attnfuse.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name.removesuffix('.'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
