@@ -53,6 +53,8 @@ from .nn import (
     TransformerEncoderLayer,
 )
 from .nn.functional import scaled_dot_product_attention
+from .options import option
+from .pipeline import RunOptions, TrainResult, TrainSpec, load_trained, train
 from .training import RunResult, TrainConfig, evaluate, fit, model_config, predict, run
 
 __all__ = [
@@ -105,6 +107,13 @@ __all__ = [
     "compute_metrics",
     "save_model",
     "load_model",
+    # the commands as functions
+    "RunOptions",
+    "TrainSpec",
+    "TrainResult",
+    "train",
+    "load_trained",
+    "option",
     # explanation
     "walkthrough",
     "collect_maps",
