@@ -100,6 +100,7 @@ def model_dir(workdir, npz) -> Path:
 def test_train_writes_model_config_and_metrics(model_dir, npz):
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "config.json",
+        "log.csv",
         "metrics.json",
         "model.safetensors",
         "run.yaml",
@@ -443,7 +444,7 @@ def test_no_traceback_through_the_real_script(tmp_path, npz):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "run.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.csv", "metrics.json", "model.safetensors", "run.yaml"]
     bad = subprocess.run(
         [script, "train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"],
         capture_output=True,

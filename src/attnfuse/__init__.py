@@ -55,7 +55,7 @@ from .nn import (
 from .nn.functional import scaled_dot_product_attention
 from .options import option
 from .pipeline import RunOptions, TrainResult, TrainSpec, load_trained, train
-from .training import RunResult, TrainConfig, evaluate, fit, model_config, predict, run
+from .training import RunResult, TrainConfig, Trainer, evaluate, model_config, predict, run
 
 __all__ = [
     "__version__",
@@ -100,7 +100,7 @@ __all__ = [
     "TrainConfig",
     "RunResult",
     "run",
-    "fit",
+    "Trainer",
     "predict",
     "evaluate",
     "model_config",

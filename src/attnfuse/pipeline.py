@@ -14,7 +14,11 @@ back by :meth:`TrainSpec.to_options`, so that a run directory's ``run.yaml`` rep
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,12 @@ import yaml
 from .checkpoint import check_compatible, fingerprint, load_model, save_run
 from .data import BUILTINS, MultimodalDataset, Standardizer, load_data
 from .data.dataset import TASKS
-from .fusion import FUSIONS, FusionModel, config_from_dict
+from .distributed import Dist, setup, teardown
+from .fusion import FUSIONS, FusionModel, build_model, config_from_dict
 from .metrics import summarize
 from .options import Option, coerce, option, options_of
-from .training import RunResult, TrainConfig, run
+from .runstate import RunLog, last_dir, load_state, save_state, write_options
+from .training import Control, RunResult, TrainConfig, Trainer, model_config, run
 
 __all__ = [
     "RunOptions",
@@ -58,6 +64,10 @@ class RunOptions:
     allow_pickle: bool = option(False, "Allow reading a pickle file (unpickling can run code its author put in it).")
     fusion: str = option("self", "Fusion model.", choices=tuple(FUSIONS))
     repeat: int = option(1, "Train this many seeds (seed, seed+1, ...; and splits, when the data has none).")
+    checkpoint_every: int = option(
+        1, "Write OUT/last/ (what --resume continues from) every K epochs; 0: only when interrupted."
+    )
+    tensorboard: bool = option(False, "Also log each epoch to TensorBoard (needs the tensorboard package).")
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -66,6 +76,12 @@ class RunOptions:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
             raise ValueError(f"repeat: expected an integer >= 1, got {self.repeat!r}")
+        if (
+            isinstance(self.checkpoint_every, bool)
+            or not isinstance(self.checkpoint_every, int)
+            or self.checkpoint_every < 0
+        ):
+            raise ValueError(f"checkpoint_every: expected an integer >= 0, got {self.checkpoint_every!r}")
 
 
 def train_options() -> list[Option]:
@@ -147,39 +163,160 @@ def load(
     return data
 
 
-def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progress | None = None) -> TrainResult:
+def train(
+    spec: TrainSpec,
+    out: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    *,
+    resume: bool = False,
+    handle_signals: bool = False,
+) -> TrainResult:
     """Load the data, train one model per seed, and (when ``out`` is given) save the first seed's
-    model with the metrics and the options in ``out`` (see :func:`attnfuse.checkpoint.save_run`).
+    model with the metrics, the options and the epoch log in ``out`` (see
+    :func:`attnfuse.checkpoint.save_run`).
 
     With ``repeat`` K > 1, seeds ``seed .. seed+K-1`` each train a model (and draw their own split
-    when the data has none); ``metrics.json`` then holds every run and the mean ± std."""
-    emit = progress or (lambda event, info: None)
+    when the data has none); ``metrics.json`` then holds every run and the mean ± std.
+
+    While it trains, ``out/last/`` holds the epoch log and a checkpoint every ``checkpoint_every``
+    epochs; ``resume=True`` continues from it (bitwise as if never stopped, on the CPU). With
+    ``handle_signals``, SIGINT/SIGTERM stop the run at the end of the current step, write the
+    checkpoint and raise :class:`~attnfuse.training.Interrupted`. Under ``torchrun`` every
+    process calls this; rank 0 alone reports progress and writes files."""
+    dist = setup(spec.train.torch_device())
+    try:
+        return _train(spec, out, (progress or _quiet) if dist.main else _quiet, resume, handle_signals, dist)
+    finally:
+        teardown()
+
+
+def _quiet(event: str, info: dict) -> None:
+    pass
+
+
+def _train(spec: TrainSpec, out, emit: Progress, resume: bool, handle_signals: bool, dist: Dist) -> TrainResult:
     opts, cfg = spec.run, spec.train
     data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task)
     cfg.check_task(data.task, data.target_dim)
     emit("data", {"data": data})
+    last = None if out is None else last_dir(out)
+    state = load_state(last) if resume else None
+    meta = state[1] if state else {}
+    if state and meta.get("fingerprint") != fingerprint(data):
+        raise ValueError(f"resume: the data {opts.data!r} is not the data the run in {out} was trained on")
+    options = {**spec.to_options(), "data": _source(opts.data)}
+    if last is not None and dist.main and not resume:
+        write_options(last, options)
+    log = RunLog(last, opts.tensorboard, keep_rows=meta.get("log_rows")) if last is not None and dist.main else None
 
-    first, runs = None, []
-    for i in range(opts.repeat):
-        seed_cfg = replace(cfg, seed=cfg.seed + i)
-        emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
-        result = run(
-            data, opts.fusion, spec.model, seed_cfg, split_seed=seed_cfg.seed,
-            on_epoch=lambda record, i=i: emit("epoch", {"index": i, **record}),
-        )  # fmt: skip
-        emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
-        runs.append({"seed": seed_cfg.seed, "best_epoch": result.best_epoch, **result.metrics})
-        first = first or result
+    start, runs = meta.get("run_index", 0), list(meta.get("finished", []))
+    first = _first_from_state(state, spec, data) if state and start > 0 else None
+    try:
+        with stop_on_signals(handle_signals) as stop:
+            for i in range(start, opts.repeat):
+                seed_cfg = replace(cfg, seed=cfg.seed + i)
+                emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
 
+                def on_epoch(record: dict, i=i, seed=seed_cfg.seed) -> None:
+                    if log is not None:
+                        log.write(i, seed, record)
+                    emit("epoch", {"index": i, **record})
+
+                def checkpoint(trainer: Trainer, i=i, first=first) -> None:
+                    tensors, trainer_meta = trainer.state_dict()  # on every rank: RNG states are gathered
+                    if dist.main:
+                        done = sum(len(r.get("history", [])) for r in runs) + trainer.epoch
+                        extra = {"run_index": i, "finished": runs, "fingerprint": fingerprint(data), "log_rows": done}
+                        if first is not None:
+                            tensors.update({f"first.{k}": v for k, v in first.model.state_dict().items()})
+                            extra["first"] = _first_meta(first)
+                        save_state(last, tensors, {**trainer_meta, **extra})
+
+                control = Control(
+                    dist=dist,
+                    resume=state if state and i == start else None,
+                    checkpoint=checkpoint if last is not None else None,
+                    every=opts.checkpoint_every,
+                    stop=stop,
+                )
+                result = run(data, opts.fusion, spec.model, seed_cfg, split_seed=seed_cfg.seed, on_epoch=on_epoch,
+                             control=control)  # fmt: skip
+                if result.note:
+                    emit("warning", {"index": i, "message": result.note})
+                emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
+                runs.append({"seed": seed_cfg.seed, "best_epoch": result.best_epoch, "history": result.history,
+                             **result.metrics})  # fmt: skip
+                first = first or result
+    finally:
+        if log is not None:
+            log.close()
+
+    records = [{k: v for k, v in r.items() if k != "history"} for r in runs]
     if opts.repeat == 1:
         report = first.metrics
     else:
-        report = {"runs": runs, "summary": {s: summarize([r[s] for r in runs]) for s in first.metrics}}
-    if out is not None:
-        source = opts.data if opts.data in BUILTINS else str(Path(opts.data).resolve())
-        options = {**spec.to_options(), "data": source}
+        report = {"runs": records, "summary": {s: summarize([r[s] for r in records]) for s in first.metrics}}
+    if out is not None and dist.main:
         save_run(out, first.model, opts.fusion, data, first.standardizer, asdict(cfg), cfg.seed, report, options)
-    return TrainResult(first, runs, report, data, None if out is None else Path(out))
+        _keep_logs(last, Path(out))
+    return TrainResult(first, records, report, data, None if out is None else Path(out))
+
+
+def _source(data: str) -> str:
+    """Where the data comes from, as ``run.yaml`` records it: a built-in's name or a full path."""
+    return data if data in BUILTINS else str(Path(data).resolve())
+
+
+def _first_meta(first: RunResult) -> dict:
+    return {
+        "metrics": first.metrics,
+        "best_epoch": first.best_epoch,
+        "history": first.history,
+        "note": first.note,
+        "standardizer": first.standardizer.to_dict(),
+    }
+
+
+def _first_from_state(state: tuple[dict, dict], spec: TrainSpec, data: MultimodalDataset) -> RunResult:
+    """The first seed's finished run, as a checkpoint taken during a later seed keeps it."""
+    tensors, meta = state
+    info = meta["first"]
+    model = build_model(spec.run.fusion, model_config(spec.run.fusion, data, **spec.model))
+    model.load_state_dict({k.removeprefix("first."): v for k, v in tensors.items() if k.startswith("first.")})
+    return RunResult(model, spec.run.fusion, Standardizer.from_dict(info["standardizer"]), info["metrics"],
+                     info["best_epoch"], info["history"], info["note"])  # fmt: skip
+
+
+def _keep_logs(last: Path, out: Path) -> None:
+    """The finished run's epoch log (and TensorBoard events) move into its model directory;
+    the checkpoints of ``last/`` are no longer needed."""
+    for name in ("log.csv", "tensorboard"):
+        if (last / name).exists():
+            os.replace(last / name, out / name)
+    shutil.rmtree(last, ignore_errors=True)
+
+
+@contextmanager
+def stop_on_signals(enabled: bool) -> Iterator[Callable[[], int]]:
+    """While active, SIGINT and SIGTERM are noted instead of killing the process; the function it
+    yields returns the signal received (0: none), for the loop to stop at a step boundary. A second
+    SIGINT interrupts at once."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
+        return
+
+    def note(signum: int, frame: object) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def load_trained(

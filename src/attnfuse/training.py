@@ -12,8 +12,8 @@ index slices of it (no DataLoader, no per-sample Python).
 
 from __future__ import annotations
 
-import copy
 import math
+import random
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.dataset import Batch, MultimodalDataset, Standardizer, iter_batches
+from .distributed import Dist, local_device
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics
 from .options import option
@@ -31,8 +32,11 @@ from .options import option
 __all__ = [
     "TrainConfig",
     "RunResult",
+    "Trainer",
+    "Control",
+    "Diverged",
+    "Interrupted",
     "run",
-    "fit",
     "predict",
     "evaluate",
     "to_predictions",
@@ -42,6 +46,7 @@ __all__ = [
 
 LOSSES = ("auto", "cross_entropy", "l1", "mse")
 METRIC_SETS = ("default", "sentiment")
+PRECISIONS = ("32", "bf16", "fp16")
 
 
 @dataclass
@@ -64,6 +69,12 @@ class TrainConfig:
     )
     label_smoothing: float = option(0.0, "Classification: label smoothing of the cross-entropy.")
     metrics: str = option("default", "'sentiment' adds the MOSI/MOSEI metrics (acc2, acc7, ...).", choices=METRIC_SETS)
+    precision: str = option(
+        "32",
+        "Floating point: 32, or mixed precision bf16 (CPU and GPU) or fp16 (GPU, with loss scaling).",
+        choices=PRECISIONS,
+    )
+    compile: bool = option(False, "torch.compile the model (faster steps after a slow first one).")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -83,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing: expected a value in [0, 1), got {self.label_smoothing}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.metrics not in METRIC_SETS:
             raise ValueError(f"metrics: expected one of {METRIC_SETS}, got {self.metrics!r}")
         self.torch_device()  # checks the device now, not after the data is loaded
@@ -139,7 +152,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass
 class RunResult:
-    """One trained run: the model (best validation weights), its metrics per split, the history."""
+    """One trained run: the model (best validation weights), its metrics per split, the history.
+    ``note`` says why training ended unusually (a diverged loss, with the best weights kept)."""
 
     model: FusionModel
     fusion: str
@@ -147,6 +161,37 @@ class RunResult:
     metrics: dict[str, dict[str, float]]
     best_epoch: int
     history: list[dict] = field(default_factory=list)
+    note: str | None = None
+
+
+class Diverged(ValueError):
+    """The training loss became NaN or infinite before any epoch gave finite weights to keep."""
+
+
+class Interrupted(Exception):
+    """Training stopped at a step boundary because ``Control.stop`` said so (SIGINT/SIGTERM);
+    the state was checkpointed first. ``signal`` is the signal number, or 0."""
+
+    def __init__(self, epoch: int, step: int, signal: int = 0) -> None:
+        super().__init__(f"interrupted at epoch {epoch + 1}, step {step}")
+        self.epoch, self.step, self.signal = epoch, step, signal
+
+
+@dataclass
+class Control:
+    """How a run is driven from outside its loop (all optional; the defaults train plainly).
+
+    dist: this process's place in a torchrun job (:mod:`attnfuse.distributed`).
+    resume: a :meth:`Trainer.state_dict` to continue from (``(tensors, meta)``).
+    checkpoint: called with the trainer every ``every`` epochs and when stopping, to save it.
+    stop: polled after every step; a signal number (true) stops the run at that step boundary.
+    """
+
+    dist: Dist = field(default_factory=Dist)
+    resume: tuple[dict[str, Tensor], dict] | None = None
+    checkpoint: Callable[[Trainer], None] | None = None
+    every: int = 1
+    stop: Callable[[], int] | None = None
 
 
 def model_config(fusion: str, data: MultimodalDataset, **overrides) -> dict:
@@ -165,75 +210,289 @@ def run(
     split_seed: int | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    control: Control | None = None,
 ) -> RunResult:
     """Split, standardise, build, fit and evaluate one model (deterministic for a seed on CPU).
 
     Data without a split column is split by ``split_seed`` (default: the training seed) into
     train/valid/test ``fractions``."""
     train = train or TrainConfig()
+    control = control or Control()
     splits = data.split_indices(seed=train.seed if split_seed is None else split_seed, fractions=fractions)
     standardizer = Standardizer.fit(data, splits["train"])
     scaled = standardizer.transform(data)
-    device = train.torch_device()
+    device = local_device(train.torch_device())
     batches = {name: scaled.to_batch(idx).to(device) for name, idx in splits.items()}
 
     torch.manual_seed(train.seed)
     model = build_model(fusion, model_config(fusion, data, **(model_overrides or {}))).to(device)
-    best_epoch, history = fit(model, batches["train"], batches["valid"], data.task, train, on_epoch)
-    metrics = {name: evaluate(model, batch, data.task, train.sentiment_metrics) for name, batch in batches.items()}
-    return RunResult(model, fusion, standardizer, metrics, best_epoch, history)
+    trainer = Trainer(model, data.task, train, control.dist)
+    if control.resume is not None:
+        trainer.load_state_dict(*control.resume)
+    trainer.fit(batches["train"], batches["valid"], on_epoch, control)
+    metrics = {name: trainer.evaluate(batch) for name, batch in batches.items()}
+    return RunResult(model, fusion, standardizer, metrics, trainer.best_epoch, trainer.history, trainer.note)
 
 
-def fit(
-    model: FusionModel,
-    train_batch: Batch,
-    valid_batch: Batch,
-    task: str,
-    cfg: TrainConfig,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> tuple[int, list[dict]]:
-    """Train in place; keep the weights of the best validation epoch. Returns (best_epoch, history)."""
-    loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing)
-    metric, mode = PRIMARY_METRIC[task]
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
+class Trainer:
+    """The training loop of one model: AdamW, gradient clipping, early stopping on the validation
+    metric, mixed precision, torch.compile and DistributedDataParallel as the config asks.
 
-    best_key, best_state, best_epoch, history = None, None, 0, []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        total, count = torch.zeros((), device=train_batch.y.device), 0
-        for batch in iter_batches(train_batch, cfg.batch_size, shuffle=True, generator=generator):
-            loss = loss_fn(model(batch), batch.y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            total += loss.detach() * len(batch)
-            count += len(batch)
+    Its whole state (weights, optimizer, early-stopping state, best weights, every RNG, the
+    position inside the epoch) is :meth:`state_dict`, written after any step; a run restored with
+    :meth:`load_state_dict` continues bitwise as if it had never stopped (on the CPU).
 
-        valid_out = predict(model, valid_batch)
-        valid_loss = loss_fn(valid_out, valid_batch.y).item()
-        valid_metrics = compute_metrics(task, _np(valid_batch.y), to_predictions(task, valid_out))
+    With ``dist`` (torchrun), every rank draws the same global batch of ``batch_size`` rows and
+    computes the loss of its share; DistributedDataParallel averages the gradients, and the loss of
+    each share is weighted so that the average is the global batch's mean: 1 process and N
+    processes follow the same optimisation.
+    """
+
+    def __init__(self, model: FusionModel, task: str, cfg: TrainConfig, dist: Dist | None = None) -> None:
+        self.net, self.task, self.cfg = model, task, cfg
+        self.dist = dist or Dist()
+        self.device = next(model.parameters()).device
+        wrapped: nn.Module = model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the shuffling, the same on every rank
+
+        self.epoch = 0  # epochs completed
+        self.step = 0  # steps completed in the epoch under way
+        self.epoch_rng = self.generator.get_state()  # the shuffling generator as the epoch began
+        self.loss_sum = torch.zeros((), device=self.device)  # training loss x rows, this epoch
+        self.count = 0
+        self.best_key: tuple[float, float] | None = None
+        self.best_epoch = 0
+        self.best_state: dict[str, Tensor] | None = None
+        self.history: list[dict] = []
+        self.note: str | None = None
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        train: Batch,
+        valid: Batch,
+        on_epoch: Callable[[dict], None] | None = None,
+        control: Control | None = None,
+    ) -> None:
+        """Train until ``epochs`` or early stopping, then keep the best validation weights.
+        ``train``/``valid`` are anything with ``len()`` and ``select(index) -> Batch``."""
+        control = control or Control()
+        cfg = self.cfg
+        while self.epoch < cfg.epochs and self.epoch - self.best_epoch < cfg.patience:
+            self.generator.set_state(self.epoch_rng)
+            order = torch.randperm(len(train), generator=self.generator)
+            self.net.train()
+            for i, index in enumerate(order.split(cfg.batch_size)):
+                if i < self.step:
+                    continue  # resumed inside this epoch: these steps are done
+                if not self._train_step(train, index):
+                    return self._diverged(i)
+                self.step = i + 1
+                signal = control.stop() if control.stop is not None else 0
+                if self.dist.any_true(bool(signal)):
+                    if control.checkpoint is not None:
+                        control.checkpoint(self)
+                    raise Interrupted(self.epoch, self.step, signal)
+            self._end_epoch(valid, on_epoch)
+            if control.checkpoint is not None and control.every and self.epoch % control.every == 0:
+                control.checkpoint(self)
+        if self.best_state is None:
+            raise Diverged("training diverged: the validation metric was never finite; lower --lr")
+        self.net.load_state_dict(self.best_state)
+
+    def _train_step(self, train: Batch, index: Tensor) -> bool:
+        """One optimiser step on the global batch ``index``; False when the loss is not finite."""
+        mine = self.dist.shard(index)
+        weight = 1.0
+        if self.dist.enabled:
+            # Weight this rank's mean loss by its share so that DDP's average of the ranks' gradients
+            # is the gradient of the global batch's mean loss. A rank with no row joins with a
+            # zero-weighted one (every rank must take part in the gradient all-reduce).
+            weight = self.dist.world * mine.numel() / index.numel()
+            mine = mine if mine.numel() else index[:1]
+        batch = train.select(_on(train, mine))
+        with self._autocast():
+            loss = self.loss_fn(self.model(batch), batch.y)
+        if not torch.isfinite(loss):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss * weight if self.dist.enabled else loss).backward()
+        if self.cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if weight:
+            self.loss_sum += loss.detach().float() * len(batch)
+            self.count += len(batch)
+        return True
+
+    def _end_epoch(self, valid: Batch, on_epoch: Callable[[dict], None] | None) -> None:
+        metric, mode = PRIMARY_METRIC[self.task]
+        outputs = self.predict(valid)
+        valid_loss = self.loss_fn(outputs, valid.y).item()
+        valid_metrics = compute_metrics(self.task, _np(valid.y), to_predictions(self.task, outputs))
+        train_loss = self.loss_sum.item()
+        if self.dist.enabled:
+            train_loss = sum(self.dist.gather_objects(train_loss))
+        self.epoch += 1
         record = {
-            "epoch": epoch,
-            "train_loss": total.item() / count,
+            "epoch": self.epoch,
+            "train_loss": train_loss / max(self._rows_seen(), 1),
             "valid_loss": valid_loss,
             f"valid_{metric}": valid_metrics[metric],
         }
-        history.append(record)
+        self.history.append(record)
         # Higher is better for the key; validation loss breaks ties of a coarse metric (accuracy).
         key = (valid_metrics[metric] if mode == "max" else -valid_metrics[metric], -valid_loss)
-        if best_key is None or key > best_key:
-            best_key, best_epoch = key, epoch
-            best_state = copy.deepcopy(model.state_dict())
+        if all(math.isfinite(k) for k in key) and (self.best_key is None or key > self.best_key):
+            self.best_key, self.best_epoch = key, self.epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self.step, self.count = 0, 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.epoch_rng = self.generator.get_state()
         if on_epoch is not None:
-            on_epoch({**record, "best_epoch": best_epoch})
-        if epoch - best_epoch >= cfg.patience or not math.isfinite(record["train_loss"]):
-            break
+            on_epoch({**record, "best_epoch": self.best_epoch})
 
-    model.load_state_dict(best_state)
-    return best_epoch, history
+    def _rows_seen(self) -> int:
+        return sum(self.dist.gather_objects(self.count)) if self.dist.enabled else self.count
+
+    def _diverged(self, step: int) -> None:
+        where = f"epoch {self.epoch + 1}, step {step + 1}"
+        hint = f"lower --lr (now {self.cfg.lr:g})" + (" or use --precision 32" if self.cfg.precision == "fp16" else "")
+        if self.best_state is None:
+            raise Diverged(f"training diverged: the loss became NaN or infinite at {where}; {hint}")
+        self.net.load_state_dict(self.best_state)
+        self.note = (
+            f"training diverged at {where} (the loss became NaN or infinite); the weights of epoch "
+            f"{self.best_epoch}, the best before it, are kept; {hint}"
+        )
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, batch_size: int = 1024) -> Tensor:
+        """Raw outputs ``(N, out_dim)`` in eval mode, float32; under torchrun each rank computes a
+        share of the rows and every rank gets all of them (each row is computed once)."""
+        self.net.eval()
+        rows = _on(batch, self.dist.shard(torch.arange(len(batch))))
+        with self._autocast():
+            parts = [self.net(batch.select(chunk)).float() for chunk in rows.split(batch_size)]
+        out = torch.cat(parts) if parts else torch.empty(0, self.net.config.out_dim, device=self.device)
+        return self.dist.gather_rows(out, len(batch))
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        outputs = self.predict(batch)
+        return compute_metrics(
+            self.task, _np(batch.y), to_predictions(self.task, outputs), sentiment=self.cfg.sentiment_metrics
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything needed to continue bitwise: tensors (for safetensors) and plain values (JSON).
+        Under torchrun every rank must call it (the ranks' RNG states are gathered)."""
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        if self.best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
+        optim = self.optimizer.state_dict()
+        for pid, state in optim["state"].items():
+            for k, v in state.items():
+                tensors[f"optim.{pid}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+        tensors["loop.loss_sum"] = self.loss_sum
+        tensors["rng.shuffle"] = self.generator.get_state()
+        tensors["rng.epoch"] = self.epoch_rng
+        python_rng = {}
+        for rank, state in enumerate(self.dist.gather_objects(rng_state())):
+            tensors.update({f"rng.rank{rank}.{k}": v for k, v in state["tensors"].items()})
+            python_rng[f"rank{rank}"] = state["python"]
+        meta = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "count": self.count,
+            "best_key": self.best_key,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "optimizer_groups": optim["param_groups"],
+            "scaler": self.scaler.state_dict(),
+            "world": self.dist.world,
+            "python_rng": python_rng,
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore :meth:`state_dict` (this rank's RNG states included)."""
+        if meta["world"] != self.dist.world:
+            raise ValueError(
+                f"resume: the run was checkpointed with {meta['world']} processes, this job has {self.dist.world}"
+            )
+
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.net.load_state_dict(part("model."))
+        best = part("best.")
+        self.best_state = {k: v.to(self.device) for k, v in best.items()} or None
+        state: dict[int, dict] = {}
+        for key, value in part("optim.").items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.loss_sum = tensors["loop.loss_sum"].to(self.device)
+        self.generator.set_state(tensors["rng.shuffle"])
+        self.epoch_rng = tensors["rng.epoch"]
+        self.epoch, self.step, self.count = meta["epoch"], meta["step"], meta["count"]
+        self.best_key = tuple(meta["best_key"]) if meta["best_key"] is not None else None
+        self.best_epoch, self.history = meta["best_epoch"], meta["history"]
+        rank = f"rank{self.dist.rank}"
+        set_rng_state({"tensors": part(f"rng.{rank}."), "python": meta["python_rng"][rank]})
+
+
+def _on(source: Batch, index: Tensor) -> Tensor:
+    """Row indices where ``source`` selects with them: an in-memory Batch on its own device."""
+    return index.to(next(iter(source.x.values())).device) if isinstance(source, Batch) else index
+
+
+def rng_state() -> dict:
+    """This process's global random states: torch (CPU and CUDA), numpy, python."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_rest": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    return {"tensors": tensors, "python": [version, list(internal), gauss]}
+
+
+def set_rng_state(state: dict) -> None:
+    t = state["tensors"]
+    torch.set_rng_state(t["torch"])
+    pos, has_gauss = t["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(t["numpy_gauss"][0])))  # fmt: skip
+    cuda = [t[k] for k in sorted(k for k in t if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 @torch.no_grad()
@@ -262,7 +521,8 @@ def _loss_fn(name: str, label_smoothing: float = 0.0) -> Callable[[Tensor, Tenso
     reduce = F.l1_loss if name == "l1" else F.mse_loss
 
     def regression_loss(out: Tensor, y: Tensor) -> Tensor:
-        # (B, 1) outputs against (B,) targets, or (B, K) against (B, K).
+        # (B, 1) outputs against (B,) targets, or (B, K) against (B, K); in float32 under autocast.
+        out = out.float()
         return reduce(out.squeeze(-1) if y.dim() == 1 else out, y)
 
     return regression_loss

@@ -3,6 +3,7 @@ every fusion config's, the training config's); the work is :func:`attnfuse.pipel
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from ..data import MultimodalDataset
 from ..options import Option
 from ..pipeline import RunOptions, TrainSpec, read_options, train_options
 from ..pipeline import train as train_run
-from ..training import TrainConfig
-from .common import _metrics_table, console
+from ..runstate import last_dir, read_run_options
+from ..training import Interrupted, TrainConfig
+from .common import _metrics_table, console, err_console
 from .options import given, with_options
 
 
@@ -36,12 +38,23 @@ def train(
     out: Path | None = typer.Option(
         None, help="Output directory (default runs/<data>-<fusion>).", rich_help_panel="Data and run"
     ),
+    resume: Path | None = typer.Option(
+        None,
+        help="Continue the interrupted run in this directory (from DIR/last/), with its own options.",
+        rich_help_panel="Data and run",
+    ),
     **values: Any,
 ) -> None:
-    """Train a fusion model; write model.safetensors, config.json, metrics.json and run.yaml."""
-    options = {**(read_options(config) if config else {}), **given(ctx, values)}
-    spec = TrainSpec.from_options(options, where=str(config) if config else "options")
-    out = out or Path("runs") / f"{Path(spec.run.data).stem}-{spec.run.fusion}"
+    """Train a fusion model; write model.safetensors, config.json, metrics.json, run.yaml and log.csv.
+
+    Under torchrun (torchrun --nproc-per-node N -m attnfuse train ...) it trains with
+    DistributedDataParallel; --batch-size stays the global batch of one optimiser step."""
+    if resume is not None:
+        spec, out = _resumed(resume, config, out, given(ctx, values))
+    else:
+        options = {**(read_options(config) if config else {}), **given(ctx, values)}
+        spec = TrainSpec.from_options(options, where=str(config) if config else "options")
+        out = out or Path("runs") / f"{Path(spec.run.data).stem}-{spec.run.fusion}"
 
     with Progress(
         TextColumn("{task.description}"),
@@ -65,8 +78,21 @@ def train(
                 progress.update(bars[info["index"]], completed=info["epoch"], status=status)
             elif event == "run_end":  # stopped early: the bar ends where training did
                 progress.update(bars[info["index"]], total=info["epochs"], completed=info["epochs"])
+            elif event == "warning":
+                progress.console.print(f"[bold yellow]warning:[/] {escape(info['message'])}", highlight=False)
 
-        result = train_run(spec, out, on_progress)
+        try:
+            result = train_run(spec, out, on_progress, resume=resume is not None, handle_signals=True)
+        except Interrupted as stop:
+            progress.stop()
+            name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(stop.signal, "a signal")
+            err_console.print(
+                f"[bold yellow]stopped[/] by {name} at epoch {stop.epoch + 1}, step {stop.step}; the state is in "
+                f"{escape(str(last_dir(out)))}; continue with: attnfuse train --resume {escape(str(out))}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(128 + stop.signal if stop.signal else 130) from None
 
     data = result.data
     fusion = spec.run.fusion
@@ -85,3 +111,19 @@ def _headline(data: MultimodalDataset, fusion: str) -> str:
         f"[bold]attnfuse train[/]: {escape(data.name)} ({data.n} samples, {data.task}, modalities "
         f"{escape(mods)}), fusion={escape(fusion)}"
     )
+
+
+def _resumed(directory: Path, config: Path | None, out: Path | None, flags: dict) -> tuple[TrainSpec, Path]:
+    """The spec of the run in progress in ``directory``; options given now must agree with it."""
+    if config is not None or (out is not None and out != directory):
+        raise ValueError("resume: continues a run with its own options and directory; drop --config and --out")
+    saved = TrainSpec.from_options(read_run_options(last_dir(directory)), where=str(last_dir(directory)))
+    asked = TrainSpec.from_options({**saved.to_options(), **flags})
+    before, after = saved.to_options(), asked.to_options()
+    conflicts = [k for k in after if k != "device" and after[k] != before.get(k)]
+    if conflicts:
+        k = conflicts[0]
+        raise ValueError(
+            f"resume: {k} {after[k]!r} conflicts with the run's {before.get(k)!r}; a resumed run keeps its options"
+        )
+    return asked, directory
