@@ -444,7 +444,13 @@ def test_no_traceback_through_the_real_script(tmp_path, npz):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.csv", "metrics.json", "model.safetensors", "run.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "log.csv",
+        "metrics.json",
+        "model.safetensors",
+        "run.yaml",
+    ]
     bad = subprocess.run(
         [script, "train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"],
         capture_output=True,

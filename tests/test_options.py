@@ -50,7 +50,7 @@ def write_data(path, n=60, seed=0):
 
 
 def test_every_dataclass_option_is_a_flag_and_nothing_else_is():
-    params = {p.name for p in train_command().params} - {"config", "out", "help"}
+    params = {p.name for p in train_command().params} - {"config", "out", "resume", "help"}
     declared = {f.name for cls in (RunOptions, TrainConfig) for f in dataclasses.fields(cls) if "help" in f.metadata}
     for model_class in FUSIONS.values():
         declared |= {o.name for o in options_of(model_class.config_class)}
