@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Dist", "setup", "teardown"]
+__all__ = ["Dist", "setup", "teardown", "local_device", "is_main_process"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def teardown() -> None:

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..data import MultimodalDataset
+from ..distributed import is_main_process
 from ..options import Option
 from ..pipeline import RunOptions, TrainSpec, read_options, train_options
 from ..pipeline import train as train_run
@@ -63,6 +64,7 @@ def train(
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=console,
+        disable=not is_main_process(),
     ) as progress:
         bars: dict[int, Any] = {}
 
@@ -94,6 +96,8 @@ def train(
             )
             raise typer.Exit(128 + stop.signal if stop.signal else 130) from None
 
+    if not is_main_process():
+        return  # under torchrun, rank 0 reports
     data = result.data
     fusion = spec.run.fusion
     if spec.run.repeat == 1:
