@@ -8,7 +8,8 @@ generated data set draws from ``seed``; a vendored one ignores it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from functools import partial
 from importlib import resources
 from numbers import Real
@@ -19,6 +20,7 @@ import numpy as np
 from .dataset import MultimodalDataset
 from .io import FILE_SUFFIXES, read_file
 from .io.npz import load_npz
+from .io.table import refuse_table_options
 
 MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 
@@ -136,18 +138,41 @@ BUILTINS: dict[str, tuple[Callable[..., MultimodalDataset], str]] = {
 
 
 def load_data(
-    source: str, *, allow_pickle: bool = False, seed: int = 0, task: str = "auto", num_classes: int | None = None
+    source: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    task: str = "auto",
+    num_classes: int | None = None,
+    classes: list | None = None,
+    modalities: Mapping[str, str | list[str]] | None = None,
+    target: str | None = None,
+    split_col: str | None = None,
+    mapping: str | os.PathLike | Mapping | None = None,
 ) -> MultimodalDataset:
-    """A built-in dataset by name (see :data:`BUILTINS`) or a data file (see ``attnfuse.data.io``).
+    """A built-in dataset by name (see :data:`BUILTINS`), a data file or a directory dataset (see
+    ``attnfuse.data.io``).
 
-    ``seed`` is passed to the built-ins (the synthetic ones draw from it); ``task`` and
-    ``num_classes`` to files (built-ins have their own).
+    ``seed`` is passed to the built-ins (the synthetic ones draw from it); ``task``,
+    ``num_classes`` and ``classes`` (a trained model's label space) to files (built-ins have their
+    own); ``modalities``, ``target``, ``split_col`` and ``mapping`` to tables (``read_table``).
     """
-    if source in BUILTINS:
+    if isinstance(source, str) and source in BUILTINS:
+        refuse_table_options(source, modalities=modalities, target=target, split_col=split_col, mapping=mapping)
         return BUILTINS[source][0](seed=seed)
-    if Path(source).suffix.lower() not in FILE_SUFFIXES:
+    if not Path(source).is_dir() and Path(source).suffix.lower() not in FILE_SUFFIXES:
         raise ValueError(
-            f"data: expected a built-in dataset ({', '.join(BUILTINS)}) or a path ending in "
-            f"{', '.join(FILE_SUFFIXES)}, got {source!r}"
+            f"data: expected a built-in dataset ({', '.join(BUILTINS)}), a directory dataset or a path ending in "
+            f"{', '.join(FILE_SUFFIXES)}, got {str(source)!r}"
         )
-    return read_file(source, allow_pickle=allow_pickle, task=task, num_classes=num_classes)
+    return read_file(
+        source,
+        allow_pickle=allow_pickle,
+        task=task,
+        num_classes=num_classes,
+        classes=classes,
+        modalities=modalities,
+        target=target,
+        split_col=split_col,
+        mapping=mapping,
+    )

@@ -1,0 +1,58 @@
+"""Bounded-memory helpers: row chunks, available memory, and releasing memory-mapped pages.
+
+Everything that scans a whole modality (validation, standardisation statistics, conversion) walks
+it in chunks of rows of about ``CHUNK_BYTES``, so its temporaries stay small however large N is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+CHUNK_BYTES = 32 * 2**20  # per chunk of the source array; float64 temporaries are a few times this
+
+
+def row_chunks(n: int, row_bytes: int, budget: int = CHUNK_BYTES) -> Iterator[slice]:
+    """Consecutive slices over ``n`` rows, each about ``budget`` bytes of rows of ``row_bytes``."""
+    step = max(1, budget // max(1, row_bytes))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def is_mapped(array: np.ndarray) -> bool:
+    """True for a memory-mapped array (``numpy.load(mmap_mode="r")``) or a view of one."""
+    return isinstance(array, np.memmap) and isinstance(getattr(array, "_mmap", None), mmap.mmap)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set.
+
+    Pages of a mapped file that were read count in the process's RSS until they are unmapped,
+    although they are clean page cache the kernel may reclaim at any time. Dropping them
+    (``MADV_DONTNEED`` on a read-only file mapping discards nothing: the file is the backing
+    store) keeps RSS a measure of what the process really holds. A no-op for other arrays and
+    on systems without ``madvise``.
+    """
+    handle = getattr(array, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):  # a closed map, or a kernel that refuses: only a hint
+            handle.madvise(mmap.MADV_DONTNEED)
