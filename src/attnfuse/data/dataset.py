@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from ._memory import is_mapped, release_pages, row_chunks
+from ._memory import is_mapped, read_rows, row_chunks
 from .splits import make_split
 from .validation import (
     SPLITS,
@@ -46,8 +46,6 @@ if TYPE_CHECKING:  # only for annotations: preprocessing imports this module
     from .preprocessing import Standardizer
 
 __all__ = ["SPLITS", "TASKS", "Batch", "BatchSource", "ModalitySpec", "MultimodalDataset", "RowBatches", "iter_batches"]
-
-RELEASE_BYTES = 256 * 2**20  # RowBatches drops memory-mapped pages after gathering this much
 
 
 @dataclass(frozen=True)
@@ -225,18 +223,17 @@ class MultimodalDataset:
     def gather(self, name: str, indices: Any = None) -> np.ndarray:
         """A new float32 array (B, T, D) of modality ``name`` at the given rows; invalid tokens are 0.
 
-        Reads only these rows of a memory-mapped modality."""
+        Reads only these rows of a memory-mapped modality (with ``pread``: see ``_memory.read_rows``)."""
         spec, idx = self.modality(name), self.rows(indices)
+        x = self.features[name]
+        rows = read_rows(x, idx % self.n)  # from the file behind a memory map; None for in-memory data
         with np.errstate(over="ignore", invalid="ignore"):  # invalid tokens of wide data: zeroed below
-            out = np.asarray(self.features[name][idx], dtype=np.float32).reshape(idx.size, spec.length, spec.dim)
+            out = np.asarray(x[idx] if rows is None else rows, dtype=np.float32).reshape(
+                idx.size, spec.length, spec.dim
+            )
         if not self._zeroed[name]:
             out[~self._valid[name][idx]] = 0.0
         return out
-
-    def release_pages(self) -> None:
-        """Drop the pages of memory-mapped modalities from this process's RSS (see ``_memory``)."""
-        for x in self.features.values():
-            release_pages(x)
 
     def subset(self, indices: Any) -> MultimodalDataset:
         """A new dataset of the given rows (int indices or bool mask), keeping task and label space.
@@ -369,7 +366,6 @@ class RowBatches:
         self.rows = data.rows(rows)
         self.standardizer = standardizer
         self.device = torch.device(device)
-        self._since_release = 0  # bytes gathered from memory maps since their pages were last dropped
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -382,13 +378,7 @@ class RowBatches:
     def select(self, index: torch.Tensor | np.ndarray) -> Batch:
         """The Batch of rows ``self.rows[index]`` on ``device``, standardised when a standardizer is set."""
         picked = self.rows[index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)]
-        batch = self.data.to_batch(picked)
-        if self.data.is_mapped:
-            self._since_release += sum(x.nbytes for x in batch.x.values())
-            if self._since_release >= RELEASE_BYTES:
-                self.data.release_pages()
-                self._since_release = 0
-        batch = batch.to(self.device)
+        batch = self.data.to_batch(picked).to(self.device)
         if self.standardizer is not None:
             batch = self.standardizer.transform_batch(batch, inplace=True)  # the gathered copy is ours
         return batch

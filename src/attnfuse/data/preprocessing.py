@@ -78,7 +78,6 @@ class Standardizer:
             for part in row_chunks(rows.size, spec.length * spec.dim * 4, FIT_CHUNK_BYTES):
                 chunk = rows[part]
                 moments.update(data.gather(spec.name, chunk)[valid[chunk]])  # (k, D) valid tokens
-            data.release_pages()
             if moments.count == 0:  # modality absent from every fitted row: leave it unscaled
                 mean[spec.name], std[spec.name] = np.zeros(spec.dim), np.ones(spec.dim)
             else:
@@ -128,7 +127,6 @@ class Standardizer:
                 z -= mean
                 z /= std
                 z *= valid[rows]
-            data.release_pages()
             features[spec.name] = out
         return data if inplace else data.replace_features(features)
 

@@ -130,7 +130,6 @@ def write_dataset(data: MultimodalDataset, directory: Path) -> None:
             chunk = data.gather(m.name, np.arange(rows.start, rows.stop))  # (k, T, D), invalid tokens 0
             writer.write(chunk if m.is_sequence else chunk[:, 0])
         writer.close()
-        data.release_pages()
     for key, arr in non_feature_arrays(data).items():
         np.save(directory / f"{key}.npy", np.asarray(arr), allow_pickle=False)
     write_manifest(directory, [m.name for m in data.modalities])
