@@ -13,7 +13,11 @@
 from .builtins import BUILTINS, load_data, load_mfeat, make_planted
 from .convert import convert
 from .dataset import SPLITS, Batch, ModalitySpec, MultimodalDataset, RowBatches, iter_batches
-from .io import load_directory, load_npz, load_pickle, read_file, read_table, save_directory, save_npz
+from .io import read_file
+from .io.directory import load_directory, save_directory
+from .io.mult_pickle import load_pickle
+from .io.npz import load_npz, save_npz
+from .io.table import read_table
 from .labels import MAX_CLASSES, decode_labels, encode_labels
 from .preprocessing import Standardizer
 from .splits import Split, carve_valid, kfold, make_split

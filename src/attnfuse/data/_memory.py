@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-CHUNK_BYTES = 32 * 2**20  # per chunk of the source array; float64 temporaries are a few times this
+CHUNK_BYTES = 16 * 2**20  # per chunk of the source array; temporaries are at most a few times this
 
 
 def row_chunks(n: int, row_bytes: int, budget: int = CHUNK_BYTES) -> Iterator[slice]:

@@ -157,22 +157,13 @@ def load_data(
     ``num_classes`` and ``classes`` (a trained model's label space) to files (built-ins have their
     own); ``modalities``, ``target``, ``split_col`` and ``mapping`` to tables (``read_table``).
     """
+    table = {"modalities": modalities, "target": target, "split_col": split_col, "mapping": mapping}
     if isinstance(source, str) and source in BUILTINS:
-        refuse_table_options(source, modalities=modalities, target=target, split_col=split_col, mapping=mapping)
+        refuse_table_options(source, **table)
         return BUILTINS[source][0](seed=seed)
     if not Path(source).is_dir() and Path(source).suffix.lower() not in FILE_SUFFIXES:
         raise ValueError(
             f"data: expected a built-in dataset ({', '.join(BUILTINS)}), a directory dataset or a path ending in "
             f"{', '.join(FILE_SUFFIXES)}, got {str(source)!r}"
         )
-    return read_file(
-        source,
-        allow_pickle=allow_pickle,
-        task=task,
-        num_classes=num_classes,
-        classes=classes,
-        modalities=modalities,
-        target=target,
-        split_col=split_col,
-        mapping=mapping,
-    )
+    return read_file(source, allow_pickle=allow_pickle, task=task, num_classes=num_classes, classes=classes, **table)

@@ -11,52 +11,34 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..dataset import MultimodalDataset
-from .directory import load_directory, save_directory
+from .directory import load_directory
 from .mult_pickle import load_pickle
-from .npz import load_npz, save_npz
+from .npz import load_npz
 from .table import TABLE_SUFFIXES, read_table, refuse_table_options
 
-__all__ = [
-    "FILE_SUFFIXES",
-    "TABLE_SUFFIXES",
-    "read_file",
-    "load_npz",
-    "save_npz",
-    "load_pickle",
-    "read_table",
-    "load_directory",
-    "save_directory",
-]
+__all__ = ["FILE_SUFFIXES", "TABLE_SUFFIXES", "read_file"]
 
 FILE_SUFFIXES = (".npz", ".pkl", ".pickle", *TABLE_SUFFIXES)
 
 
 def read_file(
-    path: str | os.PathLike,
-    *,
-    allow_pickle: bool = False,
-    task: str = "auto",
-    num_classes: int | None = None,
-    classes: list | None = None,
-    modalities: Mapping[str, str | list[str]] | None = None,
-    target: str | None = None,
-    split_col: str | None = None,
-    mapping: str | os.PathLike | Mapping | None = None,
+    path: str | os.PathLike, *, allow_pickle: bool = False, task: str = "auto", **options: Any
 ) -> MultimodalDataset:
     """Read a data file by its suffix (see :data:`FILE_SUFFIXES`) or a directory dataset.
 
-    ``modalities``, ``target``, ``split_col`` and ``mapping`` describe a table's columns (see
-    :func:`read_table`); giving them for another format is an error."""
+    ``options``: ``num_classes`` and ``classes`` (a trained model's label space, every format),
+    and for tables ``modalities``, ``target``, ``split_col`` and ``mapping`` (see
+    :func:`.table.read_table`); table options for another format are an error."""
     p = Path(path)
     suffix = p.suffix.lower()
-    labels = {"task": task, "num_classes": num_classes, "classes": classes}
+    labels = {"task": task, "num_classes": options.pop("num_classes", None), "classes": options.pop("classes", None)}
     if suffix in TABLE_SUFFIXES:
-        return read_table(p, modalities, target, split_col, mapping=mapping, **labels)
-    refuse_table_options(path, modalities=modalities, target=target, split_col=split_col, mapping=mapping)
+        return read_table(p, **options, **labels)
+    refuse_table_options(path, **options)
     if p.is_dir():
         return load_directory(p, **labels)
     if suffix == ".npz":

@@ -88,8 +88,14 @@ class TableColumns:
         return cols + ([self.split] if self.split else [])
 
 
+TABLE_OPTIONS = ("modalities", "target", "split_col", "mapping")
+
+
 def refuse_table_options(source: object, **options: object) -> None:
     """Table options (modalities, target, split_col, mapping) given for a source that is no table."""
+    unknown = sorted(set(options) - set(TABLE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     given = [k for k, v in options.items() if v is not None]
     if given:
         raise ValueError(f"{given[0]}: only for tables ({', '.join(TABLE_SUFFIXES)}), got {str(source)!r}")
