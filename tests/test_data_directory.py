@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,32 @@ def test_same_batches_from_npz_and_directory(tmp_path):
     for x, y in zip(iter_batches(a.batches(None, scaler), 7), iter_batches(b.batches(None, scaler), 7)):
         for name in x.x:
             assert torch.equal(x.x[name], y.x[name]) and torch.equal(x.mask[name], y.mask[name])
+
+
+def mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line: "start-end perms offset dev inode path"
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_a_pass_over_a_directory_keeps_its_pages_out_of_rss(tmp_path):
+    # 24 MB of features: larger than a chunk of the value checks (16 MB), so a map left resident
+    # would show here; gathering reads rows with pread, never through the map.
+    rng = np.random.default_rng(0)
+    d = tmp_path / "big"
+    d.mkdir()
+    np.save(d / "x_s.npy", rng.standard_normal((3000, 40, 50), dtype=np.float32))
+    np.save(d / "y.npy", np.arange(3000) % 2)
+    data = load_directory(d)  # checks every value, chunk by chunk
+    path = (d / "x_s.npy").resolve()
+    assert mapped_rss_kib(path) < 4096
+    scaler = Standardizer.fit(data, np.arange(2000))
+    for _ in iter_batches(data.batches(None, scaler), 256, shuffle=True):
+        pass
+    assert mapped_rss_kib(path) < 4096

@@ -195,3 +195,10 @@ def test_convert_a_table_to_a_directory(tmp_path, suffix):
         np.testing.assert_array_equal(d.valid_mask(m), table.valid_mask(m))
     np.testing.assert_array_equal(d.y, table.y)
     np.testing.assert_array_equal(d.split, table.split)
+
+
+def test_duplicate_column_names(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("a_0,a_0,y\n1,2,0\n3,4,1\n")
+    with pytest.raises(ValueError, match="column name 'a_0' appears more than once"):
+        read_table(path)

@@ -7,10 +7,11 @@
 * :mod:`.splits` — train/valid/test splits, carved validation parts, K folds;
 * :mod:`.preprocessing` — ``Standardizer`` (streaming fit; per dataset, in place or per batch);
 * :mod:`.io` — readers and writers per format (.npz, tables, directories, pickles);
-* :mod:`.builtins` — the built-in datasets and :func:`load_data`; :mod:`.convert` — ``convert``.
+* :mod:`.builtins` — the built-in datasets; :mod:`.sources` — :func:`load_data` (a built-in's
+  name, a file or a directory); :mod:`.convert` — ``convert`` (any source -> a directory dataset).
 """
 
-from .builtins import BUILTINS, load_data, load_mfeat, make_planted
+from .builtins import BUILTINS, load_mfeat, make_planted
 from .convert import convert
 from .dataset import SPLITS, Batch, ModalitySpec, MultimodalDataset, RowBatches, iter_batches
 from .io import read_file
@@ -20,6 +21,7 @@ from .io.npz import load_npz, save_npz
 from .io.table import read_table
 from .labels import MAX_CLASSES, decode_labels, encode_labels
 from .preprocessing import Standardizer
+from .sources import load_data
 from .splits import Split, carve_valid, kfold, make_split
 
 __all__ = [

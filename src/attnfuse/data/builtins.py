@@ -1,5 +1,4 @@
-"""Built-in datasets (UCI Multiple Features, vendored; synthetic planted-answer tasks) and
-:func:`load_data`, which takes a built-in's name or a file path.
+"""Built-in datasets: UCI Multiple Features (vendored) and the synthetic planted-answer tasks.
 
 ``BUILTINS`` maps each name (listed by ``attnfuse datasets``) to a factory and a one-line
 description. Every factory has the same signature, ``factory(seed=0) -> MultimodalDataset``: a
@@ -8,19 +7,15 @@ generated data set draws from ``seed``; a vendored one ignores it.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import partial
 from importlib import resources
 from numbers import Real
-from pathlib import Path
 
 import numpy as np
 
 from .dataset import MultimodalDataset
-from .io import FILE_SUFFIXES, read_file
 from .io.npz import load_npz
-from .io.table import refuse_table_options
 
 MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 
@@ -135,35 +130,3 @@ BUILTINS: dict[str, tuple[Callable[..., MultimodalDataset], str]] = {
         "planted cross-modal lookup: classify the binned video value whose key matches the text query",
     ),
 }
-
-
-def load_data(
-    source: str | os.PathLike,
-    *,
-    allow_pickle: bool = False,
-    seed: int = 0,
-    task: str = "auto",
-    num_classes: int | None = None,
-    classes: list | None = None,
-    modalities: Mapping[str, str | list[str]] | None = None,
-    target: str | None = None,
-    split_col: str | None = None,
-    mapping: str | os.PathLike | Mapping | None = None,
-) -> MultimodalDataset:
-    """A built-in dataset by name (see :data:`BUILTINS`), a data file or a directory dataset (see
-    ``attnfuse.data.io``).
-
-    ``seed`` is passed to the built-ins (the synthetic ones draw from it); ``task``,
-    ``num_classes`` and ``classes`` (a trained model's label space) to files (built-ins have their
-    own); ``modalities``, ``target``, ``split_col`` and ``mapping`` to tables (``read_table``).
-    """
-    table = {"modalities": modalities, "target": target, "split_col": split_col, "mapping": mapping}
-    if isinstance(source, str) and source in BUILTINS:
-        refuse_table_options(source, **table)
-        return BUILTINS[source][0](seed=seed)
-    if not Path(source).is_dir() and Path(source).suffix.lower() not in FILE_SUFFIXES:
-        raise ValueError(
-            f"data: expected a built-in dataset ({', '.join(BUILTINS)}), a directory dataset or a path ending in "
-            f"{', '.join(FILE_SUFFIXES)}, got {str(source)!r}"
-        )
-    return read_file(source, allow_pickle=allow_pickle, task=task, num_classes=num_classes, classes=classes, **table)

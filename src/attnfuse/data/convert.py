@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from ._memory import row_chunks
-from .builtins import load_data
 from .dataset import MultimodalDataset
 from .io import TABLE_SUFFIXES
 from .io._common import npy_header
 from .io.directory import NpyWriter, load_directory, write_dataset, write_directory, write_manifest
 from .io.npz import check_fits_in_memory, open_npz
 from .io.table import merge_mapping, table_arrays, table_batches, table_columns
+from .sources import load_data
 from .validation import check_values
 
 __all__ = ["convert"]

@@ -101,19 +101,8 @@ def check_values(name: str, x3: np.ndarray, valid: np.ndarray, first_row: int = 
     nonfinite = [0, None]  # count, first sample
     too_big = [0, None]
     for rows in row_chunks(x3.shape[0], row_bytes):
-        chunk, ok = x3[rows], valid[rows][:, :, None]
-        # Fast path without temporaries: min and max are finite (so is every value, NaN and inf
-        # propagate) and within float32's range.
-        lo, hi = chunk.min(), chunk.max()
-        if np.isfinite(lo) and np.isfinite(hi) and (not wide or max(-lo, hi) <= FLOAT32_MAX):
-            continue
-        finite = np.isfinite(chunk)
-        _tally(nonfinite, ~finite & ok, first_row + rows.start)
-        if wide:
-            with np.errstate(invalid="ignore"):
-                _tally(too_big, finite & (np.abs(chunk) > FLOAT32_MAX) & ok, first_row + rows.start)
-        if is_mapped(x3):
-            release_pages(x3)
+        _check_chunk(x3[rows], valid[rows][:, :, None], wide, first_row + rows.start, nonfinite, too_big)
+        release_pages(x3)  # a memory map's pages read so far leave this process's RSS
     if nonfinite[0]:
         raise ValueError(
             f"features[{name!r}]: {nonfinite[0]} non-finite values (NaN/inf) at valid positions, first at "
@@ -124,6 +113,20 @@ def check_values(name: str, x3: np.ndarray, valid: np.ndarray, first_row: int = 
             f"features[{name!r}]: {too_big[0]} finite values out of float32 range (|x| > {FLOAT32_MAX:.4g}), "
             f"first at sample {too_big[1]}; rescale them"
         )
+
+
+def _check_chunk(chunk: np.ndarray, ok: np.ndarray, wide: bool, offset: int, nonfinite: list, too_big: list) -> None:
+    """Count a chunk's non-finite and (when ``wide``) beyond-float32 values at valid positions."""
+    # Fast path without temporaries: min and max are finite (then so is every value: NaN and inf
+    # propagate) and within float32's range.
+    lo, hi = chunk.min(), chunk.max()
+    if np.isfinite(lo) and np.isfinite(hi) and (not wide or max(-lo, hi) <= FLOAT32_MAX):
+        return
+    finite = np.isfinite(chunk)
+    _tally(nonfinite, ~finite & ok, offset)
+    if wide:
+        with np.errstate(invalid="ignore"):
+            _tally(too_big, finite & (np.abs(chunk) > FLOAT32_MAX) & ok, offset)
 
 
 def _tally(acc: list, bad: np.ndarray, offset: int) -> None:

@@ -190,6 +190,9 @@ def _default_modalities(columns: list[str], where: str) -> dict[str, list[str]]:
 
 def resolve_columns(columns: list[str], mapping: TableMapping, where: str = "table") -> TableColumns:
     """Apply the rules of the module to a table's column names."""
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise ValueError(f"{where}: the column name {twice[0]!r} appears more than once")
     target = mapping.target or DEFAULT_TARGET
     if target not in columns:
         raise ValueError(f"{where}: no target column {target!r} (columns: {', '.join(columns[:12])})")
@@ -328,7 +331,7 @@ def table_arrays(table: Any, columns: TableColumns, first_row: int = 0) -> Table
             f"{where}: the target column {columns.target!r} is missing at row {first_row + int(np.flatnonzero(nulls)[0])} "
             f"({int(nulls.sum())} rows)"
         )
-    y = _column_values(target, pa)
+    y = _column_values(target, pa, f"{where}: the target column {columns.target!r}")
     split = None
     if columns.split is not None:
         s = table.column(columns.split)
@@ -338,7 +341,7 @@ def table_arrays(table: Any, columns: TableColumns, first_row: int = 0) -> Table
     return TableArrays(features, present, y, split)
 
 
-def _column_values(col: Any, pa: Any) -> np.ndarray:
+def _column_values(col: Any, pa: Any, where: str) -> np.ndarray:
     """A target column as int64, float64 or str numpy values."""
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
@@ -347,7 +350,7 @@ def _column_values(col: Any, pa: Any) -> np.ndarray:
         return col.to_numpy(zero_copy_only=False).astype(np.int64)
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
         return col.cast(pa.float64()).to_numpy(zero_copy_only=False)
-    raise ValueError(f"target: expected a column of numbers or strings, got type {t}")
+    raise ValueError(f"{where}: expected numbers or strings, got type {t}")
 
 
 def read_table(
