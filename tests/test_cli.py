@@ -309,7 +309,7 @@ def test_pickle_requires_allow_pickle(workdir):
 BAD_TRAIN_INPUTS = {
     "missing-file": (lambda d: d / "nope.npz", [], [r"nope\.npz"]),
     "brackets-in-path": (lambda d: d / "x[/y]" / "nope.npz", [], [r"x\[/y\]/nope\.npz"]),
-    "not-npz": (lambda d: d / "data.csv", [], ["npz"]),
+    "not-npz": (lambda d: d / "data.txt", [], ["npz"]),
     "unknown-array": (lambda d: write_npz(d / "unknown.npz", extra=np.zeros(90)), [], ["not a modality", "'extra'"]),
     "different-n": (
         lambda d: write_npz(d / "diffn.npz", x_b=np.zeros((80, 3, 2), np.float32), mask_b=None),

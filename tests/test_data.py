@@ -78,7 +78,11 @@ Y = np.array([0, 1, 0, 1])
         (dict(features={"a": np.full((4, 2), "x")}, y=Y), TypeError, ["'a'", "dtype <U1"]),
         (dict(features={"a": np.zeros((4, 0))}, y=Y), ValueError, ["'a'", "(4, 0)"]),
         (dict(features=X, y=np.zeros((4, 2, 1))), ValueError, ["y", "(4, 2, 1)"]),
-        (dict(features=X, y=np.array([0, 1, -1, 1])), ValueError, ["y", ">= 0", "-1", "sample 2"]),
+        (
+            dict(features=X, y=np.array([0, 1, -1, 1]), num_classes=2),
+            ValueError,
+            ["y", ">= 0", "-1", "sample 2"],
+        ),
         (dict(features=X, y=np.zeros(4, dtype=int)), ValueError, ["y", "at least 2 classes"]),
         (
             dict(features=X, y=np.array([0, 0.5, 1, 1]), task="classification"),
@@ -87,7 +91,8 @@ Y = np.array([0, 1, 0, 1])
         ),
         (dict(features=X, y=np.zeros((4, 2), dtype=int)), ValueError, ["y", "task='regression'"]),
         (dict(features=X, y=np.array([0.0, np.nan, 1.0, np.inf])), ValueError, ["y", "2 non-finite", "sample 1"]),
-        (dict(features=X, y=np.array(["a", "b", "a", "b"])), TypeError, ["y", "dtype <U1"]),
+        (dict(features=X, y=np.array(["a", "b", None, "b"], dtype=object)), TypeError, ["y", "NoneType", "str"]),
+        (dict(features=X, y=np.array(["a", "b", "a", "b"]), task="regression"), TypeError, ["y", "numeric", "<U1"]),
         (dict(features=X, y=Y, task="ranking"), ValueError, ["task", "'ranking'"]),
         (dict(features=X, y=np.array([0, 1, 5, 1]), num_classes=3), ValueError, ["num_classes=3", "5", "sample 2"]),
         (dict(features=X, y=Y.astype(float), num_classes=3), ValueError, ["num_classes", "regression"]),
@@ -271,8 +276,13 @@ def test_predefined_split_is_used():
     parts = d.split_indices(123)
     np.testing.assert_array_equal(parts["test"], [0, 4, 8])
     np.testing.assert_array_equal(parts["train"], [1, 3, 5, 7, 9, 11])
-    with pytest.raises(ValueError, match="no 'valid' rows"):
-        make_data(split=np.array(["train", "test"] * 6)).split_indices(0)
+    # Only train and test rows: a validation part is carved out of train (tests/test_data_splits.py).
+    carved = make_data(split=np.array(["train", "test"] * 6)).split_indices(0)
+    assert set(carved["valid"]) < set(range(0, N, 2)) and list(carved["test"]) == list(range(1, N, 2))
+    for missing in ("train", "test"):
+        only = np.array(["valid", "test" if missing == "train" else "train"] * 6)
+        with pytest.raises(ValueError, match=f"no '{missing}' rows"):
+            make_data(split=only).split_indices(0)
 
 
 def test_bad_fractions():
@@ -280,7 +290,7 @@ def test_bad_fractions():
     for bad in ((0.5, 0.5), (0.7, 0.2, 0.2), (1.2, -0.1, -0.1)):
         with pytest.raises(ValueError, match="fractions"):
             d.split_indices(0, fractions=bad)
-    with pytest.raises(ValueError, match="'test' part empty for N=2"):
+    with pytest.raises(ValueError, match="N=2 samples are too few for a train/valid/test split"):
         labelled(np.array([0, 1])).split_indices(0)
 
 

@@ -1,5 +1,4 @@
-"""Built-in datasets (UCI Multiple Features, vendored; synthetic planted-answer tasks) and
-:func:`load_data`, which takes a built-in's name or a file path.
+"""Built-in datasets: UCI Multiple Features (vendored) and the synthetic planted-answer tasks.
 
 ``BUILTINS`` maps each name (listed by ``attnfuse datasets``) to a factory and a one-line
 description. Every factory has the same signature, ``factory(seed=0) -> MultimodalDataset``: a
@@ -12,12 +11,10 @@ from collections.abc import Callable
 from functools import partial
 from importlib import resources
 from numbers import Real
-from pathlib import Path
 
 import numpy as np
 
 from .dataset import MultimodalDataset
-from .io import FILE_SUFFIXES, read_file
 from .io.npz import load_npz
 
 MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
@@ -133,21 +130,3 @@ BUILTINS: dict[str, tuple[Callable[..., MultimodalDataset], str]] = {
         "planted cross-modal lookup: classify the binned video value whose key matches the text query",
     ),
 }
-
-
-def load_data(
-    source: str, *, allow_pickle: bool = False, seed: int = 0, task: str = "auto", num_classes: int | None = None
-) -> MultimodalDataset:
-    """A built-in dataset by name (see :data:`BUILTINS`) or a data file (see ``attnfuse.data.io``).
-
-    ``seed`` is passed to the built-ins (the synthetic ones draw from it); ``task`` and
-    ``num_classes`` to files (built-ins have their own).
-    """
-    if source in BUILTINS:
-        return BUILTINS[source][0](seed=seed)
-    if Path(source).suffix.lower() not in FILE_SUFFIXES:
-        raise ValueError(
-            f"data: expected a built-in dataset ({', '.join(BUILTINS)}) or a path ending in "
-            f"{', '.join(FILE_SUFFIXES)}, got {source!r}"
-        )
-    return read_file(source, allow_pickle=allow_pickle, task=task, num_classes=num_classes)

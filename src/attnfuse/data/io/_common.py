@@ -1,9 +1,18 @@
-"""Helpers shared by the readers."""
+"""Helpers shared by the readers: paths, .npy headers, and the array names of the .npz format
+(``x_<modality>``, ``mask_<modality>``, ``info_<name>``, ``y``, ``split``), which the directory
+format shares."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from ..dataset import MultimodalDataset
+from ..labels import decode_labels
 
 
 def existing_file(path: str | os.PathLike) -> Path:
@@ -13,3 +22,61 @@ def existing_file(path: str | os.PathLike) -> Path:
     if not p.is_file():
         raise ValueError(f"data file: expected a file, got a directory or special file: {p}")
     return p
+
+
+def npy_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a .npy stream, read from its header only.
+
+    Arrays of Python objects would need unpickling: refused here, before any data is read."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"{where}: not a readable .npy array ({e})") from None
+    if dtype.hasobject:
+        raise ValueError(
+            f"{where}: holds Python objects (dtype {dtype}), which would need unpickling; "
+            "save plain numeric, bool or string arrays"
+        )
+    return shape, fortran, dtype
+
+
+def dataset_arrays(where: Path, arrays: Mapping[str, np.ndarray]) -> dict:
+    """Sort arrays named as in the .npz format into MultimodalDataset's arguments
+    (features, y, masks, split, info), modalities in the order given."""
+    features, masks, info = {}, {}, {}
+    for key, arr in arrays.items():
+        if key.startswith("x_") and len(key) > 2:
+            features[key[2:]] = arr
+        elif key.startswith("mask_") and len(key) > 5:
+            masks[key[5:]] = arr
+        elif key.startswith("info_") and len(key) > 5:
+            info[key[5:]] = arr
+        elif key not in ("y", "split"):
+            raise ValueError(
+                f"{where}: not a modality: {key!r} (expected x_<modality>, mask_<modality>, y, split or info_<name>)"
+            )
+    if "y" not in arrays:
+        raise ValueError(f"{where}: missing the target array 'y'")
+    if not features:
+        raise ValueError(f"{where}: no modality arrays (expected at least one x_<modality>)")
+    for mod in masks:
+        if mod not in features:
+            raise ValueError(f"{where}: mask_{mod} has no matching x_{mod}")
+    return {"features": features, "y": arrays["y"], "masks": masks, "split": arrays.get("split"), "info": info}
+
+
+def non_feature_arrays(data: MultimodalDataset) -> dict[str, np.ndarray]:
+    """The .npz-format arrays of ``data`` other than its features: masks, y (encoded class labels
+    written as the original labels), split and info."""
+    arrays = {f"mask_{k}": v for k, v in data.masks.items()}
+    arrays["y"] = decode_labels(data.y, data.classes) if data.task == "classification" else data.y
+    if data.split is not None:
+        arrays["split"] = data.split
+    arrays.update({f"info_{k}": v for k, v in data.info.items()})
+    return arrays

@@ -47,7 +47,12 @@ def _steps_from_lengths(lengths: Any, x: np.ndarray, where: str) -> np.ndarray:
 
 
 def load_pickle(
-    path: str | os.PathLike, allow_pickle: bool = False, *, task: str = "auto", num_classes: int | None = None
+    path: str | os.PathLike,
+    allow_pickle: bool = False,
+    *,
+    task: str = "auto",
+    num_classes: int | None = None,
+    classes: list | None = None,
 ) -> MultimodalDataset:
     """Load a MulT / MMSA feature pickle: {'train','valid','test'} -> {'text','audio','vision', labels}.
 
@@ -109,4 +114,5 @@ def load_pickle(
         name=p.stem,
         task=task,
         num_classes=num_classes,
+        classes=classes,
     )

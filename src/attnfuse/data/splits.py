@@ -1,0 +1,223 @@
+"""Train/valid/test splits as functions (in the manner of scikit-learn's ``model_selection``).
+
+* :func:`make_split` — the split of a training run: the data's ``split`` column when it has one
+  (with a validation part carved out of ``train`` when the column has only ``train`` and
+  ``test`` rows, as benchmark archives ship them), else a split drawn by seed.
+* :func:`kfold` — K folds for cross-validation on small data.
+* :func:`carve_valid` — a stratified validation part out of some training rows.
+
+Every function returns sorted, disjoint int64 row indices and never moves a ``test`` row of the
+data's split column. Stratification (classification) spreads each class over the parts in
+proportion to their sizes; regression splits are random. All are deterministic in ``seed``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from numbers import Integral
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .validation import SPLITS
+
+if TYPE_CHECKING:
+    from .dataset import MultimodalDataset
+
+__all__ = ["VALID_FRACTION", "Split", "carve_valid", "draw_split", "kfold", "make_split"]
+
+VALID_FRACTION = 0.15  # of the training rows, when a validation part is carved out of them
+
+
+@dataclass(frozen=True)
+class Split(Mapping):
+    """Row indices per part, ``{"train", "valid", "test"}`` (a read-only dict), and how they were made.
+
+    how: "column" (the data's split column), "carved" (its column had no valid rows: a validation
+    part was carved out of train), "drawn" (no column: drawn by seed), or "fold" (from
+    :func:`kfold`). note: one line saying so, for the user.
+    """
+
+    rows: dict[str, np.ndarray]
+    how: str
+    note: str
+
+    def __getitem__(self, part: str) -> np.ndarray:
+        return self.rows[part]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def carved(self) -> bool:
+        """True when the data's split column had no validation rows and they were carved out of train."""
+        return self.how == "carved"
+
+
+def _stratify(data: MultimodalDataset) -> np.ndarray | None:
+    return data.y if data.task == "classification" else None
+
+
+def _shuffled(rows: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` in a random order in which, with ``labels``, every prefix holds each class in proportion.
+
+    Each row gets its quantile within its own class (its rank in the random order), and the rows
+    are sorted by it: cutting the result anywhere then stratifies all classes at the same time,
+    with exact part sizes, however small a class is. The stable sort keeps the random order among
+    ties."""
+    order = rows[rng.permutation(rows.size)]
+    if labels is None:
+        return order
+    classes = labels[order]
+    quantile = np.empty(order.size)
+    for c in np.unique(classes):
+        at = np.flatnonzero(classes == c)
+        quantile[at] = (np.arange(at.size) + 0.5) / at.size
+    return order[np.argsort(quantile, kind="stable")]
+
+
+def _part_sizes(n: int, fractions: np.ndarray) -> np.ndarray:
+    """Sizes of the parts for ``fractions`` of n, every part with a positive fraction non-empty."""
+    needed = int((fractions > 0).sum())
+    if n < needed:
+        raise ValueError(
+            f"data: N={n} samples are too few for a train/valid/test split (each part needs at least one sample)"
+        )
+    cuts = np.round(np.cumsum(fractions)[:2] * n).astype(int)
+    sizes = np.diff(np.concatenate([[0], cuts, [n]]))
+    for part in np.flatnonzero((sizes == 0) & (fractions > 0)):  # tiny N: borrow from the largest part
+        sizes[np.argmax(sizes)] -= 1
+        sizes[part] += 1
+    return sizes
+
+
+def draw_split(data: MultimodalDataset, seed: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dict:
+    """A train/valid/test split of all rows in ``fractions``, stratified for classification."""
+    f = np.asarray(fractions, dtype=np.float64)
+    if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or abs(f.sum() - 1.0) > 1e-6:
+        raise ValueError(
+            f"fractions: expected 3 non-negative numbers (train, valid, test) summing to 1, got {fractions}"
+        )
+    order = _shuffled(np.arange(data.n), _stratify(data), np.random.default_rng(seed))
+    parts = np.split(order, np.cumsum(_part_sizes(data.n, f))[:2])
+    return {s: np.sort(idx) for s, idx in zip(SPLITS, parts)}
+
+
+def carve_valid(
+    data: MultimodalDataset, train: np.ndarray, seed: int, valid_fraction: float = VALID_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split the rows ``train`` into (train, valid), ``valid_fraction`` of them (at least one) valid,
+    stratified for classification. No other row is looked at."""
+    if not (isinstance(valid_fraction, float | int) and 0 < valid_fraction < 1):
+        raise ValueError(f"valid_fraction: expected a number in (0, 1), got {valid_fraction!r}")
+    train = np.asarray(train, dtype=np.int64)
+    if train.size < 2:
+        raise ValueError(
+            f"split: {train.size} training rows are too few to carve a validation part out of them (need 2 or more)"
+        )
+    n_valid = min(train.size - 1, max(1, round(valid_fraction * train.size)))
+    rng = np.random.default_rng(seed)
+    order = _shuffled(train, _stratify(data), rng)
+    return np.sort(order[n_valid:]), np.sort(order[:n_valid])
+
+
+def _column_parts(data: MultimodalDataset) -> dict[str, np.ndarray]:
+    """Rows per part of the data's split column; "train" and "test" must have some."""
+    parts = {s: np.flatnonzero(data.split == s) for s in SPLITS}
+    for s in ("train", "test"):
+        if parts[s].size == 0:
+            raise ValueError(f"split: the dataset's split column has no {s!r} rows")
+    return parts
+
+
+def make_split(
+    data: MultimodalDataset,
+    seed: int,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    valid_fraction: float = VALID_FRACTION,
+) -> Split:
+    """The train/valid/test rows of a run, and how they were made (``Split.how``, ``Split.note``).
+
+    * the data's split column, when it has train, valid and test rows;
+    * a column with only train and test rows: ``valid_fraction`` of the train rows (default 15%)
+      become the validation part (stratified for classification, by ``seed``); test is untouched;
+    * no column: a split of all rows drawn by ``seed`` in ``fractions`` (stratified for
+      classification, random for regression).
+
+    A column without train or without test rows is an error.
+    """
+    kind = "stratified by class" if data.task == "classification" else "at random"
+    if data.split is None:
+        shares = "/".join(f"{f * 100:g}" for f in fractions)
+        rows = draw_split(data, seed, fractions)
+        return Split(rows, "drawn", f"no split column: drew a {shares} train/valid/test split {kind}, seed {seed}")
+    parts = _column_parts(data)
+    if parts["valid"].size:
+        return Split(parts, "column", "the data's split column")
+    parts["train"], parts["valid"] = carve_valid(data, parts["train"], seed, valid_fraction)
+    total = parts["train"].size + parts["valid"].size
+    note = (
+        f"the split column has no 'valid' rows: carved {parts['valid'].size} of its {total} 'train' rows "
+        f"({valid_fraction:.0%}, {kind}, seed {seed}) as the validation part; 'test' rows untouched"
+    )
+    return Split(parts, "carved", note)
+
+
+def kfold(data: MultimodalDataset, k: int, seed: int, valid_fraction: float = VALID_FRACTION) -> list[Split]:
+    """K cross-validation folds, each a :class:`Split` {"train", "valid", "test"}.
+
+    Without a split column, the K test parts partition all rows (scikit-learn's StratifiedKFold
+    for classification, KFold otherwise, shuffled by ``seed``), and each fold's validation part
+    is carved (``valid_fraction``, stratified) out of the other K-1 folds' rows.
+
+    With a split column, its test rows stay the test part of every fold, and the folds are over
+    its train + valid rows: fold i validates on the i-th part of them and trains on the rest (the
+    validation parts partition train + valid).
+    """
+    # scikit-learn takes seconds to import: only for the commands that use folds.
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 2:
+        raise ValueError(f"folds: expected an integer k >= 2, got {k!r}")
+    k = int(k)
+    if data.split is None:
+        pool, fixed_test = np.arange(data.n), None
+    else:
+        parts = _column_parts(data)
+        pool, fixed_test = np.sort(np.concatenate([parts["train"], parts["valid"]])), parts["test"]
+    if pool.size < k:
+        raise ValueError(f"folds: k={k} folds need at least {k} samples to divide, got {pool.size}")
+    labels = _stratify(data)
+    if labels is not None:
+        largest = int(np.bincount(labels[pool]).max())
+        if largest < k:
+            raise ValueError(f"folds: k={k} is more than the samples of every class (the largest has {largest})")
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    else:
+        splitter = KFold(n_splits=k, shuffle=True, random_state=seed)
+
+    with warnings.catch_warnings():  # a class smaller than k: sklearn warns, its rows spread as they can
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = list(splitter.split(pool, None if labels is None else labels[pool]))
+    out = []
+    for i, (rest, held) in enumerate(folds):
+        rest, held = np.sort(pool[rest]), np.sort(pool[held])
+        if fixed_test is not None:
+            rows = {"train": rest, "valid": held, "test": fixed_test}
+            note = f"fold {i + 1} of {k}: validation on part {i + 1} of the train+valid rows; the test rows fixed"
+        else:
+            train, valid = carve_valid(data, rest, _fold_seed(seed, i), valid_fraction)
+            rows = {"train": train, "valid": valid, "test": held}
+            note = f"fold {i + 1} of {k}: test on part {i + 1}; validation carved out of the other parts"
+        out.append(Split(rows, "fold", note))
+    return out
+
+
+def _fold_seed(seed: int, fold: int) -> int:
+    """A seed per fold, so each fold's carve is independent and reproducible."""
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])

@@ -1,0 +1,180 @@
+"""Tests for attnfuse.data.splits: carved validation parts, K folds, tiny data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnfuse.data import MultimodalDataset, Split, carve_valid, kfold, make_split
+
+
+def dataset(y: np.ndarray, split: np.ndarray | None = None, task: str = "auto") -> MultimodalDataset:
+    return MultimodalDataset({"a": np.zeros((len(y), 2), np.float32)}, y, split=split, task=task)
+
+
+def assert_partition(parts, n: int) -> None:
+    rows = np.concatenate([parts[s] for s in ("train", "valid", "test")])
+    assert rows.size == n and np.array_equal(np.sort(rows), np.arange(n))  # disjoint and covering
+
+
+# --- a split column with only train and test rows -------------------------------------------
+
+
+def test_train_test_column_carves_valid_out_of_train_and_leaves_test_alone():
+    y = np.arange(200) % 4
+    split = np.array(["train", "test"] * 100)
+    split[120:] = "train"  # 140 train rows: 50, 20, 50, 20 of the classes 0, 1, 2, 3
+    d = dataset(y, split)
+    s = make_split(d, seed=3, valid_fraction=0.2)
+    assert isinstance(s, Split) and s.how == "carved" and s.carved
+    assert "carved 28 of its 140 'train' rows (20%" in s.note and "'test' rows untouched" in s.note
+    original_train = np.flatnonzero(split == "train")
+    np.testing.assert_array_equal(s["test"], np.flatnonzero(split == "test"))  # test untouched
+    assert set(s["valid"]) < set(original_train) and set(s["train"]) < set(original_train)
+    assert_partition(s, 200)
+    # Stratified: every class is in valid in proportion to its share of train (20% of each).
+    np.testing.assert_array_equal(np.bincount(y[s["valid"]], minlength=4), [10, 4, 10, 4])
+    # The default is 15% of the train rows, also through the dataset's method (used by training today).
+    default = make_split(d, seed=3)
+    assert len(default["valid"]) == round(0.15 * 140)
+    again = d.split_indices(3)
+    assert all(np.array_equal(again[k], default[k]) for k in default)
+    assert not np.array_equal(make_split(d, seed=4)["valid"], default["valid"])  # the seed draws it
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    counts=st.lists(st.integers(2, 40), min_size=2, max_size=5),
+    test_share=st.floats(0.1, 0.8),
+    fraction=st.floats(0.05, 0.5),
+    seed=st.integers(0, 2**16),
+)
+def test_carving_never_moves_test_rows_and_stratifies(counts, test_share, fraction, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    split = np.where(rng.random(y.size) < test_share, "test", "train")
+    split[:2] = "train"  # at least two train rows
+    split[2] = "test"
+    s = make_split(dataset(y, split), seed, valid_fraction=fraction)
+    train = np.flatnonzero(split == "train")
+    np.testing.assert_array_equal(s["test"], np.flatnonzero(split == "test"))
+    assert set(s["valid"]) | set(s["train"]) == set(train) and not set(s["valid"]) & set(s["train"])
+    assert len(s["valid"]) == min(train.size - 1, max(1, round(fraction * train.size)))
+    expected = np.bincount(y[train], minlength=len(counts)) * len(s["valid"]) / train.size
+    assert np.abs(np.bincount(y[s["valid"]], minlength=len(counts)) - expected).max() < 1.5
+
+
+def test_regression_carve_is_random_and_valid_fraction_checked():
+    y = np.linspace(0, 1, 100).astype(np.float32)
+    split = np.array(["train"] * 60 + ["test"] * 40)
+    s = make_split(dataset(y, split), seed=0, valid_fraction=0.25)
+    assert len(s["valid"]) == 15 and s["valid"].max() - s["valid"].min() > 30  # spread, not a block
+    assert "at random" in s.note
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match="valid_fraction"):
+            make_split(dataset(y, split), seed=0, valid_fraction=bad)
+
+
+@pytest.mark.parametrize("values, missing", [(["valid", "test"], "train"), (["train", "valid"], "test")])
+def test_split_column_without_train_or_test_is_an_error(values, missing):
+    with pytest.raises(ValueError, match=f"split: the dataset's split column has no '{missing}' rows"):
+        make_split(dataset(np.arange(6) % 2, np.array(values * 3)), seed=0)
+
+
+def test_one_train_row_cannot_be_carved():
+    with pytest.raises(ValueError, match="1 training rows are too few to carve"):
+        make_split(dataset(np.array([0, 1, 0, 1]), np.array(["train", "test", "test", "test"])), seed=0)
+
+
+def test_full_column_and_drawn_split_say_how():
+    d = dataset(np.arange(12) % 3, np.array(["train", "valid", "test"] * 4))
+    assert make_split(d, 0).how == "column" and not make_split(d, 0).carved
+    drawn = make_split(dataset(np.arange(40) % 2), seed=5)
+    assert drawn.how == "drawn" and "70/15/15" in drawn.note and "seed 5" in drawn.note
+    assert_partition(drawn, 40)
+
+
+# --- tiny data --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_tiny_data_is_named_with_its_size(n):
+    with pytest.raises(ValueError) as err:
+        make_split(dataset(np.arange(n, dtype=np.float32)), seed=0)
+    msg = str(err.value)
+    assert f"N={n} samples are too few for a train/valid/test split" in msg and "fractions" not in msg
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6])
+def test_small_data_gets_every_part(n):
+    s = make_split(dataset(np.arange(n, dtype=np.float32)), seed=0)
+    assert_partition(s, n)
+    assert all(len(s[k]) >= 1 for k in ("train", "valid", "test"))
+
+
+# --- K folds ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_kfold_test_parts_partition_the_rows(task):
+    y = np.arange(60) % 3 if task == "classification" else np.linspace(-1, 1, 60).astype(np.float32)
+    d = dataset(y)
+    folds = kfold(d, 5, seed=1)
+    assert len(folds) == 5 and all(f.how == "fold" for f in folds)
+    tests = np.concatenate([f["test"] for f in folds])
+    np.testing.assert_array_equal(np.sort(tests), np.arange(60))  # every row tested exactly once
+    for f in folds:
+        assert_partition(f, 60)
+        assert len(f["test"]) == 12 and len(f["valid"]) == round(0.15 * 48)
+    if task == "classification":  # StratifiedKFold: 4 of each class per test fold
+        for f in folds:
+            np.testing.assert_array_equal(np.bincount(y[f["test"]]), [4, 4, 4])
+    again = kfold(d, 5, seed=1)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(folds, again) for k in a)
+
+
+def test_kfold_matches_scikit_learn():
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.random.default_rng(0).integers(0, 3, 50)
+    folds = kfold(dataset(y), 4, seed=7)
+    expected = [test for _, test in StratifiedKFold(4, shuffle=True, random_state=7).split(np.zeros(50), y)]
+    for fold, test in zip(folds, expected):
+        np.testing.assert_array_equal(fold["test"], np.sort(test))
+
+
+def test_kfold_with_a_split_column_keeps_test_and_folds_train_and_valid():
+    split = np.array(["train"] * 30 + ["valid"] * 10 + ["test"] * 20)
+    d = dataset(np.arange(60) % 2, split)
+    folds = kfold(d, 4, seed=0)
+    valids = np.concatenate([f["valid"] for f in folds])
+    np.testing.assert_array_equal(np.sort(valids), np.arange(40))  # valid parts partition train+valid
+    for f in folds:
+        np.testing.assert_array_equal(f["test"], np.arange(40, 60))  # test stays test
+        assert_partition(f, 60)
+        assert "test rows fixed" in f.note
+
+
+@pytest.mark.parametrize(
+    "k, y, words",
+    [
+        (1, np.arange(10) % 2, ["folds", "k >= 2", "1"]),
+        (2.5, np.arange(10) % 2, ["folds", "2.5"]),
+        (20, np.arange(10) % 2, ["k=20", "at least 20", "10"]),
+        (6, np.array([0] * 5 + [1] * 5), ["k=6", "every class", "5"]),
+    ],
+)
+def test_kfold_bad_k(k, y, words):
+    with pytest.raises(ValueError) as err:
+        kfold(dataset(y), k, seed=0)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_carve_valid_uses_only_the_given_rows():
+    d = dataset(np.arange(100) % 2)
+    rows = np.arange(0, 100, 3)
+    train, valid = carve_valid(d, rows, seed=0, valid_fraction=0.2)
+    assert set(train) | set(valid) == set(rows) and len(valid) == 7
