@@ -373,7 +373,7 @@ def test_bad_train_input_is_one_clean_line(tmp_path, case):
 
 BAD_MODEL_DATA = {
     "feature-size": (dict(b_dim=5), ["'b'", "feature size 2", "got 5"]),
-    "more-classes": (dict(num_classes=5), ["num_classes=3", "got 3 at sample 3"]),
+    "more-classes": (dict(num_classes=5), ["label 3 at sample 3 is not one of the classes \\[0, 1, 2\\]"]),
     "float-labels": (dict(y=np.full(90, 0.5, np.float32)), ["integer labels"]),
     "missing-modality": (dict(x_b=None, mask_b=None), ["'b' is missing"]),
     "extra-modality": (dict(x_z=np.zeros((90, 2), np.float32)), ["'z'", "not seen in training"]),

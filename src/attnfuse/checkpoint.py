@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .data.dataset import MultimodalDataset, Standardizer
+from .data import MultimodalDataset, Standardizer
 from .fusion import FusionModel, build_model
 
 __all__ = ["save_model", "save_run", "load_model", "check_compatible", "atomic_write", "write_json"]
@@ -62,12 +62,14 @@ def save_model(
     train_config: dict,
     split_seed: int,
     source: str | None = None,
+    extra: dict | None = None,
 ) -> None:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir``.
 
     ``split_seed`` is the seed of the train/valid/test split drawn for data without a split
     column, so that ``evaluate`` can report the same parts later; ``source`` is where the data
-    came from (a built-in name or a file path), the default data of ``explain``."""
+    came from (a built-in name or a file path), the default data of ``explain``; ``extra``: more
+    top-level entries (``split``: how the parts were made, ``read``: how a table was read)."""
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"fusion": fusion}))
@@ -85,6 +87,7 @@ def save_model(
         "split_seed": split_seed,
         "standardizer": standardizer.to_dict(),
         "train": train_config,
+        **(extra or {}),
     }
     write_json(out_dir / CONFIG, config)
 
@@ -96,14 +99,17 @@ def save_run(
     data: MultimodalDataset,
     standardizer: Standardizer,
     train_config: dict,
-    split_seed: int,
+    split: dict,
     metrics: dict,
     options: dict,
 ) -> None:
     """A whole run directory: the model (:func:`save_model`), ``metrics.json`` and ``run.yaml``
-    (``options``: the option values of ``attnfuse train`` that reproduce the run)."""
+    (``options``: the option values of ``attnfuse train`` that reproduce the run). ``split`` says
+    how the training parts were made: ``{"how", "seed"}`` and, for a fold, ``"folds"``, ``"fold"``."""
     out_dir = Path(out_dir)
-    save_model(out_dir, model, fusion, data, standardizer, train_config, split_seed, source=options.get("data"))
+    read = {k: options.get(k) for k in ("modality", "target", "split_col", "mapping")}  # how a table was read
+    save_model(out_dir, model, fusion, data, standardizer, train_config, split["seed"], options.get("data"),
+               extra={"split": split, "read": read})  # fmt: skip
     write_json(out_dir / METRICS, metrics)
 
     def dump(tmp: str) -> None:

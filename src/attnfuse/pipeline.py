@@ -27,8 +27,9 @@ import numpy as np
 import yaml
 
 from .checkpoint import check_compatible, fingerprint, load_model, save_run
-from .data import BUILTINS, MultimodalDataset, Standardizer, load_data
+from .data import BUILTINS, SPLITS, MultimodalDataset, Standardizer, kfold, load_data, make_split
 from .data.dataset import TASKS
+from .data.io.table import parse_modality_options
 from .distributed import Dist, setup, teardown
 from .fusion import FUSIONS, FusionModel, build_model, config_from_dict
 from .metrics import summarize
@@ -59,15 +60,48 @@ class RunOptions:
     """What to train on, with which fusion, how many times: the options of ``attnfuse train`` that
     belong neither to the model nor to the optimiser."""
 
-    data: str = option("mfeat", "Built-in dataset name (see `attnfuse datasets`) or a data file (.npz, .pkl).")
+    data: str = option(
+        "mfeat",
+        "Built-in dataset name (see `attnfuse datasets`), a data file (.npz, .csv, .parquet, .pkl) or a "
+        "directory dataset (see `attnfuse convert`).",
+    )
     task: str = option("auto", "auto: classification for integer labels, else regression.", choices=TASKS)
     allow_pickle: bool = option(False, "Allow reading a pickle file (unpickling can run code its author put in it).")
+    modality: list[str] | None = option(
+        None,
+        "Tables: the columns of modality NAME, as NAME=PREFIX or NAME=GLOB (text=txt_*); repeat per modality "
+        "(default: one modality per NAME_ column prefix).",
+    )
+    target: str | None = option(None, "Tables: the target column (default y).")
+    split_col: str | None = option(None, "Tables: the column of train/valid/test (default: a column named split).")
+    mapping: str | None = option(
+        None, "Tables: a YAML/JSON file {modalities: {name: pattern or [columns]}, target: col, split: col}."
+    )
     fusion: str = option("self", "Fusion model.", choices=tuple(FUSIONS))
     repeat: int = option(1, "Train this many seeds (seed, seed+1, ...; and splits, when the data has none).")
+    folds: int = option(
+        0,
+        "K-fold cross-validation (K >= 2): one model per fold (seed, seed+1, ...), mean ± std over the folds; "
+        "the first fold's model is saved. A split column's test rows stay the test part of every fold.",
+    )
     checkpoint_every: int = option(
         1, "Write OUT/last/ (what --resume continues from) every K epochs; 0: only when interrupted."
     )
     tensorboard: bool = option(False, "Also log each epoch to TensorBoard (needs the tensorboard package).")
+
+    @property
+    def runs(self) -> int:
+        """How many models are trained: one per fold, or one per seed."""
+        return self.folds or self.repeat
+
+    def table_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`attnfuse.data.load_data` for tables."""
+        return {
+            "modalities": parse_modality_options(self.modality) if self.modality else None,
+            "target": self.target,
+            "split_col": self.split_col,
+            "mapping": self.mapping,
+        }
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -152,10 +186,19 @@ class TrainResult:
 
 
 def load(
-    source: str, allow_pickle: bool = False, seed: int = 0, task: str = "auto", num_classes: int | None = None
+    source: str,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    task: str = "auto",
+    num_classes: int | None = None,
+    classes: list | None = None,
+    **table: Any,
 ) -> MultimodalDataset:
-    """A built-in or a file, read as ``task`` (a built-in is rebuilt when another task is asked)."""
-    data = load_data(source, allow_pickle=allow_pickle, seed=seed, task=task, num_classes=num_classes)
+    """A built-in, a file or a directory, read as ``task`` (a built-in is rebuilt when another task
+    is asked); ``table`` are the reading options of tables (see :meth:`RunOptions.table_options`)."""
+    data = load_data(
+        source, allow_pickle=allow_pickle, seed=seed, task=task, num_classes=num_classes, classes=classes, **table
+    )
     if task != "auto" and task != data.task:
         data = MultimodalDataset(
             data.features, data.y, masks=data.masks, split=data.split, task=task, name=data.name, info=data.info
@@ -196,15 +239,18 @@ def _quiet(event: str, info: dict) -> None:
 
 def _train(spec: TrainSpec, out, emit: Progress, resume: bool, handle_signals: bool, dist: Dist) -> TrainResult:
     opts, cfg = spec.run, spec.train
-    data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task)
+    data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task, **opts.table_options())
     cfg.check_task(data.task, data.target_dim)
     emit("data", {"data": data})
+    folds = kfold(data, opts.folds, cfg.seed) if opts.folds else None
     last = None if out is None else last_dir(out)
     state = load_state(last) if resume else None
     meta = state[1] if state else {}
     if state and meta.get("fingerprint") != fingerprint(data):
         raise ValueError(f"resume: the data {opts.data!r} is not the data the run in {out} was trained on")
     options = {**spec.to_options(), "data": _source(opts.data)}
+    if opts.mapping:
+        options["mapping"] = str(Path(opts.mapping).resolve())
     if last is not None and dist.main and not resume:
         write_options(last, options)
     log = RunLog(last, opts.tensorboard, keep_rows=meta.get("log_rows")) if last is not None and dist.main else None
@@ -213,8 +259,11 @@ def _train(spec: TrainSpec, out, emit: Progress, resume: bool, handle_signals: b
     first = _first_from_state(state, spec, data) if state and start > 0 else None
     try:
         with stop_on_signals(handle_signals) as stop:
-            for i in range(start, opts.repeat):
+            for i in range(start, opts.runs):
                 seed_cfg = replace(cfg, seed=cfg.seed + i)
+                split = folds[i] if folds else make_split(data, seed_cfg.seed)
+                if i == 0 and split.note and split.how != "drawn":
+                    emit("note", {"message": split.note})
                 emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
 
                 def on_epoch(record: dict, i=i, seed=seed_cfg.seed) -> None:
@@ -239,25 +288,26 @@ def _train(spec: TrainSpec, out, emit: Progress, resume: bool, handle_signals: b
                     every=opts.checkpoint_every,
                     stop=stop,
                 )
-                result = run(data, opts.fusion, spec.model, seed_cfg, split_seed=seed_cfg.seed, on_epoch=on_epoch,
-                             control=control)  # fmt: skip
+                result = run(data, opts.fusion, spec.model, seed_cfg, on_epoch=on_epoch, control=control, split=split)
                 if result.note:
                     emit("warning", {"index": i, "message": result.note})
                 emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
-                runs.append({"seed": seed_cfg.seed, "best_epoch": result.best_epoch, "history": result.history,
-                             **result.metrics})  # fmt: skip
+                record = {"fold": i} if folds else {}
+                runs.append({**record, "seed": seed_cfg.seed, "best_epoch": result.best_epoch,
+                             "history": result.history, **result.metrics})  # fmt: skip
                 first = first or result
     finally:
         if log is not None:
             log.close()
 
     records = [{k: v for k, v in r.items() if k != "history"} for r in runs]
-    if opts.repeat == 1:
+    if opts.runs == 1:
         report = first.metrics
     else:
         report = {"runs": records, "summary": {s: summarize([r[s] for r in records]) for s in first.metrics}}
     if out is not None and dist.main:
-        save_run(out, first.model, opts.fusion, data, first.standardizer, asdict(cfg), cfg.seed, report, options)
+        split = {"how": first.split.how, "seed": cfg.seed, **({"folds": opts.folds, "fold": 0} if folds else {})}
+        save_run(out, first.model, opts.fusion, data, first.standardizer, asdict(cfg), split, report, options)
         _keep_logs(last, Path(out))
     return TrainResult(first, records, report, data, None if out is None else Path(out))
 
@@ -320,33 +370,45 @@ def stop_on_signals(enabled: bool) -> Iterator[Callable[[], int]]:
 
 
 def load_trained(
-    model_dir: str | os.PathLike, source: str | None = None, allow_pickle: bool = False
+    model_dir: str | os.PathLike, source: str | None = None, allow_pickle: bool = False, **table: Any
 ) -> tuple[FusionModel, dict, Standardizer, MultimodalDataset]:
     """A trained model, its config and standardiser, and data checked to fit it (default: the data
-    it was trained on). A generated built-in (``synthetic-*``) is regenerated with the seed it was
-    trained with, so it is the same data; labels are read in the model's label space, so data
-    holding fewer classes (even one) can be evaluated."""
+    it was trained on, read as it was). A generated built-in (``synthetic-*``) is regenerated with
+    the seed it was trained with, so it is the same data; labels are read in the model's label space
+    (its classes), so data holding fewer classes (even one) can be evaluated. ``table``: reading
+    options for a table (default: those the model's own table was read with)."""
     net, config, standardizer = load_model(model_dir)
     trained = config["data"]
+    if not any(v for v in table.values()) and (source is None or source == trained.get("source")):
+        read = config.get("read") or {}
+        table = RunOptions(**{k: v for k, v in read.items() if v is not None}).table_options() if read else {}
+    classification = trained["task"] == "classification"
     data = load(
         source or trained.get("source", trained["name"]),
         allow_pickle,
         seed=config["train"].get("seed", 0),
         task=trained["task"],
-        num_classes=trained.get("num_classes") if trained["task"] == "classification" else None,
+        num_classes=trained.get("num_classes") if classification and trained.get("classes") is None else None,
+        classes=trained.get("classes") if classification else None,
+        **{k: v for k, v in table.items() if v is not None},
     )
     check_compatible(config, data)
     return net, config, standardizer, data
 
 
 def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
-    """Row indices per split for a trained model's data: the data's own split column, or, for the
-    training data itself (recognised by its fingerprint), the split drawn in training; always also
-    ``"all"``. Other data without a split column has only ``"all"``."""
-    parts = {}
-    if data.split is not None:
-        parts = {s: np.flatnonzero(data.split == s) for s in ("train", "valid", "test")}
-    elif config["data"].get("fingerprint") == fingerprint(data):
-        parts = data.split_indices(config["split_seed"])
+    """Row indices per part for a trained model's data: for the training data itself (recognised by
+    its fingerprint) the parts it was trained with (its split column, the validation part carved out
+    of it, a drawn split or the first fold); for other data its own split column; always also
+    ``"all"``."""
+    split = config.get("split", {"how": "drawn", "seed": config.get("split_seed", 0)})
+    parts: dict[str, np.ndarray] = {}
+    if config["data"].get("fingerprint") == fingerprint(data):  # the training data: its training split
+        if split["how"] == "fold":
+            parts = dict(kfold(data, split["folds"], split["seed"])[split["fold"]])
+        else:
+            parts = dict(make_split(data, split["seed"]))
+    elif data.split is not None:
+        parts = {s: rows for s in SPLITS if (rows := np.flatnonzero(data.split == s)).size}
     parts["all"] = np.arange(data.n)
     return parts

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data.dataset import Batch, MultimodalDataset, Standardizer, iter_batches
+from .data import Batch, MultimodalDataset, Standardizer, iter_batches, make_split
 from .distributed import Dist, local_device
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics
@@ -162,6 +162,7 @@ class RunResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     note: str | None = None
+    split: Mapping[str, np.ndarray] | None = None  # the rows of each part (a data.Split when made here)
 
 
 class Diverged(ValueError):
@@ -211,27 +212,40 @@ def run(
     on_epoch: Callable[[dict], None] | None = None,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     control: Control | None = None,
+    split: Mapping[str, np.ndarray] | None = None,
 ) -> RunResult:
     """Split, standardise, build, fit and evaluate one model (deterministic for a seed on CPU).
 
-    Data without a split column is split by ``split_seed`` (default: the training seed) into
-    train/valid/test ``fractions``."""
+    ``split`` gives the train/valid/test rows (e.g. a fold of :func:`attnfuse.data.kfold`);
+    by default :func:`attnfuse.data.make_split` makes them with ``split_seed`` (default: the
+    training seed): the data's split column, with a validation part carved out of its train rows
+    when it has none, or train/valid/test ``fractions`` drawn for data without one.
+
+    Batches are gathered and standardised per step from the dataset (a memory-mapped dataset is
+    never loaded whole); on CUDA an in-memory dataset's parts are moved to the GPU once instead."""
     train = train or TrainConfig()
     control = control or Control()
-    splits = data.split_indices(seed=train.seed if split_seed is None else split_seed, fractions=fractions)
-    standardizer = Standardizer.fit(data, splits["train"])
-    scaled = standardizer.transform(data)
+    if split is None:
+        split = make_split(data, seed=train.seed if split_seed is None else split_seed, fractions=fractions)
+    standardizer = Standardizer.fit(data, split["train"])
     device = local_device(train.torch_device())
-    batches = {name: scaled.to_batch(idx).to(device) for name, idx in splits.items()}
+    sources = {name: _batches(data, rows, standardizer, device) for name, rows in split.items()}
 
     torch.manual_seed(train.seed)
     model = build_model(fusion, model_config(fusion, data, **(model_overrides or {}))).to(device)
     trainer = Trainer(model, data.task, train, control.dist)
     if control.resume is not None:
         trainer.load_state_dict(*control.resume)
-    trainer.fit(batches["train"], batches["valid"], on_epoch, control)
-    metrics = {name: trainer.evaluate(batch) for name, batch in batches.items()}
-    return RunResult(model, fusion, standardizer, metrics, trainer.best_epoch, trainer.history, trainer.note)
+    trainer.fit(sources["train"], sources["valid"], on_epoch, control)
+    metrics = {name: trainer.evaluate(source) for name, source in sources.items()}
+    return RunResult(model, fusion, standardizer, metrics, trainer.best_epoch, trainer.history, trainer.note, split)
+
+
+def _batches(data: MultimodalDataset, rows: np.ndarray, standardizer: Standardizer, device: torch.device):
+    """A part's batch source: lazy (gathered per step), or for an in-memory dataset on CUDA one
+    standardised Batch on the GPU (no host-to-device copy per step)."""
+    source = data.batches(rows, standardizer, device)
+    return source.to_batch() if device.type == "cuda" and not data.is_mapped else source
 
 
 class Trainer:

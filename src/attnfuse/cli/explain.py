@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..data.dataset import MultimodalDataset, Standardizer
+from ..data import MultimodalDataset, Standardizer
 from ..explain import (
     bertviz_export,
     collect_maps,

@@ -72,7 +72,8 @@ def train(
             if event == "data":
                 console.print(_headline(info["data"], spec.run.fusion), highlight=False)
             elif event == "run":
-                label = f"run {info['index'] + 1}/{spec.run.repeat} seed {info['seed']}"
+                kind = "fold" if spec.run.folds else "run"
+                label = f"{kind} {info['index'] + 1}/{spec.run.runs} seed {info['seed']}"
                 bars[info["index"]] = progress.add_task(label, total=info["epochs"], status="")
             elif event == "epoch":
                 metric = next(k for k in info if k.startswith("valid_") and k != "valid_loss")
@@ -80,6 +81,8 @@ def train(
                 progress.update(bars[info["index"]], completed=info["epoch"], status=status)
             elif event == "run_end":  # stopped early: the bar ends where training did
                 progress.update(bars[info["index"]], total=info["epochs"], completed=info["epochs"])
+            elif event == "note":
+                progress.console.print(f"note: {escape(info['message'])}", highlight=False)
             elif event == "warning":
                 progress.console.print(f"[bold yellow]warning:[/] {escape(info['message'])}", highlight=False)
 
@@ -100,11 +103,12 @@ def train(
         return  # under torchrun, rank 0 reports
     data = result.data
     fusion = spec.run.fusion
-    if spec.run.repeat == 1:
+    if spec.run.runs == 1:
         title = f"{fusion} on {data.name} (best epoch {result.first.best_epoch})"
         console.print(_metrics_table(title, result.report))
     else:
-        title = f"{fusion} on {data.name}: mean ± std over {spec.run.repeat} runs"
+        what = f"{spec.run.folds} folds" if spec.run.folds else f"{spec.run.repeat} runs"
+        title = f"{fusion} on {data.name}: mean ± std over {what}"
         console.print(_metrics_table(title, result.report["summary"]))
     console.print(f"model, config, metrics and run.yaml written to [bold]{escape(str(out))}[/]", highlight=False)
 

@@ -386,13 +386,3 @@ class RowBatches:
     def to_batch(self) -> Batch:
         """All rows as one Batch on ``device`` (for small parts, e.g. to evaluate)."""
         return self.select(np.arange(len(self)))
-
-
-def __getattr__(name: str) -> Any:
-    # ``from attnfuse.data.dataset import Standardizer`` predates attnfuse.data.preprocessing;
-    # resolved lazily because preprocessing imports this module.
-    if name == "Standardizer":
-        from .preprocessing import Standardizer
-
-        return Standardizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
