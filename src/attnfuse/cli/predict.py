@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..checkpoint import atomic_write, write_json
-from ..data import BUILTINS
+from ..data import BUILTINS, decode_labels
 from ..metrics import compute_metrics
 from ..training import predict, to_predictions
 from .common import _load_for_model, _metrics_table, _parts, console
@@ -26,7 +26,7 @@ def evaluate(
 ) -> None:
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
-    batch = standardizer.transform(dataset).to_batch()
+    batch = dataset.batches(None, standardizer)
     sentiment = config["train"].get("metrics") == "sentiment"
     y_pred = to_predictions(dataset.task, predict(net, batch))
     parts = _parts(dataset, config)
@@ -47,8 +47,9 @@ def predict_cmd(
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
-    outputs = predict(net, standardizer.transform(dataset).to_batch())
+    outputs = predict(net, dataset.batches(None, standardizer))
     y_pred = to_predictions(dataset.task, outputs)
+    classes = config["data"].get("classes")  # the original labels of the codes 0..C-1
 
     header, columns = ["index"], [np.arange(dataset.n)]
     parts = _parts(dataset, config)  # the data's split, or the one drawn in training for its own data
@@ -58,15 +59,16 @@ def predict_cmd(
             if name != "all":
                 split[rows] = name
         header.append("split"), columns.append(split)
-    y_true = dataset.y.reshape(dataset.n, -1)
-    y_hat = y_pred.reshape(dataset.n, -1)
+    y_true, y_hat = dataset.y.reshape(dataset.n, -1), y_pred.reshape(dataset.n, -1)
+    if dataset.task == "classification":
+        y_true, y_hat = (decode_labels(a, classes).reshape(dataset.n, 1) for a in (y_true[:, 0], y_hat[:, 0]))
     k = y_true.shape[1]
     header += ["y_true"] if k == 1 else [f"y_true_{j}" for j in range(k)]
     header += ["y_pred"] if k == 1 else [f"y_pred_{j}" for j in range(k)]
     columns += [y_true[:, j] for j in range(k)] + [y_hat[:, j] for j in range(k)]
     if dataset.task == "classification":
         probs = outputs.softmax(dim=-1).numpy()
-        header += [f"prob_{c}" for c in range(probs.shape[1])]
+        header += [f"prob_{c}" for c in decode_labels(np.arange(probs.shape[1]), classes)]
         columns += [np.round(probs[:, c], 6) for c in range(probs.shape[1])]
 
     buffer = io.StringIO()
