@@ -13,6 +13,7 @@ back by :meth:`TrainSpec.to_options`, so that a run directory's ``run.yaml`` rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -22,7 +23,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .checkpoint import check_compatible, fingerprint, load_model, save_run
+from .checkpoint import (
+    check_compatible,
+    fingerprint,
+    load_model,
+    metrics_for_json,
+    read_config,
+    run_directory,
+    write_run,
+)
 from .data import BUILTINS, MultimodalDataset, Standardizer, load_data
 from .data.dataset import TASKS
 from .fusion import FUSIONS, FusionModel, config_from_dict
@@ -44,7 +53,9 @@ __all__ = [
 
 # progress(event, info): "data" once the data is loaded ({"data"}), "run" when a seed starts
 # ({"index", "seed", "epochs"}), "epoch" after each epoch ({"index", "epoch", "train_loss",
-# "valid_loss", "valid_<metric>", "best_epoch"}), "run_end" ({"index", "epochs", "best_epoch"}).
+# "valid_loss", "valid_<metric>", "best_epoch"}), "run_end" ({"index", "epochs", "best_epoch"}),
+# "diverged" after "run_end" when a NaN/inf loss stopped it ({"index", "message", "best_epoch":
+# the finite epoch whose weights were kept}).
 Progress = Callable[[str, dict], None]
 
 
@@ -149,36 +160,48 @@ def load(
 
 def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progress | None = None) -> TrainResult:
     """Load the data, train one model per seed, and (when ``out`` is given) save the first seed's
-    model with the metrics and the options in ``out`` (see :func:`attnfuse.checkpoint.save_run`).
+    model with the metrics and the options in ``out`` (see :func:`attnfuse.checkpoint.write_run`),
+    as one transaction (:func:`attnfuse.checkpoint.run_directory`): ``out`` is locked and proven
+    writable before the data is loaded, and a reader finds the previous run or this one, complete.
+    Training that diverges (a NaN/inf loss) keeps the best finite epoch (a "diverged" progress
+    event says so) or, with none, raises :class:`~attnfuse.training.DivergedError` and saves nothing.
 
     With ``repeat`` K > 1, seeds ``seed .. seed+K-1`` each train a model (and draw their own split
     when the data has none); ``metrics.json`` then holds every run and the mean ± std."""
     emit = progress or (lambda event, info: None)
     opts, cfg = spec.run, spec.train
-    data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task)
-    cfg.check_task(data.task, data.target_dim)
-    emit("data", {"data": data})
+    # The output is locked and proven writable before the data is read: a second run into the
+    # same --out, or an unwritable one, fails now, not after training.
+    with run_directory(out) if out is not None else contextlib.nullcontext() as tmp:
+        data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task)
+        cfg.check_task(data.task, data.target_dim)
+        emit("data", {"data": data})
 
-    first, runs = None, []
-    for i in range(opts.repeat):
-        seed_cfg = replace(cfg, seed=cfg.seed + i)
-        emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
-        result = run(
-            data, opts.fusion, spec.model, seed_cfg, split_seed=seed_cfg.seed,
-            on_epoch=lambda record, i=i: emit("epoch", {"index": i, **record}),
-        )  # fmt: skip
-        emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
-        runs.append({"seed": seed_cfg.seed, "best_epoch": result.best_epoch, **result.metrics})
-        first = first or result
+        first, runs = None, []
+        for i in range(opts.repeat):
+            seed_cfg = replace(cfg, seed=cfg.seed + i)
+            emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
+            result = run(
+                data, opts.fusion, spec.model, seed_cfg, split_seed=seed_cfg.seed,
+                on_epoch=lambda record, i=i: emit("epoch", {"index": i, **record}),
+            )  # fmt: skip
+            emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
+            if "diverged" in result.history[-1]:
+                emit(
+                    "diverged", {"index": i, "message": result.history[-1]["diverged"], "best_epoch": result.best_epoch}
+                )
+            runs.append({"seed": seed_cfg.seed, "best_epoch": result.best_epoch, **result.metrics})
+            first = first or result
 
-    if opts.repeat == 1:
-        report = first.metrics
-    else:
-        report = {"runs": runs, "summary": {s: summarize([r[s] for r in runs]) for s in first.metrics}}
-    if out is not None:
-        source = opts.data if opts.data in BUILTINS else str(Path(opts.data).resolve())
-        options = {**spec.to_options(), "data": source}
-        save_run(out, first.model, opts.fusion, data, first.standardizer, asdict(cfg), cfg.seed, report, options)
+        if opts.repeat == 1:
+            report = first.metrics
+        else:
+            report = {"runs": runs, "summary": {s: summarize([r[s] for r in runs]) for s in first.metrics}}
+        report = metrics_for_json(report)  # an undefined (NaN) metric is null, here and in metrics.json
+        if out is not None:
+            source = opts.data if opts.data in BUILTINS else str(Path(opts.data).resolve())
+            options = {**spec.to_options(), "data": source}
+            write_run(tmp, first.model, opts.fusion, data, first.standardizer, asdict(cfg), cfg.seed, report, options)
     return TrainResult(first, runs, report, data, None if out is None else Path(out))
 
 
@@ -189,7 +212,7 @@ def load_trained(
     it was trained on). A generated built-in (``synthetic-*``) is regenerated with the seed it was
     trained with, so it is the same data; labels are read in the model's label space, so data
     holding fewer classes (even one) can be evaluated."""
-    net, config, standardizer = load_model(model_dir)
+    config = read_config(model_dir)  # checked, and the model's size bounded, before anything is built
     trained = config["data"]
     data = load(
         source or trained.get("source", trained["name"]),
@@ -199,6 +222,7 @@ def load_trained(
         num_classes=trained.get("num_classes") if trained["task"] == "classification" else None,
     )
     check_compatible(config, data)
+    net, config, standardizer = load_model(model_dir, config=config)
     return net, config, standardizer, data
 
 

@@ -31,6 +31,7 @@ from .options import option
 __all__ = [
     "TrainConfig",
     "RunResult",
+    "DivergedError",
     "run",
     "fit",
     "predict",
@@ -192,7 +193,11 @@ def fit(
     cfg: TrainConfig,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[int, list[dict]]:
-    """Train in place; keep the weights of the best validation epoch. Returns (best_epoch, history)."""
+    """Train in place; keep the weights of the best validation epoch. Returns (best_epoch, history).
+
+    A NaN/inf loss (a training step's, or the validation loss) stops training: the best finite
+    epoch's weights are restored and the last history record says where it diverged (its key
+    ``"diverged"``); with no finite epoch before it, :class:`DivergedError` is raised."""
     loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing)
     metric, mode = PRIMARY_METRIC[task]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -201,7 +206,7 @@ def fit(
     best_key, best_state, best_epoch, history = None, None, 0, []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        total, count = torch.zeros((), device=train_batch.y.device), 0
+        total, count, losses = torch.zeros((), device=train_batch.y.device), 0, []
         for batch in iter_batches(train_batch, cfg.batch_size, shuffle=True, generator=generator):
             loss = loss_fn(model(batch), batch.y)
             optimizer.zero_grad(set_to_none=True)
@@ -211,6 +216,7 @@ def fit(
             optimizer.step()
             total += loss.detach() * len(batch)
             count += len(batch)
+            losses.append(loss.detach())  # checked once per epoch: no device sync per step
 
         valid_out = predict(model, valid_batch)
         valid_loss = loss_fn(valid_out, valid_batch.y).item()
@@ -222,18 +228,42 @@ def fit(
             f"valid_{metric}": valid_metrics[metric],
         }
         history.append(record)
-        # Higher is better for the key; validation loss breaks ties of a coarse metric (accuracy).
-        key = (valid_metrics[metric] if mode == "max" else -valid_metrics[metric], -valid_loss)
-        if best_key is None or key > best_key:
-            best_key, best_epoch = key, epoch
-            best_state = copy.deepcopy(model.state_dict())
+        # A NaN/inf loss stops training: the weights are NaN/inf, or on their way there.
+        diverged = _divergence(torch.stack(losses), valid_loss, epoch, cfg.lr)
+        if diverged is None:
+            # Higher is better for the key; validation loss breaks ties of a coarse metric (accuracy).
+            key = (valid_metrics[metric] if mode == "max" else -valid_metrics[metric], -valid_loss)
+            if best_key is None or key > best_key:
+                best_key, best_epoch = key, epoch
+                best_state = copy.deepcopy(model.state_dict())
+        elif best_state is None:
+            raise DivergedError(f"{diverged}; no earlier epoch has finite weights to keep, nothing is saved")
+        else:
+            record["diverged"] = diverged
         if on_epoch is not None:
             on_epoch({**record, "best_epoch": best_epoch})
-        if epoch - best_epoch >= cfg.patience or not math.isfinite(record["train_loss"]):
+        if diverged is not None or epoch - best_epoch >= cfg.patience:
             break
 
     model.load_state_dict(best_state)
     return best_epoch, history
+
+
+class DivergedError(ValueError):
+    """Training diverged (a NaN/inf loss) before any epoch ended with finite weights."""
+
+
+def _divergence(step_losses: Tensor, valid_loss: float, epoch: int, lr: float) -> str | None:
+    """None while training is finite; else where it diverged first (epoch, step 1-based), with a hint."""
+    bad = torch.nonzero(~torch.isfinite(step_losses)).flatten()
+    if bad.numel():
+        step = int(bad[0])
+        where = f"epoch {epoch}, step {step + 1} of {len(step_losses)} (training loss {step_losses[step].item()})"
+    elif not math.isfinite(valid_loss):
+        where = f"epoch {epoch} (validation loss {valid_loss})"
+    else:
+        return None
+    return f"training diverged at {where}: lower the learning rate (--lr, now {lr:g})"
 
 
 @torch.no_grad()

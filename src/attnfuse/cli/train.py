@@ -65,6 +65,12 @@ def train(
                 progress.update(bars[info["index"]], completed=info["epoch"], status=status)
             elif event == "run_end":  # stopped early: the bar ends where training did
                 progress.update(bars[info["index"]], total=info["epochs"], completed=info["epochs"])
+            elif event == "diverged":
+                console.print(
+                    f"[bold yellow]warning:[/] {escape(info['message'])}; the weights of epoch {info['best_epoch']} "
+                    "(the best before it) are kept",
+                    highlight=False,
+                )
 
         result = train_run(spec, out, on_progress)
 
