@@ -259,3 +259,14 @@ def test_check_writable_read_only_directory(tmp_path):
         assert info.value.filename == str(ro)
     finally:
         ro.chmod(0o755)
+
+
+def test_the_current_directory_is_not_replaced(tmp_path, monkeypatch):
+    (tmp_path / "run" / "sub").mkdir(parents=True)
+    for cwd in (tmp_path / "run", tmp_path / "run" / "sub"):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(ValueError, match="is the current directory or contains it"), transaction(tmp_path / "run"):
+            pass
+        with pytest.raises(ValueError, match="current directory"), transaction("."):
+            pass
+    assert entries(tmp_path / "run") == ["sub"]

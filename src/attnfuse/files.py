@@ -402,6 +402,13 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(directory))
 
 
+def _holds_cwd(directory: Path) -> bool:
+    with contextlib.suppress(OSError):
+        cwd = Path(os.getcwd())
+        return cwd == directory or directory in cwd.parents
+    return False
+
+
 @contextlib.contextmanager
 def transaction(out: str | os.PathLike, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Write the directory ``out`` as one transaction: yields an empty temporary directory beside
@@ -422,6 +429,8 @@ def transaction(out: str | os.PathLike, check: Callable[[Path], None] | None = N
                 raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(given))
             if out.exists() and check is not None:
                 check(out)
+            if _holds_cwd(out):  # replacing it would leave this process in a deleted directory
+                raise ValueError(f"{given}: is the current directory or contains it; write into a new directory")
             remove_debris(out)
             fd, tmp = _new_temp(out, directory=True)
         except OSError as e:

@@ -124,6 +124,8 @@ def read_options(path: str | os.PathLike) -> dict[str, Any]:
         values = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"config: {p} is not valid YAML or JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ValueError(f"config: {p} is nested too deeply to be a file of options") from None
     if values is None:
         return {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):

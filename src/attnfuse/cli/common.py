@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import signal
 import tempfile
 import threading
@@ -62,10 +63,9 @@ def describe(e: BaseException) -> tuple[int, str]:
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
     if _out_of_memory(e):
-        detail = str(e).strip()
-        return EXIT_INPUT, (
-            f"out of memory{f' ({detail})' if detail else ''}: try a smaller --batch-size or --d-model, or less data"
-        )
+        asked = re.search(r"tried to allocate ([\d.]+ ?\w+)", str(e), re.IGNORECASE)  # torch says how much
+        detail = f" (tried to allocate {asked.group(1)})" if asked else ""
+        return EXIT_INPUT, f"out of memory{detail}: try a smaller --batch-size or --d-model, or less data"
     if isinstance(e, OSError):
         return EXIT_INPUT, describe_os_error(e)
     if isinstance(e, (ValueError, TypeError)):
