@@ -159,7 +159,7 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, dict], None], list[str]]] = {
     "num-layers-1e6": (edit_config(lambda c: c["model"].update(num_layers=10**6)), ["num_layers=1000000"]),
     "sequence-length-1e9": (
         edit_config(modality("length", 10**9)),
-        ["building this model needs about", "sequence length 1000000000"],
+        ["needs at least", "sequence length 1000000000", "8.0 GiB of memory is available"],
     ),
     # the weights
     "weights-absent": (lambda m, t: (m / WEIGHTS).unlink(), ["not a model directory", "no model.safetensors"]),
@@ -254,6 +254,23 @@ def test_bad_train_output_is_one_line_and_writes_nothing(trained, tmp_path, case
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert_one_line(cli("train", "--data", trained["data"], *TINY, *args, "--out", out), 2, *needles)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or lost
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--d-model", "1000000"], ["needs at least", "d_model=1000000"]),
+        (["--num-layers", "1000000"], ["needs at least", "num_layers=1000000"]),
+    ],
+)
+def test_a_model_too_big_for_the_memory_is_refused_before_training(trained, tmp_path, monkeypatch, args, needles):
+    """Building it would not fail: layer after layer would allocate until the machine swaps."""
+    monkeypatch.setattr(checkpoint, "_available_memory", lambda: 8 << 30)
+    monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("built the model"))
+    out = tmp_path / "run"
+    base = ["--fusion", "self", "--heads", "2", "--epochs", "1"]
+    assert_one_line(cli("train", "--data", trained["data"], *base, *args, "--out", out), 2, *needles)
+    assert entries(tmp_path) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")

@@ -59,6 +59,7 @@ __all__ = [
     "load_model",
     "check_compatible",
     "min_parameters",
+    "check_memory",
 ]
 
 WEIGHTS, CONFIG, METRICS, RUN = "model.safetensors", "config.json", "metrics.json", "run.yaml"
@@ -344,28 +345,42 @@ def _available_memory() -> int | None:
     return None
 
 
+def _settings(config: FusionConfig) -> str:
+    layers = f", num_layers={config.num_layers}" if isinstance(config, SelfFusionConfig) else ""
+    return f"d_model={config.d_model}{layers}"
+
+
+def check_memory(config: FusionConfig, bytes_per_parameter: int, parameters: int | None = None) -> None:
+    """Refuse, with the numbers, a model that cannot be built in the memory available now:
+    ``parameters`` (default: :func:`min_parameters`) at ``bytes_per_parameter`` (4 to hold float32
+    weights; 16 to train them: weights, gradients and AdamW's two moments), plus the positional
+    table (``max_len x d_model``, float64 while computed) and an axis label per token. Building
+    such a model would not fail: it would allocate until the machine swaps."""
+    parameters = min_parameters(config) if parameters is None else parameters
+    max_len = max([m.length for m in config.modalities if m.is_sequence], default=1)
+    need = bytes_per_parameter * parameters + 24 * max_len * config.d_model
+    need += 100 * sum(m.length for m in config.modalities)
+    available = _available_memory()
+    if available is not None and need > available:
+        raise ValueError(
+            f"model: needs at least {need / 2**30:.1f} GiB ({parameters:,} parameters with {_settings(config)}, "
+            f"sequence length {max_len}), {available / 2**30:.1f} GiB of memory is available"
+        )
+
+
 def _check_size(config: FusionConfig, weights: dict[str, tuple[str, tuple[int, ...]]], where: str) -> None:
     """The model must fit its weights file and the memory: refused with the numbers, never allocated."""
     held = sum(math.prod(shape) for _, shape in weights.values())
     lower = min_parameters(config)
-    settings = f"d_model={config.d_model}" + (
-        f", num_layers={config.num_layers}" if isinstance(config, SelfFusionConfig) else ""
-    )
     if lower > held:
         raise ValueError(
-            f"model: {where}: config.json describes a model of at least {lower:,} parameters ({settings}), "
-            f"but {WEIGHTS} holds {held:,}"
+            f"model: {where}: config.json describes a model of at least {lower:,} parameters "
+            f"({_settings(config)}), but {WEIGHTS} holds {held:,}"
         )
-    # Building also makes a (max_len, d_model) positional table (float64 while computed) and an
-    # axis label per token.
-    max_len = max([m.length for m in config.modalities if m.is_sequence], default=1)
-    need = 4 * held + 24 * max_len * config.d_model + 100 * sum(m.length for m in config.modalities)
-    available = _available_memory()
-    if available is not None and need > available:
-        raise ValueError(
-            f"model: {where}: building this model needs about {need / 2**30:.1f} GiB (sequence length {max_len}, "
-            f"{settings}), only {available / 2**30:.1f} GiB is available"
-        )
+    try:
+        check_memory(config, 4, held)
+    except ValueError as e:
+        raise ValueError(f"model: {where}: {str(e).removeprefix('model: ')}") from None
 
 
 def _weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -25,6 +25,7 @@ import yaml
 
 from .checkpoint import (
     check_compatible,
+    check_memory,
     fingerprint,
     load_model,
     metrics_for_json,
@@ -37,7 +38,7 @@ from .data.dataset import TASKS
 from .fusion import FUSIONS, FusionModel, config_from_dict
 from .metrics import summarize
 from .options import Option, coerce, option, options_of
-from .training import RunResult, TrainConfig, run
+from .training import RunResult, TrainConfig, model_config, run
 
 __all__ = [
     "RunOptions",
@@ -177,6 +178,7 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
     with run_directory(out) if out is not None else contextlib.nullcontext() as tmp:
         data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task)
         cfg.check_task(data.task, data.target_dim)
+        check_memory(config_from_dict(opts.fusion, model_config(opts.fusion, data, **spec.model)), 16)
         emit("data", {"data": data})
 
         first, runs = None, []
