@@ -178,6 +178,8 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
     with run_directory(out) if out is not None else contextlib.nullcontext() as tmp:
         data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task)
         cfg.check_task(data.task, data.target_dim)
+        # Refused with the numbers, not allocated until the machine swaps: 16 bytes a parameter
+        # (weights, gradients, AdamW's two moments).
         check_memory(config_from_dict(opts.fusion, model_config(opts.fusion, data, **spec.model)), 16)
         emit("data", {"data": data})
 
