@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
-from attnfuse.checkpoint import CONFIG, METRICS, WEIGHTS, check_compatible, load_model, save_model, write_json
+from attnfuse.checkpoint import (
+    CONFIG,
+    METRICS,
+    WEIGHTS,
+    _finite,
+    check_compatible,
+    load_model,
+    min_parameters,
+    save_model,
+)
 from attnfuse.data import MultimodalDataset
+from attnfuse.files import write_json
+from attnfuse.fusion import build_model, config_from_dict
 from attnfuse.training import TrainConfig, predict, run
 
 FUSIONS = ["concat", "self", "cross", "bicross", "mult"]
@@ -103,7 +117,7 @@ def test_load_model_errors(tmp_path):
     result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=1))
     save_model(tmp_path, result.model, "concat", data, result.standardizer, {}, split_seed=0)
     (tmp_path / CONFIG).write_text("{not json")
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_model(tmp_path)
 
 
@@ -188,9 +202,46 @@ def test_damaged_model_directory_is_a_value_error(tmp_path, trained_config):
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(trained_config))
     (model_dir / "model.safetensors").write_bytes(b"\x00" * 40)  # truncated / not safetensors
-    with pytest.raises(ValueError, match="does not hold this model's weights"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_model(model_dir)
     broken = {k: v for k, v in trained_config.items() if k != "standardizer"}
     (model_dir / "config.json").write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match="not a valid attnfuse config.*standardizer"):
+    with pytest.raises(ValueError, match="config.json: standardizer: missing"):
         load_model(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks that bound an untrusted model directory
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    fusion=st.sampled_from(FUSIONS),
+    d_model=st.sampled_from([2, 4, 8, 12]),
+    num_layers=st.integers(1, 3),
+    ff=st.one_of(st.none(), st.integers(1, 24)),
+    dims=st.lists(st.integers(1, 9), min_size=2, max_size=3),
+    out_dim=st.integers(1, 7),
+    hidden=st.one_of(st.none(), st.integers(1, 16)),
+    pooling=st.sampled_from(["mean", "attention"]),
+)
+def test_min_parameters_is_a_lower_bound(fusion, d_model, num_layers, ff, dims, out_dim, hidden, pooling):
+    """The bound used to refuse a config before building it never exceeds the real count."""
+    modalities = [{"name": f"m{i}", "dim": d, "length": 1 + i, "is_sequence": i > 0} for i, d in enumerate(dims)]
+    values = {"modalities": modalities, "out_dim": out_dim, "d_model": d_model, "head_hidden": hidden}
+    if fusion != "concat":
+        values.update(nhead=2, num_layers=num_layers, dim_feedforward=ff)
+        values["pooling"] = "mean" if fusion == "mult" else pooling
+    model = build_model(fusion, config_from_dict(fusion, values))
+    assert min_parameters(model.config) <= sum(p.numel() for p in model.parameters())
+
+
+@given(
+    values=st.lists(
+        st.one_of(st.floats(width=32), st.sampled_from([3e38, -3e38, math.inf, -math.inf, math.nan])), min_size=1
+    )
+)
+def test_finite_check_agrees_with_numpy(values):
+    """The fast check (a sum, element-wise only when the sum is not finite) against np.isfinite."""
+    t = torch.tensor(values, dtype=torch.float32)
+    assert _finite(t) == bool(np.isfinite(t.numpy()).all())

@@ -2,59 +2,103 @@
 the model and the feature standardisation), ``metrics.json`` and ``run.yaml`` (the options the run
 was trained with: ``attnfuse train --config DIR/run.yaml`` trains it again).
 
-Checkpoints never use pickle: safetensors holds only tensors, JSON only plain values, so loading a
-model directory cannot run code. Every file is written to a temporary name and renamed into place,
-so an interrupted save never leaves a half-written file behind.
+Writing: a model directory is written as one transaction (:func:`run_directory`, built on
+:func:`attnfuse.files.transaction`): a reader finds the previous complete run or the new complete
+one, never weights of one run beside the config of another. ``config.json`` and the weights'
+``config.json`` records ``weights_id``, a hash of the tensors: a directory mixed by hand (or by an
+older attnfuse) is recognised when read, and so are tensors damaged after they were written.
+
+Reading: a model directory is untrusted input. Checkpoints never use pickle: safetensors holds only
+tensors, JSON only plain values, so loading cannot run code. Before any model is built,
+``config.json`` is checked against its schema (types, ranges, required keys; the fusion settings by
+their own config dataclass), the size of the model it describes is bounded, and it must match the
+weights file's header (names, shapes, dtypes: read without reading the tensors). Weights must be
+floating point and finite.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
-import tempfile
-from collections.abc import Callable
+import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from ._version import __version__
 from .data import MultimodalDataset, Standardizer
-from .fusion import FusionModel, build_model
+from .files import transaction, write_bytes, write_json, write_text
+from .fusion import FusionConfig, FusionModel, SelfFusionConfig, build_model, config_from_dict
+from .training import TrainConfig
 
-__all__ = ["save_model", "save_run", "load_model", "check_compatible", "atomic_write", "write_json"]
+__all__ = [
+    "WEIGHTS",
+    "CONFIG",
+    "METRICS",
+    "RUN",
+    "EVALUATION",
+    "run_directory",
+    "write_model",
+    "write_run",
+    "save_model",
+    "save_run",
+    "metrics_for_json",
+    "weights_id",
+    "read_config",
+    "load_model",
+    "check_compatible",
+    "min_parameters",
+    "check_memory",
+]
 
-WEIGHTS, CONFIG, METRICS, RUN = "model.safetensors", "config.json", "metrics.json", "run.yaml"
+WEIGHTS, CONFIG, METRICS, RUN, LOG = "model.safetensors", "config.json", "metrics.json", "run.yaml", "log.csv"
+EVALUATION = "evaluation.json"
+# What a run directory may hold: replacing it deletes these, and nothing else may be deleted.
+RUN_ENTRIES = frozenset({WEIGHTS, CONFIG, METRICS, RUN, LOG, EVALUATION, "explain", "last", "tensorboard"})
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
+MAX_CONFIG_BYTES = 64 << 20  # a config.json holds settings and per-feature statistics: far less
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (same directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# ---------------------------------------------------------------------------------------------
+# Writing
 
 
-def write_json(path: str | os.PathLike, obj: object) -> None:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+def _only_run_entries(out: Path) -> None:
+    ours = re.compile(r"\.(.+)\.([a-z0-9_]{8}\.tmp|lock)")  # temporaries and locks of our own files
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name not in RUN_ENTRIES and not ((m := ours.fullmatch(p.name)) and m.group(1) in RUN_ENTRIES)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"out: {out} holds files that are not part of an attnfuse run ({shown}); replacing it would delete "
+            "them: choose another --out, or move them away"
+        )
 
-    atomic_write(path, dump)
+
+def run_directory(out: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """A transaction writing the model directory ``out`` (see :func:`attnfuse.files.transaction`):
+    yields an empty temporary directory to write into; when the block ends cleanly it replaces
+    ``out``. Refused before the block runs: a concurrent writer of ``out``, an ``out`` that cannot
+    be written, or an existing ``out`` holding files that are not part of a run."""
+    return transaction(out, check=_only_run_entries)
 
 
-def save_model(
-    out_dir: str | os.PathLike,
+def write_model(
+    directory: str | os.PathLike,
     model: FusionModel,
     fusion: str,
     data: MultimodalDataset,
@@ -63,18 +107,23 @@ def save_model(
     split_seed: int,
     source: str | None = None,
     extra: dict | None = None,
-) -> None:
-    """Write ``model.safetensors`` and ``config.json`` into ``out_dir``.
+) -> str:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (one being built, e.g. by
+    :func:`run_directory`); returns the ``weights_id`` recorded in the config (:func:`weights_id`).
 
     ``split_seed`` is the seed of the train/valid/test split drawn for data without a split
     column, so that ``evaluate`` can report the same parts later; ``source`` is where the data
     came from (a built-in name or a file path), the default data of ``explain``; ``extra``: more
     top-level entries (``split``: how the parts were made, ``read``: how a table was read)."""
-    out_dir = Path(out_dir)
+    directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"fusion": fusion}))
+    digest = weights_id(state)
+    # Serialised in memory and written by our own writer: safetensors' save_file reports a full
+    # disk as a SafetensorError without the path; ours says "no space left on device: PATH".
+    write_bytes(directory / WEIGHTS, safetensors_bytes(state, metadata={"fusion": fusion}))
     config = {
         "attnfuse_version": __version__,
+        "weights_id": digest,
         "fusion": fusion,
         "model": asdict(model.config),
         "data": {
@@ -89,11 +138,12 @@ def save_model(
         "train": train_config,
         **(extra or {}),
     }
-    write_json(out_dir / CONFIG, config)
+    write_json(directory / CONFIG, config)
+    return digest
 
 
-def save_run(
-    out_dir: str | os.PathLike,
+def write_run(
+    directory: str | os.PathLike,
     model: FusionModel,
     fusion: str,
     data: MultimodalDataset,
@@ -103,19 +153,54 @@ def save_run(
     metrics: dict,
     options: dict,
 ) -> None:
-    """A whole run directory: the model (:func:`save_model`), ``metrics.json`` and ``run.yaml``
+    """A whole run into ``directory`` (one being built): the model (:func:`write_model`),
+    ``metrics.json`` (undefined metrics as null, :func:`metrics_for_json`) and ``run.yaml``
     (``options``: the option values of ``attnfuse train`` that reproduce the run). ``split`` says
     how the training parts were made: ``{"how", "seed"}`` and, for a fold, ``"folds"``, ``"fold"``."""
-    out_dir = Path(out_dir)
+    directory = Path(directory)
     read = {k: options.get(k) for k in ("modality", "target", "split_col", "mapping")}  # how a table was read
-    save_model(out_dir, model, fusion, data, standardizer, train_config, split["seed"], options.get("data"),
-               extra={"split": split, "read": read})  # fmt: skip
-    write_json(out_dir / METRICS, metrics)
+    write_model(directory, model, fusion, data, standardizer, train_config, split["seed"], options.get("data"),
+                extra={"split": split, "read": read})  # fmt: skip
+    write_json(directory / METRICS, metrics_for_json(metrics))
+    write_text(directory / RUN, yaml.safe_dump(options, sort_keys=False))
 
-    def dump(tmp: str) -> None:
-        Path(tmp).write_text(yaml.safe_dump(options, sort_keys=False))
 
-    atomic_write(out_dir / RUN, dump)
+def save_model(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """Replace ``out_dir`` with a model directory (:func:`write_model`'s arguments) in one
+    transaction (:func:`run_directory`)."""
+    with run_directory(out_dir) as tmp:
+        write_model(tmp, *args, **kwargs)
+
+
+def save_run(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """Replace ``out_dir`` with a whole run directory (:func:`write_run`'s arguments) in one
+    transaction (:func:`run_directory`)."""
+    with run_directory(out_dir) as tmp:
+        write_run(tmp, *args, **kwargs)
+
+
+def metrics_for_json(report: Any) -> Any:
+    """``report`` with every NaN/inf number replaced by ``None`` (JSON null): a metric that is
+    undefined (acc2 when every target is 0; any metric of outputs that are not finite) is written
+    as null, never as bare ``NaN``, which is not JSON."""
+    if isinstance(report, dict):
+        return {k: metrics_for_json(v) for k, v in report.items()}
+    if isinstance(report, (list, tuple)):
+        return [metrics_for_json(v) for v in report]
+    if isinstance(report, float) and not math.isfinite(report):
+        return None
+    return report
+
+
+def weights_id(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of the tensors (names, dtypes, shapes, bytes): ties ``config.json`` to the
+    weights it was written with, and recognises tensors damaged since."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(data: MultimodalDataset) -> str:
@@ -127,26 +212,278 @@ def fingerprint(data: MultimodalDataset) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[FusionModel, dict, Standardizer]:
-    """Rebuild a saved model (in eval mode) with its config and its standardiser."""
+# ---------------------------------------------------------------------------------------------
+# Reading: config.json's schema, the model's size, the weights' header
+
+
+class _Schema:
+    """Typed access to a parsed JSON value: each failure names the key path and what was expected."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, path: str, message: str) -> ValueError:
+        return ValueError(f"model: {self.where}: {path}: {message}")
+
+    def get(self, obj: dict, path: str, key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+        full = f"{path}.{key}" if path else key
+        if key not in obj:
+            if optional:
+                return None
+            raise self.fail(full, "missing (a config.json written by `attnfuse train` has it)")
+        value = obj[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join({dict: "an object", list: "a list", str: "a string"}.get(k, k.__name__) for k in kinds)
+            raise self.fail(full, f"expected {names}, got {json.dumps(value)[:60]}")
+        return value
+
+    def integer(self, obj: dict, path: str, key: str, low: int = 1) -> int:
+        value = self.get(obj, path, key, int)
+        if value < low:
+            raise self.fail(f"{path}.{key}", f"expected an integer >= {low}, got {value}")
+        return value
+
+    def modalities(self, obj: dict, path: str) -> list[dict]:
+        entries = self.get(obj, path, "modalities", list)
+        if not entries:
+            raise self.fail(f"{path}.modalities", "expected at least one modality, got none")
+        for i, m in enumerate(entries):
+            where = f"{path}.modalities[{i}]"
+            if not isinstance(m, dict):
+                raise self.fail(where, f"expected an object, got {json.dumps(m)[:60]}")
+            extra = sorted(set(m) - {"name", "dim", "length", "is_sequence"})
+            if extra:
+                raise self.fail(where, f"unknown key {extra[0]!r}")
+            if not self.get(m, where, "name", str):
+                raise self.fail(f"{where}.name", "expected a non-empty string")
+            self.integer(m, where, "dim")
+            length = self.integer(m, where, "length")
+            if not self.get(m, where, "is_sequence", bool) and length != 1:
+                raise self.fail(f"{where}.length", f"a vector modality has length 1, got {length}")
+        return entries
+
+
+def _parse(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"model: {path} is {size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(path.read_bytes(), parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError(f"model: {path} is nested too deeply to be a config.json") from None
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity
+        raise ValueError(f"model: {path} is not valid JSON ({e})") from None
+
+
+def _check_config(config: Any, where: str) -> FusionConfig:
+    """config.json against its schema; returns the fusion's config (validated by its dataclass)."""
+    s = _Schema(where)
+    if not isinstance(config, dict):
+        raise s.fail("top level", f"expected an object, got {type(config).__name__}")
+    fusion = s.get(config, "", "fusion", str)
+    model = s.get(config, "", "model", dict)
+    data = s.get(config, "", "data", dict)
+    s.get(config, "", "split_seed", int)
+    s.get(config, "", "weights_id", str, optional=True)
+    task = s.get(data, "data", "task", str)
+    s.get(data, "data", "name", str)
+    for key in ("source", "fingerprint"):
+        s.get(data, "data", key, str, optional=True)
+    if task not in ("classification", "regression"):
+        raise s.fail("data.task", f"expected 'classification' or 'regression', got {task!r}")
+    out_dim = s.integer(data, "data", "num_classes" if task == "classification" else "target_dim")
+    modalities = s.modalities(data, "data")
+    if s.modalities(model, "model") != modalities:
+        raise s.fail("model.modalities", "differ from data.modalities")
+    try:
+        fusion_config = config_from_dict(fusion, model)
+    except (ValueError, TypeError) as e:
+        raise s.fail("model", str(e)) from None
+    if fusion_config.out_dim != out_dim:
+        raise s.fail("model.out_dim", f"expected {out_dim} (from data), got {fusion_config.out_dim}")
+    classes = s.get(data, "data", "classes", (list, type(None)), optional=True)
+    if classes is not None and (task != "classification" or len(classes) != out_dim):
+        raise s.fail("data.classes", f"expected the {out_dim} original class labels of a classification model")
+    _check_split(s, s.get(config, "", "split", dict, optional=True))
+    read = s.get(config, "", "read", dict, optional=True) or {}
+    for key in ("target", "split_col", "mapping"):
+        s.get(read, "read", key, (str, type(None)), optional=True)
+    s.get(read, "read", "modality", (list, type(None)), optional=True)
+
+    stats = s.get(config, "", "standardizer", dict)
+    try:
+        standardizer = Standardizer.from_dict(stats)
+    except (ValueError, TypeError) as e:
+        raise s.fail("standardizer", str(e)) from None
+    dims = {m["name"]: m["dim"] for m in modalities}
+    got = {name: mean.shape[0] for name, mean in standardizer.mean.items()}
+    if got != dims:
+        raise s.fail("standardizer", f"expected statistics of {dims} features per modality, got {got}")
+
+    train = s.get(config, "", "train", dict)
+    unknown = sorted(set(train) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise s.fail("train", f"unknown setting {unknown[0]!r}")
+    try:  # the device it was trained on need not exist here: checked as "cpu"
+        TrainConfig(**{**train, "device": "cpu"})
+    except (ValueError, TypeError) as e:
+        raise s.fail("train", str(e)) from None
+    return fusion_config
+
+
+def _check_split(s: _Schema, split: dict | None) -> None:
+    """How the training parts were made (absent in attnfuse 0.1.0 directories: drawn by split_seed)."""
+    if split is None:
+        return
+    how = s.get(split, "split", "how", str)
+    if how not in ("column", "carved", "drawn", "fold"):
+        raise s.fail("split.how", f"expected 'column', 'carved', 'drawn' or 'fold', got {how!r}")
+    s.integer(split, "split", "seed", low=0)
+    if how == "fold":
+        folds = s.integer(split, "split", "folds", low=2)
+        fold = s.integer(split, "split", "fold", low=0)
+        if fold >= folds:
+            raise s.fail("split.fold", f"expected a fold in 0..{folds - 1}, got {fold}")
+
+
+def min_parameters(config: FusionConfig) -> int:
+    """A lower bound of the parameter count of the model ``config`` describes, from its numbers
+    alone (nothing is built): each modality's input projection ``D_m x d``, the head's two linear
+    maps (input >= d), and ``num_layers`` attention blocks of at least ``4 d²`` (Q, K, V and output
+    projections) plus ``2 d ff`` (feed-forward) each. Bounds a config before it can allocate."""
+    d = config.d_model
+    n = sum(m.dim * d for m in config.modalities) + config.hidden * (d + config.out_dim)
+    if isinstance(config, SelfFusionConfig):
+        n += config.num_layers * (4 * d * d + 2 * d * config.ff)
+    return n
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None where unknown."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def _settings(config: FusionConfig) -> str:
+    layers = f", num_layers={config.num_layers}" if isinstance(config, SelfFusionConfig) else ""
+    return f"d_model={config.d_model}{layers}"
+
+
+def check_memory(config: FusionConfig, bytes_per_parameter: int, parameters: int | None = None) -> None:
+    """Refuse, with the numbers, a model that cannot be built in the memory available now:
+    ``parameters`` (default: :func:`min_parameters`) at ``bytes_per_parameter`` (4 to hold float32
+    weights; 16 to train them: weights, gradients and AdamW's two moments), plus the positional
+    table (``max_len x d_model``, float64 while computed) and an axis label per token. Building
+    such a model would not fail: it would allocate until the machine swaps."""
+    parameters = min_parameters(config) if parameters is None else parameters
+    max_len = max([m.length for m in config.modalities if m.is_sequence], default=1)
+    need = bytes_per_parameter * parameters + 24 * max_len * config.d_model
+    need += 100 * sum(m.length for m in config.modalities)
+    available = _available_memory()
+    if available is not None and need > available:
+        raise ValueError(
+            f"model: needs at least {need / 2**30:.1f} GiB ({parameters:,} parameters with {_settings(config)}, "
+            f"sequence length {max_len}), {available / 2**30:.1f} GiB of memory is available"
+        )
+
+
+def _check_size(config: FusionConfig, weights: dict[str, tuple[str, tuple[int, ...]]], where: str) -> None:
+    """The model must fit its weights file and the memory: refused with the numbers, never allocated."""
+    held = sum(math.prod(shape) for _, shape in weights.values())
+    lower = min_parameters(config)
+    if lower > held:
+        raise ValueError(
+            f"model: {where}: config.json describes a model of at least {lower:,} parameters "
+            f"({_settings(config)}), but {WEIGHTS} holds {held:,}"
+        )
+    try:
+        check_memory(config, 4, held)
+    except ValueError as e:
+        raise ValueError(f"model: {where}: {str(e).removeprefix('model: ')}") from None
+
+
+def _weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from the safetensors header (no tensor is read); the dtypes must be
+    floating point."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors' own error types: a damaged or hostile file
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"model: {path} is not a readable safetensors file ({reason})") from None
+    bad = [f"{k} ({dtype})" for k, (dtype, _) in header.items() if dtype not in FLOAT_DTYPES]
+    if bad:
+        raise ValueError(f"model: {path}: expected floating-point weights, got {', '.join(bad[:3])}")
+    return header
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``. A sum is NaN/inf when an element is (or, rarely, when finite values
+    overflow it: then each element is looked at); torch.isfinite(t).all() alone is ~30x slower on
+    a CPU, seconds for a large model."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """The checked ``config.json`` of a model directory: its schema, the size of the model it
+    describes and its agreement with the weights file's header. Nothing is built, no tensor read."""
     model_dir = Path(model_dir)
     for name in (CONFIG, WEIGHTS):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"model: {model_dir} is not a model directory (no {name}); train one first")
+    config = _parse(model_dir / CONFIG)
+    fusion_config = _check_config(config, str(model_dir / CONFIG))
+    _check_size(fusion_config, _weights_header(model_dir / WEIGHTS), str(model_dir))
+    return config
+
+
+def load_model(
+    model_dir: str | os.PathLike, device: str = "cpu", config: dict | None = None
+) -> tuple[FusionModel, dict, Standardizer]:
+    """Rebuild a saved model (in eval mode) with its config and its standardiser.
+
+    ``config``: the directory's config from :func:`read_config` when already read (it is then not
+    read again; the weights must still come from the same run)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir) if config is None else config
+    path = model_dir / WEIGHTS
+    header = _weights_header(path)
+    model = build_model(config["fusion"], config["model"])
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: shape for k, (_, shape) in header.items()}
+    problems = [f"missing {k}" for k in expected if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    problems += [f"{k}: shape {list(got[k])}, expected {list(v)}" for k, v in expected.items() if got.get(k, v) != v]
+    if problems:
+        raise ValueError(f"model: {path} does not hold this model's weights ({'; '.join(problems[:3])})")
     try:
-        config = json.loads((model_dir / CONFIG).read_text())
-        missing = [k for k in ("fusion", "model", "data", "standardizer", "train", "split_seed") if k not in config]
-        if missing:
-            raise ValueError(f"missing keys {missing}")
-        model = build_model(config["fusion"], config["model"])
-        standardizer = Standardizer.from_dict(config["standardizer"])
-    except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"model: {model_dir / CONFIG} is not a valid attnfuse config ({e})") from None
-    try:
-        model.load_state_dict(load_file(model_dir / WEIGHTS, device="cpu"))
-    except Exception as e:  # safetensors' own errors, or weights that do not fit the config
-        raise ValueError(f"model: {model_dir / WEIGHTS} does not hold this model's weights ({e})") from None
-    return model.to(device).eval(), config, standardizer
+        state = load_file(path, device="cpu")
+    except Exception as e:  # safetensors' errors: a file truncated after its header was read
+        raise ValueError(f"model: {path} could not be read ({' '.join(str(e).split())[:200]})") from None
+    if "weights_id" in config and weights_id(state) != config["weights_id"]:  # (older directories lack it)
+        raise ValueError(
+            f"model: {path} holds other weights than the ones {CONFIG} was written with (weights_id "
+            f"{weights_id(state)}, expected {config['weights_id']}): the directory mixes two runs or the file is "
+            "damaged; train again or restore it"
+        )
+    bad = [k for k, t in state.items() if not _finite(t)]
+    if bad:
+        raise ValueError(
+            f"model: {path}: {len(bad)} weight tensors hold NaN/inf ({', '.join(bad[:3])}); the run diverged or "
+            "the file is damaged: train again"
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval(), config, Standardizer.from_dict(config["standardizer"])
 
 
 def check_compatible(config: dict, data: MultimodalDataset) -> None:

@@ -13,12 +13,12 @@ back by :meth:`TrainSpec.to_options`, so that a run directory's ``run.yaml`` rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,17 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .checkpoint import check_compatible, fingerprint, load_model, save_run
-from .data import BUILTINS, SPLITS, MultimodalDataset, Standardizer, kfold, load_data, make_split
+from .checkpoint import (
+    check_compatible,
+    check_memory,
+    fingerprint,
+    load_model,
+    metrics_for_json,
+    read_config,
+    run_directory,
+    write_run,
+)
+from .data import BUILTINS, SPLITS, MultimodalDataset, Split, Standardizer, kfold, load_data, make_split
 from .data.dataset import TASKS
 from .data.io.table import parse_modality_options
 from .distributed import Dist, setup, teardown
@@ -35,7 +44,7 @@ from .fusion import FUSIONS, FusionModel, build_model, config_from_dict
 from .metrics import summarize
 from .options import Option, coerce, option, options_of
 from .runstate import RunLog, last_dir, load_state, save_state, write_options
-from .training import Control, RunResult, TrainConfig, Trainer, model_config, run
+from .training import Control, DivergedError, Interrupted, RunResult, TrainConfig, Trainer, model_config, run
 
 __all__ = [
     "RunOptions",
@@ -51,7 +60,9 @@ __all__ = [
 
 # progress(event, info): "data" once the data is loaded ({"data"}), "run" when a seed starts
 # ({"index", "seed", "epochs"}), "epoch" after each epoch ({"index", "epoch", "train_loss",
-# "valid_loss", "valid_<metric>", "best_epoch"}), "run_end" ({"index", "epochs", "best_epoch"}).
+# "valid_loss", "valid_<metric>", "best_epoch"}), "run_end" ({"index", "epochs", "best_epoch"}),
+# "diverged" after "run_end" when a NaN/inf loss stopped it ({"index", "message", "best_epoch":
+# the finite epoch whose weights were kept}), "note" ({"message"}: e.g. a carved validation part).
 Progress = Callable[[str, dict], None]
 
 
@@ -163,6 +174,8 @@ def read_options(path: str | os.PathLike) -> dict[str, Any]:
         values = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"config: {p} is not valid YAML or JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ValueError(f"config: {p} is nested too deeply to be a file of options") from None
     if values is None:
         return {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
@@ -216,7 +229,11 @@ def train(
 ) -> TrainResult:
     """Load the data, train one model per seed, and (when ``out`` is given) save the first seed's
     model with the metrics, the options and the epoch log in ``out`` (see
-    :func:`attnfuse.checkpoint.save_run`).
+    :func:`attnfuse.checkpoint.write_run`) as one transaction
+    (:func:`attnfuse.checkpoint.run_directory`): ``out`` is locked and proven writable before the
+    data is loaded, and a reader finds the previous run or this one, complete. Training that
+    diverges (a NaN/inf loss) keeps the best finite epoch (a "diverged" progress event says so) or,
+    with none, raises :class:`~attnfuse.training.DivergedError` and saves nothing.
 
     With ``repeat`` K > 1, seeds ``seed .. seed+K-1`` each train a model (and draw their own split
     when the data has none); ``metrics.json`` then holds every run and the mean ± std.
@@ -227,39 +244,53 @@ def train(
     checkpoint and raise :class:`~attnfuse.training.Interrupted`. Under ``torchrun`` every
     process calls this; rank 0 alone reports progress and writes files."""
     dist = setup(spec.train.torch_device())
+    emit = (progress or _quiet) if dist.main else _quiet
     try:
-        return _train(spec, out, (progress or _quiet) if dist.main else _quiet, resume, handle_signals, dist)
+        # Rank 0 locks the output and proves it writable before the data is read: a second run into
+        # the same --out, or an unwritable one, fails now, not after training.
+        with run_directory(out) if out is not None and dist.main else contextlib.nullcontext() as tmp:
+            return _train(spec, out, tmp, emit, resume, handle_signals, dist)
+    except BaseException as error:
+        if dist.main and _resumable(out, error):
+            emit("note", {"message": f"the state is kept in {last_dir(out)}: attnfuse train --resume {out} continues"})
+        raise
     finally:
         teardown()
+
+
+def _resumable(out, error: BaseException) -> bool:
+    """A run that failed after a checkpoint (a full disk at the final write, a crash) can be
+    continued; an interrupted one says so itself, and a diverged one would only diverge again."""
+    if out is None or isinstance(error, (Interrupted, KeyboardInterrupt, DivergedError)):
+        return False
+    return (last_dir(out) / "state").exists()
 
 
 def _quiet(event: str, info: dict) -> None:
     pass
 
 
-def _train(spec: TrainSpec, out, emit: Progress, resume: bool, handle_signals: bool, dist: Dist) -> TrainResult:
+def _train(
+    spec: TrainSpec, out, tmp: Path | None, emit: Progress, resume: bool, handle_signals: bool, dist: Dist
+) -> TrainResult:
     opts, cfg = spec.run, spec.train
     data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task, **opts.table_options())
     cfg.check_task(data.task, data.target_dim)
+    # Refused with the numbers, not allocated until the machine swaps: 16 bytes a parameter
+    # (weights, gradients, AdamW's two moments).
+    check_memory(config_from_dict(opts.fusion, model_config(opts.fusion, data, **spec.model)), 16)
     emit("data", {"data": data})
     folds = kfold(data, opts.folds, cfg.seed) if opts.folds else None
-    last = None if out is None else last_dir(out)
-    state = load_state(last) if resume else None
-    meta = state[1] if state else {}
-    if state and meta.get("fingerprint") != fingerprint(data):
-        raise ValueError(f"resume: the data {opts.data!r} is not the data the run in {out} was trained on")
     options = {**spec.to_options(), "data": _source(opts.data)}
     if opts.mapping:
         options["mapping"] = str(Path(opts.mapping).resolve())
-    if last is not None and dist.main and not resume:
-        write_options(last, options)
-    log = RunLog(last, opts.tensorboard, keep_rows=meta.get("log_rows")) if last is not None and dist.main else None
+    progress = _Progress(out, options, data, opts.tensorboard, resume, dist)
 
-    start, runs = meta.get("run_index", 0), list(meta.get("finished", []))
-    first = _first_from_state(state, spec, data) if state and start > 0 else None
+    runs = progress.finished
+    first = progress.first(spec, data, folds[0] if folds else make_split(data, cfg.seed))
     try:
         with stop_on_signals(handle_signals) as stop:
-            for i in range(start, opts.runs):
+            for i in range(progress.run_index, opts.runs):
                 seed_cfg = replace(cfg, seed=cfg.seed + i)
                 split = folds[i] if folds else make_split(data, seed_cfg.seed)
                 if i == 0 and split.note and split.how != "drawn":
@@ -267,49 +298,122 @@ def _train(spec: TrainSpec, out, emit: Progress, resume: bool, handle_signals: b
                 emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
 
                 def on_epoch(record: dict, i=i, seed=seed_cfg.seed) -> None:
-                    if log is not None:
-                        log.write(i, seed, record)
+                    progress.log_epoch(i, seed, record)
                     emit("epoch", {"index": i, **record})
-
-                def checkpoint(trainer: Trainer, i=i, first=first) -> None:
-                    tensors, trainer_meta = trainer.state_dict()  # on every rank: RNG states are gathered
-                    if dist.main:
-                        done = sum(len(r.get("history", [])) for r in runs) + trainer.epoch
-                        extra = {"run_index": i, "finished": runs, "fingerprint": fingerprint(data), "log_rows": done}
-                        if first is not None:
-                            tensors.update({f"first.{k}": v for k, v in first.model.state_dict().items()})
-                            extra["first"] = _first_meta(first)
-                        save_state(last, tensors, {**trainer_meta, **extra})
 
                 control = Control(
                     dist=dist,
-                    resume=state if state and i == start else None,
-                    checkpoint=checkpoint if last is not None else None,
+                    resume=progress.state if i == progress.run_index else None,
+                    checkpoint=progress.saver(i, runs, first),
                     every=opts.checkpoint_every,
                     stop=stop,
                 )
                 result = run(data, opts.fusion, spec.model, seed_cfg, on_epoch=on_epoch, control=control, split=split)
-                if result.note:
-                    emit("warning", {"index": i, "message": result.note})
                 emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
+                if result.note:
+                    emit("diverged", {"index": i, "message": result.note, "best_epoch": result.best_epoch})
                 record = {"fold": i} if folds else {}
                 runs.append({**record, "seed": seed_cfg.seed, "best_epoch": result.best_epoch,
                              "history": result.history, **result.metrics})  # fmt: skip
                 first = first or result
-    finally:
-        if log is not None:
-            log.close()
 
-    records = [{k: v for k, v in r.items() if k != "history"} for r in runs]
-    if opts.runs == 1:
-        report = first.metrics
-    else:
-        report = {"runs": records, "summary": {s: summarize([r[s] for r in records]) for s in first.metrics}}
-    if out is not None and dist.main:
-        split = {"how": first.split.how, "seed": cfg.seed, **({"folds": opts.folds, "fold": 0} if folds else {})}
-        save_run(out, first.model, opts.fusion, data, first.standardizer, asdict(cfg), split, report, options)
-        _keep_logs(last, Path(out))
+        records = [{k: v for k, v in r.items() if k != "history"} for r in runs]
+        if opts.runs == 1:
+            report = first.metrics
+        else:
+            report = {"runs": records, "summary": {s: summarize([r[s] for r in records]) for s in first.metrics}}
+        report = metrics_for_json(report)  # an undefined (NaN) metric is null, here and in metrics.json
+        if tmp is not None:
+            split = {"how": first.split.how, "seed": cfg.seed, **({"folds": opts.folds, "fold": 0} if folds else {})}
+            write_run(tmp, first.model, opts.fusion, data, first.standardizer, asdict(cfg), split, report, options)
+            progress.close()
+            progress.move_logs(tmp)
+    except BaseException as error:
+        progress.close()
+        progress.failed(error)
+        raise
     return TrainResult(first, records, report, data, None if out is None else Path(out))
+
+
+class _Progress:
+    """``OUT/last/`` of a run in progress (see :mod:`attnfuse.runstate`): its options, epoch log and
+    checkpoints, and what a resumed run starts from. Rank 0 alone writes; without ``out``, nothing."""
+
+    def __init__(self, out, options: dict, data: MultimodalDataset, tensorboard: bool, resume: bool, dist: Dist):
+        self.dist, self.data = dist, data
+        self.last = None if out is None else last_dir(out)
+        self.state = load_state(self.last) if resume else None
+        meta = self.state[1] if self.state else {}
+        if self.state and meta.get("fingerprint") != fingerprint(data):
+            raise ValueError(f"resume: the data {options['data']!r} is not the data the run in {out} was trained on")
+        self.run_index, self.finished = meta.get("run_index", 0), list(meta.get("finished", []))
+        writes = self.last is not None and dist.main
+        self.created = [p for p in (None if out is None else Path(out), self.last) if writes and not p.exists()]
+        self.log = None
+        try:
+            if writes and not resume:
+                write_options(self.last, options)
+            self.log = RunLog(self.last, tensorboard, keep_rows=meta.get("log_rows")) if writes else None
+        except BaseException as error:
+            self.failed(error)
+            raise
+
+    def first(self, spec: TrainSpec, data: MultimodalDataset, split: Split) -> RunResult | None:
+        """The first seed's finished run (trained on ``split``), as a checkpoint taken during a
+        later seed keeps it."""
+        if self.state is None or self.run_index == 0:
+            return None
+        tensors, meta = self.state
+        info = meta["first"]
+        model = build_model(spec.run.fusion, model_config(spec.run.fusion, data, **spec.model))
+        model.load_state_dict({k.removeprefix("first."): v for k, v in tensors.items() if k.startswith("first.")})
+        return RunResult(model, spec.run.fusion, Standardizer.from_dict(info["standardizer"]), info["metrics"],
+                         info["best_epoch"], info["history"], info["note"], split)  # fmt: skip
+
+    def log_epoch(self, run: int, seed: int, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(run, seed, record)
+
+    def saver(self, i: int, runs: list[dict], first: RunResult | None) -> Callable[[Trainer], None] | None:
+        """The checkpoint function of run ``i`` (None without an output directory)."""
+        if self.last is None:
+            return None
+
+        def save(trainer: Trainer) -> None:
+            tensors, meta = trainer.state_dict()  # on every rank: the ranks' RNG states are gathered
+            if not self.dist.main:
+                return
+            done = sum(len(r.get("history", [])) for r in runs) + trainer.epoch
+            meta.update(run_index=i, finished=runs, fingerprint=fingerprint(self.data), log_rows=done)
+            if first is not None:
+                tensors.update({f"first.{k}": v for k, v in first.model.state_dict().items()})
+                meta["first"] = {
+                    "metrics": first.metrics, "best_epoch": first.best_epoch, "history": first.history,
+                    "note": first.note, "standardizer": first.standardizer.to_dict(),
+                }  # fmt: skip
+            save_state(self.last, tensors, meta)
+
+        return save
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def move_logs(self, new: Path) -> None:
+        """The epoch log (and TensorBoard events) move into the finished run's new directory; the
+        checkpoints of ``last/`` go with the old directory when the new one is swapped in."""
+        for name in ("log.csv", "tensorboard"):
+            if self.last is not None and (self.last / name).exists():
+                os.replace(self.last / name, new / name)
+
+    def failed(self, error: BaseException) -> None:
+        """After ``error``: unless the run can be continued from a checkpoint in ``last/``, the
+        directories this run created go, so nothing is left behind (a diverged run would only
+        diverge again)."""
+        keep = (self.last / "state").exists() and not isinstance(error, DivergedError) if self.last else False
+        if self.created and self.dist.main and not keep:
+            shutil.rmtree(self.created[0], ignore_errors=True)
 
 
 def _source(data: str) -> str:
@@ -317,36 +421,7 @@ def _source(data: str) -> str:
     return data if data in BUILTINS else str(Path(data).resolve())
 
 
-def _first_meta(first: RunResult) -> dict:
-    return {
-        "metrics": first.metrics,
-        "best_epoch": first.best_epoch,
-        "history": first.history,
-        "note": first.note,
-        "standardizer": first.standardizer.to_dict(),
-    }
-
-
-def _first_from_state(state: tuple[dict, dict], spec: TrainSpec, data: MultimodalDataset) -> RunResult:
-    """The first seed's finished run, as a checkpoint taken during a later seed keeps it."""
-    tensors, meta = state
-    info = meta["first"]
-    model = build_model(spec.run.fusion, model_config(spec.run.fusion, data, **spec.model))
-    model.load_state_dict({k.removeprefix("first."): v for k, v in tensors.items() if k.startswith("first.")})
-    return RunResult(model, spec.run.fusion, Standardizer.from_dict(info["standardizer"]), info["metrics"],
-                     info["best_epoch"], info["history"], info["note"])  # fmt: skip
-
-
-def _keep_logs(last: Path, out: Path) -> None:
-    """The finished run's epoch log (and TensorBoard events) move into its model directory;
-    the checkpoints of ``last/`` are no longer needed."""
-    for name in ("log.csv", "tensorboard"):
-        if (last / name).exists():
-            os.replace(last / name, out / name)
-    shutil.rmtree(last, ignore_errors=True)
-
-
-@contextmanager
+@contextlib.contextmanager
 def stop_on_signals(enabled: bool) -> Iterator[Callable[[], int]]:
     """While active, SIGINT and SIGTERM are noted instead of killing the process; the function it
     yields returns the signal received (0: none), for the loop to stop at a step boundary. A second
@@ -377,7 +452,7 @@ def load_trained(
     the seed it was trained with, so it is the same data; labels are read in the model's label space
     (its classes), so data holding fewer classes (even one) can be evaluated. ``table``: reading
     options for a table (default: those the model's own table was read with)."""
-    net, config, standardizer = load_model(model_dir)
+    config = read_config(model_dir)  # checked, and the model's size bounded, before anything is built
     trained = config["data"]
     if not any(v for v in table.values()) and (source is None or source == trained.get("source")):
         read = config.get("read") or {}
@@ -393,6 +468,7 @@ def load_trained(
         **{k: v for k, v in table.items() if v is not None},
     )
     check_compatible(config, data)
+    net, config, standardizer = load_model(model_dir, config=config)
     return net, config, standardizer, data
 
 

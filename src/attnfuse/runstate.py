@@ -25,8 +25,11 @@ import uuid
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
+
+from .files import to_json, write_bytes, write_text
 
 __all__ = ["LAST", "last_dir", "save_state", "load_state", "RunLog", "write_options", "read_run_options"]
 
@@ -53,10 +56,10 @@ def save_state(last: Path, tensors: dict[str, Tensor], meta: dict) -> None:
     tmp = last / f".state-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "trainer.safetensors")
-    (tmp / "trainer.json").write_text(json.dumps(meta, allow_nan=False))
-    for f in [*tmp.iterdir(), tmp]:
-        _fsync(f)
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_bytes(tmp / "trainer.safetensors", safetensors_bytes(state))  # each fsynced, errors name the file
+    write_text(tmp / "trainer.json", to_json(meta))
+    _fsync(tmp)
     os.replace(tmp, last / name)
     link = last / f".link-{os.getpid()}.tmp"
     link.unlink(missing_ok=True)
@@ -82,10 +85,7 @@ def load_state(last: Path) -> tuple[dict[str, Tensor], dict]:
 
 
 def write_options(last: Path, options: dict) -> None:
-    last.mkdir(parents=True, exist_ok=True)
-    tmp = last / ".run.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(options, sort_keys=False))
-    os.replace(tmp, last / "run.yaml")
+    write_text(last / "run.yaml", yaml.safe_dump(options, sort_keys=False))
 
 
 def read_run_options(last: Path) -> dict:
@@ -144,6 +144,8 @@ class RunLog:
             self.tb.flush()
 
     def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())  # on disk before the finished run's directory is swapped in
         self.file.close()
         if self.tb is not None:
             self.tb.close()

@@ -34,7 +34,7 @@ __all__ = [
     "RunResult",
     "Trainer",
     "Control",
-    "Diverged",
+    "DivergedError",
     "Interrupted",
     "run",
     "predict",
@@ -165,8 +165,8 @@ class RunResult:
     split: Mapping[str, np.ndarray] | None = None  # the rows of each part (a data.Split when made here)
 
 
-class Diverged(ValueError):
-    """The training loss became NaN or infinite before any epoch gave finite weights to keep."""
+class DivergedError(ValueError):
+    """Training diverged (a NaN/inf loss) before any epoch ended with finite weights."""
 
 
 class Interrupted(Exception):
@@ -281,6 +281,7 @@ class Trainer:
         self.epoch_rng = self.generator.get_state()  # the shuffling generator as the epoch began
         self.loss_sum = torch.zeros((), device=self.device)  # training loss x rows, this epoch
         self.count = 0
+        self.step_losses: list[Tensor] = []  # this epoch's step losses, checked at its end
         self.best_key: tuple[float, float] | None = None
         self.best_epoch = 0
         self.best_state: dict[str, Tensor] | None = None
@@ -307,23 +308,22 @@ class Trainer:
             for i, index in enumerate(order.split(cfg.batch_size)):
                 if i < self.step:
                     continue  # resumed inside this epoch: these steps are done
-                if not self._train_step(train, index):
-                    return self._diverged(i)
+                self._train_step(train, index)
                 self.step = i + 1
                 signal = control.stop() if control.stop is not None else 0
                 if self.dist.any_true(bool(signal)):
                     if control.checkpoint is not None:
                         control.checkpoint(self)
                     raise Interrupted(self.epoch, self.step, signal)
-            self._end_epoch(valid, on_epoch)
+            if self._end_epoch(valid, on_epoch):
+                break  # diverged: the best finite epoch's weights are restored below
             if control.checkpoint is not None and control.every and self.epoch % control.every == 0:
                 control.checkpoint(self)
-        if self.best_state is None:
-            raise Diverged("training diverged: the validation metric was never finite; lower --lr")
         self.net.load_state_dict(self.best_state)
 
-    def _train_step(self, train: Batch, index: Tensor) -> bool:
-        """One optimiser step on the global batch ``index``; False when the loss is not finite."""
+    def _train_step(self, train: Batch, index: Tensor) -> None:
+        """One optimiser step on the global batch ``index``. Its loss is kept, and checked for
+        NaN/inf once per epoch (no device synchronisation per step)."""
         mine = self.dist.shard(index)
         weight = 1.0
         if self.dist.enabled:
@@ -335,8 +335,7 @@ class Trainer:
         batch = train.select(_on(train, mine))
         with self._autocast():
             loss = self.loss_fn(self.model(batch), batch.y)
-        if not torch.isfinite(loss):
-            return False
+        self.step_losses.append(loss.detach().float())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * weight if self.dist.enabled else loss).backward()
         if self.cfg.clip_grad > 0:
@@ -347,9 +346,9 @@ class Trainer:
         if weight:
             self.loss_sum += loss.detach().float() * len(batch)
             self.count += len(batch)
-        return True
 
-    def _end_epoch(self, valid: Batch, on_epoch: Callable[[dict], None] | None) -> None:
+    def _end_epoch(self, valid: Batch, on_epoch: Callable[[dict], None] | None) -> bool:
+        """Validate, keep the best weights, log; True when training diverged in this epoch."""
         metric, mode = PRIMARY_METRIC[self.task]
         outputs = self.predict(valid)
         valid_loss = self.loss_fn(outputs, valid.y).item()
@@ -365,30 +364,27 @@ class Trainer:
             f"valid_{metric}": valid_metrics[metric],
         }
         self.history.append(record)
-        # Higher is better for the key; validation loss breaks ties of a coarse metric (accuracy).
-        key = (valid_metrics[metric] if mode == "max" else -valid_metrics[metric], -valid_loss)
-        if all(math.isfinite(k) for k in key) and (self.best_key is None or key > self.best_key):
-            self.best_key, self.best_epoch = key, self.epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self.step, self.count = 0, 0
+        # A NaN/inf loss stops training: the weights are NaN/inf, or on their way there.
+        diverged = _divergence(torch.stack(self.step_losses), valid_loss, self.epoch, self.cfg.lr)
+        if diverged is None:
+            # Higher is better for the key; validation loss breaks ties of a coarse metric (accuracy).
+            key = (valid_metrics[metric] if mode == "max" else -valid_metrics[metric], -valid_loss)
+            if self.best_key is None or key > self.best_key:
+                self.best_key, self.best_epoch = key, self.epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        elif self.best_state is None:
+            raise DivergedError(f"{diverged}; no earlier epoch has finite weights to keep, nothing is saved")
+        else:
+            record["diverged"] = self.note = diverged
+        self.step, self.count, self.step_losses = 0, 0, []
         self.loss_sum = torch.zeros((), device=self.device)
         self.epoch_rng = self.generator.get_state()
         if on_epoch is not None:
             on_epoch({**record, "best_epoch": self.best_epoch})
+        return diverged is not None
 
     def _rows_seen(self) -> int:
         return sum(self.dist.gather_objects(self.count)) if self.dist.enabled else self.count
-
-    def _diverged(self, step: int) -> None:
-        where = f"epoch {self.epoch + 1}, step {step + 1}"
-        hint = f"lower --lr (now {self.cfg.lr:g})" + (" or use --precision 32" if self.cfg.precision == "fp16" else "")
-        if self.best_state is None:
-            raise Diverged(f"training diverged: the loss became NaN or infinite at {where}; {hint}")
-        self.net.load_state_dict(self.best_state)
-        self.note = (
-            f"training diverged at {where} (the loss became NaN or infinite); the weights of epoch "
-            f"{self.best_epoch}, the best before it, are kept; {hint}"
-        )
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
@@ -426,6 +422,8 @@ class Trainer:
             for k, v in state.items():
                 tensors[f"optim.{pid}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
         tensors["loop.loss_sum"] = self.loss_sum
+        if self.step_losses:
+            tensors["loop.step_losses"] = torch.stack(self.step_losses)
         tensors["rng.shuffle"] = self.generator.get_state()
         tensors["rng.epoch"] = self.epoch_rng
         python_rng = {}
@@ -467,6 +465,7 @@ class Trainer:
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
         self.loss_sum = tensors["loop.loss_sum"].to(self.device)
+        self.step_losses = list(tensors.get("loop.step_losses", torch.empty(0)).to(self.device).unbind())
         self.generator.set_state(tensors["rng.shuffle"])
         self.epoch_rng = tensors["rng.epoch"]
         self.epoch, self.step, self.count = meta["epoch"], meta["step"], meta["count"]
@@ -507,6 +506,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def _divergence(step_losses: Tensor, valid_loss: float, epoch: int, lr: float) -> str | None:
+    """None while training is finite; else where it diverged first (epoch, step 1-based), with a hint."""
+    bad = torch.nonzero(~torch.isfinite(step_losses)).flatten()
+    if bad.numel():
+        step = int(bad[0])
+        where = f"epoch {epoch}, step {step + 1} of {len(step_losses)} (training loss {step_losses[step].item()})"
+    elif not math.isfinite(valid_loss):
+        where = f"epoch {epoch} (validation loss {valid_loss})"
+    else:
+        return None
+    return f"training diverged at {where}: lower the learning rate (--lr, now {lr:g})"
 
 
 @torch.no_grad()

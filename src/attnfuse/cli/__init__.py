@@ -1,5 +1,10 @@
 """The ``attnfuse`` command line: one module per group of commands, registered here behind one
-error boundary (:func:`.common.cli_errors`); command-line parsing errors are one line too."""
+error boundary (:func:`.common.cli_errors`); command-line parsing errors are one line too.
+
+Exit codes: 0 success; 2 bad input or environment (data, options, a model directory, a file that
+cannot be read or written, no space, no memory); 1 an internal error (a bug: the line names the
+exception and where its traceback was written); 130 Ctrl-C; 143 SIGTERM. ``--debug`` prints the
+traceback of any error."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from .._version import __version__
+from . import common
 from .common import cli_errors, err_console, one_line
 from .explain import explain
 from .predict import datasets, evaluate, predict_cmd
@@ -25,8 +31,9 @@ class _OneLineErrors(TyperGroup):
         except typer.TyperException as e:  # click's usage errors (typer vendors click)
             err_console.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
             sys.exit(2)
-        except typer.Abort:
-            sys.exit(130)
+        except typer.Abort:  # Ctrl-C outside a command (while parsing)
+            err_console.print("[bold red]error:[/] interrupted (Ctrl-C)", highlight=False)
+            sys.exit(common.EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -50,14 +57,18 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", metavar="", help="On an error, print the full traceback as well as the one-line message."
+    ),
 ) -> None:
     """Attention-based multimodal fusion: train, evaluate, predict and explain."""
+    common.debug = debug
 
 
 app.command(context_settings={"allow_interspersed_args": True})(cli_errors(train))
 app.command()(cli_errors(evaluate))
-app.command("predict")(cli_errors(predict_cmd))
-app.command()(datasets)
+app.command("predict")(cli_errors(predict_cmd, "predict"))
+app.command()(cli_errors(datasets))
 app.command()(cli_errors(explain))
 
 

@@ -11,11 +11,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..checkpoint import atomic_write, write_json
+from ..checkpoint import EVALUATION, metrics_for_json
 from ..data import BUILTINS, decode_labels
+from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
 from ..training import predict, to_predictions
-from .common import _load_for_model, _metrics_table, _parts, console
+from .common import _load_for_model, _metrics_table, _parts, console, describe_os_error
 
 
 def evaluate(
@@ -24,7 +25,16 @@ def evaluate(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
     out: Path | None = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
 ) -> None:
-    """Metrics of a trained model on a data set (per split when the data has one, and on all rows)."""
+    """Metrics of a trained model on a data set (per split when the data has one, and on all rows).
+
+    The metrics are printed first and then written: when the file cannot be written (a read-only
+    model directory) they are still shown, and the error line names the file and the way out."""
+    target = out or Path(model) / EVALUATION
+    try:
+        check_writable(target)  # known now; reported once the metrics are on the screen
+        unwritable = None
+    except OSError as e:
+        unwritable = e
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     batch = dataset.batches(None, standardizer)
     sentiment = config["train"].get("metrics") == "sentiment"
@@ -35,8 +45,16 @@ def evaluate(
         for s, idx in parts.items()
         if idx.size
     }
-    write_json(out or Path(model) / "evaluation.json", report)
+    report = metrics_for_json(report)
     console.print(_metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
+    try:
+        if unwritable is not None:
+            raise unwritable
+        write_json(target, report)
+    except OSError as e:
+        raise OSError(
+            f"the metrics above could not be written ({describe_os_error(e)}); --out FILE writes them elsewhere"
+        ) from None
 
 
 def predict_cmd(
@@ -46,6 +64,7 @@ def predict_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
+    check_writable(out)  # before the work: the file is the result
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
     outputs = predict(net, dataset.batches(None, standardizer))
     y_pred = to_predictions(dataset.task, outputs)
@@ -75,7 +94,7 @@ def predict_cmd(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(zip(*columns))
-    atomic_write(out, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    write_text(out, buffer.getvalue())
     console.print(f"{dataset.n} predictions written to [bold]{escape(str(out))}[/]", highlight=False)
 
 

@@ -83,8 +83,12 @@ def train(
                 progress.update(bars[info["index"]], total=info["epochs"], completed=info["epochs"])
             elif event == "note":
                 progress.console.print(f"note: {escape(info['message'])}", highlight=False)
-            elif event == "warning":
-                progress.console.print(f"[bold yellow]warning:[/] {escape(info['message'])}", highlight=False)
+            elif event == "diverged":
+                progress.console.print(
+                    f"[bold yellow]warning:[/] {escape(info['message'])}; the weights of epoch {info['best_epoch']} "
+                    "(the best before it) are kept",
+                    highlight=False,
+                )
 
         try:
             result = train_run(spec, out, on_progress, resume=resume is not None, handle_signals=True)
