@@ -385,8 +385,10 @@ def test_npz_errors(tmp_path):
         load_npz(extra)
     no_y = tmp_path / "no_y.npz"
     np.savez(no_y, x_a=np.zeros((3, 2)))
-    with pytest.raises(ValueError, match="'y'"):
+    with pytest.raises(ValueError, match="^y: the data has no targets; training and evaluating need them"):
         load_npz(no_y)
+    unlabelled = load_npz(no_y, task="classification", num_classes=2)  # data to predict on
+    assert unlabelled.y is None and unlabelled.n == 3 and unlabelled.to_batch().y is None
     obj = tmp_path / "obj.npz"
     np.savez(obj, x_a=np.zeros((2, 2)), y=np.array([0, 1]), split=np.array(["train", None], dtype=object))
     with pytest.raises(ValueError, match="obj.npz"):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import typer.main
 import yaml
+from rich.markup import escape
 from typer.testing import CliRunner
 
 from attnfuse import __version__
@@ -52,6 +53,7 @@ def write_data(path, n=60, seed=0):
 def test_every_dataclass_option_is_a_flag_and_nothing_else_is():
     params = {p.name for p in train_command().params} - {"config", "out", "resume", "help"}
     declared = {f.name for cls in (RunOptions, TrainConfig) for f in dataclasses.fields(cls) if "help" in f.metadata}
+    assert {"allow_pickle", "modality", "target", "split_col", "mapping"} <= declared  # ReadOptions, inherited
     for model_class in FUSIONS.values():
         declared |= {o.name for o in options_of(model_class.config_class)}
     assert params == declared
@@ -66,7 +68,7 @@ def test_help_texts_and_defaults_come_from_the_dataclasses():
     by_name = {p.name: p for p in train_command().params}
     for opt in train_options():
         param = by_name[opt.name]
-        assert opt.help in param.help
+        assert escape(opt.help) in param.help  # escaped: help is rich markup
         assert param.default == opt.default, opt.name
     assert by_name["nhead"].opts == ["--nhead", "--heads"]
     assert by_name["allow_pickle"].is_flag and by_name["norm_first"].secondary_opts == ["--no-norm-first"]
@@ -92,6 +94,9 @@ def test_options_the_chosen_fusion_lacks_are_named_from_its_config():
         ({"device": "tpu"}, "^device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ({"pooling": "max"}, "^pooling: expected one of"),
         ({"repeat": True}, "^options: repeat: expected a int, got True"),
+        ({"folds": 1}, "^folds: expected 0 .no cross-validation. or an integer >= 2, got 1"),
+        ({"folds": 5, "repeat": 2}, "^folds: with --folds 5 the folds are the runs; --repeat must be 1"),
+        ({"checkpoint_every": -1}, "^checkpoint_every: expected an integer >= 0"),
     ],
 )
 def test_every_value_is_checked_before_any_data_is_read(values, message):

@@ -206,7 +206,7 @@ def weights_id(state: dict[str, torch.Tensor]) -> str:
 def fingerprint(data: MultimodalDataset) -> str:
     """A short hash of the targets and the feature shapes: tells the training data from other data
     with the same name and size (``evaluate`` then reports the training split)."""
-    h = hashlib.sha256(np.ascontiguousarray(data.y).tobytes())
+    h = hashlib.sha256(b"" if data.y is None else np.ascontiguousarray(data.y).tobytes())
     for m in data.modalities:
         h.update(f"{m.name}:{m.dim}:{m.length}".encode())
     return h.hexdigest()[:16]
@@ -496,7 +496,7 @@ def check_compatible(config: dict, data: MultimodalDataset) -> None:
             f"data: the model was trained with {trained['num_classes']} classes, the data has labels up to "
             f"{data.num_classes - 1}"
         )
-    if data.task == "regression" and data.target_dim != trained["target_dim"]:
+    if data.task == "regression" and data.y is not None and data.target_dim != trained["target_dim"]:
         raise ValueError(f"data: the model predicts {trained['target_dim']} targets, the data has {data.target_dim}")
     specs = {m.name: m for m in data.modalities}
     for m in trained["modalities"]:

@@ -146,7 +146,9 @@ class CrossFusionConfig(SelfFusionConfig):
 
     query: str | None = option(None, "cross/bicross: the modality whose tokens ask (default: the first).")
     context: list[str] | None = option(
-        None, "cross/bicross: the modalities that answer (repeat the option; default: all but the query)."
+        None,
+        "cross/bicross: the modalities that answer (repeat the option; default: all but the query).",
+        metavar="MODALITY",
     )
 
     POOLINGS: ClassVar[tuple[str, ...]] = ("mean", "attention")

@@ -21,13 +21,16 @@ from typing import Any
 __all__ = ["option", "Option", "options_of", "coerce"]
 
 
-def option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple[str, ...] = ()) -> Any:
+def option(
+    default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple[str, ...] = (), metavar: str | None = None
+) -> Any:
     """A dataclass field that is also a user-facing option.
 
     ``flags`` are extra command-line names (``("heads",)`` gives ``--heads`` next to ``--nhead``);
-    ``choices`` restricts a string option to these values (checked by the dataclass, listed in help).
+    ``choices`` restricts a string option to these values (checked by the dataclass, listed in help);
+    ``metavar`` names the value in help (default: its type).
     """
-    meta = {"help": help, "flags": flags, "choices": choices}
+    meta = {"help": help, "flags": flags, "choices": choices, "metavar": metavar}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,6 +48,7 @@ class Option:
     choices: tuple[str, ...]
     optional: bool  # None is an accepted value (e.g. "use the model's own default")
     owner: type  # the dataclass that declares it
+    metavar: str | None = None
 
     @property
     def flag(self) -> str:
@@ -72,6 +76,7 @@ def options_of(*classes: type) -> list[Option]:
                 f.metadata["choices"],
                 optional,
                 cls,
+                f.metadata["metavar"],
             )
     return list(seen.values())
 

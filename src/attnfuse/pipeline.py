@@ -47,11 +47,13 @@ from .runstate import RunLog, last_dir, load_state, save_state, write_options
 from .training import Control, DivergedError, Interrupted, RunResult, TrainConfig, Trainer, model_config, run
 
 __all__ = [
+    "ReadOptions",
     "RunOptions",
     "TrainSpec",
     "TrainResult",
     "train",
     "train_options",
+    "data_options",
     "read_options",
     "load",
     "load_trained",
@@ -67,7 +69,34 @@ Progress = Callable[[str, dict], None]
 
 
 @dataclass
-class RunOptions:
+class ReadOptions:
+    """How a data file is read: the options every command that reads data has."""
+
+    allow_pickle: bool = option(False, "Allow reading a pickle file (unpickling can run code its author put in it).")
+    modality: list[str] | None = option(
+        None,
+        "Tables: the columns of modality NAME, as NAME=PREFIX or NAME=GLOB (text=txt_*); repeat per modality "
+        "(default: one modality per NAME_ column prefix).",
+        metavar="NAME=PATTERN",
+    )
+    target: str | None = option(None, "Tables: the target column (default y).")
+    split_col: str | None = option(None, "Tables: the column of train/valid/test (default: a column named split).")
+    mapping: str | None = option(
+        None, "Tables: a YAML/JSON file {modalities: {name: pattern or [columns]}, target: col, split: col}."
+    )
+
+    def table_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`attnfuse.data.load_data` for tables."""
+        return {
+            "modalities": parse_modality_options(self.modality) if self.modality else None,
+            "target": self.target,
+            "split_col": self.split_col,
+            "mapping": self.mapping,
+        }
+
+
+@dataclass
+class RunOptions(ReadOptions):
     """What to train on, with which fusion, how many times: the options of ``attnfuse train`` that
     belong neither to the model nor to the optimiser."""
 
@@ -77,17 +106,6 @@ class RunOptions:
         "directory dataset (see `attnfuse convert`).",
     )
     task: str = option("auto", "auto: classification for integer labels, else regression.", choices=TASKS)
-    allow_pickle: bool = option(False, "Allow reading a pickle file (unpickling can run code its author put in it).")
-    modality: list[str] | None = option(
-        None,
-        "Tables: the columns of modality NAME, as NAME=PREFIX or NAME=GLOB (text=txt_*); repeat per modality "
-        "(default: one modality per NAME_ column prefix).",
-    )
-    target: str | None = option(None, "Tables: the target column (default y).")
-    split_col: str | None = option(None, "Tables: the column of train/valid/test (default: a column named split).")
-    mapping: str | None = option(
-        None, "Tables: a YAML/JSON file {modalities: {name: pattern or [columns]}, target: col, split: col}."
-    )
     fusion: str = option("self", "Fusion model.", choices=tuple(FUSIONS))
     repeat: int = option(1, "Train this many seeds (seed, seed+1, ...; and splits, when the data has none).")
     folds: int = option(
@@ -105,15 +123,6 @@ class RunOptions:
         """How many models are trained: one per fold, or one per seed."""
         return self.folds or self.repeat
 
-    def table_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`attnfuse.data.load_data` for tables."""
-        return {
-            "modalities": parse_modality_options(self.modality) if self.modality else None,
-            "target": self.target,
-            "split_col": self.split_col,
-            "mapping": self.mapping,
-        }
-
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion: expected one of {', '.join(FUSIONS)}, got {self.fusion!r}")
@@ -121,6 +130,10 @@ class RunOptions:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
             raise ValueError(f"repeat: expected an integer >= 1, got {self.repeat!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
+            raise ValueError(f"folds: expected 0 (no cross-validation) or an integer >= 2, got {self.folds!r}")
+        if self.folds and self.repeat > 1:
+            raise ValueError(f"folds: with --folds {self.folds} the folds are the runs; --repeat must be 1")
         if (
             isinstance(self.checkpoint_every, bool)
             or not isinstance(self.checkpoint_every, int)
@@ -133,6 +146,11 @@ def train_options() -> list[Option]:
     """Every option of ``attnfuse train``, in the order of its help: the run, the model (the union
     of the fusions' settings), the optimisation."""
     return options_of(RunOptions, *(m.config_class for m in FUSIONS.values()), TrainConfig)
+
+
+def data_options() -> list[Option]:
+    """The options of the commands that read data for a trained model (evaluate, predict, explain)."""
+    return options_of(ReadOptions)
 
 
 @dataclass
@@ -275,6 +293,8 @@ def _train(
 ) -> TrainResult:
     opts, cfg = spec.run, spec.train
     data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task, **opts.table_options())
+    if data.y is None:
+        raise ValueError("y: the data has no targets; training needs them (attnfuse predict works without)")
     cfg.check_task(data.task, data.target_dim)
     # Refused with the numbers, not allocated until the machine swaps: 16 bytes a parameter
     # (weights, gradients, AdamW's two moments).
@@ -456,7 +476,7 @@ def load_trained(
     trained = config["data"]
     if not any(v for v in table.values()) and (source is None or source == trained.get("source")):
         read = config.get("read") or {}
-        table = RunOptions(**{k: v for k, v in read.items() if v is not None}).table_options() if read else {}
+        table = ReadOptions(**{k: v for k, v in read.items() if v is not None}).table_options() if read else {}
     classification = trained["task"] == "classification"
     data = load(
         source or trained.get("source", trained["name"]),

@@ -16,8 +16,9 @@ from typer.core import TyperGroup
 from .._version import __version__
 from . import common
 from .common import cli_errors, err_console, one_line
+from .data import convert_cmd, datasets
 from .explain import explain
-from .predict import datasets, evaluate, predict_cmd
+from .predict import evaluate, predict_cmd
 from .train import train
 
 
@@ -69,6 +70,7 @@ app.command(context_settings={"allow_interspersed_args": True})(cli_errors(train
 app.command()(cli_errors(evaluate))
 app.command("predict")(cli_errors(predict_cmd, "predict"))
 app.command()(cli_errors(datasets))
+app.command("convert")(cli_errors(convert_cmd, "convert"))
 app.command()(cli_errors(explain))
 
 

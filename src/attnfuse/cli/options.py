@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from ..options import Option
 
@@ -16,7 +17,8 @@ __all__ = ["with_options", "given"]
 
 def _parameter(opt: Option, panel: str | None) -> inspect.Parameter:
     names = [opt.flag] + [f"--{f.replace('_', '-')}" for f in opt.flags]
-    help_text = opt.help + (f" One of: {', '.join(opt.choices)}." if opt.choices else "")
+    # escape: help is printed as rich markup, where "[columns]" would be read as a style tag.
+    help_text = escape(opt.help + (f" One of: {', '.join(opt.choices)}." if opt.choices else ""))
     if opt.type is bool:
         decl = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.default else opt.flag
         # metavar "": a flag takes no value (typer's rich help would print a "<bool>" placeholder).
@@ -26,7 +28,12 @@ def _parameter(opt: Option, panel: str | None) -> inspect.Parameter:
         value_type = list[str] if opt.type is list else opt.type
         annotation = value_type | None if opt.optional else value_type
         default = typer.Option(
-            opt.default, *names, help=help_text, show_default=opt.default is not None, rich_help_panel=panel
+            opt.default,
+            *names,
+            help=help_text,
+            show_default=opt.default is not None,
+            rich_help_panel=panel,
+            metavar=opt.metavar,
         )
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 

@@ -1,29 +1,32 @@
-"""``attnfuse evaluate``, ``attnfuse predict`` and ``attnfuse datasets``."""
+"""``attnfuse evaluate`` and ``attnfuse predict``: a trained model on data."""
 
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ..checkpoint import EVALUATION, metrics_for_json
-from ..data import BUILTINS, decode_labels
+from ..data import decode_labels
 from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
+from ..pipeline import ReadOptions, data_options
 from ..training import predict, to_predictions
 from .common import _load_for_model, _metrics_table, _parts, console, describe_os_error
+from .options import with_options
 
 
+@with_options(data_options())
 def evaluate(
     model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
-    data: str = typer.Option(..., help="Built-in dataset name or a .npz/.pkl file."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+    data: str | None = typer.Option(None, help="Data to evaluate on (default: the model's training data)."),
     out: Path | None = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
+    **read: Any,
 ) -> None:
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows).
 
@@ -35,7 +38,9 @@ def evaluate(
         unwritable = None
     except OSError as e:
         unwritable = e
-    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    net, config, standardizer, dataset = _loaded(model, data, read)
+    if dataset.y is None:
+        raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
     batch = dataset.batches(None, standardizer)
     sentiment = config["train"].get("metrics") == "sentiment"
     y_pred = to_predictions(dataset.task, predict(net, batch))
@@ -57,15 +62,18 @@ def evaluate(
         ) from None
 
 
+@with_options(data_options())
 def predict_cmd(
     model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
-    data: str = typer.Option(..., help="Built-in dataset name or a .npz/.pkl file."),
+    data: str | None = typer.Option(
+        None, help="Data to predict (default: the model's training data); it needs no targets."
+    ),
     out: Path = typer.Option(Path("predictions.csv"), help="CSV file to write, one row per sample."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
+    **read: Any,
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
     check_writable(out)  # before the work: the file is the result
-    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    net, config, standardizer, dataset = _loaded(model, data, read)
     outputs = predict(net, dataset.batches(None, standardizer))
     y_pred = to_predictions(dataset.task, outputs)
     classes = config["data"].get("classes")  # the original labels of the codes 0..C-1
@@ -78,13 +86,18 @@ def predict_cmd(
             if name != "all":
                 split[rows] = name
         header.append("split"), columns.append(split)
-    y_true, y_hat = dataset.y.reshape(dataset.n, -1), y_pred.reshape(dataset.n, -1)
+    y_hat = y_pred.reshape(dataset.n, -1)
     if dataset.task == "classification":
-        y_true, y_hat = (decode_labels(a, classes).reshape(dataset.n, 1) for a in (y_true[:, 0], y_hat[:, 0]))
-    k = y_true.shape[1]
-    header += ["y_true"] if k == 1 else [f"y_true_{j}" for j in range(k)]
+        y_hat = decode_labels(y_hat[:, 0], classes).reshape(dataset.n, 1)
+    k = y_hat.shape[1]
+    if dataset.y is not None:  # data without targets gets predictions only
+        y_true = dataset.y.reshape(dataset.n, -1)
+        if dataset.task == "classification":
+            y_true = decode_labels(y_true[:, 0], classes).reshape(dataset.n, 1)
+        header += ["y_true"] if k == 1 else [f"y_true_{j}" for j in range(k)]
+        columns += [y_true[:, j] for j in range(k)]
     header += ["y_pred"] if k == 1 else [f"y_pred_{j}" for j in range(k)]
-    columns += [y_true[:, j] for j in range(k)] + [y_hat[:, j] for j in range(k)]
+    columns += [y_hat[:, j] for j in range(k)]
     if dataset.task == "classification":
         probs = outputs.softmax(dim=-1).numpy()
         header += [f"prob_{c}" for c in decode_labels(np.arange(probs.shape[1]), classes)]
@@ -98,11 +111,7 @@ def predict_cmd(
     console.print(f"{dataset.n} predictions written to [bold]{escape(str(out))}[/]", highlight=False)
 
 
-def datasets() -> None:
-    """List the built-in datasets."""
-    table = Table(title="built-in datasets (use the name with --data)", title_justify="left")
-    table.add_column("name")
-    table.add_column("description")
-    for name, (_, description) in BUILTINS.items():
-        table.add_row(name, description)
-    console.print(table)
+def _loaded(model: Path, data: str | None, read: dict[str, Any]):
+    """The model and its data, read with the reading options given on the command line."""
+    options = ReadOptions(**read)
+    return _load_for_model(model, data, options.allow_pickle, **options.table_options())

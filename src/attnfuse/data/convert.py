@@ -128,7 +128,8 @@ def _write_table(src: Path, tmp: Path, mapping) -> None:
                 writers[name] = NpyWriter(tmp / f"x_{name}.npy", (total, x.shape[1]))
             writers[name].write(x)
             present[name].append(arrays.present[name])
-        ys.append(arrays.y)
+        if arrays.y is not None:
+            ys.append(arrays.y)
         if arrays.split is not None:
             splits.append(arrays.split)
         offset += block.num_rows
@@ -136,7 +137,8 @@ def _write_table(src: Path, tmp: Path, mapping) -> None:
         raise ValueError(f"{src}: the table has no rows")
     for w in writers.values():
         w.close()
-    np.save(tmp / "y.npy", np.concatenate(ys), allow_pickle=False)
+    if ys:
+        np.save(tmp / "y.npy", np.concatenate(ys), allow_pickle=False)
     if splits:
         np.save(tmp / "split.npy", np.concatenate(splits), allow_pickle=False)
     for name, parts in present.items():

@@ -156,7 +156,12 @@ class MultimodalDataset:
             raise TypeError(f"name: expected a string, got {type(name).__name__}")
         self.name = name
         targets = check_targets(y, task, num_classes, classes)
-        self.n = n = targets.y.shape[0]
+        if targets.y is not None:
+            self.n = n = targets.y.shape[0]
+        elif isinstance(features, Mapping) and features:
+            self.n = n = int(np.shape(next(iter(features.values())))[0])  # no targets: the rows of the features
+        else:
+            raise ValueError("features: expected at least one modality, got none")
         self.y, self.task = targets.y, targets.task
         self.num_classes, self.classes, self.target_dim = targets.num_classes, targets.classes, targets.target_dim
 
@@ -246,7 +251,7 @@ class MultimodalDataset:
         out = self._copy_with(
             {m.name: gathered[m.name][:, 0] if not m.is_sequence else gathered[m.name] for m in self.modalities}
         )
-        out.n, out.y = idx.size, self.y[idx]
+        out.n, out.y = idx.size, None if self.y is None else self.y[idx]
         out.masks = {k: v[idx] for k, v in self.masks.items()}
         out._valid = {k: v[idx] for k, v in self._valid.items()}
         out.split = None if self.split is None else self.split[idx]
@@ -290,7 +295,7 @@ class MultimodalDataset:
         idx = self.rows(indices)
         x = {m.name: torch.from_numpy(self.gather(m.name, idx)) for m in self.modalities}
         mask = {m.name: torch.from_numpy(self._valid[m.name][idx]) for m in self.modalities}
-        return Batch(x, mask, torch.from_numpy(self.y[idx]))
+        return Batch(x, mask, None if self.y is None else torch.from_numpy(self.y[idx]))
 
     def batches(
         self, rows: Any = None, standardizer: Standardizer | None = None, device: torch.device | str = "cpu"
@@ -373,7 +378,7 @@ class RowBatches:
     @property
     def y(self) -> torch.Tensor:
         """The targets of all rows (len,) on ``device`` (small: for metrics over the whole part)."""
-        return torch.from_numpy(self.data.y[self.rows]).to(self.device)
+        return None if self.data.y is None else torch.from_numpy(self.data.y[self.rows]).to(self.device)
 
     def select(self, index: torch.Tensor | np.ndarray) -> Batch:
         """The Batch of rows ``self.rows[index]`` on ``device``, standardised when a standardizer is set."""

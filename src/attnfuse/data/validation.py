@@ -162,9 +162,18 @@ class Targets:
 
 def check_targets(y: Any, task: str = "auto", num_classes: int | None = None, classes: list | None = None) -> Targets:
     """Resolve the task from y (when "auto": integers and strings -> classification, floats ->
-    regression) and check y for it; classification labels go through :func:`labels.class_codes`."""
+    regression) and check y for it; classification labels go through :func:`labels.class_codes`.
+
+    ``y=None`` is data without targets (to predict on): its task and label space are a trained
+    model's, so ``task`` must be given."""
     if task not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
+    if y is None:
+        if task == "auto":
+            raise ValueError("y: the data has no targets; training and evaluating need them (predict does not)")
+        if task == "classification" and classes is not None:
+            num_classes = len(classes)
+        return Targets(None, task, num_classes, None if classes is None else list(classes))
     y = np.asarray(y)
     if y.ndim not in (1, 2):
         raise ValueError(f"y: expected shape (N,) or (N, K), got shape {y.shape}")

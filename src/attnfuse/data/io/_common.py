@@ -61,21 +61,22 @@ def dataset_arrays(where: Path, arrays: Mapping[str, np.ndarray]) -> dict:
             raise ValueError(
                 f"{where}: not a modality: {key!r} (expected x_<modality>, mask_<modality>, y, split or info_<name>)"
             )
-    if "y" not in arrays:
-        raise ValueError(f"{where}: missing the target array 'y'")
     if not features:
         raise ValueError(f"{where}: no modality arrays (expected at least one x_<modality>)")
     for mod in masks:
         if mod not in features:
             raise ValueError(f"{where}: mask_{mod} has no matching x_{mod}")
-    return {"features": features, "y": arrays["y"], "masks": masks, "split": arrays.get("split"), "info": info}
+    # Without "y" the data has no targets: something to predict on (MultimodalDataset says so when
+    # a task needs them).
+    return {"features": features, "y": arrays.get("y"), "masks": masks, "split": arrays.get("split"), "info": info}
 
 
 def non_feature_arrays(data: MultimodalDataset) -> dict[str, np.ndarray]:
     """The .npz-format arrays of ``data`` other than its features: masks, y (encoded class labels
     written as the original labels), split and info."""
     arrays = {f"mask_{k}": v for k, v in data.masks.items()}
-    arrays["y"] = decode_labels(data.y, data.classes) if data.task == "classification" else data.y
+    if data.y is not None:
+        arrays["y"] = decode_labels(data.y, data.classes) if data.task == "classification" else data.y
     if data.split is not None:
         arrays["split"] = data.split
     arrays.update({f"info_{k}": v for k, v in data.info.items()})

@@ -78,14 +78,14 @@ class TableColumns:
     """The resolved columns of a table: modality -> its feature columns (in order), target, split."""
 
     modalities: dict[str, list[str]]
-    target: str
+    target: str | None  # None: a table without targets (to predict on)
     split: str | None
     where: str = field(default="table", compare=False)
 
     @property
     def needed(self) -> list[str]:
-        cols = [c for cols in self.modalities.values() for c in cols] + [self.target]
-        return cols + ([self.split] if self.split else [])
+        cols = [c for cols in self.modalities.values() for c in cols]
+        return cols + [c for c in (self.target, self.split) if c]
 
 
 TABLE_OPTIONS = ("modalities", "target", "split_col", "mapping")
@@ -194,16 +194,18 @@ def resolve_columns(columns: list[str], mapping: TableMapping, where: str = "tab
     if twice:
         raise ValueError(f"{where}: the column name {twice[0]!r} appears more than once")
     target = mapping.target or DEFAULT_TARGET
-    if target not in columns:
+    if target not in columns and mapping.target is not None:
         raise ValueError(f"{where}: no target column {target!r} (columns: {', '.join(columns[:12])})")
+    if target not in columns:
+        target = None  # no y column and none asked for: a table to predict on
     split = mapping.split
     if split is not None and split not in columns:
         raise ValueError(f"{where}: no split column {split!r}")
     if split is None and DEFAULT_SPLIT in columns and target != DEFAULT_SPLIT:
         split = DEFAULT_SPLIT
-    if split == target:
+    if split is not None and split == target:
         raise ValueError(f"{where}: the column {target!r} cannot be both the target and the split")
-    roles = {target: "the target", **({split: "the split column"} if split else {})}
+    roles = {**({target: "the target"} if target else {}), **({split: "the split column"} if split else {})}
     free = [c for c in columns if c not in roles]
     if mapping.modalities is None:
         groups = _default_modalities(free, where)
@@ -282,7 +284,7 @@ class TableArrays:
 
     features: dict[str, np.ndarray]
     present: dict[str, np.ndarray]
-    y: np.ndarray
+    y: np.ndarray | None  # None: no target column
     split: np.ndarray | None
 
 
@@ -324,14 +326,16 @@ def table_arrays(table: Any, columns: TableColumns, first_row: int = 0) -> Table
             f"{where}: row {first_row + int(np.flatnonzero(none)[0])} has a missing value in every modality "
             f"({int(none.sum())} rows like it in rows {first_row}..{first_row + k - 1}); drop them or fill one modality in"
         )
-    target = table.column(columns.target)
-    nulls = pc.is_null(target, nan_is_null=True).to_numpy(zero_copy_only=False)
-    if nulls.any():
-        raise ValueError(
-            f"{where}: the target column {columns.target!r} is missing at row {first_row + int(np.flatnonzero(nulls)[0])} "
-            f"({int(nulls.sum())} rows)"
-        )
-    y = _column_values(target, pa, f"{where}: the target column {columns.target!r}")
+    y = None
+    if columns.target is not None:
+        target = table.column(columns.target)
+        nulls = pc.is_null(target, nan_is_null=True).to_numpy(zero_copy_only=False)
+        if nulls.any():
+            raise ValueError(
+                f"{where}: the target column {columns.target!r} is missing at row "
+                f"{first_row + int(np.flatnonzero(nulls)[0])} ({int(nulls.sum())} rows)"
+            )
+        y = _column_values(target, pa, f"{where}: the target column {columns.target!r}")
     split = None
     if columns.split is not None:
         s = table.column(columns.split)
