@@ -468,3 +468,90 @@ def test_public_api():
     ):
         assert name in attnfuse.__all__ and hasattr(attnfuse, name)
     assert attnfuse.MultiheadAttention is MultiheadAttention
+
+
+# --------------------------------------------------------------------------- torch's form of the encoder
+
+
+def torch_form_pair(norm_first, batch_first, num_layers=3, ours_layer_cls=TransformerEncoderLayer):
+    """torch.nn.TransformerEncoder and ours, both built torch's way, with torch's weights loaded."""
+    kw = dict(dim_feedforward=FF, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "enable_nested_tensor is True, but ... norm_first"
+        ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, NH, **kw), num_layers, norm=nn.LayerNorm(D))
+    ours = TransformerEncoder(ours_layer_cls(D, NH, **kw), num_layers, norm=nn.LayerNorm(D))
+    randomize_(ref, 5)
+    ours.load_state_dict(ref.state_dict())  # strict: the same keys
+    return ref, ours
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["sf", "bf"])
+def test_torch_form_parity(mask, norm_first, batch_first):
+    ref, ours = torch_form_pair(norm_first, batch_first)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    src = make_src(batch_first, seed=2)
+    src_mask, kpm, causal_r, causal_o = make_masks(mask, seed=2)
+    ours_mask = None if mask.startswith("causal") else src_mask
+    compare_train_and_eval(
+        ref,
+        ours,
+        src,
+        lambda x: ref(x, mask=src_mask, src_key_padding_mask=kpm, is_causal=causal_r),
+        lambda x: ours(x, mask=ours_mask, src_key_padding_mask=kpm, is_causal=causal_o),
+        kpm,
+        batch_first,
+    )
+
+
+def test_torch_form_deep_copies_like_torch():
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, NH, FF), 3, enable_nested_tensor=False)
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayer(D, NH, FF)
+    ours = TransformerEncoder(layer, 3)
+    # The same seed gives the same weights; every layer a copy of the given one (as torch's _get_clones).
+    for (name, p), q in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert len({id(m) for m in ours.layers}) == 3 and all(m is not layer for m in ours.layers)
+    assert all(p is not q for p, q in zip(ours.layers[0].parameters(), ours.layers[1].parameters()))
+    with torch.no_grad():
+        layer.linear1.weight.zero_()  # the given layer is not part of the stack
+    assert (ours.layers[0].linear1.weight != 0).any()
+    assert ours.num_layers == 3 and ours.norm is None
+    assert ours.enable_nested_tensor is True and ours.mask_check is True
+    kw = TransformerEncoder(encoder_layer=layer, num_layers=2, norm=nn.LayerNorm(D), enable_nested_tensor=False)
+    assert kw.num_layers == 2 and isinstance(kw.norm, nn.LayerNorm) and kw.enable_nested_tensor is False
+
+
+def test_torch_form_with_torchs_own_layers():
+    """Any encoder layer module works, as in torch; attention maps need ours."""
+    kw = dict(dim_feedforward=FF, dropout=0.0, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, NH, **kw), 2, enable_nested_tensor=False)
+    ours = TransformerEncoder(nn.TransformerEncoderLayer(D, NH, **kw), 2)
+    ours.load_state_dict(ref.state_dict())
+    src = make_src(True)
+    _, kpm, _, _ = make_masks("kpm")
+    close(ours(src, src_key_padding_mask=kpm), ref(src, src_key_padding_mask=kpm))
+    with pytest.raises(TypeError, match="return_attention"):
+        ours(src, return_attention=True)
+
+
+def test_torch_form_return_attention_and_errors():
+    ours = TransformerEncoder(TransformerEncoderLayer(D, NH, FF, dropout=0.0), 2)
+    _, maps = ours(make_src(False), return_attention=True)
+    assert len(maps) == 2 and maps[0].shape == (N, NH, S, S)
+    layer = TransformerEncoderLayer(D, NH, FF)
+    for args, kwargs, exc, match in [
+        ((layer, 0), {}, ValueError, "num_layers: expected a positive int, got 0"),
+        ((layer, 2.0), {}, TypeError, "num_layers: expected an int"),
+        ((layer, 2), {"norm": "layernorm"}, TypeError, "norm: expected an nn.Module or None, got str"),
+        ((layer, 2), {"enable_nested_tensor": 1}, TypeError, "enable_nested_tensor: expected a bool"),
+        ((layer, 2), {"d_model": 8}, TypeError, "torch's form.*d_model"),
+        ((layer,), {}, TypeError, "torch's form.*num_layers"),
+    ]:
+        with pytest.raises(exc, match=match):
+            TransformerEncoder(*args, **kwargs)
