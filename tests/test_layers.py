@@ -13,7 +13,7 @@ from torch import nn
 
 import attnfuse
 from attnfuse import FeedForward, MultiheadAttention, PositionalEncoding, TransformerEncoder, TransformerEncoderLayer
-from helpers import randomize_
+from helpers import Spy, randomize_
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 
@@ -202,14 +202,20 @@ def test_encoder_layer_same_seed_same_weights_as_torch(norm_first):
 # --------------------------------------------------------------------------- encoder stack
 
 
-def make_encoders(norm_first, batch_first, activation="relu", num_layers=3, reverse=False):
+def make_encoders(norm_first, batch_first, activation="relu", num_layers=3, reverse=False, form="keyword"):
+    """torch.nn.TransformerEncoder and ours with the same weights; ours built with the keyword form
+    or, like torch's, from one layer (``form="torch"``)."""
     kw = dict(dim_feedforward=FF, dropout=0.0, activation=activation, batch_first=batch_first, norm_first=norm_first)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch: "enable_nested_tensor is True, but ... norm_first"
         ref = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(D, NH, **kw), num_layers, norm=nn.LayerNorm(D) if norm_first else None
         )
-    ours = TransformerEncoder(D, NH, num_layers, **kw)
+    if form == "torch":
+        norm = nn.LayerNorm(D) if norm_first else None
+        ours = TransformerEncoder(TransformerEncoderLayer(D, NH, **kw), num_layers, norm=norm)
+    else:
+        ours = TransformerEncoder(D, NH, num_layers, **kw)
     if reverse:
         randomize_(ours, 3)
         ref.load_state_dict(ours.state_dict())
@@ -219,11 +225,13 @@ def make_encoders(norm_first, batch_first, activation="relu", num_layers=3, reve
     return ref, ours
 
 
+@pytest.mark.parametrize("form", ["keyword", "torch"])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["sf", "bf"])
-def test_encoder_parity(mask, norm_first, batch_first):
-    ref, ours = make_encoders(norm_first, batch_first, activation="gelu" if norm_first else "relu")
+def test_encoder_parity(mask, norm_first, batch_first, form):
+    ref, ours = make_encoders(norm_first, batch_first, activation="gelu" if norm_first else "relu", form=form)
+    assert list(ours.state_dict()) == list(ref.state_dict())
     src = make_src(batch_first, seed=1)
     src_mask, kpm, causal_r, causal_o = make_masks(mask, seed=1)
     ours_mask = None if mask.startswith("causal") else src_mask
@@ -334,15 +342,6 @@ def test_return_attention(norm_first, mask, mode):
         close(out, x)
 
 
-class _Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
 @pytest.mark.parametrize("mask", ["none", "kpm", "causal"])
 def test_without_return_attention_the_fused_kernel_is_used(monkeypatch, mask):
     """No weights asked for -> F.scaled_dot_product_attention once per layer and no softmax at all;
@@ -350,8 +349,8 @@ def test_without_return_attention_the_fused_kernel_is_used(monkeypatch, mask):
     _, ours = make_encoders(False, True)
     src = make_src(True)
     _, kpm, _, causal_o = make_masks(mask)
-    sdpa = _Spy(F.scaled_dot_product_attention)
-    softmaxes = [_Spy(torch.softmax), _Spy(F.softmax), _Spy(torch.Tensor.softmax)]
+    sdpa = Spy(F.scaled_dot_product_attention)
+    softmaxes = [Spy(torch.softmax), Spy(F.softmax), Spy(torch.Tensor.softmax)]
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     monkeypatch.setattr(torch, "softmax", softmaxes[0])
     monkeypatch.setattr(F, "softmax", softmaxes[1])
@@ -471,38 +470,6 @@ def test_public_api():
 
 
 # --------------------------------------------------------------------------- torch's form of the encoder
-
-
-def torch_form_pair(norm_first, batch_first, num_layers=3, ours_layer_cls=TransformerEncoderLayer):
-    """torch.nn.TransformerEncoder and ours, both built torch's way, with torch's weights loaded."""
-    kw = dict(dim_feedforward=FF, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch: "enable_nested_tensor is True, but ... norm_first"
-        ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, NH, **kw), num_layers, norm=nn.LayerNorm(D))
-    ours = TransformerEncoder(ours_layer_cls(D, NH, **kw), num_layers, norm=nn.LayerNorm(D))
-    randomize_(ref, 5)
-    ours.load_state_dict(ref.state_dict())  # strict: the same keys
-    return ref, ours
-
-
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
-@pytest.mark.parametrize("batch_first", [False, True], ids=["sf", "bf"])
-def test_torch_form_parity(mask, norm_first, batch_first):
-    ref, ours = torch_form_pair(norm_first, batch_first)
-    assert list(ours.state_dict()) == list(ref.state_dict())
-    src = make_src(batch_first, seed=2)
-    src_mask, kpm, causal_r, causal_o = make_masks(mask, seed=2)
-    ours_mask = None if mask.startswith("causal") else src_mask
-    compare_train_and_eval(
-        ref,
-        ours,
-        src,
-        lambda x: ref(x, mask=src_mask, src_key_padding_mask=kpm, is_causal=causal_r),
-        lambda x: ours(x, mask=ours_mask, src_key_padding_mask=kpm, is_causal=causal_o),
-        kpm,
-        batch_first,
-    )
 
 
 def test_torch_form_deep_copies_like_torch():

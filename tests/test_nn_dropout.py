@@ -14,6 +14,7 @@ from torch import nn
 from attnfuse.nn import CrossAttention, Dropout, FeedForward, PositionalEncoding, TransformerEncoderLayer
 from attnfuse.nn import functional as AF
 from attnfuse.nn.dropout import dropout, dropout_mask, packed_rate
+from helpers import Spy
 
 RATES = [0.1, 0.25, 0.5, 0.9]
 
@@ -82,17 +83,18 @@ def test_reproducible_for_a_seed_and_with_a_generator():
     assert torch.equal(dropout(x, 0.2), a)
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.001])  # 0.001: torch's Bernoulli mask (rate too small to pack)
-def test_gradients_against_a_plain_reference_with_the_same_mask(p):
-    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+# (rate, shape): packed masks from 4096 elements on; 0.001 and small tensors: torch's Bernoulli mask.
+@pytest.mark.parametrize("p,shape", [(0.1, (64, 64)), (0.5, (64, 65)), (0.001, (64, 64)), (0.1, (3, 7))])
+def test_gradients_against_a_plain_reference_with_the_same_mask(p, shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
 
     def ours(t):
         return dropout(t, p, generator=torch.Generator().manual_seed(11))
 
     mask = dropout_mask(x.shape, p, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     torch.testing.assert_close(ours(x), x * mask)
-    assert torch.autograd.gradcheck(ours, (x,))
-    g = torch.randn(3, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(ours, (x,), fast_mode=True)
+    g = torch.randn(shape, dtype=torch.float64)
     (grad,) = torch.autograd.grad(ours(x), x, g)
     torch.testing.assert_close(grad, g * mask)
 
@@ -138,31 +140,33 @@ def test_every_layer_drops_out_with_it():
         assert drops and all(type(m) is Dropout for m in drops), type(layer).__name__
 
 
-class _Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
 def test_attention_dropout_on_cpu_takes_the_explicit_path_with_the_cheap_mask(monkeypatch):
     """Dropout on the CPU: no SDPA (it would fall back to its math path with F.dropout) and no
-    F.dropout; without dropout the fused kernel runs."""
-    sdpa, f_dropout = _Spy(F.scaled_dot_product_attention), _Spy(F.dropout)
+    F.dropout for tensors of 4096 elements or more; without dropout the fused kernel runs."""
+    sdpa, f_dropout = Spy(F.scaled_dot_product_attention), Spy(F.dropout)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     monkeypatch.setattr(F, "dropout", f_dropout)
-    q = torch.randn(2, 3, 5, 4, requires_grad=True)
+    q = torch.randn(4, 4, 32, 8, requires_grad=True)  # probabilities: 4·4·32·32 = 16384 elements
     out, w = AF.scaled_dot_product_attention(q, q, q, dropout_p=0.2)
     out.sum().backward()
     assert w is None and sdpa.calls == 0 and f_dropout.calls == 0
-    layer = TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
-    layer(torch.randn(2, 5, 8)).sum().backward()
+    layer = TransformerEncoderLayer(16, 2, 64, dropout=0.1, batch_first=True)
+    x = torch.randn(8, 32, 16)  # residuals 4096 elements, feed-forward 16384, probabilities 16384
+    layer(x).sum().backward()
     assert sdpa.calls == 0 and f_dropout.calls == 0
     AF.scaled_dot_product_attention(q, q, q)
-    layer.eval()(torch.randn(2, 5, 8))
+    layer.eval()(x)
     assert sdpa.calls == 2 and f_dropout.calls == 0
+
+
+def test_small_tensors_use_torchs_mask(monkeypatch):
+    """Below 4096 elements torch's one-op Bernoulli mask is cheaper than the packed one."""
+    f_dropout = Spy(F.dropout)
+    monkeypatch.setattr(F, "dropout", f_dropout)
+    dropout(torch.randn(4095), 0.1)
+    assert f_dropout.calls == 1
+    dropout(torch.randn(4096), 0.1)
+    assert f_dropout.calls == 1
 
 
 def test_attention_dropout_drops_probabilities_at_the_rate():

@@ -17,7 +17,7 @@ from attnfuse.nn import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
-from helpers import randomize_
+from helpers import Spy, randomize_
 
 N, L, S, E, H = 3, 4, 5, 8, 2
 BOTH_PATHS = pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "explicit"])
@@ -113,18 +113,8 @@ def test_layers_equal_raw_mask(kind, norm_first):
         torch.testing.assert_close(a, b)
 
 
-class _Spy:
-    def __init__(self, fn):
-        self.fn, self.calls, self.masks = fn, 0, []
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        self.masks.append(kwargs.get("attn_mask"))
-        return self.fn(*args, **kwargs)
-
-
 def test_nothing_padded_runs_the_unmasked_kernel(monkeypatch):
-    sdpa = _Spy(F.scaled_dot_product_attention)
+    sdpa = Spy(F.scaled_dot_product_attention)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     enc = TransformerEncoder(E, H, 3, 16, dropout=0.0, batch_first=True)
     x = torch.randn(N, S, E)
@@ -138,7 +128,7 @@ def test_nothing_padded_runs_the_unmasked_kernel(monkeypatch):
 
 
 def test_encoder_prepares_the_padding_once(monkeypatch):
-    built, merged, init = [], _Spy(AF.merge_masks), KeyPaddingMask.__init__
+    built, merged, init = [], Spy(AF.merge_masks), KeyPaddingMask.__init__
 
     def counting_init(self, *args):
         built.append(1)

@@ -184,6 +184,10 @@ def attend(
 
     if masks.causal:
         mask = _causal_allowed(tgt_len, src_len, query.device)
+    if mask is not None and mask.dtype == torch.bool:
+        # Added, not masked_fill'ed: on the CPU a broadcast masked_fill of the (..., L, S) scores
+        # costs ~20x an add (4.3 ms vs 0.2 ms forward + backward at B·H·L·S = 300k).
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     batch = _shape(query)[:-2]
     # One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in (alpha): the
     # reshapes are the only copies of q and k (heads split from a packed projection are strided
@@ -194,7 +198,7 @@ def attend(
     scores = scores.view(batch + (tgt_len, src_len))  # (..., L, S)
     if _records_grad(query, key, value, mask):
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            scores = scores + mask
         weights = torch.softmax(scores, dim=-1)  # autograd keeps this output for backward
         if dead is not None:
             weights = weights.masked_fill(dead.unsqueeze(-1), 0.0)
@@ -202,9 +206,7 @@ def attend(
         # No autograd: mask and softmax in place in `scores`, our own fresh tensor. A fresh large
         # tensor is costly on CPU (every page is faulted in); this saves up to two (..., L, S)
         # tensors, as torch's inference fast path does.
-        if mask is not None and mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        elif mask is not None:
+        if mask is not None:
             scores.add_(mask)
         weights = torch.softmax(scores, dim=-1, out=scores)
         if dead is not None:
@@ -220,16 +222,14 @@ def needs_guard(*inputs: Tensor) -> bool:
     """Whether any input may hold a NaN or ±inf. On the CPU one sum per input decides (a NaN or inf
     survives a sum; a finite overflow only costs a needless guard); elsewhere always True, since
     reading the answer would be a host sync."""
-    seen: list[Tensor] = []
-    for x in inputs:
+    for i, x in enumerate(inputs):
+        if any(x is y for y in inputs[:i]):
+            continue  # self-attention: query is key is value, one check
         if x.device.type != "cpu":
             return True
-        if any(x is s for s in seen):
-            continue
-        seen.append(x)
-        with torch.no_grad():
-            total = x.sum(dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
-        if not math.isfinite(total.item()):
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        # detach(), not no_grad(): half the Python overhead, which is most of the cost at small sizes.
+        if not math.isfinite(x.detach().sum(dtype=torch.float32 if half else None).item()):
             return True
     return False
 

@@ -17,7 +17,7 @@ import copy
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any, overload
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -295,47 +295,19 @@ class TransformerEncoder(nn.Module):
     no weights are computed (fused kernels).
     """
 
-    @overload
-    def __init__(
-        self,
-        encoder_layer: nn.Module,
-        num_layers: int,
-        norm: nn.Module | None = None,
-        enable_nested_tensor: bool = True,
-        mask_check: bool = True,
-    ) -> None: ...
-
-    @overload
-    def __init__(
-        self,
-        d_model: int = 512,
-        nhead: int = 8,
-        num_layers: int = 6,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: Activation = "relu",
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = False,
-        norm_first: bool = False,
-        bias: bool = True,
-        final_norm: bool | None = None,
-        device=None,
-        dtype=None,
-    ) -> None: ...
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         first = args[0] if args else kwargs.get("encoder_layer")
         torch_form = isinstance(first, nn.Module)
         if "encoder_layer" in kwargs and not torch_form:
             raise TypeError(f"encoder_layer: expected an nn.Module (torch's form), got {type(first).__name__}")
-        form = _torch_form if torch_form else _keyword_form
         try:
-            bound = inspect.signature(form).bind(*args, **kwargs)
+            bound = (inspect.signature(_torch_form) if torch_form else _KEYWORD_FORM).bind(*args, **kwargs)
         except TypeError as e:
             name = "torch's form (encoder_layer, num_layers, ...)" if torch_form else "the keyword form"
             raise TypeError(f"TransformerEncoder, {name}: {e}") from None
-        layers, norm, attributes = form(*bound.args, **bound.kwargs)
+        bound.apply_defaults()
+        layers, norm, attributes = (_torch_form if torch_form else _keyword_form)(**bound.arguments)
         self.layers = nn.ModuleList(layers)
         self.num_layers = len(layers)
         self.norm = norm
@@ -390,39 +362,31 @@ def _torch_form(
     return [copy.deepcopy(encoder_layer) for _ in range(num_layers)], norm, attributes
 
 
+def _keyword_form_signature() -> inspect.Signature:
+    """The keyword form's parameters: TransformerEncoderLayer's (d_model and nhead with the paper's
+    defaults), ``num_layers`` after ``nhead``, ``final_norm`` before ``device``."""
+    params = list(inspect.signature(TransformerEncoderLayer).parameters.values())
+    params[0], params[1] = params[0].replace(default=512), params[1].replace(default=8)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params.insert(2, inspect.Parameter("num_layers", kind, default=6))
+    params.insert(
+        next(i for i, p in enumerate(params) if p.name == "device"), inspect.Parameter("final_norm", kind, default=None)
+    )
+    return inspect.Signature(params)
+
+
+_KEYWORD_FORM = _keyword_form_signature()
+
+
 def _keyword_form(
-    d_model: int = 512,
-    nhead: int = 8,
-    num_layers: int = 6,
-    dim_feedforward: int = 2048,
-    dropout: float = 0.1,
-    activation: Activation = "relu",
-    layer_norm_eps: float = 1e-5,
-    batch_first: bool = False,
-    norm_first: bool = False,
-    bias: bool = True,
-    final_norm: bool | None = None,
-    device=None,
-    dtype=None,
+    num_layers: int, final_norm: bool | None, **layer_args: Any
 ) -> tuple[list[nn.Module], nn.Module | None, dict[str, bool]]:
     """The keyword form's arguments -> (independently initialised layers, final norm or None, {})."""
     num_layers = check_int("num_layers", num_layers)
-    final_norm = norm_first if final_norm is None else check_bool("final_norm", final_norm)
-    layers = [
-        TransformerEncoderLayer(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation,
-            layer_norm_eps,
-            batch_first,
-            norm_first,
-            bias,
-            device=device,
-            dtype=dtype,
-        )
-        for _ in range(num_layers)
-    ]
-    norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, device=device, dtype=dtype) if final_norm else None
+    final_norm = layer_args["norm_first"] if final_norm is None else check_bool("final_norm", final_norm)
+    layers = [TransformerEncoderLayer(**layer_args) for _ in range(num_layers)]
+    norm = None
+    if final_norm:
+        kw = {name: layer_args[name] for name in ("bias", "device", "dtype")}
+        norm = nn.LayerNorm(layer_args["d_model"], eps=layer_args["layer_norm_eps"], **kw)
     return layers, norm, {}
