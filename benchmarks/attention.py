@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -67,6 +68,23 @@ class LowerBound(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(N, L, E)), weights
+
+
+def machine() -> str:
+    """CPU model, cores, torch and its threads, load average: what a reader needs to weigh a time."""
+    cpu = next(
+        (
+            x.split(":", 1)[1].strip()
+            for x in Path("/proc/cpuinfo").read_text().splitlines()
+            if x.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, load average {load} at the start"
+    )
 
 
 def build(name: str, E: int, H: int, kdim: int | None, state: dict) -> nn.Module:
@@ -195,7 +213,8 @@ def main() -> None:
     B, L, E, H = (4, 128, 512, 8) if args.quick else (32, 512, 512, 8)
     if args.quick:
         args.rounds, args.warmup, args.long = 2, 1, 2048
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    args.machine = machine()
+    print(args.machine)
     print("| case | attnfuse (ms) | torch (ms) | lower bound (ms) | attnfuse / torch | attnfuse / lower bound |")
     rows = run_block(f"self-attention B={B} L=S={L} E={E}", B, L, E, H, None, args)
     rows += run_block(f"cross-attention B={B} L=S={L} E={E} kdim=vdim=256", B, L, E, H, 256, args)
@@ -220,8 +239,8 @@ def write_tables(path: Path, rows: list[dict], long: list[dict], args, B: int, L
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         BEGIN,
-        f"Run: {date}, `python benchmarks/attention.py`, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads; B={B}, L=S={L}, E={E}, {H} heads; {args.warmup} warm-up + {args.rounds} timed rounds.",
+        f"Run: {date}, `python benchmarks/attention.py`; {args.machine}; B={B}, L=S={L}, E={E}, {H} heads; "
+        f"{args.warmup} warm-up + {args.rounds} timed rounds.",
         "",
         "| case | attnfuse (ms) | torch (ms) | lower bound (ms) | attnfuse / torch | attnfuse / lower bound |",
         "|---|---:|---:|---:|---:|---:|",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import math
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from torch import nn
 
 import attnfuse.nn as after
 import attnfuse.nn.attention as after_attention
-from attention import interleave
+from attention import interleave, machine
 from attnfuse.nn import functional as AF
 from attnfuse.nn.dropout import dropout
 
@@ -215,6 +216,10 @@ def stack_rows(args, before) -> tuple[list[tuple[str, float, float]], dict]:
 
     t = timed({"off": unguarded, "on": steps["after"]}, args)
     rows.append(("same block, non-finite guard off (before) vs on (after)", t["off"], t["on"]))
+    for shape in [(B, T, D), (32, 512, 512)]:  # a MOSEI layer's input; the attention benchmark's input
+        x = torch.randn(shape, requires_grad=True)
+        t = timed({"check": lambda x=x: AF.needs_guard(x)}, args)
+        rows.append((f"the guard's check alone, one {tuple(shape)} input", float("nan"), t["check"]))
     return rows, {name: profile(step) for name, step in steps.items()}
 
 
@@ -248,19 +253,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.warmup = 3, 1
+    args.machine = machine()
+    print(args.machine, flush=True)
     before = load_before(args.before)
     rows = dropout_rows(args) + attention_rows(args) + mask_rows(args, before)
     stack, profiles = stack_rows(args, before)
     rows += stack
     lines = [
         BEGIN,
-        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `python benchmarks/nn_primitives.py`, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, before = attnfuse/nn at {args.before}; "
-        f"minimum of {args.rounds} interleaved rounds.",
+        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `python benchmarks/nn_primitives.py"
+        f"{' --threads ' + str(args.threads) if args.threads else ''}`; {args.machine}; before = attnfuse/nn at "
+        f"{args.before}; minimum of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
         "",
         "| primitive | before (ms) | after (ms) | after / before |",
         "|---|---:|---:|---:|",
-        *(f"| {name} | {b * 1e3:.2f} | {a * 1e3:.2f} | {a / b:.2f} |" for name, b, a in rows),
+        *(
+            f"| {name} | – | {a * 1e3:.2f} | – |"
+            if math.isnan(b)
+            else f"| {name} | {b * 1e3:.2f} | {a * 1e3:.2f} | {a / b:.2f} |"
+            for name, b, a in rows
+        ),
         "",
         "Where the block's training step goes (torch.profiler, share of self CPU time, top ops):",
         "",
