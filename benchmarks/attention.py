@@ -97,17 +97,19 @@ def build(name: str, E: int, H: int, kdim: int | None, state: dict) -> nn.Module
     return m
 
 
-def interleave(steps: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each step, round-robin with a rotating start, so drifting load on a
-    shared machine hits every contender alike. The one timing helper of the benchmarks."""
+def interleave(steps: dict, rounds: int, warmup: int = 1, number: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each step (the mean of ``number`` calls in a row), round-robin with a
+    rotating start, so drifting load on a shared machine hits every contender alike. The one
+    timing helper of the benchmarks."""
     names, times = list(steps), {n: [] for n in steps}
     for r in range(warmup + rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             gc.collect()
             t0 = time.perf_counter()
-            steps[n]()
+            for _ in range(number):
+                steps[n]()
             if r >= warmup:
-                times[n].append(time.perf_counter() - t0)
+                times[n].append((time.perf_counter() - t0) / number)
     return times
 
 
@@ -203,9 +205,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9, help="timed rounds per case (default 9)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per case (default 2)")
     p.add_argument("--long", type=int, default=16384, help="sequence length of the memory case (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # NAME MODE L E H: one long-sequence call
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         name, mode, *sizes = args.child
         print(json.dumps(long_sequence(name, mode, *map(int, sizes))))
@@ -226,6 +231,7 @@ def main() -> None:
                 long.append({"mode": mode, "contender": name, "skipped": "not run: the (H, L, L) scores do not fit"})
                 continue
             cmd = [sys.executable, __file__, "--child", name, mode, str(args.long), str(E), str(H)]
+            cmd += ["--threads", str(torch.get_num_threads())]
             r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
             long.append({"mode": mode, "contender": name, **r})
             print(f"L={args.long} {mode} {name}: {r['time_s']:.2f} s, peak +{r['peak_mib']:.0f} MiB", flush=True)
@@ -239,7 +245,8 @@ def write_tables(path: Path, rows: list[dict], long: list[dict], args, B: int, L
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         BEGIN,
-        f"Run: {date}, `python benchmarks/attention.py`; {args.machine}; B={B}, L=S={L}, E={E}, {H} heads; "
+        f"Run: {date}, `python benchmarks/attention.py{' --threads ' + str(args.threads) if args.threads else ''}`; "
+        f"{args.machine}; B={B}, L=S={L}, E={E}, {H} heads; "
         f"{args.warmup} warm-up + {args.rounds} timed rounds.",
         "",
         "| case | attnfuse (ms) | torch (ms) | lower bound (ms) | attnfuse / torch | attnfuse / lower bound |",

@@ -65,9 +65,9 @@ def load_before(rev: str):
     return module
 
 
-def timed(steps: dict, args) -> dict[str, float]:
-    """Minimum seconds per call of each step (interleaved rounds)."""
-    return {n: min(v) for n, v in interleave(steps, args.rounds, args.warmup).items()}
+def timed(steps: dict, args, number: int = 1) -> dict[str, float]:
+    """Minimum over interleaved rounds of the seconds per call (the mean of ``number`` calls)."""
+    return {n: min(v) for n, v in interleave(steps, args.rounds, args.warmup, number).items()}
 
 
 def fwd_bwd(fn, *shape_or_tensors):
@@ -100,6 +100,7 @@ def dropout_rows(args) -> list[tuple[str, float, float]]:
                 "after": fwd_bwd(lambda x: dropout(x, P), shape),
             },
             args,
+            number=20,
         )
         rows.append((f"dropout, {label}, forward + backward", t["before"], t["after"]))
     return rows
@@ -108,10 +109,10 @@ def dropout_rows(args) -> list[tuple[str, float, float]]:
 def attention_rows(args) -> list[tuple[str, float, float]]:
     """SDPA with dropout (CPU: its math path with F.dropout) vs the explicit path with the packed mask."""
     rows = []
-    for label, (b, h, n, hd) in [
-        ("MulT cross layer, head dim 6", (B, H, T, D // H)),
-        ("MulT self layer, head dim 12", (B, H, T, 2 * D // H)),
-        ("large: B=8, 8 heads, L=S=256, head dim 64", (8, 8, 256, 64)),
+    for label, (b, h, n, hd), number in [
+        ("MulT cross layer, head dim 6", (B, H, T, D // H), 10),
+        ("MulT self layer, head dim 12", (B, H, T, 2 * D // H), 10),
+        ("large: B=8, 8 heads, L=S=256, head dim 64", (8, 8, 256, 64), 1),
     ]:
         q, k, v = (torch.randn(b, h, n, hd, requires_grad=True) for _ in range(3))
         masks = AF.Masks(None, None)
@@ -121,6 +122,7 @@ def attention_rows(args) -> list[tuple[str, float, float]]:
                 "after": fwd_bwd(lambda q, k, v, m=masks: AF.attend(q, k, v, m, P, None, False)[0], q, k, v),
             },
             args,
+            number,
         )
         rows.append((f"attention with dropout, {label}, forward + backward", t["before"], t["after"]))
     return rows
@@ -160,6 +162,27 @@ def mask_rows(args, before) -> list[tuple[str, float, float]]:
         t = timed({"before": run(old, False), "after": run(new, True)}, args)
         rows.append((f"5 cross layers, padding merged per layer vs KeyPaddingMask, {label}", t["before"], t["after"]))
     return rows
+
+
+def overhead_rows(args, before) -> list[tuple[str, float, float]]:
+    """Per-call cost where the tensors are tiny (B=2, T=3): the Python and dispatch overhead of one
+    layer, training mode, forward only."""
+    if before is None:
+        return []
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 3, D, generator=g), torch.randn(2, 3, D, generator=g)
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    old, new = cross_stack(before, layers=1).train(), cross_stack(after, layers=1).train()
+
+    def call(layer, mask):
+        def step():
+            with torch.no_grad():
+                layer(x, ctx, mask)
+
+        return step
+
+    t = timed({"before": call(old[0], pad), "after": call(new[0], after.KeyPaddingMask(pad))}, args, number=50)
+    return [("one cross-attention layer at B=2, T=3 (per-call overhead), forward", t["before"], t["after"])]
 
 
 def mult_block(lib):
@@ -214,11 +237,11 @@ def stack_rows(args, before) -> tuple[list[tuple[str, float, float]], dict]:
         finally:
             after_attention.needs_guard, AF.needs_guard = real
 
-    t = timed({"off": unguarded, "on": steps["after"]}, args)
+    t = timed({"off": unguarded, "on": steps["after"]}, args, number=2)
     rows.append(("same block, non-finite guard off (before) vs on (after)", t["off"], t["on"]))
     for shape in [(B, T, D), (32, 512, 512)]:  # a MOSEI layer's input; the attention benchmark's input
         x = torch.randn(shape, requires_grad=True)
-        t = timed({"check": lambda x=x: AF.needs_guard(x)}, args)
+        t = timed({"check": lambda x=x: AF.needs_guard(x)}, args, number=100 if x.numel() < 10**6 else 5)
         rows.append((f"the guard's check alone, one {tuple(shape)} input", float("nan"), t["check"]))
     return rows, {name: profile(step) for name, step in steps.items()}
 
@@ -256,7 +279,7 @@ def main() -> None:
     args.machine = machine()
     print(args.machine, flush=True)
     before = load_before(args.before)
-    rows = dropout_rows(args) + attention_rows(args) + mask_rows(args, before)
+    rows = dropout_rows(args) + attention_rows(args) + mask_rows(args, before) + overhead_rows(args, before)
     stack, profiles = stack_rows(args, before)
     rows += stack
     lines = [
