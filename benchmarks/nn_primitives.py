@@ -159,7 +159,7 @@ def mask_rows(args, before) -> list[tuple[str, float, float]]:
 
             return step
 
-        t = timed({"before": run(old, False), "after": run(new, True)}, args)
+        t = timed({"before": run(old, False), "after": run(new, True)}, args, number=3)
         rows.append((f"5 cross layers, padding merged per layer vs KeyPaddingMask, {label}", t["before"], t["after"]))
     return rows
 
@@ -237,7 +237,7 @@ def stack_rows(args, before) -> tuple[list[tuple[str, float, float]], dict]:
         finally:
             after_attention.needs_guard, AF.needs_guard = real
 
-    t = timed({"off": unguarded, "on": steps["after"]}, args, number=2)
+    t = timed({"off": unguarded, "on": steps["after"]}, args, number=3)
     rows.append(("same block, non-finite guard off (before) vs on (after)", t["off"], t["on"]))
     for shape in [(B, T, D), (32, 512, 512)]:  # a MOSEI layer's input; the attention benchmark's input
         x = torch.randn(shape, requires_grad=True)
