@@ -13,7 +13,7 @@ from torch import nn
 
 import attnfuse
 from attnfuse import FeedForward, MultiheadAttention, PositionalEncoding, TransformerEncoder, TransformerEncoderLayer
-from helpers import randomize_
+from helpers import Spy, randomize_
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 
@@ -202,14 +202,20 @@ def test_encoder_layer_same_seed_same_weights_as_torch(norm_first):
 # --------------------------------------------------------------------------- encoder stack
 
 
-def make_encoders(norm_first, batch_first, activation="relu", num_layers=3, reverse=False):
+def make_encoders(norm_first, batch_first, activation="relu", num_layers=3, reverse=False, form="keyword"):
+    """torch.nn.TransformerEncoder and ours with the same weights; ours built with the keyword form
+    or, like torch's, from one layer (``form="torch"``)."""
     kw = dict(dim_feedforward=FF, dropout=0.0, activation=activation, batch_first=batch_first, norm_first=norm_first)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch: "enable_nested_tensor is True, but ... norm_first"
         ref = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(D, NH, **kw), num_layers, norm=nn.LayerNorm(D) if norm_first else None
         )
-    ours = TransformerEncoder(D, NH, num_layers, **kw)
+    if form == "torch":
+        norm = nn.LayerNorm(D) if norm_first else None
+        ours = TransformerEncoder(TransformerEncoderLayer(D, NH, **kw), num_layers, norm=norm)
+    else:
+        ours = TransformerEncoder(D, NH, num_layers, **kw)
     if reverse:
         randomize_(ours, 3)
         ref.load_state_dict(ours.state_dict())
@@ -219,11 +225,13 @@ def make_encoders(norm_first, batch_first, activation="relu", num_layers=3, reve
     return ref, ours
 
 
+@pytest.mark.parametrize("form", ["keyword", "torch"])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["sf", "bf"])
-def test_encoder_parity(mask, norm_first, batch_first):
-    ref, ours = make_encoders(norm_first, batch_first, activation="gelu" if norm_first else "relu")
+def test_encoder_parity(mask, norm_first, batch_first, form):
+    ref, ours = make_encoders(norm_first, batch_first, activation="gelu" if norm_first else "relu", form=form)
+    assert list(ours.state_dict()) == list(ref.state_dict())
     src = make_src(batch_first, seed=1)
     src_mask, kpm, causal_r, causal_o = make_masks(mask, seed=1)
     ours_mask = None if mask.startswith("causal") else src_mask
@@ -334,15 +342,6 @@ def test_return_attention(norm_first, mask, mode):
         close(out, x)
 
 
-class _Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
 @pytest.mark.parametrize("mask", ["none", "kpm", "causal"])
 def test_without_return_attention_the_fused_kernel_is_used(monkeypatch, mask):
     """No weights asked for -> F.scaled_dot_product_attention once per layer and no softmax at all;
@@ -350,8 +349,8 @@ def test_without_return_attention_the_fused_kernel_is_used(monkeypatch, mask):
     _, ours = make_encoders(False, True)
     src = make_src(True)
     _, kpm, _, causal_o = make_masks(mask)
-    sdpa = _Spy(F.scaled_dot_product_attention)
-    softmaxes = [_Spy(torch.softmax), _Spy(F.softmax), _Spy(torch.Tensor.softmax)]
+    sdpa = Spy(F.scaled_dot_product_attention)
+    softmaxes = [Spy(torch.softmax), Spy(F.softmax), Spy(torch.Tensor.softmax)]
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     monkeypatch.setattr(torch, "softmax", softmaxes[0])
     monkeypatch.setattr(F, "softmax", softmaxes[1])
@@ -468,3 +467,58 @@ def test_public_api():
     ):
         assert name in attnfuse.__all__ and hasattr(attnfuse, name)
     assert attnfuse.MultiheadAttention is MultiheadAttention
+
+
+# --------------------------------------------------------------------------- torch's form of the encoder
+
+
+def test_torch_form_deep_copies_like_torch():
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, NH, FF), 3, enable_nested_tensor=False)
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayer(D, NH, FF)
+    ours = TransformerEncoder(layer, 3)
+    # The same seed gives the same weights; every layer a copy of the given one (as torch's _get_clones).
+    for (name, p), q in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert len({id(m) for m in ours.layers}) == 3 and all(m is not layer for m in ours.layers)
+    assert all(p is not q for p, q in zip(ours.layers[0].parameters(), ours.layers[1].parameters()))
+    with torch.no_grad():
+        layer.linear1.weight.zero_()  # the given layer is not part of the stack
+    assert (ours.layers[0].linear1.weight != 0).any()
+    assert ours.num_layers == 3 and ours.norm is None
+    assert ours.enable_nested_tensor is True and ours.mask_check is True
+    kw = TransformerEncoder(encoder_layer=layer, num_layers=2, norm=nn.LayerNorm(D), enable_nested_tensor=False)
+    assert kw.num_layers == 2 and isinstance(kw.norm, nn.LayerNorm) and kw.enable_nested_tensor is False
+
+
+def test_torch_form_with_torchs_own_layers():
+    """Any encoder layer module works, as in torch; attention maps need ours."""
+    kw = dict(dim_feedforward=FF, dropout=0.0, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, NH, **kw), 2, enable_nested_tensor=False)
+    ours = TransformerEncoder(nn.TransformerEncoderLayer(D, NH, **kw), 2)
+    ours.load_state_dict(ref.state_dict())
+    src = make_src(True)
+    _, kpm, _, _ = make_masks("kpm")
+    close(ours(src, src_key_padding_mask=kpm), ref(src, src_key_padding_mask=kpm))
+    with pytest.raises(TypeError, match="return_attention"):
+        ours(src, return_attention=True)
+
+
+def test_torch_form_return_attention_and_errors():
+    ours = TransformerEncoder(TransformerEncoderLayer(D, NH, FF, dropout=0.0), 2)
+    _, maps = ours(make_src(False), return_attention=True)
+    assert len(maps) == 2 and maps[0].shape == (N, NH, S, S)
+    layer = TransformerEncoderLayer(D, NH, FF)
+    for args, kwargs, exc, match in [
+        ((layer, 0), {}, ValueError, "num_layers: expected a positive int, got 0"),
+        ((layer, 2.0), {}, TypeError, "num_layers: expected an int"),
+        ((layer, 2), {"norm": "layernorm"}, TypeError, "norm: expected an nn.Module or None, got str"),
+        ((layer, 2), {"enable_nested_tensor": 1}, TypeError, "enable_nested_tensor: expected a bool"),
+        ((layer, 2), {"d_model": 8}, TypeError, "torch's form.*d_model"),
+        ((layer,), {}, TypeError, "torch's form.*num_layers"),
+    ]:
+        with pytest.raises(exc, match=match):
+            TransformerEncoder(*args, **kwargs)

@@ -1,8 +1,11 @@
 """``attnfuse.nn``: attention layers that are drop-ins for ``torch.nn`` (same arguments, same
-``state_dict`` keys), never return NaN for a query whose keys are all masked, and can return
-every layer's per-head attention weights. Depends on torch only.
+``state_dict`` keys), never return NaN for a query whose keys are all masked, keep a NaN in a
+hidden key away from every output, and can return every layer's per-head attention weights.
+Depends on torch only.
 
 * :mod:`.functional` — ``scaled_dot_product_attention`` with torch's mask conventions;
+* :mod:`.masks` — merging masks; ``KeyPaddingMask``, a padding mask prepared once for many layers;
+* :mod:`.dropout` — ``Dropout`` / ``dropout``: torch's dropout with a cheaper mask on the CPU;
 * :mod:`.attention` — ``MultiheadAttention``;
 * :mod:`.layers` — ``PositionalEncoding``, ``FeedForward``, ``TransformerEncoderLayer``, ``TransformerEncoder``;
 * :mod:`.cross` — ``CrossAttention``, ``BidirectionalCrossAttention``.
@@ -11,7 +14,9 @@ every layer's per-head attention weights. Depends on torch only.
 from . import functional
 from .attention import MultiheadAttention
 from .cross import BidirectionalCrossAttention, CrossAttention
+from .dropout import Dropout
 from .layers import FeedForward, PositionalEncoding, TransformerEncoder, TransformerEncoderLayer
+from .masks import KeyPaddingMask
 
 __all__ = [
     "functional",
@@ -22,4 +27,6 @@ __all__ = [
     "TransformerEncoder",
     "CrossAttention",
     "BidirectionalCrossAttention",
+    "Dropout",
+    "KeyPaddingMask",
 ]

@@ -6,6 +6,11 @@ Same constructor, same ``forward`` signature, same returned shapes and the same 
 
 * a query whose keys are all masked gets output 0 and weights 0, with finite gradients (torch:
   NaN outputs and weights when weights are asked for, and ``out_proj.bias`` on its fused path);
+* a NaN or inf in a key or value that a mask hides reaches no output and no gradient (torch: every
+  output is NaN); only the rows that see it, or are it, are NaN (see :mod:`.functional`);
+* ``key_padding_mask`` may be a :class:`~attnfuse.nn.masks.KeyPaddingMask` prepared once for
+  many layers; float masks may hold only finite values and -inf;
+* wrong argument types, ranges and input dtypes are errors that name the argument;
 * ``is_causal=True`` works without an ``attn_mask`` and is combined with one that is given;
 * train and eval run the same kernels (no separate inference fast path), so they agree;
 * no (L, S) matrix is built unless weights are asked for.
@@ -15,11 +20,15 @@ Per head, d_k = embed_dim / num_heads (512 / 8 = 64 in the paper).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import attend
+from ._checks import check_bool, check_divides, check_input_dtype, check_int, check_optional_int, check_probability
+from .functional import attend, needs_guard, poison_rows, resolve_masks
+from .masks import KeyPaddingMask
 
 __all__ = ["MultiheadAttention"]
 
@@ -59,12 +68,13 @@ class MultiheadAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads: expected positive, got {embed_dim} and {num_heads}")
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a value in [0, 1), got {dropout}")
+        embed_dim, num_heads = check_int("embed_dim", embed_dim), check_int("num_heads", num_heads)
+        check_divides("embed_dim", embed_dim, "num_heads", num_heads)
+        dropout = check_probability("dropout", dropout)
+        for name, flag in (("bias", bias), ("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
+            check_bool(name, flag)
+        check_bool("batch_first", batch_first)
+        kdim, vdim = check_optional_int("kdim", kdim), check_optional_int("vdim", vdim)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -120,7 +130,7 @@ class MultiheadAttention(nn.Module):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        key_padding_mask: Tensor | None = None,
+        key_padding_mask: Tensor | KeyPaddingMask | None = None,
         need_weights: bool = True,
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
@@ -130,14 +140,14 @@ class MultiheadAttention(nn.Module):
         unbatched = self._check_inputs(query, key, value)
         if unbatched:
             # (L, E) -> a batch of one along this layout's batch axis.
-            if key_padding_mask is not None and key_padding_mask.dim() != 1:
+            if isinstance(key_padding_mask, Tensor) and key_padding_mask.dim() != 1:
                 raise ValueError(
                     f"key_padding_mask: expected shape {(key.shape[0],)} for unbatched input, "
                     f"got {tuple(key_padding_mask.shape)}"
                 )
             bdim = 0 if self.batch_first else 1
-            query, key, value = query.unsqueeze(bdim), key.unsqueeze(bdim), value.unsqueeze(bdim)
-            if key_padding_mask is not None:
+            query, key, value = _map_alike(lambda t: t.unsqueeze(bdim), query, key, value)
+            if isinstance(key_padding_mask, Tensor):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
             # An unbatched (H, L, S) attn_mask already is torch's (N*H, L, S) with N = 1.
 
@@ -145,6 +155,12 @@ class MultiheadAttention(nn.Module):
         batch_size, tgt_len, src_len = query.shape[1 - seq_dim], query.shape[seq_dim], key.shape[seq_dim]
         E, H, hd = self.embed_dim, self.num_heads, self.head_dim
         attn_mask, key_padding_mask = self._check_masks(attn_mask, key_padding_mask, batch_size, tgt_len, src_len)
+        guard = needs_guard(query, key, value)
+        if guard:
+            # Non-finite entries become 0 before any matmul (so no 0 · NaN reaches an output or a
+            # gradient); the rows that depend on them are made NaN at the end.
+            originals, given_masks = (query, key, value), (attn_mask, key_padding_mask, is_causal)
+            query, key, value = _map_alike(lambda t: t.nan_to_num(0.0, 0.0, 0.0), query, key, value)
         if is_causal and (self.bias_k is not None or self.add_zero_attn):
             # The causal mask is over the S given keys; the appended ones (bias_k, zero) stay visible
             # to every query, exactly as with an explicit causal attn_mask (padded with an allowed
@@ -164,17 +180,10 @@ class MultiheadAttention(nn.Module):
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
             key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
 
-        out, weights, dead = attend(
-            q,
-            k,
-            v,
-            attn_mask,
-            key_padding_mask,
-            is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=None,
-            need_weights=need_weights,
-        )  # out (N, H, L, hd); weights (N, H, L, S); dead broadcasts to (N, H, L)
+        masks = resolve_masks(attn_mask, key_padding_mask, is_causal, (batch_size, H), tgt_len, k.shape[2], q)
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = attend(q, k, v, masks, dropout_p, None, need_weights)
+        # out (N, H, L, hd); weights (N, H, L, S)
 
         # Merge heads back into the input layout, then W_O.
         if self.batch_first:
@@ -182,11 +191,13 @@ class MultiheadAttention(nn.Module):
         else:
             out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch_size, E)
         out = self.out_proj(out)
-        if dead is not None:
+        if masks.dead is not None:
             # A query that sees no key in any head receives nothing: output 0, not W_O·0 + b = b.
-            dead_rows = dead.expand(batch_size, H, tgt_len).all(dim=1)  # (N, L)
+            dead_rows = _all_heads(masks.dead, batch_size, H, tgt_len)  # (N, L) or (N, 1)
             # In place: out_proj's backward does not need its output.
-            out.masked_fill_((dead_rows if self.batch_first else dead_rows.T).unsqueeze(-1), 0.0)
+            out.masked_fill_(self._to_layout(dead_rows).unsqueeze(-1), 0.0)
+        if guard:
+            out, weights = self._poison(out, weights, given_masks, originals, batch_size, tgt_len, src_len)
 
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (N, L, S)
@@ -198,11 +209,18 @@ class MultiheadAttention(nn.Module):
     # -- helpers -------------------------------------------------------------------------------
 
     def _check_masks(
-        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, tgt_len: int, src_len: int
-    ) -> tuple[Tensor | None, Tensor | None]:
+        self,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | KeyPaddingMask | None,
+        n: int,
+        tgt_len: int,
+        src_len: int,
+    ) -> tuple[Tensor | None, Tensor | KeyPaddingMask | None]:
         """Check torch's mask layouts; (N*H, L, S) attn_mask becomes (N, H, L, S)."""
         H = self.num_heads
         if attn_mask is not None:
+            if not isinstance(attn_mask, Tensor):
+                raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
             if attn_mask.dim() == 3 and tuple(attn_mask.shape) == (n * H, tgt_len, src_len):
                 attn_mask = attn_mask.view(n, H, tgt_len, src_len)
             elif tuple(attn_mask.shape) != (tgt_len, src_len):
@@ -210,8 +228,19 @@ class MultiheadAttention(nn.Module):
                     f"attn_mask: expected shape {(tgt_len, src_len)} or {(n * H, tgt_len, src_len)}, "
                     f"got {tuple(attn_mask.shape)}"
                 )
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (n, src_len):
-            raise ValueError(f"key_padding_mask: expected shape {(n, src_len)}, got {tuple(key_padding_mask.shape)}")
+        if isinstance(key_padding_mask, KeyPaddingMask):
+            shape = (key_padding_mask.batch_size, key_padding_mask.src_len)
+            if self.bias_k is not None or self.add_zero_attn:
+                key_padding_mask = key_padding_mask.key_padding_mask  # extended by a column below
+        elif key_padding_mask is not None:
+            if not isinstance(key_padding_mask, Tensor):
+                raise TypeError(
+                    f"key_padding_mask: expected a torch.Tensor, a KeyPaddingMask or None, "
+                    f"got {type(key_padding_mask).__name__}"
+                )
+            shape = tuple(key_padding_mask.shape)
+        if key_padding_mask is not None and shape != (n, src_len):
+            raise ValueError(f"key_padding_mask: expected shape {(n, src_len)}, got {shape}")
         return attn_mask, key_padding_mask
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,7 +298,38 @@ class MultiheadAttention(nn.Module):
             raise ValueError(
                 f"value: expected sequence length {key.shape[sdim]} (as key), got shape {tuple(value.shape)}"
             )
+        dtype = self.out_proj.weight.dtype
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            check_input_dtype(name, t, dtype)
         return query.dim() == 2
+
+    def _to_layout(self, rows: Tensor) -> Tensor:
+        """(N, L) per-query values -> the input layout's (N, L) or (L, N)."""
+        return rows if self.batch_first else rows.transpose(0, 1)
+
+    def _poison(
+        self,
+        out: Tensor,
+        weights: Tensor | None,
+        given_masks: tuple,
+        originals: tuple[Tensor, Tensor, Tensor],
+        n: int,
+        tgt_len: int,
+        src_len: int,
+    ) -> tuple[Tensor, Tensor | None]:
+        """NaN in the output rows (and per-head weight rows) that depend on a non-finite input row."""
+        attn_mask, key_padding_mask, is_causal = given_masks
+        # The inputs as (N, 1, L|S, features): one "head", broadcast over the real ones.
+        query, key, value = (t.unsqueeze(1) if self.batch_first else t.transpose(0, 1).unsqueeze(1) for t in originals)
+        if originals[1] is originals[2]:
+            value = key  # poison_rows counts a shared key/value input once
+        masks = resolve_masks(attn_mask, key_padding_mask, is_causal, (n, self.num_heads), tgt_len, src_len, query)
+        poison_w, poison_out = poison_rows(masks, query, key, value)  # broadcast to (N, H, L)
+        rows = poison_out.expand(n, self.num_heads, tgt_len).sum(dim=1)  # (N, L): NaN if any head depends
+        out = out + self._to_layout(rows).unsqueeze(-1)
+        if weights is not None:
+            weights = weights + poison_w.unsqueeze(-1)  # (N, H, L, S)
+        return out, weights
 
     def extra_repr(self) -> str:
         return (
@@ -291,3 +351,20 @@ def _with_causal(mask: Tensor | None, tgt_len: int, src_len: int, device: torch.
 def _pad_last(mask: Tensor | None) -> Tensor | None:
     """Append one 'allowed' column (False for bool masks, 0 for float masks) for an extra key."""
     return None if mask is None else F.pad(mask, (0, 1))
+
+
+def _all_heads(dead: Tensor, n: int, num_heads: int, tgt_len: int) -> Tensor:
+    """``dead`` (broadcastable to (N, H, L)) -> (N, L) or (N, 1): rows dead in every head."""
+    if dead.dim() == 3 and dead.shape[0] == n and dead.shape[1] == 1:
+        return dead[:, 0]  # the same for every head (padding): no reduction
+    return dead.expand(n, num_heads, tgt_len).all(dim=1)
+
+
+def _map_alike(fn: Callable[[Tensor], Tensor], *inputs: Tensor) -> list[Tensor]:
+    """``fn`` of each input, computed once per distinct tensor: inputs that are one tensor stay one
+    tensor (the packed self-attention projection needs ``query is key is value``)."""
+    done: list[tuple[Tensor, Tensor]] = []
+    for x in inputs:
+        same = next((y for orig, y in done if orig is x), None)
+        done.append((x, same if same is not None else fn(x)))
+    return [y for _, y in done]

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._checks import check_divides, check_input_dtype, check_int, check_optional_int
 from .attention import MultiheadAttention
-from .layers import Activation, _AddNormBlock
+from .functional import clean_padding
+from .layers import Activation, _AddNormBlock, _check_block_args
+from .masks import KeyPaddingMask
 
 __all__ = ["CrossAttention", "BidirectionalCrossAttention"]
 
@@ -29,7 +32,8 @@ class CrossAttention(_AddNormBlock):
 
     Shapes (batch_first=False; swap the first two dims when True):
         x ``(L, N, query_dim)``; context ``(S, N, context_dim)``;
-        context_key_padding_mask ``(N, S)``, True = padding; attn_mask ``(L, S)`` or ``(N*H, L, S)``.
+        context_key_padding_mask ``(N, S)``, True = padding, or a
+        :class:`~attnfuse.nn.masks.KeyPaddingMask` prepared once for a stack of layers; attn_mask ``(L, S)`` or ``(N*H, L, S)``.
         Returns ``(L, N, query_dim)``, and with ``need_weights=True`` also ``(N, H, L, S)`` weights.
         A query with no visible context (e.g. the whole modality is absent) receives nothing from
         it and no NaN: the attention output is 0 (weights 0) and the residual carries the query
@@ -51,8 +55,13 @@ class CrossAttention(_AddNormBlock):
         device=None,
         dtype=None,
     ) -> None:
+        query_dim, context_dim = check_int("query_dim", query_dim), check_int("context_dim", context_dim)
+        dim_feedforward = (
+            4 * query_dim if check_optional_int("dim_feedforward", dim_feedforward) is None else dim_feedforward
+        )
+        flags = {"batch_first": batch_first, "norm_first": norm_first, "bias": bias}
+        _check_block_args(("query_dim", query_dim), nhead, dim_feedforward, dropout, layer_norm_eps, flags)
         factory = {"device": device, "dtype": dtype}
-        dim_feedforward = 4 * query_dim if dim_feedforward is None else dim_feedforward
         super().__init__(query_dim, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias, factory)
         self.cross_attn = MultiheadAttention(
             query_dim,
@@ -71,10 +80,14 @@ class CrossAttention(_AddNormBlock):
         self,
         x: Tensor,
         context: Tensor,
-        context_key_padding_mask: Tensor | None = None,
+        context_key_padding_mask: Tensor | KeyPaddingMask | None = None,
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        check_input_dtype("x", x, self.linear1.weight.dtype)
+        if isinstance(context, Tensor):
+            check_input_dtype("context", context, self.linear1.weight.dtype)
+            context = clean_padding(context, context_key_padding_mask, self.batch_first)
         ctx = self.norm_context(context) if self.norm_context is not None else context
 
         def attend(q: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -99,7 +112,7 @@ class BidirectionalCrossAttention(nn.Module):
     Fusion models concatenate the two outputs along the token axis and aggregate them.
 
     Shapes (batch_first=False): a ``(La, N, dim_a)``, b ``(Lb, N, dim_b)``; padding masks
-    ``(N, La)`` and ``(N, Lb)``. Returns ``(a_out, b_out)`` with the shapes of a and b; with
+    ``(N, La)`` and ``(N, Lb)`` (tensors or :class:`~attnfuse.nn.masks.KeyPaddingMask`). Returns ``(a_out, b_out)`` with the shapes of a and b; with
     ``need_weights=True``, ``(a_out, b_out, weights_a_to_b (N, H, La, Lb), weights_b_to_a (N, H, Lb, La))``.
     """
 
@@ -119,6 +132,9 @@ class BidirectionalCrossAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        nhead = check_int("nhead", nhead)
+        for name, dim in (("dim_a", dim_a), ("dim_b", dim_b)):
+            check_divides(name, check_int(name, dim), "nhead", nhead)
         kw = dict(
             nhead=nhead,
             dropout=dropout,
@@ -137,10 +153,15 @@ class BidirectionalCrossAttention(nn.Module):
         self,
         a: Tensor,
         b: Tensor,
-        key_padding_mask_a: Tensor | None = None,
-        key_padding_mask_b: Tensor | None = None,
+        key_padding_mask_a: Tensor | KeyPaddingMask | None = None,
+        key_padding_mask_b: Tensor | KeyPaddingMask | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, ...]:
+        # Both inputs are queries of one direction and keys of the other: padded rows cleaned once.
+        batch_first = self.a_to_b.batch_first
+        if isinstance(a, Tensor) and isinstance(b, Tensor):
+            a = clean_padding(a, key_padding_mask_a, batch_first)
+            b = clean_padding(b, key_padding_mask_b, batch_first)
         if need_weights:
             a_out, w_ab = self.a_to_b(a, b, key_padding_mask_b, need_weights=True)
             b_out, w_ba = self.b_to_a(b, a, key_padding_mask_a, need_weights=True)

@@ -1,123 +1,60 @@
-"""Scaled dot-product attention, softmax(QKᵀ/√d_k)V, with masks that never produce NaN.
+"""Scaled dot-product attention, softmax(QKᵀ/√d_k)V (Vaswani et al., 2017, eq. 1), with masks that
+never produce NaN and non-finite inputs that reach only the outputs that depend on them.
 
 Two paths compute the same function:
 
-* ``need_weights=False`` hands the work to :func:`torch.nn.functional.scaled_dot_product_attention`,
-  which picks a fused kernel (flash / memory-efficient on CPU and GPU) and never materialises the
-  (L, S) score matrix;
-* ``need_weights=True`` computes the scores explicitly, because the caller wants to see them.
+* the **fused** path hands the work to :func:`torch.nn.functional.scaled_dot_product_attention`,
+  which picks a fused kernel (flash / memory-efficient) and never materialises the (L, S) score
+  matrix;
+* the **explicit** path computes the scores, because the caller wants to see them
+  (``need_weights=True``), or because dropout is on and the inputs are on the CPU: there SDPA has
+  no fused kernel with dropout and falls back to its own explicit "math" path, which draws its
+  dropout mask with :func:`torch.nn.functional.dropout`; the explicit path here does the same work
+  with the cheaper mask of :mod:`.dropout` (measured in benchmarks/RESULTS.md).
 
-Mask conventions follow :class:`torch.nn.MultiheadAttention`: a **bool** mask is True where
-attention is NOT allowed, a **float** mask is added to the scores. A query row whose keys are all
-masked has nothing to attend to; softmax over an empty set is undefined (torch returns NaN on several
-of its paths). Here such a row gets output 0 and weights 0, with finite gradients, on both paths.
+Mask conventions are :class:`torch.nn.MultiheadAttention`'s (see :mod:`.masks`). A query row whose
+keys are all masked gets output 0 and weights 0, with finite gradients, on both paths.
+
+Non-finite inputs (the "guard"): a NaN or ±inf in a key or value that a mask hides from a query
+must not reach that query, yet ``0 · NaN = NaN`` makes it reach every query (the weight of a
+hidden key is 0, its value is still multiplied). The guarded entry points
+(:func:`scaled_dot_product_attention`, :class:`~attnfuse.nn.MultiheadAttention`) therefore compute
+attention on inputs whose non-finite entries are replaced by 0, then make NaN exactly the output
+rows that do depend on a non-finite value: a non-finite query row, or a non-finite key or value
+row that the query sees. Every other output, and every gradient, stays finite. On the CPU one sum
+over each input tells whether any of this is needed (almost never); on other devices the guard
+always runs, as a few cheap elementwise ops, to avoid a host sync per call.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["scaled_dot_product_attention", "attend", "merge_masks"]
+from ._checks import check_probability
+from .dropout import dropout
+from .masks import KeyPaddingMask, merge_masks, visible_keys
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "attend",
+    "merge_masks",
+    "KeyPaddingMask",
+    "dropout",
+    "resolve_masks",
+    "Masks",
+    "needs_guard",
+    "poison_rows",
+    "clean_padding",
+]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
-
-
-def _check_mask_dtype(mask: Tensor, name: str) -> None:
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(f"{name}: expected a bool or floating-point tensor, got dtype {mask.dtype}")
-
-
-def _expand_key_padding_mask(key_padding_mask: Tensor, batch: tuple[int, ...], src_len: int) -> Tensor:
-    """(N, S) or batch + (S,) -> a view of rank len(batch) + 2 that broadcasts over heads and queries."""
-    kpm = key_padding_mask
-    _check_mask_dtype(kpm, "key_padding_mask")
-    if _shape(kpm) == batch + (src_len,):
-        return kpm.unsqueeze(-2)  # (..., 1, S)
-    if len(batch) >= 1 and _shape(kpm) == (batch[0], src_len):
-        # (N, S) -> (N, 1, ..., 1, S): the same padding for every head and every query.
-        return kpm.view((batch[0],) + (1,) * (len(batch) - 1) + (1, src_len))
-    expected = f"{batch + (src_len,)}" if len(batch) <= 1 else f"{(batch[0], src_len)} or {batch + (src_len,)}"
-    raise ValueError(f"key_padding_mask: expected shape {expected}, got {_shape(kpm)}")
-
-
-def _check_attn_mask(attn_mask: Tensor, batch: tuple[int, ...], tgt_len: int, src_len: int) -> Tensor:
-    """(L, S), or batch + (L, S) where each batch dim may be 1 (broadcast on purpose)."""
-    _check_mask_dtype(attn_mask, "attn_mask")
-    shape = _shape(attn_mask)
-    if shape == (tgt_len, src_len):
-        return attn_mask
-    ok = (
-        len(shape) == len(batch) + 2
-        and shape[-2:] == (tgt_len, src_len)
-        and all(m in (1, b) for m, b in zip(shape[:-2], batch))
-    )
-    if not ok:
-        raise ValueError(
-            f"attn_mask: expected shape {(tgt_len, src_len)} or {batch + (tgt_len, src_len)} "
-            f"(batch dims may be 1), got {shape}"
-        )
-    return attn_mask
-
-
-def merge_masks(
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    batch: tuple[int, ...],
-    tgt_len: int,
-    src_len: int,
-    dtype: torch.dtype,
-    device: torch.device | None = None,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Combine the three ways of masking into one mask in SDPA's convention.
-
-    Returns ``(mask, dead)``:
-
-    * ``mask`` is None (nothing masked), a bool tensor that is True where attention IS allowed
-      (the convention of ``F.scaled_dot_product_attention``), or a float tensor to add to the
-      scores. It broadcasts to ``batch + (L, S)``.
-    * ``dead`` is None or a bool tensor, broadcastable to ``batch + (L,)``, True for query rows with
-      no allowed key. Those rows are un-masked in ``mask`` (so softmax stays finite) and must be
-      zeroed by the caller afterwards.
-    """
-    masks: list[Tensor] = []
-    if attn_mask is not None:
-        masks.append(_check_attn_mask(attn_mask, batch, tgt_len, src_len))
-    if key_padding_mask is not None:
-        masks.append(_expand_key_padding_mask(key_padding_mask, batch, src_len))
-    if is_causal:
-        # Top-left aligned, as torch: query i sees keys 0..i. Never replaces a mask that was given.
-        # On the inputs' device (``device``) when no mask was given: a CPU mask breaks CUDA inputs.
-        device = masks[0].device if masks else device
-        masks.append(torch.ones(tgt_len, src_len, dtype=torch.bool, device=device).triu_(1))
-    if not masks:
-        return None, None
-
-    if all(m.dtype == torch.bool for m in masks):
-        blocked = masks[0]
-        for m in masks[1:]:
-            blocked = blocked | m
-        dead = blocked.all(dim=-1)  # (..., L) or (..., 1) for a padding-only mask
-        # Dead rows attend to everything (finite softmax); their output is zeroed afterwards.
-        allowed = ~blocked | dead.unsqueeze(-1)
-        return allowed, dead
-
-    additive = None
-    for m in masks:
-        if m.dtype == torch.bool:
-            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
-        else:
-            m = m.to(dtype)
-        additive = m if additive is None else additive + m
-    dead = torch.isneginf(additive).all(dim=-1)
-    additive = additive.masked_fill(dead.unsqueeze(-1), 0.0)
-    return additive, dead
 
 
 def scaled_dot_product_attention(
@@ -125,11 +62,13 @@ def scaled_dot_product_attention(
     key: Tensor,
     value: Tensor,
     attn_mask: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
+    key_padding_mask: Tensor | KeyPaddingMask | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
     need_weights: bool = False,
+    *,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(Q Kᵀ · scale + mask) V.
 
@@ -137,68 +76,129 @@ def scaled_dot_product_attention(
         query: ``(..., L, E)``; key: ``(..., S, E)``; value: ``(..., S, Ev)`` with the same leading
         (batch) dims ``...``, e.g. ``(N, H)``.
         attn_mask: ``(L, S)`` or ``(..., L, S)`` (a leading dim may be 1); bool True = blocked,
-        float = added to the scores.
-        key_padding_mask: ``(N, S)`` (N = first leading dim) or ``(..., S)``; True = padding.
+        float = added to the scores (finite or -inf).
+        key_padding_mask: ``(N, S)`` (N = first leading dim) or ``(..., S)``; True = padding; or a
+        :class:`KeyPaddingMask` built once for several calls.
         is_causal: query i attends to keys ``j <= i`` (combined with any mask given).
         scale: defaults to ``1/sqrt(E)``.
+        generator: random numbers for dropout (default: torch's global generator).
 
     Returns:
         ``(output, weights)``: output ``(..., L, Ev)``; weights ``(..., L, S)`` when
         ``need_weights`` else None. Weights are the softmax probabilities before dropout. A query
-        row with every key masked gets output 0 and weights 0.
+        row with every key masked gets output 0 and weights 0. Output rows that depend on a
+        non-finite input row are NaN; no other output is (see the module docstring).
     """
     _check_qkv(query, key, value)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
-    out, weights, _ = attend(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, need_weights)
+    check_probability("dropout_p", dropout_p)
+    batch = _shape(query)[:-2]
+    masks = resolve_masks(attn_mask, key_padding_mask, is_causal, batch, query.shape[-2], key.shape[-2], query)
+    if not needs_guard(query, key, value):
+        out, weights = attend(query, key, value, masks, dropout_p, scale, need_weights, generator=generator)
+        return out, weights
+    clean = [t.nan_to_num(0.0, 0.0, 0.0) for t in (query, key, value)]
+    out, weights = attend(*clean, masks, dropout_p, scale, need_weights, generator=generator)
+    poison_w, poison_out = poison_rows(masks, query, key, value)  # (..., L): 0 or NaN
+    out = out + poison_out.unsqueeze(-1)
+    weights = None if weights is None else weights + poison_w.unsqueeze(-1)
     return out, weights
+
+
+class Masks(NamedTuple):
+    """The masks of one attention call, merged (see :func:`resolve_masks`).
+
+    mask: None, bool (True = may attend) or float to add; broadcasts to ``batch + (L, S)``.
+    dead: None or bool broadcastable to ``batch + (L,)``: rows with no visible key (output 0).
+    causal: True when ``is_causal`` was the only masking asked for: no mask tensor is built and
+        the fused kernel applies it.
+    """
+
+    mask: Tensor | None
+    dead: Tensor | None
+    causal: bool = False
+
+
+def resolve_masks(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | KeyPaddingMask | None,
+    is_causal: bool,
+    batch: tuple[int, ...],
+    tgt_len: int,
+    src_len: int,
+    like: Tensor,
+) -> Masks:
+    """Check and merge the masks of one call on inputs with leading dims ``batch`` (dtype and
+    device of ``like``, the query). A :class:`KeyPaddingMask` alone costs two views."""
+    if isinstance(key_padding_mask, KeyPaddingMask):
+        if attn_mask is None and not is_causal:
+            return Masks(*key_padding_mask.broadcast(batch, src_len, like.dtype))
+        key_padding_mask = key_padding_mask.key_padding_mask
+    if attn_mask is None and key_padding_mask is None:
+        return Masks(None, None, is_causal)
+    if (
+        attn_mask is None
+        and not is_causal
+        and like.device.type == "cpu"
+        and isinstance(key_padding_mask, Tensor)
+        and len(batch) >= 1
+        and _shape(key_padding_mask) == (batch[0], src_len)
+    ):
+        # Padding alone, as (N, S): one path with the prepared mask, so nothing padded means no
+        # mask at all (reading the mask's values is free on the CPU; elsewhere it would be a sync).
+        return Masks(*KeyPaddingMask(key_padding_mask).broadcast(batch, src_len, like.dtype))
+    return Masks(*merge_masks(attn_mask, key_padding_mask, is_causal, batch, tgt_len, src_len, like.dtype, like.device))
 
 
 def attend(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
+    masks: Masks,
     dropout_p: float,
     scale: float | None,
     need_weights: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """:func:`scaled_dot_product_attention` for callers that checked q, k, v already; also returns
-    the dead-row mask (True for query rows that could see no key; None when none can be dead),
-    broadcastable to ``(..., L)``."""
-    batch = _shape(query)[:-2]
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`scaled_dot_product_attention` for callers that checked q, k, v and merged the masks
+    (:func:`resolve_masks`) already, and guard non-finite inputs themselves. Shapes as there.
+
+    Path rule: explicit scores when weights are asked for, or when dropout is on and the inputs
+    are on the CPU (see the module docstring); the fused kernel otherwise.
+    """
     tgt_len, src_len = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    explicit = need_weights or (dropout_p > 0.0 and query.device.type == "cpu")
+    mask, dead = masks.mask, masks.dead
 
-    if not need_weights and is_causal and attn_mask is None and key_padding_mask is None:
-        # Causal alone: the kernel builds the mask itself (no (L, S) tensor at all). No row is
-        # dead: query i always sees key 0.
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True, scale=scale)
-        return out, None, None
-
-    mask, dead = merge_masks(
-        attn_mask, key_padding_mask, is_causal, batch, tgt_len, src_len, query.dtype, device=query.device
-    )
-    if not need_weights:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if not explicit:
+        # No row is dead under a causal mask alone: query i always sees key 0.
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=masks.causal, scale=scale
+        )
         if dead is not None and _records_grad(query, key, value, mask):
             out = out.masked_fill(dead.unsqueeze(-1), 0.0)  # out of place: SDPA saves `out` for backward
         elif dead is not None:
             out.masked_fill_(dead.unsqueeze(-1), 0.0)  # no autograd: no copy of the output
-        return out, None, dead
+        return out, None
 
-    # Explicit path. One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in
-    # (alpha): the reshapes are the only copies of q and k (heads split from a packed projection are
-    # strided views), where `matmul(query * scale, key.mT)` made three (q*scale, q, k).
+    if masks.causal:
+        mask = _causal_allowed(tgt_len, src_len, query.device)
+    if mask is not None and mask.dtype == torch.bool:
+        # Added, not masked_fill'ed: on the CPU a broadcast masked_fill of the (..., L, S) scores
+        # costs ~20x an add (4.3 ms vs 0.2 ms forward + backward at B·H·L·S = 300k).
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    batch = _shape(query)[:-2]
+    # One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in (alpha): the
+    # reshapes are the only copies of q and k (heads split from a packed projection are strided
+    # views), where `matmul(query * scale, key.mT)` made three (q*scale, q, k).
     n = math.prod(batch)  # not -1: that is ambiguous for empty sequences
     q3, k3 = query.reshape(n, tgt_len, query.shape[-1]), key.reshape(n, src_len, key.shape[-1])
     scores = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=scale)
     scores = scores.view(batch + (tgt_len, src_len))  # (..., L, S)
     if _records_grad(query, key, value, mask):
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            scores = scores + mask
         weights = torch.softmax(scores, dim=-1)  # autograd keeps this output for backward
         if dead is not None:
             weights = weights.masked_fill(dead.unsqueeze(-1), 0.0)
@@ -206,15 +206,98 @@ def attend(
         # No autograd: mask and softmax in place in `scores`, our own fresh tensor. A fresh large
         # tensor is costly on CPU (every page is faulted in); this saves up to two (..., L, S)
         # tensors, as torch's inference fast path does.
-        if mask is not None and mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        elif mask is not None:
+        if mask is not None:
             scores.add_(mask)
         weights = torch.softmax(scores, dim=-1, out=scores)
         if dead is not None:
             weights.masked_fill_(dead.unsqueeze(-1), 0.0)
-    attn = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
-    return torch.matmul(attn, value), weights, dead
+    attn = dropout(weights, dropout_p, generator=generator) if dropout_p > 0.0 else weights
+    return torch.matmul(attn, value), (weights if need_weights else None)
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def needs_guard(*inputs: Tensor) -> bool:
+    """Whether any input may hold a NaN or ±inf. On the CPU one sum per input decides (a NaN or inf
+    survives a sum; a finite overflow only costs a needless guard); elsewhere always True, since
+    reading the answer would be a host sync."""
+    for i, x in enumerate(inputs):
+        if any(x is y for y in inputs[:i]):
+            continue  # self-attention: query is key is value, one check
+        if x.device.type != "cpu":
+            return True
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        # detach(), not no_grad(): half the Python overhead, which is most of the cost at small sizes.
+        if not math.isfinite(x.detach().sum(dtype=torch.float32 if half else None).item()):
+            return True
+    return False
+
+
+def poison_rows(masks: Masks, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """``(poison_weights, poison_out)``, each broadcastable to ``batch + (L,)``: NaN for query rows
+    whose weights (resp. output) depend on a non-finite input row, 0 elsewhere.
+
+    Weights depend on the query row and on the keys it sees; outputs also on the values it sees.
+    A dead row (no visible key) depends on nothing: its output is 0. Inputs have leading dims
+    broadcastable to ``batch`` (heads may be 1). Computed without autograd (add the result to the
+    output: a constant)."""
+    with torch.no_grad():
+        nan_q = _row_nan(query)  # (..., L): 0, or NaN for a row with a non-finite entry
+        if masks.dead is not None:
+            nan_q = torch.where(masks.dead, 0.0, nan_q)
+        nan_k = _row_nan(key)  # (..., S)
+        nan_kv = nan_k if value is key else nan_k + _row_nan(value)
+        visible = visible_keys(masks.mask, masks.dead)
+        if masks.causal:
+            visible = _causal_allowed(query.shape[-2], key.shape[-2], query.device)
+        return nan_q + _reach(visible, nan_k), nan_q + _reach(visible, nan_kv)
+
+
+def clean_padding(x: Tensor, padding: Tensor | KeyPaddingMask | None, batch_first: bool) -> Tensor:
+    """``x`` with NaN and ±inf replaced by 0 at its padded positions; ``x`` itself when it is
+    finite (one sum on the CPU) or nothing is padded.
+
+    Blocks whose input is also their padded key sequence (self-attention, both directions of
+    cross-attention) call this first: a padded position is not data, but its row still flows
+    through the residual, the LayerNorms and the feed-forward net, and their weight gradients
+    would pick up 0 · NaN from it. Finite inputs are returned unchanged (torch parity).
+
+    Shapes: x ``(N, S, E)`` with ``batch_first``, ``(S, N, E)`` without, or ``(S, E)`` unbatched;
+    padding ``(N, S)`` (``(S,)`` unbatched), True or -inf = padded. Other shapes are left for the
+    layer to report.
+    """
+    if padding is None or not needs_guard(x):
+        return x
+    kpm = padding.key_padding_mask if isinstance(padding, KeyPaddingMask) else padding
+    if not isinstance(kpm, Tensor):
+        return x
+    padded = kpm if kpm.dtype == torch.bool else torch.isneginf(kpm)
+    if x.dim() == 3 and not batch_first:
+        padded = padded.transpose(0, 1)  # (S, N)
+    if _shape(padded) != _shape(x)[:-1]:
+        return x
+    return torch.where(padded.unsqueeze(-1), x.nan_to_num(0.0, 0.0, 0.0), x)
+
+
+def _row_nan(x: Tensor) -> Tensor:
+    # x * 0 is 0 for a finite entry and NaN for NaN or ±inf (no overflow, unlike a plain row sum).
+    return (x * 0.0).sum(dim=-1)
+
+
+def _reach(visible: Tensor | None, nan_keys: Tensor) -> Tensor:
+    """(..., L): the NaN of every key a query sees, summed (0 when it sees none)."""
+    if visible is None:
+        return nan_keys.sum(dim=-1, keepdim=True)  # every query sees every key
+    return torch.where(visible, nan_keys.unsqueeze(-2), 0.0).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _causal_allowed(tgt_len: int, src_len: int, device: torch.device) -> Tensor:
+    """(L, S) bool, True where query i may see key j <= i (top-left aligned, as torch)."""
+    return torch.ones(tgt_len, src_len, dtype=torch.bool, device=device).tril_()
 
 
 def _records_grad(*tensors: Tensor | None) -> bool:
