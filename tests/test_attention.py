@@ -183,6 +183,10 @@ def check_parity(ref, ours, inputs, attn_mask, kpm, is_causal=False):
 
 @pytest.mark.parametrize("cfg,batch_first,mode,mask", list(grid()))
 def test_parity_with_torch(cfg, batch_first, mode, mask):
+    parity_case(cfg, batch_first, mode, mask)
+
+
+def parity_case(cfg: str, batch_first: bool, mode: str, mask: str) -> None:
     kw = dict(CONFIGS[cfg], batch_first=batch_first)
     ref, ours = make_pair(**kw)
     inputs = make_inputs(mode, batch_first, "kdim" in kw)
@@ -201,7 +205,7 @@ def test_parity_covers_torchs_inference_fast_path(monkeypatch, mask):
         return native(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_native_multi_head_attention", spy)
-    test_parity_with_torch("default", True, "self", mask)
+    parity_case("default", True, "self", mask)
     assert len(calls) == len(WEIGHT_MODES)
 
 

@@ -116,6 +116,10 @@ def compare_train_and_eval(ref, ours, src, call_ref, call_ours, kpm, batch_first
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["sf", "bf"])
 def test_encoder_layer_parity(mask, activation, norm_first, batch_first):
+    encoder_layer_parity(mask, activation, norm_first, batch_first)
+
+
+def encoder_layer_parity(mask: str, activation: str, norm_first: bool, batch_first: bool) -> None:
     kw = dict(dim_feedforward=FF, dropout=0.0, activation=activation, batch_first=batch_first, norm_first=norm_first)
     ref = randomize_(nn.TransformerEncoderLayer(D, NH, **kw))
     ours = TransformerEncoderLayer(D, NH, **kw)
@@ -144,7 +148,7 @@ def test_layer_parity_covers_torchs_inference_fast_path(monkeypatch, mask):
         return native(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
-    test_encoder_layer_parity(mask, "relu", False, True)
+    encoder_layer_parity(mask, "relu", False, True)
     assert calls
 
 
