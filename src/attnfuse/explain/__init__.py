@@ -1,0 +1,57 @@
+"""Explaining a trained fusion model: where it looked, what it needs, and the arithmetic behind it.
+
+* :mod:`.walkthrough` — softmax(Q Kᵀ / √d_k) V worked by hand for small vectors.
+* :mod:`.attention` — a model's attention maps, attention between modalities and steps over a
+  split, a bertviz export.
+* :mod:`.masking` — modality importance by hiding modalities through their masks (exact for the
+  model, every fusion).
+* :mod:`.gradients` — Integrated Gradients and gradient × input with Captum, per modality, step
+  and feature.
+* :mod:`.rollout` — attention rollout across layers (Abnar & Zuidema, 2020).
+* :mod:`.agreement` — the methods side by side, rank correlations, sentences where they differ.
+* :mod:`.pipeline` — :func:`explain_model`: every chosen method over a split and a few samples.
+* :mod:`.report` — figures and the self-contained HTML report.
+"""
+
+from ._common import token_modality, token_valid
+from .agreement import Agreement, agreement
+from .attention import ModalityAttention, bertviz_export, collect_maps, key_valid, modality_attention, require_attention
+from .gradients import GradientAttribution, gradient_attribution, gradient_x_input, integrated_gradients
+from .masking import MaskingImportance, hide, masking_importance
+from .pipeline import CHEAP_METHODS, METHODS, Explanation, SampleExplanation, explain_model, resolve_methods
+from .report import write_report
+from .rollout import Rollout, attention_rollout, rollout_stack
+from .walkthrough import Walkthrough, parse_vectors, walkthrough
+
+__all__ = [
+    "Walkthrough",
+    "walkthrough",
+    "parse_vectors",
+    "collect_maps",
+    "ModalityAttention",
+    "modality_attention",
+    "bertviz_export",
+    "require_attention",
+    "key_valid",
+    "token_modality",
+    "token_valid",
+    "MaskingImportance",
+    "masking_importance",
+    "hide",
+    "GradientAttribution",
+    "gradient_attribution",
+    "integrated_gradients",
+    "gradient_x_input",
+    "Rollout",
+    "attention_rollout",
+    "rollout_stack",
+    "Agreement",
+    "agreement",
+    "METHODS",
+    "CHEAP_METHODS",
+    "resolve_methods",
+    "Explanation",
+    "SampleExplanation",
+    "explain_model",
+    "write_report",
+]

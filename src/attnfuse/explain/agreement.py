@@ -1,0 +1,150 @@
+"""Do the explanations agree? Per modality: attention share, rollout share, masking importance and
+gradient attribution side by side, their rank correlations, and plain sentences where they differ.
+
+Attention and rollout describe where the model routed information; masking says what the model
+loses without a modality (for this model, on this data); gradients say how sensitive the
+explained output is to each modality's features. They answer different questions, so they may
+disagree, and when they do it is worth saying which modality each one favours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from .masking import MaskingImportance
+
+__all__ = ["Agreement", "agreement", "METHOD_LABELS"]
+
+METHOD_LABELS = {
+    "attention": "attention received",
+    "rollout": "attention rollout",
+    "mask": "masking |Δ output|",
+    "ig": "Integrated Gradients",
+    "gxi": "gradient × input",
+}
+POINTS = frozenset({"accuracy", "f1_macro"})  # metrics in [0, 1] said in percentage points
+MARGIN = 0.02  # a method "favours" a modality when its share beats every other's by 2 points
+SMALL_DROP = 0.01  # no single modality costs more than this (1 point of accuracy, 0.01 of R²)
+
+
+@dataclass
+class Agreement:
+    """modalities: M names. shares: method -> ``(M,)`` share of that method's mass per modality
+    (NaN where the method says nothing about a modality, e.g. attention for ``cross``'s query).
+    metric / drops ``(M,)``: the metric and how much it worsens when each modality is hidden
+    (None without masking). spearman: (method a, method b) -> rank correlation over the modalities
+    both cover (NaN with fewer than 3). sentences: the comparison in words."""
+
+    modalities: list[str]
+    shares: dict[str, np.ndarray]
+    metric: str | None
+    drops: np.ndarray | None
+    spearman: dict[tuple[str, str], float]
+    sentences: list[str]
+
+
+def _fmt_drop(metric: str, value: float) -> str:
+    return f"{100 * value:.1f} points" if metric in POINTS else f"{value:.3f}"
+
+
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    both = np.isfinite(a) & np.isfinite(b)
+    if both.sum() < 3 or np.ptp(a[both]) == 0 or np.ptp(b[both]) == 0:
+        return float("nan")
+    return float(spearmanr(a[both], b[both]).statistic)
+
+
+def agreement(
+    modalities: list[str], shares: dict[str, dict[str, float] | np.ndarray], masking: MaskingImportance | None = None
+) -> Agreement:
+    """Compare per-modality shares from several methods (keys of ``METHOD_LABELS``; a dict
+    modality -> share or an ``(M,)`` array in ``modalities``' order) and, with ``masking``, the
+    metric drop of hiding each modality."""
+    unknown = sorted(set(shares) - set(METHOD_LABELS))
+    if unknown:
+        raise ValueError(f"shares: expected methods from {list(METHOD_LABELS)}, got {unknown}")
+    table: dict[str, np.ndarray] = {}
+    for method, values in shares.items():
+        if isinstance(values, dict):
+            values = np.array([values.get(m, np.nan) for m in modalities], dtype=np.float64)
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (len(modalities),):
+            raise ValueError(f"shares[{method!r}]: expected {len(modalities)} values, got shape {values.shape}")
+        table[method] = values
+    drops = masking.drops() if masking is not None and masking.metrics is not None else None
+    metric = masking.metric if drops is not None else None
+
+    ranked = dict(table)
+    if drops is not None:
+        ranked["drop"] = drops
+    names = list(ranked)
+    spearman = {(a, b): _rank_correlation(ranked[a], ranked[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
+    return Agreement(modalities, table, metric, drops, spearman, _sentences(modalities, table, metric, drops, spearman))
+
+
+def _favourite(values: np.ndarray) -> int | None:
+    """Index of the largest share when it beats every other by ``MARGIN``; None for a near tie."""
+    if not np.isfinite(values).any():
+        return None
+    order = np.argsort(-np.nan_to_num(values, nan=-np.inf))
+    if len(order) > 1 and values[order[0]] - np.nan_to_num(values[order[1]], nan=-np.inf) < MARGIN:
+        return None
+    return int(order[0])
+
+
+def _sentences(
+    modalities: list[str],
+    shares: dict[str, np.ndarray],
+    metric: str | None,
+    drops: np.ndarray | None,
+    spearman: dict[tuple[str, str], float],
+) -> list[str]:
+    out = []
+    if "attention" in shares:
+        unattended = [modalities[i] for i in np.flatnonzero(~(shares["attention"] > 0))]
+        if unattended:
+            mods = ", ".join(f"`{m}`" for m in unattended)
+            out.append(
+                f"No attention lands on {mods}: in this fusion those tokens only ask (they are queries, not keys)."
+            )
+    favourites = {m: _favourite(v) for m, v in shares.items()}
+    if drops is not None and metric is not None and np.isfinite(drops).any():
+        # Masking is the reference: it is what the model loses without the modality.
+        best = int(np.nanargmax(drops))
+        said = f"hiding `{modalities[best]}` by {_fmt_drop(metric, drops[best])}"
+        for method, fav in favourites.items():
+            if method != "mask" and fav is not None and fav != best:
+                out.append(
+                    f"{METHOD_LABELS[method]} favours `{modalities[fav]}` ({shares[method][fav]:.0%}), but hiding "
+                    f"`{modalities[fav]}` changes {metric} by {_fmt_drop(metric, drops[fav])}; {said}."
+                )
+        if all(fav == best for fav in favourites.values()):
+            out.append(
+                f"Every method ranks `{modalities[best]}` first; hiding it changes {metric} by {_fmt_drop(metric, drops[best])}."
+            )
+        if np.nanmax(drops) <= SMALL_DROP:
+            out.append(
+                f"Hiding any one modality changes {metric} by at most {_fmt_drop(metric, float(np.nanmax(drops)))}: "
+                f"for this model the modalities stand in for each other (see the pair interactions)."
+            )
+        reference, ref_label = "drop", f"the {metric} drop"
+    else:
+        named = {m: modalities[f] for m, f in favourites.items() if f is not None}
+        if len(set(named.values())) > 1:
+            out.append(
+                "The methods favour different modalities: "
+                + "; ".join(f"{METHOD_LABELS[m]}: `{t}`" for m, t in named.items())
+                + "."
+            )
+        reference, ref_label = "mask", METHOD_LABELS["mask"]
+    if len(modalities) < 3:
+        out.append("With fewer than 3 modalities a rank correlation says nothing; compare the shares directly.")
+        return out
+    for method in shares:
+        rho = spearman.get((method, reference), spearman.get((reference, method), float("nan")))
+        if method != reference and np.isfinite(rho) and rho < 0.5:
+            out.append(f"{METHOD_LABELS[method]} ranks the modalities unlike {ref_label} (Spearman ρ = {rho:.2f}).")
+    return out

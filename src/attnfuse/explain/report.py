@@ -1,0 +1,724 @@
+"""Figures (matplotlib, Agg backend) and a self-contained HTML report of an :class:`Explanation`.
+
+Conventions of every figure: attention weights on the ``viridis`` scale from 0; padded steps and
+absent modalities hatched in grey (they are not tokens of that sample, which differs from a token
+that got zero attention); figures sized from their content and saved with a tight bounding box,
+so no title or label is cut.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import re
+import tempfile
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+from ..modules import AttentionMap
+from ._common import to_numpy
+from .agreement import METHOD_LABELS
+from .attention import ModalityAttention, bertviz_export
+from .masking import MaskingImportance
+from .pipeline import Explanation, SampleExplanation
+
+__all__ = [
+    "plot_heads",
+    "plot_modality_matrices",
+    "plot_step_maps",
+    "plot_received",
+    "plot_agreement",
+    "plot_masking",
+    "plot_steps",
+    "plot_sample",
+    "save_figure",
+    "file_name",
+    "write_html_report",
+    "write_report",
+]
+
+MAX_TICKS = 32  # label at most this many tokens per axis, evenly spaced
+PADDED = {"hatch": "////", "facecolor": "#e6e6e6", "edgecolor": "#9a9a9a", "linewidth": 0.0}
+PADDED_LABEL = "padded step / absent modality"
+COLORS = {"attention": "#3b6ea8", "rollout": "#7aa6d6", "mask": "#c2553d", "ig": "#3f8f4f", "gxi": "#9cc58a"}
+
+
+def file_name(block: str) -> str:
+    """A block name as a readable file name: "cross:text->video/layer0" -> "cross_text-to-video_layer0"."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", block.replace("->", "-to-").replace("<->", "-with-")).strip("_")
+
+
+def _wrap(text: str, width_in: float) -> str:
+    """Wrap a title to the figure's width (about 9 characters per inch at 10 pt)."""
+    return "\n".join(textwrap.wrap(text, max(20, int(width_in * 9))))
+
+
+def _ticks(ax: Axes, labels: list[str], axis: str) -> None:
+    step = max(1, int(np.ceil(len(labels) / MAX_TICKS)))
+    idx = list(range(0, len(labels), step))
+    if axis == "x":
+        ax.set_xticks(idx, [labels[i] for i in idx], rotation=90, fontsize=7)
+    else:
+        ax.set_yticks(idx, [labels[i] for i in idx], fontsize=7)
+
+
+def _hatch(ax: Axes, rows: np.ndarray | None, cols: np.ndarray | None, shape: tuple[int, int]) -> None:
+    """Grey hatching over invalid rows (queries) and columns (keys) of an (L, S) image."""
+    n_rows, n_cols = shape
+    for j in np.flatnonzero(~cols) if cols is not None else []:
+        ax.add_patch(Rectangle((j - 0.5, -0.5), 1, n_rows, **PADDED))
+    for i in np.flatnonzero(~rows) if rows is not None else []:
+        ax.add_patch(Rectangle((-0.5, i - 0.5), n_cols, 1, **PADDED))
+
+
+def _annotate(ax: Axes, values: np.ndarray, vmax: float, limit: int, fmt: str = "{:.2f}") -> None:
+    """Write each cell's value on a small (L, S) image (at most ``limit`` cells)."""
+    if values.size > limit:
+        return
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(
+                c, r, fmt.format(v), ha="center", va="center", fontsize=7, color="white" if v < 0.6 * vmax else "black"
+            )
+
+
+def _legend_padded(fig: Figure) -> None:
+    fig.legend(handles=[Patch(**PADDED, label=PADDED_LABEL)], loc="outside lower center", fontsize=8, frameon=False)
+
+
+def plot_heads(m: AttentionMap, sample: int, title: str, key_valid: np.ndarray | None = None) -> Figure:
+    """One panel per head: the ``(L, S)`` weights of ``sample``, query tokens down, keys across;
+    invalid query rows (``m.query_valid``) and keys (``key_valid`` ``(S,)``) hatched."""
+    w = to_numpy(m.weights[sample].float())  # (H, L, S)
+    q_valid = to_numpy(m.query_valid[sample])
+    heads, n_q, n_k = w.shape
+    cols = min(heads, 4)
+    rows = int(np.ceil(heads / cols))
+    cell_w = max(2.4, 0.22 * n_k + 1.4)
+    cell_h = max(1.3, 0.22 * n_q + 1.2)
+    width = cell_w * cols + 1.4
+    fig, axes = plt.subplots(rows, cols, figsize=(width, cell_h * rows + 1.4), squeeze=False, layout="constrained")
+    vmax = float(w.max()) if w.size and w.max() > 0 else 1.0
+    image = None
+    for h in range(rows * cols):
+        ax = axes[h // cols][h % cols]
+        if h >= heads:
+            ax.axis("off")
+            continue
+        image = ax.imshow(w[h], vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto", interpolation="nearest")
+        _hatch(ax, q_valid, key_valid, (n_q, n_k))
+        _annotate(ax, w[h], vmax, limit=48)
+        ax.set_title(f"head {h}", fontsize=9)
+        _ticks(ax, m.key_tokens, "x")
+        _ticks(ax, m.query_tokens, "y")
+        ax.set_xlabel("key (attended to)", fontsize=8)
+        if h % cols == 0:
+            ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.9, label="attention weight")
+    fig.suptitle(_wrap(title, width), fontsize=10)
+    if (key_valid is not None and not key_valid.all()) or not q_valid.all():
+        _legend_padded(fig)
+    return fig
+
+
+def _grid(n: int, max_cols: int, cell_w: float, cell_h: float, extra_w: float = 1.4) -> tuple[Figure, np.ndarray]:
+    cols = min(n, max_cols)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cell_w * cols + extra_w, cell_h * rows + 1.0), squeeze=False, layout="constrained"
+    )
+    for i in range(n, rows * cols):
+        axes[i // cols][i % cols].axis("off")
+    return fig, axes
+
+
+def plot_modality_matrices(attn: ModalityAttention, title: str) -> Figure:
+    """One panel per block: rows = querying modality, columns = attended modality (rows sum to 1)."""
+    blocks = list(attn.matrices.items())
+    size = max(max(len(q), len(k)) for _, (q, k, _) in blocks)
+    cell = max(2.8, 0.55 * size + 1.6)
+    fig, axes = _grid(len(blocks), 3, cell, cell)
+    # One colour scale for all panels, stretched to the largest value so differences show.
+    vmax = max(float(mat.max()) for _, (_, _, mat) in blocks) or 1.0
+    image = None
+    for i, (name, (q_mods, k_mods, mat)) in enumerate(blocks):
+        ax = axes.flat[i]
+        image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(k_mods)), k_mods, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(q_mods)), q_mods, fontsize=8)
+        ax.set_xlabel("attended modality", fontsize=8)
+        ax.set_ylabel("querying modality", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        _annotate(ax, mat, vmax, limit=64)
+    fig.colorbar(image, ax=axes, shrink=0.9, label="mean attention weight")
+    fig.suptitle(_wrap(title, fig.get_figwidth()), fontsize=10)
+    return fig
+
+
+def plot_step_maps(attn: ModalityAttention, title: str) -> Figure:
+    """One panel per block: the mean head-averaged weight of each query step on each key step over
+    the samples, with keys that are padding in part of the samples marked by their valid share."""
+    blocks = list(attn.steps.items())
+    n_q = max(len(q) for _, (q, _, _) in blocks)
+    n_k = max(len(k) for _, (_, k, _) in blocks)
+    fig, axes = _grid(len(blocks), 2, max(3.0, 0.3 * n_k + 1.8), max(1.4, 0.3 * n_q + 1.3))
+    vmax = max(float(mat.max()) for _, (_, _, mat) in blocks) or 1.0
+    image = None
+    for i, (name, (q_tokens, k_tokens, mat)) in enumerate(blocks):
+        ax = axes.flat[i]
+        image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto", interpolation="nearest")
+        _hatch(ax, None, attn.key_valid[name] > 0, mat.shape)  # keys that are never real tokens
+        _ticks(ax, k_tokens, "x")
+        _ticks(ax, q_tokens, "y")
+        ax.set_xlabel("key step (attended to)", fontsize=8)
+        ax.set_ylabel("query step", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        _annotate(ax, mat, vmax, limit=48)
+    fig.colorbar(image, ax=axes, shrink=0.9, label="mean attention weight")
+    fig.suptitle(_wrap(title, fig.get_figwidth()), fontsize=10)
+    return fig
+
+
+def plot_received(attn: ModalityAttention, title: str) -> Figure:
+    """Bar chart: the share of all attention that lands on each modality's tokens."""
+    names = list(attn.received)
+    shares = [100.0 * attn.received[n] for n in names]
+    width = max(4.5, 0.9 * len(names) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 3.4), layout="constrained")
+    bars = ax.bar(names, shares, color=COLORS["attention"])
+    ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    ax.set_ylabel("share of attention received (%)")
+    ax.set_xlabel("modality (as key)")
+    ax.set_ylim(0, max([*shares, 1.0]) * 1.18)
+    ax.set_title(_wrap(title, width), fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30)
+    return fig
+
+
+def plot_agreement(expl: Explanation) -> Figure:
+    """Per modality: each method's share (grouped bars) and, with masking, the metric drop."""
+    agree = expl.agreement
+    mods, methods = agree.modalities, list(agree.shares)
+    has_drop = agree.drops is not None
+    height = max(2.6, 0.28 * len(mods) * max(len(methods), 1) + 1.4)
+    fig, axes = plt.subplots(
+        1,
+        2 if has_drop else 1,
+        figsize=(10.0 if has_drop else 6.5, height),
+        squeeze=False,
+        layout="constrained",
+        gridspec_kw={"width_ratios": [3, 2]} if has_drop else None,
+    )
+    ax = axes[0][0]
+    y = np.arange(len(mods))
+    bar_h = 0.8 / max(len(methods), 1)
+    for k, method in enumerate(methods):
+        values = np.nan_to_num(100.0 * agree.shares[method], nan=0.0)
+        ax.barh(
+            y + (k - (len(methods) - 1) / 2) * bar_h,
+            values,
+            height=bar_h,
+            color=COLORS[method],
+            label=METHOD_LABELS[method],
+        )
+    ax.set_yticks(y, mods)
+    ax.invert_yaxis()
+    ax.set_xlabel("share per method (%)")
+    ax.set_title("Each method's share per modality", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    if has_drop:
+        ax = axes[0][1]
+        scale = 100.0 if agree.metric in ("accuracy", "f1_macro") else 1.0
+        drops = scale * agree.drops
+        bars = ax.barh(y, drops, color=COLORS["mask"])
+        ax.bar_label(bars, fmt="%.1f" if scale == 100 else "%.3f", fontsize=8, padding=2)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set_yticks(y, mods)
+        ax.invert_yaxis()
+        unit = "points" if scale == 100 else agree.metric
+        ax.set_xlabel(f"{agree.metric} lost when hidden ({unit})")
+        ax.set_title("Hiding one modality", fontsize=10)
+        lo, hi = min(0.0, float(np.nanmin(drops))), max(0.0, float(np.nanmax(drops)))
+        pad = 0.25 * (hi - lo or 1.0)
+        ax.set_xlim(lo - (pad if lo < 0 else 0), hi + pad)
+    return fig
+
+
+def plot_masking(masking: MaskingImportance) -> Figure:
+    """Metric lost when each modality is hidden, and, when pairs were hidden, the pair interaction
+    drop(a, b) - drop(a) - drop(b) (> 0: redundant, they stand in for each other)."""
+    mods = masking.modalities
+    pairs = [h for h in masking.hidden if len(h) == 2]
+    scale = 100.0 if masking.metric in ("accuracy", "f1_macro") else 1.0
+    unit = "points" if scale == 100 else masking.metric
+    bars_w, matrix_w = 5.5, 0.6 * len(mods) + 2.6
+    fig, axes = plt.subplots(
+        1,
+        2 if pairs else 1,
+        figsize=(bars_w + (matrix_w if pairs else 0.0), max(2.8, 0.5 * len(mods) + 1.8)),
+        squeeze=False,
+        layout="constrained",
+        gridspec_kw={"width_ratios": [bars_w, matrix_w]} if pairs else None,
+    )
+    ax = axes[0][0]
+    drops = scale * masking.drops()
+    bars = ax.barh(mods, drops, color=COLORS["mask"])
+    ax.bar_label(bars, fmt="%.1f" if scale == 100 else "%.3f", fontsize=8, padding=2)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{masking.metric} lost when hidden" + (" (points)" if scale == 100 else ""))
+    ax.set_title(f"{masking.metric}: {masking.metrics[masking.metric]:.4f} with every modality", fontsize=10)
+    lo, hi = min(0.0, float(np.nanmin(drops))), max(0.0, float(np.nanmax(drops)))
+    ax.set_xlim(lo - 0.25 * (hi - lo or 1.0) * (lo < 0), hi + 0.25 * (hi - lo or 1.0))
+    if pairs:
+        ax = axes[0][1]
+        inter = np.full((len(mods), len(mods)), np.nan)
+        for a, b in pairs:
+            i, j = mods.index(a), mods.index(b)
+            inter[i, j] = inter[j, i] = scale * masking.interaction(a, b)
+        bound = float(np.nanmax(np.abs(inter))) or 1.0
+        image = ax.imshow(inter, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        for (r, c), v in np.ndenumerate(inter):
+            if np.isfinite(v):
+                ax.text(c, r, f"{v:.1f}" if scale == 100 else f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(mods)), mods, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(mods)), mods, fontsize=8)
+        ax.set_title("Pair interaction:\ndrop(a, b) − drop(a) − drop(b)", fontsize=10)
+        fig.colorbar(image, ax=ax, shrink=0.85, label=f"{unit}: > 0 redundant, < 0 synergy")
+    return fig
+
+
+def _split_step_profiles(expl: Explanation) -> dict[str, dict[str, np.ndarray]]:
+    """Sequence modality -> method -> ``(T,)`` share of the modality's mass per step over the rows."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    seq = [m for m in expl.modalities if expl.samples and m in expl.samples[0].step_valid]
+    for mod in seq:
+        profiles = {}
+        if expl.attention is not None:
+            mass = np.zeros(len(expl.samples[0].step_valid[mod]))
+            for _, (_, k_tokens, mat) in expl.attention.steps.items():
+                for j, tok in enumerate(k_tokens):
+                    if tok.startswith(f"{mod}["):
+                        mass[int(tok[len(mod) + 1 : -1])] += mat[:, j].sum()
+            if mass.sum() > 0:
+                profiles["attention"] = mass / mass.sum()
+        if expl.rollout is not None:
+            mass = expl.rollout.step_relevance(mod).sum(axis=0)
+            if mass.sum() > 0:
+                profiles["rollout"] = mass / mass.sum()
+        for method, g in expl.gradients.items():
+            profiles[method] = g.step_share(mod)
+        out[mod] = profiles
+    return out
+
+
+def plot_steps(expl: Explanation) -> Figure | None:
+    """Per sequence modality: each method's share of the modality's mass per step, over the rows,
+    with the share of rows in which each step is padding hatched behind it."""
+    profiles = _split_step_profiles(expl)
+    profiles = {m: p for m, p in profiles.items() if p}
+    if not profiles:
+        return None
+    longest = max(len(next(iter(p.values()))) for p in profiles.values())
+    width = max(6.0, 0.22 * longest + 3.0)
+    fig, axes = plt.subplots(
+        len(profiles), 1, figsize=(width, 2.6 * len(profiles) + 0.6), squeeze=False, layout="constrained"
+    )
+    batch_valid = {m: np.stack([s.step_valid[m] for s in expl.samples]) for m in profiles}
+    for ax, (mod, methods) in zip(axes[:, 0], profiles.items()):
+        steps = np.arange(len(next(iter(methods.values()))))
+        top = max(float(np.nanmax(v)) for v in methods.values()) * 1.15 or 1.0
+        for method, values in methods.items():
+            ax.plot(steps, values, marker="o", ms=3, lw=1.4, color=COLORS[method], label=METHOD_LABELS[method])
+        padded = expl.attention.key_valid if expl.attention is not None else None
+        fraction = _padded_fraction(expl, mod, padded, batch_valid[mod])
+        for t in np.flatnonzero(fraction > 0):
+            ax.add_patch(Rectangle((t - 0.5, 0), 1, top * fraction[t], **PADDED))
+        ax.set_xlim(-0.5, len(steps) - 0.5)
+        ax.set_ylim(0, top)
+        ax.set_xlabel(f"{mod} step")
+        ax.set_ylabel("share of the modality's mass")
+        ax.set_title(f"{mod}: where in the sequence each method puts its mass", fontsize=10)
+        handles, _ = ax.get_legend_handles_labels()
+        if (fraction > 0).any():
+            handles.append(Patch(**PADDED, label="share of rows where the step is padding"))
+        ax.legend(handles=handles, fontsize=8, loc="upper right")
+    return fig
+
+
+def _padded_fraction(expl: Explanation, mod: str, key_valid: dict | None, sample_valid: np.ndarray) -> np.ndarray:
+    """``(T,)`` share of the explained rows in which each step of ``mod`` is padding or absent."""
+    for g in expl.gradients.values():
+        return 1.0 - g.valid[mod].mean(axis=0)
+    if expl.rollout is not None:
+        cols = [j for j, t in enumerate(expl.rollout.tokens) if t.startswith(f"{mod}[")]
+        return 1.0 - expl.rollout.valid[:, cols].mean(axis=0)
+    return 1.0 - sample_valid.mean(axis=0)
+
+
+def _fmt_value(task: str, v: np.ndarray) -> str:
+    v = np.asarray(v)
+    if task == "classification":
+        return f"{int(v)}"
+    return f"{float(v):.3f}" if v.size == 1 else np.array2string(v, precision=3)
+
+
+def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
+    """One sample: prediction and target, each modality's importance (masking and gradients),
+    and, per sequence modality, every method's share per step (padded steps hatched)."""
+    sequences = [m for m, steps in view.steps.items() if steps]
+    mods = list(view.present)
+    longest = max([len(view.step_valid[m]) for m in sequences] or [0])
+    width = max(8.5, 0.42 * longest + 4.5)
+    series = ([("mask", view.masking)] if view.masking is not None else []) + list(view.gradients.items())
+    heights = [max(1.6, 0.32 * len(mods) * max(len(series), 1) + 0.9)]
+    heights += [0.42 * len(view.steps[m]) + 1.2 for m in sequences]
+    fig, axes = plt.subplots(
+        len(heights),
+        1,
+        figsize=(width, sum(heights) + 1.2),
+        squeeze=False,
+        layout="constrained",
+        gridspec_kw={"height_ratios": heights},
+    )
+    what = f"class {view.target} logit" if task == "classification" else f"output {view.target}"
+    fig.suptitle(
+        f"Sample {view.row} ({split}): true {_fmt_value(task, view.truth)}, predicted "
+        f"{_fmt_value(task, view.prediction)}\nexplained: the {what} = {view.output:.3f}",
+        fontsize=10,
+    )
+
+    ax = axes[0][0]
+    y = np.arange(len(mods))
+    bar_h = 0.8 / max(len(series), 1)
+    for k, (method, values) in enumerate(series):
+        label = "masking: output − output without it" if method == "mask" else f"{METHOD_LABELS[method]} (sum)"
+        offset = (k - (len(series) - 1) / 2) * bar_h
+        ax.barh(y + offset, [values[m] for m in mods], height=bar_h, color=COLORS[method], label=label)
+    for i, m in enumerate(mods):
+        if not view.present[m]:
+            ax.text(0, i, "  absent", va="center", fontsize=8, color="#666666")
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_yticks(y, mods)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"contribution to the {what}")
+    ax.set_title("Modality importance for this sample", fontsize=10)
+    if series:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(series), frameon=False)
+
+    for ax, mod in zip(axes[1:, 0], sequences):
+        methods = list(view.steps[mod])
+        grid = np.stack([view.steps[mod][m] for m in methods])  # (methods, T)
+        vmax = max(float(grid.max()), 1e-9)
+        image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        _hatch(ax, None, view.step_valid[mod], grid.shape)
+        _annotate(ax, np.where(view.step_valid[mod], grid, np.nan), vmax, limit=200)
+        ax.set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=8)
+        _ticks(ax, [f"{t}" for t in range(grid.shape[1])], "x")
+        ax.set_xlabel(f"{mod} step")
+        ax.set_title(f"{mod}: each method's share per step (each row sums to 1)", fontsize=10)
+        fig.colorbar(image, ax=ax, shrink=0.9, label="share", pad=0.01)
+    if any(not view.step_valid[m].all() for m in sequences) or not all(view.present.values()):
+        _legend_padded(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> bytes:
+    """Write a PNG (tight bounding box: nothing clipped) and return its bytes for the HTML report."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML report
+# ---------------------------------------------------------------------------------------------
+
+HOW_TO_READ = {
+    "agreement": (
+        "Each method answers a different question. <b>Attention received</b>: the share of all attention "
+        "weight (every block, head and real query) that lands on a modality's tokens: where the model looked. "
+        "<b>Attention rollout</b> (Abnar &amp; Zuidema, 2020) follows that routing through every layer and the "
+        "residual connections to the input tokens. <b>Masking</b>: how much the explained output changes, on "
+        "average, when the modality is hidden through its mask (the model then ignores it entirely: a real "
+        "“without this modality”), and how much the metric drops. <b>Integrated Gradients</b> / "
+        "<b>gradient × input</b>: how much of the output each modality's features account for, from the "
+        "training mean (all features 0 after standardisation). Shares are of each method's total, so bars of "
+        "one colour sum to 100%. When the methods rank the modalities differently, trust masking for "
+        "“what does the model need” and read attention as “where it looked”."
+    ),
+    "masking": (
+        "Left: the metric lost when one modality is hidden for every sample (positive: the model needs it; "
+        "near 0: it can do without). Right, when pairs were hidden: drop(a, b) − drop(a) − drop(b). Red "
+        "(&gt; 0): the two stand in for each other — each alone costs little, both together much (redundant "
+        "information). Blue (&lt; 0): hiding either already loses what the pair carries (synergy)."
+    ),
+    "steps": (
+        "For each sequence modality, how each method spreads that modality's mass over its steps, summed over "
+        "the explained rows (each line sums to 1). Grey hatching: the share of rows in which the step is "
+        "padding or the modality is absent — no attention can land there and its attribution is 0, which is "
+        "not the same as a real step that the model ignores."
+    ),
+    "matrix": (
+        "Each panel is one attention block. Row: the modality whose tokens ask (the queries); columns: how "
+        "their attention is spread over the modalities they can attend to, averaged over heads, over the real "
+        "query tokens and over the rows. Each row sums to 1."
+    ),
+    "step_maps": (
+        "This fusion has one query modality per block, so a modality-to-modality matrix would be a single 1.00. "
+        "Instead, each panel shows which key step each query step attends to, averaged over heads and over the "
+        "rows in which the query step is real. When the important step differs from sample to sample (as in a "
+        "lookup), the average spreads out: the per-sample views below show the individual maps. Hatched keys "
+        "are never real tokens in these rows."
+    ),
+    "received": (
+        "The share of all attention (every block, head and real query token) that lands on each modality's "
+        "tokens. Modalities that only ask (queries) receive none."
+    ),
+    "sample": (
+        "Top: for this sample, how much each modality contributes to the explained output — red: the output "
+        "minus the output with the modality hidden (masking); green: the modality's summed attribution "
+        "(Integrated Gradients sums, over all modalities, to output − output at the training mean). Below, for "
+        "each sequence modality: each method's share per step (each row sums to 1); hatched steps are padding "
+        "or absent. The per-head heatmaps after it show every attention block: query tokens down, keys across, "
+        "hatched rows/columns are not tokens of this sample."
+    ),
+}
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def write_html_report(
+    path: Path, title: str, summary: list[tuple[str, str]], sections: list[tuple[str, str, list[str]]]
+) -> None:
+    """A single HTML file, every image embedded (base64), readable offline. ``sections``: (heading,
+    "how to read this" HTML, body HTML fragments)."""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
+    body = []
+    for heading, how, parts in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        if how:
+            body.append(f'<p class="how"><b>How to read this.</b> {how}</p>')
+        body.extend(parts)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ text-align: left; padding: 0.25em 1em 0.25em 0; border-bottom: 1px solid #ddd; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+p.how {{ background: #f4f6f9; border-left: 3px solid #3b6ea8; padding: 0.6em 0.9em; max-width: 60em; }}
+ul.said li {{ margin: 0.3em 0; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0 1.5em; }}
+h3 {{ margin-top: 2em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<table>{rows}</table>
+{"".join(body)}
+</body></html>
+"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+
+
+def _agreement_table(expl: Explanation) -> str:
+    agree = expl.agreement
+    head = "".join(f"<th>{html.escape(METHOD_LABELS[m])}</th>" for m in agree.shares)
+    if agree.drops is not None:
+        head += f"<th>{html.escape(agree.metric)} lost when hidden</th>"
+    rows = []
+    for i, mod in enumerate(agree.modalities):
+        cells = "".join(
+            f'<td class="num">{v:.1%}</td>' if np.isfinite(v) else '<td class="num">—</td>'
+            for v in (agree.shares[m][i] for m in agree.shares)
+        )
+        if agree.drops is not None:
+            d = agree.drops[i]
+            cells += (
+                f'<td class="num">{100 * d:+.2f} points</td>'
+                if agree.metric in ("accuracy", "f1_macro")
+                else f'<td class="num">{d:+.4f}</td>'
+            )
+        rows.append(f"<tr><th>{html.escape(mod)}</th>{cells}</tr>")
+    table = f"<table><tr><th>modality</th>{head}</tr>{''.join(rows)}</table>"
+    rhos = [
+        f"{html.escape(METHOD_LABELS.get(a, f'{agree.metric} drop'))} vs {html.escape(METHOD_LABELS.get(b, f'{agree.metric} drop'))}: "
+        f"{rho:.2f}"
+        for (a, b), rho in agree.spearman.items()
+        if np.isfinite(rho)
+    ]
+    said = "".join(f"<li>{html.escape(s)}</li>" for s in agree.sentences)
+    out = table
+    if rhos:
+        out += f"<p>Spearman rank correlation over the modalities: {'; '.join(rhos)}.</p>"
+    if said:
+        out += f'<ul class="said">{said}</ul>'
+    return out
+
+
+def _sample_table(view: SampleExplanation, task: str) -> str:
+    rows = [("target", _fmt_value(task, view.truth)), ("prediction", _fmt_value(task, view.prediction))]
+    for mod in view.present:
+        parts = []
+        if not view.present[mod]:
+            parts.append("absent")
+        if view.masking is not None:
+            parts.append(
+                f"without it: prediction {_fmt_value(task, view.hidden_prediction[mod])}, output change {-view.masking[mod]:+.3f}"
+            )
+        for method, values in view.gradients.items():
+            parts.append(f"{METHOD_LABELS[method]} {values[mod]:+.3f}")
+        rows.append((mod, "; ".join(parts) or "—"))
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
+
+
+def _summary(expl: Explanation) -> list[tuple[str, str]]:
+    summary = [
+        ("model", f"{expl.fusion} fusion ({expl.parameters:,} parameters)"),
+        ("data", f"{expl.data}, {expl.task}; explained rows: {expl.split} ({len(expl.rows)} samples)"),
+        (f"{expl.split} {expl.metric}", f"{expl.score:.4f}"),
+        ("methods", ", ".join(f"{METHOD_LABELS.get(m, m)} ({expl.seconds.get(m, 0.0):.1f} s)" for m in expl.methods)),
+    ]
+    ig = expl.gradients.get("ig")
+    if ig is not None:
+        rel = ig.relative_delta()
+        summary.append(
+            (
+                "IG completeness",
+                f"{ig.n_steps} steps; max |sum of attributions − (f(x) − f(0))| = {np.abs(ig.delta).max():.2e} "
+                f"(relative {rel.max():.2e}; {'within' if ig.complete() else 'outside'} Captum's tolerance 0.05)",
+            )
+        )
+    return summary
+
+
+def write_report(expl: Explanation, out: Path) -> list[Path]:
+    """Write the figures, per-sample heatmaps, bertviz JSON, ``explanation.json`` and a
+    self-contained ``report.html`` into ``out``; returns the files written. Everything is built in
+    a sibling temporary folder and moved into place at the end, so a failure writes nothing."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title_of = f"{expl.fusion} fusion on {expl.data}"
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        sections: list[tuple[str, str, list[str]]] = []
+        if expl.notes:
+            sections.append(("Before you read", "", [f"<p>{html.escape(n)}</p>" for n in expl.notes]))
+        png = save_figure(plot_agreement(expl), tmp / "agreement.png")
+        sections.append(
+            ("Do the explanations agree?", HOW_TO_READ["agreement"], [_agreement_table(expl), _img(png, "agreement")])
+        )
+        if expl.masking is not None and expl.masking.metrics is not None:
+            png = save_figure(plot_masking(expl.masking), tmp / "masking.png")
+            sections.append(("Modality importance by masking", HOW_TO_READ["masking"], [_img(png, "masking")]))
+        fig = plot_steps(expl)
+        if fig is not None:
+            png = save_figure(fig, tmp / "steps.png")
+            sections.append(("Which steps matter", HOW_TO_READ["steps"], [_img(png, "steps")]))
+        if expl.attention is not None:
+            attn = expl.attention
+            informative = any(max(len(q), len(k)) > 1 for q, k, _ in attn.matrices.values())
+            if informative:
+                png = save_figure(
+                    plot_modality_matrices(attn, f"Modality-to-modality attention, mean over {expl.split}"),
+                    tmp / "modality_matrix.png",
+                )
+                sections.append(("Attention between modalities", HOW_TO_READ["matrix"], [_img(png, "modality matrix")]))
+            else:
+                png = save_figure(
+                    plot_step_maps(attn, f"Mean attention step by step over {expl.split}"), tmp / "step_maps.png"
+                )
+                sections.append(("Attention step by step", HOW_TO_READ["step_maps"], [_img(png, "step maps")]))
+            if len(attn.received) > 1:  # one attended modality would be a single 100% bar
+                png = save_figure(
+                    plot_received(
+                        attn, f"Attention received per modality ({expl.split}, {expl.metric} {expl.score:.4f})"
+                    ),
+                    tmp / "modality_received.png",
+                )
+                sections.append(("Attention received per modality", HOW_TO_READ["received"], [_img(png, "received")]))
+
+        for view in expl.samples:
+            parts = [_sample_table(view, expl.task)]
+            png = save_figure(plot_sample(view, expl.task, expl.split), tmp / "samples" / f"sample{view.row}.png")
+            parts.append(_img(png, f"sample {view.row}"))
+            key_valid = view.map_key_valid
+            for m in view.maps:
+                png = save_figure(
+                    plot_heads(m, 0, f"{m.name} — sample {view.row}", key_valid.get(m.name)),
+                    tmp / "heatmaps" / f"sample{view.row}" / f"{file_name(m.name)}.png",
+                )
+                parts.append(_img(png, m.name))
+            if view.maps:
+                (tmp / "bertviz").mkdir(exist_ok=True)
+                (tmp / "bertviz" / f"sample{view.row}.json").write_text(json.dumps(bertviz_export(view.maps, 0)))
+            sections.append((f"Sample {view.row}", HOW_TO_READ["sample"], parts))
+
+        (tmp / "explanation.json").write_text(json.dumps(summary_dict(expl), indent=2) + "\n")
+        write_html_report(tmp / "report.html", f"attnfuse explain — {title_of}", _summary(expl), sections)
+        written = []
+        for path in sorted(tmp.rglob("*")):  # everything exists: move it into place
+            if path.is_file():
+                target = out / path.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                written.append(target)
+    return written
+
+
+def summary_dict(expl: Explanation) -> dict:
+    """The numbers of the report as JSON-able values: per-modality shares, metric drops,
+    interactions, rank correlations, sentences, seconds per method, IG completeness."""
+    agree = expl.agreement
+    out: dict = {
+        "fusion": expl.fusion,
+        "data": expl.data,
+        "split": expl.split,
+        "rows": len(expl.rows),
+        expl.metric: expl.score,
+        "methods": list(expl.methods),
+        "seconds": expl.seconds,
+        "shares": {m: dict(zip(agree.modalities, map(_finite, v))) for m, v in agree.shares.items()},
+        "spearman": {f"{a} vs {b}": _finite(r) for (a, b), r in agree.spearman.items()},
+        "sentences": agree.sentences,
+        "notes": expl.notes,
+    }
+    if expl.masking is not None and expl.masking.metrics is not None:
+        m = expl.masking
+        out["masking"] = {
+            "metric": m.metric,
+            "with_all": m.metrics[m.metric],
+            "drop": {"+".join(h): m.drop(*h) for h in m.hidden},
+            "interaction": {f"{a}+{b}": m.interaction(a, b) for a, b in (h for h in m.hidden if len(h) == 2)},
+        }
+    ig = expl.gradients.get("ig")
+    if ig is not None:
+        out["ig"] = {"n_steps": ig.n_steps, "max_abs_delta": float(np.abs(ig.delta).max()), "complete": ig.complete()}
+    return out
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
