@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..explain import explain_model, parse_vectors, walkthrough, write_report
-from ..explain.agreement import METHOD_LABELS
+from ..explain.agreement import METHOD_SHORT
 from ..explain.pipeline import Explanation
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
 from .common import _load_for_model, _parts, console
@@ -110,7 +110,7 @@ def print_explanation(console: Console, expl: Explanation, out: Path) -> None:
     table = Table(title="per modality: each method's share, and the metric lost when hidden", title_justify="left")
     table.add_column("modality")
     for m in agree.shares:
-        table.add_column(METHOD_LABELS[m], justify="right")
+        table.add_column(METHOD_SHORT[m], justify="right")
     if agree.drops is not None:
         table.add_column(f"{agree.metric} lost", justify="right")
     for i, mod in enumerate(agree.modalities):

@@ -16,8 +16,10 @@ from scipy.stats import spearmanr
 
 from .masking import MaskingImportance
 
-__all__ = ["Agreement", "agreement", "METHOD_LABELS"]
+__all__ = ["Agreement", "agreement", "METHOD_LABELS", "METHOD_SHORT"]
 
+# Short column names for tables (the figures and sentences use METHOD_LABELS).
+METHOD_SHORT = {"attention": "attention", "rollout": "rollout", "mask": "masking", "ig": "IG", "gxi": "grad×input"}
 METHOD_LABELS = {
     "attention": "attention received",
     "rollout": "attention rollout",
@@ -82,7 +84,10 @@ def agreement(
         ranked["drop"] = drops
     names = list(ranked)
     spearman = {(a, b): _rank_correlation(ranked[a], ranked[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
-    return Agreement(modalities, table, metric, drops, spearman, _sentences(modalities, table, metric, drops, spearman))
+    pairs = [h for h in masking.hidden if len(h) == 2] if drops is not None else []
+    pair_drops = np.array([masking.drop(*h) for h in pairs]) if pairs else None
+    sentences = _sentences(modalities, table, metric, drops, pair_drops, spearman)
+    return Agreement(modalities, table, metric, drops, spearman, sentences)
 
 
 def _favourite(values: np.ndarray) -> int | None:
@@ -100,6 +105,7 @@ def _sentences(
     shares: dict[str, np.ndarray],
     metric: str | None,
     drops: np.ndarray | None,
+    pair_drops: np.ndarray | None,
     spearman: dict[tuple[str, str], float],
 ) -> list[str]:
     out = []
@@ -126,10 +132,14 @@ def _sentences(
                 f"Every method ranks `{modalities[best]}` first; hiding it changes {metric} by {_fmt_drop(metric, drops[best])}."
             )
         if np.nanmax(drops) <= SMALL_DROP:
-            out.append(
-                f"Hiding any one modality changes {metric} by at most {_fmt_drop(metric, float(np.nanmax(drops)))}: "
-                f"for this model the modalities stand in for each other (see the pair interactions)."
-            )
+            most = _fmt_drop(metric, float(np.nanmax(drops)))
+            if pair_drops is not None and np.nanmax(pair_drops) > SMALL_DROP:
+                out.append(
+                    f"Hiding any one modality changes {metric} by at most {most}, hiding two by up to "
+                    f"{_fmt_drop(metric, float(np.nanmax(pair_drops)))}: the modalities stand in for each other."
+                )
+            else:
+                out.append(f"Hiding any one modality changes {metric} by at most {most}.")
         reference, ref_label = "drop", f"the {metric} drop"
     else:
         named = {m: modalities[f] for m, f in favourites.items() if f is not None}

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..data.dataset import Batch, MultimodalDataset, Standardizer
 from ..fusion import FusionModel
@@ -84,7 +83,9 @@ class SampleExplanation:
 class Explanation:
     """The result of :func:`explain_model`: the model and data, the metric on the explained rows,
     each method's result over those rows (None / absent when not run), the agreement between them,
-    the per-sample views, the seconds each method took, and notes on how to read the results."""
+    the per-sample views, the seconds each method took, and notes on how to read the results.
+    step_valid: sequence modality -> ``(T,)`` share of the explained rows in which each step is a
+    real token (not padding, modality present)."""
 
     fusion: str
     data: str
@@ -95,6 +96,7 @@ class Explanation:
     score: float
     methods: tuple[str, ...]
     modalities: list[str]
+    step_valid: dict[str, np.ndarray]
     seconds: dict[str, float]
     attention: ModalityAttention | None
     masking: MaskingImportance | None
@@ -204,7 +206,8 @@ def explain_model(
     batch_size: int = 256,
 ) -> Explanation:
     """Explain ``model`` on ``rows`` of ``dataset`` (default: all rows; ``split`` is their name in
-    the report) and on the rows ``samples`` (default: the first two of ``rows``) one by one.
+    the report) and on the rows ``samples`` one by one (default: the first two of ``rows``; an
+    empty list for none).
 
     ``dataset`` is raw data and ``standardizer`` the model's (from training or
     :func:`attnfuse.load_model`); pass None for data already standardised. ``methods``: see
@@ -217,10 +220,10 @@ def explain_model(
     rows = np.arange(dataset.n) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.ndim != 1 or rows.size == 0:
         raise ValueError(f"rows: expected a non-empty 1-D list of row indices, got shape {rows.shape}")
-    chosen = list(rows[:2]) if samples is None else [int(s) for s in samples]
+    chosen = [int(s) for s in (rows[:2] if samples is None else samples)]
     bad = [i for i in chosen if not 0 <= i < dataset.n]
-    if bad or not chosen:
-        raise ValueError(f"samples: expected row indices in 0..{dataset.n - 1}, got {bad or list(samples or [])}")
+    if bad:
+        raise ValueError(f"samples: expected row indices in 0..{dataset.n - 1}, got {bad}")
     scaled = standardizer.transform(dataset) if standardizer is not None else dataset
     task = dataset.task
     batch = scaled.to_batch(rows)
@@ -267,7 +270,8 @@ def explain_model(
         shares[m] = g.share()
     agree = agreement(names, shares, masking)
 
-    with torch.enable_grad():
+    sample_views = []
+    if chosen:
         sample_views = timed(
             "samples", lambda: _sample_views(model, scaled.to_batch(chosen), chosen, task, methods, n_steps, target)
         )
@@ -297,6 +301,7 @@ def explain_model(
         score=float(score),
         methods=methods,
         modalities=names,
+        step_valid={s.name: to_numpy(batch.mask[s.name].double().mean(0)) for s in dataset.modalities if s.is_sequence},
         seconds=seconds,
         attention=attention,
         masking=masking,

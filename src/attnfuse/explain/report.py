@@ -167,13 +167,24 @@ def plot_modality_matrices(attn: ModalityAttention, title: str) -> Figure:
     return fig
 
 
+def _last_layers(names: list[str]) -> list[str]:
+    """The last layer of each attention stack ("cross:a->b/layer0", "…/layer1" -> "…/layer1")."""
+    last: dict[str, str] = {}
+    for name in names:  # the models list a stack's layers in order
+        last[name.rsplit("/layer", 1)[0]] = name
+    return list(last.values())
+
+
 def plot_step_maps(attn: ModalityAttention, title: str) -> Figure:
-    """One panel per block: the mean head-averaged weight of each query step on each key step over
-    the samples, with keys that are padding in part of the samples marked by their valid share."""
-    blocks = list(attn.steps.items())
+    """One panel per attention stack (its last layer, the one closest to the output): the mean
+    head-averaged weight of each query step on each key step over the samples; keys that are never
+    real tokens in those samples are hatched."""
+    blocks = [(name, attn.steps[name]) for name in _last_layers(list(attn.steps))]
     n_q = max(len(q) for _, (q, _, _) in blocks)
     n_k = max(len(k) for _, (_, k, _) in blocks)
-    fig, axes = _grid(len(blocks), 2, max(3.0, 0.3 * n_k + 1.8), max(1.4, 0.3 * n_q + 1.3))
+    cell_w = float(np.clip(0.3 * n_k + 1.8, 3.0, 7.0))  # about 0.3 in per step, within reason
+    cell_h = float(np.clip(0.3 * n_q + 1.3, 1.4, 6.0))
+    fig, axes = _grid(len(blocks), 3 if cell_w < 4.5 else 2, cell_w, cell_h)
     vmax = max(float(mat.max()) for _, (_, _, mat) in blocks) or 1.0
     image = None
     for i, (name, (q_tokens, k_tokens, mat)) in enumerate(blocks):
@@ -303,12 +314,11 @@ def plot_masking(masking: MaskingImportance) -> Figure:
 def _split_step_profiles(expl: Explanation) -> dict[str, dict[str, np.ndarray]]:
     """Sequence modality -> method -> ``(T,)`` share of the modality's mass per step over the rows."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    seq = [m for m in expl.modalities if expl.samples and m in expl.samples[0].step_valid]
-    for mod in seq:
+    for mod, valid in expl.step_valid.items():
         profiles = {}
         if expl.attention is not None:
-            mass = np.zeros(len(expl.samples[0].step_valid[mod]))
-            for _, (_, k_tokens, mat) in expl.attention.steps.items():
+            mass = np.zeros(len(valid))
+            for _, k_tokens, mat in expl.attention.steps.values():
                 for j, tok in enumerate(k_tokens):
                     if tok.startswith(f"{mod}["):
                         mass[int(tok[len(mod) + 1 : -1])] += mat[:, j].sum()
@@ -320,7 +330,8 @@ def _split_step_profiles(expl: Explanation) -> dict[str, dict[str, np.ndarray]]:
                 profiles["rollout"] = mass / mass.sum()
         for method, g in expl.gradients.items():
             profiles[method] = g.step_share(mod)
-        out[mod] = profiles
+        if profiles:
+            out[mod] = profiles
     return out
 
 
@@ -328,44 +339,31 @@ def plot_steps(expl: Explanation) -> Figure | None:
     """Per sequence modality: each method's share of the modality's mass per step, over the rows,
     with the share of rows in which each step is padding hatched behind it."""
     profiles = _split_step_profiles(expl)
-    profiles = {m: p for m, p in profiles.items() if p}
     if not profiles:
         return None
-    longest = max(len(next(iter(p.values()))) for p in profiles.values())
+    longest = max(len(expl.step_valid[m]) for m in profiles)
     width = max(6.0, 0.22 * longest + 3.0)
     fig, axes = plt.subplots(
         len(profiles), 1, figsize=(width, 2.6 * len(profiles) + 0.6), squeeze=False, layout="constrained"
     )
-    batch_valid = {m: np.stack([s.step_valid[m] for s in expl.samples]) for m in profiles}
     for ax, (mod, methods) in zip(axes[:, 0], profiles.items()):
-        steps = np.arange(len(next(iter(methods.values()))))
+        padded = 1.0 - expl.step_valid[mod]  # (T,)
+        steps = np.arange(len(padded))
         top = max(float(np.nanmax(v)) for v in methods.values()) * 1.15 or 1.0
+        for t in np.flatnonzero(padded > 0):
+            ax.add_patch(Rectangle((t - 0.5, 0), 1, top * padded[t], **PADDED))
         for method, values in methods.items():
             ax.plot(steps, values, marker="o", ms=3, lw=1.4, color=COLORS[method], label=METHOD_LABELS[method])
-        padded = expl.attention.key_valid if expl.attention is not None else None
-        fraction = _padded_fraction(expl, mod, padded, batch_valid[mod])
-        for t in np.flatnonzero(fraction > 0):
-            ax.add_patch(Rectangle((t - 0.5, 0), 1, top * fraction[t], **PADDED))
         ax.set_xlim(-0.5, len(steps) - 0.5)
         ax.set_ylim(0, top)
         ax.set_xlabel(f"{mod} step")
         ax.set_ylabel("share of the modality's mass")
         ax.set_title(f"{mod}: where in the sequence each method puts its mass", fontsize=10)
         handles, _ = ax.get_legend_handles_labels()
-        if (fraction > 0).any():
+        if (padded > 0).any():
             handles.append(Patch(**PADDED, label="share of rows where the step is padding"))
         ax.legend(handles=handles, fontsize=8, loc="upper right")
     return fig
-
-
-def _padded_fraction(expl: Explanation, mod: str, key_valid: dict | None, sample_valid: np.ndarray) -> np.ndarray:
-    """``(T,)`` share of the explained rows in which each step of ``mod`` is padding or absent."""
-    for g in expl.gradients.values():
-        return 1.0 - g.valid[mod].mean(axis=0)
-    if expl.rollout is not None:
-        cols = [j for j, t in enumerate(expl.rollout.tokens) if t.startswith(f"{mod}[")]
-        return 1.0 - expl.rollout.valid[:, cols].mean(axis=0)
-    return 1.0 - sample_valid.mean(axis=0)
 
 
 def _fmt_value(task: str, v: np.ndarray) -> str:
@@ -438,7 +436,7 @@ def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
 def save_figure(fig: Figure, path: Path) -> bytes:
     """Write a PNG (tight bounding box: nothing clipped) and return its bytes for the HTML report."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,9 +479,9 @@ HOW_TO_READ = {
         "query tokens and over the rows. Each row sums to 1."
     ),
     "step_maps": (
-        "This fusion has one query modality per block, so a modality-to-modality matrix would be a single 1.00. "
-        "Instead, each panel shows which key step each query step attends to, averaged over heads and over the "
-        "rows in which the query step is real. When the important step differs from sample to sample (as in a "
+        "In this fusion every block's queries come from one modality, so a modality-to-modality matrix would be a "
+        "single row. Instead, each panel shows, for the last layer of each attention stack, which key step each "
+        "query step attends to, averaged over heads and over the rows in which the query step is real. When the important step differs from sample to sample (as in a "
         "lookup), the average spreads out: the per-sample views below show the individual maps. Hatched keys "
         "are never real tokens in these rows."
     ),
@@ -640,8 +638,9 @@ def write_report(expl: Explanation, out: Path) -> list[Path]:
             sections.append(("Which steps matter", HOW_TO_READ["steps"], [_img(png, "steps")]))
         if expl.attention is not None:
             attn = expl.attention
-            informative = any(max(len(q), len(k)) > 1 for q, k, _ in attn.matrices.values())
-            if informative:
+            # Only where a block's queries of several modalities spread over several (self fusion) is
+            # the matrix more than one row or one column of 1.00; otherwise steps are the view.
+            if any(len(q) > 1 and len(k) > 1 for q, k, _ in attn.matrices.values()):
                 png = save_figure(
                     plot_modality_matrices(attn, f"Modality-to-modality attention, mean over {expl.split}"),
                     tmp / "modality_matrix.png",
