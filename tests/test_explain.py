@@ -302,6 +302,19 @@ def test_integrated_gradients_is_complete(fusion):
     assert ig.complete() and np.abs(ig.delta).max() < 0.05  # Captum's tolerance for IG
 
 
+def test_integrated_gradients_in_smaller_passes_gives_the_same_attributions():
+    """Captum splits the path's points into passes of at most max_points rows; the masks must
+    travel with their rows."""
+    data = mixed_data(12)
+    model = tiny_model("bicross", data)
+    whole = gradient_attribution(model, data.to_batch(), "classification", "ig", n_steps=16, batch_size=12)
+    parts = gradient_attribution(
+        model, data.to_batch(), "classification", "ig", n_steps=16, batch_size=12, max_points=24
+    )
+    for k in whole.attributions:
+        np.testing.assert_allclose(parts.attributions[k], whole.attributions[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fusion", ["cross", "mult"])
 def test_integrated_gradients_matches_a_riemann_sum(fusion):
     """The path integral by an independent midpoint Riemann sum (200 points, autograd), all points
@@ -485,8 +498,11 @@ def test_agreement_when_everything_agrees_and_with_two_modalities():
         "The methods favour different modalities: attention received: `a`; Integrated Gradients: `c`."
         in differ.sentences
     )
-    tie = agreement(["a", "b", "c"], {"attention": np.array([0.34, 0.33, 0.33]), "ig": ig})
-    assert not any("favour different" in s for s in tie.sentences)  # a near tie favours nothing
+    spread = agreement(["a", "b", "c"], {"attention": np.array([0.34, 0.33, 0.33]), "ig": ig})
+    assert not any("favour different" in s for s in spread.sentences)  # an even spread favours nothing
+    tied = {"attention": np.array([0.45, 0.44, 0.1, 0.01]), "ig": np.array([0.1, 0.1, 0.1, 0.7])}
+    said = " ".join(agreement(["a", "b", "c", "d"], tied).sentences)
+    assert "attention received: `a` and `b`; Integrated Gradients: `d`" in said  # tied for first: both named
     with pytest.raises(ValueError, match="shares: expected methods from"):
         agreement(["a"], {"shap": np.array([1.0])})
     with pytest.raises(ValueError, match=r"shares\['ig'\]: expected 2 values"):

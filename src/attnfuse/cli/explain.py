@@ -102,10 +102,11 @@ def _parse_samples(samples: str | None) -> list[int] | None:
 
 def print_explanation(console: Console, expl: Explanation, out: Path) -> None:
     """The headline, the agreement table and its sentences, the notes, and where the files are."""
-    console.print(
-        f"{expl.fusion} fusion on {expl.data}: {expl.split} {expl.metric} {expl.score:.4f} ({len(expl.rows)} rows)",
-        highlight=False,
-    )
+    headline = f"{expl.fusion} fusion on {expl.data}: {expl.split} {expl.metric} {expl.score:.4f}"
+    masking = expl.masking
+    if masking is not None and masking.metrics is not None and masking.metric != expl.metric:
+        headline += f", {masking.metric} {masking.metrics[masking.metric]:.4f}"
+    console.print(f"{headline} ({len(expl.rows)} rows)", highlight=False)
     agree = expl.agreement
     table = Table(title="per modality: each method's share, and the metric lost when hidden", title_justify="left")
     table.add_column("modality")

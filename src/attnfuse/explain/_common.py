@@ -10,7 +10,16 @@ from torch import Tensor
 from ..data.dataset import Batch, iter_batches
 from ..fusion import FUSIONS, FusionModel
 
-__all__ = ["model_device", "fusion_name", "forward", "explained_target", "token_modality", "token_valid", "to_numpy"]
+__all__ = [
+    "model_device",
+    "fusion_name",
+    "forward",
+    "explained_target",
+    "token_modality",
+    "token_step",
+    "token_valid",
+    "to_numpy",
+]
 
 
 def model_device(model: FusionModel) -> torch.device:
@@ -57,6 +66,11 @@ def token_modality(label: str) -> str:
     return label if label.startswith("[") else label.split("[", 1)[0]
 
 
+def token_step(label: str) -> int:
+    """``"video[3]"`` -> 3; a one-token modality (``"text"``) -> 0."""
+    return int(label[label.index("[") + 1 : -1]) if label.endswith("]") else 0
+
+
 def token_valid(labels: list[str], mask: dict[str, Tensor]) -> Tensor:
     """``(B, n)`` bool: whether each labelled token is real for each sample (``mask`` as in
     :class:`Batch`: name -> ``(B, T)`` True = valid). A ``[CLS]`` token is always valid."""
@@ -66,6 +80,5 @@ def token_valid(labels: list[str], mask: dict[str, Tensor]) -> Tensor:
         if mod.startswith("["):
             columns.append(torch.ones_like(next(iter(mask.values()))[:, 0]))
         else:
-            step = int(label[len(mod) + 1 : -1]) if label != mod else 0
-            columns.append(mask[mod][:, step])
+            columns.append(mask[mod][:, token_step(label)])
     return torch.stack(columns, dim=1)

@@ -28,8 +28,8 @@ METHOD_LABELS = {
     "gxi": "gradient × input",
 }
 POINTS = frozenset({"accuracy", "f1_macro"})  # metrics in [0, 1] said in percentage points
-MARGIN = 0.02  # a method "favours" a modality when its share beats every other's by 2 points
-SMALL_DROP = 0.01  # no single modality costs more than this (1 point of accuracy, 0.01 of R²)
+MARGIN = 0.02  # shares within 2 points of a method's largest count as tied for first
+SMALL_DROP = 0.02  # no single modality costs more than this (2 points of accuracy, 0.02 of R²)
 
 
 @dataclass
@@ -90,14 +90,18 @@ def agreement(
     return Agreement(modalities, table, metric, drops, spearman, sentences)
 
 
-def _favourite(values: np.ndarray) -> int | None:
-    """Index of the largest share when it beats every other by ``MARGIN``; None for a near tie."""
-    if not np.isfinite(values).any():
-        return None
-    order = np.argsort(-np.nan_to_num(values, nan=-np.inf))
-    if len(order) > 1 and values[order[0]] - np.nan_to_num(values[order[1]], nan=-np.inf) < MARGIN:
-        return None
-    return int(order[0])
+def _favourites(values: np.ndarray) -> list[int]:
+    """The modalities a method puts first: those within ``MARGIN`` of its largest share (largest
+    first). None stands out (an empty list) when they are more than half of the modalities."""
+    finite = np.nan_to_num(values, nan=-np.inf)
+    if not np.isfinite(finite).any():
+        return []
+    top = [int(i) for i in np.argsort(-finite) if finite[i] >= finite.max() - MARGIN]
+    return top if len(top) <= max(1, len(values) // 2) else []
+
+
+def _names(modalities: list[str], index: list[int]) -> str:
+    return " and ".join(f"`{modalities[i]}`" for i in index)
 
 
 def _sentences(
@@ -116,20 +120,25 @@ def _sentences(
             out.append(
                 f"No attention lands on {mods}: in this fusion those tokens only ask (they are queries, not keys)."
             )
-    favourites = {m: _favourite(v) for m, v in shares.items()}
+    favourites = {m: _favourites(v) for m, v in shares.items()}
     if drops is not None and metric is not None and np.isfinite(drops).any():
         # Masking is the reference: it is what the model loses without the modality.
         best = int(np.nanargmax(drops))
         said = f"hiding `{modalities[best]}` by {_fmt_drop(metric, drops[best])}"
-        for method, fav in favourites.items():
-            if method != "mask" and fav is not None and fav != best:
+        for method, favs in favourites.items():
+            if method != "mask" and favs and best not in favs:
+                each = ", ".join(f"{shares[method][i]:.0%}" for i in favs)
+                lost = " and ".join(_fmt_drop(metric, drops[i]) for i in favs)
                 out.append(
-                    f"{METHOD_LABELS[method]} favours `{modalities[fav]}` ({shares[method][fav]:.0%}), but hiding "
-                    f"`{modalities[fav]}` changes {metric} by {_fmt_drop(metric, drops[fav])}; {said}."
+                    f"{METHOD_LABELS[method]} favours {_names(modalities, favs)} ({each}), but hiding "
+                    f"{_names(modalities, favs)} changes {metric} by {lost}; {said}."
                 )
-        if all(fav == best for fav in favourites.values()):
+        # Every method has `best` first, or within MARGIN of its first (an even spread abstains).
+        voted = [m for m, favs in favourites.items() if favs]
+        if voted and all(best in favourites[m] for m in voted):
             out.append(
-                f"Every method ranks `{modalities[best]}` first; hiding it changes {metric} by {_fmt_drop(metric, drops[best])}."
+                f"Every method ranks `{modalities[best]}` first; hiding it changes {metric} by "
+                f"{_fmt_drop(metric, drops[best])}."
             )
         if np.nanmax(drops) <= SMALL_DROP:
             most = _fmt_drop(metric, float(np.nanmax(drops)))
@@ -142,13 +151,10 @@ def _sentences(
                 out.append(f"Hiding any one modality changes {metric} by at most {most}.")
         reference, ref_label = "drop", f"the {metric} drop"
     else:
-        named = {m: modalities[f] for m, f in favourites.items() if f is not None}
-        if len(set(named.values())) > 1:
-            out.append(
-                "The methods favour different modalities: "
-                + "; ".join(f"{METHOD_LABELS[m]}: `{t}`" for m, t in named.items())
-                + "."
-            )
+        named = {m: favs for m, favs in favourites.items() if favs}
+        if len({tuple(f) for f in named.values()}) > 1:
+            listed = "; ".join(f"{METHOD_LABELS[m]}: {_names(modalities, f)}" for m, f in named.items())
+            out.append(f"The methods favour different modalities: {listed}.")
         reference, ref_label = "mask", METHOD_LABELS["mask"]
     if len(modalities) < 3:
         out.append("With fewer than 3 modalities a rank correlation says nothing; compare the shares directly.")

@@ -111,12 +111,14 @@ def gradient_attribution(
     target: int | None = None,
     n_steps: int = 50,
     batch_size: int = 32,
+    max_points: int = 512,
 ) -> GradientAttribution:
     """Attribute the explained output of every sample of ``batch`` (see
     :func:`._common.explained_target`) to its input features with ``method`` ("ig" or "gxi").
 
-    Runs on the model's device, ``batch_size`` samples at a time (IG evaluates ``n_steps`` points
-    for each, so one chunk is ``batch_size * n_steps`` rows); results come back on the CPU.
+    Runs on the model's device, ``batch_size`` samples at a time; IG evaluates ``n_steps`` points
+    on each sample's path, at most ``max_points`` (and at least one step of the chunk) per forward
+    pass, which bounds its memory. Results come back on the CPU.
     """
     if method not in GRADIENT_METHODS:
         raise ValueError(f"method: expected one of {list(GRADIENT_METHODS)}, got {method!r}")
@@ -151,6 +153,7 @@ def gradient_attribution(
                 additional_forward_args=masks,
                 n_steps=n_steps,
                 method="gausslegendre",
+                internal_batch_size=max(max_points, len(chunk)),
                 return_convergence_delta=True,
             )
             deltas.append(delta.detach().cpu())

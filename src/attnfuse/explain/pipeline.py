@@ -15,7 +15,7 @@ from ..fusion import FusionModel
 from ..metrics import PRIMARY_METRIC, compute_metrics
 from ..modules import AttentionMap
 from ..training import to_predictions
-from ._common import explained_target, forward, fusion_name, to_numpy, token_modality
+from ._common import explained_target, forward, fusion_name, to_numpy, token_modality, token_step
 from .agreement import Agreement, agreement
 from .attention import ModalityAttention, collect_maps, key_valid, modality_attention, require_attention
 from .gradients import GRADIENT_METHODS, GradientAttribution, gradient_attribution
@@ -32,8 +32,8 @@ NEEDS_ATTENTION = ("attention", "rollout")
 
 
 def resolve_methods(methods: str | Sequence[str], has_attention: bool) -> tuple[str, ...]:
-    """ "auto" -> the cheap methods, "all" -> every method, else a comma-separated list (or a
-    sequence) of METHODS. With "auto"/"all" the attention methods are skipped for a model without
+    """The methods to run: "auto" -> the cheap ones, "all" -> every one, else a comma-separated
+    list (or a sequence) of METHODS. With "auto"/"all" the attention methods are skipped for a model without
     attention; named explicitly they are an error for it."""
     if isinstance(methods, str):
         if methods in ("auto", "all"):
@@ -125,7 +125,7 @@ def _received_per_step(maps: list[AttentionMap], modality: str, length: int) -> 
         if not cols:
             continue
         w = to_numpy(m.weights.double().mean(dim=1) * m.query_valid.unsqueeze(-1))  # (B, L, S)
-        steps = [int(m.key_tokens[j][len(modality) + 1 : -1]) if "[" in m.key_tokens[j] else 0 for j in cols]
+        steps = [token_step(m.key_tokens[j]) for j in cols]
         total[:, steps] += w[:, :, cols].sum(axis=1)
     return _shares_within(total)
 

@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from ..modules import AttentionMap
-from ._common import to_numpy
-from .agreement import METHOD_LABELS
+from ._common import to_numpy, token_modality, token_step
+from .agreement import METHOD_LABELS, METHOD_SHORT, POINTS, Agreement
 from .attention import ModalityAttention, bertviz_export
 from .masking import MaskingImportance
 from .pipeline import Explanation, SampleExplanation
@@ -144,27 +144,39 @@ def _grid(n: int, max_cols: int, cell_w: float, cell_h: float, extra_w: float = 
     return fig, axes
 
 
-def plot_modality_matrices(attn: ModalityAttention, title: str) -> Figure:
-    """One panel per block: rows = querying modality, columns = attended modality (rows sum to 1)."""
-    blocks = list(attn.matrices.items())
-    size = max(max(len(q), len(k)) for _, (q, k, _) in blocks)
-    cell = max(2.8, 0.55 * size + 1.6)
-    fig, axes = _grid(len(blocks), 3, cell, cell)
-    # One colour scale for all panels, stretched to the largest value so differences show.
-    vmax = max(float(mat.max()) for _, (_, _, mat) in blocks) or 1.0
+def _map_panels(
+    blocks: list[tuple[str, list[str], list[str], np.ndarray, np.ndarray | None]],
+    title: str,
+    labels: tuple[str, str],
+    cell: tuple[float, float],
+    max_cols: int,
+    annotate: int,
+) -> Figure:
+    """One heatmap per block (name, row labels, column labels, ``(L, S)`` values, ``(S,)`` valid
+    columns or None), on one colour scale stretched to the largest value so differences show."""
+    fig, axes = _grid(len(blocks), max_cols, *cell)
+    vmax = max(float(mat.max()) for _, _, _, mat, _ in blocks) or 1.0
     image = None
-    for i, (name, (q_mods, k_mods, mat)) in enumerate(blocks):
-        ax = axes.flat[i]
-        image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(k_mods)), k_mods, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(q_mods)), q_mods, fontsize=8)
-        ax.set_xlabel("attended modality", fontsize=8)
-        ax.set_ylabel("querying modality", fontsize=8)
+    for ax, (name, rows, cols, mat, valid) in zip(axes.flat, blocks):
+        image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto", interpolation="nearest")
+        _hatch(ax, None, valid, mat.shape)
+        _ticks(ax, cols, "x")
+        _ticks(ax, rows, "y")
+        ax.set_xlabel(labels[1], fontsize=8)
+        ax.set_ylabel(labels[0], fontsize=8)
         ax.set_title(name, fontsize=9)
-        _annotate(ax, mat, vmax, limit=64)
+        _annotate(ax, mat, vmax, limit=annotate)
     fig.colorbar(image, ax=axes, shrink=0.9, label="mean attention weight")
     fig.suptitle(_wrap(title, fig.get_figwidth()), fontsize=10)
     return fig
+
+
+def plot_modality_matrices(attn: ModalityAttention, title: str) -> Figure:
+    """One panel per block: rows = querying modality, columns = attended modality (rows sum to 1)."""
+    blocks = [(name, q, k, mat, None) for name, (q, k, mat) in attn.matrices.items()]
+    size = max(max(len(q), len(k)) for _, q, k, _, _ in blocks)
+    cell = max(2.8, 0.55 * size + 1.6)
+    return _map_panels(blocks, title, ("querying modality", "attended modality"), (cell, cell), 3, annotate=64)
 
 
 def _last_layers(names: list[str]) -> list[str]:
@@ -179,27 +191,13 @@ def plot_step_maps(attn: ModalityAttention, title: str) -> Figure:
     """One panel per attention stack (its last layer, the one closest to the output): the mean
     head-averaged weight of each query step on each key step over the samples; keys that are never
     real tokens in those samples are hatched."""
-    blocks = [(name, attn.steps[name]) for name in _last_layers(list(attn.steps))]
-    n_q = max(len(q) for _, (q, _, _) in blocks)
-    n_k = max(len(k) for _, (_, k, _) in blocks)
+    blocks = [(name, *attn.steps[name], attn.key_valid[name] > 0) for name in _last_layers(list(attn.steps))]
+    n_q = max(len(q) for _, q, _, _, _ in blocks)
+    n_k = max(len(k) for _, _, k, _, _ in blocks)
     cell_w = float(np.clip(0.3 * n_k + 1.8, 3.0, 7.0))  # about 0.3 in per step, within reason
     cell_h = float(np.clip(0.3 * n_q + 1.3, 1.4, 6.0))
-    fig, axes = _grid(len(blocks), 3 if cell_w < 4.5 else 2, cell_w, cell_h)
-    vmax = max(float(mat.max()) for _, (_, _, mat) in blocks) or 1.0
-    image = None
-    for i, (name, (q_tokens, k_tokens, mat)) in enumerate(blocks):
-        ax = axes.flat[i]
-        image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto", interpolation="nearest")
-        _hatch(ax, None, attn.key_valid[name] > 0, mat.shape)  # keys that are never real tokens
-        _ticks(ax, k_tokens, "x")
-        _ticks(ax, q_tokens, "y")
-        ax.set_xlabel("key step (attended to)", fontsize=8)
-        ax.set_ylabel("query step", fontsize=8)
-        ax.set_title(name, fontsize=9)
-        _annotate(ax, mat, vmax, limit=48)
-    fig.colorbar(image, ax=axes, shrink=0.9, label="mean attention weight")
-    fig.suptitle(_wrap(title, fig.get_figwidth()), fontsize=10)
-    return fig
+    labels = ("query step", "key step (attended to)")
+    return _map_panels(blocks, title, labels, (cell_w, cell_h), 3 if cell_w < 4.5 else 2, annotate=48)
 
 
 def plot_received(attn: ModalityAttention, title: str) -> Figure:
@@ -223,7 +221,7 @@ def plot_agreement(expl: Explanation) -> Figure:
     agree = expl.agreement
     mods, methods = agree.modalities, list(agree.shares)
     has_drop = agree.drops is not None
-    height = max(2.6, 0.28 * len(mods) * max(len(methods), 1) + 1.4)
+    height = max(2.6, 0.16 * len(mods) * max(len(methods), 1) + 1.8)
     fig, axes = plt.subplots(
         1,
         2 if has_drop else 1,
@@ -248,23 +246,25 @@ def plot_agreement(expl: Explanation) -> Figure:
     ax.invert_yaxis()
     ax.set_xlabel("share per method (%)")
     ax.set_title("Each method's share per modality", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(methods), 3), frameon=False)
     if has_drop:
-        ax = axes[0][1]
-        scale = 100.0 if agree.metric in ("accuracy", "f1_macro") else 1.0
-        drops = scale * agree.drops
-        bars = ax.barh(y, drops, color=COLORS["mask"])
-        ax.bar_label(bars, fmt="%.1f" if scale == 100 else "%.3f", fontsize=8, padding=2)
-        ax.axvline(0, color="black", lw=0.6)
-        ax.set_yticks(y, mods)
-        ax.invert_yaxis()
-        unit = "points" if scale == 100 else agree.metric
-        ax.set_xlabel(f"{agree.metric} lost when hidden ({unit})")
-        ax.set_title("Hiding one modality", fontsize=10)
-        lo, hi = min(0.0, float(np.nanmin(drops))), max(0.0, float(np.nanmax(drops)))
-        pad = 0.25 * (hi - lo or 1.0)
-        ax.set_xlim(lo - (pad if lo < 0 else 0), hi + pad)
+        _drop_bars(axes[0][1], mods, agree.drops, agree.metric)
+        axes[0][1].set_title("Hiding one modality", fontsize=10)
     return fig
+
+
+def _drop_bars(ax: Axes, mods: list[str], drops: np.ndarray, metric: str) -> None:
+    """Horizontal bars of the metric lost when each modality is hidden (accuracy in points)."""
+    points = metric in POINTS
+    values = (100.0 if points else 1.0) * drops
+    bars = ax.barh(mods, values, color=COLORS["mask"])
+    ax.bar_label(bars, fmt="%.1f" if points else "%.3f", fontsize=8, padding=2)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} lost when hidden" + (" (points)" if points else ""))
+    lo, hi = min(0.0, float(np.nanmin(values))), max(0.0, float(np.nanmax(values)))
+    pad = 0.25 * (hi - lo or 1.0)  # room for the value labels
+    ax.set_xlim(lo - (pad if lo < 0 else 0.0), hi + pad)
 
 
 def plot_masking(masking: MaskingImportance) -> Figure:
@@ -272,7 +272,7 @@ def plot_masking(masking: MaskingImportance) -> Figure:
     drop(a, b) - drop(a) - drop(b) (> 0: redundant, they stand in for each other)."""
     mods = masking.modalities
     pairs = [h for h in masking.hidden if len(h) == 2]
-    scale = 100.0 if masking.metric in ("accuracy", "f1_macro") else 1.0
+    scale = 100.0 if masking.metric in POINTS else 1.0
     unit = "points" if scale == 100 else masking.metric
     bars_w, matrix_w = 5.5, 0.6 * len(mods) + 2.6
     fig, axes = plt.subplots(
@@ -283,16 +283,8 @@ def plot_masking(masking: MaskingImportance) -> Figure:
         layout="constrained",
         gridspec_kw={"width_ratios": [bars_w, matrix_w]} if pairs else None,
     )
-    ax = axes[0][0]
-    drops = scale * masking.drops()
-    bars = ax.barh(mods, drops, color=COLORS["mask"])
-    ax.bar_label(bars, fmt="%.1f" if scale == 100 else "%.3f", fontsize=8, padding=2)
-    ax.axvline(0, color="black", lw=0.6)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{masking.metric} lost when hidden" + (" (points)" if scale == 100 else ""))
-    ax.set_title(f"{masking.metric}: {masking.metrics[masking.metric]:.4f} with every modality", fontsize=10)
-    lo, hi = min(0.0, float(np.nanmin(drops))), max(0.0, float(np.nanmax(drops)))
-    ax.set_xlim(lo - 0.25 * (hi - lo or 1.0) * (lo < 0), hi + 0.25 * (hi - lo or 1.0))
+    _drop_bars(axes[0][0], mods, masking.drops(), masking.metric)
+    axes[0][0].set_title(f"{masking.metric}: {masking.metrics[masking.metric]:.4f} with every modality", fontsize=10)
     if pairs:
         ax = axes[0][1]
         inter = np.full((len(mods), len(mods)), np.nan)
@@ -303,7 +295,9 @@ def plot_masking(masking: MaskingImportance) -> Figure:
         image = ax.imshow(inter, cmap="RdBu_r", vmin=-bound, vmax=bound)
         for (r, c), v in np.ndenumerate(inter):
             if np.isfinite(v):
-                ax.text(c, r, f"{v:.1f}" if scale == 100 else f"{v:.2f}", ha="center", va="center", fontsize=7)
+                text = f"{v:.1f}" if scale == 100 else f"{v:.2f}"
+                color = "white" if abs(v) > 0.6 * bound else "black"
+                ax.text(c, r, text, ha="center", va="center", fontsize=7, color=color)
         ax.set_xticks(range(len(mods)), mods, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(mods)), mods, fontsize=8)
         ax.set_title("Pair interaction:\ndrop(a, b) − drop(a) − drop(b)", fontsize=10)
@@ -320,8 +314,8 @@ def _split_step_profiles(expl: Explanation) -> dict[str, dict[str, np.ndarray]]:
             mass = np.zeros(len(valid))
             for _, k_tokens, mat in expl.attention.steps.values():
                 for j, tok in enumerate(k_tokens):
-                    if tok.startswith(f"{mod}["):
-                        mass[int(tok[len(mod) + 1 : -1])] += mat[:, j].sum()
+                    if token_modality(tok) == mod:
+                        mass[token_step(tok)] += mat[:, j].sum()
             if mass.sum() > 0:
                 profiles["attention"] = mass / mass.sum()
         if expl.rollout is not None:
@@ -366,6 +360,13 @@ def plot_steps(expl: Explanation) -> Figure | None:
     return fig
 
 
+def _explained(view: SampleExplanation, task: str) -> str:
+    """What a sample's explanation is about, in words."""
+    if task == "classification":
+        return f"class {view.target} logit"
+    return "prediction" if view.prediction.size == 1 else f"output {view.target}"
+
+
 def _fmt_value(task: str, v: np.ndarray) -> str:
     v = np.asarray(v)
     if task == "classification":
@@ -391,7 +392,7 @@ def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
         layout="constrained",
         gridspec_kw={"height_ratios": heights},
     )
-    what = f"class {view.target} logit" if task == "classification" else f"output {view.target}"
+    what = _explained(view, task)
     fig.suptitle(
         f"Sample {view.row} ({split}): true {_fmt_value(task, view.truth)}, predicted "
         f"{_fmt_value(task, view.prediction)}\nexplained: the {what} = {view.output:.3f}",
@@ -412,9 +413,16 @@ def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
     ax.set_yticks(y, mods)
     ax.invert_yaxis()
     ax.set_xlabel(f"contribution to the {what}")
-    ax.set_title("Modality importance for this sample", fontsize=10)
-    if series:
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(series), frameon=False)
+    if series:  # above the bars, under its title
+        ax.legend(
+            title="Modality importance for this sample",
+            title_fontsize=10,
+            fontsize=8,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncol=len(series),
+            frameon=False,
+        )
 
     for ax, mod in zip(axes[1:, 0], sequences):
         methods = list(view.steps[mod])
@@ -512,7 +520,8 @@ def write_html_report(
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
     body = []
     for heading, how, parts in sections:
-        body.append(f"<h2>{html.escape(heading)}</h2>")
+        anchor = re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")  # e.g. report.html#sample-17
+        body.append(f'<h2 id="{anchor}">{html.escape(heading)}</h2>')
         if how:
             body.append(f'<p class="how"><b>How to read this.</b> {how}</p>')
         body.extend(parts)
@@ -553,44 +562,57 @@ def _agreement_table(expl: Explanation) -> str:
             d = agree.drops[i]
             cells += (
                 f'<td class="num">{100 * d:+.2f} points</td>'
-                if agree.metric in ("accuracy", "f1_macro")
+                if agree.metric in POINTS
                 else f'<td class="num">{d:+.4f}</td>'
             )
         rows.append(f"<tr><th>{html.escape(mod)}</th>{cells}</tr>")
     table = f"<table><tr><th>modality</th>{head}</tr>{''.join(rows)}</table>"
-    rhos = [
-        f"{html.escape(METHOD_LABELS.get(a, f'{agree.metric} drop'))} vs {html.escape(METHOD_LABELS.get(b, f'{agree.metric} drop'))}: "
-        f"{rho:.2f}"
-        for (a, b), rho in agree.spearman.items()
-        if np.isfinite(rho)
-    ]
+    rhos = _spearman_table(agree)
     said = "".join(f"<li>{html.escape(s)}</li>" for s in agree.sentences)
     out = table
     if rhos:
-        out += f"<p>Spearman rank correlation over the modalities: {'; '.join(rhos)}.</p>"
+        out += "<p>Spearman rank correlation of the methods' rankings of the modalities (1: the same order):</p>" + rhos
     if said:
         out += f'<ul class="said">{said}</ul>'
     return out
 
 
+def _spearman_table(agree: Agreement) -> str:
+    """The rank correlations as a lower-triangular table ("" when there are none)."""
+    names = list(agree.shares) + (["drop"] if agree.drops is not None else [])
+    label = {**METHOD_SHORT, "drop": f"{agree.metric} lost"}
+    if not any(np.isfinite(r) for r in agree.spearman.values()):
+        return ""
+    rows = []
+    for i, a in enumerate(names[1:], start=1):
+        cells = []
+        for b in names[:i]:
+            rho = agree.spearman.get((b, a), agree.spearman.get((a, b), float("nan")))
+            cells.append(f'<td class="num">{rho:.2f}</td>' if np.isfinite(rho) else '<td class="num">—</td>')
+        rows.append(f"<tr><th>{html.escape(label[a])}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{html.escape(label[b])}</th>" for b in names[:-1])
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
 def _sample_table(view: SampleExplanation, task: str) -> str:
-    rows = [("target", _fmt_value(task, view.truth)), ("prediction", _fmt_value(task, view.prediction))]
-    for mod in view.present:
-        parts = []
-        if not view.present[mod]:
-            parts.append("absent")
+    """Target and prediction, then one row per modality with every method's number."""
+    head = ["modality", "present"]
+    if view.masking is not None:
+        head += ["prediction without it", "masking: output − output without it"]
+    head += [f"{METHOD_LABELS[m]} (sum)" for m in view.gradients]
+    rows = []
+    for mod, present in view.present.items():
+        cells = [html.escape(mod), "yes" if present else "absent"]
         if view.masking is not None:
-            parts.append(
-                f"without it: prediction {_fmt_value(task, view.hidden_prediction[mod])}, output change {-view.masking[mod]:+.3f}"
-            )
-        for method, values in view.gradients.items():
-            parts.append(f"{METHOD_LABELS[method]} {values[mod]:+.3f}")
-        rows.append((mod, "; ".join(parts) or "—"))
-    return (
-        "<table>"
-        + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-        + "</table>"
+            cells += [_fmt_value(task, view.hidden_prediction[mod]), f"{view.masking[mod]:+.3f}"]
+        cells += [f"{values[mod]:+.3f}" for values in view.gradients.values()]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    line = (
+        f"<p>target <b>{_fmt_value(task, view.truth)}</b>, prediction <b>{_fmt_value(task, view.prediction)}</b>; "
+        f"explained: the {_explained(view, task)} = {view.output:.3f}</p>"
     )
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"{line}<table><tr>{header}</tr>{''.join(rows)}</table>"
 
 
 def _summary(expl: Explanation) -> list[tuple[str, str]]:
@@ -598,6 +620,11 @@ def _summary(expl: Explanation) -> list[tuple[str, str]]:
         ("model", f"{expl.fusion} fusion ({expl.parameters:,} parameters)"),
         ("data", f"{expl.data}, {expl.task}; explained rows: {expl.split} ({len(expl.rows)} samples)"),
         (f"{expl.split} {expl.metric}", f"{expl.score:.4f}"),
+        *(
+            [(f"{expl.split} {expl.masking.metric}", f"{expl.masking.metrics[expl.masking.metric]:.4f}")]
+            if expl.masking is not None and expl.masking.metrics is not None and expl.masking.metric != expl.metric
+            else []
+        ),
         ("methods", ", ".join(f"{METHOD_LABELS.get(m, m)} ({expl.seconds.get(m, 0.0):.1f} s)" for m in expl.methods)),
     ]
     ig = expl.gradients.get("ig")
