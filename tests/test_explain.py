@@ -403,7 +403,8 @@ def test_rollout_of_a_cross_stack_is_a_weighted_mean_of_its_layers():
     data = mixed_data(6)
     model = tiny_model("cross", data)  # text queries audio + video, 2 layers
     batch = data.to_batch()
-    ro = attention_rollout(model, batch)
+    ro = attention_rollout(model, batch, keep_stacks=True)
+    assert attention_rollout(model, batch).stacks == {}  # by default only the relevance
     _, (m0, m1) = collect_maps(model, batch)
     a0, a1 = (m.weights.double().mean(1)[:, 0].numpy() for m in (m0, m1))  # (B, S): the one text query
     np.testing.assert_allclose(ro.relevance[:, 0], 0.25)  # text keeps ½ · ½ through its residual

@@ -98,6 +98,7 @@ def test_report_files_and_sections(reports, fusion):
     attention, views = fusion != "concat", fusion != "mult"
     assert ("samples/sample0.png" in names) == views
     assert ("bertviz/sample0.json" in names) == (attention and views)
+    assert ("samples/sample0_rollout.png" in names) == (attention and views)  # rolled-out maps next to raw ones
     if fusion == "cross":  # one query modality: step-by-step maps instead of a 1x1 modality matrix
         assert "step_maps.png" in names and "modality_matrix.png" not in names
         assert "heatmaps/sample0/cross_text-to-audio+video_layer0.png" in names

@@ -15,7 +15,7 @@ from ..fusion import FusionModel
 from ..metrics import PRIMARY_METRIC, compute_metrics
 from ..modules import AttentionMap
 from ..training import to_predictions
-from ._common import explained_target, forward, fusion_name, to_numpy, token_modality, token_step
+from ._common import explained_target, forward, fusion_name, to_numpy, token_modality, token_step, token_valid
 from .agreement import Agreement, agreement
 from .attention import ModalityAttention, collect_maps, key_valid, modality_attention, require_attention
 from .gradients import GRADIENT_METHODS, GradientAttribution, gradient_attribution
@@ -59,7 +59,9 @@ class SampleExplanation:
     prediction without it. gradients: method -> modality -> summed attribution. steps: sequence
     modality -> {method: ``(T,)`` per-step share within the modality}; step_valid: modality ->
     ``(T,)`` bool. maps: attention maps with weights ``(1, H, L, S)``; map_key_valid: block ->
-    ``(S,)`` bool. rollout: ``(N,)`` relevance over ``rollout_tokens``.
+    ``(S,)`` bool. rollout: ``(N,)`` relevance over ``rollout_tokens``; rollout_maps: stack ->
+    (row tokens, column tokens, ``(L, N_s)`` rolled-out map, ``(L,)`` real rows, ``(N_s,)`` real
+    columns).
     """
 
     row: int
@@ -77,6 +79,9 @@ class SampleExplanation:
     map_key_valid: dict[str, np.ndarray] = field(default_factory=dict)
     rollout: np.ndarray | None = None
     rollout_tokens: list[str] = field(default_factory=list)
+    rollout_maps: dict[str, tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass
@@ -149,7 +154,7 @@ def _sample_views(
         if m in GRADIENT_METHODS
     }
     maps = collect_maps(model, batch)[1] if "attention" in methods else []
-    rollout = attention_rollout(model, batch) if "rollout" in methods else None
+    rollout = attention_rollout(model, batch, keep_stacks=True) if "rollout" in methods else None
     sequences = [s.name for s in model.config.modalities if s.is_sequence]
 
     targets = explained_target(task, outputs, target)  # the rule masking and gradients follow too
@@ -184,6 +189,9 @@ def _sample_views(
             view.map_key_valid = {m.name: to_numpy(key_valid(m, batch)[i]) for m in maps}
         if rollout is not None:
             view.rollout, view.rollout_tokens = rollout.relevance[i], rollout.tokens
+            for name, (q_tokens, k_tokens, r) in rollout.stacks.items():
+                real = (to_numpy(token_valid(t, batch.mask)[i]) for t in (q_tokens, k_tokens))
+                view.rollout_maps[name] = (q_tokens, k_tokens, r[i], *real)
         views.append(view)
     return views
 

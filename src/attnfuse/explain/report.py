@@ -43,6 +43,7 @@ __all__ = [
     "plot_masking",
     "plot_steps",
     "plot_sample",
+    "plot_rollout_maps",
     "save_figure",
     "file_name",
     "write_html_report",
@@ -145,36 +146,43 @@ def _grid(n: int, max_cols: int, cell_w: float, cell_h: float, extra_w: float = 
 
 
 def _map_panels(
-    blocks: list[tuple[str, list[str], list[str], np.ndarray, np.ndarray | None]],
+    blocks: list[tuple[str, list[str], list[str], np.ndarray, np.ndarray | None, np.ndarray | None]],
     title: str,
     labels: tuple[str, str],
     cell: tuple[float, float],
     max_cols: int,
     annotate: int,
+    what: str = "mean attention weight",
 ) -> Figure:
-    """One heatmap per block (name, row labels, column labels, ``(L, S)`` values, ``(S,)`` valid
-    columns or None), on one colour scale stretched to the largest value so differences show."""
+    """One heatmap per block (name, row labels, column labels, ``(L, S)`` values, ``(L,)`` real
+    rows and ``(S,)`` real columns or None), on one colour scale stretched to the largest value so
+    differences show; rows and columns that are not real tokens hatched, their values not written."""
     fig, axes = _grid(len(blocks), max_cols, *cell)
-    vmax = max(float(mat.max()) for _, _, _, mat, _ in blocks) or 1.0
+    vmax = max(float(mat.max()) for _, _, _, mat, _, _ in blocks) or 1.0
     image = None
-    for ax, (name, rows, cols, mat, valid) in zip(axes.flat, blocks):
+    for ax, (name, rows, cols, mat, real_rows, real_cols) in zip(axes.flat, blocks):
         image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto", interpolation="nearest")
-        _hatch(ax, None, valid, mat.shape)
+        _hatch(ax, real_rows, real_cols, mat.shape)
         _ticks(ax, cols, "x")
         _ticks(ax, rows, "y")
         ax.set_xlabel(labels[1], fontsize=8)
         ax.set_ylabel(labels[0], fontsize=8)
         ax.set_title(name, fontsize=9)
-        _annotate(ax, mat, vmax, limit=annotate)
-    fig.colorbar(image, ax=axes, shrink=0.9, label="mean attention weight")
+        shown = mat.astype(np.float64)
+        if real_rows is not None:
+            shown[~real_rows] = np.nan
+        if real_cols is not None:
+            shown[:, ~real_cols] = np.nan
+        _annotate(ax, shown, vmax, limit=annotate)
+    fig.colorbar(image, ax=axes, shrink=0.9, label=what)
     fig.suptitle(_wrap(title, fig.get_figwidth()), fontsize=10)
     return fig
 
 
 def plot_modality_matrices(attn: ModalityAttention, title: str) -> Figure:
     """One panel per block: rows = querying modality, columns = attended modality (rows sum to 1)."""
-    blocks = [(name, q, k, mat, None) for name, (q, k, mat) in attn.matrices.items()]
-    size = max(max(len(q), len(k)) for _, q, k, _, _ in blocks)
+    blocks = [(name, q, k, mat, None, None) for name, (q, k, mat) in attn.matrices.items()]
+    size = max(max(len(b[1]), len(b[2])) for b in blocks)
     cell = max(2.8, 0.55 * size + 1.6)
     return _map_panels(blocks, title, ("querying modality", "attended modality"), (cell, cell), 3, annotate=64)
 
@@ -191,13 +199,15 @@ def plot_step_maps(attn: ModalityAttention, title: str) -> Figure:
     """One panel per attention stack (its last layer, the one closest to the output): the mean
     head-averaged weight of each query step on each key step over the samples; keys that are never
     real tokens in those samples are hatched."""
-    blocks = [(name, *attn.steps[name], attn.key_valid[name] > 0) for name in _last_layers(list(attn.steps))]
-    n_q = max(len(q) for _, q, _, _, _ in blocks)
-    n_k = max(len(k) for _, _, k, _, _ in blocks)
-    cell_w = float(np.clip(0.3 * n_k + 1.8, 3.0, 7.0))  # about 0.3 in per step, within reason
-    cell_h = float(np.clip(0.3 * n_q + 1.3, 1.4, 6.0))
-    labels = ("query step", "key step (attended to)")
-    return _map_panels(blocks, title, labels, (cell_w, cell_h), 3 if cell_w < 4.5 else 2, annotate=48)
+    blocks = [(name, *attn.steps[name], None, attn.key_valid[name] > 0) for name in _last_layers(list(attn.steps))]
+    return _step_panels(blocks, title, ("query step", "key step (attended to)"), "mean attention weight")
+
+
+def _step_panels(blocks: list, title: str, labels: tuple[str, str], what: str) -> Figure:
+    """:func:`_map_panels` for token-by-token maps: about 0.3 in per token, within reason."""
+    cell_w = float(np.clip(0.3 * max(len(b[2]) for b in blocks) + 1.8, 3.0, 7.0))
+    cell_h = float(np.clip(0.3 * max(len(b[1]) for b in blocks) + 1.3, 1.4, 6.0))
+    return _map_panels(blocks, title, labels, (cell_w, cell_h), 3 if cell_w < 4.5 else 2, annotate=48, what=what)
 
 
 def plot_received(attn: ModalityAttention, title: str) -> Figure:
@@ -441,6 +451,14 @@ def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
     return fig
 
 
+def plot_rollout_maps(view: SampleExplanation) -> Figure:
+    """One panel per attention stack: the rolled-out map of this sample (rows: the stack's tokens,
+    or the pooled query tokens of a cross stack; columns: the input tokens they trace back to)."""
+    blocks = [(name, *stack) for name, stack in view.rollout_maps.items()]
+    title = f"Attention rollout, sample {view.row}: each token's share traced back to the input tokens"
+    return _step_panels(blocks, title, ("token after the stack", "input token"), "rollout share")
+
+
 def save_figure(fig: Figure, path: Path) -> bytes:
     """Write a PNG (tight bounding box: nothing clipped) and return its bytes for the HTML report."""
     buffer = io.BytesIO()
@@ -502,8 +520,11 @@ HOW_TO_READ = {
         "minus the output with the modality hidden (masking); green: the modality's summed attribution "
         "(Integrated Gradients sums, over all modalities, to output − output at the training mean). Below, for "
         "each sequence modality: each method's share per step (each row sums to 1); hatched steps are padding "
-        "or absent. The per-head heatmaps after it show every attention block: query tokens down, keys across, "
-        "hatched rows/columns are not tokens of this sample."
+        "or absent. Then, with rollout, each attention stack's rolled-out map: how much of each token's state "
+        "after the stack traces back to each input token through all its layers and residual connections "
+        "(Abnar & Zuidema, 2020; for a cross stack the context never changes, so the map is the query's own "
+        "residual share plus a weighted mean of the layers' maps). Last, the raw per-head heatmaps of every "
+        "attention block: query tokens down, keys across; hatched rows/columns are not tokens of this sample."
     ),
 }
 
@@ -691,6 +712,9 @@ def write_report(expl: Explanation, out: Path) -> list[Path]:
             parts = [_sample_table(view, expl.task)]
             png = save_figure(plot_sample(view, expl.task, expl.split), tmp / "samples" / f"sample{view.row}.png")
             parts.append(_img(png, f"sample {view.row}"))
+            if view.rollout_maps:
+                png = save_figure(plot_rollout_maps(view), tmp / "samples" / f"sample{view.row}_rollout.png")
+                parts.append(_img(png, f"rollout, sample {view.row}"))
             key_valid = view.map_key_valid
             for m in view.maps:
                 png = save_figure(

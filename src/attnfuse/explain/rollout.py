@@ -56,8 +56,9 @@ class Rollout:
     valid ``(B, N)``: which are real for each sample. relevance ``(B, N)``: the share of the pooled
     representation that traces back to each input token (each row sums to 1; all 0 for a sample
     whose pooled vector does not come from attention, e.g. a ``cross`` sample without its query
-    modality). stacks: stack name -> (row tokens, column tokens, ``(B, L, N_s)``) the rolled-out
-    map of each attention stack on its own, over the tokens it reads.
+    modality). stacks (only with ``keep_stacks``): stack name -> (row tokens, column tokens,
+    ``(B, L, N_s)``) the rolled-out map of each attention stack on its own, over the tokens it
+    reads (for ``cross``/``bicross``: the rows of the pooled query tokens).
     """
 
     tokens: list[str]
@@ -139,80 +140,91 @@ def _scatter(r: Tensor, cols: list[str], tokens: list[str]) -> Tensor:
     return out
 
 
+Rolled = dict[str, tuple[list[str], list[str], Tensor]]  # stack -> (rows, columns, (B, L, N_s))
+
+
+def _self_relevance(model: SelfAttentionFusion, stacks: dict, batch: Batch, residual: float) -> tuple:
+    """One encoder over every token; the pooled vector reads its rows as the pooling does."""
+    ((name, layers),) = stacks.items()
+    own = layers[0][0].query_tokens  # ([CLS] +) every modality's tokens
+    r = rollout_stack(layers, own, residual)
+    valid = layers[0][0].query_valid
+    if model.config.pooling == "cls":
+        relevance = r[:, 0]
+    elif model.config.pooling == "modality":  # per-modality means, concatenated: each present one counts alike
+        mods = [token_modality(t) for t in own]
+        per_mod = [
+            _mean_rows(r, valid & torch.tensor([m == n for m in mods], device=valid.device)) for n in model.specs
+        ]
+        present = torch.stack([batch.mask[n].any(dim=1) for n in model.specs], dim=1)  # (B, M)
+        relevance = torch.stack(per_mod, dim=1).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
+    else:  # mean (and attention pooling, whose learned weights the model does not return)
+        relevance = _mean_rows(r, valid)
+    return own, relevance, {name: (own, own, r)}
+
+
+def _cross_relevance(
+    model: CrossModalFusion | BiCrossFusion, stacks: dict, tokens: list[str], residual: float
+) -> tuple:
+    """Query tokens over [query; context]; for bicross both directions update in the same layer."""
+    (name, layers), *rest = stacks.items()
+    layers = [[m for part in group for m in part] for group in zip(layers, *(s for _, s in rest))]
+    first = layers[0]
+    own = first[0].query_tokens + first[0].key_tokens
+    r = rollout_stack(layers, own, residual)
+    pooled = [t for m in first for t in m.query_tokens]  # the tokens the model pools
+    rows = r[:, [own.index(t) for t in pooled]]
+    valid = torch.cat([m.query_valid for m in first], dim=1)
+    if rest:
+        name = f"cross:{model.config.query}<->{'+'.join(model.config.context)}"
+    relevance = _scatter(_mean_rows(rows, valid)[:, None], own, tokens)[:, 0]
+    return tokens, relevance, {name: (pooled, own, rows)}
+
+
+def _mult_relevance(model: MulTFusion, stacks: dict, tokens: list[str], residual: float) -> tuple:
+    """Per target t: its cross stacks, mixed equally, then its self stack; targets averaged."""
+    rolled: Rolled = {}
+    per_target, present = [], []
+    for t in model.specs:
+        t_tokens = model.labels[t]
+        sources = [s for s in model.specs if s != t]
+        mixed = 0.0
+        for s in sources:
+            own = t_tokens + model.labels[s]
+            r = rollout_stack(stacks[f"cross:{t}->{s}"], own, residual)[:, : len(t_tokens)]  # (B, T_t, T_t + T_s)
+            rolled[f"cross:{t}->{s}"] = (t_tokens, own, r)
+            mixed = mixed + _scatter(r, own, tokens) / len(sources)  # (B, T_t, N)
+        r_self = rollout_stack(stacks[f"self:{t}"], t_tokens, residual)  # (B, T_t, T_t)
+        rolled[f"self:{t}"] = (t_tokens, t_tokens, r_self)
+        valid = stacks[f"self:{t}"][0][0].query_valid
+        per_target.append(_mean_rows(r_self @ mixed, valid))
+        present.append(valid.any(dim=1))
+    weight = torch.stack(present, dim=1).double().unsqueeze(-1)  # (B, M, 1): an absent target is a learned vector
+    relevance = (torch.stack(per_target, dim=1) * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+    return tokens, relevance, rolled
+
+
 def _relevance(model: FusionModel, maps: list[AttentionMap], batch: Batch, residual: float) -> tuple:
-    """(input tokens, (B, N) relevance, stack name -> (rows, cols, (B, L, N_s)))."""
+    """(input tokens, ``(B, N)`` relevance, stack name -> (rows, columns, ``(B, L, N_s)``))."""
     stacks = _stacks(maps)
     tokens = [t for n in model.specs for t in model.labels[n]]
-    rolled: dict[str, tuple[list[str], list[str], Tensor]] = {}
-
     if isinstance(model, SelfAttentionFusion):
-        ((name, layers),) = stacks.items()
-        own = layers[0][0].query_tokens  # ([CLS] +) every modality's tokens
-        r = rollout_stack(layers, own, residual)
-        rolled[name] = (own, own, r)
-        valid = layers[0][0].query_valid
-        pooling = model.config.pooling
-        if pooling == "cls":
-            relevance = r[:, 0]
-        elif pooling == "modality":  # per-modality means, concatenated: each present modality counts alike
-            mods = [token_modality(t) for t in own]
-            per_mod = [
-                _mean_rows(r, valid & torch.tensor([m == n for m in mods], device=valid.device)) for n in model.specs
-            ]
-            present = torch.stack([batch.mask[n].any(dim=1) for n in model.specs], dim=1)  # (B, M)
-            relevance = torch.stack(per_mod, dim=1).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
-        else:
-            relevance = _mean_rows(r, valid)
-        return own, relevance, rolled
-
+        return _self_relevance(model, stacks, batch, residual)
     if isinstance(model, (CrossModalFusion, BiCrossFusion)):
-        (name, layers), *rest = stacks.items()
-        layers = [
-            [m for part in group for m in part] for group in zip(layers, *(s for _, s in rest))
-        ]  # bicross: both directions
-        first = layers[0]
-        own = first[0].query_tokens + first[0].key_tokens
-        r = rollout_stack(layers, own, residual)
-        queried = [t for m in first for t in m.query_tokens]  # rows the model pools
-        rows = [own.index(t) for t in queried]
-        valid = torch.cat([m.query_valid for m in first], dim=1)
-        stack_name = name if not rest else f"cross:{model.config.query}<->{'+'.join(model.config.context)}"
-        rolled[stack_name] = (queried, own, r[:, rows])
-        relevance = _scatter(_mean_rows(r[:, rows], valid)[:, None], own, tokens)[:, 0]
-        return tokens, relevance, rolled
-
+        return _cross_relevance(model, stacks, tokens, residual)
     if isinstance(model, MulTFusion):
-        per_target = []
-        present = []
-        for t in model.specs:
-            t_tokens = model.labels[t]
-            mixed = 0.0
-            sources = [s for s in model.specs if s != t]
-            for s in sources:
-                name = f"cross:{t}->{s}"
-                own = t_tokens + model.labels[s]
-                r = rollout_stack(stacks[name], own, residual)[:, : len(t_tokens)]  # (B, T_t, T_t + T_s)
-                rolled[name] = (t_tokens, own, r)
-                mixed = mixed + _scatter(r, own, tokens) / len(sources)  # (B, T_t, N)
-            self_name = f"self:{t}"
-            r_self = rollout_stack(stacks[self_name], t_tokens, residual)  # (B, T_t, T_t)
-            rolled[self_name] = (t_tokens, t_tokens, r_self)
-            valid = stacks[self_name][0][0].query_valid
-            per_target.append(_mean_rows(r_self @ mixed, valid))
-            present.append(valid.any(dim=1))
-        weight = torch.stack(present, dim=1).double()  # (B, M): absent targets use a learned vector
-        relevance = (torch.stack(per_target, dim=1) * weight.unsqueeze(-1)).sum(1) / weight.sum(
-            1, keepdim=True
-        ).clamp_min(1.0)
-        return tokens, relevance, rolled
-
+        return _mult_relevance(model, stacks, tokens, residual)
     raise ValueError(f"model: rollout is defined for self, cross, bicross and mult fusions, got '{fusion_name(model)}'")
 
 
 @torch.no_grad()
-def attention_rollout(model: FusionModel, batch: Batch, residual: float = RESIDUAL, batch_size: int = 256) -> Rollout:
+def attention_rollout(
+    model: FusionModel, batch: Batch, residual: float = RESIDUAL, batch_size: int = 256, keep_stacks: bool = False
+) -> Rollout:
     """Roll out the attention of every sample of ``batch`` (chunked, on the model's device;
-    results on the CPU). See the module's docstring for what rollout means for each fusion."""
+    results on the CPU). See the module's docstring for what rollout means for each fusion.
+    ``keep_stacks``: also return each stack's rolled-out map per sample (``(B, L, N_s)`` each:
+    for a few samples; over a large split they take much memory)."""
     require_attention(model)
     if not 0.0 <= residual < 1.0:
         raise ValueError(f"residual: expected a value in [0, 1), got {residual}")
@@ -228,9 +240,9 @@ def attention_rollout(model: FusionModel, batch: Batch, residual: float = RESIDU
         tokens, rel, rolled = _relevance(model, maps, chunk, residual)
         relevance.append(to_numpy(rel))
         valid.append(to_numpy(token_valid(tokens, chunk.mask)))
-        for name, (rows, cols, r) in rolled.items():
+        for name, (rows, cols, r) in rolled.items() if keep_stacks else ():
             labels[name] = (rows, cols)
-            stacks.setdefault(name, []).append(to_numpy(r))
+            stacks.setdefault(name, []).append(to_numpy(r.float()))
     return Rollout(
         tokens=tokens,
         valid=np.concatenate(valid),
