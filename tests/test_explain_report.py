@@ -62,7 +62,7 @@ def test_received_chart_is_sized_to_its_title():
     attn = modality_attention(tiny_model("self", data), data.to_batch())
     title = "Attention received per modality — self fusion on a data set with a long name: test accuracy 0.9933"
     fig = plot_received(attn, title)
-    fig.canvas.draw()
+    fig.draw_without_rendering()  # runs the layout, as saving does
     box = fig.bbox
     for ax in fig.axes:
         extent = ax.title.get_window_extent()

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..explain import explain_model, parse_vectors, walkthrough, write_report
+from ..explain import explain_model, parse_vectors, walkthrough
 from ..explain.agreement import METHOD_SHORT
 from ..explain.pipeline import Explanation
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
@@ -181,6 +181,8 @@ def explain(
         raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")
     rows = parts[split][:max_rows]
     expl = explain_model(net, dataset, standardizer, rows, split=split, methods=method, samples=chosen, n_steps=steps)
+    from ..explain.report import write_report  # matplotlib loads only when a report is drawn
+
     target = out or Path(model) / "explain"
     write_report(expl, target)
     print_explanation(console, expl, target)

@@ -10,7 +10,8 @@
 * :mod:`.rollout` — attention rollout across layers (Abnar & Zuidema, 2020).
 * :mod:`.agreement` — the methods side by side, rank correlations, sentences where they differ.
 * :mod:`.pipeline` — :func:`explain_model`: every chosen method over a split and a few samples.
-* :mod:`.report` — figures and the self-contained HTML report.
+* :mod:`.report` — figures and the self-contained HTML report (``write_report``; imported on
+  first use, as it loads matplotlib).
 """
 
 from ._common import token_modality, token_valid
@@ -19,7 +20,6 @@ from .attention import ModalityAttention, bertviz_export, collect_maps, key_vali
 from .gradients import GradientAttribution, gradient_attribution, gradient_x_input, integrated_gradients
 from .masking import MaskingImportance, hide, masking_importance
 from .pipeline import CHEAP_METHODS, METHODS, Explanation, SampleExplanation, explain_model, resolve_methods
-from .report import write_report
 from .rollout import Rollout, attention_rollout, rollout_stack
 from .walkthrough import Walkthrough, parse_vectors, walkthrough
 
@@ -55,3 +55,12 @@ __all__ = [  # alphabetical
     "walkthrough",
     "write_report",
 ]
+
+
+def __getattr__(name: str):
+    # write_report lives in .report, which imports matplotlib: load it only when asked for.
+    if name == "write_report":
+        from .report import write_report
+
+        return write_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

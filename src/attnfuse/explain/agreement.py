@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from .masking import MaskingImportance
 
@@ -53,6 +52,8 @@ def _fmt_drop(metric: str, value: float) -> str:
 
 
 def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr  # here: scipy.stats takes seconds to import, and only this needs it
+
     both = np.isfinite(a) & np.isfinite(b)
     if both.sum() < 3 or np.ptp(a[both]) == 0 or np.ptp(b[both]) == 0:
         return float("nan")

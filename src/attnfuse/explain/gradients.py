@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from captum.attr import InputXGradient, IntegratedGradients
 
 from ..data.dataset import Batch, iter_batches
 from ..fusion import FusionModel
@@ -120,6 +119,8 @@ def gradient_attribution(
     on each sample's path, at most ``max_points`` (and at least one step of the chunk) per forward
     pass, which bounds its memory. Results come back on the CPU.
     """
+    from captum.attr import InputXGradient, IntegratedGradients  # here: importing captum takes a while
+
     if method not in GRADIENT_METHODS:
         raise ValueError(f"method: expected one of {list(GRADIENT_METHODS)}, got {method!r}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:

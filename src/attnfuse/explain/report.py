@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg backend) and a self-contained HTML report of an :class:`Explanation`.
+"""Figures (matplotlib's object API: no pyplot, no global backend, so a notebook's plotting is left
+alone) and a self-contained HTML report of an :class:`Explanation`.
 
 Conventions of every figure: attention weights on the ``viridis`` scale from 0; padded steps and
 absent modalities hatched in grey (they are not tokens of that sample, which differs from a token
@@ -18,10 +19,6 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -59,6 +56,12 @@ COLORS = {"attention": "#3b6ea8", "rollout": "#7aa6d6", "mask": "#c2553d", "ig":
 def file_name(block: str) -> str:
     """A block name as a readable file name: "cross:text->video/layer0" -> "cross_text-to-video_layer0"."""
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", block.replace("->", "-to-").replace("<->", "-with-")).strip("_")
+
+
+def _subplots(*grid: int, figsize: tuple[float, float], layout: str = "constrained", **kwargs) -> tuple[Figure, Axes]:
+    """``pyplot.subplots`` without pyplot: a Figure of its own (PNG output goes through Agg)."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def _wrap(text: str, width_in: float) -> str:
@@ -110,7 +113,7 @@ def plot_heads(m: AttentionMap, sample: int, title: str, key_valid: np.ndarray |
     cell_w = max(2.4, 0.22 * n_k + 1.4)
     cell_h = max(1.3, 0.22 * n_q + 1.2)
     width = cell_w * cols + 1.4
-    fig, axes = plt.subplots(rows, cols, figsize=(width, cell_h * rows + 1.4), squeeze=False, layout="constrained")
+    fig, axes = _subplots(rows, cols, figsize=(width, cell_h * rows + 1.4), squeeze=False, layout="constrained")
     vmax = float(w.max()) if w.size and w.max() > 0 else 1.0
     image = None
     for h in range(rows * cols):
@@ -137,7 +140,7 @@ def plot_heads(m: AttentionMap, sample: int, title: str, key_valid: np.ndarray |
 def _grid(n: int, max_cols: int, cell_w: float, cell_h: float, extra_w: float = 1.4) -> tuple[Figure, np.ndarray]:
     cols = min(n, max_cols)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         rows, cols, figsize=(cell_w * cols + extra_w, cell_h * rows + 1.0), squeeze=False, layout="constrained"
     )
     for i in range(n, rows * cols):
@@ -215,7 +218,7 @@ def plot_received(attn: ModalityAttention, title: str) -> Figure:
     names = list(attn.received)
     shares = [100.0 * attn.received[n] for n in names]
     width = max(4.5, 0.9 * len(names) + 2.5)
-    fig, ax = plt.subplots(figsize=(width, 3.4), layout="constrained")
+    fig, ax = _subplots(figsize=(width, 3.4), layout="constrained")
     bars = ax.bar(names, shares, color=COLORS["attention"])
     ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
     ax.set_ylabel("share of attention received (%)")
@@ -232,7 +235,7 @@ def plot_agreement(expl: Explanation) -> Figure:
     mods, methods = agree.modalities, list(agree.shares)
     has_drop = agree.drops is not None
     height = max(2.6, 0.16 * len(mods) * max(len(methods), 1) + 1.8)
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         1,
         2 if has_drop else 1,
         figsize=(10.0 if has_drop else 6.5, height),
@@ -285,7 +288,7 @@ def plot_masking(masking: MaskingImportance) -> Figure:
     scale = 100.0 if masking.metric in POINTS else 1.0
     unit = "points" if scale == 100 else masking.metric
     bars_w, matrix_w = 5.5, 0.6 * len(mods) + 2.6
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         1,
         2 if pairs else 1,
         figsize=(bars_w + (matrix_w if pairs else 0.0), max(2.8, 0.5 * len(mods) + 1.8)),
@@ -347,7 +350,7 @@ def plot_steps(expl: Explanation) -> Figure | None:
         return None
     longest = max(len(expl.step_valid[m]) for m in profiles)
     width = max(6.0, 0.22 * longest + 3.0)
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         len(profiles), 1, figsize=(width, 2.6 * len(profiles) + 0.6), squeeze=False, layout="constrained"
     )
     for ax, (mod, methods) in zip(axes[:, 0], profiles.items()):
@@ -394,7 +397,7 @@ def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
     series = ([("mask", view.masking)] if view.masking is not None else []) + list(view.gradients.items())
     heights = [max(1.6, 0.32 * len(mods) * max(len(series), 1) + 0.9)]
     heights += [0.42 * len(view.steps[m]) + 1.2 for m in sequences]
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         len(heights),
         1,
         figsize=(width, sum(heights) + 1.2),
@@ -463,7 +466,6 @@ def save_figure(fig: Figure, path: Path) -> bytes:
     """Write a PNG (tight bounding box: nothing clipped) and return its bytes for the HTML report."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
