@@ -207,16 +207,21 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "timing", "planted", "masking"], default="all")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    parts = {"timing": timing, "planted": planted, "masking": masking}
+    body = []
+    for name, part in parts.items():
+        if args.part in ("all", name):
+            body += part(args.quick)
+    end = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     lines = [
         SECTION,
         "",
-        f"Machine: {machine()}; {date.today().isoformat()}. CPU float32. Command: `python benchmarks/explain.py`.",
+        f"Machine: {machine()}; {date.today().isoformat()}; load average {load} at the start, {end} at the end "
+        "(a shared machine: the times are upper bounds). CPU float32. Command: `python benchmarks/explain.py`.",
         "",
+        *body,
     ]
-    parts = {"timing": timing, "planted": planted, "masking": masking}
-    for name, part in parts.items():
-        if args.part in ("all", name):
-            lines += part(args.quick)
     text = "\n".join(lines)
     print(text)
     if not args.quick and args.part == "all":

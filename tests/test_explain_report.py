@@ -94,7 +94,7 @@ def reports(tmp_path_factory):
 def test_report_files_and_sections(reports, fusion):
     expl, out, written = reports[fusion]
     names = {p.relative_to(out).as_posix() for p in written}
-    assert {"report.html", "explanation.json", "agreement.png", "masking.png", "steps.png"} <= names
+    assert {"report.html", "explanation.json", "agreement.png", "masking.png", "steps.png", "features.png"} <= names
     attention, views = fusion != "concat", fusion != "mult"
     assert ("samples/sample0.png" in names) == views
     assert ("bertviz/sample0.json" in names) == (attention and views)

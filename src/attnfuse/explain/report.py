@@ -39,6 +39,7 @@ __all__ = [
     "plot_agreement",
     "plot_masking",
     "plot_steps",
+    "plot_features",
     "plot_sample",
     "plot_rollout_maps",
     "save_figure",
@@ -380,6 +381,33 @@ def _explained(view: SampleExplanation, task: str) -> str:
     return "prediction" if view.prediction.size == 1 else f"output {view.target}"
 
 
+TOP_FEATURES = 10
+DOWN = "#7b5ea7"  # a feature whose mean attribution is negative
+
+
+def plot_features(expl: Explanation) -> Figure | None:
+    """Per modality, the ``TOP_FEATURES`` features with the largest mean |attribution| over the
+    rows (IG when it ran, else gradient × input); None without a gradient method."""
+    g = expl.gradients.get("ig") or expl.gradients.get("gxi")
+    if g is None:
+        return None
+    fig, axes = _grid(len(g.modalities), 3, 3.4, 0.24 * TOP_FEATURES + 1.2, extra_w=0.4)
+    for ax, mod in zip(axes.flat, g.modalities):
+        per_feature = g.per_feature(mod)  # (B, D)
+        mass, sign = np.abs(per_feature).mean(axis=0), np.sign(per_feature.mean(axis=0))
+        top = np.argsort(-mass)[:TOP_FEATURES]
+        colors = [COLORS["ig"] if sign[i] >= 0 else DOWN for i in top]
+        ax.barh([f"{mod}:{i}" for i in top], mass[top], color=colors)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(mod, fontsize=9)
+        ax.set_xlabel("mean |attribution|", fontsize=8)
+    fig.suptitle(f"Largest features by {METHOD_LABELS[g.method]}", fontsize=10)
+    signs = [Patch(color=COLORS["ig"], label="raises the output on average"), Patch(color=DOWN, label="lowers it")]
+    fig.legend(handles=signs, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
 def _fmt_value(task: str, v: np.ndarray) -> str:
     v = np.asarray(v)
     if task == "classification":
@@ -494,6 +522,12 @@ HOW_TO_READ = {
         "near 0: it can do without). Right, when pairs were hidden: drop(a, b) − drop(a) − drop(b). Red "
         "(&gt; 0): the two stand in for each other — each alone costs little, both together much (redundant "
         "information). Blue (&lt; 0): hiding either already loses what the pair carries (synergy)."
+    ),
+    "features": (
+        "For each modality, the features with the largest attribution (Integrated Gradients when it ran, else "
+        "gradient × input), summed over steps and averaged in absolute value over the explained rows. Green: "
+        "on average the feature pushes the explained output up; purple: down (the sign of its mean attribution). "
+        "Features are numbered from 0 in the order of the data's columns."
     ),
     "steps": (
         "For each sequence modality, how each method spreads that modality's mass over its steps, summed over "
@@ -686,6 +720,10 @@ def write_report(expl: Explanation, out: Path) -> list[Path]:
         if fig is not None:
             png = save_figure(fig, tmp / "steps.png")
             sections.append(("Which steps matter", HOW_TO_READ["steps"], [_img(png, "steps")]))
+        fig = plot_features(expl)
+        if fig is not None:
+            png = save_figure(fig, tmp / "features.png")
+            sections.append(("Which features matter", HOW_TO_READ["features"], [_img(png, "features")]))
         if expl.attention is not None:
             attn = expl.attention
             # Only where a block's queries of several modalities spread over several (self fusion) is
