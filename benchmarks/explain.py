@@ -206,7 +206,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: few rows and epochs, nothing written")
     parser.add_argument("--part", choices=["all", "timing", "planted", "masking"], default="all")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 resists a busy machine best")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     parts = {"timing": timing, "planted": planted, "masking": masking}
     body = []
@@ -218,7 +221,9 @@ def main() -> None:
         SECTION,
         "",
         f"Machine: {machine()}; {date.today().isoformat()}; load average {load} at the start, {end} at the end "
-        "(a shared machine: the times are upper bounds). CPU float32. Command: `python benchmarks/explain.py`.",
+        "(a shared machine: the times are upper bounds). CPU float32. Command: `python benchmarks/explain.py"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "`.",
         "",
         *body,
     ]

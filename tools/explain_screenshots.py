@@ -1,9 +1,16 @@
 """Screenshots of an ``attnfuse explain`` report, as the README shows them (needs chromium).
 
-    attnfuse train --data synthetic-regression --fusion cross --layers 1 --modality-dropout 0.1 --out runs/planted
+The README's two images were made with:
+
+    attnfuse train --fusion self --modality-dropout 0.2 --epochs 40 --out runs/mfeat
+    attnfuse explain --model runs/mfeat --method all --samples 3
+    python tools/explain_screenshots.py runs/mfeat/explain --top docs/images/explain_report.png --top-height 1450
+
+    attnfuse train --data synthetic-regression --fusion cross --layers 1 --modality-dropout 0.1 --epochs 60 \
+        --out runs/planted
     attnfuse explain --model runs/planted --method all --samples 3
-    python tools/explain_screenshots.py runs/planted/explain --top docs/images/explain_report.png \\
-        --sample 3 docs/images/explain_sample.png
+    python tools/explain_screenshots.py runs/planted/explain --sample 3 docs/images/explain_sample.png \
+        --sample-height 1420
 
 ``--top`` captures the start of the report (summary, agreement); ``--sample ROW PNG`` one
 per-sample section, cut out of the report into a page of its own so that it starts at the top.

@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 GRADIENT_METHODS = {"ig": "Integrated Gradients", "gxi": "gradient × input"}
-# Captum's own IG tests accept |delta| < 0.005 at 200 steps and < 0.05 at 100; the larger bound
-# (relative to the output change, for models whose outputs are not of order 1) is the check here.
+# Captum's own IG tests require |delta| < 0.005 (200 steps) and < 0.05 for their noise-tunnel
+# variants; the looser bound, relative to the output change for outputs larger than 1, is used here.
 COMPLETENESS_TOLERANCE = 0.05
 
 
