@@ -47,7 +47,11 @@ def machine() -> str:
         ),
         "unknown CPU",
     )
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    threads = torch.get_num_threads()
+    return (
+        f"{cpu}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def time_methods(model, batch, task: str, n_steps: int) -> dict[str, float]:
