@@ -1,4 +1,10 @@
-"""attnfuse explain: the walkthrough numbers, the maps a model returns, attribution, files, errors."""
+"""attnfuse.explain on untrained models: the walkthrough's numbers, the maps a model returns,
+masking (exact), gradients (against autograd and a Riemann sum), rollout (against a direct
+product of the layers), agreement, and explain_model for every fusion.
+
+Trained-model checks against planted truth are in test_explain_planted.py; figures, the HTML
+report, the browser and the command line in test_explain_report.py.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,65 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import rankdata
 from typer.testing import CliRunner
 
 from attnfuse.cli import app
-from attnfuse.data import MultimodalDataset, make_planted
+from attnfuse.data import Batch, MultimodalDataset
 from attnfuse.explain import (
+    agreement,
+    attention_rollout,
     bertviz_export,
     collect_maps,
+    explain_model,
+    gradient_attribution,
+    hide,
+    masking_importance,
     modality_attention,
     parse_vectors,
+    resolve_methods,
+    rollout_stack,
     token_modality,
     walkthrough,
 )
-from attnfuse.fusion import build_model
-from attnfuse.training import TrainConfig, model_config, run
+from attnfuse.fusion import FUSIONS, build_model
+from attnfuse.metrics import compute_metrics
+from attnfuse.modules import AttentionMap
+from attnfuse.training import model_config, to_predictions
 
 runner = CliRunner()
+ATTENTION_FUSIONS = ["self", "cross", "bicross", "mult"]
 
 
-# -- the notes' worked examples ------------------------------------------------------------------
+def mixed_data(n: int = 40, task: str = "classification") -> MultimodalDataset:
+    """Three modalities: a vector (text), a vector absent for every 4th sample (audio) and a
+    5-step sequence whose last two steps are padding for about half the samples (video)."""
+    rng = np.random.default_rng(0)
+    present = np.ones(n, dtype=bool)
+    present[::4] = False
+    steps = np.ones((n, 5), dtype=bool)
+    steps[:, 3:] = rng.random((n, 2)) < 0.5
+    y = rng.integers(0, 3, n) if task == "classification" else rng.normal(size=n).astype(np.float32)
+    return MultimodalDataset(
+        {
+            "text": rng.normal(size=(n, 6)).astype(np.float32),
+            "audio": rng.normal(size=(n, 4)).astype(np.float32),
+            "video": rng.normal(size=(n, 5, 3)).astype(np.float32),
+        },
+        y,
+        masks={"audio": present, "video": steps},
+    )
+
+
+def tiny_model(fusion: str, data: MultimodalDataset, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    extra = {} if fusion == "concat" else {"nhead": 2, "num_layers": 2}
+    return build_model(fusion, model_config(fusion, data, d_model=16, **{**extra, **overrides})).eval()
+
+
+# -- the walkthrough ---------------------------------------------------------------------------------
 
 
 def test_walkthrough_cross_example_unscaled():
@@ -46,7 +92,8 @@ def test_walkthrough_scaled_uses_sqrt_dk():
 def test_walkthrough_self_example_is_not_the_identity():
     x = parse_vectors("1,0;0,1", "self")
     w = walkthrough(x, x, scale=False)
-    np.testing.assert_allclose(w.weights, [[0.7311, 0.2689], [0.2689, 0.7311]], atol=5e-5)
+    e = np.e
+    np.testing.assert_allclose(w.weights, [[e / (e + 1), 1 / (e + 1)], [1 / (e + 1), e / (e + 1)]], rtol=1e-12)
     assert not np.allclose(w.weights, np.eye(2))
 
 
@@ -63,7 +110,9 @@ def test_cli_walkthrough_prints_the_numbers():
         assert text in result.output
     result = runner.invoke(app, ["explain", "--self", "1,0;0,1", "--no-scale"])
     assert result.exit_code == 0
-    assert "0.73106" in result.output and "0.26894" in result.output and "identity" in result.output
+    assert "0.73106" in result.output and "0.26894" in result.output
+    assert "strictly between 0 and 1" in result.output and "e/(e + 1) = 0.7311" in result.output
+    assert "notes" not in result.output  # the reason is mathematics, not a reference to a text
 
 
 @pytest.mark.parametrize(
@@ -86,28 +135,10 @@ def test_cli_walkthrough_bad_vectors(args, fragment):
 # -- maps returned by the models -------------------------------------------------------------------
 
 
-def _mixed_data(n: int = 40) -> MultimodalDataset:
-    rng = np.random.default_rng(0)
-    present = np.ones(n, dtype=bool)
-    present[::4] = False  # audio absent for every 4th sample
-    steps = np.ones((n, 5), dtype=bool)
-    steps[:, 3:] = rng.random((n, 2)) < 0.5  # ragged video
-    return MultimodalDataset(
-        {
-            "text": rng.normal(size=(n, 6)).astype(np.float32),
-            "audio": rng.normal(size=(n, 4)).astype(np.float32),
-            "video": rng.normal(size=(n, 5, 3)).astype(np.float32),
-        },
-        rng.integers(0, 3, n),
-        masks={"audio": present, "video": steps},
-    )
-
-
-@pytest.mark.parametrize("fusion", ["self", "cross", "bicross", "mult"])
+@pytest.mark.parametrize("fusion", ATTENTION_FUSIONS)
 def test_maps_shapes_labels_and_masks(fusion):
-    data = _mixed_data()
-    torch.manual_seed(0)
-    model = build_model(fusion, model_config(fusion, data, d_model=16, nhead=2, num_layers=2)).eval()
+    data = mixed_data()
+    model = tiny_model(fusion, data)
     batch = data.to_batch()
     out, maps = collect_maps(model, batch)
     assert maps and torch.allclose(out, model(batch), atol=1e-5)  # same prediction with or without maps
@@ -129,15 +160,14 @@ def test_maps_shapes_labels_and_masks(fusion):
     assert any("video[4]" in m.key_tokens or "video[4]" in m.query_tokens for m in maps)
 
 
-def test_concat_has_no_attention_to_show():
-    data = _mixed_data()
-    model = build_model("concat", model_config("concat", data))
+def test_concat_has_no_attention_maps():
+    data = mixed_data()
     with pytest.raises(ValueError, match="no attention to show"):
-        collect_maps(model, data.to_batch())
+        collect_maps(tiny_model("concat", data), data.to_batch())
 
 
 def test_return_attention_false_takes_the_fused_kernel(monkeypatch):
-    data = _mixed_data()
+    data = mixed_data()
     model = build_model("cross", model_config("cross", data, d_model=16, nhead=2)).eval()
     calls = {"sdpa": 0, "softmax": 0}
     real_sdpa, real_softmax = torch.nn.functional.scaled_dot_product_attention, torch.softmax
@@ -160,21 +190,32 @@ def test_return_attention_false_takes_the_fused_kernel(monkeypatch):
     assert calls["softmax"] == 2 and calls["sdpa"] == 2
 
 
-def test_modality_attention_rows_sum_to_one():
-    data = _mixed_data()
-    torch.manual_seed(0)
-    model = build_model("self", model_config("self", data, d_model=16, nhead=2)).eval()
-    attn = modality_attention(model, data.to_batch(), batch_size=7)  # several chunks
+def test_modality_attention_rows_sum_to_one_and_steps_match_the_maps():
+    data = mixed_data()
+    model = tiny_model("self", data)
+    batch = data.to_batch()
+    attn = modality_attention(model, batch, batch_size=7)  # several chunks
     assert set(attn.received) == {"text", "audio", "video"}
     assert sum(attn.received.values()) == pytest.approx(1.0)
     for q_mods, k_mods, mat in attn.matrices.values():
         assert q_mods == k_mods == ["text", "audio", "video"]
         np.testing.assert_allclose(mat.sum(1), 1.0, atol=1e-6)
+    # Step maps: the mean over samples with a valid query, computed here in one go.
+    _, maps = collect_maps(model, batch)
+    for m in maps:
+        q_tokens, k_tokens, steps = attn.steps[m.name]
+        w = m.weights.double().mean(1) * m.query_valid[..., None]
+        expected = (w.sum(0) / m.query_valid.double().sum(0).clamp_min(1)[:, None]).numpy()
+        np.testing.assert_allclose(steps, expected, atol=1e-10)
+        assert (q_tokens, k_tokens) == (m.query_tokens, m.key_tokens)
+        j = k_tokens.index("video[4]")
+        assert attn.key_valid[m.name][j] == pytest.approx(data.valid_mask("video")[:, 4].mean())
+        assert attn.key_valid[m.name][k_tokens.index("audio")] == 0.75
 
 
 def test_bertviz_layout():
-    data = _mixed_data(8)
-    model = build_model("bicross", model_config("bicross", data, d_model=16, nhead=2, num_layers=2)).eval()
+    data = mixed_data(8)
+    model = tiny_model("bicross", data)
     _, maps = collect_maps(model, data.to_batch())
     export = json.loads(json.dumps(bertviz_export(maps, 3)))
     assert export["self"] == [] and len(export["cross"]) == 4
@@ -182,137 +223,359 @@ def test_bertviz_layout():
     assert np.array(first["attention"]).shape == (1, 2, len(first["query_tokens"]), len(first["key_tokens"]))
 
 
-# -- the model finds the focus -----------------------------------------------------------------------
+# -- masking -------------------------------------------------------------------------------------
 
 
-def test_attention_lands_on_the_planted_step():
-    """Trained on the planted lookup, text->video attention puts ≥ 0.8 of its weight (mean over
-    heads and test samples) on the step whose key matches the text query."""
-    data = make_planted(n=1200, seed=1)
-    result = run(data, "cross", {"num_layers": 1}, TrainConfig(epochs=60, patience=15, seed=0))
-    assert result.metrics["test"]["r2"] > 0.9
-    test = data.split_indices(seed=0)["test"]
-    _, maps = collect_maps(result.model, result.standardizer.transform(data).to_batch(test))
-    (m,) = maps
-    assert m.query_tokens == ["text"] and m.key_tokens == [f"video[{t}]" for t in range(8)]
-    planted = torch.from_numpy(data.info["planted_step"][test])
-    weight_at_planted = m.weights.mean(dim=1)[torch.arange(len(test)), 0, planted]  # (B,)
-    assert weight_at_planted.mean().item() >= 0.8
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_masking_is_exactly_the_difference_of_two_forward_passes(fusion):
+    data = mixed_data()
+    model = tiny_model(fusion, data)
+    batch = data.to_batch()
+    imp = masking_importance(model, batch, "classification")
+    assert imp.hidden[:3] == [("text",), ("audio",), ("video",)] and len(imp.hidden) == 3 + 3  # + pairs
+    rows = np.arange(len(data))
+    with torch.no_grad():
+        full = model(batch)
+        assert np.array_equal(imp.target, full.argmax(-1).numpy())  # the predicted class is explained
+        for k, hidden in enumerate(imp.hidden):
+            without = model(hide(batch, hidden))
+            assert torch.isfinite(without).all()
+            assert np.array_equal(imp.delta[:, k], (full - without).numpy()[rows, imp.target])  # exactly
+            metrics = compute_metrics("classification", data.y, to_predictions("classification", without))
+            assert imp.hidden_metrics[k] == metrics
+    # A modality that is absent anyway: hiding it changes nothing, bit for bit.
+    audio_absent = ~imp.present[:, 1]
+    assert audio_absent.sum() == 10 and (imp.delta[audio_absent, 1] == 0).all()
+    assert imp.drop("audio") == imp.metrics["accuracy"] - imp.hidden_metrics[1]["accuracy"]
+    a, b = "text", "video"
+    assert imp.interaction(a, b) == pytest.approx(imp.drop(a, b) - imp.drop(a) - imp.drop(b))
+    np.testing.assert_allclose(imp.share().sum(), 1.0)
 
 
-# -- the command on a trained model ------------------------------------------------------------------
+def test_masking_regression_metric_and_direction():
+    data = mixed_data(task="regression")
+    model = tiny_model("self", data)
+    imp = masking_importance(model, data.to_batch(), "regression", pairs=False, metric="mae")
+    assert len(imp.hidden) == 3 and (imp.target == 0).all()
+    for k, name in enumerate(imp.modalities):  # mae: lower is better, so a drop is hidden - full
+        assert imp.drop(name) == imp.hidden_metrics[k]["mae"] - imp.metrics["mae"]
 
 
-@pytest.fixture(scope="module")
-def trained_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("explain")
-    data = make_planted(n=300, seq_len=4, num_keys=6, seed=3, task="classification")
-    from attnfuse.data import save_npz
-
-    save_npz(data, root / "planted.npz")
-    dirs = {}
-    for fusion in ("bicross", "concat"):
-        out = root / fusion
-        heads = ["--heads", "2"] if fusion != "concat" else []
-        result = runner.invoke(
-            app,
-            [
-                "train",
-                "--data",
-                str(root / "planted.npz"),
-                "--fusion",
-                fusion,
-                "--epochs",
-                "3",
-                "--d-model",
-                "16",
-                *heads,
-                "--out",
-                str(out),
-            ],
-        )
-        assert result.exit_code == 0, result.output
-        dirs[fusion] = out
-    return root, dirs
+def test_masking_without_targets_and_bad_input():
+    data = mixed_data()
+    model = tiny_model("cross", data)
+    batch = data.to_batch()
+    imp = masking_importance(model, Batch(batch.x, batch.mask), "classification")
+    assert imp.metrics is None and np.isnan(imp.drop("text")) and imp.delta.shape == (40, 6)
+    with pytest.raises(ValueError, match=r"modalities: expected names from .* got \['sound'\]"):
+        hide(batch, ["sound"])
+    with pytest.raises(ValueError, match="metric: expected one of"):
+        masking_importance(model, batch, "classification", metric="r2")
+    with pytest.raises(ValueError, match="task: expected"):
+        masking_importance(model, batch, "ranking")
+    with pytest.raises(ValueError, match="were not hidden together"):
+        masking_importance(model, batch, "classification", pairs=False).drop("text", "audio")
 
 
-def test_cli_explain_writes_report(trained_dirs):
-    root, dirs = trained_dirs
-    out = root / "report"
-    result = runner.invoke(
-        app,
-        [
-            "explain",
-            "--model",
-            str(dirs["bicross"]),
-            "--data",
-            str(root / "planted.npz"),
-            "--samples",
-            "0,7",
-            "--out",
-            str(out),
-        ],
+# -- gradients ----------------------------------------------------------------------------------
+
+
+def _explained(model, batch: Batch, x: dict, target: np.ndarray) -> torch.Tensor:
+    out = model(Batch(x, batch.mask))
+    return out[torch.arange(len(target)), torch.from_numpy(target)]
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_integrated_gradients_is_complete(fusion):
+    data = mixed_data(12)
+    model = tiny_model(fusion, data)
+    batch = data.to_batch()
+    ig = gradient_attribution(model, batch, "classification", "ig", n_steps=32, batch_size=5)
+    # From forward passes of our own: the sum of attributions is f(x) - f(0), up to Captum's delta.
+    with torch.no_grad():
+        fx = _explained(model, batch, batch.x, ig.target).numpy()
+        f0 = _explained(model, batch, {k: torch.zeros_like(v) for k, v in batch.x.items()}, ig.target).numpy()
+    total = sum(a.sum(axis=(1, 2)) for a in ig.attributions.values())
+    np.testing.assert_allclose(ig.output, fx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ig.baseline_output, f0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ig.delta, total - (fx - f0), atol=1e-5)
+    assert ig.complete() and np.abs(ig.delta).max() < 0.05  # Captum's tolerance for IG
+
+
+def test_integrated_gradients_in_smaller_passes_gives_the_same_attributions():
+    """Captum splits the path's points into passes of at most max_points rows; the masks must
+    travel with their rows."""
+    data = mixed_data(12)
+    model = tiny_model("bicross", data)
+    whole = gradient_attribution(model, data.to_batch(), "classification", "ig", n_steps=16, batch_size=12)
+    parts = gradient_attribution(
+        model, data.to_batch(), "classification", "ig", n_steps=16, batch_size=12, max_points=24
     )
-    assert result.exit_code == 0, result.output
-    assert (out / "report.html").is_file() and (out / "modality_matrix.png").is_file()
-    assert (out / "modality_received.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    heatmaps = sorted(p.name for p in (out / "heatmaps" / "sample7").iterdir())
-    assert heatmaps == sorted(
-        [
-            "cross_text-_video_layer0.png",
-            "cross_video-_text_layer0.png",
-            "cross_text-_video_layer1.png",
-            "cross_video-_text_layer1.png",
-        ]
+    for k in whole.attributions:
+        np.testing.assert_allclose(parts.attributions[k], whole.attributions[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["cross", "mult"])
+def test_integrated_gradients_matches_a_riemann_sum(fusion):
+    """The path integral by an independent midpoint Riemann sum (200 points, autograd), all points
+    of the path in one batch."""
+    data = mixed_data(6)
+    model = tiny_model(fusion, data)
+    batch = data.to_batch()
+    ig = gradient_attribution(model, batch, "classification", "ig", n_steps=32)
+    points = 200
+    alphas = (torch.arange(points, dtype=torch.float32) + 0.5) / points  # (P,)
+    n = len(data)
+    x = {
+        k: (alphas[:, None, None, None] * v).reshape(points * n, *v.shape[1:]).requires_grad_()
+        for k, v in batch.x.items()
+    }
+    path = Batch(x, {k: v.repeat(points, 1) for k, v in batch.mask.items()})
+    target = np.tile(ig.target, points)
+    out = model(path)[torch.arange(points * n), torch.from_numpy(target)]
+    grads = torch.autograd.grad(out.sum(), list(x.values()))
+    for (k, v), g in zip(batch.x.items(), grads):
+        mean_grad = g.reshape(points, n, *v.shape[1:]).mean(0)
+        np.testing.assert_allclose(ig.attributions[k], (v * mean_grad).numpy(), atol=2e-4)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mult"])
+def test_gradient_x_input_is_input_times_gradient(fusion):
+    data = mixed_data(10, task="regression")
+    model = tiny_model(fusion, data)
+    batch = data.to_batch()
+    gxi = gradient_attribution(model, batch, "regression", "gxi")
+    assert gxi.delta is None and gxi.complete() is None and (gxi.target == 0).all()
+    x = {k: v.clone().requires_grad_() for k, v in batch.x.items()}
+    grads = torch.autograd.grad(_explained(model, batch, x, gxi.target).sum(), list(x.values()))
+    for (k, v), g in zip(batch.x.items(), grads):
+        np.testing.assert_allclose(gxi.attributions[k], (v * g).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_views_and_padding():
+    data = mixed_data(16)
+    ig = gradient_attribution(tiny_model("self", data), data.to_batch(), "classification", "ig", n_steps=8)
+    video, valid = ig.attributions["video"], ig.valid["video"]
+    assert video.shape == (16, 5, 3) and (video[~valid] == 0).all()  # padded steps: input = baseline
+    assert (ig.attributions["audio"][::4] == 0).all()  # absent modality
+    np.testing.assert_allclose(ig.per_step("video").sum(1), ig.per_modality()[:, 2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ig.per_feature("video").sum(1), ig.per_modality()[:, 2], rtol=1e-5, atol=1e-7)
+    assert ig.share().sum() == pytest.approx(1.0) and ig.step_share("video").sum() == pytest.approx(1.0)
+    model = tiny_model("self", data)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        gradient_attribution(model, data.to_batch(), "classification", "shap")
+    with pytest.raises(ValueError, match="n_steps: expected a positive integer"):
+        gradient_attribution(model, data.to_batch(), "classification", n_steps=0)
+    with pytest.raises(ValueError, match=r"target: expected an output index in 0..2"):
+        gradient_attribution(model, data.to_batch(), "classification", target=3)
+
+
+# -- rollout ------------------------------------------------------------------------------------
+
+
+def _roll(weights: list[np.ndarray]) -> np.ndarray:
+    """Abnar & Zuidema's rollout written out: Ã = (A + I) / 2 with rows renormalised, R = Ã_L … Ã_1."""
+    r = np.eye(weights[0].shape[-1])
+    for a in weights:
+        a = 0.5 * a + 0.5 * np.eye(a.shape[-1])
+        r = (a / a.sum(-1, keepdims=True)) @ r
+    return r
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_rollout_of_self_fusion_is_the_product_of_the_layers(pooling):
+    data = mixed_data(6)
+    model = tiny_model("self", data, pooling=pooling)
+    batch = data.to_batch()
+    ro = attention_rollout(model, batch, batch_size=4)
+    _, maps = collect_maps(model, batch)
+    for b in range(len(data)):
+        r = _roll([m.weights[b].double().mean(0).numpy() for m in maps])
+        valid = maps[0].query_valid[b].numpy()
+        expected = r[0] if pooling == "cls" else r[valid].mean(0)
+        np.testing.assert_allclose(ro.relevance[b], expected, atol=1e-10)
+    np.testing.assert_allclose(ro.relevance.sum(1), 1.0)
+    assert (ro.relevance[~ro.valid] == 0).all()  # padding and absent modalities get none
+    assert ro.tokens[0] == ("[CLS]" if pooling == "cls" else "text")
+
+
+def test_rollout_of_a_cross_stack_is_a_weighted_mean_of_its_layers():
+    data = mixed_data(6)
+    model = tiny_model("cross", data)  # text queries audio + video, 2 layers
+    batch = data.to_batch()
+    ro = attention_rollout(model, batch, keep_stacks=True)
+    assert attention_rollout(model, batch).stacks == {}  # by default only the relevance
+    _, (m0, m1) = collect_maps(model, batch)
+    a0, a1 = (m.weights.double().mean(1)[:, 0].numpy() for m in (m0, m1))  # (B, S): the one text query
+    np.testing.assert_allclose(ro.relevance[:, 0], 0.25)  # text keeps ½ · ½ through its residual
+    np.testing.assert_allclose(ro.relevance[:, 1:], 0.25 * a0 + 0.5 * a1, atol=1e-12)
+    name, (rows, cols, r) = next(iter(ro.stacks.items()))
+    assert name == "cross:text->audio+video" and rows == ["text"] and cols[0] == "text" and r.shape == (6, 1, 7)
+
+
+@pytest.mark.parametrize("fusion", ["bicross", "mult"])
+def test_rollout_of_every_fusion_sums_to_one(fusion):
+    data = mixed_data(8)
+    ro = attention_rollout(tiny_model(fusion, data), data.to_batch())
+    assert ro.tokens == ["text", "audio", *(f"video[{t}]" for t in range(5))]
+    np.testing.assert_allclose(ro.relevance.sum(1), 1.0)
+    assert (ro.relevance >= 0).all() and (ro.relevance[~ro.valid] == 0).all()
+    assert sum(ro.modality_share().values()) == pytest.approx(1.0)
+    rel = ro.step_relevance("video")
+    np.testing.assert_allclose(rel.sum(1), 1.0)
+    with pytest.raises(ValueError, match="modality: expected one of"):
+        ro.step_relevance("sound")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_rollout_stack_rows_stay_distributions(layers, n, seed):
+    """For any attention (rows summing to 1, or 0 for a query that sees no key), every rollout row
+    is a probability distribution, and a layer that attends only to itself changes nothing."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = [f"t[{i}]" for i in range(n)]
+    maps = []
+    for i in range(layers):
+        w = torch.rand(3, 2, n, n, generator=g) ** 4
+        w = w / w.sum(-1, keepdim=True)
+        w[0, :, 0] = 0.0  # sample 0, query 0: no visible key
+        maps.append([AttentionMap(f"s/layer{i}", w, tokens, tokens, torch.ones(3, n, dtype=torch.bool))])
+    r = rollout_stack(maps, tokens)
+    torch.testing.assert_close(r.sum(-1), torch.ones(3, n, dtype=torch.float64))
+    assert (r >= 0).all()
+    eye = torch.eye(n).expand(3, 2, n, n)
+    same = rollout_stack(
+        [*maps, [AttentionMap("s/layerX", eye, tokens, tokens, torch.ones(3, n, dtype=torch.bool))]], tokens
     )
-    page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 + 2 * 4  # self-contained: every image embedded
-    assert "test accuracy" in page
-    export = json.loads((out / "bertviz" / "sample0.json").read_text())
-    assert export["format"] == "bertviz" and len(export["cross"]) == 4
+    torch.testing.assert_close(same, r)
 
 
-@pytest.mark.parametrize(
-    "args, fragment",
-    [
-        (["--samples", "999"], "samples: expected row indices in 0..299"),
-        (["--samples", "a,b"], "samples: expected row indices"),
-        (["--split", "nope"], "split: expected one of"),
-    ],
-)
-def test_cli_explain_bad_input_writes_nothing(trained_dirs, args, fragment):
-    root, dirs = trained_dirs
-    out = root / f"bad-{abs(hash(tuple(args)))}"
-    result = runner.invoke(
-        app, ["explain", "--model", str(dirs["bicross"]), "--data", str(root / "planted.npz"), "--out", str(out), *args]
+def test_rollout_needs_attention():
+    data = mixed_data(4)
+    with pytest.raises(ValueError, match="no attention to show"):
+        attention_rollout(tiny_model("concat", data), data.to_batch())
+    with pytest.raises(ValueError, match=r"residual: expected a value in \[0, 1\)"):
+        attention_rollout(tiny_model("self", data), data.to_batch(), residual=1.0)
+
+
+# -- agreement ----------------------------------------------------------------------------------
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = rankdata(a), rankdata(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_agreement_correlations_and_sentences():
+    data = mixed_data()
+    model = tiny_model("self", data)
+    imp = masking_importance(model, data.to_batch(), "classification")
+    # Attention that favours audio while hiding audio costs least.
+    drops = imp.drops()
+    weakest = imp.modalities[int(np.argmin(drops))]
+    attention = {m: (0.6 if m == weakest else 0.2) for m in imp.modalities}
+    ig = np.array([0.5, 0.3, 0.2])
+    agree = agreement(imp.modalities, {"attention": attention, "ig": ig}, imp)
+    assert agree.metric == "accuracy" and np.array_equal(agree.drops, drops)
+    att = agree.shares["attention"]
+    assert agree.spearman[("attention", "ig")] == pytest.approx(_spearman(att, ig))
+    if np.ptp(drops) > 0:
+        assert agree.spearman[("ig", "drop")] == pytest.approx(_spearman(ig, drops))
+    else:  # a constant ranking has no correlation
+        assert np.isnan(agree.spearman[("ig", "drop")])
+    said = " ".join(agree.sentences)
+    assert f"attention received favours `{weakest}` (60%), but hiding `{weakest}` changes accuracy by" in said
+
+
+def test_agreement_when_everything_agrees_and_with_two_modalities():
+    shares = {"attention": np.array([0.7, 0.3]), "ig": np.array([0.8, 0.2])}
+    agree = agreement(["a", "b"], shares)
+    assert np.isnan(agree.spearman[("attention", "ig")])
+    assert any("fewer than 3 modalities" in s for s in agree.sentences)
+    assert not any("favour different" in s for s in agree.sentences)
+    ig = np.array([0.1, 0.2, 0.7])
+    differ = agreement(["a", "b", "c"], {"attention": np.array([0.6, 0.2, 0.2]), "ig": ig})
+    assert (
+        "The methods favour different modalities: attention received: `a`; Integrated Gradients: `c`."
+        in differ.sentences
     )
-    assert result.exit_code == 2
-    assert fragment in result.output and "Traceback" not in result.output
-    assert not out.exists()
+    spread = agreement(["a", "b", "c"], {"attention": np.array([0.34, 0.33, 0.33]), "ig": ig})
+    assert not any("favour different" in s for s in spread.sentences)  # an even spread favours nothing
+    tied = {"attention": np.array([0.45, 0.44, 0.1, 0.01]), "ig": np.array([0.1, 0.1, 0.1, 0.7])}
+    said = " ".join(agreement(["a", "b", "c", "d"], tied).sentences)
+    assert "attention received: `a` and `b`; Integrated Gradients: `d`" in said  # tied for first: both named
+    with pytest.raises(ValueError, match="shares: expected methods from"):
+        agreement(["a"], {"shap": np.array([1.0])})
+    with pytest.raises(ValueError, match=r"shares\['ig'\]: expected 2 values"):
+        agreement(["a", "b"], {"ig": np.array([1.0])})
 
 
-def test_cli_explain_concat_says_it_has_no_attention(trained_dirs):
-    root, dirs = trained_dirs
-    result = runner.invoke(
-        app,
-        [
-            "explain",
-            "--model",
-            str(dirs["concat"]),
-            "--data",
-            str(root / "planted.npz"),
-            "--out",
-            str(root / "concat-explain"),
-        ],
+# -- explain_model --------------------------------------------------------------------------------
+
+
+def test_resolve_methods():
+    assert resolve_methods("auto", True) == ("attention", "mask", "gxi", "rollout")
+    assert resolve_methods("auto", False) == ("mask", "gxi")
+    assert resolve_methods("all", True) == ("attention", "mask", "ig", "gxi", "rollout")
+    assert resolve_methods("all", False) == ("mask", "ig", "gxi")
+    assert resolve_methods("rollout, ig", True) == ("ig", "rollout")
+    with pytest.raises(ValueError, match="method: expected 'auto', 'all' or a comma-separated list"):
+        resolve_methods("ig,shap", True)
+    with pytest.raises(ValueError, match="method: expected"):
+        resolve_methods(",", True)
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_explain_model_runs_every_method_on_every_fusion(fusion):
+    data = mixed_data(24)
+    model = tiny_model(fusion, data)
+    expl = explain_model(model, data, None, np.arange(4, 24), split="test", methods="all", samples=[0, 1], n_steps=8)
+    attention = fusion != "concat"
+    assert expl.methods == (("attention", "mask", "ig", "gxi", "rollout") if attention else ("mask", "ig", "gxi"))
+    assert set(expl.seconds) >= set(expl.methods)
+    assert (expl.attention is not None) == attention and (expl.rollout is not None) == attention
+    assert expl.masking.delta.shape == (20, 6) and set(expl.gradients) == {"ig", "gxi"}
+    assert list(expl.agreement.shares) == [
+        m for m in ("attention", "rollout", "mask", "ig", "gxi") if m in expl.methods
+    ]
+    assert (
+        expl.score
+        == compute_metrics(
+            "classification", data.y[4:24], to_predictions("classification", model(data.to_batch(np.arange(4, 24))))
+        )["accuracy"]
     )
-    assert result.exit_code == 2
-    assert "no attention to show" in result.output
-    assert not (root / "concat-explain").exists()
+    first, second = expl.samples
+    assert (first.row, second.row) == (0, 1)
+    assert first.present == {"text": True, "audio": False, "video": True}  # audio is absent in row 0
+    assert first.masking["audio"] == 0.0 and first.gradients["ig"]["audio"] == 0.0
+    assert set(first.steps) == {"video"} and first.step_valid["video"].shape == (5,)
+    for values in first.steps["video"].values():
+        assert values.sum() == pytest.approx(1.0) and (values[~first.step_valid["video"]] == 0).all()
+    assert bool(first.maps) == attention
+    assert any("modality dropout" in n for n in expl.notes)  # trained without it: masking is out of distribution
 
 
-def test_cli_explain_defaults_to_the_training_file(trained_dirs):
-    root, dirs = trained_dirs
-    out = root / "default-data"
-    result = runner.invoke(app, ["explain", "--model", str(dirs["bicross"]), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert (out / "report.html").is_file()
+def test_explain_model_bad_input():
+    data = mixed_data(8)
+    with pytest.raises(ValueError, match=r"samples: expected row indices in 0..7, got \[8\]"):
+        explain_model(tiny_model("self", data), data, samples=[8])
+    with pytest.raises(ValueError, match="no attention to show"):
+        explain_model(tiny_model("concat", data), data, methods="rollout")
+    with pytest.raises(ValueError, match="rows: expected a non-empty"):
+        explain_model(tiny_model("self", data), data, rows=[])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_explain_model_with_the_model_on_cuda():
+    data = mixed_data(12)
+    cpu_model = tiny_model("mult", data)
+    expl_cpu = explain_model(cpu_model, data, methods="all", n_steps=8)
+    expl_gpu = explain_model(cpu_model.to("cuda"), data, methods="all", n_steps=8)
+    np.testing.assert_allclose(expl_gpu.masking.delta, expl_cpu.masking.delta, atol=1e-4)
+    np.testing.assert_allclose(expl_gpu.rollout.relevance, expl_cpu.rollout.relevance, atol=1e-4)
+    for m in ("ig", "gxi"):
+        for k in expl_cpu.modalities:
+            np.testing.assert_allclose(
+                expl_gpu.gradients[m].attributions[k], expl_cpu.gradients[m].attributions[k], atol=1e-3
+            )
+    assert set(expl_gpu.attention.matrices) == set(expl_cpu.attention.matrices)

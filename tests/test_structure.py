@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("training", ["training.py"]),
     ("model directories", ["checkpoint.py", "runstate.py"]),
     ("pipeline", ["pipeline.py"]),
-    ("explanation", ["explain.py", "report.py"]),
+    ("explanation", ["explain/"]),
     ("command line", ["cli/", "__main__.py"]),
     ("public API", ["__init__.py"]),
 ]

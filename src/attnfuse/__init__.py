@@ -6,7 +6,8 @@ keys) that never returns NaN for fully-masked rows and can show every layer's at
 Fusion (``data``, ``fusion``, ``training``, ``checkpoint``): multimodal datasets, five fusion
 models, training with early stopping, and model directories.
 
-Explanation (``explain``, ``report``): attention maps, modality attribution, walkthroughs.
+Explanation (``explain``): attention maps, masking importance, Integrated Gradients, attention
+rollout, their agreement, an HTML report, and walkthroughs of the attention arithmetic.
 """
 
 from ._version import __version__
@@ -24,7 +25,15 @@ from .data import (
     make_planted,
     save_npz,
 )
-from .explain import collect_maps, modality_attention, walkthrough
+from .explain import (
+    attention_rollout,
+    collect_maps,
+    explain_model,
+    integrated_gradients,
+    masking_importance,
+    modality_attention,
+    walkthrough,
+)
 from .fusion import (
     FUSIONS,
     BiCrossFusion,
@@ -118,4 +127,8 @@ __all__ = [
     "walkthrough",
     "collect_maps",
     "modality_attention",
+    "masking_importance",
+    "integrated_gradients",
+    "attention_rollout",
+    "explain_model",
 ]

@@ -1,34 +1,20 @@
-"""``attnfuse explain``: the printed walkthrough, and the files for a model."""
+"""``attnfuse explain``: the printed walkthrough, and the explanation files for a model."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from ..data import MultimodalDataset, Standardizer
-from ..explain import (
-    bertviz_export,
-    collect_maps,
-    modality_attention,
-    parse_vectors,
-    require_attention,
-    walkthrough,
-)
-from ..fusion import FusionModel
-from ..metrics import PRIMARY_METRIC, compute_metrics
-from ..report import plot_heads, plot_modality_matrices, plot_received, save_figure, write_html_report
-from ..training import predict, to_predictions
+from ..explain import explain_model, parse_vectors, walkthrough
+from ..explain.agreement import METHOD_SHORT
+from ..explain.pipeline import Explanation
+from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
 from .common import _load_for_model, _parts, console
-
-DEFAULT_SAMPLES = 2
 
 
 def _vec(v: np.ndarray) -> str:
@@ -74,7 +60,11 @@ def print_walkthrough(
             highlight=False,
         )
     else:
-        console.print("2. scaling: skipped (--no-scale), as in the study notes' simplified example", highlight=False)
+        console.print(
+            "2. scaling: skipped (--no-scale): the scores go into the softmax as they are, as in small hand-worked "
+            "examples",
+            highlight=False,
+        )
 
     console.print("3. softmax over the keys: the attention weights (each row sums to 1)", highlight=False)
     soft = Table()
@@ -98,124 +88,66 @@ def print_walkthrough(
         highlight=False,
     )
     if self_vectors is not None:
-        console.print(
-            "Note: softmax never gives exact 0/1 rows: softmax([1, 0]) = [0.7311, 0.2689]. The study notes print "
-            "the identity matrix here, which is wrong.",
-            highlight=False,
-        )
+        console.print(f"Why no row is one-hot: {SOFTMAX_NEVER_ONE_HOT}", highlight=False)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-
-
-def explain_model(
-    console: Console,
-    model: FusionModel,
-    config: dict,
-    standardizer: Standardizer,
-    dataset: MultimodalDataset,
-    parts: dict[str, np.ndarray],
-    samples: str | None,
-    split: str,
-    out: Path,
-) -> None:
-    """Heatmaps for chosen samples, modality attention over a split, bertviz export, report.html."""
-    require_attention(model)
-    if split not in parts:
-        raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")
-    rows = parts[split]
+def _parse_samples(samples: str | None) -> list[int] | None:
     if samples is None:
-        chosen = rows[:DEFAULT_SAMPLES].tolist()
-    else:
-        try:
-            chosen = [int(s) for s in samples.split(",") if s.strip()]
-        except ValueError:
-            raise ValueError(f"samples: expected row indices like '0,5,9', got {samples!r}") from None
-        bad = [i for i in chosen if not 0 <= i < dataset.n]
-        if bad or not chosen:
-            raise ValueError(f"samples: expected row indices in 0..{dataset.n - 1}, got {bad or samples!r}")
+        return None
+    try:
+        return [int(s) for s in samples.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"samples: expected row indices like '0,5,9', got {samples!r}") from None
 
-    scaled = standardizer.transform(dataset)
-    split_batch = scaled.to_batch(rows)
-    task = dataset.task
-    metric, _ = PRIMARY_METRIC[task]
-    score = compute_metrics(task, dataset.y[rows], to_predictions(task, predict(model, split_batch)))[metric]
-    fusion = config["fusion"]
-    headline = f"{fusion} fusion on {dataset.name}: {split} {metric} {score:.4f}"
 
-    outputs, maps = collect_maps(model, scaled.to_batch(chosen))
-    predictions = to_predictions(task, outputs)
-    attribution = modality_attention(model, split_batch)
-
-    # Build everything in a sibling temporary folder (same file system, so the moves are renames).
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
-        tmp = Path(tmp)
-        heat_sections = []
-        for pos, row in enumerate(chosen):
-            truth, pred = dataset.y[row], predictions[pos]
-            fmt = (
-                (lambda v: f"{int(v)}")
-                if task == "classification"
-                else (lambda v: np.array2string(np.asarray(v), precision=3))
-            )
-            images = [
-                save_figure(
-                    plot_heads(m, pos, f"{m.name} — sample {row} (true {fmt(truth)}, predicted {fmt(pred)})"),
-                    tmp / "heatmaps" / f"sample{row}" / f"{_safe(m.name)}.png",
-                )
-                for m in maps
-            ]
-            heat_sections.append((f"Attention heatmaps, sample {row}", images))
-            export = bertviz_export(maps, pos)
-            (tmp / "bertviz").mkdir(exist_ok=True)
-            (tmp / "bertviz" / f"sample{row}.json").write_text(json.dumps(export))
-        matrix_png = save_figure(
-            plot_modality_matrices(
-                attribution, f"Modality-to-modality attention, mean over {split} ({len(rows)} samples)"
-            ),
-            tmp / "modality_matrix.png",
-        )
-        received_png = save_figure(
-            plot_received(attribution, f"Attention received per modality — {headline}"), tmp / "modality_received.png"
-        )
-        summary = [
-            ("model", f"{fusion} fusion ({sum(p.numel() for p in model.parameters()):,} parameters)"),
-            ("data", f"{dataset.name}, {dataset.n} samples, {task}"),
-            (f"{split} {metric}", f"{score:.4f}"),
-            ("attention blocks", ", ".join(m.name for m in maps)),
-        ]
-        write_html_report(
-            tmp / "report.html",
-            f"attnfuse explain — {fusion} on {dataset.name}",
-            summary,
-            [("Where the attention goes, by modality", [received_png, matrix_png])] + heat_sections,
-        )
-        # Everything exists: move it into place (a failure above leaves `out` untouched).
-        for path in sorted(tmp.rglob("*")):
-            if path.is_file():
-                target = out / path.relative_to(tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-
-    table = Table(title=f"attention received per modality ({split}, {len(rows)} samples)", title_justify="left")
+def print_explanation(console: Console, expl: Explanation, out: Path) -> None:
+    """The headline, the agreement table and its sentences, the notes, and where the files are."""
+    headline = f"{expl.fusion} fusion on {expl.data}: {expl.split} {expl.metric} {expl.score:.4f}"
+    masking = expl.masking
+    if masking is not None and masking.metrics is not None and masking.metric != expl.metric:
+        headline += f", {masking.metric} {masking.metrics[masking.metric]:.4f}"
+    console.print(f"{headline} ({len(expl.rows)} rows)", highlight=False)
+    agree = expl.agreement
+    table = Table(title="per modality: each method's share, and the metric lost when hidden", title_justify="left")
     table.add_column("modality")
-    table.add_column("share", justify="right")
-    for name, share in sorted(attribution.received.items(), key=lambda kv: -kv[1]):
-        table.add_row(name, f"{share:.1%}")
-    console.print(headline, highlight=False)
+    for m in agree.shares:
+        table.add_column(METHOD_SHORT[m], justify="right")
+    if agree.drops is not None:
+        table.add_column(f"{agree.metric} lost", justify="right")
+    for i, mod in enumerate(agree.modalities):
+        cells = [f"{agree.shares[m][i]:.1%}" if np.isfinite(agree.shares[m][i]) else "—" for m in agree.shares]
+        if agree.drops is not None:
+            cells.append(f"{agree.drops[i]:+.4f}")
+        table.add_row(escape(mod), *cells)
     console.print(table)
+    for sentence in agree.sentences:
+        console.print(f"- {escape(sentence)}", highlight=False)
+    for note in expl.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    timing = ", ".join(f"{m} {expl.seconds[m]:.1f} s" for m in expl.methods)
+    console.print(f"methods: {timing}", highlight=False)
     console.print(
-        f"report, heatmaps and bertviz export written to [bold]{out}[/] (open {out / 'report.html'})", highlight=False
+        f"report and figures written to [bold]{escape(str(out))}[/] (open {escape(str(out / 'report.html'))})",
+        highlight=False,
     )
 
 
 def explain(
     model: Path | None = typer.Option(None, help="A model directory written by `attnfuse train`."),
     data: str | None = typer.Option(None, help="Data to explain (default: the model's training data)."),
-    samples: str | None = typer.Option(None, help="Row indices for the heatmaps, e.g. '0,5,9' (default: 2 test rows)."),
-    split: str = typer.Option("test", help="Split to average the modality attention over (train, valid, test, all)."),
+    method: str = typer.Option(
+        "auto",
+        help="attention, mask, ig, gxi, rollout (comma-separated), 'all', or 'auto': attention, mask, gxi and "
+        "rollout, which cost about one pass per sample (IG costs --steps).",
+    ),
+    samples: str | None = typer.Option(
+        None, help="Rows for the per-sample views, e.g. '0,5,9' (default: 2 rows of the split)."
+    ),
+    split: str = typer.Option("test", help="Rows to explain: train, valid, test or all."),
+    max_rows: int | None = typer.Option(
+        None, min=1, help="Explain at most this many rows of the split (the first ones)."
+    ),
+    steps: int = typer.Option(50, min=1, help="Integrated Gradients: points on the path from the baseline."),
     out: Path | None = typer.Option(None, help="Output directory (default MODEL/explain)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
     query: str | None = typer.Option(None, help="Walkthrough: query vector(s), e.g. '1,2'."),
@@ -224,12 +156,11 @@ def explain(
     self_vectors: str | None = typer.Option(
         None, "--self", help="Walkthrough of self-attention: Q = K = V = these vectors."
     ),
-    no_scale: bool = typer.Option(
-        False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling (as in the notes)."
-    ),
+    no_scale: bool = typer.Option(False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling."),
 ) -> None:
-    """Show where a model's attention looked (heatmaps, modality attribution, HTML report), or walk
-    through the attention arithmetic for hand-made vectors (--query/--keys or --self)."""
+    """Explain a model: which modalities and steps matter (masking, Integrated Gradients, gradient
+    x input), where its attention looked (maps, rollout), whether they agree, in an HTML report;
+    or walk through the attention arithmetic for hand-made vectors (--query/--keys or --self)."""
     walkthrough_args = query is not None or keys is not None or self_vectors is not None or values is not None
     if walkthrough_args:
         if model is not None:
@@ -243,15 +174,15 @@ def explain(
         raise ValueError("--no-scale: applies to the walkthrough (--query/--keys or --self) only")
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
+    chosen = _parse_samples(samples)  # checked before anything is loaded
     net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
-    explain_model(
-        console,
-        net,
-        config,
-        standardizer,
-        dataset,
-        _parts(dataset, config),
-        samples,
-        split,
-        out or Path(model) / "explain",
-    )
+    parts = _parts(dataset, config)
+    if split not in parts:
+        raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")
+    rows = parts[split][:max_rows]
+    expl = explain_model(net, dataset, standardizer, rows, split=split, methods=method, samples=chosen, n_steps=steps)
+    from ..explain.report import write_report  # matplotlib loads only when a report is drawn
+
+    target = out or Path(model) / "explain"
+    write_report(expl, target)
+    print_explanation(console, expl, target)

@@ -1,0 +1,322 @@
+"""Every explanation of a trained model in one call: the methods chosen, over a split and for a
+few samples, as plain dataclasses and numpy arrays (:func:`explain_model`; ``attnfuse explain``
+renders its result with :func:`.report.write_report`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..data import Batch, MultimodalDataset, Standardizer
+from ..fusion import FusionModel
+from ..metrics import PRIMARY_METRIC, compute_metrics
+from ..modules import AttentionMap
+from ..training import to_predictions
+from ._common import explained_target, forward, fusion_name, to_numpy, token_modality, token_step, token_valid
+from .agreement import Agreement, agreement
+from .attention import ModalityAttention, collect_maps, key_valid, modality_attention, require_attention
+from .gradients import GRADIENT_METHODS, GradientAttribution, gradient_attribution
+from .masking import MaskingImportance, masking_importance
+from .rollout import Rollout, attention_rollout
+
+__all__ = ["METHODS", "CHEAP_METHODS", "resolve_methods", "SampleExplanation", "Explanation", "explain_model"]
+
+METHODS = ("attention", "mask", "ig", "gxi", "rollout")
+# One forward (attention, rollout), one per hidden set (mask) or one backward (gxi) per sample;
+# IG needs n_steps forward + backward passes per sample, so it runs only when asked for.
+CHEAP_METHODS = ("attention", "mask", "gxi", "rollout")
+NEEDS_ATTENTION = ("attention", "rollout")
+
+
+def resolve_methods(methods: str | Sequence[str], has_attention: bool) -> tuple[str, ...]:
+    """The methods to run: "auto" -> the cheap ones, "all" -> every one, else a comma-separated
+    list (or a sequence) of METHODS. With "auto"/"all" the attention methods are skipped for a model without
+    attention; named explicitly they are an error for it."""
+    if isinstance(methods, str):
+        if methods in ("auto", "all"):
+            chosen = CHEAP_METHODS if methods == "auto" else METHODS
+            return tuple(m for m in chosen if has_attention or m not in NEEDS_ATTENTION)
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(
+            f"method: expected 'auto', 'all' or a comma-separated list of {', '.join(METHODS)}, got {bad or methods!r}"
+        )
+    return tuple(m for m in METHODS if m in methods)  # a fixed order, whatever the order asked
+
+
+@dataclass
+class SampleExplanation:
+    """One sample, every chosen method together.
+
+    row: its index in the data. truth / prediction: target and prediction (class index, or value
+    ``()``/``(K,)``). target: the output explained; output: its value. present: modality -> bool.
+    masking: modality -> output minus the output without it; hidden_prediction: modality -> the
+    prediction without it. gradients: method -> modality -> summed attribution. steps: sequence
+    modality -> {method: ``(T,)`` per-step share within the modality}; step_valid: modality ->
+    ``(T,)`` bool. maps: attention maps with weights ``(1, H, L, S)``; map_key_valid: block ->
+    ``(S,)`` bool. rollout: ``(N,)`` relevance over ``rollout_tokens``; rollout_maps: stack ->
+    (row tokens, column tokens, ``(L, N_s)`` rolled-out map, ``(L,)`` real rows, ``(N_s,)`` real
+    columns).
+    """
+
+    row: int
+    truth: np.ndarray
+    prediction: np.ndarray
+    target: int
+    output: float
+    present: dict[str, bool]
+    masking: dict[str, float] | None = None
+    hidden_prediction: dict[str, np.ndarray] | None = None
+    gradients: dict[str, dict[str, float]] = field(default_factory=dict)
+    steps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    step_valid: dict[str, np.ndarray] = field(default_factory=dict)
+    maps: list[AttentionMap] = field(default_factory=list)
+    map_key_valid: dict[str, np.ndarray] = field(default_factory=dict)
+    rollout: np.ndarray | None = None
+    rollout_tokens: list[str] = field(default_factory=list)
+    rollout_maps: dict[str, tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
+
+
+@dataclass
+class Explanation:
+    """The result of :func:`explain_model`: the model and data, the metric on the explained rows,
+    each method's result over those rows (None / absent when not run), the agreement between them,
+    the per-sample views, the seconds each method took, and notes on how to read the results.
+    step_valid: sequence modality -> ``(T,)`` share of the explained rows in which each step is a
+    real token (not padding, modality present)."""
+
+    fusion: str
+    data: str
+    task: str
+    split: str
+    rows: np.ndarray
+    metric: str
+    score: float
+    methods: tuple[str, ...]
+    modalities: list[str]
+    step_valid: dict[str, np.ndarray]
+    seconds: dict[str, float]
+    attention: ModalityAttention | None
+    masking: MaskingImportance | None
+    gradients: dict[str, GradientAttribution]
+    rollout: Rollout | None
+    agreement: Agreement
+    samples: list[SampleExplanation]
+    notes: list[str]
+    parameters: int
+
+
+def _shares_within(values: np.ndarray) -> np.ndarray:
+    """|values| normalised to sum to 1 along the last axis (0 where all are 0)."""
+    a = np.abs(values)
+    total = a.sum(axis=-1, keepdims=True)
+    return np.divide(a, total, out=np.zeros_like(a, dtype=np.float64), where=total > 0)
+
+
+def _received_per_step(maps: list[AttentionMap], modality: str, length: int) -> np.ndarray:
+    """``(B, T)`` attention landing on each step of ``modality`` (every block, head-mean, valid
+    queries), normalised within the modality."""
+    b = maps[0].weights.shape[0]
+    total = np.zeros((b, length))
+    for m in maps:
+        cols = [j for j, t in enumerate(m.key_tokens) if token_modality(t) == modality]
+        if not cols:
+            continue
+        w = to_numpy(m.weights.double().mean(dim=1) * m.query_valid.unsqueeze(-1))  # (B, L, S)
+        steps = [token_step(m.key_tokens[j]) for j in cols]
+        total[:, steps] += w[:, :, cols].sum(axis=1)
+    return _shares_within(total)
+
+
+def _sample_views(
+    model: FusionModel,
+    batch: Batch,
+    rows: list[int],
+    task: str,
+    methods: tuple[str, ...],
+    n_steps: int,
+    target: int | None,
+) -> list[SampleExplanation]:
+    names = list(batch.x)
+    outputs = forward(model, batch, len(rows))
+    predictions = to_predictions(task, outputs)
+    masking = masking_importance(model, batch, task, pairs=False, target=target) if "mask" in methods else None
+    grads = {
+        m: gradient_attribution(model, batch, task, m, target=target, n_steps=n_steps)
+        for m in methods
+        if m in GRADIENT_METHODS
+    }
+    maps = collect_maps(model, batch)[1] if "attention" in methods else []
+    rollout = attention_rollout(model, batch, keep_stacks=True) if "rollout" in methods else None
+    sequences = [s.name for s in model.config.modalities if s.is_sequence]
+
+    targets = explained_target(task, outputs, target)  # the rule masking and gradients follow too
+    views = []
+    for i, row in enumerate(rows):
+        t = int(targets[i])
+        view = SampleExplanation(
+            row=row,
+            truth=to_numpy(batch.y[i]) if batch.y is not None else np.array(np.nan),
+            prediction=np.asarray(predictions[i]),
+            target=t,
+            output=float(outputs[i, t]),
+            present={n: bool(batch.mask[n][i].any()) for n in names},
+        )
+        if masking is not None:
+            view.masking = {n: float(masking.delta[i, k]) for k, n in enumerate(names)}
+            view.hidden_prediction = {n: np.asarray(masking.hidden_prediction[k][i]) for k, n in enumerate(names)}
+        for method, g in grads.items():
+            view.gradients[method] = {n: float(v) for n, v in zip(names, g.per_modality()[i])}
+        for n in sequences:
+            view.step_valid[n] = to_numpy(batch.mask[n][i])
+            steps = {}
+            if maps:
+                steps["attention"] = _received_per_step([_one(m, i) for m in maps], n, model.specs[n].length)[0]
+            if rollout is not None:
+                steps["rollout"] = rollout.step_relevance(n)[i]
+            for method, g in grads.items():
+                steps[method] = _shares_within(g.per_step(n)[i])
+            view.steps[n] = steps
+        if maps:
+            view.maps = [_one(m, i) for m in maps]
+            view.map_key_valid = {m.name: to_numpy(key_valid(m, batch)[i]) for m in maps}
+        if rollout is not None:
+            view.rollout, view.rollout_tokens = rollout.relevance[i], rollout.tokens
+            for name, (q_tokens, k_tokens, r) in rollout.stacks.items():
+                real = (to_numpy(token_valid(t, batch.mask)[i]) for t in (q_tokens, k_tokens))
+                view.rollout_maps[name] = (q_tokens, k_tokens, r[i], *real)
+        views.append(view)
+    return views
+
+
+def _one(m: AttentionMap, i: int) -> AttentionMap:
+    return AttentionMap(m.name, m.weights[i : i + 1], m.query_tokens, m.key_tokens, m.query_valid[i : i + 1])
+
+
+def explain_model(
+    model: FusionModel,
+    dataset: MultimodalDataset,
+    standardizer: Standardizer | None = None,
+    rows: Sequence[int] | np.ndarray | None = None,
+    *,
+    split: str = "all",
+    methods: str | Sequence[str] = "auto",
+    samples: Sequence[int] | None = None,
+    n_steps: int = 50,
+    target: int | None = None,
+    batch_size: int = 256,
+) -> Explanation:
+    """Explain ``model`` on ``rows`` of ``dataset`` (default: all rows; ``split`` is their name in
+    the report) and on the rows ``samples`` one by one (default: the first two of ``rows``; an
+    empty list for none).
+
+    ``dataset`` is raw data and ``standardizer`` the model's (from training or
+    :func:`attnfuse.load_model`); pass None for data already standardised. ``methods``: see
+    :func:`resolve_methods` (default "auto": attention, mask, gxi, rollout). The model may be on
+    any device; every array in the result is on the CPU.
+    """
+    methods = resolve_methods(methods, model.has_attention)
+    if any(m in NEEDS_ATTENTION for m in methods):
+        require_attention(model)
+    rows = np.arange(dataset.n) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or rows.size == 0:
+        raise ValueError(f"rows: expected a non-empty 1-D list of row indices, got shape {rows.shape}")
+    chosen = [int(s) for s in (rows[:2] if samples is None else samples)]
+    bad = [i for i in chosen if not 0 <= i < dataset.n]
+    if bad:
+        raise ValueError(f"samples: expected row indices in 0..{dataset.n - 1}, got {bad}")
+    scaled = standardizer.transform(dataset) if standardizer is not None else dataset
+    task = dataset.task
+    batch = scaled.to_batch(rows)
+    metric = PRIMARY_METRIC[task][0]
+    names = [m.name for m in dataset.modalities]
+
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        seconds[name] = time.perf_counter() - start
+        return result
+
+    outputs = timed("predict", lambda: forward(model, batch, batch_size))
+    score = compute_metrics(task, dataset.y[rows], to_predictions(task, outputs))[metric]
+    attention = (
+        timed("attention", lambda: modality_attention(model, batch, batch_size)) if "attention" in methods else None
+    )
+    masking = (
+        timed("mask", lambda: masking_importance(model, batch, task, target=target, batch_size=batch_size))
+        if "mask" in methods
+        else None
+    )
+    gradients = {
+        m: timed(m, lambda m=m: gradient_attribution(model, batch, task, m, target=target, n_steps=n_steps))
+        for m in methods
+        if m in GRADIENT_METHODS
+    }
+    rollout = (
+        timed("rollout", lambda: attention_rollout(model, batch, batch_size=batch_size))
+        if "rollout" in methods
+        else None
+    )
+
+    shares: dict[str, object] = {}
+    if attention is not None:
+        shares["attention"] = attention.received
+    if rollout is not None:
+        shares["rollout"] = rollout.modality_share()
+    if masking is not None:
+        shares["mask"] = masking.share()
+    for m, g in gradients.items():
+        shares[m] = g.share()
+    agree = agreement(names, shares, masking)
+
+    sample_views = []
+    if chosen:
+        sample_views = timed(
+            "samples", lambda: _sample_views(model, scaled.to_batch(chosen), chosen, task, methods, n_steps, target)
+        )
+
+    notes = []
+    if masking is not None and model.config.modality_dropout == 0:
+        notes.append(
+            "This model was trained without modality dropout, so it never saw an absent modality: hiding one "
+            "takes it outside its training data, and the masking importance includes its reaction to that "
+            "(it can be large even for a modality that carries nothing). Train with --modality-dropout "
+            "(e.g. 0.2) for masking to measure what a modality carries."
+        )
+    ig = gradients.get("ig")
+    if ig is not None and ig.complete() is False:
+        worst = float(np.max(ig.relative_delta()))
+        notes.append(
+            f"Integrated Gradients did not converge for every sample (largest |delta| relative to the output "
+            f"change: {worst:.3f}); raise --steps."
+        )
+    return Explanation(
+        fusion=fusion_name(model),
+        data=dataset.name,
+        task=task,
+        split=split,
+        rows=rows,
+        metric=metric,
+        score=float(score),
+        methods=methods,
+        modalities=names,
+        step_valid={s.name: to_numpy(batch.mask[s.name].double().mean(0)) for s in dataset.modalities if s.is_sequence},
+        seconds=seconds,
+        attention=attention,
+        masking=masking,
+        gradients=gradients,
+        rollout=rollout,
+        agreement=agree,
+        samples=sample_views,
+        notes=notes,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
