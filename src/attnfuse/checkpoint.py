@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .data.dataset import MultimodalDataset, Standardizer
-from .fusion import FusionModel, build_model
+from .ensemble import Ensemble, build_ensemble
+from .fusion import FusionModel
 
 __all__ = ["save_model", "save_run", "load_model", "check_compatible", "atomic_write", "write_json"]
 
@@ -55,19 +56,23 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
 
 def save_model(
     out_dir: str | os.PathLike,
-    model: FusionModel,
+    model: FusionModel | Ensemble,
     fusion: str,
     data: MultimodalDataset,
     standardizer: Standardizer,
     train_config: dict,
     split_seed: int,
     source: str | None = None,
+    extra: dict | None = None,
 ) -> None:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir``.
 
     ``split_seed`` is the seed of the train/valid/test split drawn for data without a split
     column, so that ``evaluate`` can report the same parts later; ``source`` is where the data
-    came from (a built-in name or a file path), the default data of ``explain``."""
+    came from (a built-in name or a file path), the default data of ``explain``; ``extra``: more
+    top-level entries of config.json (e.g. ``"auto"``: how ``--fusion auto`` chose the fusion).
+    An :class:`~attnfuse.ensemble.Ensemble` is saved with its members' weights under
+    ``members.<k>.``; ``train_config["ensemble"]`` says how many there are."""
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"fusion": fusion}))
@@ -85,13 +90,14 @@ def save_model(
         "split_seed": split_seed,
         "standardizer": standardizer.to_dict(),
         "train": train_config,
+        **(extra or {}),
     }
     write_json(out_dir / CONFIG, config)
 
 
 def save_run(
     out_dir: str | os.PathLike,
-    model: FusionModel,
+    model: FusionModel | Ensemble,
     fusion: str,
     data: MultimodalDataset,
     standardizer: Standardizer,
@@ -99,11 +105,14 @@ def save_run(
     split_seed: int,
     metrics: dict,
     options: dict,
+    extra: dict | None = None,
 ) -> None:
     """A whole run directory: the model (:func:`save_model`), ``metrics.json`` and ``run.yaml``
     (``options``: the option values of ``attnfuse train`` that reproduce the run)."""
     out_dir = Path(out_dir)
-    save_model(out_dir, model, fusion, data, standardizer, train_config, split_seed, source=options.get("data"))
+    save_model(
+        out_dir, model, fusion, data, standardizer, train_config, split_seed, source=options.get("data"), extra=extra
+    )
     write_json(out_dir / METRICS, metrics)
 
     def dump(tmp: str) -> None:
@@ -121,7 +130,7 @@ def fingerprint(data: MultimodalDataset) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[FusionModel, dict, Standardizer]:
+def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[FusionModel | Ensemble, dict, Standardizer]:
     """Rebuild a saved model (in eval mode) with its config and its standardiser."""
     model_dir = Path(model_dir)
     for name in (CONFIG, WEIGHTS):
@@ -132,7 +141,7 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[Fusio
         missing = [k for k in ("fusion", "model", "data", "standardizer", "train", "split_seed") if k not in config]
         if missing:
             raise ValueError(f"missing keys {missing}")
-        model = build_model(config["fusion"], config["model"])
+        model = build_ensemble(config["fusion"], config["model"], config["train"].get("ensemble", 1))
         standardizer = Standardizer.from_dict(config["standardizer"])
     except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"model: {model_dir / CONFIG} is not a valid attnfuse config ({e})") from None

@@ -9,24 +9,32 @@ back by :meth:`TrainSpec.to_options`, so that a run directory's ``run.yaml`` rep
 
     spec = TrainSpec.from_options({"data": "mfeat", "fusion": "self", "d_model": 32, "epochs": 5})
     result = train(spec, out="runs/mfeat-self")   # loads, trains (per seed), saves, returns metrics
+
+With ``fusion="auto"`` (the default) :func:`train` trains the candidates of :data:`PORTFOLIO`
+that fit the data on the training rows and keeps the one with the best validation metric; with
+``baselines`` (the default) it also fits the classical models of :mod:`attnfuse.baselines` on the
+same rows and says when one of them beats the fusion on the validation split.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from .baselines import fit_baselines, summarize_baselines, verdict
 from .checkpoint import check_compatible, fingerprint, load_model, save_run
 from .data import BUILTINS, MultimodalDataset, Standardizer, load_data
 from .data.dataset import TASKS
+from .ensemble import Ensemble
 from .fusion import FUSIONS, FusionModel, config_from_dict
-from .metrics import summarize
+from .metrics import PRIMARY_METRIC, summarize
 from .options import Option, coerce, option, options_of
 from .training import RunResult, TrainConfig, run
 
@@ -34,6 +42,9 @@ __all__ = [
     "RunOptions",
     "TrainSpec",
     "TrainResult",
+    "Candidate",
+    "PORTFOLIO",
+    "candidates_for",
     "train",
     "train_options",
     "read_options",
@@ -42,10 +53,14 @@ __all__ = [
     "split_parts",
 ]
 
-# progress(event, info): "data" once the data is loaded ({"data"}), "run" when a seed starts
-# ({"index", "seed", "epochs"}), "epoch" after each epoch ({"index", "epoch", "train_loss",
-# "valid_loss", "valid_<metric>", "best_epoch"}), "run_end" ({"index", "epochs", "best_epoch"}).
+# progress(event, info): "data" once the data is loaded ({"data"}); "run" when a model starts
+# training ({"index" (of the seed), "seed", "epochs", "candidate" (the fusion, or the candidate's
+# name under --fusion auto), "members" (--ensemble)}); "epoch" after each epoch ({"index",
+# "candidate", "member", "epoch", "train_loss", "valid_loss", "valid_<metric>", "best_epoch"});
+# "run_end" ({"index", "candidate", "epochs", "best_epoch"}); with --fusion auto, "selected" once
+# a seed's candidates are trained ({"index", "selection"}: see TrainResult.selection).
 Progress = Callable[[str, dict], None]
+FUSION_CHOICES = ("auto", *FUSIONS)
 
 
 @dataclass
@@ -56,12 +71,20 @@ class RunOptions:
     data: str = option("mfeat", "Built-in dataset name (see `attnfuse datasets`) or a data file (.npz, .pkl).")
     task: str = option("auto", "auto: classification for integer labels, else regression.", choices=TASKS)
     allow_pickle: bool = option(False, "Allow reading a pickle file (unpickling can run code its author put in it).")
-    fusion: str = option("self", "Fusion model.", choices=tuple(FUSIONS))
+    fusion: str = option(
+        "auto",
+        "Fusion model; auto: train a small portfolio (concat, self with mean and with per-modality pooling, "
+        "cross for sequence data) and keep the best on the validation split.",
+        choices=FUSION_CHOICES,
+    )
     repeat: int = option(1, "Train this many seeds (seed, seed+1, ...; and splits, when the data has none).")
+    baselines: bool = option(
+        True, "Also fit logistic regression / ridge and gradient boosting on the same rows, for comparison."
+    )
 
     def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion: expected one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.fusion not in FUSION_CHOICES:
+            raise ValueError(f"fusion: expected one of {', '.join(FUSION_CHOICES)}, got {self.fusion!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
@@ -72,6 +95,80 @@ def train_options() -> list[Option]:
     """Every option of ``attnfuse train``, in the order of its help: the run, the model (the union
     of the fusions' settings), the optimisation."""
     return options_of(RunOptions, *(m.config_class for m in FUSIONS.values()), TrainConfig)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of the ``--fusion auto`` portfolio: a ``name`` (as reported), its ``fusion`` and
+    the ``settings`` that set it apart (settings the user gives win over them)."""
+
+    name: str
+    fusion: str
+    settings: dict = field(default_factory=dict)
+    sequences_only: bool = False  # only for data with at least one sequence modality
+
+
+# Why these (benchmarks/RESULTS.md, "Baselines and --fusion auto"): on global feature views
+# (mfeat) concat and self with per-modality pooling are the best models and cost little; on
+# sequences (the planted lookup) pooling destroys the alignment and an attention model is needed:
+# self and cross both solve it, cross is the canonical "text queries video" model.
+PORTFOLIO: tuple[Candidate, ...] = (
+    Candidate("concat", "concat"),
+    Candidate("self", "self", {"pooling": "mean"}),
+    Candidate("self-modality", "self", {"pooling": "modality"}),
+    Candidate("cross", "cross", {}, sequences_only=True),
+)
+
+
+def _settings_of(fusion: str) -> set[str]:
+    return {o.name for o in options_of(FUSIONS[fusion].config_class)}
+
+
+def candidates_for(
+    data: MultimodalDataset | None, fusion: str, given: dict[str, Any]
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The models ``train`` fits: ``fusion`` itself with the ``given`` settings, or, for ``auto``,
+    the portfolio candidates that fit ``data`` (sequence-only ones need a sequence modality, cross
+    models two modalities), each with the given settings it has (they win over the candidate's own),
+    duplicates dropped. Returns (candidates, {left-out candidate: why}).
+
+    A given setting that no candidate has, or whose value none accepts, is a ValueError naming it.
+    With ``data`` None (before loading), every candidate counts."""
+    if fusion != "auto":
+        return [Candidate(fusion, fusion, dict(given))], {}
+    modalities = [] if data is None else [asdict(m) for m in data.modalities]
+    kept: list[Candidate] = []
+    left_out: dict[str, str] = {}
+    for cand in PORTFOLIO:
+        if data is not None and cand.sequences_only and not any(m.is_sequence for m in data.modalities):
+            left_out[cand.name] = "the data has no sequence modality"
+            continue
+        names = _settings_of(cand.fusion)
+        settings = {**cand.settings, **{k: v for k, v in given.items() if k in names}}
+        try:
+            config_from_dict(cand.fusion, {"modalities": modalities, **settings})
+        except ValueError as e:
+            left_out[cand.name] = str(e)
+            continue
+        if any(c.fusion == cand.fusion and c.settings == settings for c in kept):
+            left_out[cand.name] = "the same model as another candidate with the settings given"
+            continue
+        kept.append(Candidate(cand.name, cand.fusion, settings))
+    for name, value in given.items():
+        if not any(name in c.settings for c in kept):
+            having = [c.name for c in PORTFOLIO if name in _settings_of(c.fusion)]
+            why = (
+                f"the candidates that have it ({', '.join(having)}) do not take the value {value!r} or do not fit the "
+                "data"
+                if having
+                else "no candidate has this setting"
+            )
+            raise ValueError(
+                f"{name}: --fusion auto cannot use it: {why} (candidates: {', '.join(c.name for c in kept)})"
+            )
+    if not kept:
+        raise ValueError(f"fusion: no candidate of --fusion auto fits this data ({left_out})")
+    return kept, left_out
 
 
 @dataclass
@@ -98,7 +195,10 @@ class TrainSpec:
         run_opts = RunOptions(**{k: v for k, v in values.items() if known[k].owner is RunOptions})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if known[k].owner is TrainConfig})
         model = {k: v for k, v in values.items() if known[k].owner not in (RunOptions, TrainConfig)}
-        config_from_dict(run_opts.fusion, model)  # the fusion has these settings, and their values are valid
+        # The fusion has these settings, and their values are valid (for auto: some candidate's).
+        candidates_for(None, run_opts.fusion, model) if run_opts.fusion == "auto" else config_from_dict(
+            run_opts.fusion, model
+        )
         return cls(run_opts, model, train_cfg)
 
     def to_options(self) -> dict[str, Any]:
@@ -126,13 +226,23 @@ def read_options(path: str | os.PathLike) -> dict[str, Any]:
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the first seed's run (its model is the one saved), every seed's
-    metrics, the report written to ``metrics.json``, the data and where it was saved."""
+    metrics, the report written to ``metrics.json``, the data and where it was saved.
+
+    ``selection``: with ``--fusion auto``, how the first seed's model was chosen (also in
+    config.json under ``"auto"``): ``{"picked", "fusion", "metric", "candidates": {name:
+    {"fusion", "settings", "valid", "valid_loss"}}, "left_out", "reason"}``.
+    ``verdict``: the best baseline when it beats the fusion on the validation split (means with
+    ``repeat``), see :func:`attnfuse.baselines.verdict`. ``seconds``: wall time of the fusion
+    training (all candidates and members) and of each baseline, summed over the seeds."""
 
     first: RunResult
     runs: list[dict]
     report: dict
     data: MultimodalDataset
     out: Path | None
+    selection: dict | None = None
+    verdict: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def load(
@@ -152,34 +262,133 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
     model with the metrics and the options in ``out`` (see :func:`attnfuse.checkpoint.save_run`).
 
     With ``repeat`` K > 1, seeds ``seed .. seed+K-1`` each train a model (and draw their own split
-    when the data has none); ``metrics.json`` then holds every run and the mean ± std."""
+    when the data has none); ``metrics.json`` then holds every run and the mean ± std. With
+    ``fusion="auto"`` each seed trains every candidate of :func:`candidates_for` and keeps the best
+    on the validation rows; with ``baselines`` each seed also fits the baselines on its rows.
+
+    ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per split), plus
+    ``"candidates": {name: {"valid": metrics}}`` (auto) and ``"baselines": {name: {split:
+    metrics}}``; with ``repeat``: ``{"runs": [each as above, with "seed", "best_epoch" and
+    "fusion"], "summary": {split: {metric: {"mean", "std"}}}}`` and the same mean ± std for
+    ``"candidates"`` and ``"baselines"``."""
     emit = progress or (lambda event, info: None)
     opts, cfg = spec.run, spec.train
     data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task)
     cfg.check_task(data.task, data.target_dim)
+    candidates, left_out = candidates_for(data, opts.fusion, spec.model)
     emit("data", {"data": data})
 
-    first, runs = None, []
+    first, selection, runs, seconds = None, None, [], {"fusion": 0.0}
     for i in range(opts.repeat):
         seed_cfg = replace(cfg, seed=cfg.seed + i)
-        emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
-        result = run(
-            data, opts.fusion, spec.model, seed_cfg, split_seed=seed_cfg.seed,
-            on_epoch=lambda record, i=i: emit("epoch", {"index": i, **record}),
-        )  # fmt: skip
-        emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
-        runs.append({"seed": seed_cfg.seed, "best_epoch": result.best_epoch, **result.metrics})
+        start = time.perf_counter()
+        result, chosen = _train_candidates(data, candidates, left_out, seed_cfg, i, emit, auto=opts.fusion == "auto")
+        seconds["fusion"] += time.perf_counter() - start
+        record = {"seed": seed_cfg.seed, "best_epoch": result.best_epoch, "fusion": result.fusion, **result.metrics}
+        if chosen is not None:
+            record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
+            emit("selected", {"index": i, "selection": _public(chosen)})
+        if opts.baselines:
+            fitted = fit_baselines(data, result.splits, seed=seed_cfg.seed, sentiment=cfg.sentiment_metrics)
+            record["baselines"] = fitted.metrics
+            for name, sec in fitted.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + sec
+        runs.append(record)
         first = first or result
+        selection = selection or chosen
 
-    if opts.repeat == 1:
-        report = first.metrics
-    else:
-        report = {"runs": runs, "summary": {s: summarize([r[s] for r in runs]) for s in first.metrics}}
+    report = _report(runs)
+    found = None
+    if opts.baselines:
+        fusion_valid = report["valid"] if opts.repeat == 1 else report["summary"]["valid"]
+        found = verdict(data.task, fusion_valid, report["baselines"])
+    selection = None if selection is None else _public(selection)
     if out is not None:
         source = opts.data if opts.data in BUILTINS else str(Path(opts.data).resolve())
         options = {**spec.to_options(), "data": source}
-        save_run(out, first.model, opts.fusion, data, first.standardizer, asdict(cfg), cfg.seed, report, options)
-    return TrainResult(first, runs, report, data, None if out is None else Path(out))
+        extra = None if selection is None else {"auto": selection}
+        save_run(
+            out, first.model, first.fusion, data, first.standardizer, asdict(cfg), cfg.seed, report, options, extra
+        )
+    return TrainResult(first, runs, report, data, None if out is None else Path(out), selection, found, seconds)
+
+
+def _train_candidates(
+    data: MultimodalDataset,
+    candidates: list[Candidate],
+    left_out: dict[str, str],
+    cfg: TrainConfig,
+    index: int,
+    emit: Progress,
+    auto: bool,
+) -> tuple[RunResult, dict | None]:
+    """Train each candidate on one seed's rows; the best on the validation metric (ties: the lower
+    validation loss, then the earlier candidate) and, under auto, the record of the choice."""
+    metric, mode = PRIMARY_METRIC[data.task]
+    sign = 1.0 if mode == "max" else -1.0
+    best, best_key, scores = None, None, {}
+    for cand in candidates:
+        emit("run", {"index": index, "seed": cfg.seed, "epochs": cfg.epochs, "candidate": cand.name,
+                     "members": cfg.ensemble})  # fmt: skip
+        result = run(
+            data, cand.fusion, cand.settings, cfg, split_seed=cfg.seed,
+            on_epoch=lambda record, name=cand.name: emit("epoch", {"index": index, "candidate": name, **record}),
+        )  # fmt: skip
+        emit("run_end", {"index": index, "candidate": cand.name, "epochs": len(result.history),
+                         "best_epoch": result.best_epoch})  # fmt: skip
+        key = (sign * result.metrics["valid"][metric], -result.valid_loss)
+        scores[cand.name] = {
+            "fusion": cand.fusion,
+            "settings": _settings_used(result.model, cand),
+            "valid": result.metrics["valid"][metric],
+            "valid_loss": result.valid_loss,
+            "valid_metrics": result.metrics["valid"],
+        }
+        if best_key is None or key > best_key:
+            best, best_key, best_name = result, key, cand.name
+    if not auto:
+        return best, None
+    others = ", ".join(f"{n} {c['valid']:.4f}" for n, c in scores.items() if n != best_name)
+    reason = (
+        f"{'highest' if mode == 'max' else 'lowest'} validation {metric} of {len(scores)} candidates: "
+        f"{best_name} {scores[best_name]['valid']:.4f}" + (f" (others: {others})" if others else "")
+    )
+    selection = {
+        "picked": best_name,
+        "fusion": best.fusion,
+        "metric": metric,
+        "candidates": scores,
+        "left_out": dict(left_out),
+        "reason": reason,
+    }
+    return best, selection
+
+
+def _settings_used(model: FusionModel | Ensemble, cand: Candidate) -> dict:
+    """The candidate's user-facing settings as the model was built (its config, defaults included)."""
+    names = _settings_of(cand.fusion)
+    return {k: v for k, v in asdict(model.config).items() if k in names}
+
+
+def _public(selection: dict) -> dict:
+    """The selection record without the per-candidate metric dicts (those go to metrics.json)."""
+    cands = {n: {k: v for k, v in c.items() if k != "valid_metrics"} for n, c in selection["candidates"].items()}
+    return {**selection, "candidates": cands}
+
+
+def _report(runs: list[dict]) -> dict:
+    """metrics.json from the per-seed records (see :func:`train`)."""
+    if len(runs) == 1:
+        return {k: v for k, v in runs[0].items() if k not in ("seed", "best_epoch", "fusion")}
+    splits = [s for s in ("train", "valid", "test") if s in runs[0]]
+    report: dict[str, Any] = {"runs": runs, "summary": {s: summarize([r[s] for r in runs]) for s in splits}}
+    if "candidates" in runs[0]:
+        report["candidates"] = {
+            name: {"valid": summarize([r["candidates"][name]["valid"] for r in runs])} for name in runs[0]["candidates"]
+        }
+    if "baselines" in runs[0]:
+        report["baselines"] = summarize_baselines([r["baselines"] for r in runs])
+    return report
 
 
 def load_trained(

@@ -16,7 +16,7 @@ import copy
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.dataset import Batch, MultimodalDataset, Standardizer, iter_batches
+from .ensemble import Ensemble
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics
 from .options import option
@@ -38,6 +39,8 @@ __all__ = [
     "to_predictions",
     "model_config",
     "param_groups",
+    "member_seed",
+    "target_stats",
 ]
 
 LOSSES = ("auto", "cross_entropy", "l1", "mse")
@@ -64,9 +67,12 @@ class TrainConfig:
     )
     label_smoothing: float = option(0.0, "Classification: label smoothing of the cross-entropy.")
     metrics: str = option("default", "'sentiment' adds the MOSI/MOSEI metrics (acc2, acc7, ...).", choices=METRIC_SETS)
+    ensemble: int = option(
+        1, "Train this many models from different seeds on the same rows and average their outputs (small data)."
+    )
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "ensemble"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
@@ -139,14 +145,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass
 class RunResult:
-    """One trained run: the model (best validation weights), its metrics per split, the history."""
+    """One trained run: the model (best validation weights; an :class:`~attnfuse.ensemble.Ensemble`
+    with ``ensemble`` > 1), its metrics per split, the training history (of the first member), the
+    rows of each split, and the model's loss on the validation rows (it breaks ties between
+    models of equal validation metric)."""
 
-    model: FusionModel
+    model: FusionModel | Ensemble
     fusion: str
     standardizer: Standardizer
     metrics: dict[str, dict[str, float]]
     best_epoch: int
     history: list[dict] = field(default_factory=list)
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+    valid_loss: float = float("nan")
 
 
 def model_config(fusion: str, data: MultimodalDataset, **overrides) -> dict:
@@ -155,6 +166,23 @@ def model_config(fusion: str, data: MultimodalDataset, **overrides) -> dict:
     values = {"modalities": [asdict(m) for m in data.modalities], "out_dim": out_dim}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return asdict(config_from_dict(fusion, values))  # validated and with defaults filled in
+
+
+def target_stats(data: MultimodalDataset, rows: np.ndarray) -> dict[str, list[float]]:
+    """Regression: the mean and std of each target over ``rows`` (the training rows), as the
+    ``target_mean``/``target_std`` of a fusion config; nothing for classification."""
+    if data.task != "regression":
+        return {}
+    y = data.y[rows].reshape(len(rows), -1).astype(np.float64)  # (N_train, K)
+    std = y.std(axis=0)
+    return {"target_mean": y.mean(axis=0).tolist(), "target_std": np.where(std < 1e-6, 1.0, std).tolist()}
+
+
+def member_seed(seed: int, k: int) -> int:
+    """The seed of member ``k`` of an ensemble trained with ``seed``: member 0 is the single model
+    of that seed; the others draw from ``SeedSequence([seed, k])``, so no two runs (``--repeat``
+    seeds seed, seed+1, ...) share a member."""
+    return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0] % 2**31)
 
 
 def run(
@@ -169,19 +197,33 @@ def run(
     """Split, standardise, build, fit and evaluate one model (deterministic for a seed on CPU).
 
     Data without a split column is split by ``split_seed`` (default: the training seed) into
-    train/valid/test ``fractions``."""
+    train/valid/test ``fractions``. With ``train.ensemble`` K > 1, K models (seeds
+    :func:`member_seed`) are fitted on the same rows and their outputs averaged; ``on_epoch``
+    records then carry the ``member`` index (always: 0 for a single model)."""
     train = train or TrainConfig()
     splits = data.split_indices(seed=train.seed if split_seed is None else split_seed, fractions=fractions)
     standardizer = Standardizer.fit(data, splits["train"])
     scaled = standardizer.transform(data)
     device = train.torch_device()
     batches = {name: scaled.to_batch(idx).to(device) for name, idx in splits.items()}
+    config = model_config(fusion, data, **{**(model_overrides or {}), **target_stats(data, splits["train"])})
 
-    torch.manual_seed(train.seed)
-    model = build_model(fusion, model_config(fusion, data, **(model_overrides or {}))).to(device)
-    best_epoch, history = fit(model, batches["train"], batches["valid"], data.task, train, on_epoch)
+    members, best_epochs, histories = [], [], []
+    for k in range(train.ensemble):
+        member_cfg = replace(train, seed=member_seed(train.seed, k))
+        torch.manual_seed(member_cfg.seed)
+        member = build_model(fusion, config).to(device)
+        report = None if on_epoch is None else (lambda record, k=k: on_epoch({**record, "member": k}))
+        best_epoch, history = fit(member, batches["train"], batches["valid"], data.task, member_cfg, report)
+        members.append(member)
+        best_epochs.append(best_epoch)
+        histories.append(history)
+    model = members[0] if train.ensemble == 1 else Ensemble(members)
     metrics = {name: evaluate(model, batch, data.task, train.sentiment_metrics) for name, batch in batches.items()}
-    return RunResult(model, fusion, standardizer, metrics, best_epoch, history)
+    valid_loss = _loss_fn(train.loss_name(data.task), train.label_smoothing, members[0])(
+        predict(model, batches["valid"]), batches["valid"].y
+    ).item()
+    return RunResult(model, fusion, standardizer, metrics, best_epochs[0], histories[0], splits, valid_loss)
 
 
 def fit(
@@ -193,7 +235,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[int, list[dict]]:
     """Train in place; keep the weights of the best validation epoch. Returns (best_epoch, history)."""
-    loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing)
+    loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, model)
     metric, mode = PRIMARY_METRIC[task]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -237,7 +279,7 @@ def fit(
 
 
 @torch.no_grad()
-def predict(model: FusionModel, batch: Batch, batch_size: int = 1024) -> Tensor:
+def predict(model: FusionModel | Ensemble, batch: Batch, batch_size: int = 1024) -> Tensor:
     """Raw model outputs ``(N, out_dim)`` in eval mode, in chunks."""
     model.eval()
     return torch.cat([model(b) for b in iter_batches(batch, batch_size)], dim=0)
@@ -251,19 +293,25 @@ def to_predictions(task: str, outputs: Tensor) -> np.ndarray:
     return out[:, 0] if out.shape[1] == 1 else out
 
 
-def evaluate(model: FusionModel, batch: Batch, task: str, sentiment: bool = False) -> dict[str, float]:
+def evaluate(model: FusionModel | Ensemble, batch: Batch, task: str, sentiment: bool = False) -> dict[str, float]:
     return compute_metrics(task, _np(batch.y), to_predictions(task, predict(model, batch)), sentiment=sentiment)
 
 
-def _loss_fn(name: str, label_smoothing: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+def _loss_fn(
+    name: str, label_smoothing: float = 0.0, model: FusionModel | None = None
+) -> Callable[[Tensor, Tensor], Tensor]:
     if name == "cross_entropy":
         return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
 
     reduce = F.l1_loss if name == "l1" else F.mse_loss
+    # In the units of the standardised targets the model learns (see FusionModel), so that the
+    # loss, its gradients and gradient clipping do not depend on the scale of y.
+    mean = model.target_mean if model is not None else 0.0
+    std = model.target_std if model is not None else 1.0
 
     def regression_loss(out: Tensor, y: Tensor) -> Tensor:
         # (B, 1) outputs against (B,) targets, or (B, K) against (B, K).
-        return reduce(out.squeeze(-1) if y.dim() == 1 else out, y)
+        return reduce(((out - mean) / std).squeeze(-1) if y.dim() == 1 else (out - mean) / std, (y - mean) / std)
 
     return regression_loss
 

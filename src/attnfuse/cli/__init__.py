@@ -13,6 +13,7 @@ from .common import cli_errors, err_console, one_line
 from .explain import explain
 from .predict import datasets, evaluate, predict_cmd
 from .train import train
+from .tune import tune_cmd
 
 
 class _OneLineErrors(TyperGroup):
@@ -59,6 +60,7 @@ app.command()(cli_errors(evaluate))
 app.command("predict")(cli_errors(predict_cmd))
 app.command()(datasets)
 app.command()(cli_errors(explain))
+app.command("tune", context_settings={"allow_interspersed_args": True})(cli_errors(tune_cmd))
 
 
 def main() -> None:

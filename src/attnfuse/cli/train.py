@@ -9,10 +9,12 @@ from typing import Any
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from ..baselines import verdict_line
 from ..data import MultimodalDataset
 from ..options import Option
-from ..pipeline import RunOptions, TrainSpec, read_options, train_options
+from ..pipeline import RunOptions, TrainResult, TrainSpec, read_options, train_options
 from ..pipeline import train as train_run
 from ..training import TrainConfig
 from .common import _metrics_table, console
@@ -51,32 +53,82 @@ def train(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        bars: dict[int, Any] = {}
+        bars: dict[tuple[int, str], Any] = {}
 
         def on_progress(event: str, info: dict) -> None:
             if event == "data":
                 console.print(_headline(info["data"], spec.run.fusion), highlight=False)
             elif event == "run":
-                label = f"run {info['index'] + 1}/{spec.run.repeat} seed {info['seed']}"
-                bars[info["index"]] = progress.add_task(label, total=info["epochs"], status="")
+                label = f"run {info['index'] + 1}/{spec.run.repeat} seed {info['seed']} {info['candidate']}"
+                bars[info["index"], info["candidate"]] = progress.add_task(
+                    escape(label), total=info["epochs"], status=""
+                )
             elif event == "epoch":
                 metric = next(k for k in info if k.startswith("valid_") and k != "valid_loss")
-                status = f"loss {info['train_loss']:.4f}  {metric} {info[metric]:.4f}  best@{info['best_epoch']}"
-                progress.update(bars[info["index"]], completed=info["epoch"], status=status)
+                member = f"member {info['member'] + 1}/{spec.train.ensemble}  " if spec.train.ensemble > 1 else ""
+                status = (
+                    f"{member}loss {info['train_loss']:.4f}  {metric} {info[metric]:.4f}  best@{info['best_epoch']}"
+                )
+                progress.update(bars[info["index"], info["candidate"]], completed=info["epoch"], status=status)
             elif event == "run_end":  # stopped early: the bar ends where training did
-                progress.update(bars[info["index"]], total=info["epochs"], completed=info["epochs"])
+                bar = bars[info["index"], info["candidate"]]
+                progress.update(bar, total=info["epochs"], completed=info["epochs"])
 
         result = train_run(spec, out, on_progress)
 
-    data = result.data
-    fusion = spec.run.fusion
-    if spec.run.repeat == 1:
-        title = f"{fusion} on {data.name} (best epoch {result.first.best_epoch})"
-        console.print(_metrics_table(title, result.report))
-    else:
-        title = f"{fusion} on {data.name}: mean ± std over {spec.run.repeat} runs"
-        console.print(_metrics_table(title, result.report["summary"]))
+    print_result(result, spec.run.repeat)
     console.print(f"model, config, metrics and run.yaml written to [bold]{escape(str(out))}[/]", highlight=False)
+
+
+def print_result(result: TrainResult, repeat: int) -> None:
+    """The candidates of --fusion auto, the metrics table with the baselines' rows, and one
+    warning line when a baseline beats the fusion on the validation split."""
+    data, report = result.data, result.report
+    if result.selection is not None:
+        console.print(_candidates_table(result), highlight=False)
+        console.print(
+            f"auto: picked [bold]{escape(result.selection['picked'])}[/]: {escape(result.selection['reason'])}"
+        )
+    rows = dict(report["summary"] if repeat > 1 else {s: report[s] for s in ("train", "valid", "test")})
+    for name, splits in report.get("baselines", {}).items():
+        rows.update({f"{name} (baseline) {s}": splits[s] for s in ("valid", "test")})
+    fusion = result.first.fusion if result.selection is None else result.selection["picked"]
+    if repeat == 1:
+        title = f"{fusion} on {data.name} (best epoch {result.first.best_epoch})"
+    else:
+        title = f"{fusion} on {data.name}: mean ± std over {repeat} runs"
+    console.print(_metrics_table(title, rows))
+    if "baselines" in report:
+        spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if n != "fusion")
+        console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
+    if result.verdict is not None:
+        console.print(f"[bold yellow]warning:[/] {escape(verdict_line(result.verdict, fusion))}", highlight=False)
+
+
+def _candidates_table(result: TrainResult) -> Table:
+    selection = result.selection
+    metric = selection["metric"]
+    summary = result.report.get("candidates") if len(result.runs) > 1 else None
+    table = Table(title=f"--fusion auto: candidates (validation {metric})", title_justify="left")
+    for column in ("candidate", "fusion", "settings", f"valid {metric}", ""):
+        table.add_column(column, justify="right" if column.startswith("valid") else "left")
+    for name, cand in selection["candidates"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in cand["settings"].items() if k in _DISTINCT)
+        if summary is not None:
+            s = summary[name]["valid"][metric]
+            score = f"{s['mean']:.4f} ± {s['std']:.4f}"
+        else:
+            score = f"{cand['valid']:.4f}"
+        table.add_row(
+            escape(name), cand["fusion"], escape(settings), score, "picked" if name == selection["picked"] else ""
+        )
+    for name, why in selection["left_out"].items():
+        table.add_row(escape(name), "", escape(f"left out: {why}"), "", "")
+    return table
+
+
+# Settings that tell the candidates apart in the printed table (all are in config.json).
+_DISTINCT = ("pooling", "d_model", "num_layers", "nhead")
 
 
 def _headline(data: MultimodalDataset, fusion: str) -> str:
