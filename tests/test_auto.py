@@ -71,7 +71,11 @@ def test_user_settings_reach_the_candidates_that_have_them():
     "given, message",
     [
         ({"self_layers": 2}, "^self_layers: --fusion auto cannot use it: no candidate has this setting"),
-        ({"query": "b"}, "^query: --fusion auto cannot use it: the candidates that have it \\(cross\\)"),
+        (
+            {"query": "b"},
+            "^query: --fusion auto cannot use it: the candidates that have it \\(cross: the data has no seq",
+        ),
+        ({"nhead": 3}, "^d_model: expected a multiple of nhead=3"),  # the candidates' own error
     ],
 )
 def test_a_setting_no_candidate_can_use_is_an_error(given, message):
@@ -107,8 +111,8 @@ def test_auto_picks_an_attention_model_on_the_planted_lookup(planted_run):
     assert set(selection["candidates"]) == {c.name for c in PORTFOLIO}
     assert selection["picked"] != "concat" and result.first.fusion in ("self", "cross")
     scores = {n: c["valid"] for n, c in selection["candidates"].items()}
-    assert selection["metric"] == "mae" and scores[selection["picked"]] == min(scores.values())
-    assert result.report["valid"]["mae"] == pytest.approx(scores[selection["picked"]])
+    assert selection["metric"] == "rmse" and scores[selection["picked"]] == min(scores.values())
+    assert result.report["valid"]["rmse"] == pytest.approx(scores[selection["picked"]])
     assert result.report["test"]["r2"] > 0.5 and result.report["candidates"]["concat"]["valid"]["r2"] < 0.5
 
 
@@ -118,7 +122,7 @@ def test_the_choice_is_recorded_in_config_and_metrics(planted_run):
     picked = config["auto"]["picked"]
     assert config["fusion"] == config["auto"]["fusion"] == result.first.fusion
     assert config["model"]["pooling"] == config["auto"]["candidates"][picked]["settings"]["pooling"]
-    assert picked in config["auto"]["reason"] and "lowest validation mae of 4 candidates" in config["auto"]["reason"]
+    assert picked in config["auto"]["reason"] and "lowest validation rmse of 4 candidates" in config["auto"]["reason"]
     for _name, cand in config["auto"]["candidates"].items():
         assert cand["settings"]["d_model"] == 16  # the user's setting reached every candidate
         assert {"fusion", "settings", "valid", "valid_loss"} <= set(cand)
@@ -126,7 +130,7 @@ def test_the_choice_is_recorded_in_config_and_metrics(planted_run):
     assert set(metrics["candidates"]) == set(config["auto"]["candidates"])
     assert metrics["candidates"][picked]["valid"] == metrics["valid"]
     # The run's model is the picked one: the metrics of the saved model are the picked candidate's.
-    assert metrics["valid"]["mae"] == pytest.approx(config["auto"]["candidates"][picked]["valid"])
+    assert metrics["valid"]["rmse"] == pytest.approx(config["auto"]["candidates"][picked]["valid"])
 
 
 def test_progress_names_each_candidate_and_the_selection(planted_run):

@@ -126,16 +126,23 @@ def test_unknown_baseline_names_the_choices():
 
 
 def test_verdict_compares_on_the_selection_metric_of_the_validation_split():
+    mae, acc = ("mae", "min"), ("accuracy", "max")
     base = {"ridge": {"valid": {"mae": 1.0, "r2": 0.5}}, "hist_gb": {"valid": {"mae": 2.0, "r2": 0.1}}}
-    found = verdict("regression", {"mae": 1.5, "r2": 0.9}, base)  # lower MAE wins even with a worse R²
-    assert found == {"baseline": "ridge", "metric": "mae", "baseline_score": 1.0, "fusion_score": 1.5}
-    assert verdict("regression", {"mae": 0.9}, base) is None
-    assert verdict("regression", {"mae": 1.0}, base) is None  # a tie is not "beats"
-    acc = {"logistic": {"valid": {"accuracy": {"mean": 0.9, "std": 0.1}}}}
-    assert verdict("classification", {"accuracy": {"mean": 0.8, "std": 0.0}}, acc)["baseline"] == "logistic"
-    assert verdict("classification", {"accuracy": 0.95}, {"logistic": {"valid": {"accuracy": 0.9}}}) is None
+    found = verdict(mae, {"mae": 1.5, "r2": 0.9}, base)  # lower MAE wins even with a worse R²
+    assert found == {
+        "baseline": "ridge",
+        "metric": "mae",
+        "higher_is_better": False,
+        "baseline_score": 1.0,
+        "fusion_score": 1.5,
+    }
+    assert verdict(mae, {"mae": 0.9}, base) is None
+    assert verdict(mae, {"mae": 1.0}, base) is None  # a tie is not "beats"
+    summary = {"logistic": {"valid": {"accuracy": {"mean": 0.9, "std": 0.1}}}}
+    assert verdict(acc, {"accuracy": {"mean": 0.8, "std": 0.0}}, summary)["baseline"] == "logistic"
+    assert verdict(acc, {"accuracy": 0.95}, {"logistic": {"valid": {"accuracy": 0.9}}}) is None
     line = verdict_line(found, "self")
-    assert "ridge" in line and "self" in line and "1.0000 vs 1.5000" in line and "\n" not in line
+    assert "ridge" in line and "self" in line and "1.0000 vs 1.5000 (lower is better)" in line and "\n" not in line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +165,8 @@ def test_ridge_wins_on_a_planted_linear_signal_rows_and_warning(tmp_path):
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, result.stdout
     assert "the ridge baseline beats the concat fusion on the validation split" in text
-    ridge_mae = metrics["baselines"]["ridge"]["valid"]["mae"]
-    assert f"mae {ridge_mae:.4f} vs {metrics['valid']['mae']:.4f}" in text
+    ridge = metrics["baselines"]["ridge"]["valid"]["rmse"]  # the loss is MSE: selection on RMSE
+    assert f"rmse {ridge:.4f} vs {metrics['valid']['rmse']:.4f}" in text
 
 
 def test_no_baselines_turns_them_off(tmp_path):
@@ -183,4 +190,4 @@ def test_with_repeat_baselines_are_mean_and_std_over_the_same_splits(tmp_path):
     # Each run's baselines were fitted on that run's training rows (the splits differ by seed).
     assert runs[0]["baselines"]["ridge"]["test"] != runs[1]["baselines"]["ridge"]["test"]
     assert result.verdict is not None and result.verdict["baseline"] == "ridge"
-    assert result.verdict["fusion_score"] == pytest.approx(result.report["summary"]["valid"]["mae"]["mean"])
+    assert result.verdict["fusion_score"] == pytest.approx(result.report["summary"]["valid"]["rmse"]["mean"])

@@ -34,7 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .data.dataset import MultimodalDataset
-from .metrics import PRIMARY_METRIC, compute_metrics, summarize
+from .metrics import compute_metrics, summarize
 
 __all__ = [
     "BASELINES",
@@ -127,14 +127,15 @@ def summarize_baselines(runs: list[dict[str, dict[str, dict[str, float]]]]) -> d
     return {name: {split: summarize([r[name][split] for r in runs]) for split in runs[0][name]} for name in runs[0]}
 
 
-def verdict(task: str, fusion_valid: dict, baselines: dict[str, dict]) -> dict | None:
+def verdict(selection: tuple[str, str], fusion_valid: dict, baselines: dict[str, dict]) -> dict | None:
     """The best baseline on the validation split, when it beats the fusion there; else None.
 
-    ``fusion_valid``: the fusion's validation metrics; ``baselines``: ``{name: {split: metrics}}``.
-    Values may be floats or ``{"mean", "std"}`` summaries (with ``--repeat``; means are compared).
-    Compared on the metric that early stopping and ``--fusion auto`` select with (accuracy; MAE
-    for regression). Returns ``{"baseline", "metric", "baseline_score", "fusion_score"}``."""
-    metric, mode = PRIMARY_METRIC[task]
+    ``selection``: (metric, "max" or "min"), the metric that early stopping and ``--fusion auto``
+    select with (:meth:`attnfuse.training.TrainConfig.selection_metric`); ``fusion_valid``: the
+    fusion's validation metrics; ``baselines``: ``{name: {split: metrics}}``. Values may be floats
+    or ``{"mean", "std"}`` summaries (with ``--repeat``; means are compared). Returns
+    ``{"baseline", "metric", "higher_is_better", "baseline_score", "fusion_score"}``."""
+    metric, mode = selection
 
     def score(metrics: dict) -> float:
         v = metrics[metric]
@@ -145,13 +146,19 @@ def verdict(task: str, fusion_valid: dict, baselines: dict[str, dict]) -> dict |
     ours, theirs = score(fusion_valid), score(baselines[best]["valid"])
     if not sign * theirs > sign * ours:
         return None
-    return {"baseline": best, "metric": metric, "baseline_score": theirs, "fusion_score": ours}
+    return {
+        "baseline": best,
+        "metric": metric,
+        "higher_is_better": mode == "max",
+        "baseline_score": theirs,
+        "fusion_score": ours,
+    }
 
 
 def verdict_line(found: dict, fusion: str) -> str:
     """The one line that says a baseline (``found``, from :func:`verdict`) beats ``fusion`` on the
     validation split, with both scores."""
-    better = "higher" if found["metric"] == "accuracy" else "lower"
+    better = "higher" if found["higher_is_better"] else "lower"
     return (
         f"the {found['baseline']} baseline beats the {fusion} fusion on the validation split: "
         f"{found['metric']} {found['baseline_score']:.4f} vs {found['fusion_score']:.4f} ({better} is better); "

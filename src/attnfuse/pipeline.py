@@ -32,10 +32,10 @@ from .baselines import fit_baselines, summarize_baselines, verdict
 from .checkpoint import check_compatible, fingerprint, load_model, save_run
 from .data import BUILTINS, MultimodalDataset, Standardizer, load_data
 from .data.dataset import TASKS
-from .ensemble import Ensemble
 from .fusion import FUSIONS, FusionModel, config_from_dict
-from .metrics import PRIMARY_METRIC, summarize
+from .metrics import summarize
 from .options import Option, coerce, option, options_of
+from .portfolio import PORTFOLIO, Candidate, candidates_for, choose, public, settings_used
 from .training import RunResult, TrainConfig, run
 
 __all__ = [
@@ -95,80 +95,6 @@ def train_options() -> list[Option]:
     """Every option of ``attnfuse train``, in the order of its help: the run, the model (the union
     of the fusions' settings), the optimisation."""
     return options_of(RunOptions, *(m.config_class for m in FUSIONS.values()), TrainConfig)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One model of the ``--fusion auto`` portfolio: a ``name`` (as reported), its ``fusion`` and
-    the ``settings`` that set it apart (settings the user gives win over them)."""
-
-    name: str
-    fusion: str
-    settings: dict = field(default_factory=dict)
-    sequences_only: bool = False  # only for data with at least one sequence modality
-
-
-# Why these (benchmarks/RESULTS.md, "Baselines and --fusion auto"): on global feature views
-# (mfeat) concat and self with per-modality pooling are the best models and cost little; on
-# sequences (the planted lookup) pooling destroys the alignment and an attention model is needed:
-# self and cross both solve it, cross is the canonical "text queries video" model.
-PORTFOLIO: tuple[Candidate, ...] = (
-    Candidate("concat", "concat"),
-    Candidate("self", "self", {"pooling": "mean"}),
-    Candidate("self-modality", "self", {"pooling": "modality"}),
-    Candidate("cross", "cross", {}, sequences_only=True),
-)
-
-
-def _settings_of(fusion: str) -> set[str]:
-    return {o.name for o in options_of(FUSIONS[fusion].config_class)}
-
-
-def candidates_for(
-    data: MultimodalDataset | None, fusion: str, given: dict[str, Any]
-) -> tuple[list[Candidate], dict[str, str]]:
-    """The models ``train`` fits: ``fusion`` itself with the ``given`` settings, or, for ``auto``,
-    the portfolio candidates that fit ``data`` (sequence-only ones need a sequence modality, cross
-    models two modalities), each with the given settings it has (they win over the candidate's own),
-    duplicates dropped. Returns (candidates, {left-out candidate: why}).
-
-    A given setting that no candidate has, or whose value none accepts, is a ValueError naming it.
-    With ``data`` None (before loading), every candidate counts."""
-    if fusion != "auto":
-        return [Candidate(fusion, fusion, dict(given))], {}
-    modalities = [] if data is None else [asdict(m) for m in data.modalities]
-    kept: list[Candidate] = []
-    left_out: dict[str, str] = {}
-    for cand in PORTFOLIO:
-        if data is not None and cand.sequences_only and not any(m.is_sequence for m in data.modalities):
-            left_out[cand.name] = "the data has no sequence modality"
-            continue
-        names = _settings_of(cand.fusion)
-        settings = {**cand.settings, **{k: v for k, v in given.items() if k in names}}
-        try:
-            config_from_dict(cand.fusion, {"modalities": modalities, **settings})
-        except ValueError as e:
-            left_out[cand.name] = str(e)
-            continue
-        if any(c.fusion == cand.fusion and c.settings == settings for c in kept):
-            left_out[cand.name] = "the same model as another candidate with the settings given"
-            continue
-        kept.append(Candidate(cand.name, cand.fusion, settings))
-    for name, value in given.items():
-        if not any(name in c.settings for c in kept):
-            having = [c.name for c in PORTFOLIO if name in _settings_of(c.fusion)]
-            why = (
-                f"the candidates that have it ({', '.join(having)}) do not take the value {value!r} or do not fit the "
-                "data"
-                if having
-                else "no candidate has this setting"
-            )
-            raise ValueError(
-                f"{name}: --fusion auto cannot use it: {why} (candidates: {', '.join(c.name for c in kept)})"
-            )
-    if not kept:
-        raise ValueError(f"fusion: no candidate of --fusion auto fits this data ({left_out})")
-    return kept, left_out
 
 
 @dataclass
@@ -233,7 +159,10 @@ class TrainResult:
     {"fusion", "settings", "valid", "valid_loss"}}, "left_out", "reason"}``.
     ``verdict``: the best baseline when it beats the fusion on the validation split (means with
     ``repeat``), see :func:`attnfuse.baselines.verdict`. ``seconds``: wall time of the fusion
-    training (all candidates and members) and of each baseline, summed over the seeds."""
+    training (``"fusion"``: all candidates and members; ``"fusion:<candidate>"``: each) and of
+    each baseline, summed over the seeds. ``candidate_metrics``: per seed, every candidate's
+    metrics on every split (for benchmarks; not written to metrics.json, where only validation
+    scores appear: choosing a candidate by its test score would leak the test rows)."""
 
     first: RunResult
     runs: list[dict]
@@ -243,6 +172,7 @@ class TrainResult:
     selection: dict | None = None
     verdict: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    candidate_metrics: list[dict[str, dict]] = field(default_factory=list)
 
 
 def load(
@@ -278,16 +208,18 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
     candidates, left_out = candidates_for(data, opts.fusion, spec.model)
     emit("data", {"data": data})
 
-    first, selection, runs, seconds = None, None, [], {"fusion": 0.0}
+    first, selection, runs, seconds, per_candidate = None, None, [], {"fusion": 0.0}, []
     for i in range(opts.repeat):
         seed_cfg = replace(cfg, seed=cfg.seed + i)
         start = time.perf_counter()
-        result, chosen = _train_candidates(data, candidates, left_out, seed_cfg, i, emit, auto=opts.fusion == "auto")
+        result, chosen = _train_candidates(data, candidates, left_out, seed_cfg, i, emit, seconds)
         seconds["fusion"] += time.perf_counter() - start
+        per_candidate.append({n: c.pop("metrics") for n, c in chosen["candidates"].items()})
+        chosen = chosen if opts.fusion == "auto" else None
         record = {"seed": seed_cfg.seed, "best_epoch": result.best_epoch, "fusion": result.fusion, **result.metrics}
         if chosen is not None:
             record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
-            emit("selected", {"index": i, "selection": _public(chosen)})
+            emit("selected", {"index": i, "selection": public(chosen)})
         if opts.baselines:
             fitted = fit_baselines(data, result.splits, seed=seed_cfg.seed, sentiment=cfg.sentiment_metrics)
             record["baselines"] = fitted.metrics
@@ -301,8 +233,8 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
     found = None
     if opts.baselines:
         fusion_valid = report["valid"] if opts.repeat == 1 else report["summary"]["valid"]
-        found = verdict(data.task, fusion_valid, report["baselines"])
-    selection = None if selection is None else _public(selection)
+        found = verdict(cfg.selection_metric(data.task), fusion_valid, report["baselines"])
+    selection = None if selection is None else public(selection)
     if out is not None:
         source = opts.data if opts.data in BUILTINS else str(Path(opts.data).resolve())
         options = {**spec.to_options(), "data": source}
@@ -310,7 +242,9 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
         save_run(
             out, first.model, first.fusion, data, first.standardizer, asdict(cfg), cfg.seed, report, options, extra
         )
-    return TrainResult(first, runs, report, data, None if out is None else Path(out), selection, found, seconds)
+    return TrainResult(
+        first, runs, report, data, None if out is None else Path(out), selection, found, seconds, per_candidate
+    )
 
 
 def _train_candidates(
@@ -320,60 +254,36 @@ def _train_candidates(
     cfg: TrainConfig,
     index: int,
     emit: Progress,
-    auto: bool,
-) -> tuple[RunResult, dict | None]:
-    """Train each candidate on one seed's rows; the best on the validation metric (ties: the lower
-    validation loss, then the earlier candidate) and, under auto, the record of the choice."""
-    metric, mode = PRIMARY_METRIC[data.task]
-    sign = 1.0 if mode == "max" else -1.0
-    best, best_key, scores = None, None, {}
+    seconds: dict[str, float],
+) -> tuple[RunResult, dict]:
+    """Train each candidate on one seed's rows; return the chosen one and the record of the choice
+    (:func:`attnfuse.portfolio.choose`; each candidate's metrics on every split under
+    ``"metrics"``). Each candidate's training time is added to ``seconds``."""
+    metric, _ = selection = cfg.selection_metric(data.task)
+    results, scores = {}, {}
     for cand in candidates:
         emit("run", {"index": index, "seed": cfg.seed, "epochs": cfg.epochs, "candidate": cand.name,
                      "members": cfg.ensemble})  # fmt: skip
+        start = time.perf_counter()
         result = run(
             data, cand.fusion, cand.settings, cfg, split_seed=cfg.seed,
             on_epoch=lambda record, name=cand.name: emit("epoch", {"index": index, "candidate": name, **record}),
         )  # fmt: skip
+        key = f"fusion:{cand.name}"
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
         emit("run_end", {"index": index, "candidate": cand.name, "epochs": len(result.history),
                          "best_epoch": result.best_epoch})  # fmt: skip
-        key = (sign * result.metrics["valid"][metric], -result.valid_loss)
+        results[cand.name] = result
         scores[cand.name] = {
             "fusion": cand.fusion,
-            "settings": _settings_used(result.model, cand),
+            "settings": settings_used(result.model, cand),
             "valid": result.metrics["valid"][metric],
             "valid_loss": result.valid_loss,
             "valid_metrics": result.metrics["valid"],
+            "metrics": result.metrics,
         }
-        if best_key is None or key > best_key:
-            best, best_key, best_name = result, key, cand.name
-    if not auto:
-        return best, None
-    others = ", ".join(f"{n} {c['valid']:.4f}" for n, c in scores.items() if n != best_name)
-    reason = (
-        f"{'highest' if mode == 'max' else 'lowest'} validation {metric} of {len(scores)} candidates: "
-        f"{best_name} {scores[best_name]['valid']:.4f}" + (f" (others: {others})" if others else "")
-    )
-    selection = {
-        "picked": best_name,
-        "fusion": best.fusion,
-        "metric": metric,
-        "candidates": scores,
-        "left_out": dict(left_out),
-        "reason": reason,
-    }
-    return best, selection
-
-
-def _settings_used(model: FusionModel | Ensemble, cand: Candidate) -> dict:
-    """The candidate's user-facing settings as the model was built (its config, defaults included)."""
-    names = _settings_of(cand.fusion)
-    return {k: v for k, v in asdict(model.config).items() if k in names}
-
-
-def _public(selection: dict) -> dict:
-    """The selection record without the per-candidate metric dicts (those go to metrics.json)."""
-    cands = {n: {k: v for k, v in c.items() if k != "valid_metrics"} for n, c in selection["candidates"].items()}
-    return {**selection, "candidates": cands}
+    chosen = choose(scores, selection, left_out)
+    return results[chosen["picked"]], chosen
 
 
 def _report(runs: list[dict]) -> dict:

@@ -2,8 +2,8 @@
 
 Each trial is one ``attnfuse train`` run (:func:`attnfuse.pipeline.train`, one seed, no baselines,
 nothing saved) with settings drawn by a seeded TPE sampler (Bergstra et al., "Algorithms for
-Hyper-Parameter Optimization", NeurIPS 2011) and scored by the validation metric (accuracy, or
-MAE for regression). The per-epoch validation metric reaches Optuna's median pruner through the
+Hyper-Parameter Optimization", NeurIPS 2011) and scored by the validation metric that
+early stopping uses (accuracy; for regression RMSE, or MAE when training with the L1 loss). The per-epoch validation metric reaches Optuna's median pruner through the
 training's progress callback, so a trial that is worse than the median of earlier trials at the
 same epoch stops early. Test rows are never looked at.
 
@@ -30,7 +30,6 @@ from typing import Any
 import optuna
 
 from .fusion import FUSIONS
-from .metrics import PRIMARY_METRIC
 from .options import Option, option, options_of
 from .pipeline import RunOptions, TrainSpec, candidates_for, load, train, train_options
 from .training import TrainConfig
@@ -157,7 +156,7 @@ def tune(
     fusions = [base.run.fusion]
     if base.run.fusion == "auto":
         fusions = list(dict.fromkeys(c.fusion for c in candidates_for(data, "auto", {})[0]))
-    metric, mode = PRIMARY_METRIC[data.task]
+    metric, mode = base.train.selection_metric(data.task)
 
     # The options every trial shares: the user's, without those that only matter for the final model.
     alias = {flag.replace("-", "_"): o.name for o in train_options() for flag in o.flags}  # heads -> nhead

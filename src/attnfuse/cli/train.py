@@ -99,7 +99,7 @@ def print_result(result: TrainResult, repeat: int) -> None:
         title = f"{fusion} on {data.name}: mean ± std over {repeat} runs"
     console.print(_metrics_table(title, rows))
     if "baselines" in report:
-        spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if n != "fusion")
+        spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
         console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
     if result.verdict is not None:
         console.print(f"[bold yellow]warning:[/] {escape(verdict_line(result.verdict, fusion))}", highlight=False)
