@@ -5,7 +5,7 @@ Every ``attnfuse train`` also fits, on the features pooled over time and concate
 =================  =======================================================================
 ``logistic``       classification: ``StandardScaler`` + ``LogisticRegression``
 ``ridge``          regression: ``StandardScaler`` + ``RidgeCV`` (leave-one-out CV over alpha)
-``hist_gb``        both: ``HistGradientBoostingClassifier`` / ``...Regressor``
+``hist_gb``        both: ``HistGradientBoostingClassifier`` / ``...Regressor`` (32 bins, early stopping)
 =================  =======================================================================
 
 and scores them with the fusion's metrics on the same train / valid / test rows, so a fusion
@@ -80,9 +80,13 @@ def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1):
     if name not in BASELINES.get(task, ()):
         raise ValueError(f"baseline: expected one of {BASELINES.get(task, ())} for {task}, got {name!r}")
     if name == "hist_gb":
+        # Early stopping on 10% of the training rows (never the validation rows, which judge the
+        # baselines against the fusion); 32 bins instead of 255: 3-4x faster on mfeat's 649
+        # features with the same accuracy (benchmarks/RESULTS.md).
+        kwargs = {"early_stopping": True, "max_bins": 32, "random_state": seed}
         if task == "classification":
-            return HistGradientBoostingClassifier(random_state=seed)
-        model = HistGradientBoostingRegressor(random_state=seed)
+            return HistGradientBoostingClassifier(**kwargs)
+        model = HistGradientBoostingRegressor(**kwargs)
         return model if target_dim == 1 else MultiOutputRegressor(model)
     # keep_empty_features: a modality absent from every training row becomes zeros, not a dropped column.
     impute = SimpleImputer(strategy="mean", keep_empty_features=True)
