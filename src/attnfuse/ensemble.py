@@ -40,21 +40,11 @@ class Ensemble(nn.Module):
             raise ValueError(f"members: expected models of one fusion, got {sorted(k.__name__ for k in kinds)}")
         self.members = nn.ModuleList(members)
 
-    @property
-    def config(self) -> FusionConfig:
-        return self.members[0].config
-
-    @property
-    def has_attention(self) -> bool:
-        return self.members[0].has_attention
-
-    @property
-    def specs(self) -> dict:
-        return self.members[0].specs
-
-    @property
-    def labels(self) -> dict:
-        return self.members[0].labels
+    # All members are built from one config: the ensemble is saved, loaded and explained as one model.
+    config: FusionConfig = property(lambda self: self.members[0].config)  # type: ignore[assignment]
+    has_attention: bool = property(lambda self: self.members[0].has_attention)  # type: ignore[assignment]
+    specs: dict = property(lambda self: self.members[0].specs)  # type: ignore[assignment]
+    labels: dict = property(lambda self: self.members[0].labels)  # type: ignore[assignment]
 
     def forward(self, batch: Batch, return_attention: bool = False) -> Tensor | tuple[Tensor, list[AttentionMap]]:
         if not return_attention:

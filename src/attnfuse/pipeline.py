@@ -122,9 +122,10 @@ class TrainSpec:
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if known[k].owner is TrainConfig})
         model = {k: v for k, v in values.items() if known[k].owner not in (RunOptions, TrainConfig)}
         # The fusion has these settings, and their values are valid (for auto: some candidate's).
-        candidates_for(None, run_opts.fusion, model) if run_opts.fusion == "auto" else config_from_dict(
-            run_opts.fusion, model
-        )
+        if run_opts.fusion == "auto":
+            candidates_for(None, "auto", model)
+        else:
+            config_from_dict(run_opts.fusion, model)
         return cls(run_opts, model, train_cfg)
 
     def to_options(self) -> dict[str, Any]:
@@ -198,8 +199,8 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
 
     ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per split), plus
     ``"candidates": {name: {"valid": metrics}}`` (auto) and ``"baselines": {name: {split:
-    metrics}}``; with ``repeat``: ``{"runs": [each as above, with "seed", "best_epoch" and
-    "fusion"], "summary": {split: {metric: {"mean", "std"}}}}`` and the same mean ± std for
+    metrics}}``; with ``repeat``: ``{"runs": [each as above, with "seed", "best_epoch", "fusion"
+    and (auto) "picked"], "summary": {split: {metric: {"mean", "std"}}}}`` and the same mean ± std for
     ``"candidates"`` and ``"baselines"``."""
     emit = progress or (lambda event, info: None)
     opts, cfg = spec.run, spec.train
@@ -218,6 +219,7 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
         chosen = chosen if opts.fusion == "auto" else None
         record = {"seed": seed_cfg.seed, "best_epoch": result.best_epoch, "fusion": result.fusion, **result.metrics}
         if chosen is not None:
+            record["picked"] = chosen["picked"]
             record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
             emit("selected", {"index": i, "selection": public(chosen)})
         if opts.baselines:
@@ -289,7 +291,7 @@ def _train_candidates(
 def _report(runs: list[dict]) -> dict:
     """metrics.json from the per-seed records (see :func:`train`)."""
     if len(runs) == 1:
-        return {k: v for k, v in runs[0].items() if k not in ("seed", "best_epoch", "fusion")}
+        return {k: v for k, v in runs[0].items() if k not in ("seed", "best_epoch", "fusion", "picked")}
     splits = [s for s in ("train", "valid", "test") if s in runs[0]]
     report: dict[str, Any] = {"runs": runs, "summary": {s: summarize([r[s] for r in runs]) for s in splits}}
     if "candidates" in runs[0]:
