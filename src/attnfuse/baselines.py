@@ -26,12 +26,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression, RidgeCV
-from sklearn.multioutput import MultiOutputRegressor
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from .data.dataset import MultimodalDataset
 from .metrics import compute_metrics, summarize
@@ -79,6 +73,15 @@ def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1):
     """An unfitted scikit-learn estimator for baseline ``name`` (see :data:`BASELINES`)."""
     if name not in BASELINES.get(task, ()):
         raise ValueError(f"baseline: expected one of {BASELINES.get(task, ())} for {task}, got {name!r}")
+    # Imported here: scikit-learn (with SciPy) takes longer to import than the rest of the command
+    # line together, and `attnfuse --help`, `predict` or `explain` never need it.
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.multioutput import MultiOutputRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     if name == "hist_gb":
         # Early stopping on 10% of the training rows (never the validation rows, which judge the
         # baselines against the fusion); 32 bins instead of 255: 3-4x faster on mfeat's 649
