@@ -132,7 +132,7 @@ def test_search_space_draws_what_is_not_given():
     [
         (["--trials", "0"], "trials: expected an integer >= 1"),
         (["--timeout", "-1"], "timeout: expected a number of seconds > 0"),
-        (["--repeat", "2"], "repeat: tune scores one seed per trial"),
+        (["--heads", "3"], "d_model: expected a multiple of nhead=3"),
     ],
 )
 def test_bad_tune_options_are_one_line_errors(tmp_path, args, message):

@@ -10,7 +10,8 @@ same epoch stops early. Test rows are never looked at.
 What is searched: the fusion (with ``--fusion auto``, among the candidates ``--fusion auto``
 would train on this data; else the one given), its width, depth, heads, pooling, dropout and
 modality dropout, the learning rate and the weight decay. A setting given on the command line is
-fixed for every trial (and not searched).
+fixed for every trial (and not searched); ``--repeat``, ``--ensemble`` and ``--baselines`` apply to
+the final model only (a trial trains one model of one seed).
 
 The study lives in an SQLite file (``--study-db``): a search that crashed, or that is run again
 with the same file, continues where it stopped (its earlier trials inform the sampler). When the
