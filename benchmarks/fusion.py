@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from attnfuse.data import MultimodalDataset, iter_batches, load_mfeat, make_planted, save_npz
 from attnfuse.fusion import FUSIONS, build_model
@@ -243,7 +244,7 @@ def render_baselines(results: list[dict]) -> str:
         "",
         "Command: `python benchmarks/fusion.py --part baselines` (raw numbers per split: "
         "`benchmarks/results/baselines-<name>.json`). Every model is trained by `attnfuse.pipeline.train`, "
-        "what `attnfuse train` runs, at its defaults (one torch thread), on a copy of the data whose `split` "
+        "what `attnfuse train` runs, at its defaults (one thread: torch's and scikit-learn's), on a copy of the data whose `split` "
         "column is the seed's split: every row of a table saw the same training, validation and test rows. "
         "`auto (default)` is `attnfuse train` with no model options; the rows `concat`, `self` and "
         "`self-modality` are its candidates (the same runs). Baselines: pooled features, "
@@ -301,7 +302,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     if args.part == "baselines":
-        torch.set_num_threads(1)  # a shared 2-core machine: two spinning threads slow small models down
+        # A shared 2-core machine: two spinning threads slow small models down (torch's, and the
+        # BLAS / OpenMP pools of scikit-learn), so every model runs on one thread.
+        torch.set_num_threads(1)
+        threadpool_limits(1)
         if not args.render:
             splits, epochs = (2, 5) if args.quick else (10, 100)
             for name in args.datasets:
