@@ -86,15 +86,17 @@ def print_result(result: TrainResult, repeat: int) -> None:
     data, report = result.data, result.report
     if result.selection is not None:
         console.print(_candidates_table(result), highlight=False)
-        console.print(
-            f"auto: picked [bold]{escape(result.selection['picked'])}[/]: {escape(result.selection['reason'])}"
-        )
+        saved = " (the saved model: the first run's)" if repeat > 1 else ""
+        picked, reason = escape(result.selection["picked"]), escape(result.selection["reason"])
+        console.print(f"auto: picked [bold]{picked}[/]{saved}: {reason}")
     rows = dict(report["summary"] if repeat > 1 else {s: report[s] for s in ("train", "valid", "test")})
     for name, splits in report.get("baselines", {}).items():
         rows.update({f"{name} (baseline) {s}": splits[s] for s in ("valid", "test")})
     fusion = result.first.fusion if result.selection is None else result.selection["picked"]
     if repeat == 1:
         title = f"{fusion} on {data.name} (best epoch {result.first.best_epoch})"
+    elif result.selection is not None:
+        title = f"auto on {data.name}: mean ± std over {repeat} runs (each run's picked model)"
     else:
         title = f"{fusion} on {data.name}: mean ± std over {repeat} runs"
     console.print(_metrics_table(title, rows))
@@ -106,22 +108,24 @@ def print_result(result: TrainResult, repeat: int) -> None:
 
 
 def _candidates_table(result: TrainResult) -> Table:
-    selection = result.selection
+    """One row per candidate: its settings and validation score (mean ± std with --repeat), and
+    which run picked it."""
+    selection, runs = result.selection, result.runs
     metric = selection["metric"]
-    summary = result.report.get("candidates") if len(result.runs) > 1 else None
+    summary = result.report.get("candidates") if len(runs) > 1 else None
     table = Table(title=f"--fusion auto: candidates (validation {metric})", title_justify="left")
-    for column in ("candidate", "fusion", "settings", f"valid {metric}", ""):
+    for column in ("candidate", "fusion", "settings", f"valid {metric}", "picked"):
         table.add_column(column, justify="right" if column.startswith("valid") else "left")
     for name, cand in selection["candidates"].items():
         settings = ", ".join(f"{k}={v}" for k, v in cand["settings"].items() if k in _DISTINCT)
         if summary is not None:
             s = summary[name]["valid"][metric]
             score = f"{s['mean']:.4f} ± {s['std']:.4f}"
+            picks = sum(r.get("picked") == name for r in runs)
+            picked = f"{picks} of {len(runs)} runs" if picks else ""
         else:
-            score = f"{cand['valid']:.4f}"
-        table.add_row(
-            escape(name), cand["fusion"], escape(settings), score, "picked" if name == selection["picked"] else ""
-        )
+            score, picked = f"{cand['valid']:.4f}", "yes" if name == selection["picked"] else ""
+        table.add_row(escape(name), cand["fusion"], escape(settings), score, picked)
     for name, why in selection["left_out"].items():
         table.add_row(escape(name), "", escape(f"left out: {why}"), "", "")
     return table
