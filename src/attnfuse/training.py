@@ -221,22 +221,20 @@ def run(
     batches = {name: scaled.to_batch(idx).to(device) for name, idx in splits.items()}
     config = model_config(fusion, data, **{**(model_overrides or {}), **target_stats(data, splits["train"])})
 
-    members, best_epochs, histories = [], [], []
+    members, fitted = [], []  # fitted: (best_epoch, history) of each member
     for k in range(train.ensemble):
         member_cfg = replace(train, seed=member_seed(train.seed, k))
         torch.manual_seed(member_cfg.seed)
-        member = build_model(fusion, config).to(device)
+        members.append(build_model(fusion, config).to(device))
         report = None if on_epoch is None else (lambda record, k=k: on_epoch({**record, "member": k}))
-        best_epoch, history = fit(member, batches["train"], batches["valid"], data.task, member_cfg, report)
-        members.append(member)
-        best_epochs.append(best_epoch)
-        histories.append(history)
+        fitted.append(fit(members[k], batches["train"], batches["valid"], data.task, member_cfg, report))
     model = members[0] if train.ensemble == 1 else Ensemble(members)
     metrics = {name: evaluate(model, batch, data.task, train.sentiment_metrics) for name, batch in batches.items()}
     valid_loss = _loss_fn(train.loss_name(data.task), train.label_smoothing, members[0])(
         predict(model, batches["valid"]), batches["valid"].y
     ).item()
-    return RunResult(model, fusion, standardizer, metrics, best_epochs[0], histories[0], splits, valid_loss)
+    best_epoch, history = fitted[0]
+    return RunResult(model, fusion, standardizer, metrics, best_epoch, history, splits, valid_loss)
 
 
 def fit(
