@@ -11,7 +11,8 @@ back by :meth:`TrainSpec.to_options`, so that a run directory's ``run.yaml`` rep
     result = train(spec, out="runs/mfeat-self")   # loads, trains (per seed), saves, returns metrics
 
 With ``fusion="auto"`` (the default) :func:`train` trains the candidates of :data:`PORTFOLIO`
-that fit the data on the training rows and keeps the one with the best validation metric; with
+that fit the data on the training rows and keeps the simplest one within a standard error of the
+best validation metric (:func:`attnfuse.portfolio.choose`); with
 ``baselines`` (the default) it also fits the classical models of :mod:`attnfuse.baselines` on the
 same rows and says when one of them beats the fusion on the validation split.
 """
@@ -74,7 +75,7 @@ class RunOptions:
     fusion: str = option(
         "auto",
         "Fusion model; auto: train a small portfolio (concat, self with mean and with per-modality pooling, "
-        "cross for sequence data) and keep the best on the validation split.",
+        "cross for sequence data) and keep the simplest within one standard error of the best validation score.",
         choices=FUSION_CHOICES,
     )
     repeat: int = option(1, "Train this many seeds (seed, seed+1, ...; and splits, when the data has none).")
@@ -156,8 +157,9 @@ class TrainResult:
     metrics, the report written to ``metrics.json``, the data and where it was saved.
 
     ``selection``: with ``--fusion auto``, how the first seed's model was chosen (also in
-    config.json under ``"auto"``): ``{"picked", "fusion", "metric", "candidates": {name:
-    {"fusion", "settings", "valid", "valid_loss"}}, "left_out", "reason"}``.
+    config.json under ``"auto"``): ``{"picked", "fusion", "metric", "best", "threshold",
+    "candidates": {name: {"fusion", "settings", "valid", "valid_se", "valid_loss"}}, "left_out",
+    "reason"}`` (see :func:`attnfuse.portfolio.choose`).
     ``verdict``: the best baseline when it beats the fusion on the validation split (means with
     ``repeat``), see :func:`attnfuse.baselines.verdict`. ``seconds``: wall time of the fusion
     training (``"fusion"``: all candidates and members; ``"fusion:<candidate>"``: each) and of
@@ -194,8 +196,8 @@ def train(spec: TrainSpec, out: str | os.PathLike | None = None, progress: Progr
 
     With ``repeat`` K > 1, seeds ``seed .. seed+K-1`` each train a model (and draw their own split
     when the data has none); ``metrics.json`` then holds every run and the mean ± std. With
-    ``fusion="auto"`` each seed trains every candidate of :func:`candidates_for` and keeps the best
-    on the validation rows; with ``baselines`` each seed also fits the baselines on its rows.
+    ``fusion="auto"`` each seed trains every candidate of :func:`candidates_for` and keeps one by
+    its validation score (:func:`attnfuse.portfolio.choose`); with ``baselines`` each seed also fits the baselines on its rows.
 
     ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per split), plus
     ``"candidates": {name: {"valid": metrics}}`` (auto) and ``"baselines": {name: {split:
@@ -280,6 +282,7 @@ def _train_candidates(
             "fusion": cand.fusion,
             "settings": settings_used(result.model, cand),
             "valid": result.metrics["valid"][metric],
+            "valid_se": result.valid_se,
             "valid_loss": result.valid_loss,
             "valid_metrics": result.metrics["valid"],
             "metrics": result.metrics,

@@ -107,26 +107,36 @@ def public(selection: dict) -> dict:
 
 
 def choose(scores: dict[str, dict], selection: tuple[str, str], left_out: dict[str, str]) -> dict:
-    """The record of the choice among trained candidates.
+    """The record of the choice among trained candidates, by the one-standard-error rule.
 
-    ``scores``: ``{name: {"fusion", "settings", "valid": the selection metric, "valid_loss", ...}}``
-    in portfolio order; ``selection``: (metric, "max"/"min"). The best validation metric wins; a
-    tie goes to the lower validation loss, then to the earlier (simpler) candidate. Returns
-    ``{"picked", "fusion", "metric", "candidates": scores, "left_out", "reason"}``."""
+    ``scores``: ``{name: {"fusion", "settings", "valid": the selection metric, "valid_se": its
+    standard error, "valid_loss", ...}}`` in portfolio order, simplest first; ``selection``:
+    (metric, "max"/"min"). The best validation score (ties: the lower validation loss) sets the
+    bar; the first, i.e. simplest, candidate within one standard error of it is picked (Breiman et
+    al., "Classification and Regression Trees", 1984; Hastie et al., "The Elements of Statistical
+    Learning", 2nd ed., §7.10): a few hundred validation rows cannot tell apart models closer than
+    that, and the simpler one is then the safer choice. Returns ``{"picked", "fusion", "metric",
+    "best", "threshold", "candidates": scores, "left_out", "reason"}``."""
     metric, mode = selection
     sign = 1.0 if mode == "max" else -1.0
-    ranks = {n: (sign * c["valid"], -c["valid_loss"], -i) for i, (n, c) in enumerate(scores.items())}
-    best = max(ranks, key=ranks.__getitem__)
-    others = ", ".join(f"{n} {c['valid']:.4f}" for n, c in scores.items() if n != best)
-    reason = (
-        f"{'highest' if mode == 'max' else 'lowest'} validation {metric} of {len(scores)} candidates: "
-        f"{best} {scores[best]['valid']:.4f}" + (f" (others: {others})" if others else "")
-    )
+    best = max(scores, key=lambda n: (sign * scores[n]["valid"], -scores[n]["valid_loss"]))
+    threshold = scores[best]["valid"] - sign * scores[best]["valid_se"]
+    picked = next(n for n, c in scores.items() if sign * c["valid"] >= sign * threshold)
+    others = ", ".join(f"{n} {c['valid']:.4f}" for n, c in scores.items() if n != picked)
+    if picked == best:
+        reason = f"the best validation {metric} of {len(scores)} candidates: {picked} {scores[picked]['valid']:.4f}"
+    else:
+        reason = (
+            f"the simplest candidate within one standard error ({scores[best]['valid_se']:.4f}) of the best "
+            f"validation {metric} ({best} {scores[best]['valid']:.4f}): {picked} {scores[picked]['valid']:.4f}"
+        )
     return {
-        "picked": best,
-        "fusion": scores[best]["fusion"],
+        "picked": picked,
+        "fusion": scores[picked]["fusion"],
         "metric": metric,
+        "best": best,
+        "threshold": threshold,
         "candidates": scores,
         "left_out": dict(left_out),
-        "reason": reason,
+        "reason": reason + (f" (others: {others})" if others else ""),
     }

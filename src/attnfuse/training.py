@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .data.dataset import Batch, MultimodalDataset, Standardizer, iter_batches
 from .ensemble import Ensemble
 from .fusion import FusionModel, build_model, config_from_dict
-from .metrics import PRIMARY_METRIC, compute_metrics
+from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
 from .options import option
 
 __all__ = [
@@ -160,8 +160,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class RunResult:
     """One trained run: the model (best validation weights; an :class:`~attnfuse.ensemble.Ensemble`
     with ``ensemble`` > 1), its metrics per split, the training history (of the first member), the
-    rows of each split, and the model's loss on the validation rows (it breaks ties between
-    models of equal validation metric)."""
+    rows of each split, and the model's loss on the validation rows and the standard error of its
+    validation selection metric (see :func:`attnfuse.metrics.standard_error`), with which
+    ``--fusion auto`` compares models."""
 
     model: FusionModel | Ensemble
     fusion: str
@@ -171,6 +172,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     splits: dict[str, np.ndarray] = field(default_factory=dict)
     valid_loss: float = float("nan")
+    valid_se: float = float("nan")  # standard error of the validation selection metric
 
 
 def model_config(fusion: str, data: MultimodalDataset, **overrides) -> dict:
@@ -230,11 +232,12 @@ def run(
         fitted.append(fit(members[k], batches["train"], batches["valid"], data.task, member_cfg, report))
     model = members[0] if train.ensemble == 1 else Ensemble(members)
     metrics = {name: evaluate(model, batch, data.task, train.sentiment_metrics) for name, batch in batches.items()}
-    valid_loss = _loss_fn(train.loss_name(data.task), train.label_smoothing, members[0])(
-        predict(model, batches["valid"]), batches["valid"].y
-    ).item()
+    valid_out, valid_y = predict(model, batches["valid"]), batches["valid"].y
+    valid_loss = _loss_fn(train.loss_name(data.task), train.label_smoothing, members[0])(valid_out, valid_y).item()
+    metric, _ = train.selection_metric(data.task)
+    valid_se = standard_error(metric, _np(valid_y), to_predictions(data.task, valid_out))
     best_epoch, history = fitted[0]
-    return RunResult(model, fusion, standardizer, metrics, best_epoch, history, splits, valid_loss)
+    return RunResult(model, fusion, standardizer, metrics, best_epoch, history, splits, valid_loss, valid_se)
 
 
 def fit(
