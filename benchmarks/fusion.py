@@ -192,6 +192,7 @@ def baselines_table(name: str, splits: int, epochs: int) -> dict:
     n_splits = min(n_splits, splits)
     rows: dict[str, dict[str, list]] = {}
     picked: list[str] = []
+    selections: list[dict] = []  # per split: auto's best and picked candidates, the bar, the SEs
 
     def add(model: str, metrics: dict, seconds: float) -> None:
         entry = rows.setdefault(model, {"test": [], "valid": [], "seconds": []})
@@ -207,6 +208,8 @@ def baselines_table(name: str, splits: int, epochs: int) -> dict:
             result = train_run(spec)
             add("auto (default)", result.report, result.seconds["fusion"])
             picked.append(result.selection["picked"])
+            selections.append({k: result.selection[k] for k in ("picked", "best", "threshold", "metric")})
+            selections[-1]["valid_se"] = {n: c["valid_se"] for n, c in result.selection["candidates"].items()}
             for cand, metrics in result.candidate_metrics[0].items():
                 add(cand, metrics, result.seconds[f"fusion:{cand}"])
             for base, metrics in result.report["baselines"].items():
@@ -227,6 +230,7 @@ def baselines_table(name: str, splits: int, epochs: int) -> dict:
         "fractions": list(fractions),
         "epochs": epochs,
         "picked": picked,
+        "selections": selections,
         "rows": rows,
         "machine": machine(),
         "load": os.getloadavg(),
