@@ -113,7 +113,8 @@ def _candidates_table(result: TrainResult) -> Table:
     selection, runs = result.selection, result.runs
     metric = selection["metric"]
     summary = result.report.get("candidates") if len(runs) > 1 else None
-    table = Table(title=f"--fusion auto: candidates (validation {metric})", title_justify="left")
+    spread = "mean ± std over runs" if summary is not None else "± its standard error"
+    table = Table(title=f"--fusion auto: candidates (validation {metric}, {spread})", title_justify="left")
     for column in ("candidate", "fusion", "settings", f"valid {metric}", "picked"):
         table.add_column(column, justify="right" if column.startswith("valid") else "left")
     for name, cand in selection["candidates"].items():
@@ -124,7 +125,8 @@ def _candidates_table(result: TrainResult) -> Table:
             picks = sum(r.get("picked") == name for r in runs)
             picked = f"{picks} of {len(runs)} runs" if picks else ""
         else:
-            score, picked = f"{cand['valid']:.4f}", "yes" if name == selection["picked"] else ""
+            score = f"{cand['valid']:.4f} ± {cand['valid_se']:.4f}"
+            picked = "yes" if name == selection["picked"] else "best score" if name == selection["best"] else ""
         table.add_row(escape(name), cand["fusion"], escape(settings), score, picked)
     for name, why in selection["left_out"].items():
         table.add_row(escape(name), "", escape(f"left out: {why}"), "", "")
