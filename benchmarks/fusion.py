@@ -1,30 +1,44 @@
 """Fusion benchmarks (a script, not a test): accuracy on UCI mfeat, R² on the planted synthetic task,
-and MulT training throughput at MOSEI sizes with the fused vs the explicit attention path.
+and MulT training throughput at MOSEI sizes with the fused vs the explicit attention path; and the
+baselines table: the default `attnfuse train` (--fusion auto), every fusion and the classical
+baselines side by side on the same splits of four data sets, with wall times.
 
     python benchmarks/fusion.py                 # everything, writes benchmarks/RESULTS.md
     python benchmarks/fusion.py --quick         # a smoke run (2 splits, few epochs), prints only
-    python benchmarks/fusion.py --part mfeat    # one part: mfeat, planted or throughput
+    python benchmarks/fusion.py --part mfeat    # one part: mfeat, planted, throughput or baselines
+    python benchmarks/fusion.py --part baselines --datasets diabetes breast_cancer
 
 mfeat protocol: 10 stratified splits (seeds 0..9), 80% train+valid (70% train, 10% validation for
 early stopping) and 20% test; the same splits for every model; mean ± sample std of test accuracy.
+
+The baselines part runs every model through `attnfuse.pipeline.train` (what `attnfuse train` runs)
+on a copy of the data whose `split` column is the seed's split, so every model and baseline sees
+the same rows. Each data set's raw numbers go to benchmarks/results/baselines-<name>.json; the
+section of RESULTS.md is rendered from all such files present.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
-from attnfuse.data import MultimodalDataset, iter_batches, load_mfeat, make_planted
+from attnfuse.data import MultimodalDataset, iter_batches, load_mfeat, make_planted, save_npz
 from attnfuse.fusion import FUSIONS, build_model
+from attnfuse.pipeline import TrainSpec
+from attnfuse.pipeline import train as train_run
 from attnfuse.training import TrainConfig, model_config, run
 
 SECTION = "## Fusion models"
@@ -124,15 +138,161 @@ def mult_throughput(steps: int, repeats: int) -> dict[str, float]:
     return {"fused": statistics.median(fused), "explicit": statistics.median(explicit)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Baselines table: --fusion auto, every fusion and the baselines on the same splits
+# ---------------------------------------------------------------------------------------------
+
+BASELINE_SECTION = "## Baselines and --fusion auto (issue 8)"
+RESULTS_DIR = Path(__file__).with_name("results")
+
+
+def sklearn_views(name: str) -> MultimodalDataset:
+    """scikit-learn's bundled tables, split into the column groups that are their natural views."""
+    from sklearn.datasets import load_breast_cancer, load_diabetes
+
+    if name == "diabetes":  # 442 patients: age, sex, BMI, blood pressure | six blood serum measures
+        x, y = load_diabetes(return_X_y=True, scaled=False)
+        views = {"clinical": x[:, :4], "serum": x[:, 4:]}
+        return MultimodalDataset(views, y.astype(np.float32), name="diabetes")
+    # 569 tumours: the mean, the standard error and the worst value of ten nucleus measures
+    bunch = load_breast_cancer()
+    x = bunch.data
+    views = {"mean": x[:, :10], "se": x[:, 10:20], "worst": x[:, 20:]}
+    return MultimodalDataset(views, bunch.target.astype(np.int64), name="breast_cancer")
+
+
+# name -> (loader(seed), number of splits, split fractions, other fusions trained beside auto's
+# candidates, their settings). On mfeat the other fusions are those of the table above (the same
+# 10 splits, and classification trains as it did then: auto's concat and self rows reproduce it),
+# which a shared 2-core machine could not afford to train twice.
+BASELINE_SETS = {
+    "mfeat": (lambda seed: load_mfeat(), 10, MFEAT_FRACTIONS, [], {}),
+    "planted": (lambda seed: make_planted(seed=seed), 3, (0.7, 0.15, 0.15), ["bicross", "mult"], {}),
+    "diabetes": (lambda seed: sklearn_views("diabetes"), 10, (0.7, 0.15, 0.15), ["cross", "bicross", "mult"], {}),
+    "breast_cancer": (lambda seed: sklearn_views("breast_cancer"), 10, (0.7, 0.15, 0.15),
+                      ["cross", "bicross", "mult"], {}),
+}  # fmt: skip
+
+
+def with_split(data: MultimodalDataset, seed: int, fractions) -> MultimodalDataset:
+    """``data`` with a ``split`` column: the seed's stratified (classification) or random split."""
+    parts = data.split_indices(seed, fractions=fractions)
+    split = np.empty(data.n, dtype="<U5")
+    for name, rows in parts.items():
+        split[rows] = name
+    return MultimodalDataset(
+        data.features, data.y, masks=data.masks, split=split, task=data.task, name=data.name, info=data.info
+    )
+
+
+def baselines_table(name: str, splits: int, epochs: int) -> dict:
+    """Train auto (with the baselines) and the other fusions on each split; every model's test
+    metric, validation metric and seconds per split."""
+    loader, n_splits, fractions, others, settings = BASELINE_SETS[name]
+    n_splits = min(n_splits, splits)
+    rows: dict[str, dict[str, list]] = {}
+    picked: list[str] = []
+    selections: list[dict] = []  # per split: auto's best and picked candidates, the bar, the SEs
+
+    def add(model: str, metrics: dict, seconds: float) -> None:
+        entry = rows.setdefault(model, {"test": [], "valid": [], "seconds": []})
+        entry["test"].append(metrics["test"])
+        entry["valid"].append(metrics["valid"])
+        entry["seconds"].append(seconds)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(n_splits):
+            path = Path(tmp) / f"{name}-{seed}.npz"
+            save_npz(with_split(loader(seed), seed, fractions), path)
+            spec = TrainSpec.from_options({"data": str(path), "fusion": "auto", "seed": seed, "epochs": epochs})
+            result = train_run(spec)
+            add("auto (default)", result.report, result.seconds["fusion"])
+            picked.append(result.selection["picked"])
+            selections.append({k: result.selection[k] for k in ("picked", "best", "threshold", "metric")})
+            selections[-1]["valid_se"] = {n: c["valid_se"] for n, c in result.selection["candidates"].items()}
+            for cand, metrics in result.candidate_metrics[0].items():
+                add(cand, metrics, result.seconds[f"fusion:{cand}"])
+            for base, metrics in result.report["baselines"].items():
+                add(f"{base} (baseline)", metrics, result.seconds[base])
+            for fusion in others:
+                options = {"data": str(path), "fusion": fusion, "seed": seed, "epochs": epochs, "baselines": False}
+                other = train_run(TrainSpec.from_options({**options, **settings.get(fusion, {})}))
+                add(fusion, other.report, other.seconds["fusion"])
+            print(f"{name} split {seed}: auto picked {picked[-1]}; " + ", ".join(
+                f"{m} {metric_of(r['test'][-1]):.4f} ({r['seconds'][-1]:.0f} s)" for m, r in rows.items()
+            ), flush=True)  # fmt: skip
+    return {
+        "name": name,
+        "task": result.data.task,
+        "n": result.data.n,
+        "modalities": [f"{m.name} {[m.length, m.dim] if m.is_sequence else [m.dim]}" for m in result.data.modalities],
+        "splits": n_splits,
+        "fractions": list(fractions),
+        "epochs": epochs,
+        "picked": picked,
+        "selections": selections,
+        "rows": rows,
+        "machine": machine(),
+        "load": os.getloadavg(),
+        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def metric_of(metrics: dict) -> float:
+    return metrics["accuracy"] if "accuracy" in metrics else metrics["r2"]
+
+
+def render_baselines(results: list[dict]) -> str:
+    lines = [
+        BASELINE_SECTION,
+        "",
+        "Command: `python benchmarks/fusion.py --part baselines` (raw numbers per split: "
+        "`benchmarks/results/baselines-<name>.json`). Every model is trained by `attnfuse.pipeline.train`, "
+        "what `attnfuse train` runs, at its defaults (one thread: torch's and scikit-learn's), on a copy of the data whose `split` "
+        "column is the seed's split: every row of a table saw the same training, validation and test rows. "
+        "`auto (default)` is `attnfuse train` with no model options; the rows `concat`, `self` and "
+        "`self-modality` are its candidates (the same runs). Baselines: pooled features, "
+        "`StandardScaler` + `LogisticRegression` / `RidgeCV`, and `HistGradientBoosting*`. Seconds: "
+        "training wall time per split (the baselines: fit and predict), on a shared 2-core machine "
+        "(load average at the end of each run given).",
+        "",
+    ]
+    for r in results:
+        metric = "accuracy (%)" if r["task"] == "classification" else "R²"
+        pct = r["task"] == "classification"
+        lines += [
+            f"### {r['name']}: test {metric}, {r['splits']} splits "
+            f"({'/'.join(str(round(100 * f)) for f in r['fractions'])} train/valid/test)",
+            "",
+            f"{r['n']} samples, {r['task']}, modalities {', '.join(r['modalities'])}. {r['machine']}; "
+            f"finished {r['finished']}, load average {', '.join(f'{v:.1f}' for v in r['load'])}.",
+            "",
+            f"| model | test {metric} mean ± std | min | max | validation | seconds per split |",
+            "|---|---|---|---|---|---|",
+        ]
+        for model, row in r["rows"].items():
+            test = [metric_of(m) for m in row["test"]]
+            valid = [metric_of(m) for m in row["valid"]]
+            k = 100.0 if pct else 1.0
+            digits = 2 if pct else 4
+            lines.append(
+                f"| {model} | {fmt(test, pct)} | {k * min(test):.{digits}f} | {k * max(test):.{digits}f} | "
+                f"{fmt(valid, pct)} | {statistics.mean(row['seconds']):.1f} |"
+            )
+        counts = {p: r["picked"].count(p) for p in dict.fromkeys(r["picked"])}
+        lines += ["", "auto picked: " + ", ".join(f"{p} ×{c}" for p, c in counts.items()) + ".", ""]
+    return "\n".join(lines) + "\n"
+
+
 def fmt(scores: list[float], pct: bool) -> str:
     k = 100.0 if pct else 1.0
     std = statistics.stdev(scores) if len(scores) > 1 else 0.0
     return f"{k * statistics.mean(scores):.2f} ± {k * std:.2f}" if pct else f"{statistics.mean(scores):.4f} ± {std:.4f}"
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, section: str = SECTION) -> None:
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
 
@@ -140,9 +300,29 @@ def write_section(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer splits/epochs, nothing written")
-    parser.add_argument("--part", choices=["all", "mfeat", "planted", "throughput"], default="all")
+    parser.add_argument("--part", choices=["all", "mfeat", "planted", "throughput", "baselines"], default="all")
+    parser.add_argument("--datasets", nargs="+", choices=list(BASELINE_SETS), default=list(BASELINE_SETS))
+    parser.add_argument("--render", action="store_true", help="baselines: only render RESULTS.md from results/")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
+    if args.part == "baselines":
+        # A shared 2-core machine: two spinning threads slow small models down (torch's, and the
+        # BLAS / OpenMP pools of scikit-learn), so every model runs on one thread.
+        torch.set_num_threads(1)
+        threadpool_limits(1)
+        if not args.render:
+            splits, epochs = (2, 5) if args.quick else (10, 100)
+            for name in args.datasets:
+                result = baselines_table(name, splits, epochs)
+                if not args.quick:
+                    RESULTS_DIR.mkdir(exist_ok=True)
+                    (RESULTS_DIR / f"baselines-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        if not args.quick:
+            found = [RESULTS_DIR / f"baselines-{n}.json" for n in BASELINE_SETS]
+            text = render_baselines([json.loads(p.read_text()) for p in found if p.exists()])
+            print(text)
+            write_section(args.out, text, BASELINE_SECTION)
+        return
     fusions = list(FUSIONS)
     splits, epochs, seeds, steps, repeats = (2, 15, 1, 5, 1) if args.quick else (10, 100, 3, 40, 3)
 

@@ -110,7 +110,7 @@ def test_train_writes_model_config_and_metrics(model_dir, npz):
     assert config["model"]["d_model"] == 16 and config["model"]["nhead"] == 2 and config["model"]["num_layers"] == 1
     assert config["train"]["epochs"] == 2 and config["train"]["batch_size"] == 32
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert set(metrics) == {"train", "valid", "test"}
+    assert set(metrics) == {"train", "valid", "test", "baselines"}
     assert set(metrics["test"]) == {"accuracy", "f1_macro"}
     for path in model_dir.iterdir():  # safetensors and JSON only: nothing is a pickle or a torch.save zip
         head = path.read_bytes()[:2]
@@ -229,7 +229,7 @@ def test_repeat_writes_runs_and_summary(workdir, npz):
     out = workdir / "model-repeat"
     ok(cli("train", "--data", npz, "--fusion", "concat", "--repeat", "2", "--seed", "4", *FAST_CONCAT, "--out", out))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"runs", "summary"}
+    assert set(metrics) == {"runs", "summary", "baselines"}
     runs = metrics["runs"]
     assert [r["seed"] for r in runs] == [4, 5]
     assert all(1 <= r["best_epoch"] <= 2 for r in runs)
@@ -465,13 +465,13 @@ def test_no_traceback_through_the_real_script(tmp_path, npz):
 
 
 # ---------------------------------------------------------------------------------------------
-# `make demo` = `attnfuse train` with no arguments: the self fusion on mfeat
+# `make demo` = `attnfuse train` with no arguments: --fusion auto on mfeat, with the baselines
 
 
-def test_train_defaults_are_self_fusion_on_mfeat():
+def test_train_defaults_are_auto_fusion_on_mfeat():
     command = typer.main.get_command(app).commands["train"]
     defaults = {p.name: p.default for p in command.params}
-    assert defaults["data"] == "mfeat" and defaults["fusion"] == "self"
+    assert defaults["data"] == "mfeat" and defaults["fusion"] == "auto" and defaults["baselines"] is True
     assert defaults["out"] is None and defaults["repeat"] == 1 and defaults["allow_pickle"] is False
 
 
@@ -479,13 +479,19 @@ def test_train_with_defaults_for_one_epoch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default output directory is runs/<data>-<fusion>
     result = cli("train", "--epochs", "1")
     ok(result)
-    out = tmp_path / "runs" / "mfeat-self"
+    out = tmp_path / "runs" / "mfeat-auto"
     config = json.loads((out / "config.json").read_text())
-    assert config["fusion"] == "self" and config["data"]["name"] == "mfeat" and config["data"]["num_classes"] == 10
+    assert config["fusion"] == config["auto"]["fusion"] and set(config["auto"]["candidates"]) == {
+        "concat",
+        "self",
+        "self-modality",
+    }
+    assert config["data"]["name"] == "mfeat" and config["data"]["num_classes"] == 10
     assert [m["name"] for m in config["data"]["modalities"]] == ["fou", "fac", "kar", "pix", "zer", "mor"]
-    assert config["model"]["d_model"] == 64 and config["model"]["nhead"] == 4 and config["model"]["num_layers"] == 2
+    assert config["model"]["d_model"] == 64
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.5  # one epoch on mfeat is already far above chance (0.1)
+    assert set(metrics["baselines"]) == {"logistic", "hist_gb"} and "logistic (baseline) test" in result.stdout
 
 
 def test_sentiment_metrics_need_regression_and_fail_before_training(npz, tmp_path):

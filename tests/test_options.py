@@ -86,7 +86,7 @@ def test_options_the_chosen_fusion_lacks_are_named_from_its_config():
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"fusion": "crosss"}, "^fusion: expected one of concat, self"),
+        ({"fusion": "crosss"}, "^fusion: expected one of auto, concat, self"),
         ({"heads": 3}, "^d_model: expected a multiple of nhead=3"),
         ({"epochs": 0}, "^epochs: expected an integer >= 1"),
         ({"lr": "fast"}, "^options: lr: expected a float, got 'fast'"),
@@ -184,7 +184,9 @@ def test_train_in_python_shows_nothing_and_reports_progress(tmp_path, capsys):
     kinds = [e for e, _ in events]
     assert kinds == ["data"] + ["run", "epoch", "epoch", "run_end"] * 2
     assert [info["seed"] for e, info in events if e == "run"] == [0, 1]
-    assert set(result.report) == {"runs", "summary"} and result.out is None and not list(tmp_path.glob("*/"))
+    assert (
+        set(result.report) == {"runs", "summary", "baselines"} and result.out is None and not list(tmp_path.glob("*/"))
+    )
 
 
 def test_device_auto_picks_cuda_only_when_there_is_one():

@@ -117,6 +117,36 @@ def test_a_signal_stops_at_a_step_writes_last_and_resumes_bitwise(reference, tmp
     same_run(out, expected)
 
 
+# --fusion auto with an ensemble: 4 candidates (the data has a sequence modality) x 2 members.
+AUTO = ["--fusion", "auto", "--ensemble", "2", "--d-model", "8", "--heads", "2", "--layers", "1",
+        "--batch-size", "8", "--epochs", "3"]  # fmt: skip
+
+
+def test_sigkill_inside_auto_with_an_ensemble_then_resume_is_bitwise_the_same(tmp_path):
+    """A checkpoint says which candidate and member was training and keeps the models trained
+    before it: a resumed run retrains none of them and ends bit for bit as the uninterrupted one."""
+    data = write_data(tmp_path / "d.npz")
+    expected = tmp_path / "uninterrupted"
+    code, _, err = finish(attnfuse("train", "--data", data, *AUTO, "--out", expected))
+    assert code == 0, err
+    assert len((expected / "log.csv").read_text().splitlines()) - 1 == 4 * 2 * 3
+    out = tmp_path / "killed"
+    proc = attnfuse("train", "--data", data, *AUTO, "--out", out)
+    rng = random.Random(os.getpid())
+    wait_for_epochs(out, proc, rng.randint(4, 20))  # inside a later candidate or member
+    time.sleep(rng.uniform(0.0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
+    _, meta = load_state(out / "last")
+    assert meta["unit"] != [0, 0] and meta["members"], meta["unit"]  # finished models are in the checkpoint
+    code, _, err = finish(attnfuse("train", "--resume", out))
+    assert code == 0, err
+    same_run(out, expected)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto"] == json.loads((expected / "config.json").read_text())["auto"]
+
+
 def test_resume_refuses_other_settings_and_missing_state(reference, tmp_path):
     data, _ = reference
     out = tmp_path / "run"

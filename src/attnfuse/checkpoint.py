@@ -38,8 +38,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from ._version import __version__
 from .data import MultimodalDataset, Standardizer
+from .ensemble import Ensemble, build_ensemble
 from .files import transaction, write_bytes, write_json, write_text
-from .fusion import FusionConfig, FusionModel, SelfFusionConfig, build_model, config_from_dict
+from .fusion import FusionConfig, FusionModel, SelfFusionConfig, config_from_dict
 from .training import TrainConfig
 
 __all__ = [
@@ -99,7 +100,7 @@ def run_directory(out: str | os.PathLike) -> contextlib.AbstractContextManager[P
 
 def write_model(
     directory: str | os.PathLike,
-    model: FusionModel,
+    model: FusionModel | Ensemble,
     fusion: str,
     data: MultimodalDataset,
     standardizer: Standardizer,
@@ -114,7 +115,10 @@ def write_model(
     ``split_seed`` is the seed of the train/valid/test split drawn for data without a split
     column, so that ``evaluate`` can report the same parts later; ``source`` is where the data
     came from (a built-in name or a file path), the default data of ``explain``; ``extra``: more
-    top-level entries (``split``: how the parts were made, ``read``: how a table was read)."""
+    top-level entries (``split``: how the parts were made, ``read``: how a table was read,
+    ``auto``: how ``--fusion auto`` chose the fusion). An :class:`~attnfuse.ensemble.Ensemble` is
+    written with its members' weights under ``members.<k>.``; ``train_config["ensemble"]`` says
+    how many there are."""
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     digest = weights_id(state)
@@ -144,7 +148,7 @@ def write_model(
 
 def write_run(
     directory: str | os.PathLike,
-    model: FusionModel,
+    model: FusionModel | Ensemble,
     fusion: str,
     data: MultimodalDataset,
     standardizer: Standardizer,
@@ -152,15 +156,17 @@ def write_run(
     split: dict,
     metrics: dict,
     options: dict,
+    extra: dict | None = None,
 ) -> None:
     """A whole run into ``directory`` (one being built): the model (:func:`write_model`),
     ``metrics.json`` (undefined metrics as null, :func:`metrics_for_json`) and ``run.yaml``
     (``options``: the option values of ``attnfuse train`` that reproduce the run). ``split`` says
-    how the training parts were made: ``{"how", "seed"}`` and, for a fold, ``"folds"``, ``"fold"``."""
+    how the training parts were made: ``{"how", "seed"}`` and, for a fold, ``"folds"``, ``"fold"``;
+    ``extra``: more entries of config.json (``auto``)."""
     directory = Path(directory)
     read = {k: options.get(k) for k in ("modality", "target", "split_col", "mapping")}  # how a table was read
     write_model(directory, model, fusion, data, standardizer, train_config, split["seed"], options.get("data"),
-                extra={"split": split, "read": read})  # fmt: skip
+                extra={"split": split, "read": read, **(extra or {})})  # fmt: skip
     write_json(directory / METRICS, metrics_for_json(metrics))
     write_text(directory / RUN, yaml.safe_dump(options, sort_keys=False))
 
@@ -314,6 +320,10 @@ def _check_config(config: Any, where: str) -> FusionConfig:
     for key in ("target", "split_col", "mapping"):
         s.get(read, "read", key, (str, type(None)), optional=True)
     s.get(read, "read", "modality", (list, type(None)), optional=True)
+    auto = s.get(config, "", "auto", dict, optional=True)
+    if auto is not None:
+        s.get(auto, "auto", "picked", str)
+        s.get(auto, "auto", "reason", str)
 
     stats = s.get(config, "", "standardizer", dict)
     try:
@@ -397,13 +407,17 @@ def check_memory(config: FusionConfig, bytes_per_parameter: int, parameters: int
         )
 
 
-def _check_size(config: FusionConfig, weights: dict[str, tuple[str, tuple[int, ...]]], where: str) -> None:
-    """The model must fit its weights file and the memory: refused with the numbers, never allocated."""
+def _check_size(
+    config: FusionConfig, weights: dict[str, tuple[str, tuple[int, ...]]], where: str, members: int = 1
+) -> None:
+    """The model (``members`` of it, for an ensemble) must fit its weights file and the memory:
+    refused with the numbers, never allocated."""
     held = sum(math.prod(shape) for _, shape in weights.values())
-    lower = min_parameters(config)
+    lower = min_parameters(config) * members
     if lower > held:
+        models = f"{members} models" if members > 1 else "a model"
         raise ValueError(
-            f"model: {where}: config.json describes a model of at least {lower:,} parameters "
+            f"model: {where}: config.json describes {models} of at least {lower:,} parameters "
             f"({_settings(config)}), but {WEIGHTS} holds {held:,}"
         )
     try:
@@ -443,13 +457,14 @@ def read_config(model_dir: str | os.PathLike) -> dict:
             raise FileNotFoundError(f"model: {model_dir} is not a model directory (no {name}); train one first")
     config = _parse(model_dir / CONFIG)
     fusion_config = _check_config(config, str(model_dir / CONFIG))
-    _check_size(fusion_config, _weights_header(model_dir / WEIGHTS), str(model_dir))
+    members = config["train"].get("ensemble", 1)
+    _check_size(fusion_config, _weights_header(model_dir / WEIGHTS), str(model_dir), members)
     return config
 
 
 def load_model(
     model_dir: str | os.PathLike, device: str = "cpu", config: dict | None = None
-) -> tuple[FusionModel, dict, Standardizer]:
+) -> tuple[FusionModel | Ensemble, dict, Standardizer]:
     """Rebuild a saved model (in eval mode) with its config and its standardiser.
 
     ``config``: the directory's config from :func:`read_config` when already read (it is then not
@@ -458,7 +473,7 @@ def load_model(
     config = read_config(model_dir) if config is None else config
     path = model_dir / WEIGHTS
     header = _weights_header(path)
-    model = build_model(config["fusion"], config["model"])
+    model = build_ensemble(config["fusion"], config["model"], config["train"].get("ensemble", 1))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: shape for k, (_, shape) in header.items()}
     problems = [f"missing {k}" for k in expected if k not in got]

@@ -69,6 +69,10 @@ class FusionConfig:
 
     modalities: list[ModalitySpec] = field(default_factory=list)
     out_dim: int = 1  # number of classes, or of regression targets
+    # Regression: the training rows' target mean and std per output (set by training.run). The
+    # network learns standardised targets and its outputs are mapped back (see FusionModel).
+    target_mean: list[float] | None = None
+    target_std: list[float] | None = None
     d_model: int = option(64, "Model width: every modality's features are projected to it.")
     dropout: float = option(0.1, "Dropout rate (embeddings, attention, feed-forward, head).")
     head_hidden: int | None = option(None, "Hidden size of the MLP head (default 2 * d_model).")
@@ -84,6 +88,12 @@ class FusionConfig:
             _check_int("head_hidden", self.head_hidden, 1)
         _check_rate("dropout", self.dropout)
         _check_rate("modality_dropout", self.modality_dropout)
+        for name in ("target_mean", "target_std"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != self.out_dim):
+                raise ValueError(f"{name}: expected a list of out_dim={self.out_dim} numbers, got {value!r}")
+        if self.target_std is not None and not all(s > 0 for s in self.target_std):
+            raise ValueError(f"target_std: expected positive numbers, got {self.target_std}")
         if self.modalities:
             self.check_modalities(self.names())
 
@@ -312,12 +322,18 @@ class FusionModel(nn.Module):
         self.specs = {m.name: m for m in config.modalities}
         self.labels = {m.name: token_labels(m) for m in config.modalities}  # axis labels of attention maps
         self.embed = ModalityEmbedding(config.modalities, config.d_model, config.dropout)
+        # The head predicts standardised targets (an output of 150 ± 77 from a freshly initialised
+        # network would take thousands of steps of size lr to reach); outputs are mapped back with
+        # the training rows' statistics. Not persistent: they live in the config (config.json).
+        mean, std = config.target_mean or [0.0] * config.out_dim, config.target_std or [1.0] * config.out_dim
+        self.register_buffer("target_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("target_std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
     def forward(self, batch: Batch, return_attention: bool = False) -> Tensor | tuple[Tensor, list[AttentionMap]]:
         if self.training and self.config.modality_dropout > 0:
             batch = self._drop_modalities(batch)
         fused, maps = self.fuse(batch, return_attention)
-        out = self.head(fused)
+        out = self.head(fused) * self.target_std + self.target_mean  # (B, out_dim)
         return (out, maps) if return_attention else out
 
     def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:

@@ -177,3 +177,27 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
         std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
         out[key] = {"mean": float(arr.mean()), "std": std}
     return out
+
+
+def standard_error(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The standard error of ``metric`` (accuracy, mae or rmse) estimated on these samples: how
+    much the score would move on another draw of as many samples.
+
+    accuracy and mae are means of per-sample values (correct: 0/1; absolute error, averaged over
+    outputs): SE = std / sqrt(N). rmse = sqrt(MSE): SE(MSE) = std of the squared errors / sqrt(N),
+    mapped through the square root by the delta method, SE(rmse) = SE(MSE) / (2 rmse).
+    y_true: (N,) or (N, K); y_pred: labels (N,) for accuracy, values like y_true otherwise."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    n = t.shape[0]
+    if metric == "accuracy":
+        per_sample = (t == p).astype(np.float64)
+    elif metric in ("mae", "rmse"):
+        err = (p.astype(np.float64) - t.astype(np.float64)).reshape(n, -1)
+        per_sample = np.abs(err).mean(axis=1) if metric == "mae" else (err**2).mean(axis=1)
+    else:
+        raise ValueError(f"metric: expected 'accuracy', 'mae' or 'rmse', got {metric!r}")
+    se = float(per_sample.std() / math.sqrt(n))
+    if metric == "rmse":
+        rmse = math.sqrt(float(per_sample.mean()))
+        return se / (2 * rmse) if rmse > 0 else 0.0
+    return se

@@ -9,6 +9,14 @@ back by :meth:`TrainSpec.to_options`, so that a run directory's ``run.yaml`` rep
 
     spec = TrainSpec.from_options({"data": "mfeat", "fusion": "self", "d_model": 32, "epochs": 5})
     result = train(spec, out="runs/mfeat-self")   # loads, trains (per seed), saves, returns metrics
+
+The work of one request is a list of models, each trained by :func:`attnfuse.training.run`: for
+every run (a seed of ``--repeat``, or a fold of ``--folds``), every candidate (the fusion asked
+for, or with ``fusion="auto"`` those of :data:`attnfuse.portfolio.PORTFOLIO` that fit the data),
+every member of an ``--ensemble``. A run keeps the candidate picked on the validation split
+(:func:`attnfuse.portfolio.choose`) and, with ``baselines`` (the default), fits the classical
+models of :mod:`attnfuse.baselines` on the same rows. One loop does all of it, and its checkpoint
+says where in that list it stopped, so ``--resume`` continues any of these combinations.
 """
 
 from __future__ import annotations
@@ -18,14 +26,16 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from .baselines import fit_baselines, summarize_baselines, verdict
 from .checkpoint import (
     check_compatible,
     check_memory,
@@ -39,18 +49,34 @@ from .checkpoint import (
 from .data import BUILTINS, SPLITS, MultimodalDataset, Split, Standardizer, kfold, load_data, make_split
 from .data.dataset import TASKS
 from .data.io.table import parse_modality_options
-from .distributed import Dist, setup, teardown
-from .fusion import FUSIONS, FusionModel, build_model, config_from_dict
+from .distributed import Dist, local_device, setup, teardown
+from .ensemble import Ensemble, build_ensemble
+from .fusion import FUSIONS, FusionModel, config_from_dict
 from .metrics import summarize
 from .options import Option, coerce, option, options_of
+from .portfolio import PORTFOLIO, Candidate, candidates_for, choose, public, settings_used
 from .runstate import RunLog, last_dir, load_state, save_state, write_options
-from .training import Control, DivergedError, Interrupted, RunResult, TrainConfig, Trainer, model_config, run
+from .training import (
+    Control,
+    DivergedError,
+    Interrupted,
+    RunResult,
+    TrainConfig,
+    Trainer,
+    assess,
+    member_seed,
+    model_config,
+    run,
+)
 
 __all__ = [
     "ReadOptions",
     "RunOptions",
     "TrainSpec",
     "TrainResult",
+    "Candidate",
+    "PORTFOLIO",
+    "candidates_for",
     "train",
     "train_options",
     "data_options",
@@ -60,12 +86,17 @@ __all__ = [
     "split_parts",
 ]
 
-# progress(event, info): "data" once the data is loaded ({"data"}), "run" when a seed starts
-# ({"index", "seed", "epochs"}), "epoch" after each epoch ({"index", "epoch", "train_loss",
-# "valid_loss", "valid_<metric>", "best_epoch"}), "run_end" ({"index", "epochs", "best_epoch"}),
+# progress(event, info): "data" once the data is loaded ({"data"}); "run" when a model starts
+# training ({"index" (of the run), "seed", "epochs", "candidate" (the fusion, or the candidate's
+# name under --fusion auto), "member" (of --ensemble), "members"}); "epoch" after each epoch
+# ({"index", "candidate", "member", "epoch", "train_loss", "valid_loss", "valid_<metric>",
+# "best_epoch"}); "run_end" ({"index", "candidate", "member", "epochs", "best_epoch"});
 # "diverged" after "run_end" when a NaN/inf loss stopped it ({"index", "message", "best_epoch":
-# the finite epoch whose weights were kept}), "note" ({"message"}: e.g. a carved validation part).
+# the finite epoch whose weights were kept}); with --fusion auto, "selected" once a run's
+# candidates are trained ({"index", "selection"}: see TrainResult.selection); "note"
+# ({"message"}: e.g. a carved validation part).
 Progress = Callable[[str, dict], None]
+FUSION_CHOICES = ("auto", *FUSIONS)
 
 
 @dataclass
@@ -106,7 +137,12 @@ class RunOptions(ReadOptions):
         "directory dataset (see `attnfuse convert`).",
     )
     task: str = option("auto", "auto: classification for integer labels, else regression.", choices=TASKS)
-    fusion: str = option("self", "Fusion model.", choices=tuple(FUSIONS))
+    fusion: str = option(
+        "auto",
+        "Fusion model; auto: train a small portfolio (concat, self with mean and with per-modality pooling, "
+        "cross for sequence data) and keep the simplest within one standard error of the best validation score.",
+        choices=FUSION_CHOICES,
+    )
     repeat: int = option(1, "Train this many seeds (seed, seed+1, ...; and splits, when the data has none).")
     folds: int = option(
         0,
@@ -117,6 +153,9 @@ class RunOptions(ReadOptions):
         1, "Write OUT/last/ (what --resume continues from) every K epochs; 0: only when interrupted."
     )
     tensorboard: bool = option(False, "Also log each epoch to TensorBoard (needs the tensorboard package).")
+    baselines: bool = option(
+        True, "Also fit logistic regression / ridge and gradient boosting on the same rows, for comparison."
+    )
 
     @property
     def runs(self) -> int:
@@ -124,8 +163,8 @@ class RunOptions(ReadOptions):
         return self.folds or self.repeat
 
     def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion: expected one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.fusion not in FUSION_CHOICES:
+            raise ValueError(f"fusion: expected one of {', '.join(FUSION_CHOICES)}, got {self.fusion!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
@@ -177,7 +216,11 @@ class TrainSpec:
         run_opts = RunOptions(**{k: v for k, v in values.items() if known[k].owner is RunOptions})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if known[k].owner is TrainConfig})
         model = {k: v for k, v in values.items() if known[k].owner not in (RunOptions, TrainConfig)}
-        config_from_dict(run_opts.fusion, model)  # the fusion has these settings, and their values are valid
+        # The fusion has these settings, and their values are valid (for auto: some candidate's).
+        if run_opts.fusion == "auto":
+            candidates_for(None, "auto", model)
+        else:
+            config_from_dict(run_opts.fusion, model)
         return cls(run_opts, model, train_cfg)
 
     def to_options(self) -> dict[str, Any]:
@@ -206,14 +249,30 @@ def read_options(path: str | os.PathLike) -> dict[str, Any]:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: the first seed's run (its model is the one saved), every seed's
-    metrics, the report written to ``metrics.json``, the data and where it was saved."""
+    """What :func:`train` returns: the first run's model (the one saved), every run's metrics, the
+    report written to ``metrics.json``, the data and where it was saved.
+
+    ``selection``: with ``--fusion auto``, how the first run's model was chosen (also in
+    config.json under ``"auto"``): ``{"picked", "fusion", "metric", "best", "threshold",
+    "candidates": {name: {"fusion", "settings", "valid", "valid_se", "valid_loss"}}, "left_out",
+    "reason"}`` (see :func:`attnfuse.portfolio.choose`).
+    ``verdict``: the best baseline when it beats the fusion on the validation split (means over
+    the runs), see :func:`attnfuse.baselines.verdict`. ``seconds``: wall time of the fusion
+    training (``"fusion"``: all candidates and members; ``"fusion:<candidate>"``: each) and of
+    each baseline, summed over the runs (of this process: a resumed run counts what it trained).
+    ``candidate_metrics``: per run, every candidate's metrics on every split (for benchmarks; not
+    written to metrics.json, where only validation scores appear: choosing a candidate by its test
+    score would leak the test rows)."""
 
     first: RunResult
     runs: list[dict]
     report: dict
     data: MultimodalDataset
     out: Path | None
+    selection: dict | None = None
+    verdict: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    candidate_metrics: list[dict[str, dict]] = field(default_factory=list)
 
 
 def load(
@@ -245,8 +304,8 @@ def train(
     resume: bool = False,
     handle_signals: bool = False,
 ) -> TrainResult:
-    """Load the data, train one model per seed, and (when ``out`` is given) save the first seed's
-    model with the metrics, the options and the epoch log in ``out`` (see
+    """Load the data, train the models of each run (see the module docstring), and (when ``out`` is
+    given) save the first run's model with the metrics, the options and the epoch log in ``out`` (see
     :func:`attnfuse.checkpoint.write_run`) as one transaction
     (:func:`attnfuse.checkpoint.run_directory`): ``out`` is locked and proven writable before the
     data is loaded, and a reader finds the previous run or this one, complete. Training that
@@ -254,7 +313,16 @@ def train(
     with none, raises :class:`~attnfuse.training.DivergedError` and saves nothing.
 
     With ``repeat`` K > 1, seeds ``seed .. seed+K-1`` each train a model (and draw their own split
-    when the data has none); ``metrics.json`` then holds every run and the mean ± std.
+    when the data has none); with ``folds`` K, each fold does. With ``fusion="auto"`` each run
+    trains every candidate of :func:`~attnfuse.portfolio.candidates_for` and keeps one by its
+    validation score; with ``ensemble`` K each model is K members averaged; with ``baselines`` each
+    run also fits the baselines on its rows.
+
+    ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per part), plus
+    ``"candidates": {name: {"valid": metrics}}`` (auto) and ``"baselines": {name: {part:
+    metrics}}``; over several runs: ``{"runs": [each as above, with "seed", "best_epoch",
+    "fusion", "fold" and (auto) "picked"], "summary": {part: {metric: {"mean", "std"}}}}`` and the
+    same mean ± std for ``"candidates"`` and ``"baselines"``.
 
     While it trains, ``out/last/`` holds the epoch log and a checkpoint every ``checkpoint_every``
     epochs; ``resume=True`` continues from it (bitwise as if never stopped, on the CPU). With
@@ -296,18 +364,25 @@ def _train(
     if data.y is None:
         raise ValueError("y: the data has no targets; training needs them (attnfuse predict works without)")
     cfg.check_task(data.task, data.target_dim)
-    # Refused with the numbers, not allocated until the machine swaps: 16 bytes a parameter
-    # (weights, gradients, AdamW's two moments).
-    check_memory(config_from_dict(opts.fusion, model_config(opts.fusion, data, **spec.model)), 16)
+    candidates, left_out = candidates_for(data, opts.fusion, spec.model)
+    for cand in candidates:
+        # Refused with the numbers, not allocated until the machine swaps: 16 bytes a parameter
+        # (weights, gradients, AdamW's two moments).
+        check_memory(config_from_dict(cand.fusion, model_config(cand.fusion, data, **cand.settings)), 16)
     emit("data", {"data": data})
     folds = kfold(data, opts.folds, cfg.seed) if opts.folds else None
     options = {**spec.to_options(), "data": _source(opts.data)}
     if opts.mapping:
         options["mapping"] = str(Path(opts.mapping).resolve())
-    progress = _Progress(out, options, data, opts.tensorboard, resume, dist)
+    progress = _Progress(out, options, data, opts.tensorboard, resume, dist, local_device(cfg.torch_device()))
 
+    # Every model of a run, in order: each candidate's ensemble members.
+    plan = [(c, k) for c in range(len(candidates)) for k in range(cfg.ensemble)]
     runs = progress.finished
-    first = progress.first(spec, data, folds[0] if folds else make_split(data, cfg.seed))
+    first_split = folds[0] if folds else make_split(data, cfg.seed)
+    first, selection = progress.first(data, first_split), progress.selection
+    seconds: dict[str, float] = {"fusion": 0.0}
+    per_candidate: list[dict[str, dict]] = []
     try:
         with stop_on_signals(handle_signals) as stop:
             for i in range(progress.run_index, opts.runs):
@@ -315,58 +390,154 @@ def _train(
                 split = folds[i] if folds else make_split(data, seed_cfg.seed)
                 if i == 0 and split.note and split.how != "drawn":
                     emit("note", {"message": split.note})
-                emit("run", {"index": i, "seed": seed_cfg.seed, "epochs": seed_cfg.epochs})
+                members = progress.members(i, split)  # {(candidate, member): RunResult} done before a resume
+                for c, k in plan:
+                    if (c, k) in members:
+                        continue
+                    cand = candidates[c]
+                    unit = {"index": i, "candidate": cand.name, "member": k}
+                    emit("run", {**unit, "seed": seed_cfg.seed, "epochs": cfg.epochs, "members": cfg.ensemble})
 
-                def on_epoch(record: dict, i=i, seed=seed_cfg.seed) -> None:
-                    progress.log_epoch(i, seed, record)
-                    emit("epoch", {"index": i, **record})
+                    def on_epoch(record: dict, unit=unit, seed=seed_cfg.seed) -> None:
+                        progress.log_epoch(unit["index"], seed, {**unit, **record})
+                        emit("epoch", {**unit, **record})
 
-                control = Control(
-                    dist=dist,
-                    resume=progress.state if i == progress.run_index else None,
-                    checkpoint=progress.saver(i, runs, first),
-                    every=opts.checkpoint_every,
-                    stop=stop,
-                )
-                result = run(data, opts.fusion, spec.model, seed_cfg, on_epoch=on_epoch, control=control, split=split)
-                emit("run_end", {"index": i, "epochs": len(result.history), "best_epoch": result.best_epoch})
-                if result.note:
-                    emit("diverged", {"index": i, "message": result.note, "best_epoch": result.best_epoch})
+                    control = Control(
+                        dist=dist,
+                        resume=progress.resume_state(i, c, k),
+                        checkpoint=progress.saver(i, c, k, runs, members, first, selection),
+                        every=opts.checkpoint_every,
+                        stop=stop,
+                    )
+                    member_cfg = replace(seed_cfg, seed=member_seed(seed_cfg.seed, k))
+                    start = time.perf_counter()
+                    result = run(data, cand.fusion, cand.settings, member_cfg, on_epoch=on_epoch, control=control,
+                                 split=split)  # fmt: skip
+                    _add(seconds, f"fusion:{cand.name}", time.perf_counter() - start)
+                    emit("run_end", {**unit, "epochs": len(result.history), "best_epoch": result.best_epoch})
+                    if result.note:
+                        emit("diverged", {"index": i, "message": result.note, "best_epoch": result.best_epoch})
+                    members[c, k] = result
+
+                result, chosen, metrics_of = _pick(data, candidates, left_out, members, cfg, split, dist)
+                per_candidate.append(metrics_of)
                 record = {"fold": i} if folds else {}
-                runs.append({**record, "seed": seed_cfg.seed, "best_epoch": result.best_epoch,
-                             "history": result.history, **result.metrics})  # fmt: skip
-                first = first or result
+                record.update(seed=seed_cfg.seed, best_epoch=result.best_epoch, fusion=result.fusion,
+                              history=result.history, **result.metrics)  # fmt: skip
+                if opts.fusion == "auto":
+                    record["picked"] = chosen["picked"]
+                    record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
+                    emit("selected", {"index": i, "selection": public(chosen)})
+                if opts.baselines and dist.main:
+                    fitted = fit_baselines(data, split, seed=seed_cfg.seed, sentiment=cfg.sentiment_metrics)
+                    record["baselines"] = fitted.metrics
+                    for name, sec in fitted.seconds.items():
+                        _add(seconds, name, sec)
+                runs.append(record)
+                if first is None:
+                    first, selection = result, public(chosen) if opts.fusion == "auto" else None
 
+        seconds["fusion"] = sum(v for k, v in seconds.items() if k.startswith("fusion:"))
         records = [{k: v for k, v in r.items() if k != "history"} for r in runs]
-        if opts.runs == 1:
-            report = first.metrics
-        else:
-            report = {"runs": records, "summary": {s: summarize([r[s] for r in records]) for s in first.metrics}}
+        report = _report(records, opts.runs)
+        found = None
+        if "baselines" in report:
+            fusion_valid = report["valid"] if opts.runs == 1 else report["summary"]["valid"]
+            found = verdict(cfg.selection_metric(data.task), fusion_valid, report["baselines"])
         report = metrics_for_json(report)  # an undefined (NaN) metric is null, here and in metrics.json
         if tmp is not None:
             split = {"how": first.split.how, "seed": cfg.seed, **({"folds": opts.folds, "fold": 0} if folds else {})}
-            write_run(tmp, first.model, opts.fusion, data, first.standardizer, asdict(cfg), split, report, options)
+            extra = {"auto": selection} if selection is not None else None
+            write_run(tmp, first.model, first.fusion, data, first.standardizer, asdict(cfg), split, report, options,
+                      extra)  # fmt: skip
             progress.close()
             progress.move_logs(tmp)
     except BaseException as error:
         progress.close()
         progress.failed(error)
         raise
-    return TrainResult(first, records, report, data, None if out is None else Path(out))
+    return TrainResult(first, records, report, data, None if out is None else Path(out), selection, found, seconds,
+                       per_candidate)  # fmt: skip
+
+
+def _add(seconds: dict[str, float], key: str, value: float) -> None:
+    seconds[key] = seconds.get(key, 0.0) + value
+
+
+def _pick(
+    data: MultimodalDataset,
+    candidates: list[Candidate],
+    left_out: dict[str, str],
+    members: dict[tuple[int, int], RunResult],
+    cfg: TrainConfig,
+    split: Split,
+    dist: Dist,
+) -> tuple[RunResult, dict, dict[str, dict]]:
+    """One run's model: each candidate's members averaged (an :class:`~attnfuse.ensemble.Ensemble`
+    when there are several), then the candidate :func:`attnfuse.portfolio.choose` picks on the
+    validation split. Returns it, the record of the choice and every candidate's metrics."""
+    metric, _ = selection = cfg.selection_metric(data.task)
+    results, scores = {}, {}
+    for c, cand in enumerate(candidates):
+        fitted = [members[c, k] for k in range(cfg.ensemble)]
+        result = fitted[0]
+        if len(fitted) > 1:
+            model = Ensemble([m.model for m in fitted])
+            metrics, valid_loss, valid_se = assess(model, data, split, result.standardizer, cfg, dist)
+            note = next((m.note for m in fitted if m.note), None)
+            result = RunResult(model, cand.fusion, result.standardizer, metrics, result.best_epoch, result.history,
+                               note, split, valid_loss, valid_se)  # fmt: skip
+        results[cand.name] = result
+        scores[cand.name] = {
+            "fusion": cand.fusion,
+            "settings": settings_used(result.model, cand),
+            "valid": result.metrics["valid"][metric],
+            "valid_se": result.valid_se,
+            "valid_loss": result.valid_loss,
+            "valid_metrics": result.metrics["valid"],
+        }
+    chosen = choose(scores, selection, left_out)
+    return results[chosen["picked"]], chosen, {name: r.metrics for name, r in results.items()}
+
+
+def _report(records: list[dict], runs: int) -> dict:
+    """metrics.json from the per-run records (see :func:`train`)."""
+    if runs == 1:
+        return {k: v for k, v in records[0].items() if k not in ("fold", "seed", "best_epoch", "fusion", "picked")}
+    splits = [s for s in SPLITS if s in records[0]]
+    report: dict[str, Any] = {"runs": records, "summary": {s: summarize([r[s] for r in records]) for s in splits}}
+    if "candidates" in records[0]:
+        report["candidates"] = {
+            name: {"valid": summarize([r["candidates"][name]["valid"] for r in records])}
+            for name in records[0]["candidates"]
+        }
+    if "baselines" in records[0]:
+        report["baselines"] = summarize_baselines([r["baselines"] for r in records])
+    return report
 
 
 class _Progress:
     """``OUT/last/`` of a run in progress (see :mod:`attnfuse.runstate`): its options, epoch log and
-    checkpoints, and what a resumed run starts from. Rank 0 alone writes; without ``out``, nothing."""
+    checkpoints, and what a resumed run starts from. Rank 0 alone writes; without ``out``, nothing.
 
-    def __init__(self, out, options: dict, data: MultimodalDataset, tensorboard: bool, resume: bool, dist: Dist):
-        self.dist, self.data = dist, data
+    A checkpoint is taken inside the training of one model (run ``i``, candidate ``c``, member
+    ``k``); besides that model's trainer state it holds the finished runs' records, the models of
+    run ``i`` already trained (weights under ``member.<c>.<k>.``) and the first run's model
+    (``first.``), so that a resumed request retrains nothing."""
+
+    def __init__(
+        self, out, options: dict, data: MultimodalDataset, tensorboard: bool, resume: bool, dist: Dist, device
+    ) -> None:
+        self.dist, self.data, self.device = dist, data, device
         self.last = None if out is None else last_dir(out)
         self.state = load_state(self.last) if resume else None
         meta = self.state[1] if self.state else {}
         if self.state and meta.get("fingerprint") != fingerprint(data):
             raise ValueError(f"resume: the data {options['data']!r} is not the data the run in {out} was trained on")
         self.run_index, self.finished = meta.get("run_index", 0), list(meta.get("finished", []))
+        self.unit = tuple(meta.get("unit", (0, 0)))
+        self.selection = meta.get("selection")
+        self.logged = meta.get("log_rows", 0)  # epochs in log.csv
         writes = self.last is not None and dist.main
         self.created = [p for p in (None if out is None else Path(out), self.last) if writes and not p.exists()]
         self.log = None
@@ -378,24 +549,53 @@ class _Progress:
             self.failed(error)
             raise
 
-    def first(self, spec: TrainSpec, data: MultimodalDataset, split: Split) -> RunResult | None:
-        """The first seed's finished run (trained on ``split``), as a checkpoint taken during a
-        later seed keeps it."""
-        if self.state is None or self.run_index == 0:
+    def _restore(self, info: dict, prefix: str, split: Split) -> RunResult:
+        """A finished model from the checkpoint: its record ``info`` and its tensors ``prefix.*``."""
+        model = build_ensemble(info["fusion"], info["model"], info.get("ensemble", 1))
+        tensors = self.state[0]
+        model.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+        nan = float("nan")
+        return RunResult(model.to(self.device), info["fusion"], Standardizer.from_dict(info["standardizer"]),
+                         info["metrics"], info["best_epoch"], info["history"], info["note"], split,
+                         nan if info["valid_loss"] is None else info["valid_loss"],
+                         nan if info["valid_se"] is None else info["valid_se"])  # fmt: skip
+
+    def first(self, data: MultimodalDataset, split: Split) -> RunResult | None:
+        """The first run's finished model (trained on ``split``), as a checkpoint taken during a
+        later run keeps it."""
+        if self.state is None or "first" not in self.state[1]:
             return None
-        tensors, meta = self.state
-        info = meta["first"]
-        model = build_model(spec.run.fusion, model_config(spec.run.fusion, data, **spec.model))
-        model.load_state_dict({k.removeprefix("first."): v for k, v in tensors.items() if k.startswith("first.")})
-        return RunResult(model, spec.run.fusion, Standardizer.from_dict(info["standardizer"]), info["metrics"],
-                         info["best_epoch"], info["history"], info["note"], split)  # fmt: skip
+        return self._restore(self.state[1]["first"], "first.", split)
+
+    def members(self, i: int, split: Split) -> dict[tuple[int, int], RunResult]:
+        """The models of run ``i`` trained before the checkpoint (none unless resuming run ``i``)."""
+        if self.state is None or i != self.run_index:
+            return {}
+        return {
+            (m["candidate"], m["member"]): self._restore(m, f"member.{m['candidate']}.{m['member']}.", split)
+            for m in self.state[1].get("members", [])
+        }
+
+    def resume_state(self, i: int, c: int, k: int) -> tuple[dict, dict] | None:
+        """The trainer state to continue model (c, k) of run ``i`` from: the checkpoint's own."""
+        return self.state if self.state is not None and (i, c, k) == (self.run_index, *self.unit) else None
 
     def log_epoch(self, run: int, seed: int, record: dict) -> None:
+        self.logged += 1
         if self.log is not None:
             self.log.write(run, seed, record)
 
-    def saver(self, i: int, runs: list[dict], first: RunResult | None) -> Callable[[Trainer], None] | None:
-        """The checkpoint function of run ``i`` (None without an output directory)."""
+    def saver(
+        self,
+        i: int,
+        c: int,
+        k: int,
+        runs: list[dict],
+        members: dict[tuple[int, int], RunResult],
+        first: RunResult | None,
+        selection: dict | None,
+    ) -> Callable[[Trainer], None] | None:
+        """The checkpoint function of model (c, k) of run ``i`` (None without an output directory)."""
         if self.last is None:
             return None
 
@@ -403,15 +603,15 @@ class _Progress:
             tensors, meta = trainer.state_dict()  # on every rank: the ranks' RNG states are gathered
             if not self.dist.main:
                 return
-            done = sum(len(r.get("history", [])) for r in runs) + trainer.epoch
-            meta.update(run_index=i, finished=runs, fingerprint=fingerprint(self.data), log_rows=done)
+            meta.update(run_index=i, unit=[c, k], finished=runs, fingerprint=fingerprint(self.data),
+                        log_rows=self.logged, selection=selection, members=[])  # fmt: skip
+            for (c2, k2), result in members.items():
+                tensors.update(_prefixed(f"member.{c2}.{k2}.", result.model))
+                meta["members"].append({"candidate": c2, "member": k2, **_record(result)})
             if first is not None:
-                tensors.update({f"first.{k}": v for k, v in first.model.state_dict().items()})
-                meta["first"] = {
-                    "metrics": first.metrics, "best_epoch": first.best_epoch, "history": first.history,
-                    "note": first.note, "standardizer": first.standardizer.to_dict(),
-                }  # fmt: skip
-            save_state(self.last, tensors, meta)
+                tensors.update(_prefixed("first.", first.model))
+                meta["first"] = _record(first)
+            save_state(self.last, tensors, metrics_for_json(meta))
 
         return save
 
@@ -434,6 +634,27 @@ class _Progress:
         keep = (self.last / "state").exists() and not isinstance(error, DivergedError) if self.last else False
         if self.created and self.dist.main and not keep:
             shutil.rmtree(self.created[0], ignore_errors=True)
+
+
+def _prefixed(prefix: str, model: FusionModel | Ensemble) -> dict:
+    return {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+
+
+def _record(result: RunResult) -> dict:
+    """What a checkpoint keeps of a finished model besides its weights."""
+    model = result.model
+    return {
+        "fusion": result.fusion,
+        "model": asdict(model.config),
+        "ensemble": len(model.members) if isinstance(model, Ensemble) else 1,
+        "metrics": result.metrics,
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "note": result.note,
+        "standardizer": result.standardizer.to_dict(),
+        "valid_loss": result.valid_loss,
+        "valid_se": result.valid_se,
+    }
 
 
 def _source(data: str) -> str:

@@ -34,7 +34,18 @@ from .files import to_json, write_bytes, write_text
 __all__ = ["LAST", "last_dir", "save_state", "load_state", "RunLog", "write_options", "read_run_options"]
 
 LAST = "last"
-LOG_FIELDS = ("run", "seed", "epoch", "train_loss", "valid_loss", "valid_metric", "valid_value", "best_epoch")
+LOG_FIELDS = (
+    "run",
+    "seed",
+    "candidate",
+    "member",
+    "epoch",
+    "train_loss",
+    "valid_loss",
+    "valid_metric",
+    "valid_value",
+    "best_epoch",
+)
 
 
 def last_dir(out: str | os.PathLike) -> Path:
@@ -126,6 +137,8 @@ class RunLog:
         row = {
             "run": run,
             "seed": seed,
+            "candidate": record.get("candidate", ""),
+            "member": record.get("member", 0),
             "epoch": record["epoch"],
             "train_loss": record["train_loss"],
             "valid_loss": record["valid_loss"],
@@ -137,7 +150,9 @@ class RunLog:
         self.file.flush()
         if self.tb is not None:
             step = record["epoch"]
-            prefix = f"run{run}/" if run else ""
+            # run1/self-modality/member2/loss/train: one curve per model trained.
+            parts = [f"run{run}" if run else "", record.get("candidate", ""), f"member{record.get('member', 0)}"]
+            prefix = "".join(f"{p}/" for p in parts if p and p != "member0")
             self.tb.add_scalar(f"{prefix}loss/train", record["train_loss"], step)
             self.tb.add_scalar(f"{prefix}loss/valid", record["valid_loss"], step)
             self.tb.add_scalar(f"{prefix}valid/{row['valid_metric']}", record[metric], step)

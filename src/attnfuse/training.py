@@ -6,8 +6,10 @@ The whole pipeline of ``attnfuse train`` for one seed is :func:`run`:
     -> fit (early stopping on the validation metric, best weights restored)
     -> metrics on train / valid / test
 
-Data sets here are small enough to live on the device as one :class:`Batch`; mini-batches are
-index slices of it (no DataLoader, no per-sample Python).
+Mini-batches are gathered (and standardised) per step from the dataset's rows, so a
+memory-mapped dataset is never loaded whole; no DataLoader, no per-sample Python. An ensemble's
+members, ``--fusion auto``'s candidates and ``--repeat``'s seeds are each one :func:`run`, driven
+by :func:`attnfuse.pipeline.train`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from torch import Tensor, nn
 
 from .data import Batch, MultimodalDataset, Standardizer, iter_batches, make_split
 from .distributed import Dist, local_device
+from .ensemble import Ensemble
 from .fusion import FusionModel, build_model, config_from_dict
-from .metrics import PRIMARY_METRIC, compute_metrics
+from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
 from .options import option
 
 __all__ = [
@@ -42,6 +45,9 @@ __all__ = [
     "to_predictions",
     "model_config",
     "param_groups",
+    "member_seed",
+    "target_stats",
+    "assess",
 ]
 
 LOSSES = ("auto", "cross_entropy", "l1", "mse")
@@ -65,7 +71,10 @@ class TrainConfig:
     seed: int = option(0, "Random seed (model init, shuffling, and the split when the data has none).")
     device: str = option("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     loss: str = option(
-        "auto", "Loss: auto (classification: cross_entropy; regression: l1, as MulT/MMSA), l1 or mse.", choices=LOSSES
+        "auto",
+        "Loss: auto (classification: cross_entropy; regression: mse), l1 (as MulT/MMSA train on sentiment scores) "
+        "or mse. Regression selects (early stopping, --fusion auto) on the loss's validation metric: rmse or mae.",
+        choices=LOSSES,
     )
     label_smoothing: float = option(0.0, "Classification: label smoothing of the cross-entropy.")
     metrics: str = option("default", "'sentiment' adds the MOSI/MOSEI metrics (acc2, acc7, ...).", choices=METRIC_SETS)
@@ -75,9 +84,12 @@ class TrainConfig:
         choices=PRECISIONS,
     )
     compile: bool = option(False, "torch.compile the model (faster steps after a slow first one).")
+    ensemble: int = option(
+        1, "Train this many models from different seeds on the same rows and average their outputs (small data)."
+    )
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "ensemble"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
@@ -136,7 +148,17 @@ class TrainConfig:
             return "cross_entropy"
         if self.loss == "cross_entropy":
             raise ValueError("loss: regression trains with 'l1' or 'mse', got 'cross_entropy'")
-        return "l1" if self.loss == "auto" else self.loss
+        # MSE by default: R² (and a ridge regression's objective) is squared error; measured on
+        # small tables it beats L1 (benchmarks/RESULTS.md, "Small data").
+        return "mse" if self.loss == "auto" else self.loss
+
+    def selection_metric(self, task: str) -> tuple[str, str]:
+        """The validation metric that early stopping, ``--fusion auto``, ``tune`` and the baseline
+        verdict select on, and whether higher (``"max"``) or lower is better: accuracy; for
+        regression the metric of the loss (mae for l1, rmse for mse)."""
+        if task == "classification":
+            return PRIMARY_METRIC[task]
+        return ("mae" if self.loss_name(task) == "l1" else "rmse"), "min"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -152,10 +174,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass
 class RunResult:
-    """One trained run: the model (best validation weights), its metrics per split, the history.
-    ``note`` says why training ended unusually (a diverged loss, with the best weights kept)."""
+    """One trained run: the model (best validation weights; an :class:`~attnfuse.ensemble.Ensemble`
+    of members trained on the same rows), its metrics per split, the history (of the first member).
+    ``note`` says why training ended unusually (a diverged loss, with the best weights kept).
+    ``valid_loss`` and ``valid_se``: the loss on the validation rows and the standard error of the
+    validation selection metric (:func:`attnfuse.metrics.standard_error`), with which ``--fusion
+    auto`` compares models."""
 
-    model: FusionModel
+    model: FusionModel | Ensemble
     fusion: str
     standardizer: Standardizer
     metrics: dict[str, dict[str, float]]
@@ -163,6 +189,8 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     note: str | None = None
     split: Mapping[str, np.ndarray] | None = None  # the rows of each part (a data.Split when made here)
+    valid_loss: float = float("nan")
+    valid_se: float = float("nan")
 
 
 class DivergedError(ValueError):
@@ -203,6 +231,23 @@ def model_config(fusion: str, data: MultimodalDataset, **overrides) -> dict:
     return asdict(config_from_dict(fusion, values))  # validated and with defaults filled in
 
 
+def target_stats(data: MultimodalDataset, rows: np.ndarray) -> dict[str, list[float]]:
+    """Regression: the mean and std of each target over ``rows`` (the training rows), as the
+    ``target_mean``/``target_std`` of a fusion config; nothing for classification."""
+    if data.task != "regression":
+        return {}
+    y = np.asarray(data.y[rows]).reshape(len(rows), -1).astype(np.float64)  # (N_train, K)
+    std = y.std(axis=0)
+    return {"target_mean": y.mean(axis=0).tolist(), "target_std": np.where(std < 1e-6, 1.0, std).tolist()}
+
+
+def member_seed(seed: int, k: int) -> int:
+    """The seed of member ``k`` of an ensemble trained with ``seed``: member 0 is the single model
+    of that seed; the others draw from ``SeedSequence([seed, k])``, so no two runs (``--repeat``
+    seeds seed, seed+1, ...) share a member."""
+    return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0] % 2**31)
+
+
 def run(
     data: MultimodalDataset,
     fusion: str,
@@ -215,6 +260,8 @@ def run(
     split: Mapping[str, np.ndarray] | None = None,
 ) -> RunResult:
     """Split, standardise, build, fit and evaluate one model (deterministic for a seed on CPU).
+    Regression targets are learned standardised (the training rows' mean and std, in the config).
+    ``train.ensemble`` is not looked at here: :func:`attnfuse.pipeline.train` trains the members.
 
     ``split`` gives the train/valid/test rows (e.g. a fold of :func:`attnfuse.data.kfold`);
     by default :func:`attnfuse.data.make_split` makes them with ``split_seed`` (default: the
@@ -231,14 +278,47 @@ def run(
     device = local_device(train.torch_device())
     sources = {name: _batches(data, rows, standardizer, device) for name, rows in split.items()}
 
+    overrides = {**(model_overrides or {}), **target_stats(data, split["train"])}
     torch.manual_seed(train.seed)
-    model = build_model(fusion, model_config(fusion, data, **(model_overrides or {}))).to(device)
+    model = build_model(fusion, model_config(fusion, data, **overrides)).to(device)
     trainer = Trainer(model, data.task, train, control.dist)
     if control.resume is not None:
         trainer.load_state_dict(*control.resume)
     trainer.fit(sources["train"], sources["valid"], on_epoch, control)
-    metrics = {name: trainer.evaluate(source) for name, source in sources.items()}
-    return RunResult(model, fusion, standardizer, metrics, trainer.best_epoch, trainer.history, trainer.note, split)
+    metrics, valid_loss, valid_se = _assess(model, data.task, train, sources, control.dist)
+    return RunResult(model, fusion, standardizer, metrics, trainer.best_epoch, trainer.history, trainer.note, split,
+                     valid_loss, valid_se)  # fmt: skip
+
+
+def assess(
+    model: FusionModel | Ensemble,
+    data: MultimodalDataset,
+    split: Mapping[str, np.ndarray],
+    standardizer: Standardizer,
+    cfg: TrainConfig,
+    dist: Dist | None = None,
+) -> tuple[dict[str, dict[str, float]], float, float]:
+    """A trained model's metrics on every part of ``split``, its loss on the validation rows and
+    the standard error of its validation selection metric (e.g. an ensemble of :func:`run`'s models)."""
+    device = next(model.parameters()).device
+    sources = {name: _batches(data, rows, standardizer, device) for name, rows in split.items()}
+    return _assess(model, data.task, cfg, sources, dist or Dist())
+
+
+def _assess(model, task: str, cfg: TrainConfig, sources: dict, dist: Dist) -> tuple[dict, float, float]:
+    metrics, valid_loss, valid_se = {}, float("nan"), float("nan")
+    for name, source in sources.items():
+        outputs = _predict(model, source, dist, cfg.precision)
+        y, predictions = _np(source.y), to_predictions(task, outputs)
+        metrics[name] = compute_metrics(task, y, predictions, sentiment=cfg.sentiment_metrics)
+        if name == "valid" and len(source):
+            valid_loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, _first(model))(outputs, source.y).item()
+            valid_se = standard_error(cfg.selection_metric(task)[0], y, predictions)
+    return metrics, valid_loss, valid_se
+
+
+def _first(model: FusionModel | Ensemble) -> FusionModel:
+    return model.members[0] if isinstance(model, Ensemble) else model
 
 
 def _batches(data: MultimodalDataset, rows: np.ndarray, standardizer: Standardizer, device: torch.device):
@@ -273,7 +353,7 @@ class Trainer:
         self.model = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        self.loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing)
+        self.loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, model)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the shuffling, the same on every rank
 
         self.epoch = 0  # epochs completed
@@ -349,7 +429,7 @@ class Trainer:
 
     def _end_epoch(self, valid: Batch, on_epoch: Callable[[dict], None] | None) -> bool:
         """Validate, keep the best weights, log; True when training diverged in this epoch."""
-        metric, mode = PRIMARY_METRIC[self.task]
+        metric, mode = self.cfg.selection_metric(self.task)
         outputs = self.predict(valid)
         valid_loss = self.loss_fn(outputs, valid.y).item()
         valid_metrics = compute_metrics(self.task, _np(valid.y), to_predictions(self.task, outputs))
@@ -387,27 +467,14 @@ class Trainer:
         return sum(self.dist.gather_objects(self.count)) if self.dist.enabled else self.count
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return _autocast(self.device, self.cfg.precision)
 
     # -- outputs -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def predict(self, batch: Batch, batch_size: int = 1024) -> Tensor:
         """Raw outputs ``(N, out_dim)`` in eval mode, float32; under torchrun each rank computes a
         share of the rows and every rank gets all of them (each row is computed once)."""
-        self.net.eval()
-        rows = _on(batch, self.dist.shard(torch.arange(len(batch))))
-        with self._autocast():
-            parts = [self.net(batch.select(chunk)).float() for chunk in rows.split(batch_size)]
-        out = torch.cat(parts) if parts else torch.empty(0, self.net.config.out_dim, device=self.device)
-        return self.dist.gather_rows(out, len(batch))
-
-    def evaluate(self, batch: Batch) -> dict[str, float]:
-        outputs = self.predict(batch)
-        return compute_metrics(
-            self.task, _np(batch.y), to_predictions(self.task, outputs), sentiment=self.cfg.sentiment_metrics
-        )
+        return _predict(self.net, batch, self.dist, self.cfg.precision, batch_size)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -475,6 +542,23 @@ class Trainer:
         set_rng_state({"tensors": part(f"rng.{rank}."), "python": meta["python_rng"][rank]})
 
 
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def _predict(net: nn.Module, batch: Batch, dist: Dist, precision: str, batch_size: int = 1024) -> Tensor:
+    """Raw outputs ``(N, out_dim)`` in eval mode, float32, each row computed once over the ranks."""
+    net.eval()
+    device = next(net.parameters()).device
+    rows = _on(batch, dist.shard(torch.arange(len(batch))))
+    with _autocast(device, precision):
+        parts = [net(batch.select(chunk)).float() for chunk in rows.split(batch_size)]
+    out = torch.cat(parts) if parts else torch.empty(0, net.config.out_dim, device=device)
+    return dist.gather_rows(out, len(batch))
+
+
 def _on(source: Batch, index: Tensor) -> Tensor:
     """Row indices where ``source`` selects with them: an in-memory Batch on its own device."""
     return index.to(next(iter(source.x.values())).device) if isinstance(source, Batch) else index
@@ -522,7 +606,7 @@ def _divergence(step_losses: Tensor, valid_loss: float, epoch: int, lr: float) -
 
 
 @torch.no_grad()
-def predict(model: FusionModel, batch: Batch, batch_size: int = 1024) -> Tensor:
+def predict(model: FusionModel | Ensemble, batch: Batch, batch_size: int = 1024) -> Tensor:
     """Raw model outputs ``(N, out_dim)`` in eval mode, in chunks."""
     model.eval()
     return torch.cat([model(b) for b in iter_batches(batch, batch_size)], dim=0)
@@ -536,20 +620,26 @@ def to_predictions(task: str, outputs: Tensor) -> np.ndarray:
     return out[:, 0] if out.shape[1] == 1 else out
 
 
-def evaluate(model: FusionModel, batch: Batch, task: str, sentiment: bool = False) -> dict[str, float]:
+def evaluate(model: FusionModel | Ensemble, batch: Batch, task: str, sentiment: bool = False) -> dict[str, float]:
     return compute_metrics(task, _np(batch.y), to_predictions(task, predict(model, batch)), sentiment=sentiment)
 
 
-def _loss_fn(name: str, label_smoothing: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+def _loss_fn(
+    name: str, label_smoothing: float = 0.0, model: FusionModel | None = None
+) -> Callable[[Tensor, Tensor], Tensor]:
     if name == "cross_entropy":
         return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
 
     reduce = F.l1_loss if name == "l1" else F.mse_loss
+    # In the units of the standardised targets the model learns (see FusionModel), so that the
+    # loss, its gradients and gradient clipping do not depend on the scale of y.
+    mean = model.target_mean if model is not None else 0.0
+    std = model.target_std if model is not None else 1.0
 
     def regression_loss(out: Tensor, y: Tensor) -> Tensor:
         # (B, 1) outputs against (B,) targets, or (B, K) against (B, K); in float32 under autocast.
-        out = out.float()
-        return reduce(out.squeeze(-1) if y.dim() == 1 else out, y)
+        out = (out.float() - mean) / std
+        return reduce(out.squeeze(-1) if y.dim() == 1 else out, (y - mean) / std)
 
     return regression_loss
 

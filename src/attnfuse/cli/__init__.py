@@ -20,6 +20,7 @@ from .data import convert_cmd, datasets
 from .explain import explain
 from .predict import evaluate, predict_cmd
 from .train import train
+from .tune import tune_cmd
 
 
 class _OneLineErrors(TyperGroup):
@@ -72,6 +73,7 @@ app.command("predict")(cli_errors(predict_cmd, "predict"))
 app.command()(cli_errors(datasets))
 app.command("convert")(cli_errors(convert_cmd, "convert"))
 app.command()(cli_errors(explain))
+app.command("tune", context_settings={"allow_interspersed_args": True})(cli_errors(tune_cmd))
 
 
 def main() -> None:

@@ -10,11 +10,13 @@ from typing import Any
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from ..baselines import verdict_line
 from ..data import MultimodalDataset
 from ..distributed import is_main_process
 from ..options import Option
-from ..pipeline import RunOptions, TrainSpec, read_options, train_options
+from ..pipeline import RunOptions, TrainResult, TrainSpec, read_options, train_options
 from ..pipeline import train as train_run
 from ..runstate import last_dir, read_run_options
 from ..training import Interrupted, TrainConfig
@@ -66,21 +68,23 @@ def train(
         console=console,
         disable=not is_main_process(),
     ) as progress:
-        bars: dict[int, Any] = {}
+        bars: dict[tuple[int, str, int], Any] = {}
 
         def on_progress(event: str, info: dict) -> None:
+            key = (info.get("index", 0), info.get("candidate", ""), info.get("member", 0))
             if event == "data":
                 console.print(_headline(info["data"], spec.run.fusion), highlight=False)
             elif event == "run":
                 kind = "fold" if spec.run.folds else "run"
-                label = f"{kind} {info['index'] + 1}/{spec.run.runs} seed {info['seed']}"
-                bars[info["index"]] = progress.add_task(label, total=info["epochs"], status="")
+                member = f" member {info['member'] + 1}/{info['members']}" if info["members"] > 1 else ""
+                label = f"{kind} {info['index'] + 1}/{spec.run.runs} seed {info['seed']} {info['candidate']}{member}"
+                bars[key] = progress.add_task(escape(label), total=info["epochs"], status="")
             elif event == "epoch":
                 metric = next(k for k in info if k.startswith("valid_") and k != "valid_loss")
                 status = f"loss {info['train_loss']:.4f}  {metric} {info[metric]:.4f}  best@{info['best_epoch']}"
-                progress.update(bars[info["index"]], completed=info["epoch"], status=status)
+                progress.update(bars[key], completed=info["epoch"], status=status)
             elif event == "run_end":  # stopped early: the bar ends where training did
-                progress.update(bars[info["index"]], total=info["epochs"], completed=info["epochs"])
+                progress.update(bars[key], total=info["epochs"], completed=info["epochs"])
             elif event == "note":
                 progress.console.print(f"note: {escape(info['message'])}", highlight=False)
             elif event == "diverged":
@@ -105,16 +109,66 @@ def train(
 
     if not is_main_process():
         return  # under torchrun, rank 0 reports
-    data = result.data
-    fusion = spec.run.fusion
-    if spec.run.runs == 1:
-        title = f"{fusion} on {data.name} (best epoch {result.first.best_epoch})"
-        console.print(_metrics_table(title, result.report))
-    else:
-        what = f"{spec.run.folds} folds" if spec.run.folds else f"{spec.run.repeat} runs"
-        title = f"{fusion} on {data.name}: mean ± std over {what}"
-        console.print(_metrics_table(title, result.report["summary"]))
+    print_result(result, spec.run)
     console.print(f"model, config, metrics and run.yaml written to [bold]{escape(str(out))}[/]", highlight=False)
+
+
+def print_result(result: TrainResult, run: RunOptions) -> None:
+    """The candidates of --fusion auto, the metrics table with the baselines' rows, and one
+    warning line when a baseline beats the fusion on the validation split."""
+    data, report, runs = result.data, result.report, run.runs
+    what = f"{run.folds} folds" if run.folds else f"{run.repeat} runs"
+    if result.selection is not None:
+        console.print(_candidates_table(result), highlight=False)
+        saved = f" (the saved model: the first of the {what})" if runs > 1 else ""
+        picked, reason = escape(result.selection["picked"]), escape(result.selection["reason"])
+        console.print(f"auto: picked [bold]{picked}[/]{saved}: {reason}")
+    rows = dict(report["summary"] if runs > 1 else {s: report[s] for s in ("train", "valid", "test") if s in report})
+    for name, parts in report.get("baselines", {}).items():
+        rows.update({f"{name} (baseline) {s}": parts[s] for s in ("valid", "test") if s in parts})
+    fusion = result.first.fusion if result.selection is None else result.selection["picked"]
+    if runs == 1:
+        title = f"{fusion} on {data.name} (best epoch {result.first.best_epoch})"
+    elif result.selection is not None:
+        title = f"auto on {data.name}: mean ± std over {what} (each run's picked model)"
+    else:
+        title = f"{fusion} on {data.name}: mean ± std over {what}"
+    console.print(_metrics_table(title, rows))
+    if "baselines" in report:
+        spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
+        console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
+    if result.verdict is not None:
+        console.print(f"[bold yellow]warning:[/] {escape(verdict_line(result.verdict, fusion))}", highlight=False)
+
+
+def _candidates_table(result: TrainResult) -> Table:
+    """One row per candidate: its settings and validation score (mean ± std over several runs),
+    and which runs picked it."""
+    selection, runs = result.selection, result.runs
+    metric = selection["metric"]
+    summary = result.report.get("candidates") if len(runs) > 1 else None
+    spread = "mean ± std over runs" if summary is not None else "± its standard error"
+    table = Table(title=f"--fusion auto: candidates (validation {metric}, {spread})", title_justify="left")
+    for column in ("candidate", "fusion", "settings", f"valid {metric}", "picked"):
+        table.add_column(column, justify="right" if column.startswith("valid") else "left")
+    for name, cand in selection["candidates"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in cand["settings"].items() if k in _DISTINCT)
+        if summary is not None:
+            s = summary[name]["valid"][metric]
+            score = f"{s['mean']:.4f} ± {s['std']:.4f}"
+            picks = sum(r.get("picked") == name for r in runs)
+            picked = f"{picks} of {len(runs)} runs" if picks else ""
+        else:
+            score = f"{cand['valid']:.4f} ± {cand['valid_se']:.4f}"
+            picked = "yes" if name == selection["picked"] else "best score" if name == selection["best"] else ""
+        table.add_row(escape(name), cand["fusion"], escape(settings), score, picked)
+    for name, why in selection["left_out"].items():
+        table.add_row(escape(name), "", escape(f"left out: {why}"), "", "")
+    return table
+
+
+# Settings that tell the candidates apart in the printed table (all are in config.json).
+_DISTINCT = ("pooling", "d_model", "num_layers", "nhead")
 
 
 def _headline(data: MultimodalDataset, fusion: str) -> str:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..data import Batch, iter_batches
+from ..ensemble import Ensemble
 from ..fusion import FUSIONS, FusionModel
 
 __all__ = [
@@ -27,9 +28,19 @@ def model_device(model: FusionModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def fusion_name(model: FusionModel) -> str:
-    """The registry name of the model's fusion ("self", "cross", ...), or its class name."""
+def fusion_name(model: FusionModel | Ensemble) -> str:
+    """The registry name of the model's fusion ("self", "cross", ...), or its class name; for an
+    ensemble, its members' with their count."""
+    if isinstance(model, Ensemble):
+        return f"{fusion_name(model.members[0])} (ensemble of {len(model.members)})"
     return next((k for k, cls in FUSIONS.items() if type(model) is cls), type(model).__name__)
+
+
+def attending(model: FusionModel | Ensemble) -> FusionModel:
+    """The model whose attention is shown: itself, or an ensemble's first member (the members'
+    maps are not one map: each member attends in its own way; masking and gradients explain the
+    averaged prediction)."""
+    return model.members[0] if isinstance(model, Ensemble) else model
 
 
 def to_numpy(t: Tensor) -> np.ndarray:

@@ -11,11 +11,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data import Batch, MultimodalDataset, Standardizer
+from ..ensemble import Ensemble
 from ..fusion import FusionModel
 from ..metrics import PRIMARY_METRIC, compute_metrics
 from ..modules import AttentionMap
 from ..training import to_predictions
-from ._common import explained_target, forward, fusion_name, to_numpy, token_modality, token_step, token_valid
+from ._common import (
+    attending,
+    explained_target,
+    forward,
+    fusion_name,
+    to_numpy,
+    token_modality,
+    token_step,
+    token_valid,
+)
 from .agreement import Agreement, agreement
 from .attention import ModalityAttention, collect_maps, key_valid, modality_attention, require_attention
 from .gradients import GRADIENT_METHODS, GradientAttribution, gradient_attribution
@@ -153,8 +163,8 @@ def _sample_views(
         for m in methods
         if m in GRADIENT_METHODS
     }
-    maps = collect_maps(model, batch)[1] if "attention" in methods else []
-    rollout = attention_rollout(model, batch, keep_stacks=True) if "rollout" in methods else None
+    maps = collect_maps(attending(model), batch)[1] if "attention" in methods else []
+    rollout = attention_rollout(attending(model), batch, keep_stacks=True) if "rollout" in methods else None
     sequences = [s.name for s in model.config.modalities if s.is_sequence]
 
     targets = explained_target(task, outputs, target)  # the rule masking and gradients follow too
@@ -249,7 +259,9 @@ def explain_model(
     outputs = timed("predict", lambda: forward(model, batch, batch_size))
     score = compute_metrics(task, dataset.y[rows], to_predictions(task, outputs))[metric]
     attention = (
-        timed("attention", lambda: modality_attention(model, batch, batch_size)) if "attention" in methods else None
+        timed("attention", lambda: modality_attention(attending(model), batch, batch_size))
+        if "attention" in methods
+        else None
     )
     masking = (
         timed("mask", lambda: masking_importance(model, batch, task, target=target, batch_size=batch_size))
@@ -262,7 +274,7 @@ def explain_model(
         if m in GRADIENT_METHODS
     }
     rollout = (
-        timed("rollout", lambda: attention_rollout(model, batch, batch_size=batch_size))
+        timed("rollout", lambda: attention_rollout(attending(model), batch, batch_size=batch_size))
         if "rollout" in methods
         else None
     )
@@ -285,6 +297,11 @@ def explain_model(
         )
 
     notes = []
+    if isinstance(model, Ensemble) and ({"attention", "rollout"} & set(methods)):
+        notes.append(
+            f"This model is an ensemble of {len(model.members)} members whose outputs are averaged: masking and "
+            "gradients explain the averaged prediction; attention and rollout show the first member's."
+        )
     if masking is not None and model.config.modality_dropout == 0:
         notes.append(
             "This model was trained without modality dropout, so it never saw an absent modality: hiding one "

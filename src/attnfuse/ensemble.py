@@ -1,0 +1,70 @@
+"""An ensemble of fusion models of one kind, trained from different seeds, whose outputs are averaged.
+
+Averaging K independently trained networks cancels much of the variance of any one of them
+(which initialisation, which mini-batch order, which epoch early stopping kept) and is known to
+help most where that variance is largest: on small data (Lakshminarayanan et al., "Simple and
+Scalable Predictive Uncertainty Estimation using Deep Ensembles", NeurIPS 2017). ``attnfuse
+train --ensemble K`` trains K members on the same training rows and keeps them in one model
+directory (their weights under ``members.<k>.``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .data import Batch
+from .fusion import FusionConfig, FusionModel, build_model
+from .modules import AttentionMap
+
+__all__ = ["Ensemble", "build_ensemble"]
+
+
+class Ensemble(nn.Module):
+    """The mean of the members' outputs: ``forward(batch)`` -> ``(B, out_dim)``.
+
+    For regression that is the mean prediction; for classification the mean of the logits, i.e.
+    class probabilities proportional to the geometric mean of the members' probabilities. With
+    ``return_attention=True`` it also returns every member's attention maps, named
+    ``member<k>/<map name>``.
+
+    ``config``, ``has_attention``, ``specs`` and ``labels`` are the members' (they are all built
+    from one config), so the ensemble is saved, loaded and explained like a single model."""
+
+    def __init__(self, members: list[FusionModel]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("members: expected at least one model, got none")
+        kinds = {type(m) for m in members}
+        if len(kinds) > 1:
+            raise ValueError(f"members: expected models of one fusion, got {sorted(k.__name__ for k in kinds)}")
+        self.members = nn.ModuleList(members)
+
+    # All members are built from one config: the ensemble is saved, loaded and explained as one model.
+    config: FusionConfig = property(lambda self: self.members[0].config)  # type: ignore[assignment]
+    has_attention: bool = property(lambda self: self.members[0].has_attention)  # type: ignore[assignment]
+    specs: dict = property(lambda self: self.members[0].specs)  # type: ignore[assignment]
+    labels: dict = property(lambda self: self.members[0].labels)  # type: ignore[assignment]
+
+    def forward(self, batch: Batch, return_attention: bool = False) -> Tensor | tuple[Tensor, list[AttentionMap]]:
+        if not return_attention:
+            return torch.stack([m(batch) for m in self.members]).mean(dim=0)  # (K, B, out) -> (B, out)
+        outs, maps = [], []
+        for k, member in enumerate(self.members):
+            out, member_maps = member(batch, return_attention=True)
+            outs.append(out)
+            maps += [
+                AttentionMap(f"member{k}/{m.name}", m.weights, m.query_tokens, m.key_tokens, m.query_valid)
+                for m in member_maps
+            ]
+        return torch.stack(outs).mean(dim=0), maps
+
+
+def build_ensemble(fusion: str, config: FusionConfig | dict, size: int = 1) -> FusionModel | Ensemble:
+    """``size`` untrained models of ``fusion`` for ``config`` as an :class:`Ensemble`; for
+    ``size`` 1, the plain model (a model directory without an ensemble holds exactly that)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"ensemble: expected an integer >= 1, got {size!r}")
+    if size == 1:
+        return build_model(fusion, config)
+    return Ensemble([build_model(fusion, config) for _ in range(size)])

@@ -1,0 +1,142 @@
+"""The ``--fusion auto`` portfolio: which models are tried on the user's data, with which settings,
+and the record of which one was kept and why (written to config.json under ``"auto"``).
+
+The loop that trains the candidates is :func:`attnfuse.pipeline.train`; this module only decides
+what the candidates are (:func:`candidates_for`) and how the choice is recorded (:func:`choose`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .data import MultimodalDataset
+from .fusion import FUSIONS, FusionModel, config_from_dict
+from .options import options_of
+
+__all__ = ["Candidate", "PORTFOLIO", "candidates_for", "choose", "public", "settings_used"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of the ``--fusion auto`` portfolio: a ``name`` (as reported), its ``fusion`` and
+    the ``settings`` that set it apart (settings the user gives win over them)."""
+
+    name: str
+    fusion: str
+    settings: dict = field(default_factory=dict)
+    sequences_only: bool = False  # only for data with at least one sequence modality
+
+
+# Why these (benchmarks/RESULTS.md, "Baselines and --fusion auto"): on global feature views
+# (mfeat) concat and self with per-modality pooling are the best models and cost little; on
+# sequences (the planted lookup) pooling destroys the alignment and an attention model is needed:
+# self and cross both solve it, cross is the canonical "text queries video" model.
+PORTFOLIO: tuple[Candidate, ...] = (
+    Candidate("concat", "concat"),
+    Candidate("self", "self", {"pooling": "mean"}),
+    Candidate("self-modality", "self", {"pooling": "modality"}),
+    Candidate("cross", "cross", {}, sequences_only=True),
+)
+
+
+def _settings_of(fusion: str) -> set[str]:
+    return {o.name for o in options_of(FUSIONS[fusion].config_class)}
+
+
+def candidates_for(
+    data: MultimodalDataset | None, fusion: str, given: dict[str, Any]
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The models ``train`` fits: ``fusion`` itself with the ``given`` settings, or, for ``auto``,
+    the portfolio candidates that fit ``data`` (sequence-only ones need a sequence modality, cross
+    models two modalities), each with the given settings it has (they win over the candidate's own),
+    duplicates dropped. Returns (candidates, {left-out candidate: why}).
+
+    A given setting that no candidate has, or whose value none accepts, is a ValueError naming it.
+    With ``data`` None (before loading), every candidate counts."""
+    if fusion != "auto":
+        return [Candidate(fusion, fusion, dict(given))], {}
+    modalities = [] if data is None else [asdict(m) for m in data.modalities]
+    kept: list[Candidate] = []
+    left_out: dict[str, str] = {}
+    rejected: list[str] = []  # the candidates' own errors for the settings given, in portfolio order
+    for cand in PORTFOLIO:
+        if data is not None and cand.sequences_only and not any(m.is_sequence for m in data.modalities):
+            left_out[cand.name] = "the data has no sequence modality"
+            continue
+        names = _settings_of(cand.fusion)
+        settings = {**cand.settings, **{k: v for k, v in given.items() if k in names}}
+        try:
+            config_from_dict(cand.fusion, {"modalities": modalities, **settings})
+        except ValueError as e:
+            left_out[cand.name] = str(e)
+            rejected.append(str(e))
+            continue
+        if any(c.fusion == cand.fusion and c.settings == settings for c in kept):
+            left_out[cand.name] = "the same model as another candidate with the settings given"
+            continue
+        kept.append(Candidate(cand.name, cand.fusion, settings))
+    for name in given:
+        if not any(name in c.settings for c in kept):
+            if rejected:  # e.g. "d_model: expected a multiple of nhead=3", from the candidate itself
+                raise ValueError(rejected[0])
+            having = [c.name for c in PORTFOLIO if name in _settings_of(c.fusion)]
+            why = (
+                f"the candidates that have it ({', '.join(f'{n}: {left_out[n]}' for n in having)}) are left out"
+                if having
+                else "no candidate has this setting"
+            )
+            raise ValueError(
+                f"{name}: --fusion auto cannot use it: {why} (candidates: {', '.join(c.name for c in kept)})"
+            )
+    if not kept:
+        raise ValueError(f"fusion: no candidate of --fusion auto fits this data ({left_out})")
+    return kept, left_out
+
+
+def settings_used(model: FusionModel | Any, cand: Candidate) -> dict:
+    """The candidate's user-facing settings as the model was built (its config, defaults included)."""
+    names = _settings_of(cand.fusion)
+    return {k: v for k, v in asdict(model.config).items() if k in names}
+
+
+def public(selection: dict) -> dict:
+    """The selection record without the per-candidate metric dicts (those go to metrics.json)."""
+    cands = {n: {k: v for k, v in c.items() if k != "valid_metrics"} for n, c in selection["candidates"].items()}
+    return {**selection, "candidates": cands}
+
+
+def choose(scores: dict[str, dict], selection: tuple[str, str], left_out: dict[str, str]) -> dict:
+    """The record of the choice among trained candidates, by the one-standard-error rule.
+
+    ``scores``: ``{name: {"fusion", "settings", "valid": the selection metric, "valid_se": its
+    standard error, "valid_loss", ...}}`` in portfolio order, simplest first; ``selection``:
+    (metric, "max"/"min"). The best validation score (ties: the lower validation loss) sets the
+    bar; the first, i.e. simplest, candidate within one standard error of it is picked (Breiman et
+    al., "Classification and Regression Trees", 1984; Hastie et al., "The Elements of Statistical
+    Learning", 2nd ed., §7.10): a few hundred validation rows cannot tell apart models closer than
+    that, and the simpler one is then the safer choice. Returns ``{"picked", "fusion", "metric",
+    "best", "threshold", "candidates": scores, "left_out", "reason"}``."""
+    metric, mode = selection
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(scores, key=lambda n: (sign * scores[n]["valid"], -scores[n]["valid_loss"]))
+    threshold = scores[best]["valid"] - sign * scores[best]["valid_se"]
+    picked = next(n for n, c in scores.items() if sign * c["valid"] >= sign * threshold)
+    others = ", ".join(f"{n} {c['valid']:.4f}" for n, c in scores.items() if n != picked)
+    if picked == best:
+        reason = f"the best validation {metric} of {len(scores)} candidates: {picked} {scores[picked]['valid']:.4f}"
+    else:
+        reason = (
+            f"the simplest candidate within one standard error ({scores[best]['valid_se']:.4f}) of the best "
+            f"validation {metric} ({best} {scores[best]['valid']:.4f}): {picked} {scores[picked]['valid']:.4f}"
+        )
+    return {
+        "picked": picked,
+        "fusion": scores[picked]["fusion"],
+        "metric": metric,
+        "best": best,
+        "threshold": threshold,
+        "candidates": scores,
+        "left_out": dict(left_out),
+        "reason": reason + (f" (others: {others})" if others else ""),
+    }
