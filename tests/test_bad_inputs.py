@@ -332,7 +332,7 @@ def test_evaluate_on_a_really_read_only_model_directory(trained, tmp_path):
 
 def test_predict_checks_its_output_before_the_work(trained, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr("attnfuse.cli.predict._load_for_model", lambda *a: pytest.fail("worked before checking --out"))
+    monkeypatch.setattr("attnfuse.cli.predict.load_for_model", lambda *a: pytest.fail("worked before checking --out"))
     result = cli(
         "predict", "--model", trained["model"], "--data", trained["data"], "--out", tmp_path / "file" / "p.csv"
     )

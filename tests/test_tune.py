@@ -54,7 +54,13 @@ def test_a_study_of_three_trials_is_stored_and_the_best_is_trained(study_dir):
     study = load_study(db)
     assert len(study.trials) == 3 and study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert "best trials of 3" in result.stdout and "trial 2:" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.csv", "metrics.json", "model.safetensors", "run.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "log.csv",
+        "metrics.json",
+        "model.safetensors",
+        "run.yaml",
+    ]
     options = yaml.safe_load((out / "run.yaml").read_text())
     best = study.best_trial.user_attrs["options"]
     assert {k: options[k] for k in best} == best  # the best trial's settings are the model's

@@ -80,6 +80,16 @@ def test_a_table_with_string_labels_and_a_train_test_split(tmp_path):
     assert {r["y_pred"] for r in rows} <= {"cat", "dog", "owl"}
     assert [k for k in rows[0] if k.startswith("prob_")] == ["prob_cat", "prob_dog", "prob_owl"]
 
+    # explain reads another table with the reading options given (here its target is "kind").
+    other = tmp_path / "other.csv"
+    other.write_text(table.read_text().replace("label", "kind"))
+    result = cli("explain", "--model", out, "--data", other, "--split", "all", "--method", "mask",
+                 "--out", tmp_path / "x")  # fmt: skip
+    assert result.exit_code == 2 and "label" in result.stdout + result.stderr  # the model's own target column
+    ok(cli("explain", "--model", out, "--data", other, "--target", "kind", "--split-col", "fold", "--method", "mask",
+           "--out", tmp_path / "x"))  # fmt: skip
+    assert (tmp_path / "x" / "report.html").is_file()
+
 
 def test_carved_validation_and_early_stopping_never_touch_test_rows(tmp_path):
     table = write_table(tmp_path / "t.csv")

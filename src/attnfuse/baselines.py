@@ -124,9 +124,15 @@ def fit_baselines(
     result = BaselineResult()
     for name in BASELINES[data.task]:
         model = make_baseline(name, data.task, seed, data.target_dim or 1)  # (imports scikit-learn once)
+        from threadpoolctl import threadpool_limits  # (installed with scikit-learn)
+
         start = time.perf_counter()
-        model.fit(x[part["train"]], y[part["train"]])
-        pred = model.predict(x)  # (R,) labels, or (R,) / (R, K) values
+        # One thread: OpenMP's threads spin at every barrier, and on a machine whose cores are busy
+        # (another job, torch's own threads) gradient boosting took 244 s on mfeat's training rows
+        # with 2 threads against 7.7 s with one (benchmarks/RESULTS.md, "Baselines").
+        with threadpool_limits(limits=1):
+            model.fit(x[part["train"]], y[part["train"]])
+            pred = model.predict(x)  # (R,) labels, or (R,) / (R, K) values
         result.metrics[name] = {
             split: compute_metrics(data.task, y[at], pred[at], sentiment=sentiment) for split, at in part.items()
         }

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..pipeline import load_trained as _load_for_model  # noqa: F401 (the explain command's name for it)
+from ..pipeline import ReadOptions, load_trained
 from ..pipeline import split_parts as _parts  # noqa: F401
 
 console = Console()
@@ -152,3 +152,10 @@ def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
         ]
         table.add_row(split, *cells)
     return table
+
+
+def load_for_model(model, data: str | None, read: dict):
+    """A trained model and its data (default: its training data), read with the reading options
+    given on the command line (:class:`attnfuse.pipeline.ReadOptions`; by default the model's own)."""
+    options = ReadOptions(**read)
+    return load_trained(model, data, options.allow_pickle, **options.table_options())

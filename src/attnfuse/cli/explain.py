@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -14,7 +15,9 @@ from ..explain import explain_model, parse_vectors, walkthrough
 from ..explain.agreement import METHOD_SHORT
 from ..explain.pipeline import Explanation
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
-from .common import _load_for_model, _parts, console
+from ..pipeline import data_options
+from .common import _parts, console, load_for_model
+from .options import with_options
 
 
 def _vec(v: np.ndarray) -> str:
@@ -132,6 +135,7 @@ def print_explanation(console: Console, expl: Explanation, out: Path) -> None:
     )
 
 
+@with_options(data_options())
 def explain(
     model: Path | None = typer.Option(None, help="A model directory written by `attnfuse train`."),
     data: str | None = typer.Option(None, help="Data to explain (default: the model's training data)."),
@@ -149,7 +153,6 @@ def explain(
     ),
     steps: int = typer.Option(50, min=1, help="Integrated Gradients: points on the path from the baseline."),
     out: Path | None = typer.Option(None, help="Output directory (default MODEL/explain)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a pickle file (it can run code)."),
     query: str | None = typer.Option(None, help="Walkthrough: query vector(s), e.g. '1,2'."),
     keys: str | None = typer.Option(None, help="Walkthrough: key vectors, e.g. '2,3;1,0'."),
     values: str | None = typer.Option(None, help="Walkthrough: value vectors (default: the keys)."),
@@ -157,6 +160,7 @@ def explain(
         None, "--self", help="Walkthrough of self-attention: Q = K = V = these vectors."
     ),
     no_scale: bool = typer.Option(False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling."),
+    **read: Any,
 ) -> None:
     """Explain a model: which modalities and steps matter (masking, Integrated Gradients, gradient
     x input), where its attention looked (maps, rollout), whether they agree, in an HTML report;
@@ -175,7 +179,7 @@ def explain(
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
     chosen = _parse_samples(samples)  # checked before anything is loaded
-    net, config, standardizer, dataset = _load_for_model(model, data, allow_pickle)
+    net, config, standardizer, dataset = load_for_model(model, data, read)
     parts = _parts(dataset, config)
     if split not in parts:
         raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")

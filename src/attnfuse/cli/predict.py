@@ -15,9 +15,9 @@ from ..checkpoint import EVALUATION, metrics_for_json
 from ..data import decode_labels
 from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
-from ..pipeline import ReadOptions, data_options
+from ..pipeline import data_options
 from ..training import predict, to_predictions
-from .common import _load_for_model, _metrics_table, _parts, console, describe_os_error
+from .common import _metrics_table, _parts, console, describe_os_error, load_for_model
 from .options import with_options
 
 
@@ -38,7 +38,7 @@ def evaluate(
         unwritable = None
     except OSError as e:
         unwritable = e
-    net, config, standardizer, dataset = _loaded(model, data, read)
+    net, config, standardizer, dataset = load_for_model(model, data, read)
     if dataset.y is None:
         raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
     batch = dataset.batches(None, standardizer)
@@ -73,7 +73,7 @@ def predict_cmd(
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
     check_writable(out)  # before the work: the file is the result
-    net, config, standardizer, dataset = _loaded(model, data, read)
+    net, config, standardizer, dataset = load_for_model(model, data, read)
     outputs = predict(net, dataset.batches(None, standardizer))
     y_pred = to_predictions(dataset.task, outputs)
     classes = config["data"].get("classes")  # the original labels of the codes 0..C-1
@@ -109,9 +109,3 @@ def predict_cmd(
     writer.writerows(zip(*columns))
     write_text(out, buffer.getvalue())
     console.print(f"{dataset.n} predictions written to [bold]{escape(str(out))}[/]", highlight=False)
-
-
-def _loaded(model: Path, data: str | None, read: dict[str, Any]):
-    """The model and its data, read with the reading options given on the command line."""
-    options = ReadOptions(**read)
-    return _load_for_model(model, data, options.allow_pickle, **options.table_options())
