@@ -1,4 +1,4 @@
-"""Shared by the robustness tests (test_faults, test_bad_inputs): running the CLI, tiny data and
+"""Shared by the tests that run the command line (test_cli, test_faults, test_bad_inputs, ...): the CLI, tiny data and
 models, and what a complete run directory is."""
 
 from __future__ import annotations

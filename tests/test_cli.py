@@ -10,7 +10,6 @@ import csv
 import json
 import os
 import pickle
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 import typer.main
-from typer.testing import CliRunner
 
 from attnfuse.cli import app
 from attnfuse.data import load_npz
+from clikit import assert_one_line, cli, ok
 
 # Small, fast models for every training run in this file.
 FAST = ["--epochs", "2", "--d-model", "16", "--heads", "2", "--layers", "1", "--batch-size", "32"]
@@ -30,24 +29,9 @@ FAST_CONCAT = ["--epochs", "2", "--d-model", "16", "--batch-size", "32"]  # conc
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-
-
 def assert_clean_error(result, *needles: str) -> str:
     """Exit code 2, exactly one line on stderr naming the problem, no traceback."""
-    assert result.exit_code == 2, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    err = result.stderr.strip()
-    assert err.startswith("error: "), err
-    assert "\n" not in err, f"expected one line, got:\n{err}"
-    assert "Traceback" not in result.stdout + result.stderr
-    for needle in needles:
-        assert re.search(needle, err), f"{needle!r} not in {err!r}"
-    return err
+    return assert_one_line(result, 2, *needles)
 
 
 def write_npz(

@@ -8,13 +8,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import typer.main
 import yaml
 from rich.markup import escape
-from typer.testing import CliRunner
 
 from attnfuse import __version__
 from attnfuse.cli import app
@@ -22,28 +20,14 @@ from attnfuse.fusion import FUSIONS, config_from_dict
 from attnfuse.options import options_of
 from attnfuse.pipeline import RunOptions, TrainSpec, read_options, train, train_options
 from attnfuse.training import TrainConfig, param_groups
+from clikit import cli
+from clikit import write_npz as write_data
 
 TINY = {"epochs": 2, "d_model": 8, "batch_size": 32}
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def train_command():
     return typer.main.get_command(app).commands["train"]
-
-
-def write_data(path, n=60, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 3
-    np.savez(
-        path,
-        x_a=(rng.normal(size=(n, 4)) + y[:, None]).astype(np.float32),
-        x_b=rng.normal(size=(n, 3, 2)).astype(np.float32),
-        y=y,
-    )
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

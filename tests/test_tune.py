@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import optuna
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from attnfuse.cli import app
 from attnfuse.tune import TuneOptions, default_study_db, search_space, tune
+from clikit import cli
+from clikit import write_npz as write_data
 
 TINY = ["--epochs", "3", "--batch-size", "32"]
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def write_data(path, n=60, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 3
-    np.savez(
-        path,
-        x_a=(rng.normal(size=(n, 4)) + y[:, None]).astype(np.float32),
-        x_b=rng.normal(size=(n, 3, 2)).astype(np.float32),
-        y=y,
-    )
-    return path
 
 
 def load_study(db):
