@@ -3,28 +3,39 @@
 Layers (``attnfuse.nn``): a drop-in for ``torch.nn`` attention (same arguments, same ``state_dict``
 keys) that never returns NaN for fully-masked rows and can show every layer's attention weights.
 
-Fusion (``data``, ``fusion``, ``training``, ``checkpoint``): multimodal datasets, five fusion
-models, training with early stopping, and model directories.
+Fusion (``data``, ``fusion``, ``training``, ``pipeline``, ``checkpoint``): multimodal datasets
+(arrays, tables, memory-mapped directories), five fusion models, training with early stopping,
+``--fusion auto``, ensembles, baselines on the same rows, tuning, and model directories.
 
 Explanation (``explain``): attention maps, masking importance, Integrated Gradients, attention
 rollout, their agreement, an HTML report, and walkthroughs of the attention arithmetic.
 """
 
 from ._version import __version__
+from .baselines import fit_baselines
 from .checkpoint import load_model, save_model
 from .data import (
     BUILTINS,
     Batch,
     ModalitySpec,
     MultimodalDataset,
+    RowBatches,
+    Split,
     Standardizer,
+    convert,
     iter_batches,
+    kfold,
     load_data,
+    load_directory,
     load_mfeat,
     load_npz,
     make_planted,
+    make_split,
+    read_table,
+    save_directory,
     save_npz,
 )
+from .ensemble import Ensemble
 from .explain import (
     attention_rollout,
     collect_maps,
@@ -55,7 +66,9 @@ from .modules import AttentionMap
 from .nn import (
     BidirectionalCrossAttention,
     CrossAttention,
+    Dropout,
     FeedForward,
+    KeyPaddingMask,
     MultiheadAttention,
     PositionalEncoding,
     TransformerEncoder,
@@ -64,6 +77,7 @@ from .nn import (
 from .nn.functional import scaled_dot_product_attention
 from .options import option
 from .pipeline import RunOptions, TrainResult, TrainSpec, load_trained, train
+from .portfolio import PORTFOLIO, Candidate
 from .training import RunResult, TrainConfig, Trainer, evaluate, model_config, predict, run
 
 __all__ = [
@@ -77,15 +91,25 @@ __all__ = [
     "TransformerEncoder",
     "CrossAttention",
     "BidirectionalCrossAttention",
+    "KeyPaddingMask",
+    "Dropout",
     # data
     "ModalitySpec",
     "Batch",
     "MultimodalDataset",
     "Standardizer",
     "iter_batches",
+    "RowBatches",
     "load_data",
     "load_npz",
     "save_npz",
+    "read_table",
+    "load_directory",
+    "save_directory",
+    "convert",
+    "Split",
+    "make_split",
+    "kfold",
     "BUILTINS",
     "load_mfeat",
     "make_planted",
@@ -105,6 +129,7 @@ __all__ = [
     "FUSIONS",
     "build_model",
     "AttentionMap",
+    "Ensemble",
     # training, metrics, checkpoints
     "TrainConfig",
     "RunResult",
@@ -123,6 +148,9 @@ __all__ = [
     "train",
     "load_trained",
     "option",
+    "PORTFOLIO",
+    "Candidate",
+    "fit_baselines",
     # explanation
     "walkthrough",
     "collect_maps",

@@ -621,6 +621,8 @@ def to_predictions(task: str, outputs: Tensor) -> np.ndarray:
 
 
 def evaluate(model: FusionModel | Ensemble, batch: Batch, task: str, sentiment: bool = False) -> dict[str, float]:
+    """The metrics (:func:`attnfuse.metrics.compute_metrics`) of ``model`` on ``batch``
+    (``batch.y``: ``(N,)`` labels or ``(N,)``/``(N, K)`` targets)."""
     return compute_metrics(task, _np(batch.y), to_predictions(task, predict(model, batch)), sentiment=sentiment)
 
 
