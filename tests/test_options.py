@@ -195,3 +195,10 @@ def test_weight_decay_only_on_weight_matrices():
 def test_python_m_attnfuse_runs_the_command_line():
     out = subprocess.run([sys.executable, "-m", "attnfuse", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"attnfuse {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["tune"], ["evaluate"], ["predict"], ["explain"], ["convert"]])
+def test_flags_show_no_value_placeholder_in_help(command):
+    result = cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "--help" in result.output

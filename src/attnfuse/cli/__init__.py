@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .._version import __version__
 from . import common
@@ -23,9 +23,24 @@ from .train import train
 from .tune import tune_cmd
 
 
+def _flag_help(option):
+    """``--help`` is a flag: no "<bool>" placeholder in the rich help."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
 class _OneLineErrors(TyperGroup):
     """Parsing errors (an unknown option, a value of the wrong type) as one line and exit code 2,
     like every other error, instead of click's boxed usage message."""
+
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
@@ -44,7 +59,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Attention-based multimodal fusion: train, evaluate, predict and explain.",
+    help="Attention-based multimodal fusion: train, tune, evaluate, predict and explain.",
 )
 
 
@@ -63,17 +78,17 @@ def _root(
         False, "--debug", metavar="", help="On an error, print the full traceback as well as the one-line message."
     ),
 ) -> None:
-    """Attention-based multimodal fusion: train, evaluate, predict and explain."""
+    """Attention-based multimodal fusion: train, tune, evaluate, predict and explain."""
     common.debug = debug
 
 
-app.command(context_settings={"allow_interspersed_args": True})(cli_errors(train))
-app.command()(cli_errors(evaluate))
-app.command("predict")(cli_errors(predict_cmd, "predict"))
-app.command()(cli_errors(datasets))
-app.command("convert")(cli_errors(convert_cmd, "convert"))
-app.command()(cli_errors(explain))
-app.command("tune", context_settings={"allow_interspersed_args": True})(cli_errors(tune_cmd))
+app.command(cls=_Command, context_settings={"allow_interspersed_args": True})(cli_errors(train))
+app.command(cls=_Command)(cli_errors(evaluate))
+app.command("predict", cls=_Command)(cli_errors(predict_cmd, "predict"))
+app.command(cls=_Command)(cli_errors(datasets))
+app.command("convert", cls=_Command)(cli_errors(convert_cmd, "convert"))
+app.command(cls=_Command)(cli_errors(explain))
+app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": True})(cli_errors(tune_cmd))
 
 
 def main() -> None:

@@ -34,8 +34,10 @@ def convert_cmd(
     seed: int = typer.Option(0, help="The seed of a generated built-in (synthetic-*)."),
     **read: Any,
 ) -> None:
-    """Write data as a directory dataset: one .npy file per array, read memory-mapped by `attnfuse
-    train --data DIR` (for data larger than memory; .npz and Parquet are converted in pieces)."""
+    """Write data as a directory dataset, for data larger than memory.
+
+    One .npy file per array, read memory-mapped by `attnfuse train --data DIR`; .npz and Parquet
+    are converted in pieces."""
     options = ReadOptions(**read)
     data = convert(src, dst, allow_pickle=options.allow_pickle, seed=seed, task=task, **options.table_options())
     mods = ", ".join(m.name for m in data.modalities)

@@ -159,12 +159,14 @@ def explain(
     self_vectors: str | None = typer.Option(
         None, "--self", help="Walkthrough of self-attention: Q = K = V = these vectors."
     ),
-    no_scale: bool = typer.Option(False, "--no-scale", help="Walkthrough without the 1/sqrt(d_k) scaling."),
+    no_scale: bool = typer.Option(False, "--no-scale", metavar="", help="Walkthrough without the 1/sqrt(d_k) scaling."),
     **read: Any,
 ) -> None:
-    """Explain a model: which modalities and steps matter (masking, Integrated Gradients, gradient
-    x input), where its attention looked (maps, rollout), whether they agree, in an HTML report;
-    or walk through the attention arithmetic for hand-made vectors (--query/--keys or --self)."""
+    """Explain a model: which modalities and steps matter, and where its attention looked.
+
+    The methods (masking, Integrated Gradients, gradient x input, attention maps, rollout) side by
+    side, whether they agree, in an HTML report; or, with --query/--keys or --self, a walk through
+    the attention arithmetic for hand-made vectors."""
     walkthrough_args = query is not None or keys is not None or self_vectors is not None or values is not None
     if walkthrough_args:
         if model is not None:

@@ -40,8 +40,10 @@ def tune_cmd(
     ),
     **values: Any,
 ) -> None:
-    """Search the fusion and its hyper-parameters with Optuna on the validation split, then train the
-    best configuration into --out as `attnfuse train` would (OUT/run.yaml reproduces it)."""
+    """Search the fusion and its hyper-parameters with Optuna, then train the best into --out.
+
+    Trials are scored on the validation split; the best configuration is trained as `attnfuse
+    train` would, so OUT/run.yaml reproduces it. The study (an SQLite file) can be continued."""
     options = {**(read_options(config) if config else {}), **given(ctx, values)}
     own = {o.name for o in tune_options() if o.owner is TuneOptions}
     tune_opts = TuneOptions(**{k: v for k, v in options.items() if k in own})
