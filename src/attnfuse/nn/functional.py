@@ -273,8 +273,8 @@ def clean_padding(x: Tensor, padding: Tensor | KeyPaddingMask | None, batch_firs
     padding ``(N, S)`` (``(S,)`` unbatched), True or -inf = padded. Other shapes are left for the
     layer to report.
     """
-    if padding is None or not needs_guard(x):
-        return x
+    if padding is None or (isinstance(padding, KeyPaddingMask) and padding.allowed is None) or not needs_guard(x):
+        return x  # nothing padded (a prepared mask knows without a look at x), or x is finite
     kpm = padding.key_padding_mask if isinstance(padding, KeyPaddingMask) else padding
     if not isinstance(kpm, Tensor):
         return x
