@@ -5,7 +5,7 @@ Per head, attention multiplies an (L, S) probability matrix by (S, d_head) value
 heads of multimodal models (d_head = 6 or 12 for MulT on CMU-MOSEI) a product whose *output* has
 d_head columns is slow on the CPU: ``bmm(P, V)`` at (120, 50, 50) x (120, 50, 6) takes 4x as long
 as the same product computed transposed, ``bmm(Vᵀ, Pᵀ)``, whose output has 50 columns
-(benchmarks/speed.py). Autograd's backward of ``P @ V`` and of ``Q @ Kᵀ`` builds three more such
+(1.49 ms against 0.40 ms, one thread; benchmarks/RESULTS.md, "Fusion model speed"). Autograd's backward of ``P @ V`` and of ``Q @ Kᵀ`` builds three more such
 products (dQ, dK, dV all have d_head columns). Here the forward computes ``(P V)ᵀ = Vᵀ Pᵀ`` and
 the backward computes dQᵀ, dKᵀ and dVᵀ, each a wide product, returned as transposed views.
 
@@ -61,17 +61,8 @@ def explicit_attention(
 
 class _ExplicitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        mask: Tensor | None,
-        dead: Tensor | None,
-        scale: float,
-        dropout_p: float,
-        generator: torch.Generator | None,
-    ) -> Tensor:
+    def forward(ctx: FunctionCtx, query, key, value, mask, dead, scale, dropout_p, generator) -> Tensor:
+        # Arguments as explicit_attention's.
         batch = query.shape[:-2]
         L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
         n = math.prod(batch)  # not -1: ambiguous for empty sequences
