@@ -2,9 +2,10 @@
 side in one process, interleaved, against the reference MulT, against the torch.nn compositions a
 user would write instead, and against attnfuse itself before this work.
 
-    python benchmarks/speed.py                     # every part; writes its section of RESULTS.md
+    python benchmarks/speed.py --threads 1         # every part; writes its section of RESULTS.md
     python benchmarks/speed.py --quick             # 3 rounds, prints only
-    python benchmarks/speed.py --part mult         # one part (repeatable): mult, nn, infer, profile, accuracy
+    python benchmarks/speed.py --part mult         # one part (repeatable): mult, nn, infer, profile,
+                                                   # kernel, accuracy; its block alone is replaced
     python benchmarks/speed.py --before REV        # "before" = attnfuse at git revision REV (git archive)
     python benchmarks/speed.py --src PATH          # "before" = the attnfuse package in PATH (a checkout's src/)
 
@@ -14,7 +15,9 @@ loss, backward, Adam (lr 1e-3). CPU float32 unless --device says otherwise.
 
 Contenders of a part run in one process, round-robin with a rotating start (benchmarks/attention.py's
 ``interleave``), so a shared machine's drifting load hits them alike; reported are medians and bests
-over the rounds, and for ratios the median of the per-round ratios. "before" is the whole attnfuse
+over the rounds, and for ratios the median of the per-round ratios. On a shared 2-core machine
+use ``--threads 1``: two threads per process on cores that other processes also use spin-wait
+against each other, and a step can take 50x as long. "before" is the whole attnfuse
 package of another revision, loaded under the name ``attnfuse_before`` next to the current one.
 
 The reference MulT (yaohungt/Multimodal-Transformer, MIT) is imported at run time from
@@ -47,7 +50,6 @@ import attnfuse
 from attention import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- begin: benchmarks/speed.py -->", "<!-- end: benchmarks/speed.py -->"
 SECTION = "## Fusion model speed (issue 11)"
 DIMS = {"text": 300, "audio": 74, "vision": 35}
 T, D_MODEL, HEADS, LAYERS, P = 50, 30, 5, 5, 0.1
@@ -289,20 +291,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(steps: dict[str, Callable[[], None]], args) -> dict[str, list[float]]:
+def interleaved(steps: dict[str, Callable[[], None]], args, number: int | None = None) -> dict[str, list[float]]:
     """Seconds per call of each step (mean of --number calls), round-robin with a rotating start
     (as benchmarks/attention.py's ``interleave``, with a device sync around each round)."""
     names, times = list(steps), {n: [] for n in steps}
+    number = number or args.number
     for r in range(args.warmup + args.rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             gc.collect()
             sync(args.torch_device)
             t0 = time.perf_counter()
-            for _ in range(args.number):
+            for _ in range(number):
                 steps[n]()
             sync(args.torch_device)
             if r >= args.warmup:
-                times[n].append((time.perf_counter() - t0) / args.number)
+                times[n].append((time.perf_counter() - t0) / number)
     return times
 
 
@@ -391,19 +394,24 @@ def part_infer(args, before) -> list[str]:
     return lines
 
 
-def profile(step: Callable[[], None], steps: int = 3) -> tuple[list[tuple[str, float]], float]:
-    """(op, share of self CPU time) of ``steps`` calls, sorted; and the share of the matrix products."""
-    from torch.profiler import ProfilerActivity  # only this part needs it
+def profiles(steps: dict[str, Callable[[], None]], rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Self CPU milliseconds per call of each op, per contender: torch.profiler around one call
+    of each contender per round, rounds interleaved with a rotating start (as :func:`interleaved`),
+    summed over the rounds and divided by their number."""
+    from torch.profiler import ProfilerActivity  # only this part needs the profiler
     from torch.profiler import profile as torch_profile
 
-    step()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
-    return [(e.key, e.self_cpu_time_total / total) for e in events], matmul / total
+    names = list(steps)
+    totals: dict[str, dict[str, float]] = {n: {} for n in names}
+    for r in range(1 + rounds):  # round 0 warms up
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps[n]()
+            if r == 0:
+                continue
+            for e in prof.key_averages():
+                totals[n][e.key] = totals[n].get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / rounds
+    return totals
 
 
 def part_profile(args, before, anchors, top: int = 12) -> list[str]:
@@ -416,20 +424,63 @@ def part_profile(args, before, anchors, top: int = 12) -> list[str]:
         if anchors is not None:
             contenders["reference MulT"] = of_reference(anchors, 24, dev)
     order = [n for n in ("attnfuse before", "attnfuse", "reference MulT") if n in contenders]
-    profiles = {n: profile(contenders[n].train_step) for n in order}
+    ms = profiles({n: contenders[n].train_step for n in order})
+    ranked = {n: sorted(ms[n].items(), key=lambda kv: kv[1], reverse=True) for n in order}
+    total = {n: sum(ms[n].values()) for n in order}
+
+    def cell(n: str, op: str, t: float) -> str:
+        return f"`{op}` {t:.1f} ({t / total[n]:.0%})"
+
+    def row(title: str, keep: Callable[[str], bool]) -> str:
+        return (
+            f"| {title} | "
+            + " | ".join(
+                f"{sum(t for op, t in ms[n].items() if keep(op)):.1f} "
+                f"({sum(t for op, t in ms[n].items() if keep(op)) / total[n]:.0%})"
+                for n in order
+            )
+            + " |"
+        )
+
     lines = [
         "| rank | " + " | ".join(order) + " |",
         "|---:|" + "---|" * len(order),
-        *(
-            f"| {i + 1} | " + " | ".join(f"`{profiles[n][0][i][0]}` {profiles[n][0][i][1]:.1%}" for n in order) + " |"
-            for i in range(top)
-        ),
-        "| matrix products ("
-        + ", ".join(m.removeprefix("aten::") for m in MATMULS)
-        + ") | "
-        + " | ".join(f"{profiles[n][1]:.1%}" for n in order)
-        + " |",
+        *(f"| {i + 1} | " + " | ".join(cell(n, *ranked[n][i]) for n in order) + " |" for i in range(top)),
+        row("matrix products (" + ", ".join(m.removeprefix("aten::") for m in MATMULS) + ")", lambda op: op in MATMULS),
+        row("dropout masks (random_, bernoulli_)", lambda op: op in ("aten::random_", "aten::bernoulli_")),
+        row("optimizer (Adam.step, self time)", lambda op: op.startswith("Optimizer.step")),
+        "| total self CPU, ms per step | " + " | ".join(f"{total[n]:.0f}" for n in order) + " |",
     ]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def part_kernel(args) -> list[str]:
+    """The two measurements behind attnfuse.nn.explicit, at MulT's head sizes (CPU)."""
+    from attnfuse.nn import functional as AF  # the attention core's internals
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(24, HEADS, T, D_MODEL // HEADS, generator=g, requires_grad=True) for _ in range(3))
+    masks = AF.Masks(None, None)
+
+    def explicit() -> None:  # what attend() runs for dropout on the CPU without weights
+        AF.attend(q, k, v, masks, P, None, False)[0].sum().backward()
+
+    def plain() -> None:  # the same function as plain autograd ops (the path that returns weights)
+        AF.attend(q, k, v, masks, P, None, True)[0].sum().backward()
+
+    probs = torch.softmax(torch.randn(24 * HEADS, T, T, generator=g), dim=-1)
+    val = torch.randn(24 * HEADS, T, D_MODEL // HEADS, generator=g)
+    steps = {
+        "attention with dropout, forward + backward: explicit_attention": explicit,
+        "attention with dropout, forward + backward: plain autograd ops": plain,
+        "bmm(P, V): output (120, 50, 6)": lambda: torch.bmm(probs, val),
+        "bmm(Vᵀ, Pᵀ): output (120, 6, 50)": lambda: torch.bmm(val.transpose(1, 2), probs.transpose(1, 2)),
+    }
+    times = interleaved(steps, args, number=max(args.number, 5))
+    lines = ["| computation | ms, median | ms, best |", "|---|---:|---:|"]
+    for n, t in times.items():
+        lines.append(f"| {n} | {1e3 * statistics.median(t):.2f} | {1e3 * min(t):.2f} |")
     print("\n".join(lines), flush=True)
     return lines
 
@@ -475,9 +526,42 @@ def part_accuracy(args) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
+PARTS = ("mult", "nn", "infer", "profile", "kernel", "accuracy")
+TITLES = {
+    "mult": "`mult` against the reference MulT, training step (batch 24)",
+    "nn": "`self`, `cross`, `bicross` against torch.nn compositions, training step (batch 24)",
+    "infer": "Inference (batch 256): `model.eval()` under `torch.inference_mode()` against the same "
+    "model's training-mode forward (dropout on, autograd recording, no backward)",
+    "profile": "Where a `mult` training step goes: torch.profiler, self CPU ms per step (share of the step), "
+    "top ops, mean of 3 interleaved profiled steps",
+    "kernel": "The two measurements behind `attnfuse.nn.explicit` (q, k, v `(24, 5, 50, 6)`, dropout 0.1)",
+    "accuracy": 'Accuracy on the final code (planted: `TrainConfig(seed=s, loss="l1")`, defaults otherwise; '
+    "mfeat: `TrainConfig(seed=s)`, fractions 0.7/0.1/0.2)",
+}
+
+
+def write_part(out: Path, part: str, text: str) -> None:
+    """Replace ``part``'s block (between its markers) in ``out``, or append it to this script's
+    section (created at the end when absent): a part can be re-run alone."""
+    begin, end = f"<!-- begin: benchmarks/speed.py {part} -->", f"<!-- end: benchmarks/speed.py {part} -->"
+    block = f"{begin}\n{text}\n{end}"
+    old = out.read_text()
+    if begin in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+    elif SECTION in old:
+        # After the last block of the section (or its title): other parts keep their place.
+        head = old.index(SECTION)
+        nxt = old.find("\n## ", head + len(SECTION))
+        nxt = len(old) if nxt < 0 else nxt
+        new = old[:nxt].rstrip("\n") + f"\n\n{block}\n" + old[nxt:]
+    else:
+        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+    out.write_text(new)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", action="append", choices=["mult", "nn", "infer", "profile", "accuracy"])
+    p.add_argument("--part", action="append", choices=PARTS)
     p.add_argument(
         "--before",
         default="4b2fcf1",
@@ -485,10 +569,10 @@ def main() -> None:
     )
     p.add_argument("--src", type=Path, default=None, help="a folder holding the 'before' attnfuse package")
     p.add_argument("--anchors", type=Path, default=None, help="the mult-reference folder (default: found)")
-    p.add_argument("--rounds", type=int, default=9, help="timed rounds per contender (default 9)")
+    p.add_argument("--rounds", type=int, default=11, help="timed rounds per contender (default 11)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
-    p.add_argument("--number", type=int, default=3, help="calls per round (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--number", type=int, default=1, help="calls per round (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a loaded machine)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--mfeat-splits", type=int, default=3, help="mfeat splits of the accuracy part (default 3)")
     p.add_argument("--quick", action="store_true", help="3 rounds of 1 call, prints only")
@@ -499,59 +583,33 @@ def main() -> None:
     if args.quick:
         args.rounds, args.warmup, args.number = 3, 1, 1
     args.torch_device = torch.device(args.device)
-    parts = args.part or ["mult", "nn", "infer", "profile", "accuracy"]
-    args.machine = machine()
-    print(args.machine, flush=True)
+    parts = [x for x in PARTS if x in (args.part or PARTS)]
     before = load_before(args) if {"mult", "nn", "infer", "profile"} & set(parts) else None
     anchors = anchor_folder(args)
-    command = (
-        "python benchmarks/speed.py"
-        + "".join(f" --part {x}" for x in args.part or [])
-        + (f" --threads {args.threads}" if args.threads else "")
-    )
     what = f"--src {args.src}" if args.src else f"attnfuse at {args.before} (git archive)"
-    lines = [
-        BEGIN,
-        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `{command}`; {args.machine}; "
-        f"device {args.device}; before = {what}; {args.rounds} interleaved rounds of {args.number} calls after "
-        f"{args.warmup} warm-up round(s).",
-        "",
-    ]
-    titles = {
-        "mult": "`mult` against the reference MulT, training step (batch 24)",
-        "nn": "`self`, `cross`, `bicross` against torch.nn compositions, training step (batch 24)",
-        "infer": "Inference (batch 256): `model.eval()` under `torch.inference_mode()` against the same "
-        "model's training-mode forward (dropout on, autograd recording, no backward)",
-        "profile": "Where a `mult` training step goes: torch.profiler, share of self CPU time, top ops",
-        "accuracy": 'Accuracy on the final code (planted: `TrainConfig(seed=s, loss="l1")`, defaults otherwise; '
-        "mfeat: `TrainConfig(seed=s)`, fractions 0.7/0.1/0.2)",
-    }
-    for part in ("mult", "nn", "infer", "profile", "accuracy"):
-        if part not in parts:
-            continue
-        print(f"-- {part}", flush=True)
-        if part == "mult":
-            body = part_mult(args, before, anchors)
-        elif part == "nn":
-            body = part_nn(args, before)
-        elif part == "infer":
-            body = part_infer(args, before)
-        elif part == "profile":
-            body = part_profile(args, before, anchors)
-        else:
-            body = part_accuracy(args)
-        lines += [f"**{titles[part]}**", "", *body, ""]
-    lines.append(END)
-    text = "\n".join(lines)
-    print(text)
-    if not args.quick:
-        old = args.out.read_text()
-        if BEGIN in old:
-            start, end = old.index(BEGIN), old.index(END) + len(END)
-            args.out.write_text(old[:start] + text + old[end:])
-        else:
-            args.out.write_text(old.rstrip("\n") + f"\n\n{SECTION}\n\n{text}\n")
-        print(f"wrote the tables between the markers of benchmarks/speed.py in {args.out}")
+    for part in parts:
+        machine_line = machine()
+        print(f"-- {part}\n{machine_line}", flush=True)
+        body = {
+            "mult": lambda: part_mult(args, before, anchors),
+            "nn": lambda: part_nn(args, before),
+            "infer": lambda: part_infer(args, before),
+            "profile": lambda: part_profile(args, before, anchors),
+            "kernel": lambda: part_kernel(args),
+            "accuracy": lambda: part_accuracy(args),
+        }[part]()
+        command = f"python benchmarks/speed.py --part {part}" + (f" --threads {args.threads}" if args.threads else "")
+        if part != "accuracy":
+            command += f" --rounds {args.rounds} --number {args.number}"
+        run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `{command}`; {machine_line}"
+        if part in ("mult", "nn", "infer", "profile"):
+            run += f"; before = {what}"
+        if part not in ("profile", "accuracy"):
+            run += f"; {args.rounds} interleaved rounds after {args.warmup} warm-up round(s)"
+        text = f"**{TITLES[part]}**\n\nRun: {run}.\n\n" + "\n".join(body)
+        if not args.quick:
+            write_part(args.out, part, text)
+            print(f"wrote the {part} block of benchmarks/speed.py in {args.out}", flush=True)
 
 
 if __name__ == "__main__":
