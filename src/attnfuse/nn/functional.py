@@ -191,8 +191,8 @@ def attend(
         # costs ~20x an add (4.3 ms vs 0.2 ms forward + backward at B·H·L·S = 300k).
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     if not need_weights and (mask is None or not mask.requires_grad) and query.numel() and key.numel():
-        # Dropout on the CPU: one function with a hand-written backward (see .explicit), 1.6x the
-        # speed of the plain ops below at MulT's sizes (forward + backward, q/k/v (24, 5, 50, 6)).
+        # Dropout on the CPU: one function with a hand-written backward (see .explicit), 1.3-1.5x
+        # the speed of the plain ops below at MulT's sizes (benchmarks/speed.py --part kernel).
         return explicit_attention(query, key, value, mask, dead, scale, dropout_p, generator), None
     batch = _shape(query)[:-2]
     # One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in (alpha): the
