@@ -599,7 +599,7 @@ def main() -> None:
             "accuracy": lambda: part_accuracy(args),
         }[part]()
         command = f"python benchmarks/speed.py --part {part}" + (f" --threads {args.threads}" if args.threads else "")
-        if part != "accuracy":
+        if part not in ("profile", "accuracy"):
             command += f" --rounds {args.rounds} --number {args.number}"
         run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `{command}`; {machine_line}"
         if part in ("mult", "nn", "infer", "profile"):
