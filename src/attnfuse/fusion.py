@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .data.dataset import Batch, ModalitySpec
 from .modules import AttentionMap, MLPHead, ModalityEmbedding, Pooling, masked_mean, token_labels
-from .nn import BidirectionalCrossAttention, CrossAttention, TransformerEncoder
+from .nn import BidirectionalCrossAttention, CrossAttention, KeyPaddingMask, TransformerEncoder
 from .options import option, options_of
 
 __all__ = [
@@ -227,8 +227,8 @@ def _check_rate(name: str, value: object) -> None:
 class CrossStack(nn.ModuleList):
     """``num_layers`` cross-attention blocks of width d_model (GELU feed-forward, batch-first).
 
-    forward(x ``(B, L, d)``, context ``(B, S, d)``, context_pad ``(B, S)`` True = ignore) ->
-    (x ``(B, L, d)``, weights: list of ``(B, H, L, S)``)."""
+    forward(x ``(B, L, d)``, context ``(B, S, d)``, context_pad ``(B, S)`` True = ignore, or a
+    :class:`~attnfuse.nn.KeyPaddingMask`) -> (x ``(B, L, d)``, weights: list of ``(B, H, L, S)``)."""
 
     def __init__(self, config: SelfFusionConfig, block: type[nn.Module] = CrossAttention) -> None:
         d = config.d_model
@@ -237,7 +237,8 @@ class CrossStack(nn.ModuleList):
             for _ in range(config.num_layers)
         )
 
-    def forward(self, x: Tensor, context: Tensor, context_pad: Tensor, return_attention: bool = False):
+    def forward(self, x: Tensor, context: Tensor, context_pad: Tensor | KeyPaddingMask, return_attention: bool = False):
+        context_pad = padding(context_pad)  # checked and merged once for every layer
         weights = []
         for layer in self:
             if return_attention:
@@ -251,7 +252,8 @@ class CrossStack(nn.ModuleList):
 class BiCrossStack(nn.ModuleList):
     """``num_layers`` bidirectional blocks: a attends to b and b to a, both updated every layer.
 
-    forward(a ``(B, La, d)``, b ``(B, Lb, d)``, a_pad, b_pad) -> (a, b, weights a->b, weights b->a)."""
+    forward(a ``(B, La, d)``, b ``(B, Lb, d)``, a_pad, b_pad (``(B, L)`` True = ignore, or
+    :class:`~attnfuse.nn.KeyPaddingMask`)) -> (a, b, weights a->b, weights b->a)."""
 
     def __init__(self, config: SelfFusionConfig) -> None:
         d = config.d_model
@@ -262,7 +264,15 @@ class BiCrossStack(nn.ModuleList):
             for _ in range(config.num_layers)
         )
 
-    def forward(self, a: Tensor, b: Tensor, a_pad: Tensor, b_pad: Tensor, return_attention: bool = False):
+    def forward(
+        self,
+        a: Tensor,
+        b: Tensor,
+        a_pad: Tensor | KeyPaddingMask,
+        b_pad: Tensor | KeyPaddingMask,
+        return_attention: bool = False,
+    ):
+        a_pad, b_pad = padding(a_pad), padding(b_pad)  # checked and merged once for every layer
         w_ab, w_ba = [], []
         for layer in self:
             if return_attention:
@@ -274,7 +284,17 @@ class BiCrossStack(nn.ModuleList):
         return a, b, w_ab, w_ba
 
 
-def encode(encoder: TransformerEncoder, x: Tensor, pad: Tensor, return_attention: bool) -> tuple[Tensor, list]:
+def padding(pad: Tensor | KeyPaddingMask) -> KeyPaddingMask:
+    """A ``(B, S)`` key padding mask (True = ignore) prepared once for a whole stack (or several
+    stacks over the same keys): the layers then skip its checks and merge, and when nothing is
+    padded they get no mask at all (the unmasked kernel, no additive mask, no NaN guard of padded
+    rows)."""
+    return pad if isinstance(pad, KeyPaddingMask) else KeyPaddingMask(pad)
+
+
+def encode(
+    encoder: TransformerEncoder, x: Tensor, pad: Tensor | KeyPaddingMask, return_attention: bool
+) -> tuple[Tensor, list]:
     """A self-attention stack in the stacks' convention: (output, weights per layer or [])."""
     if return_attention:
         return encoder(x, src_key_padding_mask=pad, return_attention=True)
@@ -516,15 +536,16 @@ class MulTFusion(FusionModel):
 
     def fuse(self, batch: Batch, return_attention: bool) -> tuple[Tensor, list[AttentionMap]]:
         h = self.embed(batch)
+        pads = {n: padding(~batch.mask[n]) for n in self.specs}  # each source's keys: once for all targets
         fused, maps = [], []
         for j, (t, sources) in enumerate(self.cross.items()):
             t_valid, t_labels = batch.mask[t], self.labels[t]
             per_source = []
             for s, stack in sources.items():
-                x, weights = stack(h[t], h[s], ~batch.mask[s], return_attention)  # (B, T_t, d)
+                x, weights = stack(h[t], h[s], pads[s], return_attention)  # (B, T_t, d)
                 maps += layer_maps(f"cross:{t}->{s}", weights, t_labels, self.labels[s], t_valid)
                 per_source.append(self.cross_norm[t](x))
-            x, weights = encode(self.self_attn[t], torch.cat(per_source, dim=-1), ~t_valid, return_attention)
+            x, weights = encode(self.self_attn[t], torch.cat(per_source, dim=-1), pads[t], return_attention)
             maps += layer_maps(f"self:{t}", weights, t_labels, t_labels, t_valid)  # x: (B, T_t, (M-1) d)
             fused.append(or_missing(masked_mean(x, t_valid), t_valid.any(dim=1, keepdim=True), self.missing[j]))
         return torch.cat(fused, dim=-1), maps  # (B, M (M-1) d)

@@ -6,6 +6,7 @@ Depends on torch only.
 * :mod:`.functional` — ``scaled_dot_product_attention`` with torch's mask conventions;
 * :mod:`.masks` — merging masks; ``KeyPaddingMask``, a padding mask prepared once for many layers;
 * :mod:`.dropout` — ``Dropout`` / ``dropout``: torch's dropout with a cheaper mask on the CPU;
+* :mod:`.explicit` — ``explicit_attention``: attention with dropout on the CPU, with its own backward;
 * :mod:`.attention` — ``MultiheadAttention``;
 * :mod:`.layers` — ``PositionalEncoding``, ``FeedForward``, ``TransformerEncoderLayer``, ``TransformerEncoder``;
 * :mod:`.cross` — ``CrossAttention``, ``BidirectionalCrossAttention``.
