@@ -108,3 +108,26 @@ def test_every_module_imports_on_its_own():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_public_api_is_documented_with_shapes():
+    """Every class and function re-exported from attnfuse has a docstring; every module (a class
+    with tensors in and out) says the shapes it takes and gives."""
+    import inspect
+    import re
+
+    from torch import nn
+
+    import attnfuse
+
+    undocumented, shapeless = [], []
+    for name in attnfuse.__all__:
+        obj = getattr(attnfuse, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        doc = inspect.getdoc(obj) or ""
+        if not doc.strip():
+            undocumented.append(name)
+        elif inspect.isclass(obj) and issubclass(obj, nn.Module) and not re.search(r"\((B|N|L|S|T|K|\.\.\.)\b", doc):
+            shapeless.append(name)
+    assert not undocumented and not shapeless, f"no docstring: {undocumented}; no shapes: {shapeless}"

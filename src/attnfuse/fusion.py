@@ -391,7 +391,10 @@ class FusionModel(nn.Module):
 
 
 class ConcatFusion(FusionModel):
-    """Pool each modality over its valid tokens, concatenate, MLP. No attention."""
+    """Pool each modality over its valid tokens, concatenate, MLP. No attention.
+
+    ``fuse``: embedded tokens ``(B, T_m, d_model)`` per modality -> ``(B, M * d_model)`` (an
+    absent modality's part is its learned "missing" vector) -> head ``(B, out_dim)``."""
 
     config_class = ConcatConfig
     has_attention = False
@@ -409,7 +412,11 @@ class ConcatFusion(FusionModel):
 class SelfAttentionFusion(FusionModel):
     """Self-attention across all modalities' tokens (Transformer encoder), then aggregation:
     ``mean`` / ``attention`` / ``cls`` pool all tokens into one d-vector; ``modality`` pools each
-    modality's tokens and concatenates the M vectors (the attention-refined version of ``concat``)."""
+    modality's tokens and concatenates the M vectors (the attention-refined version of ``concat``).
+
+    ``fuse``: all tokens ``(B, T, d_model)`` with ``T = sum_m T_m`` (+1 for ``cls``) through the
+    encoder -> ``(B, d_model)``, or ``(B, M * d_model)`` for ``modality`` pooling; one
+    :class:`AttentionMap` ``(B, H, T, T)`` per layer."""
 
     config_class = SelfFusionConfig
 
@@ -449,7 +456,11 @@ class SelfAttentionFusion(FusionModel):
 
 
 class CrossModalFusion(FusionModel):
-    """The query modality's tokens attend to the context modalities' tokens, layer after layer."""
+    """The query modality's tokens attend to the context modalities' tokens, layer after layer.
+
+    ``fuse``: query tokens ``(B, T_q, d_model)`` attend to context tokens ``(B, T_c, d_model)``
+    -> pooled over the valid query tokens ``(B, d_model)``; one :class:`AttentionMap`
+    ``(B, H, T_q, T_c)`` per layer."""
 
     config_class = CrossFusionConfig
 
@@ -475,7 +486,11 @@ class CrossModalFusion(FusionModel):
 
 class BiCrossFusion(FusionModel):
     """a queries b and b queries a; the two outputs are concatenated along the token axis and
-    aggregated over their valid tokens (text <-> video)."""
+    aggregated over their valid tokens (text <-> video).
+
+    ``fuse``: ``a`` ``(B, T_a, d_model)`` and ``b`` ``(B, T_b, d_model)`` -> tokens
+    ``(B, T_a + T_b, d_model)`` -> ``(B, d_model)``; per layer the maps ``(B, H, T_a, T_b)`` and
+    ``(B, H, T_b, T_a)``."""
 
     config_class = BiCrossFusionConfig
 
@@ -504,7 +519,10 @@ class BiCrossFusion(FusionModel):
 class MulTFusion(FusionModel):
     """MulT (Tsai et al., 2019): for each target modality, one cross-modal Transformer per source
     modality; the target's outputs are concatenated along features, refined by self-attention,
-    pooled; all targets are concatenated for the head."""
+    pooled; all targets are concatenated for the head.
+
+    ``fuse``: for each target t, ``(B, T_t, d_model)`` from each of the M-1 sources, concatenated
+    ``(B, T_t, (M-1) d_model)``, self-attention, pooled; all targets ``(B, M (M-1) d_model)``."""
 
     config_class = MulTConfig
 

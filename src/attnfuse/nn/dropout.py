@@ -96,7 +96,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
 
 class Dropout(nn.Dropout):
     """:class:`torch.nn.Dropout` (same arguments, attributes and ``repr``) computed with
-    :func:`dropout`. Shapes: any; output = input's shape."""
+    :func:`dropout`. Shapes: input ``(...)`` of any shape, output the same shape."""
 
     def forward(self, input: Tensor) -> Tensor:
         return dropout(input, self.p, self.training, self.inplace)

@@ -119,7 +119,8 @@ def sinusoidal_table(length: int, d_model: int) -> Tensor:
 class FeedForward(nn.Module):
     """Position-wise feed-forward net: ``Linear(d_model, d_ff) -> activation -> Dropout -> Linear(d_ff, d_model)``.
 
-    Shapes: input and output ``(..., d_model)``; every position is transformed independently.
+    Shapes: input and output ``(..., d_model)``, e.g. ``(B, L, d_model)``; every position is
+    transformed independently.
     """
 
     def __init__(
