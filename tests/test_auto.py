@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from attnfuse.cli import app
 from attnfuse.data import MultimodalDataset, make_planted, save_npz
-from attnfuse.metrics import standard_error
+from attnfuse.metrics import paired_standard_error, standard_error
 from attnfuse.pipeline import PORTFOLIO, TrainSpec, candidates_for, train
-from attnfuse.portfolio import choose
+from attnfuse.portfolio import choose, public
 
 # Small enough to run in seconds, large enough that attention clearly solves the planted lookup.
 PLANTED = {"n": 400, "seq_len": 4, "num_keys": 8, "key_dim": 8, "value_dim": 4, "noise": 0.05}
@@ -113,6 +113,38 @@ def test_the_simplest_candidate_within_one_standard_error_of_the_best_is_picked(
     tie = {"concat": score(1.0, se=0.0, loss=2.0, fusion="concat"), "self": score(1.0, se=0.0, loss=1.0)}
     assert choose(tie, rmse, {})["best"] == "self" and choose(tie, rmse, {})["picked"] == "concat"
     assert choose({"a": score(2.0, se=0.1), "b": score(1.5, se=0.1)}, rmse, {})["picked"] == "b"
+
+
+def test_the_bar_is_the_standard_error_of_the_difference_on_the_same_rows():
+    """Two candidates one sample apart: where the simpler one errs on other rows than the best, the
+    difference is noise (its SE is large) and it is picked; where it errs on the same rows plus one,
+    the SE of the difference is small and the best is kept."""
+    n = 200
+    y = np.zeros(n, dtype=np.int64)
+    best = y.copy()
+    best[:2] = 1  # 2 errors: 99.0%
+    disjoint = y.copy()
+    disjoint[10:13] = 1  # 3 other errors: 98.5%
+    nested = best.copy()
+    nested[2] = 1  # the best's 2 errors and one more: 98.5%
+    acc = ("accuracy", "max")
+
+    def scores(simple):
+        return {
+            "concat": {**score(0.985, se=standard_error("accuracy", y, simple), fusion="concat"), "valid_pred": simple},
+            "self": {**score(0.990, se=standard_error("accuracy", y, best)), "valid_pred": best},
+        }
+
+    apart = choose(scores(disjoint), acc, {}, y)
+    assert apart["picked"] == "concat"
+    assert apart["candidates"]["concat"]["se_vs_best"] == pytest.approx(
+        paired_standard_error("accuracy", y, best, disjoint)
+    )
+    assert apart["candidates"]["concat"]["se_vs_best"] > standard_error("accuracy", y, best)  # 0.0112 > 0.0070
+    assert choose(scores(nested), acc, {}, y)["picked"] == "self"  # SE of the difference: 0.0050
+    d = (best == y).astype(float) - (disjoint == y).astype(float)
+    assert paired_standard_error("accuracy", y, best, disjoint) == pytest.approx(d.std() / np.sqrt(n))
+    assert "valid_pred" not in public(apart)["candidates"]["concat"]
 
 
 def test_standard_error_of_each_selection_metric():

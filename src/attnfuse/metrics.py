@@ -179,6 +179,19 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _per_sample(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """(N,) float64: correct (0/1) for accuracy, the absolute error for mae, the squared error
+    for rmse (averaged over the K outputs of a multi-target regression)."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    n = t.shape[0]
+    if metric == "accuracy":
+        return (t == p).astype(np.float64)
+    if metric in ("mae", "rmse"):
+        err = (p.astype(np.float64) - t.astype(np.float64)).reshape(n, -1)
+        return np.abs(err).mean(axis=1) if metric == "mae" else (err**2).mean(axis=1)
+    raise ValueError(f"metric: expected 'accuracy', 'mae' or 'rmse', got {metric!r}")
+
+
 def standard_error(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """The standard error of ``metric`` (accuracy, mae or rmse) estimated on these samples: how
     much the score would move on another draw of as many samples.
@@ -187,17 +200,23 @@ def standard_error(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float
     outputs): SE = std / sqrt(N). rmse = sqrt(MSE): SE(MSE) = std of the squared errors / sqrt(N),
     mapped through the square root by the delta method, SE(rmse) = SE(MSE) / (2 rmse).
     y_true: (N,) or (N, K); y_pred: labels (N,) for accuracy, values like y_true otherwise."""
-    t, p = np.asarray(y_true), np.asarray(y_pred)
-    n = t.shape[0]
-    if metric == "accuracy":
-        per_sample = (t == p).astype(np.float64)
-    elif metric in ("mae", "rmse"):
-        err = (p.astype(np.float64) - t.astype(np.float64)).reshape(n, -1)
-        per_sample = np.abs(err).mean(axis=1) if metric == "mae" else (err**2).mean(axis=1)
-    else:
-        raise ValueError(f"metric: expected 'accuracy', 'mae' or 'rmse', got {metric!r}")
-    se = float(per_sample.std() / math.sqrt(n))
+    per_sample = _per_sample(metric, y_true, y_pred)
+    se = float(per_sample.std() / math.sqrt(per_sample.size))
     if metric == "rmse":
         rmse = math.sqrt(float(per_sample.mean()))
         return se / (2 * rmse) if rmse > 0 else 0.0
+    return se
+
+
+def paired_standard_error(metric: str, y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> float:
+    """The standard error of the difference between two models' ``metric`` on the same samples:
+    SE = std of the per-sample differences / sqrt(N) (for rmse through the delta method at the
+    mean of the two rmse). Where the models err on the same samples it is smaller than either
+    model's own standard error, where they err on different ones larger: it is what says whether
+    one model is better than the other on these rows (the paired test, as McNemar's for accuracy)."""
+    a, b = _per_sample(metric, y_true, pred_a), _per_sample(metric, y_true, pred_b)
+    se = float((a - b).std() / math.sqrt(a.size))
+    if metric == "rmse":
+        mean_rmse = (math.sqrt(float(a.mean())) + math.sqrt(float(b.mean()))) / 2
+        return se / (2 * mean_rmse) if mean_rmse > 0 else 0.0
     return se

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from .baselines import fit_baselines, summarize_baselines, verdict
@@ -483,10 +484,10 @@ def _pick(
         result = fitted[0]
         if len(fitted) > 1:
             model = Ensemble([m.model for m in fitted])
-            metrics, valid_loss, valid_se = assess(model, data, split, result.standardizer, cfg, dist)
+            metrics, valid_loss, valid_se, valid_pred = assess(model, data, split, result.standardizer, cfg, dist)
             note = next((m.note for m in fitted if m.note), None)
             result = RunResult(model, cand.fusion, result.standardizer, metrics, result.best_epoch, result.history,
-                               note, split, valid_loss, valid_se)  # fmt: skip
+                               note, split, valid_loss, valid_se, valid_pred)  # fmt: skip
         results[cand.name] = result
         scores[cand.name] = {
             "fusion": cand.fusion,
@@ -495,8 +496,9 @@ def _pick(
             "valid_se": result.valid_se,
             "valid_loss": result.valid_loss,
             "valid_metrics": result.metrics["valid"],
+            "valid_pred": result.valid_pred,
         }
-    chosen = choose(scores, selection, left_out)
+    chosen = choose(scores, selection, left_out, np.asarray(data.y[split["valid"]]))
     return results[chosen["picked"]], chosen, {name: r.metrics for name, r in results.items()}
 
 
@@ -571,10 +573,13 @@ class _Progress:
         """The models of run ``i`` trained before the checkpoint (none unless resuming run ``i``)."""
         if self.state is None or i != self.run_index:
             return {}
-        return {
-            (m["candidate"], m["member"]): self._restore(m, f"member.{m['candidate']}.{m['member']}.", split)
-            for m in self.state[1].get("members", [])
-        }
+        restored = {}
+        for m in self.state[1].get("members", []):
+            c, k = m["candidate"], m["member"]
+            result = restored[c, k] = self._restore(m, f"member.{c}.{k}.", split)
+            pred = self.state[0].get(f"valid.{c}.{k}")
+            result.valid_pred = None if pred is None else pred.numpy()
+        return restored
 
     def resume_state(self, i: int, c: int, k: int) -> tuple[dict, dict] | None:
         """The trainer state to continue model (c, k) of run ``i`` from: the checkpoint's own."""
@@ -607,6 +612,8 @@ class _Progress:
                         log_rows=self.logged, selection=selection, members=[])  # fmt: skip
             for (c2, k2), result in members.items():
                 tensors.update(_prefixed(f"member.{c2}.{k2}.", result.model))
+                if result.valid_pred is not None:
+                    tensors[f"valid.{c2}.{k2}"] = torch.from_numpy(np.ascontiguousarray(result.valid_pred))
                 meta["members"].append({"candidate": c2, "member": k2, **_record(result)})
             if first is not None:
                 tensors.update(_prefixed("first.", first.model))

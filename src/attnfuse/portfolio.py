@@ -12,6 +12,7 @@ from typing import Any
 
 from .data import MultimodalDataset
 from .fusion import FUSIONS, FusionModel, config_from_dict
+from .metrics import paired_standard_error
 from .options import options_of
 
 __all__ = ["Candidate", "PORTFOLIO", "candidates_for", "choose", "public", "settings_used"]
@@ -101,34 +102,48 @@ def settings_used(model: FusionModel | Any, cand: Candidate) -> dict:
 
 
 def public(selection: dict) -> dict:
-    """The selection record without the per-candidate metric dicts (those go to metrics.json)."""
-    cands = {n: {k: v for k, v in c.items() if k != "valid_metrics"} for n, c in selection["candidates"].items()}
+    """The selection record without the per-candidate metric dicts (those go to metrics.json) and
+    validation predictions."""
+    drop = ("valid_metrics", "valid_pred")
+    cands = {n: {k: v for k, v in c.items() if k not in drop} for n, c in selection["candidates"].items()}
     return {**selection, "candidates": cands}
 
 
-def choose(scores: dict[str, dict], selection: tuple[str, str], left_out: dict[str, str]) -> dict:
+def choose(scores: dict[str, dict], selection: tuple[str, str], left_out: dict[str, str], y_valid: Any = None) -> dict:
     """The record of the choice among trained candidates, by the one-standard-error rule.
 
     ``scores``: ``{name: {"fusion", "settings", "valid": the selection metric, "valid_se": its
-    standard error, "valid_loss", ...}}`` in portfolio order, simplest first; ``selection``:
-    (metric, "max"/"min"). The best validation score (ties: the lower validation loss) sets the
+    standard error, "valid_loss", "valid_pred": its predictions on the validation rows (optional),
+    ...}}`` in portfolio order, simplest first; ``selection``: (metric, "max"/"min"); ``y_valid``:
+    the validation targets. The best validation score (ties: the lower validation loss) sets the
     bar; the first, i.e. simplest, candidate within one standard error of it is picked (Breiman et
     al., "Classification and Regression Trees", 1984; Hastie et al., "The Elements of Statistical
     Learning", 2nd ed., §7.10): a few hundred validation rows cannot tell apart models closer than
-    that, and the simpler one is then the safer choice. Returns ``{"picked", "fusion", "metric",
-    "best", "threshold", "candidates": scores, "left_out", "reason"}``."""
+    that, and the simpler one is then the safer choice. The standard error is that of the
+    difference between the candidate and the best on the same rows
+    (:func:`attnfuse.metrics.paired_standard_error`, recorded as ``"se_vs_best"``) when the
+    predictions are given, else the best's own. Returns ``{"picked", "fusion", "metric", "best",
+    "threshold" (the picked candidate's bar), "candidates": scores, "left_out", "reason"}``."""
     metric, mode = selection
     sign = 1.0 if mode == "max" else -1.0
     best = max(scores, key=lambda n: (sign * scores[n]["valid"], -scores[n]["valid_loss"]))
-    threshold = scores[best]["valid"] - sign * scores[best]["valid_se"]
-    picked = next(n for n, c in scores.items() if sign * c["valid"] >= sign * threshold)
+    top = scores[best]
+    for name, cand in scores.items():
+        paired = y_valid is not None and cand.get("valid_pred") is not None and top.get("valid_pred") is not None
+        cand["se_vs_best"] = (
+            paired_standard_error(metric, y_valid, top["valid_pred"], cand["valid_pred"])
+            if paired and name != best
+            else top["valid_se"]
+        )
+    picked = next(n for n, c in scores.items() if sign * c["valid"] >= sign * (top["valid"] - sign * c["se_vs_best"]))
+    threshold = top["valid"] - sign * scores[picked]["se_vs_best"]
     others = ", ".join(f"{n} {c['valid']:.4f}" for n, c in scores.items() if n != picked)
     if picked == best:
         reason = f"the best validation {metric} of {len(scores)} candidates: {picked} {scores[picked]['valid']:.4f}"
     else:
         reason = (
-            f"the simplest candidate within one standard error ({scores[best]['valid_se']:.4f}) of the best "
-            f"validation {metric} ({best} {scores[best]['valid']:.4f}): {picked} {scores[picked]['valid']:.4f}"
+            f"the simplest candidate within one standard error ({scores[picked]['se_vs_best']:.4f}) of the best "
+            f"validation {metric} ({best} {top['valid']:.4f}): {picked} {scores[picked]['valid']:.4f}"
         )
     return {
         "picked": picked,

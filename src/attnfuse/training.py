@@ -177,9 +177,9 @@ class RunResult:
     """One trained run: the model (best validation weights; an :class:`~attnfuse.ensemble.Ensemble`
     of members trained on the same rows), its metrics per split, the history (of the first member).
     ``note`` says why training ended unusually (a diverged loss, with the best weights kept).
-    ``valid_loss`` and ``valid_se``: the loss on the validation rows and the standard error of the
-    validation selection metric (:func:`attnfuse.metrics.standard_error`), with which ``--fusion
-    auto`` compares models."""
+    ``valid_loss``, ``valid_se`` and ``valid_pred``: the loss on the validation rows, the standard
+    error of the validation selection metric (:func:`attnfuse.metrics.standard_error`) and the
+    predictions, with which ``--fusion auto`` compares models."""
 
     model: FusionModel | Ensemble
     fusion: str
@@ -191,6 +191,7 @@ class RunResult:
     split: Mapping[str, np.ndarray] | None = None  # the rows of each part (a data.Split when made here)
     valid_loss: float = float("nan")
     valid_se: float = float("nan")
+    valid_pred: np.ndarray | None = None  # predictions on the validation rows, (N_valid,) or (N_valid, K)
 
 
 class DivergedError(ValueError):
@@ -285,9 +286,9 @@ def run(
     if control.resume is not None:
         trainer.load_state_dict(*control.resume)
     trainer.fit(sources["train"], sources["valid"], on_epoch, control)
-    metrics, valid_loss, valid_se = _assess(model, data.task, train, sources, control.dist)
+    metrics, valid_loss, valid_se, valid_pred = _assess(model, data.task, train, sources, control.dist)
     return RunResult(model, fusion, standardizer, metrics, trainer.best_epoch, trainer.history, trainer.note, split,
-                     valid_loss, valid_se)  # fmt: skip
+                     valid_loss, valid_se, valid_pred)  # fmt: skip
 
 
 def assess(
@@ -297,16 +298,19 @@ def assess(
     standardizer: Standardizer,
     cfg: TrainConfig,
     dist: Dist | None = None,
-) -> tuple[dict[str, dict[str, float]], float, float]:
-    """A trained model's metrics on every part of ``split``, its loss on the validation rows and
-    the standard error of its validation selection metric (e.g. an ensemble of :func:`run`'s models)."""
+) -> tuple[dict[str, dict[str, float]], float, float, np.ndarray | None]:
+    """A trained model's metrics on every part of ``split``, its loss on the validation rows, the
+    standard error of its validation selection metric and its validation predictions (e.g. for an
+    ensemble of :func:`run`'s models)."""
     device = next(model.parameters()).device
     sources = {name: _batches(data, rows, standardizer, device) for name, rows in split.items()}
     return _assess(model, data.task, cfg, sources, dist or Dist())
 
 
-def _assess(model, task: str, cfg: TrainConfig, sources: dict, dist: Dist) -> tuple[dict, float, float]:
-    metrics, valid_loss, valid_se = {}, float("nan"), float("nan")
+def _assess(
+    model, task: str, cfg: TrainConfig, sources: dict, dist: Dist
+) -> tuple[dict, float, float, np.ndarray | None]:
+    metrics, valid_loss, valid_se, valid_pred = {}, float("nan"), float("nan"), None
     for name, source in sources.items():
         outputs = _predict(model, source, dist, cfg.precision)
         y, predictions = _np(source.y), to_predictions(task, outputs)
@@ -314,7 +318,8 @@ def _assess(model, task: str, cfg: TrainConfig, sources: dict, dist: Dist) -> tu
         if name == "valid" and len(source):
             valid_loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, _first(model))(outputs, source.y).item()
             valid_se = standard_error(cfg.selection_metric(task)[0], y, predictions)
-    return metrics, valid_loss, valid_se
+            valid_pred = predictions
+    return metrics, valid_loss, valid_se, valid_pred
 
 
 def _first(model: FusionModel | Ensemble) -> FusionModel:
