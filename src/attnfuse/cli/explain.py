@@ -104,7 +104,7 @@ def _parse_samples(samples: str | None) -> list[int] | None:
 
 
 def print_explanation(console: Console, expl: Explanation, out: Path) -> None:
-    """The headline, the agreement table and its sentences, the notes, and where the files are."""
+    """The headline, the agreement table and its sentences, the caveats (expl.notes), and where the files are."""
     headline = f"{expl.fusion} fusion on {expl.data}: {expl.split} {expl.metric} {expl.score:.4f}"
     masking = expl.masking
     if masking is not None and masking.metrics is not None and masking.metric != expl.metric:
