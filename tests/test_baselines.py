@@ -135,6 +135,8 @@ def test_verdict_compares_on_the_selection_metric_of_the_validation_split():
         "higher_is_better": False,
         "baseline_score": 1.0,
         "fusion_score": 1.5,
+        "standard_error": None,
+        "clear": True,
     }
     assert verdict(mae, {"mae": 0.9}, base) is None
     assert verdict(mae, {"mae": 1.0}, base) is None  # a tie is not "beats"
@@ -143,6 +145,13 @@ def test_verdict_compares_on_the_selection_metric_of_the_validation_split():
     assert verdict(acc, {"accuracy": 0.95}, {"logistic": {"valid": {"accuracy": 0.9}}}) is None
     line = verdict_line(found, "self")
     assert "ridge" in line and "self" in line and "1.0000 vs 1.5000 (lower is better)" in line and "\n" not in line
+    # Ahead by less than the fusion's standard error: level, not "beats".
+    level = verdict(acc, {"accuracy": 0.990}, {"hist_gb": {"valid": {"accuracy": 0.9933}}}, se=0.0058)
+    assert level["clear"] is False
+    assert "is level with the concat fusion" in verdict_line(level, "concat") and "(0.0058)" in verdict_line(
+        level, "concat"
+    )
+    assert verdict(acc, {"accuracy": 0.98}, {"hist_gb": {"valid": {"accuracy": 0.9933}}}, se=0.0058)["clear"]
 
 
 # ---------------------------------------------------------------------------------------------

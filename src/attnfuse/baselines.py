@@ -145,14 +145,18 @@ def summarize_baselines(runs: list[dict[str, dict[str, dict[str, float]]]]) -> d
     return {name: {split: summarize([r[name][split] for r in runs]) for split in runs[0][name]} for name in runs[0]}
 
 
-def verdict(selection: tuple[str, str], fusion_valid: dict, baselines: dict[str, dict]) -> dict | None:
+def verdict(
+    selection: tuple[str, str], fusion_valid: dict, baselines: dict[str, dict], se: float | None = None
+) -> dict | None:
     """The best baseline on the validation split, when it beats the fusion there; else None.
 
     ``selection``: (metric, "max" or "min"), the metric that early stopping and ``--fusion auto``
     select with (:meth:`attnfuse.training.TrainConfig.selection_metric`); ``fusion_valid``: the
     fusion's validation metrics; ``baselines``: ``{name: {split: metrics}}``. Values may be floats
-    or ``{"mean", "std"}`` summaries (with ``--repeat``; means are compared). Returns
-    ``{"baseline", "metric", "higher_is_better", "baseline_score", "fusion_score"}``."""
+    or ``{"mean", "std"}`` summaries (with ``--repeat``; means are compared). ``se``: the standard
+    error of the fusion's validation score; a baseline ahead by no more than it is not ``"clear"``
+    (the validation rows cannot tell the two apart). Returns ``{"baseline", "metric",
+    "higher_is_better", "baseline_score", "fusion_score", "standard_error", "clear"}``."""
     metric, mode = selection
 
     def score(metrics: dict) -> float:
@@ -170,15 +174,23 @@ def verdict(selection: tuple[str, str], fusion_valid: dict, baselines: dict[str,
         "higher_is_better": mode == "max",
         "baseline_score": theirs,
         "fusion_score": ours,
+        "standard_error": se,
+        "clear": se is None or sign * (theirs - ours) > se,
     }
 
 
 def verdict_line(found: dict, fusion: str) -> str:
     """The one line that says a baseline (``found``, from :func:`verdict`) beats ``fusion`` on the
-    validation split, with both scores."""
+    validation split, with both scores; or, when it is ahead by less than a standard error, that
+    the validation rows cannot tell them apart."""
     better = "higher" if found["higher_is_better"] else "lower"
+    scores = f"{found['metric']} {found['baseline_score']:.4f} vs {found['fusion_score']:.4f} ({better} is better)"
+    if not found.get("clear", True):
+        return (
+            f"the {found['baseline']} baseline is level with the {fusion} fusion on the validation split: "
+            f"{scores}, a difference within one standard error ({found['standard_error']:.4f})"
+        )
     return (
-        f"the {found['baseline']} baseline beats the {fusion} fusion on the validation split: "
-        f"{found['metric']} {found['baseline_score']:.4f} vs {found['fusion_score']:.4f} ({better} is better); "
+        f"the {found['baseline']} baseline beats the {fusion} fusion on the validation split: {scores}; "
         "attention fusion may not be what this data needs"
     )

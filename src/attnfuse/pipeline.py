@@ -424,7 +424,7 @@ def _train(
                 per_candidate.append(metrics_of)
                 record = {"fold": i} if folds else {}
                 record.update(seed=seed_cfg.seed, best_epoch=result.best_epoch, fusion=result.fusion,
-                              history=result.history, **result.metrics)  # fmt: skip
+                              history=result.history, valid_se=result.valid_se, **result.metrics)  # fmt: skip
                 if opts.fusion == "auto":
                     record["picked"] = chosen["picked"]
                     record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
@@ -439,12 +439,15 @@ def _train(
                     first, selection = result, public(chosen) if opts.fusion == "auto" else None
 
         seconds["fusion"] = sum(v for k, v in seconds.items() if k.startswith("fusion:"))
-        records = [{k: v for k, v in r.items() if k != "history"} for r in runs]
+        records = [{k: v for k, v in r.items() if k not in ("history", "valid_se")} for r in runs]
         report = _report(records, opts.runs)
         found = None
         if "baselines" in report:
             fusion_valid = report["valid"] if opts.runs == 1 else report["summary"]["valid"]
-            found = verdict(cfg.selection_metric(data.task), fusion_valid, report["baselines"])
+            # The standard error of the (mean) validation score: one run's, or their mean over sqrt(runs).
+            ses = [r["valid_se"] for r in runs if r.get("valid_se") is not None]
+            se = float(np.mean(ses) / np.sqrt(len(ses))) if ses else None
+            found = verdict(cfg.selection_metric(data.task), fusion_valid, report["baselines"], se)
         report = metrics_for_json(report)  # an undefined (NaN) metric is null, here and in metrics.json
         if tmp is not None:
             split = {"how": first.split.how, "seed": cfg.seed, **({"folds": opts.folds, "fold": 0} if folds else {})}

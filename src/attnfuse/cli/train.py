@@ -138,7 +138,8 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
         spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
         console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
     if result.verdict is not None:
-        console.print(f"[bold yellow]warning:[/] {escape(verdict_line(result.verdict, fusion))}", highlight=False)
+        label = "[bold yellow]warning:[/]" if result.verdict["clear"] else "note:"
+        console.print(f"{label} {escape(verdict_line(result.verdict, fusion))}", highlight=False)
 
 
 def _candidates_table(result: TrainResult) -> Table:
