@@ -33,6 +33,7 @@ from attnfuse.explain import (
 )
 from attnfuse.fusion import build_model
 from attnfuse.training import TrainConfig, model_config, run
+from fusion import mosei_like  # the MOSEI-sized random data of the fusion benchmark (benchmarks/ is on sys.path)
 
 SECTION = "## Explanations"
 METHODS = ("attention", "mask", "gxi", "ig", "rollout")
@@ -71,15 +72,6 @@ def time_methods(model, batch, task: str, n_steps: int) -> dict[str, float]:
         calls[name](batch)
         out[name] = time.perf_counter() - start
     return out
-
-
-def mosei_like(n: int, seed: int = 0) -> MultimodalDataset:
-    rng = np.random.default_rng(seed)
-    features = {
-        name: rng.normal(size=(n, 50, dim)).astype(np.float32)
-        for name, dim in (("text", 300), ("audio", 74), ("vision", 35))
-    }
-    return MultimodalDataset(features, rng.uniform(-3, 3, n).astype(np.float32))
 
 
 def timing(quick: bool) -> list[str]:

@@ -3,7 +3,9 @@ models, and what a complete run directory is."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -38,6 +40,16 @@ def assert_one_line(result, code: int, *needles: str) -> str:
     for needle in needles:
         assert re.search(needle, err), f"{needle!r} not in {err!r}"
     return err
+
+
+@contextlib.contextmanager
+def process_umask(mask: int):
+    """Run the block under ``mask`` as the process umask (restored afterwards)."""
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 def strict_loads(text: str):

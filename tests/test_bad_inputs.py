@@ -6,7 +6,6 @@ nothing was written. Also: the modes files get, strict JSON, divergence with a f
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
@@ -37,6 +36,7 @@ from clikit import (
     cli,
     entries,
     ok,
+    process_umask,
     snapshot,
     strict_loads,
     write_npz,
@@ -415,15 +415,6 @@ def test_sigterm_handler_is_restored_after_a_command():
 
 # ---------------------------------------------------------------------------------------------
 # Modes and strict JSON
-
-
-@contextlib.contextmanager
-def process_umask(mask: int):
-    before = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(before)
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -28,32 +27,11 @@ from attnfuse.files import (
     write_json,
     write_text,
 )
-
-
-@contextlib.contextmanager
-def process_umask(mask: int):
-    before = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(before)
+from clikit import entries, process_umask, strict_loads
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def strict_loads(text: str):
-    """json.loads that fails on NaN/Infinity (Python's json accepts them by default)."""
-
-    def refuse(name: str):
-        raise AssertionError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-def entries(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------

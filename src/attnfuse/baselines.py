@@ -121,11 +121,11 @@ def fit_baselines(
     x = pooled_features(data, used)  # (R, F): row used[i] is x[i]
     y = np.asarray(data.y[used])
     part = {split: np.searchsorted(used, rows) for split, rows in splits.items()}
+    from threadpoolctl import threadpool_limits  # (installed with scikit-learn)
+
     result = BaselineResult()
     for name in BASELINES[data.task]:
         model = make_baseline(name, data.task, seed, data.target_dim or 1)  # (imports scikit-learn once)
-        from threadpoolctl import threadpool_limits  # (installed with scikit-learn)
-
         start = time.perf_counter()
         # One thread: OpenMP's threads spin at every barrier, and on a machine whose cores are busy
         # (another job, torch's own threads) gradient boosting took 244 s on mfeat's training rows

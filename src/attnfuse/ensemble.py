@@ -17,7 +17,7 @@ from .data import Batch
 from .fusion import FusionConfig, FusionModel, build_model
 from .modules import AttentionMap
 
-__all__ = ["Ensemble", "build_ensemble"]
+__all__ = ["Ensemble", "build_ensemble", "first_member"]
 
 
 class Ensemble(nn.Module):
@@ -68,3 +68,9 @@ def build_ensemble(fusion: str, config: FusionConfig | dict, size: int = 1) -> F
     if size == 1:
         return build_model(fusion, config)
     return Ensemble([build_model(fusion, config) for _ in range(size)])
+
+
+def first_member(model: FusionModel | Ensemble) -> FusionModel:
+    """The model itself, or an ensemble's first member: the one whose attention is shown, and
+    whose target statistics (the same in every member) define the regression loss's units."""
+    return model.members[0] if isinstance(model, Ensemble) else model

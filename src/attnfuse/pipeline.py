@@ -381,7 +381,7 @@ def _train(
     plan = [(c, k) for c in range(len(candidates)) for k in range(cfg.ensemble)]
     runs = progress.finished
     first_split = folds[0] if folds else make_split(data, cfg.seed)
-    first, selection = progress.first(data, first_split), progress.selection
+    first, selection = progress.first(first_split), progress.selection
     seconds: dict[str, float] = {"fusion": 0.0}
     per_candidate: list[dict[str, dict]] = []
     try:
@@ -565,7 +565,7 @@ class _Progress:
                          nan if info["valid_loss"] is None else info["valid_loss"],
                          nan if info["valid_se"] is None else info["valid_se"])  # fmt: skip
 
-    def first(self, data: MultimodalDataset, split: Split) -> RunResult | None:
+    def first(self, split: Split) -> RunResult | None:
         """The first run's finished model (trained on ``split``), as a checkpoint taken during a
         later run keeps it."""
         if self.state is None or "first" not in self.state[1]:

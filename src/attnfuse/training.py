@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import Batch, MultimodalDataset, Standardizer, iter_batches, make_split
+from .data import Batch, MultimodalDataset, Standardizer, make_split
 from .distributed import Dist, local_device
-from .ensemble import Ensemble
+from .ensemble import Ensemble, first_member
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
 from .options import option
@@ -316,14 +316,12 @@ def _assess(
         y, predictions = _np(source.y), to_predictions(task, outputs)
         metrics[name] = compute_metrics(task, y, predictions, sentiment=cfg.sentiment_metrics)
         if name == "valid" and len(source):
-            valid_loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, _first(model))(outputs, source.y).item()
+            valid_loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, first_member(model))(
+                outputs, source.y
+            ).item()
             valid_se = standard_error(cfg.selection_metric(task)[0], y, predictions)
             valid_pred = predictions
     return metrics, valid_loss, valid_se, valid_pred
-
-
-def _first(model: FusionModel | Ensemble) -> FusionModel:
-    return model.members[0] if isinstance(model, Ensemble) else model
 
 
 def _batches(data: MultimodalDataset, rows: np.ndarray, standardizer: Standardizer, device: torch.device):
@@ -612,9 +610,8 @@ def _divergence(step_losses: Tensor, valid_loss: float, epoch: int, lr: float) -
 
 @torch.no_grad()
 def predict(model: FusionModel | Ensemble, batch: Batch, batch_size: int = 1024) -> Tensor:
-    """Raw model outputs ``(N, out_dim)`` in eval mode, in chunks."""
-    model.eval()
-    return torch.cat([model(b) for b in iter_batches(batch, batch_size)], dim=0)
+    """Raw model outputs ``(N, out_dim)`` in eval mode, in chunks of ``batch_size`` rows."""
+    return _predict(model, batch, Dist(), "32", batch_size)
 
 
 def to_predictions(task: str, outputs: Tensor) -> np.ndarray:

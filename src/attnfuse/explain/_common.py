@@ -36,13 +36,6 @@ def fusion_name(model: FusionModel | Ensemble) -> str:
     return next((k for k, cls in FUSIONS.items() if type(model) is cls), type(model).__name__)
 
 
-def attending(model: FusionModel | Ensemble) -> FusionModel:
-    """The model whose attention is shown: itself, or an ensemble's first member (the members'
-    maps are not one map: each member attends in its own way; masking and gradients explain the
-    averaged prediction)."""
-    return model.members[0] if isinstance(model, Ensemble) else model
-
-
 def to_numpy(t: Tensor) -> np.ndarray:
     """A tensor on any device as a CPU numpy array (``.numpy()`` alone fails for CUDA tensors)."""
     return t.detach().cpu().numpy()

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data import Batch, MultimodalDataset, Standardizer
-from ..ensemble import Ensemble
+from ..ensemble import Ensemble, first_member
 from ..fusion import FusionModel
 from ..metrics import PRIMARY_METRIC, compute_metrics
 from ..modules import AttentionMap
 from ..training import to_predictions
 from ._common import (
-    attending,
     explained_target,
     forward,
     fusion_name,
@@ -163,8 +162,8 @@ def _sample_views(
         for m in methods
         if m in GRADIENT_METHODS
     }
-    maps = collect_maps(attending(model), batch)[1] if "attention" in methods else []
-    rollout = attention_rollout(attending(model), batch, keep_stacks=True) if "rollout" in methods else None
+    maps = collect_maps(first_member(model), batch)[1] if "attention" in methods else []
+    rollout = attention_rollout(first_member(model), batch, keep_stacks=True) if "rollout" in methods else None
     sequences = [s.name for s in model.config.modalities if s.is_sequence]
 
     targets = explained_target(task, outputs, target)  # the rule masking and gradients follow too
@@ -259,7 +258,7 @@ def explain_model(
     outputs = timed("predict", lambda: forward(model, batch, batch_size))
     score = compute_metrics(task, dataset.y[rows], to_predictions(task, outputs))[metric]
     attention = (
-        timed("attention", lambda: modality_attention(attending(model), batch, batch_size))
+        timed("attention", lambda: modality_attention(first_member(model), batch, batch_size))
         if "attention" in methods
         else None
     )
@@ -274,7 +273,7 @@ def explain_model(
         if m in GRADIENT_METHODS
     }
     rollout = (
-        timed("rollout", lambda: attention_rollout(attending(model), batch, batch_size=batch_size))
+        timed("rollout", lambda: attention_rollout(first_member(model), batch, batch_size=batch_size))
         if "rollout" in methods
         else None
     )
