@@ -82,6 +82,8 @@ __all__ = [
     "train_options",
     "data_options",
     "read_options",
+    "without_consent",
+    "CONSENT_OPTIONS",
     "load",
     "load_trained",
     "split_parts",
@@ -229,8 +231,20 @@ class TrainSpec:
         return {**asdict(self.run), **self.model, **asdict(self.train)}
 
 
+# Consent only the person running the command can give, on its command line or as a Python argument:
+# never read from a file. A run.yaml records that its run read a pickle, but `--config run.yaml` or
+# `--resume` of someone else's run must not unpickle a file that run.yaml names.
+CONSENT_OPTIONS = ("allow_pickle",)
+
+
+def without_consent(values: dict[str, Any]) -> dict[str, Any]:
+    """Option values read from a file, less the consent options (:data:`CONSENT_OPTIONS`)."""
+    return {k: v for k, v in values.items() if k.replace("-", "_") not in CONSENT_OPTIONS}
+
+
 def read_options(path: str | os.PathLike) -> dict[str, Any]:
-    """Option values from a YAML or JSON file (a mapping of option name to value; JSON is YAML)."""
+    """Option values from a YAML or JSON file (a mapping of option name to value; JSON is YAML).
+    Consent options (``allow_pickle``) in the file are ignored: they come from the command line."""
     p = Path(path)
     try:
         values = yaml.safe_load(p.read_text())
@@ -245,7 +259,7 @@ def read_options(path: str | os.PathLike) -> dict[str, Any]:
     nested = [k for k, v in values.items() if isinstance(v, dict)]
     if nested:
         raise ValueError(f"config: {p}: option {nested[0]!r} has a nested mapping; options are plain values")
-    return values
+    return without_consent(values)
 
 
 @dataclass

@@ -16,7 +16,15 @@ from ..baselines import verdict_line
 from ..data import MultimodalDataset
 from ..distributed import is_main_process
 from ..options import Option
-from ..pipeline import RunOptions, TrainResult, TrainSpec, read_options, train_options
+from ..pipeline import (
+    CONSENT_OPTIONS,
+    RunOptions,
+    TrainResult,
+    TrainSpec,
+    read_options,
+    train_options,
+    without_consent,
+)
 from ..pipeline import train as train_run
 from ..runstate import last_dir, read_run_options
 from ..training import Interrupted, TrainConfig
@@ -184,10 +192,13 @@ def _resumed(directory: Path, config: Path | None, out: Path | None, flags: dict
     """The spec of the run in progress in ``directory``; options given now must agree with it."""
     if config is not None or (out is not None and out != directory):
         raise ValueError("resume: continues a run with its own options and directory; drop --config and --out")
-    saved = TrainSpec.from_options(read_run_options(last_dir(directory)), where=str(last_dir(directory)))
+    # The saved options less consent (allow_pickle): a resumed pickle run needs --allow-pickle again.
+    saved_options = without_consent(read_run_options(last_dir(directory)))
+    saved = TrainSpec.from_options(saved_options, where=str(last_dir(directory)))
     asked = TrainSpec.from_options({**saved.to_options(), **flags})
     before, after = saved.to_options(), asked.to_options()
-    conflicts = [k for k in after if k != "device" and after[k] != before.get(k)]
+    free = ("device", *CONSENT_OPTIONS)  # may differ from the saved run's
+    conflicts = [k for k in after if k not in free and after[k] != before.get(k)]
     if conflicts:
         k = conflicts[0]
         raise ValueError(
