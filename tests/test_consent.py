@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clikit import TINY, assert_one_line, cli, ok
 
 from attnfuse.pipeline import read_options
+from clikit import TINY, assert_one_line, cli, ok, write_npz
 
 
 class _Payload:
@@ -53,7 +53,6 @@ def test_config_file_cannot_switch_on_unpickling(tmp_path):
 def test_planted_run_yaml_cannot_switch_on_unpickling_on_resume(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "d.npz"
-    from clikit import write_npz
 
     write_npz(data)
     out = tmp_path / "run"
