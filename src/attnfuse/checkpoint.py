@@ -38,6 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ._version import __version__
 from .data import MultimodalDataset, Standardizer
+from .data.validation import check_columns
 from .ensemble import Ensemble, build_ensemble
 from .files import transaction, write_bytes, write_json, write_text
 from .fusion import FusionConfig, FusionModel, SelfFusionConfig, config_from_dict
@@ -312,6 +313,11 @@ def _check_config(config: Any, where: str) -> FusionConfig:
         raise s.fail("model", str(e)) from None
     if fusion_config.out_dim != out_dim:
         raise s.fail("model.out_dim", f"expected {out_dim} (from data), got {fusion_config.out_dim}")
+    columns = s.get(data, "data", "columns", (dict, type(None)), optional=True)
+    try:
+        check_columns(columns, {m["name"]: m["dim"] for m in modalities})
+    except ValueError as e:
+        raise s.fail("data.columns", str(e)) from None
     classes = s.get(data, "data", "classes", (list, type(None)), optional=True)
     if classes is not None and (task != "classification" or len(classes) != out_dim):
         raise s.fail("data.classes", f"expected the {out_dim} original class labels of a classification model")
@@ -517,7 +523,10 @@ def check_compatible(config: dict, data: MultimodalDataset) -> None:
     for m in trained["modalities"]:
         got = specs.get(m["name"])
         if got is None:
-            raise ValueError(f"data: modality '{m['name']}' is missing (the model was trained on {list(specs)})")
+            raise ValueError(
+                f"data: modality '{m['name']}' is missing (the model was trained on "
+                f"{[t['name'] for t in trained['modalities']]}, the data has {list(specs)})"
+            )
         if got.dim != m["dim"]:
             raise ValueError(
                 f"modality '{m['name']}': expected feature size {m['dim']} (as in training), got {got.dim}"

@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .data import BUILTINS, SPLITS, MultimodalDataset, Split, Standardizer, kfold, load_data, make_split
 from .data.dataset import TASKS
-from .data.io.table import parse_modality_options
+from .data.io.table import TABLE_SUFFIXES, parse_modality_options
 from .distributed import Dist, local_device, setup, teardown
 from .ensemble import Ensemble, build_ensemble
 from .fusion import FUSIONS, FusionModel, config_from_dict
@@ -306,7 +306,14 @@ def load(
     )
     if task != "auto" and task != data.task:
         data = MultimodalDataset(
-            data.features, data.y, masks=data.masks, split=data.split, task=task, name=data.name, info=data.info
+            data.features,
+            data.y,
+            masks=data.masks,
+            split=data.split,
+            task=task,
+            name=data.name,
+            info=data.info,
+            columns=data.columns,
         )
     return data
 
@@ -716,12 +723,18 @@ def load_trained(
     it was trained on, read as it was). A generated built-in (``synthetic-*``) is regenerated with
     the seed it was trained with, so it is the same data; labels are read in the model's label space
     (its classes), so data holding fewer classes (even one) can be evaluated. ``table``: reading
-    options for a table (default: those the model's own table was read with)."""
+    options for a table (by default none are needed: a model trained on a table recorded each
+    modality's columns and the target column, and any table is read by those names, in the
+    model's order, whatever its own column order)."""
     config = read_config(model_dir)  # checked, and the model's size bounded, before anything is built
     trained = config["data"]
-    if not any(v for v in table.values()) and (source is None or source == trained.get("source")):
-        read = config.get("read") or {}
-        table = ReadOptions(**{k: v for k, v in read.items() if v is not None}).table_options() if read else {}
+    table = {k: v for k, v in table.items() if v is not None}
+    if Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES:
+        if trained.get("columns") is not None:
+            table["model_columns"] = trained["columns"]
+        elif not table:  # a model that did not record its columns: read as its own table was
+            read = {k: v for k, v in (config.get("read") or {}).items() if v is not None}
+            table = ReadOptions(**read).table_options()
     classification = trained["task"] == "classification"
     data = load(
         source or trained.get("source", trained["name"]),

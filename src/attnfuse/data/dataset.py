@@ -30,6 +30,7 @@ from .splits import make_split
 from .validation import (
     SPLITS,
     TASKS,
+    check_columns,
     check_features,
     check_info,
     check_mask,
@@ -137,6 +138,9 @@ class MultimodalDataset:
     num_classes / classes: a trained model's label space (classes: its original labels, so
         that new data is encoded as in training; num_classes: labels 0..num_classes-1 used as
         they are), so that data lacking some classes keeps the model's label space.
+    columns: for data read from a table, the column behind each feature,
+        ``{"modalities": {name: [D column names]}, "target": column, "split": column}``: a model
+        records them, so that another table is read by column name, in the model's order.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class MultimodalDataset:
         *,
         num_classes: int | None = None,
         classes: list | None = None,
+        columns: Mapping | None = None,
     ) -> None:
         if not isinstance(name, str):
             raise TypeError(f"name: expected a string, got {type(name).__name__}")
@@ -195,6 +200,7 @@ class MultimodalDataset:
         check_some_token(self._valid, n)
         self.split = None if split is None else check_split(split, n)
         self.info = check_info({} if info is None else info, n)
+        self.columns = check_columns(columns, {m.name: m.dim for m in self.modalities})
 
     def __len__(self) -> int:
         return self.n
@@ -318,6 +324,8 @@ class MultimodalDataset:
         }
         if self.classes is not None:
             spec["classes"] = self.classes
+        if self.columns is not None:
+            spec["columns"] = self.columns
         return spec
 
 

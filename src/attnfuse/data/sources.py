@@ -27,15 +27,23 @@ def load_data(
     target: str | None = None,
     split_col: str | None = None,
     mapping: str | os.PathLike | Mapping | None = None,
+    model_columns: Mapping | None = None,
 ) -> MultimodalDataset:
     """A built-in dataset by name (see :data:`BUILTINS`), a data file or a directory dataset (see
     ``attnfuse.data.io``).
 
     ``seed`` is passed to the built-ins (the synthetic ones draw from it); ``task``,
     ``num_classes`` and ``classes`` (a trained model's label space) to files (built-ins have their
-    own); ``modalities``, ``target``, ``split_col`` and ``mapping`` to tables (``read_table``).
+    own); ``modalities``, ``target``, ``split_col``, ``mapping`` and ``model_columns`` (the columns
+    a trained model was read from) to tables (``read_table``).
     """
-    table = {"modalities": modalities, "target": target, "split_col": split_col, "mapping": mapping}
+    table = {
+        "modalities": modalities,
+        "target": target,
+        "split_col": split_col,
+        "mapping": mapping,
+        "model_columns": model_columns,
+    }
     if isinstance(source, str) and source in BUILTINS:
         refuse_table_options(source, **table)
         return BUILTINS[source][0](seed=seed)

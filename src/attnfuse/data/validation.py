@@ -24,6 +24,7 @@ __all__ = [
     "TASKS",
     "Targets",
     "check_features",
+    "check_columns",
     "check_info",
     "check_mask",
     "check_modality_name",
@@ -260,3 +261,32 @@ def check_rows(indices: Any, n: int) -> np.ndarray:
     if idx.size and (idx.min() < -n or idx.max() >= n):
         raise ValueError(f"indices: expected values in [0, {n}), got range [{idx.min()}, {idx.max()}]")
     return idx.astype(np.int64, copy=False)
+
+
+def check_columns(columns: Any, dims: Mapping[str, int]) -> dict | None:
+    """Where a table's features came from: ``{"modalities": {name: [one column name per feature]},
+    "target": column or None, "split": column or None}``; ``dims``: each modality's feature size."""
+    if columns is None:
+        return None
+    if not isinstance(columns, Mapping) or set(columns) != {"modalities", "target", "split"}:
+        raise ValueError(f"columns: expected a dict with keys modalities, target, split, got {_short(columns)}")
+    mods = columns["modalities"]
+    if not isinstance(mods, Mapping) or set(mods) != set(dims):
+        raise ValueError(f"columns: expected column names for the modalities {list(dims)}, got {_short(mods)}")
+    for name, cols in mods.items():
+        if not isinstance(cols, list) or len(cols) != dims[name] or not all(isinstance(c, str) for c in cols):
+            raise ValueError(f"columns[{name!r}]: expected {dims[name]} column names, got {_short(cols)}")
+    for key in ("target", "split"):
+        if columns[key] is not None and not isinstance(columns[key], str):
+            raise ValueError(f"columns: {key} must be a column name or None, got {_short(columns[key])}")
+    return {
+        "modalities": {name: list(mods[name]) for name in dims},
+        "target": columns["target"],
+        "split": columns["split"],
+    }
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -234,6 +234,11 @@ def explain_model(
     methods = resolve_methods(methods, model.has_attention)
     if any(m in NEEDS_ATTENTION for m in methods):
         require_attention(model)
+    if dataset.y is None:  # the scores and the masking importances compare predictions with targets
+        raise ValueError(
+            "data: explaining a model needs the targets; the data has none (for a table: name its target column "
+            "with --target)"
+        )
     rows = np.arange(dataset.n) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.ndim != 1 or rows.size == 0:
         raise ValueError(f"rows: expected a non-empty 1-D list of row indices, got shape {rows.shape}")

@@ -88,7 +88,7 @@ class TableColumns:
         return cols + [c for c in (self.target, self.split) if c]
 
 
-TABLE_OPTIONS = ("modalities", "target", "split_col", "mapping")
+TABLE_OPTIONS = ("modalities", "target", "split_col", "mapping", "model_columns")
 
 
 def refuse_table_options(source: object, **options: object) -> None:
@@ -169,8 +169,7 @@ def _match(pattern: str | list[str], columns: list[str], name: str, where: str) 
     else:
         found = [c for c in columns if c.startswith(pattern)]
     if not found:
-        shown = ", ".join(columns[:12]) + (", ..." if len(columns) > 12 else "")
-        raise ValueError(f"{where}: modality {name!r}: the pattern {pattern!r} matches no column (columns: {shown})")
+        raise ValueError(f"{where}: modality {name!r}: the pattern {pattern!r} matches no column ({_listing(columns)})")
     return found
 
 
@@ -188,17 +187,24 @@ def _default_modalities(columns: list[str], where: str) -> dict[str, list[str]]:
     return groups
 
 
-def resolve_columns(columns: list[str], mapping: TableMapping, where: str = "table") -> TableColumns:
-    """Apply the rules of the module to a table's column names."""
+def resolve_columns(
+    columns: list[str], mapping: TableMapping, where: str = "table", model_columns: Mapping | None = None
+) -> TableColumns:
+    """Apply the rules of the module to a table's column names. ``model_columns``: the columns a
+    trained model recorded (``MultimodalDataset.columns``), see :func:`_model_modalities`."""
     twice = sorted({c for c in columns if columns.count(c) > 1})
     if twice:
         raise ValueError(f"{where}: the column name {twice[0]!r} appears more than once")
     target = mapping.target or DEFAULT_TARGET
+    if mapping.target is None and model_columns is not None and model_columns.get("target"):
+        target = model_columns["target"]  # the model's target column, used when the table has it
     if target not in columns and mapping.target is not None:
-        raise ValueError(f"{where}: no target column {target!r} (columns: {', '.join(columns[:12])})")
+        raise ValueError(f"{where}: no target column {target!r} ({_listing(columns, target)})")
     if target not in columns:
-        target = None  # no y column and none asked for: a table to predict on
+        target = None  # no target column and none asked for: a table to predict on
     split = mapping.split
+    if split is None and model_columns is not None and model_columns.get("split") in columns:
+        split = model_columns["split"]
     if split is not None and split not in columns:
         raise ValueError(f"{where}: no split column {split!r}")
     if split is None and DEFAULT_SPLIT in columns and target != DEFAULT_SPLIT:
@@ -207,13 +213,18 @@ def resolve_columns(columns: list[str], mapping: TableMapping, where: str = "tab
         raise ValueError(f"{where}: the column {target!r} cannot be both the target and the split")
     roles = {**({target: "the target"} if target else {}), **({split: "the split column"} if split else {})}
     free = [c for c in columns if c not in roles]
-    if mapping.modalities is None:
+    if mapping.modalities is None and model_columns is not None:
+        groups = {name: list(cols) for name, cols in model_columns["modalities"].items()}
+        _check_present(groups, columns, where)
+    elif mapping.modalities is None:
         groups = _default_modalities(free, where)
     else:
         groups = {
             name: _match(p, free if not isinstance(p, list) else columns, name, where)
             for name, p in mapping.modalities.items()
         }
+        if model_columns is not None:
+            groups = _model_order(groups, mapping.modalities, model_columns["modalities"], where)
     owner: dict[str, str] = {}
     for name, cols in groups.items():
         for c in cols:
@@ -223,6 +234,55 @@ def resolve_columns(columns: list[str], mapping: TableMapping, where: str = "tab
                 raise ValueError(f"{where}: column {c!r} is matched by two modalities, {owner[c]!r} and {name!r}")
             owner[c] = name
     return TableColumns(groups, target, split, where)
+
+
+def _listing(columns: list[str], near: str | None = None) -> str:
+    """The table's columns for a message: the first 12, and those that resemble ``near``."""
+    shown = columns[:12]
+    if near is not None:
+        import difflib
+
+        shown += [c for c in difflib.get_close_matches(near, columns, n=3) if c not in shown]
+    more = f", ... ({len(columns)} in all)" if len(columns) > len(shown) else ""
+    return "columns: " + ", ".join(shown) + more
+
+
+def _check_present(groups: dict[str, list[str]], columns: list[str], where: str) -> None:
+    """Every column a trained model reads must be in the table: one error naming the missing ones."""
+    have = set(columns)
+    for name, cols in groups.items():
+        missing = [c for c in cols if c not in have]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise ValueError(
+                f"{where}: the model reads modality {name!r} from columns the table lacks: {shown} "
+                "(the table's columns are selected by the names the model was trained with)"
+            )
+
+
+def _model_order(
+    groups: dict[str, list[str]], patterns: Mapping, trained: Mapping[str, list[str]], where: str
+) -> dict[str, list[str]]:
+    """Columns matched by patterns given for a trained model, put in the model's order.
+
+    A glob or prefix expands in the table's column order, which need not be the model's: when it
+    matches the model's columns for that modality, they are taken in the model's order. A list of
+    columns is the user's own order (e.g. renamed columns) and is used as given."""
+    out = {}
+    for name, cols in groups.items():
+        model = trained.get(name)
+        if model is None or isinstance(patterns[name], list) or cols == model:
+            out[name] = cols
+        elif set(cols) == set(model):
+            out[name] = list(model)
+        else:
+            diff = sorted(set(cols) ^ set(model))
+            raise ValueError(
+                f"{where}: modality {name!r}: the pattern {patterns[name]!r} matches other columns than the model "
+                f"was trained on (differing: {', '.join(diff[:8])}); give the columns as a list, in the model's "
+                "order, to read renamed columns"
+            )
+    return out
 
 
 def _pyarrow() -> Any:
@@ -242,7 +302,9 @@ def _kind(path: Path) -> str:
     return "csv" if suffix == ".csv" else "parquet"
 
 
-def table_columns(path: str | os.PathLike, mapping: TableMapping) -> tuple[TableColumns, int | None]:
+def table_columns(
+    path: str | os.PathLike, mapping: TableMapping, model_columns: Mapping | None = None
+) -> tuple[TableColumns, int | None]:
     """Resolve the columns of the table at ``path`` from its header / schema only; also its number
     of rows when the file says it without being read (Parquet), else None."""
     p = existing_file(path)
@@ -256,7 +318,7 @@ def table_columns(path: str | os.PathLike, mapping: TableMapping) -> tuple[Table
             names, rows = meta.schema.to_arrow_schema().names, meta.num_rows
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{p}: not a readable {_kind(p)} table ({str(e).splitlines()[0]})") from None
-    return resolve_columns(list(names), mapping, str(p)), rows
+    return resolve_columns(list(names), mapping, str(p), model_columns), rows
 
 
 def table_batches(path: str | os.PathLike, columns: TableColumns, rows_per_batch: int | None = None) -> Iterator[Any]:
@@ -367,6 +429,7 @@ def read_table(
     task: str = "auto",
     num_classes: int | None = None,
     classes: list | None = None,
+    model_columns: Mapping | None = None,
 ) -> MultimodalDataset:
     """Read a ``.csv`` / ``.parquet`` table into a dataset (see the module for the rules).
 
@@ -375,9 +438,13 @@ def read_table(
         a column of train/valid/test (default ``split`` when present). mapping: a YAML/JSON
         mapping file (or its dict) giving any of these; arguments given here override it.
     task, num_classes, classes: as for :class:`MultimodalDataset`.
+    model_columns: the columns a trained model was read from (its ``MultimodalDataset.columns``,
+        kept in config.json): each modality's features are then selected by these names, in this
+        order, whatever the table's column order; extra columns are ignored, missing ones are an
+        error naming them, and the target column is used when the table has it.
     """
     p = existing_file(path)
-    columns, _ = table_columns(p, merge_mapping(mapping, modalities, target, split_col))
+    columns, _ = table_columns(p, merge_mapping(mapping, modalities, target, split_col), model_columns)
     (table,) = table_batches(p, columns)
     arrays = table_arrays(table, columns)
     del table  # the arrow columns are no longer needed: only the float32 features stay
@@ -390,6 +457,7 @@ def read_table(
         name=p.stem,
         num_classes=num_classes,
         classes=classes,
+        columns={"modalities": columns.modalities, "target": columns.target, "split": columns.split},
     )
 
 
