@@ -142,3 +142,23 @@ def test_a_mistyped_target_names_the_nearest_columns(tmp_path):
     table = write(tmp_path / "t.csv", rows, columns)
     err = assert_one_line(cli("train", "--data", table, "--target", "target_valeu", *FAST, "--out", tmp_path / "r"), 2)
     assert "target_value" in err and "in all" in err
+
+
+def test_a_table_without_y_names_target_as_the_fix(tmp_path):
+    rows = rows_of(30)
+    for r in rows:
+        r["label"] = r.pop("y")
+    table = write(tmp_path / "my_table.csv", rows, [c for c in rows[0] if c != "id"])
+    assert_one_line(cli("train", "--data", table, *FAST, "--out", tmp_path / "r"), 2, "--target label")
+    ok(cli("train", "--data", table, "--target", "label", *FAST, "--out", tmp_path / "r"))
+
+
+def test_a_split_column_note_is_a_sentence(tmp_path):
+    rows = rows_of(60)
+    for i, r in enumerate(rows):
+        r["split"] = ("train", "valid", "test")[i % 3]
+    table = write(tmp_path / "t.csv", rows, [c for c in rows[0] if c != "id"])
+    result = cli("train", "--data", table, *FAST, "--out", tmp_path / "r")
+    ok(result)
+    said = " ".join(result.stdout.split())
+    assert "note: the split is the data's split column (20 train, 20 valid, 20 test rows)" in said

@@ -158,7 +158,8 @@ def make_split(
         return Split(rows, "drawn", f"no split column: drew a {shares} train/valid/test split {kind}, seed {seed}")
     parts = _column_parts(data)
     if parts["valid"].size:
-        return Split(parts, "column", "the data's split column")
+        sizes = ", ".join(f"{parts[s].size} {s}" for s in ("train", "valid", "test"))
+        return Split(parts, "column", f"the split is the data's split column ({sizes} rows)")
     parts["train"], parts["valid"] = carve_valid(data, parts["train"], seed, valid_fraction)
     total = parts["train"].size + parts["valid"].size
     note = (

@@ -173,13 +173,14 @@ def _match(pattern: str | list[str], columns: list[str], name: str, where: str) 
     return found
 
 
-def _default_modalities(columns: list[str], where: str) -> dict[str, list[str]]:
+def _default_modalities(columns: list[str], where: str, target: str | None) -> dict[str, list[str]]:
     """One modality per column prefix before the first '_' (``txt_0`` -> ``txt``)."""
     bare = [c for c in columns if "_" not in c.strip("_")]
     if bare:
+        hint = "" if target else f"if {bare[0]!r} is the target, name it with --target {bare[0]}; "
         raise ValueError(
-            f"{where}: no modalities given and column(s) {bare[:5]} are not named <modality>_<feature>; "
-            "name the modalities (--modality NAME=COLUMN_PREFIX_OR_GLOB, or a mapping file)"
+            f"{where}: no modalities given and column(s) {bare[:5]} are not named <modality>_<feature>; {hint}"
+            "name the modalities with --modality NAME=COLUMN_PREFIX_OR_GLOB (or a mapping file)"
         )
     groups: dict[str, list[str]] = {}
     for c in columns:
@@ -217,7 +218,7 @@ def resolve_columns(
         groups = {name: list(cols) for name, cols in model_columns["modalities"].items()}
         _check_present(groups, columns, where)
     elif mapping.modalities is None:
-        groups = _default_modalities(free, where)
+        groups = _default_modalities(free, where, target)
     else:
         groups = {
             name: _match(p, free if not isinstance(p, list) else columns, name, where)
