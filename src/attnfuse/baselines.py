@@ -11,6 +11,12 @@ Every ``attnfuse train`` also fits, on the features pooled over time and concate
 and scores them with the fusion's metrics on the same train / valid / test rows, so a fusion
 that loses to a linear model on the user's own split says so (:func:`verdict`).
 
+A baseline is a comparison, never the point of the run: one that cannot be fitted on the rows
+given (a training part holding a single class, say) is skipped, and its entry says why
+(``{"skipped": reason}`` in place of its splits, :func:`skipped`). On small data gradient
+boosting adapts (:func:`make_baseline`): no early-stopping part when it would not hold every
+class twice, and leaves small enough for the tree to split at all.
+
 Features (:func:`pooled_features`): each modality becomes the mean of its valid steps (a vector
 modality is itself), and the modalities are concatenated. A modality absent for a sample has
 NaN features there, plus one presence column (1 present, 0 absent) per modality that is absent
@@ -23,6 +29,7 @@ missing values take).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +43,7 @@ __all__ = [
     "make_baseline",
     "fit_baselines",
     "BaselineResult",
+    "skipped",
     "summarize_baselines",
     "verdict",
     "verdict_line",
@@ -47,6 +55,12 @@ BASELINES: dict[str, tuple[str, ...]] = {
     "regression": ("ridge", "hist_gb"),
 }
 RIDGE_ALPHAS = np.logspace(-3, 4, 15)  # RidgeCV's default (0.1, 1, 10) is too narrow for a few hundred rows
+# Gradient boosting's early stopping holds out this share of the training rows (stratified for
+# classification); it is used only when that part would hold EARLY_STOPPING_ROWS rows of every
+# class (regression: of all), else the model trains its max_iter iterations on every row.
+EARLY_STOPPING_FRACTION = 0.1
+EARLY_STOPPING_ROWS = 2
+MIN_SAMPLES_LEAF = 20  # scikit-learn's default, lowered on small data (see make_baseline)
 
 
 def pooled_features(data: MultimodalDataset, rows: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
@@ -73,8 +87,14 @@ def pooled_features(data: MultimodalDataset, rows: np.ndarray | None = None, chu
     return np.concatenate(pooled + presence, axis=1)
 
 
-def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1):
-    """An unfitted scikit-learn estimator for baseline ``name`` (see :data:`BASELINES`)."""
+def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1, y: np.ndarray | None = None):
+    """An unfitted scikit-learn estimator for baseline ``name`` (see :data:`BASELINES`).
+
+    ``y``: the training targets, when known: gradient boosting then fits its settings to the rows.
+    Its early-stopping part (:data:`EARLY_STOPPING_FRACTION` of them) is split off only when it
+    would hold :data:`EARLY_STOPPING_ROWS` rows of every class (scikit-learn refuses a stratified
+    part smaller than the number of classes: 40 rows of 5 classes failed), and its leaves need at
+    most a tenth of the rows (the default 20 rows a leaf left 28 training rows a single split)."""
     if name not in BASELINES.get(task, ()):
         raise ValueError(f"baseline: expected one of {BASELINES.get(task, ())} for {task}, got {name!r}")
     # Imported here: scikit-learn (with SciPy) takes longer to import than the rest of the command
@@ -91,6 +111,8 @@ def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1):
         # baselines against the fusion); 32 bins instead of 255: 3-4x faster on mfeat's 649
         # features with the same accuracy (benchmarks/RESULTS.md).
         kwargs = {"early_stopping": True, "max_bins": 32, "random_state": seed}
+        if y is not None:
+            kwargs.update(_boosting_size(task, np.asarray(y)))
         if task == "classification":
             return HistGradientBoostingClassifier(**kwargs)
         model = HistGradientBoostingRegressor(**kwargs)
@@ -101,11 +123,23 @@ def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1):
     return make_pipeline(impute, StandardScaler(), linear)
 
 
+def _boosting_size(task: str, y: np.ndarray) -> dict:
+    """Gradient boosting's early stopping and leaf size for the training targets ``y``."""
+    n = len(y)
+    if task == "classification":
+        smallest = int(np.unique(y, return_counts=True)[1].min()) if n else 0
+        held = smallest * EARLY_STOPPING_FRACTION  # rows of the smallest class in the early-stopping part
+    else:
+        held = n * EARLY_STOPPING_FRACTION
+    return {"early_stopping": held >= EARLY_STOPPING_ROWS, "min_samples_leaf": max(1, min(MIN_SAMPLES_LEAF, n // 10))}
+
+
 @dataclass
 class BaselineResult:
-    """Each baseline's metrics per split (``{name: {split: {metric: value}}}``) and the seconds
-    it took to fit and predict (``{name: seconds}``; timings are not part of ``metrics.json``,
-    which stays reproducible bit for bit)."""
+    """Each baseline's metrics per split (``{name: {split: {metric: value}}}``, or ``{name:
+    {"skipped": reason}}`` for one that could not be fitted) and the seconds it took to fit and
+    predict (``{name: seconds}``, fitted ones; timings are not part of ``metrics.json``, which
+    stays reproducible bit for bit)."""
 
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -121,18 +155,25 @@ def fit_baselines(
     x = pooled_features(data, used)  # (R, F): row used[i] is x[i]
     y = np.asarray(data.y[used])
     part = {split: np.searchsorted(used, rows) for split, rows in splits.items()}
+    from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits  # (installed with scikit-learn)
 
     result = BaselineResult()
+    y_train = y[part["train"]]
     for name in BASELINES[data.task]:
-        model = make_baseline(name, data.task, seed, data.target_dim or 1)  # (imports scikit-learn once)
+        model = make_baseline(name, data.task, seed, data.target_dim or 1, y=y_train)
         start = time.perf_counter()
-        # One thread: OpenMP's threads spin at every barrier, and on a machine whose cores are busy
-        # (another job, torch's own threads) gradient boosting took 244 s on mfeat's training rows
-        # with 2 threads against 7.7 s with one (benchmarks/RESULTS.md, "Baselines").
-        with threadpool_limits(limits=1):
-            model.fit(x[part["train"]], y[part["train"]])
-            pred = model.predict(x)  # (R,) labels, or (R,) / (R, K) values
+        try:
+            # One thread: OpenMP's threads spin at every barrier, and on a machine whose cores are busy
+            # (another job, torch's own threads) gradient boosting took 244 s on mfeat's training rows
+            # with 2 threads against 7.7 s with one (benchmarks/RESULTS.md, "Baselines").
+            with threadpool_limits(limits=1), warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # a tiny table: lbfgs may stop short
+                model.fit(x[part["train"]], y_train)
+                pred = model.predict(x)  # (R,) labels, or (R,) / (R, K) values
+        except Exception as e:  # a comparison that cannot be made ends no run
+            result.metrics[name] = {"skipped": _why(e, y_train, data.task)}
+            continue
         result.metrics[name] = {
             split: compute_metrics(data.task, y[at], pred[at], sentiment=sentiment) for split, at in part.items()
         }
@@ -140,9 +181,36 @@ def fit_baselines(
     return result
 
 
+def _why(e: Exception, y_train: np.ndarray, task: str) -> str:
+    """Why a baseline could not be fitted, in one line (scikit-learn's message, with the rows)."""
+    rows = f"{len(y_train)} training rows"
+    if task == "classification":
+        rows += f" of {np.unique(y_train).size} classes"
+    message = " ".join(str(e).split()) or type(e).__name__
+    kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+    return f"cannot be fitted on {rows}: {kind}{message}"
+
+
+def skipped(baselines: dict[str, dict]) -> dict[str, str]:
+    """``{name: reason}`` of the baselines in ``baselines`` (``{name: {split: ...}}``, one run's
+    or a summary) that could not be fitted (in a summary: in some run)."""
+    return {name: parts["skipped"] for name, parts in baselines.items() if "skipped" in parts}
+
+
 def summarize_baselines(runs: list[dict[str, dict[str, dict[str, float]]]]) -> dict:
-    """Mean ± std of each baseline's metrics over runs: ``{name: {split: {metric: {mean, std}}}}``."""
-    return {name: {split: summarize([r[name][split] for r in runs]) for split in runs[0][name]} for name in runs[0]}
+    """Mean ± std of each baseline's metrics over runs: ``{name: {split: {metric: {mean, std}}}}``,
+    over the runs it could be fitted in; one skipped in some runs also has ``"skipped"``: in how
+    many runs, and the first run's reason."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(n for r in runs for n in r):
+        parts = [r[name] for r in runs if name in r]
+        fitted = [p for p in parts if "skipped" not in p]
+        entry = {split: summarize([p[split] for p in fitted]) for split in fitted[0]} if fitted else {}
+        reasons = [p["skipped"] for p in parts if "skipped" in p]
+        if reasons:
+            entry["skipped"] = reasons[0] if not fitted else f"in {len(reasons)} of {len(parts)} runs: {reasons[0]}"
+        out[name] = entry
+    return out
 
 
 def verdict(
@@ -153,7 +221,8 @@ def verdict(
     ``selection``: (metric, "max" or "min"), the metric that early stopping and ``--fusion auto``
     select with (:meth:`attnfuse.training.TrainConfig.selection_metric`); ``fusion_valid``: the
     fusion's validation metrics; ``baselines``: ``{name: {split: metrics}}``. Values may be floats
-    or ``{"mean", "std"}`` summaries (with ``--repeat``; means are compared). ``se``: the standard
+    or ``{"mean", "std"}`` summaries (with ``--repeat``; means are compared); skipped baselines
+    and undefined (NaN or None) scores are left out. ``se``: the standard
     error of the fusion's validation score; a baseline ahead by no more than it is not ``"clear"``
     (the validation rows cannot tell the two apart). Returns ``{"baseline", "metric",
     "higher_is_better", "baseline_score", "fusion_score", "standard_error", "clear"}``."""
@@ -161,10 +230,15 @@ def verdict(
 
     def score(metrics: dict) -> float:
         v = metrics[metric]
-        return float(v["mean"] if isinstance(v, dict) else v)
+        v = v["mean"] if isinstance(v, dict) else v
+        return float("nan") if v is None else float(v)
 
     sign = 1.0 if mode == "max" else -1.0
-    best = max(baselines, key=lambda n: sign * score(baselines[n]["valid"]))
+    # Baselines that were fitted, with a defined validation score (accuracy of 0 valid rows is not one).
+    scored = {n: b for n, b in baselines.items() if "valid" in b and not np.isnan(score(b["valid"]))}
+    if not scored or np.isnan(score(fusion_valid)):
+        return None
+    best = max(scored, key=lambda n: sign * score(scored[n]["valid"]))
     ours, theirs = score(fusion_valid), score(baselines[best]["valid"])
     if not sign * theirs > sign * ours:
         return None

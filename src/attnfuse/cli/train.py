@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..baselines import verdict_line
+from ..baselines import skipped, verdict_line
 from ..data import MultimodalDataset
 from ..distributed import is_main_process
 from ..options import Option
@@ -144,7 +144,10 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
     console.print(_metrics_table(title, rows))
     if "baselines" in report:
         spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
-        console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
+        if spent:
+            console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
+        for name, why in skipped(report["baselines"]).items():
+            console.print(f"note: the {name} baseline was skipped: {escape(why)}", highlight=False)
     if result.verdict is not None:
         label = "[bold yellow]warning:[/]" if result.verdict["clear"] else "note:"
         console.print(f"{label} {escape(verdict_line(result.verdict, fusion))}", highlight=False)
