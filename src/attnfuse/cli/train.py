@@ -4,15 +4,17 @@ every fusion config's, the training config's); the work is :func:`attnfuse.pipel
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from ..baselines import skipped, verdict_line
+from ..checkpoint import CONFIG, WEIGHTS
 from ..data import MultimodalDataset
 from ..distributed import is_main_process
 from ..options import Option
@@ -65,34 +67,40 @@ def train(
     else:
         options = {**(read_options(config) if config else {}), **given(ctx, values)}
         spec = TrainSpec.from_options(options, where=str(config) if config else "options")
-        out = out or Path("runs") / f"{Path(spec.run.data).stem}-{spec.run.fusion}"
+        out, note = _output(out, spec.run) if is_main_process() else (out or _default_out(spec.run), None)
+        if note:
+            console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
 
     with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
+        TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+        BarColumn(bar_width=10),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True)),
+        # Last, and the one column that may shrink: at 80 columns the metrics give way, never the
+        # epoch count or the time.
+        TextColumn("{task.fields[status]}", table_column=Column(no_wrap=False, overflow="ellipsis")),
         console=console,
-        disable=not is_main_process(),
+        disable=not is_main_process() or not console.is_terminal,
     ) as progress:
         bars: dict[tuple[int, str, int], Any] = {}
+        # Without a terminal (a pipe, a CI or cluster log, nohup) no bar is drawn: plain lines instead.
+        lines = _EpochLines(enabled=is_main_process() and not console.is_terminal)
 
         def on_progress(event: str, info: dict) -> None:
             key = (info.get("index", 0), info.get("candidate", ""), info.get("member", 0))
             if event == "data":
                 console.print(_headline(info["data"], spec.run.fusion), highlight=False)
             elif event == "run":
-                kind = "fold" if spec.run.folds else "run"
-                member = f" member {info['member'] + 1}/{info['members']}" if info["members"] > 1 else ""
-                label = f"{kind} {info['index'] + 1}/{spec.run.runs} seed {info['seed']} {info['candidate']}{member}"
+                label = _model_label(info, spec.run)
                 bars[key] = progress.add_task(escape(label), total=info["epochs"], status="")
+                lines.start(key, label, info["epochs"])
             elif event == "epoch":
-                metric = next(k for k in info if k.startswith("valid_") and k != "valid_loss")
-                status = f"loss {info['train_loss']:.4f}  {metric} {info[metric]:.4f}  best@{info['best_epoch']}"
+                status = _epoch_status(info)
                 progress.update(bars[key], completed=info["epoch"], status=status)
+                lines.epoch(key, info["epoch"], status)
             elif event == "run_end":  # stopped early: the bar ends where training did
                 progress.update(bars[key], total=info["epochs"], completed=info["epochs"])
+                lines.end(key, info["epochs"], info["best_epoch"])
             elif event == "note":
                 progress.console.print(f"note: {escape(info['message'])}", highlight=False)
             elif event == "diverged":
@@ -181,6 +189,107 @@ def _candidates_table(result: TrainResult) -> Table:
 
 # Settings that tell the candidates apart in the printed table (all are in config.json).
 _DISTINCT = ("pooling", "d_model", "num_layers", "nhead")
+
+
+def _default_out(run: RunOptions) -> Path:
+    return Path("runs") / f"{Path(run.data).stem}-{run.fusion}"
+
+
+def _output(out: Path | None, run: RunOptions) -> tuple[Path, str | None]:
+    """The output directory and, when there is something to say about it, a note.
+
+    The default (``runs/<data>-<fusion>``) never replaces a run: ``table.csv`` and then
+    ``table.parquet`` both default to ``runs/table-auto``, so the second takes the next free name
+    (``runs/table-auto-2``, ...) and says so. An explicit ``--out`` holding a run is replaced (when
+    the new one finishes; a failed run leaves it as it was), with one line that says so."""
+    if out is None:
+        base = _default_out(run)
+        out, k = base, 1
+        while _occupied(out):
+            k += 1
+            out = base.with_name(f"{base.name}-{k}")
+        return out, None if out == base else f"{base} holds another run: this one is written to {out}"
+    if not _occupied(out) or not out.is_dir():
+        return out, None
+    if (out / CONFIG).exists() or (out / WEIGHTS).exists():
+        return out, f"--out {out} holds a run; this one replaces it when it finishes"
+    if last_dir(out).exists():
+        return out, (
+            f"--out {out} holds an interrupted run ({last_dir(out).name}/); this one replaces it when it "
+            f"finishes (attnfuse train --resume {out} would continue it instead)"
+        )
+    return out, None
+
+
+def _occupied(path: Path) -> bool:
+    """A path a default output directory must not take: anything but an empty directory."""
+    if not path.exists():
+        return False
+    return not path.is_dir() or any(path.iterdir())
+
+
+def _model_label(info: dict, run: RunOptions) -> str:
+    """The model a bar or line is about: its candidate (or fusion), with the run and seed only when
+    there are several runs, and the member of an ensemble."""
+    label = info["candidate"]
+    if run.runs > 1:
+        label = f"{'fold' if run.folds else 'run'} {info['index'] + 1}/{run.runs} seed {info['seed']} {label}"
+    if info["members"] > 1:
+        label += f" member {info['member'] + 1}/{info['members']}"
+    return label
+
+
+def _epoch_status(info: dict) -> str:
+    """``loss 0.6269  accuracy 0.9120  best 2``: the training loss, the validation metric, the best epoch."""
+    metric = next(k for k in info if k.startswith("valid_") and k != "valid_loss")
+    return (
+        f"loss {info['train_loss']:.4f}  {metric.removeprefix('valid_')} {info[metric]:.4f}  best {info['best_epoch']}"
+    )
+
+
+PLAIN_EVERY_S = 10.0  # without a terminal: a line at a model's first epoch, then at most every this many seconds
+
+
+class _EpochLines:
+    """Progress without a terminal, as plain lines a log file keeps: ``concat epoch 1/100: loss
+    0.6931  accuracy 0.5000  best 1 (0:00:01)`` at each model's first epoch and then at most every
+    :data:`PLAIN_EVERY_S` seconds, and one line when it ends (how many epochs, the best one)."""
+
+    def __init__(self, enabled: bool, every: float = PLAIN_EVERY_S) -> None:
+        self.enabled, self.every = enabled, every
+        self.models: dict[tuple, list] = {}  # key -> [label, epochs, start, last line's time]
+
+    def start(self, key: tuple, label: str, epochs: int) -> None:
+        now = time.monotonic()
+        self.models[key] = [label, epochs, now, None]
+
+    def epoch(self, key: tuple, epoch: int, status: str) -> None:
+        model = self.models.get(key)
+        if not self.enabled or model is None:
+            return
+        label, epochs, start, last = model
+        now = time.monotonic()
+        if last is None or now - last >= self.every:
+            model[3] = now
+            self._print(f"{label} epoch {epoch}/{epochs}: {status} ({_elapsed(now - start)})")
+
+    def end(self, key: tuple, epochs: int, best: int) -> None:
+        model = self.models.pop(key, None)
+        if self.enabled and model is not None:
+            label, planned, start, _ = model
+            stopped = f" (stopped early of {planned})" if epochs < planned else ""
+            self._print(
+                f"{label} done: {epochs} epochs{stopped}, best epoch {best} ({_elapsed(time.monotonic() - start)})"
+            )
+
+    @staticmethod
+    def _print(line: str) -> None:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def _elapsed(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _headline(data: MultimodalDataset, fusion: str) -> str:
