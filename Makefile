@@ -18,6 +18,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/attnfuse train
+	@echo
+	@echo "The attnfuse command is in $(VENV)/bin: activate it with  . $(VENV)/bin/activate  (then: attnfuse --help)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -18,6 +18,8 @@ from attnfuse.baselines import (
     fit_baselines,
     make_baseline,
     pooled_features,
+    skipped,
+    summarize_baselines,
     verdict,
     verdict_line,
 )
@@ -121,8 +123,74 @@ def test_unknown_baseline_names_the_choices():
         make_baseline("logistic", "regression")
 
 
+@pytest.mark.parametrize(
+    ("classes", "rows_per_class", "early_stopping"),
+    [(5, 8, False), (10, 10, False), (5, 19, False), (5, 20, True), (10, 140, True), (2, 700, True)],
+)
+def test_gradient_boosting_stops_early_only_when_its_part_holds_every_class_twice(
+    classes, rows_per_class, early_stopping
+):
+    y = np.arange(classes * rows_per_class) % classes
+    model = make_baseline("hist_gb", "classification", y=y)
+    assert model.early_stopping is early_stopping
+    assert model.min_samples_leaf == max(1, min(20, y.size // 10))
+    model.fit(np.random.default_rng(0).normal(size=(y.size, 3)), y)  # scikit-learn accepts it
+
+
+def test_gradient_boosting_regression_stops_early_from_200_rows():
+    assert make_baseline("hist_gb", "regression", y=np.zeros(199)).early_stopping is False
+    assert make_baseline("hist_gb", "regression", y=np.zeros(200)).early_stopping is True
+    assert make_baseline("hist_gb", "regression").early_stopping is True  # rows unknown: as before
+
+
+def test_gradient_boosting_fits_forty_rows_of_five_classes():
+    """scikit-learn refused the default early-stopping part: test_size = 3 < 5 classes."""
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 5
+    data = MultimodalDataset({"a": rng.normal(size=(40, 3)) + y[:, None], "b": rng.normal(size=(40, 2, 2))}, y)
+    splits = {"train": np.arange(28), "valid": np.arange(28, 34), "test": np.arange(34, 40)}
+    result = fit_baselines(data, splits)
+    assert set(result.metrics) == {"logistic", "hist_gb"} and not skipped(result.metrics)
+    assert set(result.metrics["hist_gb"]) == {"train", "valid", "test"}
+
+
+def test_a_baseline_that_cannot_be_fitted_is_skipped_with_the_reason():
+    """A training part of one class: logistic regression refuses it; the others are still fitted."""
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 2
+    data = MultimodalDataset({"a": rng.normal(size=(30, 3))}, y)
+    train_rows = np.flatnonzero(y == 0)
+    splits = {"train": train_rows, "valid": np.flatnonzero(y == 1)[:8], "test": np.flatnonzero(y == 1)[8:]}
+    result = fit_baselines(data, splits)
+    reasons = skipped(result.metrics)
+    assert set(reasons) == {"logistic"}
+    assert reasons["logistic"].startswith("cannot be fitted on 15 training rows of 1 class: ")
+    assert "logistic" not in result.seconds and "hist_gb" in result.seconds
+
+
+def test_summaries_keep_a_baseline_skipped_in_some_runs():
+    fitted = {"valid": {"accuracy": 0.5}, "test": {"accuracy": 0.25}}
+    runs = [
+        {"logistic": fitted, "hist_gb": {"skipped": "no"}},
+        {"logistic": {"skipped": "why"}, "hist_gb": {"skipped": "no"}},
+    ]
+    summary = summarize_baselines(runs)
+    assert summary["logistic"]["valid"]["accuracy"]["mean"] == 0.5
+    assert summary["logistic"]["skipped"] == "in 1 of 2 runs: why"
+    assert summary["hist_gb"] == {"skipped": "no"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The verdict
+
+
+def test_the_verdict_leaves_out_skipped_baselines_and_undefined_scores():
+    selection = ("accuracy", "max")
+    ours = {"accuracy": 0.5}
+    assert verdict(selection, ours, {"logistic": {"skipped": "why"}}) is None
+    assert verdict(selection, ours, {"logistic": {"valid": {"accuracy": float("nan")}}}) is None
+    found = verdict(selection, ours, {"logistic": {"skipped": "why"}, "hist_gb": {"valid": {"accuracy": 0.75}}})
+    assert found["baseline"] == "hist_gb"
 
 
 def test_verdict_compares_on_the_selection_metric_of_the_validation_split():

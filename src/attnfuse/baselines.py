@@ -185,7 +185,8 @@ def _why(e: Exception, y_train: np.ndarray, task: str) -> str:
     """Why a baseline could not be fitted, in one line (scikit-learn's message, with the rows)."""
     rows = f"{len(y_train)} training rows"
     if task == "classification":
-        rows += f" of {np.unique(y_train).size} classes"
+        k = np.unique(y_train).size
+        rows += f" of {k} class{'es' if k != 1 else ''}"
     message = " ".join(str(e).split()) or type(e).__name__
     kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
     return f"cannot be fitted on {rows}: {kind}{message}"

@@ -70,6 +70,11 @@ class TrainConfig:
     patience: int = option(20, "Stop after this many epochs without validation improvement.")
     seed: int = option(0, "Random seed (model init, shuffling, and the split when the data has none).")
     device: str = option("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+    threads: int | None = option(
+        None,
+        "CPU threads of torch (default: the cores other processes leave free, or OMP_NUM_THREADS when set; "
+        "see attnfuse.threads).",
+    )
     loss: str = option(
         "auto",
         "Loss: auto (classification: cross_entropy; regression: mse), l1 (as MulT/MMSA train on sentiment scores) "
@@ -93,6 +98,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"threads: expected an integer >= 1 (or none: the free cores), got {self.threads!r}")
         for name in ("lr", "weight_decay", "clip_grad"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -16,6 +16,7 @@ from ..data import decode_labels
 from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
 from ..pipeline import data_options
+from ..threads import set_threads
 from ..training import predict, to_predictions
 from .common import _metrics_table, _parts, console, describe_os_error, load_for_model
 from .options import with_options
@@ -32,6 +33,7 @@ def evaluate(
 
     The metrics are printed first and then written: when the file cannot be written (a read-only
     model directory) they are still shown, and the error line names the file and the way out."""
+    set_threads()
     target = out or Path(model) / EVALUATION
     try:
         check_writable(target)  # known now; reported once the metrics are on the screen
@@ -73,6 +75,7 @@ def predict_cmd(
 ) -> None:
     """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
     check_writable(out)  # before the work: the file is the result
+    set_threads()
     net, config, standardizer, dataset = load_for_model(model, data, read)
     outputs = predict(net, dataset.batches(None, standardizer))
     y_pred = to_predictions(dataset.task, outputs)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
@@ -29,6 +30,7 @@ from ..pipeline import (
 )
 from ..pipeline import train as train_run
 from ..runstate import last_dir, read_run_options
+from ..threads import set_threads
 from ..training import Interrupted, TrainConfig
 from .common import _metrics_table, console, err_console
 from .options import given, with_options
@@ -71,17 +73,8 @@ def train(
         if note:
             console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
 
-    with Progress(
-        TextColumn("{task.description}", table_column=Column(no_wrap=True)),
-        BarColumn(bar_width=10),
-        MofNCompleteColumn(table_column=Column(no_wrap=True)),
-        TimeElapsedColumn(table_column=Column(no_wrap=True)),
-        # Last, and the one column that may shrink: at 80 columns the metrics give way, never the
-        # epoch count or the time.
-        TextColumn("{task.fields[status]}", table_column=Column(no_wrap=False, overflow="ellipsis")),
-        console=console,
-        disable=not is_main_process() or not console.is_terminal,
-    ) as progress:
+    set_threads(spec.train.threads)  # the cores other processes leave free, unless --threads says
+    with _progress_bars(console, enabled=is_main_process() and console.is_terminal) as progress:
         bars: dict[tuple[int, str, int], Any] = {}
         # Without a terminal (a pipe, a CI or cluster log, nohup) no bar is drawn: plain lines instead.
         lines = _EpochLines(enabled=is_main_process() and not console.is_terminal)
@@ -228,6 +221,22 @@ def _occupied(path: Path) -> bool:
     return not path.is_dir() or any(path.iterdir())
 
 
+def _progress_bars(console: Console, enabled: bool) -> Progress:
+    """One bar per model: its label, the bar, the epoch count, the time, then the metrics. The
+    metrics come last and are the one column that may shrink: at 80 columns they give way, never
+    the epoch count or the time."""
+    fixed = {"table_column": Column(no_wrap=True)}
+    return Progress(
+        TextColumn("{task.description}", **fixed),
+        BarColumn(bar_width=10),
+        MofNCompleteColumn(**fixed),
+        TimeElapsedColumn(**fixed),
+        TextColumn("{task.fields[status]}", table_column=Column(no_wrap=False, overflow="ellipsis")),
+        console=console,
+        disable=not enabled,
+    )
+
+
 def _model_label(info: dict, run: RunOptions) -> str:
     """The model a bar or line is about: its candidate (or fusion), with the run and seed only when
     there are several runs, and the member of an ensemble."""
@@ -309,7 +318,7 @@ def _resumed(directory: Path, config: Path | None, out: Path | None, flags: dict
     saved = TrainSpec.from_options(saved_options, where=str(last_dir(directory)))
     asked = TrainSpec.from_options({**saved.to_options(), **flags})
     before, after = saved.to_options(), asked.to_options()
-    free = ("device", *CONSENT_OPTIONS)  # may differ from the saved run's
+    free = ("device", "threads", *CONSENT_OPTIONS)  # may differ from the saved run's
     conflicts = [k for k in after if k not in free and after[k] != before.get(k)]
     if conflicts:
         k = conflicts[0]
