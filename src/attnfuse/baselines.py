@@ -57,9 +57,11 @@ BASELINES: dict[str, tuple[str, ...]] = {
 RIDGE_ALPHAS = np.logspace(-3, 4, 15)  # RidgeCV's default (0.1, 1, 10) is too narrow for a few hundred rows
 # Gradient boosting's early stopping holds out this share of the training rows (stratified for
 # classification); it is used only when that part would hold EARLY_STOPPING_ROWS rows of every
-# class (regression: of all), else the model trains its max_iter iterations on every row.
+# class (regression: EARLY_STOPPING_REGRESSION_ROWS rows), else the model trains its max_iter
+# iterations on every row.
 EARLY_STOPPING_FRACTION = 0.1
 EARLY_STOPPING_ROWS = 2
+EARLY_STOPPING_REGRESSION_ROWS = 20
 MIN_SAMPLES_LEAF = 20  # scikit-learn's default, lowered on small data (see make_baseline)
 
 
@@ -92,7 +94,8 @@ def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1, y: n
 
     ``y``: the training targets, when known: gradient boosting then fits its settings to the rows.
     Its early-stopping part (:data:`EARLY_STOPPING_FRACTION` of them) is split off only when it
-    would hold :data:`EARLY_STOPPING_ROWS` rows of every class (scikit-learn refuses a stratified
+    would hold :data:`EARLY_STOPPING_ROWS` rows of every class (regression:
+    :data:`EARLY_STOPPING_REGRESSION_ROWS` rows; scikit-learn refuses a stratified
     part smaller than the number of classes: 40 rows of 5 classes failed), and its leaves need at
     most a tenth of the rows (the default 20 rows a leaf left 28 training rows a single split)."""
     if name not in BASELINES.get(task, ()):
@@ -128,10 +131,10 @@ def _boosting_size(task: str, y: np.ndarray) -> dict:
     n = len(y)
     if task == "classification":
         smallest = int(np.unique(y, return_counts=True)[1].min()) if n else 0
-        held = smallest * EARLY_STOPPING_FRACTION  # rows of the smallest class in the early-stopping part
+        stop = smallest * EARLY_STOPPING_FRACTION >= EARLY_STOPPING_ROWS  # the smallest class's rows in the part
     else:
-        held = n * EARLY_STOPPING_FRACTION
-    return {"early_stopping": held >= EARLY_STOPPING_ROWS, "min_samples_leaf": max(1, min(MIN_SAMPLES_LEAF, n // 10))}
+        stop = n * EARLY_STOPPING_FRACTION >= EARLY_STOPPING_REGRESSION_ROWS
+    return {"early_stopping": stop, "min_samples_leaf": max(1, min(MIN_SAMPLES_LEAF, n // 10))}
 
 
 @dataclass
