@@ -18,6 +18,7 @@ from . import common
 from .common import cli_errors, err_console, one_line
 from .data import convert_cmd, datasets
 from .explain import explain
+from .export import export_cmd
 from .predict import evaluate, predict_cmd
 from .train import train
 from .tune import tune_cmd
@@ -89,6 +90,7 @@ app.command(cls=_Command)(cli_errors(datasets))
 app.command("convert", cls=_Command)(cli_errors(convert_cmd, "convert"))
 app.command(cls=_Command)(cli_errors(explain))
 app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": True})(cli_errors(tune_cmd))
+app.command("export", cls=_Command)(cli_errors(export_cmd, "export"))
 
 
 def main() -> None:

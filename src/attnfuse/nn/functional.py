@@ -38,7 +38,7 @@ from torch import Tensor
 from ._checks import check_probability
 from .dropout import dropout
 from .explicit import explicit_attention
-from .masks import KeyPaddingMask, merge_masks, visible_keys
+from .masks import KeyPaddingMask, merge_masks, tracing, visible_keys
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -228,6 +228,10 @@ def needs_guard(*inputs: Tensor) -> bool:
     """Whether any input may hold a NaN or ±inf. On the CPU one sum per input decides (a NaN or inf
     survives a sum; a finite overflow only costs a needless guard); elsewhere always True, since
     reading the answer would be a host sync."""
+    if tracing():
+        # A recorded graph cannot branch on values: it takes the plain path, which is exact for
+        # finite inputs (attnfuse.export zeroes the padded positions before the model sees them).
+        return False
     for i, x in enumerate(inputs):
         if any(x is y for y in inputs[:i]):
             continue  # self-attention: query is key is value, one check

@@ -19,7 +19,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["KeyPaddingMask", "merge_masks", "visible_keys"]
+__all__ = ["KeyPaddingMask", "merge_masks", "tracing", "visible_keys"]
+
+
+def tracing() -> bool:
+    """True while a graph of the model is recorded (``torch.jit.trace``, ``torch.export``, the
+    ONNX exporter, ``torch.compile``). Shortcuts taken after reading a tensor's values ("nothing is
+    padded", "every input is finite") are then skipped: a recorder would freeze the branch taken
+    for the example inputs into the graph, and a graph recorded on rows without padding would
+    ignore the masks of every later input. The general path computes the same values."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -170,6 +179,14 @@ class KeyPaddingMask:
             raise ValueError(f"key_padding_mask: expected shape (N, S), got {_shape(kpm)}")
         self.key_padding_mask = kpm
         blocked = kpm if kpm.dtype == torch.bool else torch.isneginf(kpm)
+        if tracing():  # one graph for every input: the masked path, dead samples always handled
+            dead = blocked.all(dim=-1)  # (N,)
+            self.dead = dead
+            if kpm.dtype == torch.bool:
+                self.allowed = ~kpm | dead.unsqueeze(-1)
+            else:
+                self.allowed = kpm.masked_fill(dead.unsqueeze(-1), 0.0)
+            return
         if kpm.dtype == torch.bool and not bool(blocked.any()):
             self.allowed = self.dead = None  # nothing padded: no mask, the unmasked kernel
             return
