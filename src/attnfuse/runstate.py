@@ -81,6 +81,7 @@ LOG_FIELDS = (
     "valid_value",
     "best_epoch",
 )
+LINK_DEBRIS = re.compile(r"\.link-\d+\.tmp")  # the next ``state`` link, left by a crash: removed as a link
 STATE_NAME = re.compile(r"state-[A-Za-z0-9-]+")  # what the ``state`` link may point to: a sibling
 MAX_META_BYTES = 256 << 20  # trainer.json: settings, histories and per-feature statistics; far less
 
@@ -122,7 +123,7 @@ def check_last(last: Path, create: bool = False) -> None:
     if not last.is_dir():
         raise ValueError(f"last: {last} exists and is not a directory; move it away, or choose another --out")
     for entry in last.iterdir():
-        if entry.is_symlink() and entry.name != "state":
+        if entry.is_symlink() and entry.name != "state" and not LINK_DEBRIS.fullmatch(entry.name):
             raise _link_error(entry)
 
 
@@ -153,7 +154,7 @@ def save_state(last: Path, tensors: dict[str, Tensor], meta: dict) -> None:
     link.symlink_to(name)
     os.replace(link, last / "state")  # the one step that publishes the new checkpoint (replaces the link itself)
     _fsync(last)
-    for stale in [*last.glob(".state-*"), *last.glob("state-*")]:  # left by an earlier crash
+    for stale in [*last.glob(".state-*"), *last.glob("state-*"), *last.glob(".link-*")]:  # left by a crash
         if stale.name != name:
             _remove(stale)
 
