@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from clikit import TINY, assert_complete_run, assert_one_line, cli, ok, write_npz
 from safetensors.torch import load_file, save_file
 
 import attnfuse.pipeline
 from attnfuse.checkpoint import CONFIG, WEIGHTS, load_model, read_config, run_directory
 from attnfuse.runstate import LAST, RunLog, load_state, save_state, write_options
+from clikit import TINY, assert_complete_run, assert_one_line, cli, ok, write_npz
 
 # --------------------------------------------------------------------------------------------
 # Helpers
