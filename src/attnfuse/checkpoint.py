@@ -7,6 +7,8 @@ Writing: a model directory is written as one transaction (:func:`run_directory`,
 one, never weights of one run beside the config of another. ``config.json`` and the weights'
 ``config.json`` records ``weights_id``, a hash of the tensors: a directory mixed by hand (or by an
 older attnfuse) is recognised when read, and so are tensors damaged after they were written.
+A reader opens the directory once and both files relative to that handle (:class:`_Pinned`), so a
+run swapped in between its two reads cannot pair one run's config with another's weights.
 
 Reading: a model directory is untrusted input. Checkpoints never use pickle: safetensors holds only
 tensors, JSON only plain values, so loading cannot run code. Before any model is built,
