@@ -169,6 +169,43 @@ def test_a_failed_transaction_leaves_the_old_directory(tmp_path, monkeypatch, ex
     assert (out / "a").read_text() == "new" and entries(tmp_path) == ["run"]
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_transaction_keeps_the_entries_named_and_not_written(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_text(elsewhere / "x", "theirs")
+    with transaction(out) as tmp:
+        write_text(tmp / "a", "1")
+    write_text(out / "report" / "r", "mine")
+    (out / "linked").symlink_to(elsewhere)
+    with transaction(out, keep=("report", "linked", "absent")) as tmp:
+        write_text(tmp / "a", "2")
+    assert entries(out) == ["a", "linked", "report"] and (out / "report" / "r").read_text() == "mine"
+    assert (out / "linked").is_symlink() and (elsewhere / "x").read_text() == "theirs"
+    with transaction(out, keep=("report",)) as tmp:  # written by the block: the new one wins
+        write_text(tmp / "report", "new")
+    assert entries(out) == ["report"] and (out / "report").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "run"]
+
+
+def test_kept_entries_go_back_when_the_swap_fails(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with transaction(out) as tmp:
+        write_text(tmp / "a", "1")
+    write_text(out / "report" / "r", "mine")
+
+    def broken(new, old):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "_swap_in", broken)
+    with pytest.raises(OSError), transaction(out, keep=("report",)) as tmp:
+        write_text(tmp / "a", "2")
+    assert entries(out) == ["a", "report"] and (out / "report" / "r").read_text() == "mine"
+    assert (out / "a").read_text() == "1"
+
+
 def test_a_failed_transaction_removes_the_parents_it_created(tmp_path):
     with pytest.raises(ValueError), transaction(tmp_path / "x" / "y" / "run"):
         raise ValueError

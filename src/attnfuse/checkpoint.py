@@ -7,6 +7,8 @@ Writing: a model directory is written as one transaction (:func:`run_directory`,
 one, never weights of one run beside the config of another. ``config.json`` and the weights'
 ``config.json`` records ``weights_id``, a hash of the tensors: a directory mixed by hand (or by an
 older attnfuse) is recognised when read, and so are tensors damaged after they were written.
+A reader opens the directory once and both files relative to that handle (:class:`_Pinned`), so a
+run swapped in between its two reads cannot pair one run's config with another's weights.
 
 Reading: a model directory is untrusted input. Checkpoints never use pickle: safetensors holds only
 tensors, JSON only plain values, so loading cannot run code. Before any model is built,
@@ -42,6 +44,7 @@ from .data.validation import check_columns
 from .ensemble import Ensemble, build_ensemble
 from .files import transaction, write_bytes, write_json, write_text
 from .fusion import FusionConfig, FusionModel, SelfFusionConfig, config_from_dict
+from .runstate import LAST, check_last
 from .training import TrainConfig
 
 __all__ = [
@@ -66,8 +69,10 @@ __all__ = [
 
 WEIGHTS, CONFIG, METRICS, RUN, LOG = "model.safetensors", "config.json", "metrics.json", "run.yaml", "log.csv"
 EVALUATION = "evaluation.json"
-# What a run directory may hold: replacing it deletes these, and nothing else may be deleted.
+# What a run directory may hold: replacing it deletes these, and nothing else may be deleted; but
+# KEPT, made by the user from the run (attnfuse explain's default place), moves into the new directory.
 RUN_ENTRIES = frozenset({WEIGHTS, CONFIG, METRICS, RUN, LOG, EVALUATION, "explain", "last", "tensorboard"})
+KEPT = ("explain",)
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 MAX_CONFIG_BYTES = 64 << 20  # a config.json holds settings and per-feature statistics: far less
 
@@ -89,14 +94,19 @@ def _only_run_entries(out: Path) -> None:
             f"out: {out} holds files that are not part of an attnfuse run ({shown}); replacing it would delete "
             "them: choose another --out, or move them away"
         )
+    check_last(out / LAST)  # a run in progress writes there: not through a link
 
 
 def run_directory(out: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
     """A transaction writing the model directory ``out`` (see :func:`attnfuse.files.transaction`):
     yields an empty temporary directory to write into; when the block ends cleanly it replaces
-    ``out``. Refused before the block runs: a concurrent writer of ``out``, an ``out`` that cannot
-    be written, or an existing ``out`` holding files that are not part of a run."""
-    return transaction(out, check=_only_run_entries)
+    ``out``, keeping ``out``'s ``explain/`` (a report the user made of the previous model: it
+    moves into the new directory as it is, still describing the model it was made of; deleting it
+    would lose work that training cannot redo). Refused before the
+    block runs: a concurrent writer of ``out``, an ``out`` that cannot be written, an existing
+    ``out`` holding files that are not part of a run, or whose ``last/`` is (or holds) a symbolic
+    link."""
+    return transaction(out, check=_only_run_entries, keep=KEPT)
 
 
 def write_model(
@@ -271,8 +281,10 @@ class _Schema:
         return entries
 
 
-def _parse(path: Path) -> Any:
+def _parse(path: Path, shown: Path | None = None) -> Any:
+    """config.json at ``path`` (named ``shown`` in errors: ``path`` may be an open file's handle)."""
     size = path.stat().st_size
+    path, read = shown or path, path
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"model: {path} is {size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
 
@@ -280,7 +292,7 @@ def _parse(path: Path) -> Any:
         raise ValueError(f"{name} is not a JSON number")
 
     try:
-        return json.loads(path.read_bytes(), parse_constant=no_constants)
+        return json.loads(read.read_bytes(), parse_constant=no_constants)
     except RecursionError:
         raise ValueError(f"model: {path} is nested too deeply to be a config.json") from None
     except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity
@@ -432,11 +444,12 @@ def _check_size(
         raise ValueError(f"model: {where}: {str(e).removeprefix('model: ')}") from None
 
 
-def _weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _weights_header(path: Path, shown: Path | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (dtype, shape)} from the safetensors header (no tensor is read); the dtypes must be
-    floating point."""
+    floating point. ``shown``: the name in errors (``path`` may be an open file's handle)."""
+    path, read = shown or path, path
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(read), framework="pt") as f:
             header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors' own error types: a damaged or hostile file
         reason = " ".join(str(e).split())[:200]
@@ -454,18 +467,76 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def read_config(model_dir: str | os.PathLike) -> dict:
-    """The checked ``config.json`` of a model directory: its schema, the size of the model it
-    describes and its agreement with the weights file's header. Nothing is built, no tensor read."""
-    model_dir = Path(model_dir)
-    for name in (CONFIG, WEIGHTS):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"model: {model_dir} is not a model directory (no {name}); train one first")
-    config = _parse(model_dir / CONFIG)
+class _Pinned:
+    """``config.json`` and ``model.safetensors`` of one model directory, opened together.
+
+    A run directory is replaced as a whole (:func:`attnfuse.files.transaction`), but by name: a
+    reader that opened ``DIR/config.json``, then ``DIR/model.safetensors`` after a new run was
+    swapped in, would pair one run's config with another's weights. So the directory is opened once
+    and both files relative to that handle (``dir_fd``); the files are then read through their own
+    open handles (``/proc/self/fd`` on Linux), which a later swap and the deletion of the old
+    directory cannot change. If the directory was replaced between opening it and opening its files
+    (the old one's files already deleted), it is opened again. Where the platform has no such
+    handles, the files are read by name and :func:`load_model` retries on a mix."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir, self.fds = model_dir, []
+        self.config, self.weights = model_dir / CONFIG, model_dir / WEIGHTS  # what is read
+        pinned = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY") and os.path.isdir("/proc/self/fd")
+        for attempt in range(_ATTEMPTS):
+            missing = next((n for n in (CONFIG, WEIGHTS) if not (model_dir / n).is_file()), None)
+            if missing is not None:
+                raise FileNotFoundError(f"model: {model_dir} is not a model directory (no {missing}); train one first")
+            if not pinned:
+                return
+            try:
+                self._open()
+                return
+            except FileNotFoundError:  # replaced in between, the old one's files deleted: open the new one
+                self.close()
+                if attempt == _ATTEMPTS - 1:
+                    raise
+            except OSError as e:
+                self.close()
+                raise OSError(e.errno, e.strerror, str(model_dir)) from None
+
+    def _open(self) -> None:
+        d = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        self.fds.append(d)
+        for name in (CONFIG, WEIGHTS):
+            self.fds.append(os.open(name, os.O_RDONLY, dir_fd=d))
+        self.config, self.weights = (Path(f"/proc/self/fd/{fd}") for fd in self.fds[1:])
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __enter__(self) -> _Pinned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_ATTEMPTS = 5  # a directory replaced this many times while it is opened: the error is reported
+
+
+def _read_config(files: _Pinned) -> dict:
+    model_dir = files.dir
+    config = _parse(files.config, model_dir / CONFIG)
     fusion_config = _check_config(config, str(model_dir / CONFIG))
     members = config["train"].get("ensemble", 1)
-    _check_size(fusion_config, _weights_header(model_dir / WEIGHTS), str(model_dir), members)
+    _check_size(fusion_config, _weights_header(files.weights, model_dir / WEIGHTS), str(model_dir), members)
     return config
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """The checked ``config.json`` of a model directory: its schema, the size of the model it
+    describes and its agreement with the weights file's header (of the same run: see
+    :class:`_Pinned`). Nothing is built, no tensor read."""
+    with _Pinned(Path(model_dir)) as files:
+        return _read_config(files)
 
 
 def load_model(
@@ -473,12 +544,40 @@ def load_model(
 ) -> tuple[FusionModel | Ensemble, dict, Standardizer]:
     """Rebuild a saved model (in eval mode) with its config and its standardiser.
 
-    ``config``: the directory's config from :func:`read_config` when already read (it is then not
-    read again; the weights must still come from the same run)."""
+    Reading races no writer: config and weights come from one run even while ``attnfuse train``
+    replaces the directory (:class:`_Pinned`). ``config``: the directory's config from
+    :func:`read_config` when already read (it is then not read again; the weights must still come
+    from the same run: if the directory was replaced by another run since, that is said)."""
     model_dir = Path(model_dir)
-    config = read_config(model_dir) if config is None else config
-    path = model_dir / WEIGHTS
-    header = _weights_header(path)
+    for attempt in range(_ATTEMPTS):
+        with _Pinned(model_dir) as files:
+            read = config if config is not None else _read_config(files)
+            try:
+                model, standardizer = _load(files, read)
+                return model.to(device).eval(), read, standardizer
+            except _Mixed as e:
+                if config is not None and _read_config(files).get("weights_id") == e.found:
+                    raise ValueError(
+                        f"model: {model_dir} was replaced by another run while it was being read; run the command again"
+                    ) from None
+                if files.fds or config is not None or attempt == _ATTEMPTS - 1:
+                    raise ValueError(str(e)) from None  # pinned: the files of one directory, really mixed
+                # read by name (no handles here): a new run may have come between the two reads
+    raise AssertionError("unreachable")
+
+
+class _Mixed(ValueError):
+    """Weights that are not the ones config.json was written with (``found``: their weights_id)."""
+
+    def __init__(self, message: str, found: str) -> None:
+        super().__init__(message)
+        self.found = found
+
+
+def _load(files: _Pinned, config: dict) -> tuple[FusionModel | Ensemble, Standardizer]:
+    """The model ``config`` describes with the weights of ``files`` (checked), and its standardiser."""
+    path = files.dir / WEIGHTS
+    header = _weights_header(files.weights, path)
     model = build_ensemble(config["fusion"], config["model"], config["train"].get("ensemble", 1))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: shape for k, (_, shape) in header.items()}
@@ -488,14 +587,16 @@ def load_model(
     if problems:
         raise ValueError(f"model: {path} does not hold this model's weights ({'; '.join(problems[:3])})")
     try:
-        state = load_file(path, device="cpu")
+        state = load_file(files.weights, device="cpu")
     except Exception as e:  # safetensors' errors: a file truncated after its header was read
         raise ValueError(f"model: {path} could not be read ({' '.join(str(e).split())[:200]})") from None
-    if "weights_id" in config and weights_id(state) != config["weights_id"]:  # (older directories lack it)
-        raise ValueError(
+    found = weights_id(state)
+    if "weights_id" in config and found != config["weights_id"]:  # (older directories lack it)
+        raise _Mixed(
             f"model: {path} holds other weights than the ones {CONFIG} was written with (weights_id "
-            f"{weights_id(state)}, expected {config['weights_id']}): the directory mixes two runs or the file is "
-            "damaged; train again or restore it"
+            f"{found}, expected {config['weights_id']}): the directory mixes two runs or the file is "
+            "damaged; train again or restore it",
+            found,
         )
     bad = [k for k, t in state.items() if not _finite(t)]
     if bad:
@@ -504,7 +605,7 @@ def load_model(
             "the file is damaged: train again"
         )
     model.load_state_dict(state)
-    return model.to(device).eval(), config, Standardizer.from_dict(config["standardizer"])
+    return model, Standardizer.from_dict(config["standardizer"])
 
 
 def check_compatible(config: dict, data: MultimodalDataset) -> None:

@@ -409,12 +409,27 @@ def _holds_cwd(directory: Path) -> bool:
     return False
 
 
+def _carry(out: Path, new: Path, keep: tuple[str, ...]) -> list[str]:
+    """Move the entries ``keep`` of ``out`` into ``new`` (not there already); return the names moved.
+    A rename moves a symbolic link itself: what it points to is never touched."""
+    moved = []
+    for name in keep:
+        if os.path.lexists(out / name) and not os.path.lexists(new / name):
+            os.rename(out / name, new / name)
+            moved.append(name)
+    return moved
+
+
 @contextlib.contextmanager
-def transaction(out: str | os.PathLike, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def transaction(
+    out: str | os.PathLike, check: Callable[[Path], None] | None = None, keep: tuple[str, ...] = ()
+) -> Iterator[Path]:
     """Write the directory ``out`` as one transaction: yields an empty temporary directory beside
     it; when the block ends without an exception, the temporary is fsynced and swapped in for
-    ``out`` (whose previous contents are deleted). On any exception, Ctrl-C included, ``out`` is
-    untouched and the temporary removed; after a SIGKILL the next transaction removes it.
+    ``out`` (whose previous contents are deleted, but for the entries named in ``keep``: those the
+    block did not write are moved into the new directory as they are, at the swap, so one made
+    while the block ran is kept too). On any exception, Ctrl-C included, ``out`` is untouched and
+    the temporary removed; after a SIGKILL the next transaction removes it.
 
     Before yielding (so before any expensive work): ``out``'s lock is taken (:func:`lock`; a
     concurrent writer fails at once), it is proven writable, and ``check(out)`` is called when
@@ -441,7 +456,14 @@ def transaction(out: str | os.PathLike, check: Callable[[Path], None] | None = N
             except BaseException as e:  # the caller's failure: report it as it is (with our names)
                 raise _named(e, given, tmp, unnamed=False) from None
             _fsync_tree(tmp)
-            old = _swap_in(tmp, out)
+            carried = _carry(out, tmp, keep) if out.is_dir() else []
+            if carried:
+                _fsync_dir(tmp)
+            try:
+                old = _swap_in(tmp, out)
+            except BaseException:
+                _carry(tmp, out, tuple(carried))  # back where they were, before the temporary goes
+                raise
             _fsync_dir(out.parent)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)  # (after the swap: the old directory)

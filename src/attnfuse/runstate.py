@@ -13,25 +13,60 @@ replacing the ``state`` symlink in one rename, so a crash at any moment leaves t
 checkpoint or the new one, never a mix. When the run completes, its model directory replaces
 ``DIR`` and ``last/`` goes with the old one. Like model directories, checkpoints hold tensors
 (safetensors) and plain values (JSON) only: no pickle.
+
+A checkpoint and the options it was trained with are one unit: ``trainer.json`` records the hash
+of the ``run.yaml`` beside it (``options_sha256``). A later run started into the same ``DIR``
+writes its own ``run.yaml`` over the first one's; if it is killed before a checkpoint of its own,
+``last/state`` is still the first run's, and resuming it with the second run's options would
+continue one run's weights with another's settings. :func:`load_state` refuses that.
+
+``last/`` is untrusted input when resumed, like a model directory: :func:`load_state` checks
+``trainer.json`` against its schema and every tensor of ``trainer.safetensors`` (names, dtypes,
+shapes, RNG states that the generators accept) before anything is built or restored; the models a
+checkpoint holds are described by their configs, built on the ``meta`` device (no memory) and
+compared tensor by tensor. A damaged or tampered checkpoint is one ``ValueError``.
+
+Nothing inside a run directory is written through a symbolic link: ``last/`` that is a link (to
+another run's directory, or anything else), or a link among its entries, is refused, so that
+neither the clean-up of stale checkpoints nor the log can touch what the link points to.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import os
+import random
+import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from .data import Standardizer
+from .ensemble import build_ensemble
 from .files import to_json, write_bytes, write_text
+from .fusion import config_from_dict
 
-__all__ = ["LAST", "last_dir", "save_state", "load_state", "RunLog", "write_options", "read_run_options"]
+__all__ = [
+    "LAST",
+    "last_dir",
+    "save_state",
+    "load_state",
+    "check_state",
+    "check_last",
+    "RunLog",
+    "write_options",
+    "read_run_options",
+]
 
 LAST = "last"
 LOG_FIELDS = (
@@ -46,6 +81,9 @@ LOG_FIELDS = (
     "valid_value",
     "best_epoch",
 )
+LINK_DEBRIS = re.compile(r"\.link-\d+\.tmp")  # the next ``state`` link, left by a crash: removed as a link
+STATE_NAME = re.compile(r"state-[A-Za-z0-9-]+")  # what the ``state`` link may point to: a sibling
+MAX_META_BYTES = 256 << 20  # trainer.json: settings, histories and per-feature statistics; far less
 
 
 def last_dir(out: str | os.PathLike) -> Path:
@@ -60,12 +98,51 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _link_error(path: Path) -> ValueError:
+    try:
+        to = f" (to {os.readlink(path)})"
+    except OSError:
+        to = ""
+    return ValueError(
+        f"last: {path} is a symbolic link{to}; attnfuse writes a run directory's entries itself and never "
+        "through a link: remove the link (its target is not touched), or choose another --out"
+    )
+
+
+def check_last(last: Path, create: bool = False) -> None:
+    """``last/`` must be a directory of its own (``create``: made when missing), holding no link
+    but ``state``: a link would make the clean-up delete, and the log truncate, what it points to."""
+    if last.is_symlink():
+        raise _link_error(last)
+    if create:
+        last.mkdir(parents=True, exist_ok=True)
+        if last.is_symlink():  # made a link by someone else in between
+            raise _link_error(last)
+    if not last.exists():
+        return
+    if not last.is_dir():
+        raise ValueError(f"last: {last} exists and is not a directory; move it away, or choose another --out")
+    for entry in last.iterdir():
+        if entry.is_symlink() and entry.name != "state" and not LINK_DEBRIS.fullmatch(entry.name):
+            raise _link_error(entry)
+
+
+def _options_hash(last: Path) -> str | None:
+    """The hash of ``last/run.yaml`` (None when there is none): the options a checkpoint belongs to."""
+    path = last / "run.yaml"
+    if path.is_symlink() or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def save_state(last: Path, tensors: dict[str, Tensor], meta: dict) -> None:
-    """Publish a checkpoint under ``last/state`` atomically (see the module docstring)."""
-    last.mkdir(parents=True, exist_ok=True)
+    """Publish a checkpoint under ``last/state`` atomically (see the module docstring); it records
+    the hash of the ``run.yaml`` beside it."""
+    check_last(last, create=True)
+    meta = {**meta, "options_sha256": _options_hash(last)}
     name = f"state-r{meta.get('run_index', 0):03d}-e{meta['epoch']:05d}-s{meta['step']:06d}-{uuid.uuid4().hex[:8]}"
     tmp = last / f".state-{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     tmp.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     write_bytes(tmp / "trainer.safetensors", safetensors_bytes(state))  # each fsynced, errors name the file
@@ -75,31 +152,319 @@ def save_state(last: Path, tensors: dict[str, Tensor], meta: dict) -> None:
     link = last / f".link-{os.getpid()}.tmp"
     link.unlink(missing_ok=True)
     link.symlink_to(name)
-    os.replace(link, last / "state")  # the one step that publishes the new checkpoint
+    os.replace(link, last / "state")  # the one step that publishes the new checkpoint (replaces the link itself)
     _fsync(last)
-    for stale in [*last.glob(".state-*"), *last.glob("state-*")]:  # left by an earlier crash
-        if stale.name != name and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*last.glob(".state-*"), *last.glob("state-*"), *last.glob(".link-*")]:  # left by a crash
+        if stale.name != name:
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path``: a link itself (never what it points to), a file, or a directory tree (whose
+    links rmtree removes as links)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_state(last: Path) -> tuple[dict[str, Tensor], dict]:
-    """The newest checkpoint of ``last/``; a clear error when there is none."""
+    """The newest checkpoint of ``last/``, checked (:func:`check_state`) and belonging to the
+    ``run.yaml`` beside it; a clear error when there is none."""
+    check_last(last)
     state = last / "state"
-    if not (state / "trainer.json").is_file() or not (state / "trainer.safetensors").is_file():
+    if not state.is_symlink() and not state.exists():
         raise FileNotFoundError(f"resume: {last.parent} has no checkpoint to resume ({state} is missing)")
+    target = os.readlink(state) if state.is_symlink() else ""
+    if not STATE_NAME.fullmatch(target) or (last / target).is_symlink() or not (last / target).is_dir():
+        raise ValueError(
+            f"resume: {state} is not a link to a checkpoint beside it (state-…), got {target or 'no link'!r}; "
+            "the checkpoint is damaged: start again without --resume"
+        )
+    where = last / target
+    for name in ("trainer.json", "trainer.safetensors"):
+        path = where / name
+        if path.is_symlink() or not path.is_file():
+            raise ValueError(f"resume: the checkpoint in {where} is damaged ({name} is missing or not a file)")
+    size = (where / "trainer.json").stat().st_size
+    if size > MAX_META_BYTES:
+        raise ValueError(f"resume: the checkpoint in {where} is damaged (trainer.json is {size:,} bytes)")
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        meta = json.loads((state / "trainer.json").read_text())
-        tensors = load_file(state / "trainer.safetensors")
+        meta = json.loads((where / "trainer.json").read_bytes(), parse_constant=no_constants)
+        tensors = load_file(where / "trainer.safetensors")
+    except RecursionError:
+        raise ValueError(f"resume: the checkpoint in {where} is damaged (trainer.json is nested too deeply)") from None
     except Exception as e:  # safetensors' and json's own errors: a damaged checkpoint
-        raise ValueError(f"resume: the checkpoint in {state.resolve()} is damaged ({e})") from None
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"resume: the checkpoint in {where} is damaged ({reason})") from None
+    check_state(tensors, meta, str(where))
+    if meta["options_sha256"] != _options_hash(last):
+        raise ValueError(
+            f"resume: {state} is a checkpoint of another run than {last / 'run.yaml'} describes (a later run into "
+            f"{last.parent} started over it and stopped before a checkpoint of its own); start again without --resume"
+        )
     return tensors, meta
 
 
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint must hold
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _fail(where: str, key: str, problem: str) -> _Bad:
+    return _Bad(f"resume: the checkpoint in {where} is damaged ({key}: {problem}); start again without --resume")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+class _Meta:
+    """Typed access to trainer.json, failing with the key's dotted name."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, problem: str) -> _Bad:
+        return _fail(self.where, f"trainer.json {key}", problem)
+
+    def get(self, d: dict, key: str, name: str, kind, optional: bool = False) -> Any:
+        if key not in d:
+            if optional:
+                return None
+            raise self.fail(name, "missing")
+        value = d[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
+        if not ok:
+            raise self.fail(name, f"expected {getattr(kind, '__name__', 'a number')}, got {_type_name(value)}")
+        return value
+
+    def count(self, d: dict, key: str, name: str, low: int = 0, optional: bool = False) -> int | None:
+        value = self.get(d, key, name, int, optional)
+        if value is not None and value < low:
+            raise self.fail(name, f"expected an integer >= {low}, got {value}")
+        return value
+
+    def number(self, d: dict, key: str, name: str) -> float | None:
+        if key not in d:
+            raise self.fail(name, "missing")
+        value = d[key]
+        if value is not None and not _is_number(value):
+            raise self.fail(name, f"expected a finite number or null, got {value!r}")
+        return value
+
+    def records(self, d: dict, key: str, name: str, optional: bool = False) -> list[dict]:
+        value = self.get(d, key, name, list, optional) or []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.fail(f"{name}[{i}]", f"expected an object, got {_type_name(item)}")
+        return value
+
+
+def _tensor(tensors: dict[str, Tensor], key: str, where: str, dtype: torch.dtype, shape: tuple | None = None) -> Tensor:
+    if key not in tensors:
+        raise _fail(where, f"trainer.safetensors {key}", "missing")
+    t = tensors[key]
+    if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
+        raise _fail(where, f"trainer.safetensors {key}", f"expected {dtype} of shape {list(shape or t.shape)}, "
+                    f"got {t.dtype} of shape {list(t.shape)}")  # fmt: skip
+    return t
+
+
+def _check_generator(tensors: dict[str, Tensor], key: str, where: str) -> None:
+    t = _tensor(tensors, key, where, torch.uint8, tuple(torch.Generator().get_state().shape))
+    try:
+        torch.Generator().set_state(t)  # a scratch generator: the state must be one torch accepts
+    except RuntimeError as e:
+        raise _fail(where, f"trainer.safetensors {key}", " ".join(str(e).split())[:120]) from None
+
+
+def _check_rank_rng(tensors: dict[str, Tensor], meta: dict, rank: int, where: str) -> None:
+    """One process's global RNG states (see :func:`attnfuse.training.rng_state`)."""
+    prefix = f"rng.rank{rank}."
+    _check_generator(tensors, f"{prefix}torch", where)
+    keys = _tensor(tensors, f"{prefix}numpy_keys", where, torch.int64, (624,))
+    rest = _tensor(tensors, f"{prefix}numpy_rest", where, torch.int64, (2,))
+    gauss = _tensor(tensors, f"{prefix}numpy_gauss", where, torch.float64, (1,))
+    if bool(((keys < 0) | (keys >= 2**32)).any()) or not bool(keys.any()):
+        raise _fail(where, f"trainer.safetensors {prefix}numpy_keys", "not a Mersenne Twister state (values "
+                    "outside 0..2^32-1, or all zero)")  # fmt: skip
+    pos, has_gauss = rest.tolist()
+    if not (0 <= pos <= 624 and has_gauss in (0, 1) and math.isfinite(float(gauss[0]))):
+        raise _fail(where, f"trainer.safetensors {prefix}numpy_rest", f"expected a position 0..624 and a flag 0/1, "
+                    f"got {[pos, has_gauss]}")  # fmt: skip
+    for key in (k for k in tensors if k.startswith(f"{prefix}cuda")):
+        _tensor(tensors, key, where, torch.uint8)
+        if tensors[key].dim() != 1:
+            raise _fail(where, f"trainer.safetensors {key}", "expected a 1-d byte tensor")
+    python = meta["python_rng"].get(f"rank{rank}")
+    try:
+        version, internal, g = python
+        if version != 3 or len(internal) != 625 or not all(_is_int(v) and 0 <= v < 2**32 for v in internal):
+            raise ValueError
+        if not any(internal[:624]) or not (g is None or _is_number(g)):
+            raise ValueError
+        random.Random().setstate((version, tuple(internal), g))  # a scratch generator
+    except (ValueError, TypeError, OverflowError):
+        raise _fail(where, f"trainer.json python_rng.rank{rank}", "not a state of Python's random") from None
+
+
+def _model_shapes(record: dict, name: str, m: _Meta) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors of the model a record describes, built on the ``meta`` device (no memory)."""
+    try:
+        config = config_from_dict(m.get(record, "fusion", f"{name}.fusion", str), m.get(record, "model",
+                                  f"{name}.model", dict))  # fmt: skip
+        ensemble = m.count(record, "ensemble", f"{name}.ensemble", low=1, optional=True) or 1
+        with torch.device("meta"):
+            model = build_ensemble(record["fusion"], config, ensemble)
+    except _Bad:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise m.fail(f"{name}.model", " ".join(str(e).split())[:200]) from None
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _check_record(tensors: dict[str, Tensor], record: dict, name: str, prefix: str, m: _Meta) -> None:
+    """A finished model of the checkpoint: its record in trainer.json and its tensors ``prefix*``."""
+    m.get(record, "metrics", f"{name}.metrics", dict)
+    m.count(record, "best_epoch", f"{name}.best_epoch")
+    m.records(record, "history", f"{name}.history")
+    m.get(record, "note", f"{name}.note", (str, type(None)))
+    for key in ("valid_loss", "valid_se"):
+        m.number(record, key, f"{name}.{key}")
+    try:
+        Standardizer.from_dict(m.get(record, "standardizer", f"{name}.standardizer", dict))
+    except (ValueError, TypeError) as e:
+        raise m.fail(f"{name}.standardizer", str(e)) from None
+    _check_weights(tensors, prefix, _model_shapes(record, name, m), m.where)
+
+
+def _check_weights(tensors: dict[str, Tensor], prefix: str, expected: dict, where: str) -> None:
+    """The tensors ``prefix*`` are exactly ``expected`` ({name: (shape, dtype)}), and finite."""
+    got = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    problems = [f"missing {prefix}{k}" for k in expected if k not in got]
+    problems += [f"unexpected {prefix}{k}" for k in got if k not in expected]
+    problems += [
+        f"{prefix}{k}: {v.dtype} of shape {list(v.shape)}, expected {expected[k][1]} of shape {list(expected[k][0])}"
+        for k, v in got.items()
+        if k in expected and (tuple(v.shape), v.dtype) != expected[k]
+    ]
+    problems += [
+        f"{prefix}{k} holds NaN/inf" for k, v in got.items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if problems:
+        raise _fail(where, "trainer.safetensors", "; ".join(problems[:3]))
+
+
+def check_state(tensors: dict[str, Tensor], meta: Any, where: str) -> None:
+    """A checkpoint read from ``where`` (untrusted) against what attnfuse writes: the schema of
+    ``meta`` (trainer.json), the RNG states of every process, the finished models' configs and
+    weights (compared on the ``meta`` device, nothing allocated), the loop's tensors. The trainer's
+    own weights and optimizer state are compared with the model they restore when it exists
+    (:meth:`attnfuse.training.Trainer.load_state_dict`). Raises one ``ValueError``."""
+    m = _Meta(where)
+    if not isinstance(meta, dict):
+        raise m.fail("top level", f"expected an object, got {_type_name(meta)}")
+    epoch = m.count(meta, "epoch", "epoch")
+    step = m.count(meta, "step", "step")
+    m.count(meta, "count", "count")
+    best_epoch = m.count(meta, "best_epoch", "best_epoch")
+    if best_epoch > epoch:
+        raise m.fail("best_epoch", f"expected at most epoch {epoch}, got {best_epoch}")
+    best_key = m.get(meta, "best_key", "best_key", (list, type(None)))
+    if best_key is not None and (len(best_key) != 2 or not all(v is None or _is_number(v) for v in best_key)):
+        raise m.fail("best_key", f"expected two numbers, got {best_key!r}")
+    m.records(meta, "history", "history")
+    for i, group in enumerate(m.records(meta, "optimizer_groups", "optimizer_groups")):
+        params = m.get(group, "params", f"optimizer_groups[{i}].params", list)
+        if not all(_is_int(p) and p >= 0 for p in params):
+            raise m.fail(f"optimizer_groups[{i}].params", "expected parameter indices")
+    m.get(meta, "scaler", "scaler", dict)
+    world = m.count(meta, "world", "world", low=1)
+    m.get(meta, "python_rng", "python_rng", dict)
+    m.get(meta, "options_sha256", "options_sha256", (str, type(None)))
+    # Where the request stood (see attnfuse.pipeline): run, model, the finished runs and models.
+    run_index = m.count(meta, "run_index", "run_index", optional=True) or 0
+    unit = m.get(meta, "unit", "unit", list, optional=True) or [0, 0]
+    if len(unit) != 2 or not all(_is_int(u) and u >= 0 for u in unit):
+        raise m.fail("unit", f"expected [candidate, member], got {unit!r}")
+    finished = m.records(meta, "finished", "finished", optional=True)
+    if len(finished) != run_index:
+        raise m.fail("finished", f"expected the records of the {run_index} runs before run {run_index}, got "
+                     f"{len(finished)}")  # fmt: skip
+    for i, record in enumerate(finished):
+        m.count(record, "seed", f"finished[{i}].seed")
+        m.records(record, "history", f"finished[{i}].history", optional=True)
+        for part in ("train", "valid", "test"):
+            metrics = m.get(record, part, f"finished[{i}].{part}", dict, optional=True) or {}
+            if not all(v is None or _is_number(v) for v in metrics.values()):
+                raise m.fail(f"finished[{i}].{part}", "expected numbers")
+    m.get(meta, "fingerprint", "fingerprint", str, optional=True)
+    m.count(meta, "log_rows", "log_rows", optional=True)
+    m.get(meta, "selection", "selection", (dict, type(None)), optional=True)
+    if (run_index > 0) != ("first" in meta):
+        raise m.fail("first", "expected the first run's model exactly when a later run is under way")
+    if "first" in meta:
+        _check_record(tensors, m.get(meta, "first", "first", dict), "first", "first.", m)
+    seen = set()
+    for i, record in enumerate(m.records(meta, "members", "members", optional=True)):
+        c, k = (
+            m.count(record, "candidate", f"members[{i}].candidate"),
+            m.count(record, "member", f"members[{i}].member"),
+        )
+        if (c, k) in seen or (c, k) == tuple(unit):
+            raise m.fail(f"members[{i}]", f"model ({c}, {k}) is recorded twice")
+        seen.add((c, k))
+        _check_record(tensors, record, f"members[{i}]", f"member.{c}.{k}.", m)
+        pred = tensors.get(f"valid.{c}.{k}")
+        if pred is not None and (pred.dim() not in (1, 2) or pred.dtype == torch.bool):
+            raise _fail(
+                where, f"trainer.safetensors valid.{c}.{k}", "expected the validation predictions (N,) or (N, K)"
+            )
+
+    # The tensors: the trainer's (checked against its model on restore), the loop's, the RNGs'.
+    known = re.compile(r"(model|best|first|member\.\d+\.\d+|optim\.\d+)\..+|valid\.\d+\.\d+|loop\.(loss_sum|step_losses)"
+                       r"|rng\.(shuffle|epoch)|rng\.rank\d+\.(torch|numpy_keys|numpy_rest|numpy_gauss|cuda\d+)")  # fmt: skip
+    unknown = [k for k in tensors if not known.fullmatch(k)]
+    if unknown:
+        raise _fail(where, f"trainer.safetensors {unknown[0]}", "not a tensor attnfuse writes")
+    if not any(k.startswith("model.") for k in tensors):
+        raise _fail(where, "trainer.safetensors model.*", "missing")
+    loss_sum = _tensor(tensors, "loop.loss_sum", where, torch.float32, ())
+    if not math.isfinite(float(loss_sum)):
+        raise _fail(where, "trainer.safetensors loop.loss_sum", "not finite")
+    if step and "loop.step_losses" in tensors:
+        _tensor(tensors, "loop.step_losses", where, torch.float32, (step,))
+    elif "loop.step_losses" in tensors or step:
+        raise _fail(where, "trainer.safetensors loop.step_losses", f"expected {step} step losses")
+    _check_generator(tensors, "rng.shuffle", where)
+    _check_generator(tensors, "rng.epoch", where)
+    for rank in range(world):
+        _check_rank_rng(tensors, meta, rank, where)
+
+
 def write_options(last: Path, options: dict) -> None:
+    check_last(last, create=True)
     write_text(last / "run.yaml", yaml.safe_dump(options, sort_keys=False))
 
 
 def read_run_options(last: Path) -> dict:
+    check_last(last)
     path = last / "run.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"resume: {last.parent} has no run in progress (no {path})")
@@ -110,13 +475,14 @@ class RunLog:
     """``last/log.csv``: one row per epoch, flushed as it is written; optionally TensorBoard too."""
 
     def __init__(self, last: Path, tensorboard: bool = False, keep_rows: int | None = None) -> None:
-        last.mkdir(parents=True, exist_ok=True)
+        check_last(last, create=True)  # no link: the log must not truncate what it points to
         self.path = last / "log.csv"
         rows = []
         if keep_rows is not None and self.path.is_file():  # resumed: keep the epochs the checkpoint holds
             with open(self.path, newline="") as f:
                 rows = list(csv.DictReader(f))[:keep_rows]
-        self.file = open(self.path, "w", newline="")  # noqa: SIM115 (closed in close())
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        self.file = open(os.open(self.path, flags, 0o666), "w", newline="")  # noqa: SIM115 (closed in close())
         self.writer = csv.DictWriter(self.file, LOG_FIELDS)
         self.writer.writeheader()
         self.writer.writerows(rows)

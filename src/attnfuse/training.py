@@ -524,7 +524,10 @@ class Trainer:
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        """Restore :meth:`state_dict` (this rank's RNG states included)."""
+        """Restore :meth:`state_dict` (this rank's RNG states included). A state that does not fit
+        this trainer (its model's tensors, the optimizer's groups and moments) is refused with one
+        ``ValueError`` before anything is changed; the rest of the checkpoint's schema is checked
+        when it is read (:func:`attnfuse.runstate.check_state`)."""
         if meta["world"] != self.dist.world:
             raise ValueError(
                 f"resume: the run was checkpointed with {meta['world']} processes, this job has {self.dist.world}"
@@ -533,6 +536,7 @@ class Trainer:
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+        self._check_state(part, meta)
         self.net.load_state_dict(part("model."))
         best = part("best.")
         self.best_state = {k: v.to(self.device) for k, v in best.items()} or None
@@ -552,6 +556,61 @@ class Trainer:
         self.best_epoch, self.history = meta["best_epoch"], meta["history"]
         rank = f"rank{self.dist.rank}"
         set_rng_state({"tensors": part(f"rng.{rank}."), "python": meta["python_rng"][rank]})
+
+    def _check_state(self, part: Callable[[str], dict[str, Tensor]], meta: dict) -> None:
+        """The checkpoint's weights, best weights and optimizer state fit this trainer exactly."""
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in self.net.state_dict().items()}
+        problems = _mismatches(part("model."), expected, "model.")
+        best = part("best.")
+        if best or meta["best_key"] is not None:
+            problems += _mismatches(best, expected, "best.")
+        groups, ours = meta["optimizer_groups"], self.optimizer.state_dict()["param_groups"]
+        if len(groups) != len(ours) or any(
+            not isinstance(g, dict) or set(g) != set(o) or g["params"] != o["params"] for g, o in zip(groups, ours)
+        ):
+            problems.append("optimizer_groups: not the groups of this model's optimizer")
+        elif any(not _same_kind(g[k], o[k]) for g, o in zip(groups, ours) for k in o):
+            problems.append("optimizer_groups: a setting of the wrong type")
+        params = dict(enumerate(p for g in self.optimizer.param_groups for p in g["params"]))
+        for key, value in part("optim.").items():
+            pid, name = key.split(".", 1)
+            param = params.get(int(pid))
+            if param is None or name not in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                problems.append(f"optim.{key}: not a state of this model's optimizer")
+                continue
+            shape = () if name == "step" else tuple(param.shape)
+            if tuple(value.shape) != shape or not (value.is_floating_point() or name == "step"):
+                problems.append(
+                    f"optim.{key}: {value.dtype} of shape {list(value.shape)}, expected shape {list(shape)}"
+                )
+        scaler = meta["scaler"]
+        if scaler and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scaler.values()):
+            problems.append("scaler: expected numbers")
+        if problems:
+            raise ValueError(f"resume: the checkpoint does not fit this run ({'; '.join(problems[:3])})")
+
+
+def _same_kind(value: object, ours: object) -> bool:
+    """A setting read from JSON has the kind of ours (a tuple comes back as a list)."""
+    if ours is None or isinstance(ours, bool):
+        return value is None or isinstance(value, bool)
+    if isinstance(ours, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(ours, (tuple, list)):
+        return isinstance(value, (tuple, list)) and len(value) == len(ours) and all(map(_same_kind, value, ours))
+    return isinstance(value, type(ours))
+
+
+def _mismatches(got: dict[str, Tensor], expected: dict[str, tuple], prefix: str) -> list[str]:
+    """What differs between tensors and the ``{name: (shape, dtype)}`` they must be, named."""
+    problems = [f"missing {prefix}{k}" for k in expected if k not in got]
+    problems += [f"unexpected {prefix}{k}" for k in got if k not in expected]
+    problems += [
+        f"{prefix}{k}: {v.dtype} of shape {list(v.shape)}, expected {expected[k][1]} of shape {list(expected[k][0])}"
+        for k, v in got.items()
+        if k in expected and (tuple(v.shape), v.dtype) != expected[k]
+    ]
+    return problems
 
 
 def _autocast(device: torch.device, precision: str):
