@@ -162,3 +162,11 @@ def test_a_split_column_note_is_a_sentence(tmp_path):
     ok(result)
     said = " ".join(result.stdout.split())
     assert "note: the split is the data's split column (20 train, 20 valid, 20 test rows)" in said
+
+
+def test_a_missing_data_file_is_named_alone(tmp_path, monkeypatch):
+    """The error names the data file, not the output directory the run would have written."""
+    monkeypatch.chdir(tmp_path)
+    err = assert_one_line(cli("train", "--data", "nonexist.csv"), 2)
+    assert err == "error: data file not found: nonexist.csv"
+    assert not (tmp_path / "runs").exists()
