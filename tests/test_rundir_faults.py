@@ -408,3 +408,27 @@ def test_an_explain_report_made_while_training_runs_is_kept(tmp_path):
         m.setattr(attnfuse.pipeline, "run", run_then_explain)
         ok(cli("train", "--data", data, *TINY, "--seed", "1", "--out", out))
     assert (out / "explain" / "index.html").read_text() == "late"
+
+
+def test_load_trained_reads_again_when_the_directory_was_replaced(tmp_path, monkeypatch):
+    """evaluate/predict read the data as config.json says, then the model: a run swapped in between
+    makes load_trained read everything again (model and data of one run), never a mix."""
+    data = write_npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    ok(cli("train", "--data", data, *TINY, "--out", out))
+    real = attnfuse.pipeline.load_model
+    calls = []
+
+    def swapped_once(model_dir, *args, **kwargs):
+        net, config, standardizer = real(model_dir, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # the first time: as if another run had been swapped in meanwhile
+            config = {**config, "weights_id": "0" * 16}
+        return net, config, standardizer
+
+    monkeypatch.setattr(attnfuse.pipeline, "load_model", swapped_once)
+    net, config, _, _ = attnfuse.pipeline.load_trained(out)
+    assert len(calls) == 2 and config["weights_id"] == read_config(out)["weights_id"]
+    monkeypatch.setattr(attnfuse.pipeline, "load_model", lambda d, *a, **k: (None, {"weights_id": "x"}, None))
+    with pytest.raises(ValueError, match="replaced by other runs"):
+        attnfuse.pipeline.load_trained(out)

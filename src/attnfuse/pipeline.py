@@ -725,8 +725,26 @@ def load_trained(
     (its classes), so data holding fewer classes (even one) can be evaluated. ``table``: reading
     options for a table (by default none are needed: a model trained on a table recorded each
     modality's columns and the target column, and any table is read by those names, in the
-    model's order, whatever its own column order)."""
-    config = read_config(model_dir)  # checked, and the model's size bounded, before anything is built
+    model's order, whatever its own column order).
+
+    Another ``attnfuse train`` may replace the directory meanwhile: the data is read as the config
+    says, then the model is loaded with a config of its own (config and weights of one run, see
+    :func:`load_model`); when that is another run's, everything is read again."""
+    for _ in range(READ_ATTEMPTS):
+        config = read_config(model_dir)  # checked, and the model's size bounded, before anything is built
+        data = _data_for(config, source, allow_pickle, table)
+        check_compatible(config, data)
+        net, loaded, standardizer = load_model(model_dir)
+        if loaded.get("weights_id") == config.get("weights_id"):
+            return net, loaded, standardizer, data
+    raise ValueError(f"model: {model_dir} was replaced by other runs while it was being read; run the command again")
+
+
+READ_ATTEMPTS = 3
+
+
+def _data_for(config: dict, source: str | None, allow_pickle: bool, table: dict[str, Any]) -> MultimodalDataset:
+    """The data to run a trained model on (see :func:`load_trained`), read in its label space."""
     trained = config["data"]
     table = {k: v for k, v in table.items() if v is not None}
     if Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES:
@@ -736,7 +754,7 @@ def load_trained(
             read = {k: v for k, v in (config.get("read") or {}).items() if v is not None}
             table = ReadOptions(**read).table_options()
     classification = trained["task"] == "classification"
-    data = load(
+    return load(
         source or trained.get("source", trained["name"]),
         allow_pickle,
         seed=config["train"].get("seed", 0),
@@ -745,9 +763,6 @@ def load_trained(
         classes=trained.get("classes") if classification else None,
         **{k: v for k, v in table.items() if v is not None},
     )
-    check_compatible(config, data)
-    net, config, standardizer = load_model(model_dir, config=config)
-    return net, config, standardizer, data
 
 
 def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
