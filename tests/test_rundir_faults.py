@@ -427,7 +427,7 @@ def test_load_trained_reads_again_when_the_directory_was_replaced(tmp_path, monk
         return net, config, standardizer
 
     monkeypatch.setattr(attnfuse.pipeline, "load_model", swapped_once)
-    net, config, _, _ = attnfuse.pipeline.load_trained(out)
+    _, config, _, _ = attnfuse.pipeline.load_trained(out)
     assert len(calls) == 2 and config["weights_id"] == read_config(out)["weights_id"]
     monkeypatch.setattr(attnfuse.pipeline, "load_model", lambda d, *a, **k: (None, {"weights_id": "x"}, None))
     with pytest.raises(ValueError, match="replaced by other runs"):
