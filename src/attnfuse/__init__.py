@@ -45,6 +45,7 @@ from .explain import (
     modality_attention,
     walkthrough,
 )
+from .export import PlainTensorModel, export_model
 from .fusion import (
     FUSIONS,
     BiCrossFusion,
@@ -151,6 +152,8 @@ __all__ = [
     "PORTFOLIO",
     "Candidate",
     "fit_baselines",
+    "export_model",
+    "PlainTensorModel",
     # explanation
     "walkthrough",
     "collect_maps",
