@@ -185,3 +185,69 @@ def test_float_mask_with_nan_or_plus_inf_is_an_error(bad, where):
     if where == "attn_mask":
         with pytest.raises(ValueError, match="attn_mask.*NaN or"):
             layer(torch.randn(N, L, E), src_mask=torch.full((L, L), bad))
+
+
+# --- float masks that record gradients: they get them, as in torch ---------------------------
+
+
+def float_padding(kind: str) -> torch.Tensor:
+    """(N, S) float: 'zeros' (adds nothing, yet has a gradient), 'randn', 'some-inf' (no dead row)."""
+    m = torch.zeros(N, S) if kind == "zeros" else torch.randn(N, S, generator=torch.Generator().manual_seed(4))
+    if kind == "some-inf":
+        m[1, 3:] = float("-inf")
+    return m
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("kind", ["zeros", "randn", "some-inf"])
+@pytest.mark.parametrize("attn", [None, "float"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_float_mask_gets_the_gradient_torch_gives_it(kind, attn, batch_first, prepared, need_weights):
+    """The oracle: torch.nn.MultiheadAttention with the same weights, the gradient of the same loss
+    with respect to the key_padding_mask (and a float attn_mask), both additive."""
+    oracle = randomize_(torch.nn.MultiheadAttention(E, H, batch_first=batch_first))
+    ours = MultiheadAttention(E, H, batch_first=batch_first)
+    ours.load_state_dict(oracle.state_dict())
+    g = torch.Generator().manual_seed(5)
+    shape = (N, L, E) if batch_first else (L, N, E)
+    q, kv = torch.randn(shape, generator=g), torch.randn((N, S, E) if batch_first else (S, N, E), generator=g)
+    am = torch.randn(L, S, generator=g) if attn else None
+    found = []
+    for module in (oracle, ours):
+        kpm = float_padding(kind).requires_grad_()
+        mask = am.clone().requires_grad_() if am is not None else None
+        given = KeyPaddingMask(kpm) if prepared and module is ours else kpm
+        out, _ = module(q, kv, kv, key_padding_mask=given, attn_mask=mask, need_weights=need_weights)
+        wrt = (kpm,) if mask is None else (kpm, mask)
+        found.append((out, torch.autograd.grad(out.square().sum(), wrt)))
+    (out_t, grads_t), (out_o, grads_o) = found
+    torch.testing.assert_close(out_o, out_t, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_o, grads_t):
+        assert a.abs().sum() > 0  # the test would pass vacuously on zeros
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("kind", ["zeros", "randn", "some-inf"])
+def test_functional_float_mask_gradient_matches_torch_sdpa(kind, need_weights):
+    """scaled_dot_product_attention's key_padding_mask is torch's additive attn_mask over keys."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(N, H, n, E, generator=g) for n in (L, S, S))
+    kpm = float_padding(kind).requires_grad_()
+    ours, _ = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, need_weights=need_weights)
+    (mine,) = torch.autograd.grad(ours.square().sum(), kpm)
+    ref_mask = float_padding(kind).requires_grad_()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=ref_mask[:, None, None, :])
+    (theirs,) = torch.autograd.grad(ref.square().sum(), ref_mask)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_zero_float_mask_without_autograd_still_means_no_mask():
+    """The shortcut (no mask, the unmasked kernel) stays where no gradient is asked for."""
+    assert KeyPaddingMask(torch.zeros(N, S)).allowed is None
+    with torch.no_grad():
+        assert KeyPaddingMask(torch.zeros(N, S, requires_grad=True)).allowed is None
+    kept = KeyPaddingMask(torch.zeros(N, S, requires_grad=True))
+    assert kept.allowed is not None and kept.allowed.requires_grad and kept.dead is None

@@ -6,31 +6,62 @@ about it, in the way LightningCLI reads options off class signatures. A plain da
 internal (for example the modalities of a fusion config, which come from the data).
 
 Validation stays where it belongs, in each dataclass's ``__post_init__``: the command line does
-not check values a second time.
+not check values a second time. An integer option declares its range once, with the field
+(``bounds=(1, 100_000)``), and :func:`check_bounds` in ``__post_init__`` enforces it: an epoch count
+of 10^23 is a typo, not a run to start.
+
+A value quoted in an error message goes through :func:`shorten`: a value read from a file can be
+huge (a YAML "billion laughs" expands a few hundred bytes into a list of 10^9 strings), and the
+message must stay one short line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
-__all__ = ["option", "Option", "options_of", "coerce"]
+__all__ = ["option", "Option", "options_of", "coerce", "check_bounds", "shorten"]
+
+SHORT = 60  # characters of a value quoted in a message
+
+_repr = reprlib.Repr()
+# Bounded work as well as bounded output: reprlib looks at a few items per level and a few levels,
+# however large or deep (or self-referencing, as YAML aliases make them) the value is.
+_repr.maxlevel, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _repr.maxset = 3, 4, 4, 4, 4
+_repr.maxstring, _repr.maxlong, _repr.maxother = SHORT, SHORT, SHORT
+
+
+def shorten(value: Any, limit: int = SHORT) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters ("..." marks a cut), in
+    time that does not grow with the value's size."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def option(
-    default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple[str, ...] = (), metavar: str | None = None
+    default: Any,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    choices: tuple[str, ...] = (),
+    metavar: str | None = None,
+    bounds: tuple[int, int] | None = None,
 ) -> Any:
     """A dataclass field that is also a user-facing option.
 
     ``flags`` are extra command-line names (``("heads",)`` gives ``--heads`` next to ``--nhead``);
     ``choices`` restricts a string option to these values (checked by the dataclass, listed in help);
-    ``metavar`` names the value in help (default: its type).
+    ``metavar`` names the value in help (default: its type); ``bounds`` ``(lo, hi)``: the range of an
+    integer option, inclusive (checked by the dataclass with :func:`check_bounds`).
     """
-    meta = {"help": help, "flags": flags, "choices": choices, "metavar": metavar}
+    if bounds is not None and not (len(bounds) == 2 and bounds[0] <= bounds[1]):
+        raise ValueError(f"bounds: expected (lo, hi) with lo <= hi, got {bounds!r}")
+    meta = {"help": help, "flags": flags, "choices": choices, "metavar": metavar, "bounds": bounds}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -49,6 +80,7 @@ class Option:
     optional: bool  # None is an accepted value (e.g. "use the model's own default")
     owner: type  # the dataclass that declares it
     metavar: str | None = None
+    bounds: tuple[int, int] | None = None  # an integer option's range, inclusive
 
     @property
     def flag(self) -> str:
@@ -77,6 +109,7 @@ def options_of(*classes: type) -> list[Option]:
                 optional,
                 cls,
                 f.metadata["metavar"],
+                f.metadata.get("bounds"),
             )
     return list(seen.values())
 
@@ -108,16 +141,37 @@ def coerce(opt: Option, value: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif opt.type is list:
-        if isinstance(value, list):
-            return value
         if isinstance(value, str):
             return [value]
+        if isinstance(value, list):
+            # Plain strings, as the command line gives them (a file could nest anything).
+            bad = next((v for v in value if not isinstance(v, str)), None)
+            if bad is None:
+                return value
+            raise ValueError(f"{where}: {opt.name}: expected a list of strings, got an item {shorten(bad)}")
     elif opt.type is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     else:
         return value
-    raise ValueError(f"{where}: {opt.name}: expected a {opt.type.__name__}, got {value!r}")
+    raise ValueError(f"{where}: {opt.name}: expected a {opt.type.__name__}, got {shorten(value)}")
+
+
+def check_bounds(obj: Any) -> None:
+    """Check the integer options of dataclass instance ``obj`` against their declared ``bounds``:
+    a ValueError naming the option, the bound and the value (None passes: an optional option's
+    "not set")."""
+    for f in dataclasses.fields(obj):
+        bounds = f.metadata.get("bounds")
+        if bounds is None:
+            continue
+        value, (lo, hi) = getattr(obj, f.name), bounds
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{f.name}: expected an integer >= {lo}, got {shorten(value)}")
+        if value > hi:
+            raise ValueError(f"{f.name}: expected an integer <= {hi:,}, got {shorten(value)}")
 
 
 def split_by_owner(values: dict[str, Any], owners: Iterable[type]) -> dict[type, dict[str, Any]]:

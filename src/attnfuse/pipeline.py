@@ -49,12 +49,13 @@ from .checkpoint import (
 )
 from .data import BUILTINS, SPLITS, MultimodalDataset, Split, Standardizer, kfold, load_data, make_split
 from .data.dataset import TASKS
+from .data.io._common import read_bounded
 from .data.io.table import TABLE_SUFFIXES, parse_modality_options
 from .distributed import Dist, local_device, setup, teardown
 from .ensemble import Ensemble, build_ensemble
 from .fusion import FUSIONS, FusionModel, config_from_dict
 from .metrics import summarize
-from .options import Option, coerce, option, options_of
+from .options import Option, coerce, option, options_of, shorten
 from .portfolio import PORTFOLIO, Candidate, candidates_for, choose, public, settings_used
 from .runstate import RunLog, last_dir, load_state, save_state, write_options
 from .training import (
@@ -242,12 +243,21 @@ def without_consent(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k.replace("-", "_") not in CONSENT_OPTIONS}
 
 
+MAX_OPTIONS_BYTES = 1 << 20  # a file of option values: a few hundred bytes, a run.yaml a few KB
+
+
 def read_options(path: str | os.PathLike) -> dict[str, Any]:
     """Option values from a YAML or JSON file (a mapping of option name to value; JSON is YAML).
-    Consent options (``allow_pickle``) in the file are ignored: they come from the command line."""
+    Consent options (``allow_pickle``) in the file are ignored: they come from the command line.
+    The file must be a regular file (a named pipe would block) of at most :data:`MAX_OPTIONS_BYTES`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     p = Path(path)
+    raw = read_bounded(p, MAX_OPTIONS_BYTES, "config")
     try:
-        values = yaml.safe_load(p.read_text())
+        values = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config: {p} is not a text file (not UTF-8 at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"config: {p} is not valid YAML or JSON ({str(e).splitlines()[0]})") from None
     except RecursionError:
@@ -258,7 +268,7 @@ def read_options(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config: {p}: expected a mapping of option names to values, got {type(values).__name__}")
     nested = [k for k, v in values.items() if isinstance(v, dict)]
     if nested:
-        raise ValueError(f"config: {p}: option {nested[0]!r} has a nested mapping; options are plain values")
+        raise ValueError(f"config: {p}: option {shorten(nested[0])} has a nested mapping; options are plain values")
     return without_consent(values)
 
 
@@ -351,7 +361,8 @@ def train(
     ``handle_signals``, SIGINT/SIGTERM stop the run at the end of the current step, write the
     checkpoint and raise :class:`~attnfuse.training.Interrupted`. Under ``torchrun`` every
     process calls this; rank 0 alone reports progress and writes files."""
-    dist = setup(spec.train.torch_device())
+    _check_train_arguments(spec, out, progress, resume, handle_signals)
+    dist = setup(spec.train.training_device())
     emit = (progress or _quiet) if dist.main else _quiet
     try:
         # Rank 0 locks the output and proves it writable before the data is read: a second run into
@@ -364,6 +375,21 @@ def train(
         raise
     finally:
         teardown()
+
+
+def _check_train_arguments(spec: Any, out: Any, progress: Any, resume: Any, handle_signals: Any) -> None:
+    """The types of :func:`train`'s arguments, each a TypeError naming it, the expected and the
+    actual type (not an AttributeError from deep inside)."""
+    if not isinstance(spec, TrainSpec):
+        hint = " (build one with TrainSpec.from_options(values))" if isinstance(spec, dict) else ""
+        raise TypeError(f"spec: expected a TrainSpec{hint}, got {type(spec).__name__}")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out: expected a str, an os.PathLike or None, got {type(out).__name__}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress: expected a callable(event, info) or None, got {type(progress).__name__}")
+    for name, value in (("resume", resume), ("handle_signals", handle_signals)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def _resumable(out, error: BaseException) -> bool:

@@ -30,7 +30,7 @@ from .distributed import Dist, local_device
 from .ensemble import Ensemble, first_member
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
-from .options import option
+from .options import check_bounds, option, shorten
 
 __all__ = [
     "TrainConfig",
@@ -60,20 +60,25 @@ class TrainConfig:
     """Optimisation settings of one run (saved into config.json). Each field is an option of
     ``attnfuse train`` (see :mod:`attnfuse.options`)."""
 
-    epochs: int = option(100, "Maximum epochs (early stopping on the validation metric).")
-    batch_size: int = option(64, "Mini-batch size.")
+    # Integer bounds: far beyond any useful run, short of what would overflow or never end
+    # (an epoch count of 10^23 is a typo; a seed must fit numpy's and torch's generators).
+    epochs: int = option(100, "Maximum epochs (early stopping on the validation metric).", bounds=(1, 100_000))
+    batch_size: int = option(64, "Mini-batch size.", bounds=(1, 1_000_000))
     lr: float = option(1e-3, "AdamW learning rate.")
     weight_decay: float = option(
         1e-2, "AdamW weight decay, on weight matrices only (not biases, LayerNorm or learned embeddings)."
     )
     clip_grad: float = option(1.0, "Clip the gradient norm to this value (0: no clipping).")
-    patience: int = option(20, "Stop after this many epochs without validation improvement.")
-    seed: int = option(0, "Random seed (model init, shuffling, and the split when the data has none).")
+    patience: int = option(20, "Stop after this many epochs without validation improvement.", bounds=(1, 100_000))
+    seed: int = option(
+        0, "Random seed (model init, shuffling, and the split when the data has none).", bounds=(0, 2**32 - 1)
+    )
     device: str = option("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     threads: int | None = option(
         None,
         "CPU threads of torch (default: the cores other processes leave free, or OMP_NUM_THREADS when set; "
         "see attnfuse.threads).",
+        bounds=(1, 4096),
     )
     loss: str = option(
         "auto",
@@ -85,27 +90,28 @@ class TrainConfig:
     metrics: str = option("default", "'sentiment' adds the MOSI/MOSEI metrics (acc2, acc7, ...).", choices=METRIC_SETS)
     precision: str = option(
         "32",
-        "Floating point: 32, or mixed precision bf16 (CPU and GPU) or fp16 (GPU, with loss scaling).",
+        "Floating point: 32, or mixed precision bf16 (CPU and GPU) or fp16 (GPU only, with loss scaling).",
         choices=PRECISIONS,
     )
     compile: bool = option(False, "torch.compile the model (faster steps after a slow first one).")
     ensemble: int = option(
-        1, "Train this many models from different seeds on the same rows and average their outputs (small data)."
+        1,
+        "Train this many models from different seeds on the same rows and average their outputs (small data).",
+        bounds=(1, 100),
     )
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience", "ensemble"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if self.threads is not None and (
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
-            raise ValueError(f"threads: expected an integer >= 1 (or none: the free cores), got {self.threads!r}")
+            raise ValueError(
+                f"threads: expected an integer >= 1 (or none: the free cores), got {shorten(self.threads)}"
+            )
+        check_bounds(self)  # epochs, batch_size, patience, seed, threads, ensemble: the declared ranges
         for name in ("lr", "weight_decay", "clip_grad"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+                raise ValueError(f"{name}: expected a finite number, got {shorten(value)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if self.weight_decay < 0 or self.clip_grad < 0:
@@ -114,11 +120,11 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: expected a value in [0, 1), got {self.label_smoothing}")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+            raise ValueError(f"loss: expected one of {LOSSES}, got {shorten(self.loss)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {shorten(self.precision)}")
         if self.metrics not in METRIC_SETS:
-            raise ValueError(f"metrics: expected one of {METRIC_SETS}, got {self.metrics!r}")
+            raise ValueError(f"metrics: expected one of {METRIC_SETS}, got {shorten(self.metrics)}")
         self.torch_device()  # checks the device now, not after the data is loaded
 
     @property
@@ -130,7 +136,7 @@ class TrainConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device != "cpu" and re.fullmatch(r"cuda(:\d+)?", self.device) is None:
-            raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+            raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {shorten(self.device)}")
         if self.device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise ValueError(f"device: {self.device!r} was asked for but CUDA is not available on this machine")
@@ -138,6 +144,21 @@ class TrainConfig:
             if index >= torch.cuda.device_count():
                 raise ValueError(f"device: {self.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
         return torch.device(self.device)
+
+    def training_device(self) -> torch.device:
+        """:meth:`torch_device`, checked for training in ``precision``. fp16 is refused on the CPU:
+        most CPUs have no float16 arithmetic, so torch converts to float32 and back (slower than
+        float32 alone) while the values keep float16's narrow range, the reason fp16 needs loss
+        scaling; bf16 is the CPU's mixed precision. Not checked in ``__post_init__``: a model
+        trained in fp16 on a GPU is still loaded and evaluated on the CPU."""
+        device = self.torch_device()
+        if self.precision == "fp16" and device.type == "cpu":
+            why = "no CUDA GPU here" if self.device == "auto" else "device cpu"
+            raise ValueError(
+                f"precision: fp16 trains on a CUDA GPU only, and this run is on the CPU ({why}); "
+                "use bf16 (the CPU's mixed precision) or 32"
+            )
+        return device
 
     def check_task(self, task: str, target_dim: int | None = None) -> None:
         """Settings that only fit one task are errors for the other (before any training)."""
@@ -285,7 +306,7 @@ def run(
     if split is None:
         split = make_split(data, seed=train.seed if split_seed is None else split_seed, fractions=fractions)
     standardizer = Standardizer.fit(data, split["train"])
-    device = local_device(train.torch_device())
+    device = local_device(train.training_device())
     sources = {name: _batches(data, rows, standardizer, device) for name, rows in split.items()}
 
     overrides = {**(model_overrides or {}), **target_stats(data, split["train"])}

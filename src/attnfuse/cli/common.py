@@ -255,10 +255,20 @@ def cli_errors(command: Callable, name: str | None = None) -> Callable:
     return wrapper
 
 
+MAX_LINE = 1000  # characters of an error line: a message that quotes a huge value is cut, with "…"
+
+
 def one_line(message: str) -> str:
     """An error message as one line of plain text (escaped: a path or value with [brackets] is
-    text, not rich markup)."""
-    return escape(" ".join(str(message).split()))
+    text, not rich markup), at most :data:`MAX_LINE` characters before escaping: the last resort
+    against a message that quotes a value read from a file whole (the messages themselves quote
+    short forms, see :func:`attnfuse.options.shorten`)."""
+    text = str(message)
+    cut = len(text) > 4 * MAX_LINE  # whitespace runs collapse below: look at a bounded prefix only
+    text = " ".join(text[: 4 * MAX_LINE].split())
+    if cut or len(text) > MAX_LINE:
+        text = text[: MAX_LINE - 1].rstrip() + "…"
+    return escape(text)
 
 
 def _fmt(v: float | None) -> str:

@@ -24,7 +24,14 @@ from ._memory import row_chunks
 from .dataset import MultimodalDataset
 from .io import TABLE_SUFFIXES
 from .io._common import npy_header
-from .io.directory import NpyWriter, load_directory, write_dataset, write_directory, write_manifest
+from .io.directory import (
+    NpyWriter,
+    check_modality_name,
+    load_directory,
+    write_dataset,
+    write_directory,
+    write_manifest,
+)
 from .io.npz import check_fits_in_memory, open_npz
 from .io.table import merge_mapping, table_arrays, table_batches, table_columns
 from .sources import load_data
@@ -50,14 +57,23 @@ def convert(
     """Write the dataset ``src`` (a file, directory or built-in name, as :func:`load_data` takes
     it, with the same options) as a directory dataset ``dst`` (which must not exist or be empty).
 
-    Returns the new dataset, opened memory-mapped. Features are written as float32."""
+    Returns the new dataset, opened memory-mapped. Features are written as float32. A modality's
+    name becomes part of file names (``x_<name>.npy``): one that is not a valid file-name component
+    is refused before anything is written, naming where it came from."""
     dst = Path(dst)
     suffix = Path(src).suffix.lower()
     table_opts = {"modalities": modalities, "target": target, "split_col": split_col, "mapping": mapping}
+    for name in modalities or {}:
+        check_modality_name(name, "modality")
+    is_table = suffix in TABLE_SUFFIXES and not Path(src).is_dir()
+    if is_table:
+        table_mapping = merge_mapping(mapping, modalities, target, split_col)
+        for name in table_mapping.modalities or {}:
+            check_modality_name(name, "mapping")
 
     def write(tmp: Path) -> None:
-        if suffix in TABLE_SUFFIXES and not Path(src).is_dir():
-            _write_table(Path(src), tmp, merge_mapping(mapping, modalities, target, split_col))
+        if is_table:
+            _write_table(Path(src), tmp, table_mapping)
         elif suffix == ".npz" and not Path(src).is_dir():
             _write_npz(Path(src), tmp)
         else:
@@ -71,6 +87,10 @@ def convert(
 def _write_npz(src: Path, tmp: Path) -> None:
     """Stream an .npz archive's feature arrays into .npy files, a chunk of rows at a time."""
     with open_npz(src) as (zf, members):
+        for key in members:
+            for prefix in ("x_", "mask_", "info_"):
+                if key.startswith(prefix):
+                    check_modality_name(key[len(prefix) :], f"{src}")
         small = {k: m for k, m in members.items() if not k.startswith("x_")}
         check_fits_in_memory(src, sum(m.nbytes for m in small.values()))
         arrays = {}
@@ -117,6 +137,8 @@ def _stream_member(zf, member, mask: np.ndarray | None, tmp: Path, src: Path) ->
 def _write_table(src: Path, tmp: Path, mapping) -> None:
     """Write a table's columns as modalities, a batch of rows at a time (Parquet) or whole (CSV)."""
     columns, n = table_columns(src, mapping)
+    for name in columns.modalities:
+        check_modality_name(name, f"{src}")
     writers: dict[str, NpyWriter] = {}
     present: dict[str, list[np.ndarray]] = {m: [] for m in columns.modalities}
     ys, splits, offset = [], [], 0

@@ -179,6 +179,11 @@ def kfold(data: MultimodalDataset, k: int, seed: int, valid_fraction: float = VA
     With a split column, its test rows stay the test part of every fold, and the folds are over
     its train + valid rows: fold i validates on the i-th part of them and trains on the rest (the
     validation parts partition train + valid).
+
+    A class with fewer samples than ``k`` cannot be in every fold's held-out part: those folds
+    neither test (or validate) on it nor measure it. scikit-learn warns and goes on; so does this,
+    in every fold's ``note`` (which ``attnfuse train`` prints), naming the classes and how many
+    folds lack each.
     """
     # scikit-learn takes seconds to import: only for the commands that use folds.
     from sklearn.model_selection import KFold, StratifiedKFold
@@ -205,6 +210,7 @@ def kfold(data: MultimodalDataset, k: int, seed: int, valid_fraction: float = VA
     with warnings.catch_warnings():  # a class smaller than k: sklearn warns, its rows spread as they can
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         folds = list(splitter.split(pool, None if labels is None else labels[pool]))
+    shortage = _shortage(data, labels, pool, folds, k, "test" if fixed_test is None else "validation")
     out = []
     for i, (rest, held) in enumerate(folds):
         rest, held = np.sort(pool[rest]), np.sort(pool[held])
@@ -215,8 +221,38 @@ def kfold(data: MultimodalDataset, k: int, seed: int, valid_fraction: float = VA
             train, valid = carve_valid(data, rest, _fold_seed(seed, i), valid_fraction)
             rows = {"train": train, "valid": valid, "test": held}
             note = f"fold {i + 1} of {k}: test on part {i + 1}; validation carved out of the other parts"
-        out.append(Split(rows, "fold", note))
+        out.append(Split(rows, "fold", f"{note}; {shortage}" if shortage else note))
     return out
+
+
+def _shortage(
+    data: MultimodalDataset, labels: np.ndarray | None, pool: np.ndarray, folds: list, k: int, part: str
+) -> str:
+    """One line on the classes with fewer samples than k, and how many held-out parts lack each
+    ("" when every class fills every fold)."""
+    if labels is None:
+        return ""
+    counts = np.bincount(labels[pool])
+    small = np.flatnonzero((counts > 0) & (counts < k))
+    if small.size == 0:
+        return ""
+    held_classes = [set(np.unique(labels[pool[held]]).tolist()) for _, held in folds]
+    names = data.classes if data.classes is not None else list(range(counts.size))
+    names = [n.item() if isinstance(n, np.generic) else n for n in names]  # 'rare', not np.str_('rare')
+    each = [
+        f"class {names[c]!r} has {counts[c]} sample{'s' if counts[c] != 1 else ''} "
+        f"({sum(int(c) not in h for h in held_classes)} of the {k} {part} parts lack it)"
+        for c in small[:3]
+    ]
+    more = f" and {small.size - 3} more classes" if small.size > 3 else ""
+    fewest = int(counts[small].min())
+    advice = ""
+    if fewest >= 2:
+        advice = f"; --folds {fewest}{' or fewer' if fewest > 2 else ''} would hold every class in every part"
+    return (
+        f"warning: fewer samples than folds: {', '.join(each)}{more}; those folds' {part} metrics "
+        f"do not measure {'it' if small.size == 1 else 'them'}{advice}"
+    )
 
 
 def _fold_seed(seed: int, fold: int) -> int:

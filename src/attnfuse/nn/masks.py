@@ -190,8 +190,10 @@ class KeyPaddingMask:
         if kpm.dtype == torch.bool and not bool(blocked.any()):
             self.allowed = self.dead = None  # nothing padded: no mask, the unmasked kernel
             return
-        if kpm.dtype != torch.bool and not bool(kpm.any()):
-            self.allowed = self.dead = None  # all zeros: adds nothing
+        if kpm.dtype != torch.bool and not bool(kpm.any()) and not (kpm.requires_grad and torch.is_grad_enabled()):
+            # All zeros adds nothing, but a mask that records gradients is kept: its gradient is
+            # not zero (it is the scores' gradient summed over queries and heads, as in torch).
+            self.allowed = self.dead = None
             return
         dead = blocked.all(dim=-1)  # (N,)
         has_dead = bool(dead.any())

@@ -5,6 +5,7 @@ format shares."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
@@ -14,14 +15,45 @@ import numpy as np
 from ..dataset import MultimodalDataset
 from ..labels import decode_labels
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
-def existing_file(path: str | os.PathLike) -> Path:
+
+def regular_file(path: str | os.PathLike, what: str = "data file") -> Path:
+    """``path`` as a Path, after checking that it is a regular file (a link to one is fine).
+
+    Checked before anything opens it: opening a named pipe blocks until some other process
+    writes to it (a training run that hangs without a word), and a device such as /dev/zero
+    never ends. ``what`` names the file in the error (the option or the role it has)."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data file not found: {p}")
-    if not p.is_file():
-        raise ValueError(f"data file: expected a file, got a directory or special file: {p}")
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {p}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise ValueError(f"{what}: expected a regular file, got {kind}: {p}")
     return p
+
+
+def existing_file(path: str | os.PathLike, what: str = "data file") -> Path:
+    """A data file that exists and is a regular file (see :func:`regular_file`)."""
+    return regular_file(path, what)
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of regular file ``path``, refused when larger than ``limit`` (a small metadata
+    file: never read a huge one whole to find out)."""
+    with regular_file(path, what).open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what}: {path} is larger than {limit:,} bytes, more than such a file ever holds")
+    return data
 
 
 def npy_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:

@@ -3,7 +3,10 @@ format, memory-mapped when read.
 
 ``DIR/x_<modality>.npy`` (N, D) or (N, T, D), ``DIR/y.npy``, optional ``DIR/mask_<modality>.npy``,
 ``DIR/split.npy`` and ``DIR/info_<name>.npy``, and optionally ``DIR/attnfuse.json``
-(``{"modalities": [names in order]}``; without it the modalities are in name order). Features
+(``{"modalities": [names in order]}``, at most :data:`MAX_MANIFEST_BYTES`; without it the
+modalities are in name order). Every file must be a regular file, checked before it is opened (a
+named pipe would block the reader). A modality's name is part of its file names, so it must be a
+valid file-name component (:func:`check_modality_name`). Features
 are opened with ``numpy.load(mmap_mode="r")``: nothing is read until rows are gathered, except
 the one chunked pass that checks them for NaN/inf (:func:`attnfuse.data.validation.check_values`).
 Targets, masks and the split are small (N or N x T) and are read into memory.
@@ -19,28 +22,66 @@ from pathlib import Path
 
 import numpy as np
 
+from ...options import shorten
 from .._memory import row_chunks
 from ..dataset import MultimodalDataset
-from ._common import dataset_arrays, non_feature_arrays, npy_header
+from ._common import dataset_arrays, non_feature_arrays, npy_header, read_bounded, regular_file
 
-__all__ = ["MANIFEST", "NpyWriter", "load_directory", "save_directory", "write_dataset", "write_directory"]
+__all__ = [
+    "MANIFEST",
+    "NpyWriter",
+    "check_modality_name",
+    "load_directory",
+    "save_directory",
+    "write_dataset",
+    "write_directory",
+]
 
 MANIFEST = "attnfuse.json"
 IN_MEMORY = ("y", "split")  # small and needed whole at once: read, not mapped
+MAX_MANIFEST_BYTES = 1 << 20  # a list of modality names: far less
+MAX_NAME_BYTES = 200  # a file name is at most 255 bytes, with "mask_" and ".npy" around the name
+
+
+def check_modality_name(name: object, where: str = "modality") -> str:
+    """``name``, checked to be usable in the file names of a directory dataset (``x_<name>.npy``):
+    a non-empty string without a path separator, NUL or control character, not "." or "..", of
+    at most :data:`MAX_NAME_BYTES` bytes in UTF-8. ``where`` names the option or file it came from."""
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: expected a modality name (a string), got {shorten(name)}")
+    bad = next((c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    why = None
+    if name in ("", ".", ".."):
+        why = "it is empty, '.' or '..'"
+    elif bad is not None:
+        why = f"it holds {bad!r}"
+    elif len(name.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+        why = f"it is longer than {MAX_NAME_BYTES} bytes"
+    if why is not None:
+        raise ValueError(
+            f"{where}: the modality name {shorten(name)} is not a valid file-name component ({why}); "
+            "a directory dataset stores each modality as x_<name>.npy"
+        )
+    return name
 
 
 def _modality_order(p: Path, keys: list[str]) -> list[str]:
     """The x_ keys in the manifest's order (or name order without one)."""
     names = sorted(k[2:] for k in keys if k.startswith("x_"))
     manifest = p / MANIFEST
-    if not manifest.is_file():
+    if not os.path.lexists(manifest):
         return names
+    text = read_bounded(manifest, MAX_MANIFEST_BYTES, "data directory's manifest")
     try:
-        order = json.loads(manifest.read_text())["modalities"]
+        order = json.loads(text)["modalities"]
+    except RecursionError:
+        raise ValueError(f'{manifest}: nested too deeply to be a manifest {{"modalities": [names]}}') from None
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f'{manifest}: expected JSON {{"modalities": [names]}} ({e})') from None
     if not isinstance(order, list) or sorted(map(str, order)) != names:
-        raise ValueError(f"{manifest}: lists modalities {order}, the directory holds x_ files for {names}")
+        raise ValueError(
+            f"{manifest}: lists modalities {shorten(order, 200)}, the directory holds x_ files for {shorten(names, 200)}"
+        )
     return order
 
 
@@ -56,7 +97,7 @@ def load_directory(
         raise ValueError(f"{p}: no .npy arrays in the directory (expected x_<modality>.npy and y.npy)")
     arrays = {}
     for key, f in files.items():
-        with f.open("rb") as fh:
+        with regular_file(f, "data directory's array").open("rb") as fh:
             npy_header(fh, str(f))  # refuses object arrays before numpy sees them
         try:
             arrays[key] = np.load(f, mmap_mode=None if key in IN_MEMORY else "r", allow_pickle=False)
@@ -124,6 +165,10 @@ def write_manifest(directory: Path, modalities: list[str]) -> None:
 
 def write_dataset(data: MultimodalDataset, directory: Path) -> None:
     """Write ``data``'s arrays into an existing directory (see :func:`save_directory`)."""
+    for m in data.modalities:
+        check_modality_name(m.name, f"data {data.name!r}" if data.name else "data")
+    for name in data.info:
+        check_modality_name(name, "info")
     for m in data.modalities:
         writer = NpyWriter(directory / f"x_{m.name}.npy", data.features[m.name].shape)
         for rows in row_chunks(data.n, m.length * m.dim * 4):
