@@ -170,3 +170,15 @@ def test_a_missing_data_file_is_named_alone(tmp_path, monkeypatch):
     err = assert_one_line(cli("train", "--data", "nonexist.csv"), 2)
     assert err == "error: data file not found: nonexist.csv"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_billion_laughs_mapping_is_refused_with_a_short_line(tmp_path):
+    """A YAML mapping whose aliases expand to billions of strings: the message quotes a few dozen
+    characters of it (it once quoted the expanded value: hundreds of MB on stderr)."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    (tmp_path / "map.yaml").write_text("\n".join(["modalities:", *("  " + line for line in lines), "  x: *a7"]))
+    (tmp_path / "t.csv").write_text("x_0,y\n1,2\n")
+    result = cli("train", "--data", tmp_path / "t.csv", "--mapping", tmp_path / "map.yaml", "--out", tmp_path / "o")
+    err = assert_one_line(result, 2, "modality 'a1'")
+    assert len(err) < 300

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..options import shorten
 from ._memory import is_mapped, release_pages, row_chunks
 from .labels import class_codes
 
@@ -269,24 +270,18 @@ def check_columns(columns: Any, dims: Mapping[str, int]) -> dict | None:
     if columns is None:
         return None
     if not isinstance(columns, Mapping) or set(columns) != {"modalities", "target", "split"}:
-        raise ValueError(f"columns: expected a dict with keys modalities, target, split, got {_short(columns)}")
+        raise ValueError(f"columns: expected a dict with keys modalities, target, split, got {shorten(columns)}")
     mods = columns["modalities"]
     if not isinstance(mods, Mapping) or set(mods) != set(dims):
-        raise ValueError(f"columns: expected column names for the modalities {list(dims)}, got {_short(mods)}")
+        raise ValueError(f"columns: expected column names for the modalities {list(dims)}, got {shorten(mods)}")
     for name, cols in mods.items():
         if not isinstance(cols, list) or len(cols) != dims[name] or not all(isinstance(c, str) for c in cols):
-            raise ValueError(f"columns[{name!r}]: expected {dims[name]} column names, got {_short(cols)}")
+            raise ValueError(f"columns[{name!r}]: expected {dims[name]} column names, got {shorten(cols)}")
     for key in ("target", "split"):
         if columns[key] is not None and not isinstance(columns[key], str):
-            raise ValueError(f"columns: {key} must be a column name or None, got {_short(columns[key])}")
+            raise ValueError(f"columns: {key} must be a column name or None, got {shorten(columns[key])}")
     return {
         "modalities": {name: list(mods[name]) for name in dims},
         "target": columns["target"],
         "split": columns["split"],
     }
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

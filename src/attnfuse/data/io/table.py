@@ -43,9 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from ...options import shorten
 from ..dataset import MultimodalDataset
 from ..validation import FLOAT32_MAX
-from ._common import existing_file
+from ._common import existing_file, read_bounded
 
 __all__ = [
     "TABLE_SUFFIXES",
@@ -62,6 +63,7 @@ __all__ = [
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 DEFAULT_TARGET, DEFAULT_SPLIT = "y", "split"
 GLOB_CHARS = "*?["
+MAPPING_BYTES = 1 << 20  # a mapping file names columns: a megabyte is far more than one ever holds
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,9 @@ def parse_modality_options(options: Sequence[str]) -> dict[str, str]:
         name, sep, pattern = str(option).partition("=")
         name, pattern = name.strip(), pattern.strip()
         if not sep or not name or not pattern:
-            raise ValueError(f"modality: expected NAME=COLUMN_PREFIX_OR_GLOB (e.g. text=txt_*), got {option!r}")
+            raise ValueError(f"modality: expected NAME=COLUMN_PREFIX_OR_GLOB (e.g. text=txt_*), got {shorten(option)}")
         if name in out:
-            raise ValueError(f"modality: {name!r} is given twice ({out[name]!r} and {pattern!r})")
+            raise ValueError(f"modality: {shorten(name)} is given twice ({shorten(out[name])} and {shorten(pattern)})")
         out[name] = pattern
     return out
 
@@ -118,8 +120,11 @@ def parse_modality_options(options: Sequence[str]) -> dict[str, str]:
 def load_mapping(path: str | os.PathLike) -> TableMapping:
     """Read a YAML or JSON mapping file: ``{modalities: {name: pattern or [columns]}, target: col,
     split: col}`` (every key optional)."""
-    p = existing_file(path)
-    text = p.read_text()
+    p = existing_file(path, "mapping")
+    try:
+        text = read_bounded(p, MAPPING_BYTES, "mapping").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"mapping: {p} is not UTF-8 text") from None
     try:
         if p.suffix.lower() == ".json":
             raw = json.loads(text)
@@ -138,7 +143,7 @@ def mapping_from_dict(raw: Any, where: str = "mapping") -> TableMapping:
         raise ValueError(f"{where}: expected a mapping with keys modalities, target, split; got {type(raw).__name__}")
     unknown = sorted(set(map(str, raw)) - {"modalities", "target", "split"})
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (expected modalities, target, split)")
+        raise ValueError(f"{where}: unknown keys {shorten(unknown)} (expected modalities, target, split)")
     modalities = raw.get("modalities")
     if modalities is not None:
         if not isinstance(modalities, Mapping) or not modalities:
@@ -148,12 +153,13 @@ def mapping_from_dict(raw: Any, where: str = "mapping") -> TableMapping:
             is_list = isinstance(cols, list) and bool(cols) and all(isinstance(c, str) for c in cols)
             if not isinstance(name, str) or not (is_pattern or is_list):
                 raise ValueError(
-                    f"{where}: modality {name!r}: expected a column prefix, glob or list of column names, got {cols!r}"
+                    f"{where}: modality {shorten(name)}: expected a column prefix, glob or list of column names, got "
+                    f"{shorten(cols)}"
                 )
         modalities = dict(modalities)
     for key in ("target", "split"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise ValueError(f"{where}: {key!r} must be a column name, got {raw[key]!r}")
+            raise ValueError(f"{where}: {key!r} must be a column name, got {shorten(raw[key])}")
     return TableMapping(modalities, raw.get("target"), raw.get("split"))
 
 
@@ -162,14 +168,16 @@ def _match(pattern: str | list[str], columns: list[str], name: str, where: str) 
     if isinstance(pattern, list):
         missing = [c for c in pattern if c not in columns]
         if missing:
-            raise ValueError(f"{where}: modality {name!r}: no column named {missing[0]!r}")
+            raise ValueError(f"{where}: modality {shorten(name)}: no column named {shorten(missing[0])}")
         return list(pattern)
     if any(ch in pattern for ch in GLOB_CHARS):
         found = [c for c in columns if fnmatch.fnmatchcase(c, pattern)]
     else:
         found = [c for c in columns if c.startswith(pattern)]
     if not found:
-        raise ValueError(f"{where}: modality {name!r}: the pattern {pattern!r} matches no column ({_listing(columns)})")
+        raise ValueError(
+            f"{where}: modality {shorten(name)}: the pattern {shorten(pattern)} matches no column ({_listing(columns)})"
+        )
     return found
 
 
