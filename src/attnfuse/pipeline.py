@@ -215,7 +215,7 @@ class TrainSpec:
         values = {alias.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in values.items()}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"{where}: unknown option {unknown[0]!r} (options: {', '.join(known)})")
+            raise ValueError(f"{where}: unknown option {shorten(unknown[0])} (options: {', '.join(known)})")
         values = {k: coerce(known[k], v, where) for k, v in values.items()}
         run_opts = RunOptions(**{k: v for k, v in values.items() if known[k].owner is RunOptions})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if known[k].owner is TrainConfig})
