@@ -105,3 +105,25 @@ def test_the_code_layout_exists():
     paths = rc.layout_paths(TEXT)
     assert len(paths) > 20
     assert [p for p in paths if not (ROOT / p).exists()] == []
+
+
+def _shown(command):
+    return next(i for i in SHELL if i.key == command)
+
+
+def test_the_walkthrough_comparison_ignores_wrapping_not_numbers():
+    item = _shown('attnfuse explain --query "1,2" --keys "2,3;1,0" --no-scale')
+    printed = "\n".join(item.output).replace("as in small\nhand-worked", "as\nin small hand-worked")
+    assert rc.shown_pattern(item.output).search("startup line\n" + printed)
+    assert not rc.shown_pattern(item.output).search(printed.replace("0.99909", "0.99908"))
+
+
+def test_the_diabetes_comparison_masks_the_fusion_figures_only():
+    item = _shown("attnfuse train --data diabetes.npz --seed 1")
+    baselines = lambda line: "(baseline)" in line  # noqa: E731
+    printed = "\n".join(item.output[1:])
+    pattern = rc.shown_pattern(item.output, baselines)
+    assert pattern.search("attnfuse train: diabetes ...\n" + printed)
+    assert pattern.search(printed.replace("51.5116", "51.5117").replace("7.2 s", "41.0 s"))
+    assert not pattern.search(printed.replace("58.0737", "58.0738"))  # ridge's test rmse
+    assert not pattern.search(printed.replace("picked concat", "picked self"))
