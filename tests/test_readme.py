@@ -60,10 +60,10 @@ def test_the_readme_has_commands_and_snippets():
 def test_command_parses(argv):
     """The arguments go through click's parsing (group, then command) without running anything."""
     group = typer.main.get_command(app)
-    ctx = group.make_context("attnfuse", list(argv))
-    name, command, rest = group.resolve_command(ctx, [*ctx._protected_args, *ctx.args])
-    assert command is not None, argv
     try:
+        ctx = group.make_context("attnfuse", list(argv))
+        name, command, rest = group.resolve_command(ctx, [*ctx._protected_args, *ctx.args])
+        assert command is not None, argv
         command.make_context(name, rest, parent=ctx)
     except typer.Exit as e:  # --help: printed, then a clean exit
         assert e.exit_code == 0, argv
