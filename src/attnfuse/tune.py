@@ -75,7 +75,9 @@ class TuneOptions:
     trials: int = option(20, "Trials to run now (a continued study adds them to the trials it holds).")
     timeout: float | None = option(None, "Start no new trial after this many seconds.")
     study_db: str | None = option(
-        None, "SQLite file of the study (default: OUT.study.db beside --out); the same file again continues it."
+        None,
+        "SQLite file of the study (default: OUT.study.db beside --out); the same file again continues it, and "
+        "several tune processes (each with its own --out) may share it.",
     )
 
     def __post_init__(self) -> None:
