@@ -12,13 +12,26 @@ import subprocess
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from matplotlib.patches import Rectangle
 from typer.testing import CliRunner
 
 from attnfuse.cli import app
 from attnfuse.data import make_planted, save_npz
 from attnfuse.explain import collect_maps, explain_model, key_valid, modality_attention, write_report
-from attnfuse.explain.report import PADDED, file_name, plot_heads, plot_received
+from attnfuse.explain.pipeline import column_names
+from attnfuse.explain.report import (
+    LOWERS,
+    PADDED,
+    RAISES,
+    feature_effects,
+    feature_labels,
+    file_name,
+    plot_features,
+    plot_heads,
+    plot_received,
+)
+from attnfuse.pipeline import load_trained, split_parts
 from test_explain import mixed_data, tiny_model
 
 runner = CliRunner()
@@ -192,6 +205,12 @@ def trained_dirs(tmp_path_factory):
     return root, dirs
 
 
+def _test_rows(root, model_dir) -> np.ndarray:
+    """The data rows of the model's test split, in the order explain takes them."""
+    _net, config, _standardizer, dataset = load_trained(model_dir, str(root / "planted.npz"))
+    return split_parts(dataset, config)["test"]
+
+
 def _explain(root, model_dir, *args):
     return runner.invoke(app, ["explain", "--model", str(model_dir), "--data", str(root / "planted.npz"), *args])
 
@@ -202,14 +221,16 @@ def test_cli_explain_writes_report(trained_dirs):
     result = _explain(root, dirs["bicross"], "--samples", "0,7", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert (out / "report.html").is_file() and (out / "agreement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    heatmaps = sorted(p.name for p in (out / "heatmaps" / "sample7").iterdir())
+    first, eighth = json.loads((out / "explanation.json").read_text())["samples"]  # data rows of the test split
+    assert (first, eighth) == tuple(_test_rows(root, dirs["bicross"])[[0, 7]])
+    heatmaps = sorted(p.name for p in (out / "heatmaps" / f"sample{eighth}").iterdir())
     assert heatmaps == sorted(
         f"cross_{a}-to-{b}_layer{i}.png" for a, b in (("text", "video"), ("video", "text")) for i in (0, 1)
     )
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(list(out.rglob("*.png")))
     assert "test accuracy" in page
-    export = json.loads((out / "bertviz" / "sample0.json").read_text())
+    export = json.loads((out / "bertviz" / f"sample{first}.json").read_text())
     assert export["format"] == "bertviz" and len(export["cross"]) == 4
     # The default methods are the cheap ones, and the table says what each found.
     header = next(line for line in result.output.splitlines() if "modality" in line and "masking" in line)
@@ -244,8 +265,10 @@ def test_cli_explain_concat_explains_without_attention(trained_dirs):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--samples", "999"], "samples: expected row indices in 0..299"),
-        (["--samples", "a,b"], "samples: expected row indices"),
+        (["--samples", "999"], "samples: expected positions in 0..44 (the 45 test rows explained), got 999"),
+        (["--samples", "45"], "samples: expected positions in 0..44 (the 45 test rows explained), got 45"),
+        (["--samples", "-1,3"], "samples: expected positions in 0..44 (the 45 test rows explained), got -1"),
+        (["--samples", "a,b"], "samples: expected positions among the explained rows"),
         (["--split", "nope"], "split: expected one of"),
         (["--method", "shap"], "method: expected 'auto', 'all' or a comma-separated list"),
     ],
@@ -271,13 +294,107 @@ def test_cli_explain_replaces_its_own_output_whole_and_refuses_a_foreign_folder(
     root, dirs = trained_dirs
     out = root / "again"
     assert _explain(root, dirs["bicross"], "--samples", "0,7", "--out", str(out)).exit_code == 0
-    assert (out / "heatmaps" / "sample7").is_dir()
-    # A second run with other samples replaces the folder as one piece: no heatmaps of sample 7 remain.
+    first, eighth = _test_rows(root, dirs["bicross"])[[0, 7]]
+    assert (out / "heatmaps" / f"sample{eighth}").is_dir()
+    # A second run with other samples replaces the folder as one piece: no heatmaps of the eighth remain.
     assert _explain(root, dirs["bicross"], "--samples", "0", "--out", str(out)).exit_code == 0
-    assert not (out / "heatmaps" / "sample7").exists() and (out / "heatmaps" / "sample0").is_dir()
+    assert not (out / "heatmaps" / f"sample{eighth}").exists() and (out / "heatmaps" / f"sample{first}").is_dir()
     mine = root / "my-documents"
     mine.mkdir()
     (mine / "thesis.tex").write_text("keep me")
     result = _explain(root, dirs["bicross"], "--out", str(mine))
     assert result.exit_code != 0 and "not an attnfuse explanation" in result.output
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+# -- the features figure on a planted linear table -----------------------------------------------
+
+# y = 1.5 a_up - 2 a_down + 1 b_up + 0 b_flat (+ a little noise): the direction of every feature with
+# a coefficient is known; b_flat's is not asserted (it has none).
+COEFFICIENTS = {"a_up": 1.5, "a_down": -2.0, "b_up": 1.0, "b_flat": 0.0}
+
+
+@pytest.fixture(scope="module")
+def linear_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("linear")
+    rng = np.random.default_rng(0)
+    split = np.array(["train"] * 200 + ["valid"] * 50 + ["test"] * 50)
+    x = rng.normal(size=(300, 4))
+    # The explained (test) rows lie below the training mean, the baseline: the mean of a feature's
+    # attribution then has the sign opposite to its coefficient, the direction does not.
+    x[split == "test"] -= 1.5
+    y = x @ np.array(list(COEFFICIENTS.values())) + 0.05 * rng.normal(size=300)
+    lines = [",".join([*COEFFICIENTS, "y", "split"])]
+    lines += [",".join([*(f"{v:.6f}" for v in (*r, t)), part]) for r, t, part in zip(x, y, split)]
+    (root / "linear.csv").write_text("\n".join(lines) + "\n")
+    out = root / "model"
+    args = ["--fusion", "concat", "--epochs", "30", "--d-model", "16", "--no-baselines"]
+    result = runner.invoke(app, ["train", "--data", str(root / "linear.csv"), *args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return root, out
+
+
+def _explained_features(model_dir, method: str):
+    net, config, standardizer, dataset = load_trained(model_dir)
+    rows = split_parts(dataset, config)["test"]
+    return explain_model(
+        net, dataset, standardizer, rows, split="test", methods=method, samples=[], n_steps=16,
+        feature_names=column_names(config),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["ig", "gxi"])
+def test_features_figure_colours_the_direction_of_a_linear_models_coefficients(linear_model, method):
+    _root, model_dir = linear_model
+    expl = _explained_features(model_dir, method)
+    effects = feature_effects(expl)
+    assert {mod: labels for mod, (labels, _, _) in effects.items()} == {
+        "a": ["a_up", "a_down"],
+        "b": ["b_up", "b_flat"],
+    }
+    direction = {n: d for labels, _, ds in effects.values() for n, d in zip(labels, ds)}
+    for name in ("a_up", "a_down", "b_up"):
+        assert np.sign(direction[name]) == np.sign(COEFFICIENTS[name]), (name, direction)
+    mass = {n: m for labels, ms, _ in effects.values() for n, m in zip(labels, ms)}
+    assert mass["b_flat"] < min(mass["a_up"], mass["a_down"], mass["b_up"])  # no coefficient: the least
+
+    fig = plot_features(expl)
+    for ax in fig.axes:
+        names = [t.get_text() for t in ax.get_yticklabels()]
+        colours = [to_hex(bar.get_facecolor()) for bar in ax.patches]
+        for name, colour in zip(names, colours):
+            if COEFFICIENTS[name] != 0:
+                assert colour == to_hex(RAISES if COEFFICIENTS[name] > 0 else LOWERS), name
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert legend == ["a larger value raises the output", "a larger value lowers it"]
+
+
+def test_explain_labels_features_with_the_columns_the_model_recorded(linear_model):
+    root, model_dir = linear_model
+    out = root / "explained"
+    result = runner.invoke(app, ["explain", "--model", str(model_dir), "--method", "gxi", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    features = json.loads((out / "explanation.json").read_text())["features"]
+    assert {m: sorted(f["name"] for f in fs) for m, fs in features.items()} == {
+        "a": ["a_down", "a_up"],
+        "b": ["b_flat", "b_up"],
+    }
+    signs = {f["name"]: np.sign(f["direction"]) for fs in features.values() for f in fs}
+    assert (signs["a_up"], signs["a_down"], signs["b_up"]) == (1, -1, 1)
+
+
+def test_feature_names_come_from_config_data_columns_else_modality_and_index(tmp_path):
+    data = mixed_data(12)
+    model = tiny_model("concat", data)
+    plain = explain_model(model, data, methods="gxi", samples=[])
+    assert feature_labels(plain, "text", 6) == [f"text:{i}" for i in range(6)]
+    columns = {"modalities": {"text": [f"word{i}" for i in range(6)], "audio": ["pitch", "volume", "rate", "pause"]}}
+    config = {"data": {"columns": {**columns, "target": "y", "split": None}}}
+    named = explain_model(model, data, methods="gxi", samples=[], feature_names=column_names(config))
+    assert feature_labels(named, "text", 6) == [f"word{i}" for i in range(6)]
+    assert feature_labels(named, "audio", 4) == ["pitch", "volume", "rate", "pause"]
+    assert feature_labels(named, "video", 3) == ["video:0", "video:1", "video:2"]  # no names recorded for it
+    fig = plot_features(named)
+    text_axis = next(ax for ax in fig.axes if ax.get_title() == "text")
+    assert {t.get_text() for t in text_axis.get_yticklabels()} <= set(columns["modalities"]["text"])
+    assert column_names({"data": {"task": "classification"}}) is None  # a model trained on arrays

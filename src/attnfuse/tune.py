@@ -17,19 +17,34 @@ The study lives in an SQLite file (``--study-db``): a search that crashed, or th
 with the same file, continues where it stopped (its earlier trials inform the sampler). When the
 search ends, the best trial's settings are trained into ``--out`` exactly as ``attnfuse train``
 would, so ``OUT/run.yaml`` reproduces the model with ``attnfuse train --config OUT/run.yaml``.
+
+Several processes may share a study (each runs its trials into the same file, as Optuna's
+parallel workers do): opening or creating the study is serialised by a lock beside the file
+(``.NAME.lock``), since two processes creating Optuna's tables at once collide on its schema
+version. ``--out`` is locked for the whole search (:func:`attnfuse.files.lock`), so a second tune,
+or a train, into it is refused at once instead of after its search. The file is checked before
+Optuna opens it: anything but an empty file or an SQLite database holding an Optuna study (another
+program's database, a truncated or damaged file, a directory) is refused in one line, since Optuna
+would add its tables to another database or fail deep inside SQLAlchemy. A new study file gets the
+mode the umask gives, as every file attnfuse writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
-from collections.abc import Callable
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from .files import BusyError, file_mode, lock
 from .fusion import FUSIONS
 from .options import Option, option, options_of
 from .pipeline import RunOptions, TrainSpec, candidates_for, load, train, train_options
@@ -43,6 +58,7 @@ __all__ = [
     "search_space",
     "trial_summary",
     "default_study_db",
+    "check_study_db",
     "STUDY_NAME",
 ]
 
@@ -59,7 +75,9 @@ class TuneOptions:
     trials: int = option(20, "Trials to run now (a continued study adds them to the trials it holds).")
     timeout: float | None = option(None, "Start no new trial after this many seconds.")
     study_db: str | None = option(
-        None, "SQLite file of the study (default: OUT.study.db beside --out); the same file again continues it."
+        None,
+        "SQLite file of the study (default: OUT.study.db beside --out); the same file again continues it, and "
+        "several tune processes (each with its own --out) may share it.",
     )
 
     def __post_init__(self) -> None:
@@ -169,48 +187,247 @@ def tune(
     identity = {"data": str(base.run.data), "task": data.task, "fusion": base.run.fusion, "fixed": _plain(fixed)}
 
     db = Path(tune_opts.study_db) if tune_opts.study_db else default_study_db(out)
-    db.parent.mkdir(parents=True, exist_ok=True)
+    direction = "maximize" if mode == "max" else "minimize"
+    # Prune only once a few trials have finished and each trial has had a few epochs to learn.
+    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=5)
+    target = Path(os.path.realpath(out))  # the path the final training's transaction locks
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=STUDY_NAME,
-        storage=f"sqlite:///{db.resolve()}",
-        load_if_exists=True,
-        direction="maximize" if mode == "max" else "minimize",
-        # Prune only once a few trials have finished and each trial has had a few epochs to learn.
-        pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=5),
-    )
-    _check_identity(study, identity, db)
-    # Seeded by the seed and the trials so far: a continued study does not replay the random
-    # start-up draws of its first run.
-    study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials), n_startup_trials=5)
 
-    def objective(trial: optuna.Trial) -> float:
-        values = search_space(trial, fusions, fixed)
-        trial.set_user_attr("options", _plain(values))
-        spec = TrainSpec.from_options({**values, "data": base.run.data, "baselines": False})
+    # --out stays locked for the search; the final training takes the same lock again itself.
+    with _new_directories(target.parent, db.parent), lock(target), _storage_errors(db):
+        with _study_lock(db):
+            study = _open_study(db, direction, pruner)
+            _check_identity(study, identity, db)
+            # Seeded by the seed, the trials so far and the runs before this one (each run, and each
+            # of several processes sharing the study, draws its own random start-up trials).
+            runs = study.user_attrs.get("runs", 0)
+            study.set_user_attr("runs", runs + 1)
+            seed = base.train.seed + len(study.trials) + runs
+        study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
 
-        def report(event: str, info: dict) -> None:
-            if event == "epoch":
-                trial.report(info[f"valid_{metric}"], info["epoch"])
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"epoch {info['epoch']}: below the median of earlier trials")
+        def objective(trial: optuna.Trial) -> float:
+            values = search_space(trial, fusions, fixed)
+            trial.set_user_attr("options", _plain(values))
+            spec = TrainSpec.from_options({**values, "data": base.run.data, "baselines": False})
 
-        result = train(spec, None, report)
-        value = result.report["valid"][metric]
-        if not math.isfinite(value):
-            raise optuna.TrialPruned("the validation metric is not finite (training diverged)")
-        return value
+            def report(event: str, info: dict) -> None:
+                if event == "epoch":
+                    trial.report(info[f"valid_{metric}"], info["epoch"])
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"epoch {info['epoch']}: below the median of earlier trials")
 
-    callbacks = [] if on_trial is None else [lambda _study, trial: on_trial(trial)]
-    study.optimize(objective, n_trials=tune_opts.trials, timeout=tune_opts.timeout, callbacks=callbacks)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not done:
-        raise ValueError(f"tune: no trial of the study in {db} completed (every one was pruned or failed)")
+            result = train(spec, None, report)
+            value = result.report["valid"][metric]
+            if not math.isfinite(value):
+                raise optuna.TrialPruned("the validation metric is not finite (training diverged)")
+            return value
 
-    best = {**study.best_trial.user_attrs["options"], "data": base.run.data}
+        callbacks = [] if on_trial is None else [lambda _study, trial: on_trial(trial)]
+        study.optimize(objective, n_trials=tune_opts.trials, timeout=tune_opts.timeout, callbacks=callbacks)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            raise ValueError(f"tune: no trial of the study in {db} completed (every one was pruned or failed)")
+        best = {**study.best_trial.user_attrs["options"], "data": base.run.data}
+
     best.update({k: given[k] for k in final_only if k in given})  # the final model's own options
     final = train(TrainSpec.from_options(best), out, progress)
     return TuneResult(study, best, final, db)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study file
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database
+OPTUNA_TABLES = frozenset({"studies", "trials", "alembic_version", "version_info"})
+LOCK_WAIT = 120.0  # seconds to wait for another process opening the same study (it takes well under one)
+
+
+@contextlib.contextmanager
+def _new_directories(*directories: Path) -> Iterator[None]:
+    """Create the missing ``directories`` (and parents) for the block; when it fails, remove those
+    created that are still empty, so that a refused tune leaves nothing behind."""
+    made: list[Path] = []
+    for d in directories:
+        missing = [p for p in (d, *d.parents) if not p.exists()][::-1]
+        for p in missing:
+            p.mkdir(exist_ok=True)
+            made.append(p)
+    try:
+        yield
+    except BaseException:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _study_lock(db: Path, wait: float = LOCK_WAIT) -> Iterator[Path]:
+    """Hold ``.NAME.lock`` beside the study file while the study is opened or created, waiting
+    (up to ``wait`` seconds) for another process that holds it.
+
+    :func:`attnfuse.files.lock` refuses a second holder at once, which is right for an output but
+    not here: processes sharing a study each hold this lock only for the instant of opening it.
+    As there, the file is removed after, so a waiter checks that it locked the file still on disk."""
+    lock_path = db.with_name(f".{db.name}.lock")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock (creation races are left to SQLite there)
+        yield lock_path
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise BusyError(
+                f"study-db: another process has been opening {db} for {wait:.0f} s (it holds {lock_path}); "
+                "wait for it or use another --study-db"
+            )
+        time.sleep(0.02)
+    try:
+        yield lock_path
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def check_study_db(db: str | os.PathLike) -> None:
+    """Refuse, in one line naming ``--study-db``, a file Optuna must not open: a directory or other
+    non-file, a file that is not an SQLite database (garbage, a truncated header), one shorter than
+    its header says (truncated), one SQLite finds damaged, and another program's database (Optuna
+    would add its tables to it). An absent or empty file is a new study."""
+    db = Path(db)
+    if not db.exists():
+        return
+    if db.is_dir():
+        raise ValueError(f"study-db: expected an SQLite file, got the directory {db}")
+    if not db.is_file():
+        raise ValueError(f"study-db: expected an SQLite file, got {db}, which is not a regular file")
+    with open(db, "rb") as f:  # an unreadable file: the PermissionError names it
+        head = f.read(100)
+    size = os.path.getsize(db)
+    if size == 0:
+        return
+    if len(head) < 100 and head.startswith(SQLITE_HEADER):
+        raise ValueError(
+            f"study-db: {db} is truncated: {size} bytes, shorter than SQLite's 100-byte header; restore it or use "
+            "another --study-db"
+        )
+    if len(head) < 100 or not head.startswith(SQLITE_HEADER):
+        raise ValueError(
+            f"study-db: expected an SQLite database, got {db}, which does not start with SQLite's header "
+            f"({size} bytes); use another --study-db"
+        )
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    # The header's page count is valid when its "version-valid-for" matches the change counter; the
+    # pages of a database in WAL mode may still be in the -wal file.
+    if pages and head[92:96] == head[24:28] and not Path(f"{db}-wal").exists() and size < pages * page:
+        raise ValueError(
+            f"study-db: {db} is truncated: {size} bytes, its header says {pages * page}; restore it or use "
+            "another --study-db"
+        )
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=LOCK_WAIT)
+        try:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if verdict == "ok" and tables >= OPTUNA_TABLES:
+                con.execute("SELECT version_num FROM alembic_version").fetchall()
+                con.execute("SELECT study_id, study_name FROM studies").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise ValueError(f"study-db: {db} cannot be read as an Optuna study: {e}; use another --study-db") from None
+    if verdict != "ok":
+        raise ValueError(f"study-db: {db} is damaged (SQLite's check: {verdict}); restore it or use another --study-db")
+    if tables and not tables >= OPTUNA_TABLES:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise ValueError(
+            f"study-db: {db} is an SQLite database of something else (tables {shown}), not an Optuna study; "
+            "use another --study-db"
+        )
+
+
+def _open_study(db: Path, direction: str, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """The study in ``db`` (checked first, see :func:`check_study_db`), created when new. A new
+    file is created here with the umask's mode (SQLite would create it 0644 whatever the umask);
+    when creating the study fails (a full disk), the file is removed again."""
+    check_study_db(db)
+    created, storage = False, None
+    if not db.exists():
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 less the umask
+        created = True
+    try:
+        # Made in two steps so that an __init__ failing half-way (a full disk while it creates the
+        # tables) leaves us its engine to close: its pooled connection holds the file open.
+        storage = optuna.storages.RDBStorage.__new__(optuna.storages.RDBStorage)
+        try:
+            # SQLite waits up to the timeout for a write lock another process sharing the study holds.
+            storage.__init__(f"sqlite:///{db.resolve()}", engine_kwargs={"connect_args": {"timeout": LOCK_WAIT}})
+        except RuntimeError as e:  # a schema of another Optuna version: "... is no longer compatible ..."
+            raise ValueError(f"study-db: {db}: {e}") from None
+        return optuna.create_study(
+            study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction=direction, pruner=pruner
+        )
+    except BaseException:
+        if getattr(storage, "engine", None) is not None:
+            storage.engine.dispose()
+        if created:
+            for p in (db, Path(f"{db}-journal")):
+                p.unlink(missing_ok=True)
+        raise
+
+
+def _sqlite_error(e: BaseException) -> sqlite3.Error | None:
+    """The SQLite error behind ``e`` (SQLAlchemy wraps it, Optuna wraps SQLAlchemy's), if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, sqlite3.Error):
+            return x
+        todo += [getattr(x, "orig", None), x.__cause__, x.__context__]
+    return None
+
+
+@contextlib.contextmanager
+def _storage_errors(db: Path) -> Iterator[None]:
+    """SQLite failures of the study file as the errors of a file: a full disk is "no space left on
+    device: DB", a read-only file or directory "permission denied", anything else a one-line
+    ValueError naming ``--study-db``, instead of an internal error from deep inside SQLAlchemy."""
+    try:
+        yield
+    except Exception as e:
+        cause = _sqlite_error(e)
+        if cause is None:
+            raise
+        text = str(cause)
+        if "disk is full" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(db)) from e
+        if "readonly" in text or "read-only" in text:
+            raise PermissionError(errno.EACCES, "cannot write the study (read-only)", str(db)) from e
+        if "locked" in text:
+            raise BusyError(f"study-db: {db} stayed locked by another process for {LOCK_WAIT:.0f} s: {text}") from e
+        if "disk I/O error" in text:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(db)) from e
+        if "malformed" in text or "not a database" in text:
+            raise ValueError(f"study-db: {db} is damaged (SQLite: {text}); restore it or use another --study-db") from e
+        raise ValueError(f"study-db: {db} cannot be used: {text}") from e
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..explain import explain_model, parse_vectors, walkthrough
 from ..explain.agreement import METHOD_SHORT
-from ..explain.pipeline import Explanation
+from ..explain.pipeline import Explanation, column_names
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
 from ..pipeline import data_options
 from .common import _parts, console, load_for_model
@@ -98,9 +98,27 @@ def _parse_samples(samples: str | None) -> list[int] | None:
     if samples is None:
         return None
     try:
-        return [int(s) for s in samples.split(",") if s.strip()]
+        return list(dict.fromkeys(int(s) for s in samples.split(",") if s.strip()))
     except ValueError:
-        raise ValueError(f"samples: expected row indices like '0,5,9', got {samples!r}") from None
+        raise ValueError(
+            f"samples: expected positions among the explained rows like '0,5,9', got {samples!r}"
+        ) from None
+
+
+def sample_rows(positions: list[int] | None, rows: np.ndarray, split: str) -> list[int] | None:
+    """The data rows of the per-sample views: ``positions`` index the explained rows (those of
+    ``split``, after ``--max-rows``), so 0 is the split's first row and the bound is their count;
+    a user does not know which data rows a drawn split holds, and a row of another split would be
+    shown in a report about this one."""
+    if positions is None:
+        return None
+    bad = [i for i in positions if not 0 <= i < len(rows)]
+    if bad:
+        raise ValueError(
+            f"samples: expected positions in 0..{len(rows) - 1} (the {len(rows)} {split} rows explained), got "
+            f"{bad[0] if len(bad) == 1 else bad}"
+        )
+    return [int(rows[i]) for i in positions]
 
 
 def print_explanation(console: Console, expl: Explanation, out: Path) -> None:
@@ -145,7 +163,9 @@ def explain(
         "rollout, which cost about one pass per sample (IG costs --steps).",
     ),
     samples: str | None = typer.Option(
-        None, help="Rows for the per-sample views, e.g. '0,5,9' (default: 2 rows of the split)."
+        None,
+        help="Samples for the per-sample views: positions among the explained rows (0 is the split's first), "
+        "e.g. '0,5,9' (default: 0,1).",
     ),
     split: str = typer.Option("test", help="Rows to explain: train, valid, test or all."),
     max_rows: int | None = typer.Option(
@@ -180,15 +200,21 @@ def explain(
         raise ValueError("--no-scale: applies to the walkthrough (--query/--keys or --self) only")
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
-    chosen = _parse_samples(samples)  # checked before anything is loaded
+    positions = _parse_samples(samples)  # checked before anything is loaded
     net, config, standardizer, dataset = load_for_model(model, data, read)
     parts = _parts(dataset, config)
     if split not in parts:
         raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")
     rows = parts[split][:max_rows]
-    expl = explain_model(net, dataset, standardizer, rows, split=split, methods=method, samples=chosen, n_steps=steps)
-    from ..explain.report import write_report  # matplotlib loads only when a report is drawn
+    chosen = sample_rows(positions, rows, split)
+    from ..explain.report import explanation_directory, write_report_into  # matplotlib loads only now
 
     target = out or Path(model) / "explain"
-    write_report(expl, target)
+    # Locked (a second explain into it is refused at once) and proven writable before the work.
+    with explanation_directory(target) as tmp:
+        expl = explain_model(
+            net, dataset, standardizer, rows, split=split, methods=method, samples=chosen, n_steps=steps,
+            feature_names=column_names(config),
+        )  # fmt: skip
+        write_report_into(expl, tmp)
     print_explanation(console, expl, target)

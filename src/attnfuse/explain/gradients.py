@@ -52,7 +52,9 @@ class GradientAttribution:
     ``(B, T, D)`` (0 at padded steps and absent modalities). valid: modality -> ``(B, T)`` bool.
     target ``(B,)``: the output explained. output ``(B,)``: f(x) at that output. baseline_output
     ``(B,)``: f(0) (IG only). delta ``(B,)``: Captum's convergence delta, sum of attributions -
-    (f(x) - f(0)) (IG only). n_steps: IG's integration points.
+    (f(x) - f(0)) (IG only). n_steps: IG's integration points. inputs: modality -> ``(B, T, D)``
+    the (standardised) features attributed, x; the baseline is 0, so sign(x) says on which side of
+    the baseline each value lies (None when not kept).
     """
 
     method: str
@@ -64,6 +66,7 @@ class GradientAttribution:
     baseline_output: np.ndarray | None
     delta: np.ndarray | None
     n_steps: int | None
+    inputs: dict[str, np.ndarray] | None = None
 
     def per_modality(self) -> np.ndarray:
         """``(B, M)`` signed attribution summed over each modality's steps and features (for IG:
@@ -178,6 +181,7 @@ def gradient_attribution(
         baseline_output=to_numpy(torch.cat(baseline_out)) if is_ig else None,
         delta=to_numpy(torch.cat(deltas)) if is_ig else None,
         n_steps=n_steps if is_ig else None,
+        inputs={n: to_numpy(batch.x[n]) for n in names},
     )
 
 

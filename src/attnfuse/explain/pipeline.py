@@ -5,7 +5,7 @@ renders its result with :func:`.report.write_report`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +31,15 @@ from .gradients import GRADIENT_METHODS, GradientAttribution, gradient_attributi
 from .masking import MaskingImportance, masking_importance
 from .rollout import Rollout, attention_rollout
 
-__all__ = ["METHODS", "CHEAP_METHODS", "resolve_methods", "SampleExplanation", "Explanation", "explain_model"]
+__all__ = [
+    "METHODS",
+    "CHEAP_METHODS",
+    "resolve_methods",
+    "SampleExplanation",
+    "Explanation",
+    "explain_model",
+    "column_names",
+]
 
 METHODS = ("attention", "mask", "ig", "gxi", "rollout")
 # One forward (attention, rollout), one per hidden set (mask) or one backward (gxi) per sample;
@@ -99,7 +107,8 @@ class Explanation:
     each method's result over those rows (None / absent when not run), the agreement between them,
     the per-sample views, the seconds each method took, and notes on how to read the results.
     step_valid: sequence modality -> ``(T,)`` share of the explained rows in which each step is a
-    real token (not padding, modality present)."""
+    real token (not padding, modality present). feature_names: modality -> the name of each feature
+    (a table's columns, in the model's order), None where unknown."""
 
     fusion: str
     data: str
@@ -120,6 +129,7 @@ class Explanation:
     samples: list[SampleExplanation]
     notes: list[str]
     parameters: int
+    feature_names: dict[str, list[str]] | None = None
 
 
 def _shares_within(values: np.ndarray) -> np.ndarray:
@@ -221,6 +231,7 @@ def explain_model(
     n_steps: int = 50,
     target: int | None = None,
     batch_size: int = 256,
+    feature_names: Mapping[str, Sequence[str]] | None = None,
 ) -> Explanation:
     """Explain ``model`` on ``rows`` of ``dataset`` (default: all rows; ``split`` is their name in
     the report) and on the rows ``samples`` one by one (default: the first two of ``rows``; an
@@ -229,7 +240,9 @@ def explain_model(
     ``dataset`` is raw data and ``standardizer`` the model's (from training or
     :func:`attnfuse.load_model`); pass None for data already standardised. ``methods``: see
     :func:`resolve_methods` (default "auto": attention, mask, gxi, rollout). The model may be on
-    any device; every array in the result is on the CPU.
+    any device; every array in the result is on the CPU. ``feature_names``: modality -> one name
+    per feature, as the model records a table's columns (:func:`column_names`); default: the
+    dataset's own (``dataset.columns``), if any.
     """
     methods = resolve_methods(methods, model.has_attention)
     if any(m in NEEDS_ATTENTION for m in methods):
@@ -340,4 +353,28 @@ def explain_model(
         samples=sample_views,
         notes=notes,
         parameters=sum(p.numel() for p in model.parameters()),
+        feature_names=_feature_names(feature_names, dataset),
     )
+
+
+def column_names(config: Mapping) -> dict[str, list[str]] | None:
+    """modality -> its features' column names, from a model's ``config.json`` (``data.columns``,
+    recorded for a model trained on a table, in the model's feature order); None without."""
+    data = config.get("data") if isinstance(config, Mapping) else None
+    columns = data.get("columns") if isinstance(data, Mapping) else None
+    modalities = columns.get("modalities") if isinstance(columns, Mapping) else None
+    if not isinstance(modalities, Mapping):
+        return None
+    return {str(m): [str(c) for c in cols] for m, cols in modalities.items() if isinstance(cols, (list, tuple))}
+
+
+def _feature_names(given: Mapping[str, Sequence[str]] | None, dataset: MultimodalDataset) -> dict | None:
+    """The names to label features with: those given, else the dataset's columns; only those of a
+    modality of the data with one name per feature (any other would label the wrong feature)."""
+    if given is None and dataset.columns is not None:
+        given = dataset.columns["modalities"]
+    if given is None:
+        return None
+    dims = {m.name: m.dim for m in dataset.modalities}
+    names = {m: [str(c) for c in cols] for m, cols in given.items() if m in dims and len(cols) == dims[m]}
+    return names or None

@@ -45,6 +45,10 @@ __all__ = [
     "file_name",
     "write_html_report",
     "write_report",
+    "write_report_into",
+    "explanation_directory",
+    "feature_effects",
+    "feature_labels",
 ]
 
 MAX_TICKS = 32  # label at most this many tokens per axis, evenly spaced
@@ -381,28 +385,66 @@ def _explained(view: SampleExplanation, task: str) -> str:
 
 
 TOP_FEATURES = 10
-DOWN = "#7b5ea7"  # a feature whose mean attribution is negative
+RAISES, LOWERS = COLORS["ig"], "#7b5ea7"  # a larger value of the feature raises / lowers the output
+
+
+def feature_labels(expl: Explanation, modality: str, dim: int) -> list[str]:
+    """The names of a modality's ``dim`` features: the table's column names when the model recorded
+    them (``config.json`` ``data.columns``, passed to :func:`~.pipeline.explain_model`), else
+    ``modality:i``, numbered from 0 in the order of the data's features."""
+    names = (expl.feature_names or {}).get(modality)
+    if names is not None and len(names) == dim:
+        return [str(n) for n in names]
+    return [f"{modality}:{i}" for i in range(dim)]
+
+
+def feature_effects(expl: Explanation) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]] | None:
+    """Per modality: (feature labels, mass ``(D,)``, direction ``(D,)``) from IG when it ran, else
+    gradient × input; None without a gradient method.
+
+    mass: the mean over the explained rows of |attribution| summed over steps (how much a feature
+    moves the output). direction: the mean over rows and real steps of attribution × sign(x −
+    baseline): positive when a larger value of the feature raises the output. For a linear model
+    f = w·x both attributions are w_i (x_i − x'_i), so the direction is w_i |x_i − x'_i| ≥ 0 exactly
+    when w_i > 0; the sign of the mean attribution alone would be that of w_i · mean(x_i − x'_i),
+    which follows the data's mean, not the model (after standardisation, a coin toss)."""
+    g = expl.gradients.get("ig") or expl.gradients.get("gxi")
+    if g is None:
+        return None
+    effects = {}
+    for mod in g.modalities:
+        a = g.attributions[mod]  # (B, T, D)
+        mass = np.abs(a.sum(axis=1)).mean(axis=0)
+        if g.inputs is not None:
+            direction = (a * np.sign(g.inputs[mod])).sum(axis=1).mean(axis=0)  # baseline 0: sign of x
+        else:  # an attribution computed without its inputs: only the sign of the mean is known
+            direction = a.sum(axis=1).mean(axis=0)
+        effects[mod] = (feature_labels(expl, mod, a.shape[-1]), mass, direction)
+    return effects
 
 
 def plot_features(expl: Explanation) -> Figure | None:
     """Per modality, the ``TOP_FEATURES`` features with the largest mean |attribution| over the
-    rows (IG when it ran, else gradient × input); None without a gradient method."""
-    g = expl.gradients.get("ig") or expl.gradients.get("gxi")
-    if g is None:
+    rows (IG when it ran, else gradient × input), coloured by the direction of their effect (see
+    :func:`feature_effects`); None without a gradient method."""
+    effects = feature_effects(expl)
+    if effects is None:
         return None
-    fig, axes = _grid(len(g.modalities), 3, 3.4, 0.24 * TOP_FEATURES + 1.2, extra_w=0.4)
-    for ax, mod in zip(axes.flat, g.modalities):
-        per_feature = g.per_feature(mod)  # (B, D)
-        mass, sign = np.abs(per_feature).mean(axis=0), np.sign(per_feature.mean(axis=0))
-        top = np.argsort(-mass)[:TOP_FEATURES]
-        colors = [COLORS["ig"] if sign[i] >= 0 else DOWN for i in top]
-        ax.barh([f"{mod}:{i}" for i in top], mass[top], color=colors)
+    method = "ig" if "ig" in expl.gradients else "gxi"
+    fig, axes = _grid(len(effects), 3, 3.4, 0.24 * TOP_FEATURES + 1.2, extra_w=0.4)
+    for ax, (mod, (labels, mass, direction)) in zip(axes.flat, effects.items()):
+        top = np.argsort(-mass, kind="stable")[:TOP_FEATURES]
+        colors = [RAISES if direction[i] >= 0 else LOWERS for i in top]
+        ax.barh([labels[i] for i in top], mass[top], color=colors)
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
         ax.set_title(mod, fontsize=9)
         ax.set_xlabel("mean |attribution|", fontsize=8)
-    fig.suptitle(f"Largest features by {METHOD_LABELS[g.method]}", fontsize=10)
-    signs = [Patch(color=COLORS["ig"], label="raises the output on average"), Patch(color=DOWN, label="lowers it")]
+    fig.suptitle(f"Largest features by {METHOD_LABELS[method]}", fontsize=10)
+    signs = [
+        Patch(color=RAISES, label="a larger value raises the output"),
+        Patch(color=LOWERS, label="a larger value lowers it"),
+    ]
     fig.legend(handles=signs, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
@@ -524,9 +566,11 @@ HOW_TO_READ = {
     ),
     "features": (
         "For each modality, the features with the largest attribution (Integrated Gradients when it ran, else "
-        "gradient × input), summed over steps and averaged in absolute value over the explained rows. Green: "
-        "on average the feature pushes the explained output up; purple: down (the sign of its mean attribution). "
-        "Features are numbered from 0 in the order of the data's columns."
+        "gradient × input), summed over steps and averaged in absolute value over the explained rows. Green: a "
+        "larger value of the feature raises the explained output; purple: a larger value lowers it (the sign of "
+        "the mean of attribution × sign(value − baseline), the baseline being the training mean: for a linear "
+        "model, the sign of the feature's coefficient). Features carry the table's column names when the model "
+        "was trained on a table, else modality:i, numbered from 0 in the order of the data's features."
     ),
     "steps": (
         "For each sequence modality, how each method spreads that modality's mass over its steps, summed over "
@@ -694,78 +738,90 @@ def _summary(expl: Explanation) -> list[tuple[str, str]]:
     return summary
 
 
+def explanation_directory(out: str | Path):
+    """The transaction writing an explanation into ``out`` (:func:`attnfuse.files.transaction`):
+    ``out`` is locked (a second ``explain`` into it is refused at once) and proven writable when the
+    block starts, and replaced by what the block wrote into the yielded temporary directory when it
+    ends cleanly; a directory that is not an earlier explanation is refused."""
+    return transaction(out, check=_ours)
+
+
 def write_report(expl: Explanation, out: Path) -> list[Path]:
     """Write the figures, per-sample heatmaps, bertviz JSON, ``explanation.json`` and a
     self-contained ``report.html`` into ``out``; returns the files written. Everything is built in
     a sibling temporary folder and moved into place at the end, so a failure writes nothing."""
     out = Path(out)
+    with explanation_directory(out) as tmp:
+        written = write_report_into(expl, tmp)
+    return sorted(out / p.relative_to(tmp) for p in written)
+
+
+def write_report_into(expl: Explanation, tmp: Path) -> list[Path]:
+    """:func:`write_report`'s files, written into the directory ``tmp`` (the temporary of an
+    :func:`explanation_directory` transaction); returns them."""
     title_of = f"{expl.fusion} fusion on {expl.data}"
-    with transaction(out, check=_ours) as tmp:
-        sections: list[tuple[str, str, list[str]]] = []
-        if expl.notes:
-            sections.append(("Before you read", "", [f"<p>{html.escape(n)}</p>" for n in expl.notes]))
-        png = save_figure(plot_agreement(expl), tmp / "agreement.png")
-        sections.append(
-            ("Do the explanations agree?", HOW_TO_READ["agreement"], [_agreement_table(expl), _img(png, "agreement")])
-        )
-        if expl.masking is not None and expl.masking.metrics is not None:
-            png = save_figure(plot_masking(expl.masking), tmp / "masking.png")
-            sections.append(("Modality importance by masking", HOW_TO_READ["masking"], [_img(png, "masking")]))
-        fig = plot_steps(expl)
-        if fig is not None:
-            png = save_figure(fig, tmp / "steps.png")
-            sections.append(("Which steps matter", HOW_TO_READ["steps"], [_img(png, "steps")]))
-        fig = plot_features(expl)
-        if fig is not None:
-            png = save_figure(fig, tmp / "features.png")
-            sections.append(("Which features matter", HOW_TO_READ["features"], [_img(png, "features")]))
-        if expl.attention is not None:
-            attn = expl.attention
-            # Only where a block's queries of several modalities spread over several (self fusion) is
-            # the matrix more than one row or one column of 1.00; otherwise steps are the view.
-            if any(len(q) > 1 and len(k) > 1 for q, k, _ in attn.matrices.values()):
-                png = save_figure(
-                    plot_modality_matrices(attn, f"Modality-to-modality attention, mean over {expl.split}"),
-                    tmp / "modality_matrix.png",
-                )
-                sections.append(("Attention between modalities", HOW_TO_READ["matrix"], [_img(png, "modality matrix")]))
-            else:
-                png = save_figure(
-                    plot_step_maps(attn, f"Mean attention step by step over {expl.split}"), tmp / "step_maps.png"
-                )
-                sections.append(("Attention step by step", HOW_TO_READ["step_maps"], [_img(png, "step maps")]))
-            if len(attn.received) > 1:  # one attended modality would be a single 100% bar
-                png = save_figure(
-                    plot_received(
-                        attn, f"Attention received per modality ({expl.split}, {expl.metric} {expl.score:.4f})"
-                    ),
-                    tmp / "modality_received.png",
-                )
-                sections.append(("Attention received per modality", HOW_TO_READ["received"], [_img(png, "received")]))
+    sections: list[tuple[str, str, list[str]]] = []
+    if expl.notes:
+        sections.append(("Before you read", "", [f"<p>{html.escape(n)}</p>" for n in expl.notes]))
+    png = save_figure(plot_agreement(expl), tmp / "agreement.png")
+    sections.append(
+        ("Do the explanations agree?", HOW_TO_READ["agreement"], [_agreement_table(expl), _img(png, "agreement")])
+    )
+    if expl.masking is not None and expl.masking.metrics is not None:
+        png = save_figure(plot_masking(expl.masking), tmp / "masking.png")
+        sections.append(("Modality importance by masking", HOW_TO_READ["masking"], [_img(png, "masking")]))
+    fig = plot_steps(expl)
+    if fig is not None:
+        png = save_figure(fig, tmp / "steps.png")
+        sections.append(("Which steps matter", HOW_TO_READ["steps"], [_img(png, "steps")]))
+    fig = plot_features(expl)
+    if fig is not None:
+        png = save_figure(fig, tmp / "features.png")
+        sections.append(("Which features matter", HOW_TO_READ["features"], [_img(png, "features")]))
+    if expl.attention is not None:
+        attn = expl.attention
+        # Only where a block's queries of several modalities spread over several (self fusion) is
+        # the matrix more than one row or one column of 1.00; otherwise steps are the view.
+        if any(len(q) > 1 and len(k) > 1 for q, k, _ in attn.matrices.values()):
+            png = save_figure(
+                plot_modality_matrices(attn, f"Modality-to-modality attention, mean over {expl.split}"),
+                tmp / "modality_matrix.png",
+            )
+            sections.append(("Attention between modalities", HOW_TO_READ["matrix"], [_img(png, "modality matrix")]))
+        else:
+            png = save_figure(
+                plot_step_maps(attn, f"Mean attention step by step over {expl.split}"), tmp / "step_maps.png"
+            )
+            sections.append(("Attention step by step", HOW_TO_READ["step_maps"], [_img(png, "step maps")]))
+        if len(attn.received) > 1:  # one attended modality would be a single 100% bar
+            png = save_figure(
+                plot_received(attn, f"Attention received per modality ({expl.split}, {expl.metric} {expl.score:.4f})"),
+                tmp / "modality_received.png",
+            )
+            sections.append(("Attention received per modality", HOW_TO_READ["received"], [_img(png, "received")]))
 
-        for view in expl.samples:
-            parts = [_sample_table(view, expl.task)]
-            png = save_figure(plot_sample(view, expl.task, expl.split), tmp / "samples" / f"sample{view.row}.png")
-            parts.append(_img(png, f"sample {view.row}"))
-            if view.rollout_maps:
-                png = save_figure(plot_rollout_maps(view), tmp / "samples" / f"sample{view.row}_rollout.png")
-                parts.append(_img(png, f"rollout, sample {view.row}"))
-            key_valid = view.map_key_valid
-            for m in view.maps:
-                png = save_figure(
-                    plot_heads(m, 0, f"{m.name} — sample {view.row}", key_valid.get(m.name)),
-                    tmp / "heatmaps" / f"sample{view.row}" / f"{file_name(m.name)}.png",
-                )
-                parts.append(_img(png, m.name))
-            if view.maps:
-                (tmp / "bertviz").mkdir(exist_ok=True)
-                (tmp / "bertviz" / f"sample{view.row}.json").write_text(json.dumps(bertviz_export(view.maps, 0)))
-            sections.append((f"Sample {view.row}", HOW_TO_READ["sample"], parts))
+    for view in expl.samples:
+        parts = [_sample_table(view, expl.task)]
+        png = save_figure(plot_sample(view, expl.task, expl.split), tmp / "samples" / f"sample{view.row}.png")
+        parts.append(_img(png, f"sample {view.row}"))
+        if view.rollout_maps:
+            png = save_figure(plot_rollout_maps(view), tmp / "samples" / f"sample{view.row}_rollout.png")
+            parts.append(_img(png, f"rollout, sample {view.row}"))
+        key_valid = view.map_key_valid
+        for m in view.maps:
+            png = save_figure(
+                plot_heads(m, 0, f"{m.name} — sample {view.row}", key_valid.get(m.name)),
+                tmp / "heatmaps" / f"sample{view.row}" / f"{file_name(m.name)}.png",
+            )
+            parts.append(_img(png, m.name))
+        if view.maps:
+            (tmp / "bertviz").mkdir(exist_ok=True)
+            (tmp / "bertviz" / f"sample{view.row}.json").write_text(json.dumps(bertviz_export(view.maps, 0)))
+        sections.append((f"Sample {view.row}", HOW_TO_READ["sample"], parts))
 
-        (tmp / "explanation.json").write_text(json.dumps(summary_dict(expl), indent=2) + "\n")
-        write_html_report(tmp / "report.html", f"attnfuse explain — {title_of}", _summary(expl), sections)
-        written = sorted(out / p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
-    return written
+    (tmp / "explanation.json").write_text(json.dumps(summary_dict(expl), indent=2) + "\n")
+    write_html_report(tmp / "report.html", f"attnfuse explain — {title_of}", _summary(expl), sections)
+    return sorted(p for p in tmp.rglob("*") if p.is_file())
 
 
 def _ours(out: Path) -> None:
@@ -779,13 +835,16 @@ def _ours(out: Path) -> None:
 
 def summary_dict(expl: Explanation) -> dict:
     """The numbers of the report as JSON-able values: per-modality shares, metric drops,
-    interactions, rank correlations, sentences, seconds per method, IG completeness."""
+    interactions, rank correlations, sentences, seconds per method, the samples' data rows, the
+    features of the features figure (name, mean |attribution|, direction: > 0 when a larger value
+    raises the output), IG completeness."""
     agree = expl.agreement
     out: dict = {
         "fusion": expl.fusion,
         "data": expl.data,
         "split": expl.split,
         "rows": len(expl.rows),
+        "samples": [view.row for view in expl.samples],
         expl.metric: expl.score,
         "methods": list(expl.methods),
         "seconds": expl.seconds,
@@ -801,6 +860,15 @@ def summary_dict(expl: Explanation) -> dict:
             "with_all": m.metrics[m.metric],
             "drop": {"+".join(h): m.drop(*h) for h in m.hidden},
             "interaction": {f"{a}+{b}": m.interaction(a, b) for a, b in (h for h in m.hidden if len(h) == 2)},
+        }
+    effects = feature_effects(expl)
+    if effects is not None:  # the features of the figure, largest first
+        out["features"] = {
+            mod: [
+                {"name": labels[i], "mean_abs_attribution": float(mass[i]), "direction": float(direction[i])}
+                for i in np.argsort(-mass, kind="stable")[:TOP_FEATURES]
+            ]
+            for mod, (labels, mass, direction) in effects.items()
         }
     ig = expl.gradients.get("ig")
     if ig is not None:

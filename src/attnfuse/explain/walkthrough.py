@@ -54,7 +54,15 @@ def parse_vectors(text: str, name: str) -> np.ndarray:
     lengths = sorted({len(v) for v in vectors})
     if len(lengths) != 1:
         raise ValueError(f"{name}: expected vectors of one length, got lengths {lengths} in {text!r}")
+    _check_finite(np.array(vectors, dtype=np.float64), name, text)
     return np.array(vectors, dtype=np.float64)
+
+
+def _check_finite(a: np.ndarray, name: str, given: object) -> None:
+    """``float()`` reads "nan" and "inf": a softmax of them is NaN, which no step can explain."""
+    if not np.isfinite(a).all():
+        bad = a[~np.isfinite(a)][0]
+        raise ValueError(f"{name}: expected finite numbers, got {bad} in {given!r}")
 
 
 def walkthrough(
@@ -66,6 +74,10 @@ def walkthrough(
     The weights and output come from the same :func:`scaled_dot_product_attention` the models run.
     """
     values = keys if values is None else values
+    for name, a in (("query", query), ("keys", keys), ("values", values)):
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            raise ValueError(f"{name}: expected a non-empty (n, d) array, got shape {a.shape}")
+        _check_finite(a, name, a.tolist())
     if query.shape[1] != keys.shape[1]:
         raise ValueError(
             f"keys: expected vectors of length {query.shape[1]} (as the query), got length {keys.shape[1]}"
@@ -73,7 +85,15 @@ def walkthrough(
     if values.shape[0] != keys.shape[0]:
         raise ValueError(f"values: expected {keys.shape[0]} vectors (one per key), got {values.shape[0]}")
     factor = 1.0 / math.sqrt(query.shape[1]) if scale else 1.0
-    q, k, v = (torch.from_numpy(a) for a in (query, keys, values))
+    with np.errstate(over="ignore", invalid="ignore"):
+        products = query[:, None, :] * keys[None, :, :]  # (L, S, d)
+        scores = products.sum(-1)
+    # (The output, a weighted mean of the values, cannot overflow: its weights sum to 1.)
+    if not np.isfinite(scores).all():
+        raise ValueError(
+            f"keys: the dot products q·k overflow float64 (largest |value| "
+            f"{max(np.abs(query).max(), np.abs(keys).max()):g}); use smaller numbers"
+        )
+    q, k, v = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)) for a in (query, keys, values))
     out, weights = scaled_dot_product_attention(q, k, v, scale=factor, need_weights=True)
-    products = query[:, None, :] * keys[None, :, :]  # (L, S, d)
-    return Walkthrough(query, keys, values, products, products.sum(-1), factor, weights.numpy(), out.numpy())
+    return Walkthrough(query, keys, values, products, scores, factor, weights.numpy(), out.numpy())
