@@ -16,6 +16,7 @@ from ..explain.agreement import METHOD_SHORT
 from ..explain.pipeline import Explanation, column_names
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
 from ..pipeline import data_options
+from ..threads import set_threads
 from .common import _parts, console, load_for_model
 from .options import with_options
 
@@ -201,6 +202,7 @@ def explain(
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
     positions = _parse_samples(samples)  # checked before anything is loaded
+    set_threads()  # the cores other processes leave free
     net, config, standardizer, dataset = load_for_model(model, data, read)
     parts = _parts(dataset, config)
     if split not in parts:

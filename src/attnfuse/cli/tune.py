@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..options import Option
 from ..pipeline import RunOptions, TrainSpec, read_options
+from ..threads import set_threads
 from ..training import TrainConfig
 from ..tune import TuneOptions, TuneResult, trial_summary, tune, tune_options
 from .common import console
@@ -55,6 +56,8 @@ def tune_cmd(
         settings = ", ".join(f"{k}={_short(v)}" for k, v in t["options"].items() if k not in train_values)
         console.print(f"trial {t['number']}: {t['state']}{value}  {escape(settings)}", highlight=False)
 
+    threads = train_values.get("threads")
+    set_threads(int(threads) if threads is not None else None)  # the free cores, unless --threads says
     result = tune(train_values, tune_opts, out, on_trial=on_trial)
     console.print(_best_trials(result))
     print_result(result.final, TrainSpec.from_options(result.best_options).run)
