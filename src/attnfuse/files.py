@@ -450,12 +450,10 @@ def transaction(
             fd, tmp = _new_temp(out, directory=True)
         except OSError as e:
             raise _named(e, given) from None
-        caller = False  # whether the failure is the caller's (reported as it is) or ours (named `given`)
         try:
             try:
                 yield tmp
             except BaseException as e:  # the caller's failure: report it as it is (with our names)
-                caller = True
                 raise _named(e, given, tmp, unnamed=False) from None
             _fsync_tree(tmp)
             carried = _carry(out, tmp, keep) if out.is_dir() else []
@@ -469,7 +467,7 @@ def transaction(
             _fsync_dir(out.parent)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)  # (after the swap: the old directory)
-            raise _named(e, given, tmp, unnamed=not caller) from None
+            raise _named(e, given, tmp) from None
         finally:
             os.close(fd)
         if old is not None:

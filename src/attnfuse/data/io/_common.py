@@ -4,6 +4,7 @@ format shares."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Mapping
@@ -34,7 +35,8 @@ def regular_file(path: str | os.PathLike, what: str = "data file") -> Path:
     try:
         mode = os.stat(p).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {p}") from None
+        # With its errno and file name, so that no caller names another file in its place.
+        raise FileNotFoundError(errno.ENOENT, f"{what} not found", str(p)) from None
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
         raise ValueError(f"{what}: expected a regular file, got {kind}: {p}")
