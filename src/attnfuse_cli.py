@@ -127,10 +127,15 @@ def run(app) -> None:
 
     guard()
     try:
-        app()
-        code = 0
-    except SystemExit as e:
-        code = _code(e)
+        try:
+            app()
+            code = 0
+        except SystemExit as e:
+            code = _code(e)
+        finally:
+            guard()  # a command's handling that was not handed back (a Ctrl-C while it was)
+    except KeyboardInterrupt:  # raised by that handling after the command's error boundary
+        end_now(_signal.SIGINT)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()

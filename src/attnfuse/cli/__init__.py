@@ -20,7 +20,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
+import rich.console
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -59,9 +61,8 @@ class _OneLineErrors(TyperGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except BrokenPipeError:  # stdout closed while printing help or the version
-            attnfuse_cli.stdout_closed()
-            sys.exit(attnfuse_cli.EXIT_CLOSED_STDOUT)
+        except BrokenPipeError:  # stdout closed while printing outside a command
+            _stdout_closed()
         except typer.TyperException as e:  # click's usage errors (typer vendors click)
             err_console.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
             sys.exit(2)
@@ -82,7 +83,10 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"attnfuse {__version__}")
+        try:
+            print(f"attnfuse {__version__}", flush=True)
+        except BrokenPipeError:  # click would make it exit code 1
+            _stdout_closed()
         raise typer.Exit()
 
 
@@ -110,13 +114,12 @@ def _command(function: Callable, name: str | None = None) -> Callable:
     @functools.wraps(function)
     def running(*args, **kwargs):
         previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.signal(signal.SIGINT, signal.default_int_handler)
             return function(*args, **kwargs)
         except BrokenPipeError:
-            attnfuse_cli.stdout_closed()
-            raise typer.Exit(attnfuse_cli.EXIT_CLOSED_STDOUT) from None
+            _stdout_closed()
         finally:
             if previous is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(signal.SIGINT, previous)
@@ -134,7 +137,23 @@ app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": T
 app.command("export", cls=_Command)(_command(export_cmd, "export"))
 
 
+def _stdout_closed() -> NoReturn:
+    """Stdout was closed by its reader: exit quietly with code 141 (see :mod:`attnfuse_cli`; rich
+    and click make it exit code 1, this program's "internal error"), stdout sent to /dev/null."""
+    attnfuse_cli.stdout_closed()
+    raise SystemExit(attnfuse_cli.EXIT_CLOSED_STDOUT)
+
+
+def _closed_stdout(console: rich.console.Console) -> NoReturn:
+    """A rich console's reaction to a BrokenPipeError, in this program: :func:`_stdout_closed`."""
+    console.quiet = True
+    _stdout_closed()
+
+
 def main() -> None:
     """Run the command line and end the process with its exit code (see :mod:`attnfuse_cli`:
-    Ctrl-C or SIGTERM at any moment is one line and exit code 130 or 143)."""
+    Ctrl-C or SIGTERM at any moment is one line and exit code 130 or 143; a closed stdout, 141).
+    Every rich console of the process, typer's help included, takes this program's exit on a
+    closed stdout (which is why this is done here, for the program, and not on import)."""
+    rich.console.Console.on_broken_pipe = _closed_stdout
     attnfuse_cli.run(app)
