@@ -249,7 +249,7 @@ def test_masking_is_exactly_the_difference_of_two_forward_passes(fusion):
     assert imp.drop("audio") == imp.metrics["accuracy"] - imp.hidden_metrics[1]["accuracy"]
     a, b = "text", "video"
     assert imp.interaction(a, b) == pytest.approx(imp.drop(a, b) - imp.drop(a) - imp.drop(b))
-    np.testing.assert_allclose(imp.share().sum(), 1.0)
+    np.testing.assert_allclose(imp.share().sum(), 1.0, rtol=1e-6)  # a float32 sum of float32 quotients
 
 
 def test_masking_regression_metric_and_direction():
@@ -407,8 +407,9 @@ def test_rollout_of_a_cross_stack_is_a_weighted_mean_of_its_layers():
     assert attention_rollout(model, batch).stacks == {}  # by default only the relevance
     _, (m0, m1) = collect_maps(model, batch)
     a0, a1 = (m.weights.double().mean(1)[:, 0].numpy() for m in (m0, m1))  # (B, S): the one text query
-    np.testing.assert_allclose(ro.relevance[:, 0], 0.25)  # text keeps ½ · ½ through its residual
-    np.testing.assert_allclose(ro.relevance[:, 1:], 0.25 * a0 + 0.5 * a1, atol=1e-12)
+    # Rows renormalised by their sums, which carry the float32 softmax's rounding (CPU-dependent):
+    np.testing.assert_allclose(ro.relevance[:, 0], 0.25, rtol=1e-6)  # text keeps ½ · ½ through its residual
+    np.testing.assert_allclose(ro.relevance[:, 1:], 0.25 * a0 + 0.5 * a1, rtol=1e-6)
     name, (rows, cols, r) = next(iter(ro.stacks.items()))
     assert name == "cross:text->audio+video" and rows == ["text"] and cols[0] == "text" and r.shape == (6, 1, 7)
 

@@ -55,7 +55,7 @@ def test_rollout_lands_on_the_planted_step(planted):
     assert video[np.arange(len(step)), step].mean() >= 0.8
     _, (m,) = collect_maps(model, batch)
     np.testing.assert_allclose(video, m.weights.double().mean(1)[:, 0].numpy(), atol=1e-6)
-    np.testing.assert_allclose(ro.relevance[:, 0], 0.5)
+    np.testing.assert_allclose(ro.relevance[:, 0], 0.5, rtol=1e-6)  # renormalised by a float32 softmax's row sum
 
 
 def test_gradients_put_the_video_attribution_on_the_planted_step(planted):

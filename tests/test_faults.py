@@ -390,23 +390,4 @@ def test_sigkill_while_writing_evaluation_json(base, tmp_path):
     strict_loads((model / "evaluation.json").read_text())
 
 
-def test_ctrl_c_while_starting_is_one_line(tmp_path):
-    """SIGINT a moment after the console script starts (while torch is imported, or later): exit
-    130 with one line, nothing written."""
-    script = Path(sys.executable).with_name("attnfuse")
-    if not script.exists():
-        pytest.skip(f"console script not installed next to {sys.executable}")
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [script, "train", "--epochs", "1000", "--out", out],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert stderr.strip() == "error: interrupted (Ctrl-C)", stderr
-    assert entries(tmp_path) == []
+# Ctrl-C and SIGTERM at every moment of start-up: tests/test_signals.py

@@ -1,3 +1,4 @@
+# ruff: noqa: E402 (the Ctrl-C guard comes before the imports)
 """attnfuse: attention-based multimodal fusion for PyTorch.
 
 Layers (``attnfuse.nn``): a drop-in for ``torch.nn`` attention (same arguments, same ``state_dict``
@@ -10,6 +11,15 @@ Fusion (``data``, ``fusion``, ``training``, ``pipeline``, ``checkpoint``): multi
 Explanation (``explain``): attention maps, masking importance, Integrated Gradients, attention
 rollout, their agreement, an HTML report, and walkthroughs of the attention arithmetic.
 """
+
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # being run as `python -m attnfuse`: the Ctrl-C guard before torch loads
+    from attnfuse_cli import guard_if_run_as_module as _guard
+
+    _guard()
+    del _guard
+del _sys
 
 from ._version import __version__
 from .baselines import fit_baselines

@@ -3,15 +3,30 @@ error boundary (:func:`.common.cli_errors`); command-line parsing errors are one
 
 Exit codes: 0 success; 2 bad input or environment (data, options, a model directory, a file that
 cannot be read or written, no space, no memory); 1 an internal error (a bug: the line names the
-exception and where its traceback was written); 130 Ctrl-C; 143 SIGTERM. ``--debug`` prints the
-traceback of any error."""
+exception and where its traceback was written); 130 Ctrl-C; 143 SIGTERM; 141 stdout closed early
+(``attnfuse datasets | head -1``: quietly, see :mod:`attnfuse_cli`). ``--debug`` prints the
+traceback of any error.
+
+Signals: :func:`main` (and the console script, and ``python -m attnfuse``) runs the command line
+under :mod:`attnfuse_cli`'s guard, which ends the process at once with one line on Ctrl-C or
+SIGTERM; while a command runs, :func:`_command` hands over to Python's own Ctrl-C handling (a
+KeyboardInterrupt, which the error boundary turns into one line and exit code 130 after the
+command's clean-up) and :func:`.common.cli_errors` to its SIGTERM handling."""
 
 from __future__ import annotations
 
+import functools
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from typing import NoReturn
 
+import rich.console
 import typer
 from typer.core import TyperCommand, TyperGroup
+
+import attnfuse_cli
 
 from .._version import __version__
 from . import common
@@ -46,6 +61,8 @@ class _OneLineErrors(TyperGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
+        except BrokenPipeError:  # stdout closed while printing outside a command
+            _stdout_closed()
         except typer.TyperException as e:  # click's usage errors (typer vendors click)
             err_console.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
             sys.exit(2)
@@ -66,7 +83,10 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"attnfuse {__version__}")
+        try:
+            print(f"attnfuse {__version__}", flush=True)
+        except BrokenPipeError:  # click would make it exit code 1
+            _stdout_closed()
         raise typer.Exit()
 
 
@@ -83,15 +103,57 @@ def _root(
     common.debug = debug
 
 
-app.command(cls=_Command, context_settings={"allow_interspersed_args": True})(cli_errors(train))
-app.command(cls=_Command)(cli_errors(evaluate))
-app.command("predict", cls=_Command)(cli_errors(predict_cmd, "predict"))
-app.command(cls=_Command)(cli_errors(datasets))
-app.command("convert", cls=_Command)(cli_errors(convert_cmd, "convert"))
-app.command(cls=_Command)(cli_errors(explain))
-app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": True})(cli_errors(tune_cmd))
-app.command("export", cls=_Command)(cli_errors(export_cmd, "export"))
+def _command(function: Callable, name: str | None = None) -> Callable:
+    """``function`` as a command: behind the error boundary (:func:`.common.cli_errors`), with
+    Python's own Ctrl-C handling while it runs (SIGINT raises KeyboardInterrupt, so that the
+    command cleans up; ``train`` replaces it with its stop at a step boundary) in place of the
+    start-up guard, which is put back when it returns. Handlers are swapped, never removed, so no
+    moment is left to the default disposition (death without a word). A closed stdout ends the
+    command quietly with exit code 141."""
+
+    @functools.wraps(function)
+    def running(*args, **kwargs):
+        previous = None
+        try:
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+            return function(*args, **kwargs)
+        except BrokenPipeError:
+            _stdout_closed()
+        finally:
+            if previous is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signal.SIGINT, previous)
+
+    return cli_errors(running, name or function.__name__)
+
+
+app.command(cls=_Command, context_settings={"allow_interspersed_args": True})(_command(train))
+app.command(cls=_Command)(_command(evaluate))
+app.command("predict", cls=_Command)(_command(predict_cmd, "predict"))
+app.command(cls=_Command)(_command(datasets))
+app.command("convert", cls=_Command)(_command(convert_cmd, "convert"))
+app.command(cls=_Command)(_command(explain))
+app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": True})(_command(tune_cmd))
+app.command("export", cls=_Command)(_command(export_cmd, "export"))
+
+
+def _stdout_closed() -> NoReturn:
+    """Stdout was closed by its reader: exit quietly with code 141 (see :mod:`attnfuse_cli`; rich
+    and click make it exit code 1, this program's "internal error"), stdout sent to /dev/null."""
+    attnfuse_cli.stdout_closed()
+    raise SystemExit(attnfuse_cli.EXIT_CLOSED_STDOUT)
+
+
+def _closed_stdout(console: rich.console.Console) -> NoReturn:
+    """A rich console's reaction to a BrokenPipeError, in this program: :func:`_stdout_closed`."""
+    console.quiet = True
+    _stdout_closed()
 
 
 def main() -> None:
-    app()
+    """Run the command line and end the process with its exit code (see :mod:`attnfuse_cli`:
+    Ctrl-C or SIGTERM at any moment is one line and exit code 130 or 143; a closed stdout, 141).
+    Every rich console of the process, typer's help included, takes this program's exit on a
+    closed stdout (which is why this is done here, for the program, and not on import)."""
+    rich.console.Console.on_broken_pipe = _closed_stdout
+    attnfuse_cli.run(app)
