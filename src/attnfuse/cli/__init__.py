@@ -133,7 +133,7 @@ app.command("predict", cls=_Command)(_command(predict_cmd, "predict"))
 app.command(cls=_Command)(_command(datasets))
 app.command("convert", cls=_Command)(_command(convert_cmd, "convert"))
 app.command(cls=_Command)(_command(explain))
-app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": True})(_command(tune_cmd))
+app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": True})(_command(tune_cmd, "tune"))
 app.command("export", cls=_Command)(_command(export_cmd, "export"))
 
 
