@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,41 +58,45 @@ def study_db(tmp_path_factory, data):
 # Two processes
 
 
-def _forked(run) -> int:
-    """Run ``run()`` in a forked child (it has this process's imports: it starts at once); return
-    the child's pid. The child ends with ``run()``'s return value as its exit status."""
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 70
-        try:
-            code = run()
-        finally:
-            os._exit(code)
-    return pid
+# Each tune runs in a fresh interpreter (not a fork of this one: a child forked from a process
+# whose OpenMP threads are running can deadlock in its first parallel operation). Both wait for
+# `go`, so they open the study at the same instant, where Optuna's schema creation collided.
+_TUNE = """
+import sys, time
+from pathlib import Path
+from typer.testing import CliRunner
+from attnfuse.cli import app
+ready, go, err = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+result = CliRunner().invoke(app, sys.argv[4:])
+err.write_text(result.stderr)
+sys.exit(result.exit_code)
+"""
 
 
 def test_two_tunes_on_one_study_db_share_it(tmp_path, data):
-    db, go = tmp_path / "shared.db", tmp_path / "go"
-
-    def tune(i: int):
-        def run() -> int:
-            while not go.exists():  # both open the study at the same instant, where Optuna's schema creation collided
-                time.sleep(0.001)
-            result = cli("tune", "--data", data, *QUICK, "--study-db", db, "--out", tmp_path / f"m{i}")
-            (tmp_path / f"err{i}").write_text(result.stderr)
-            return result.exit_code
-
-        return run
-
-    pids = [_forked(tune(i)) for i in range(2)]
+    db, go, work = tmp_path / "shared.db", tmp_path / "go", tmp_path / "work"
+    work.mkdir()
+    args = ["tune", "--data", str(data), *QUICK, "--study-db", str(db)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TUNE, work / f"ready{i}", go, work / f"err{i}", *args, "--out", tmp_path / f"m{i}"]
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 300
+    while not all((work / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     go.touch()
-    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
-    errors = [(tmp_path / f"err{i}").read_text() for i in range(2)]
+    codes = [p.wait(timeout=600) for p in procs]
+    errors = [(work / f"err{i}").read_text() for i in range(2)]
     assert codes == [0, 0], errors  # the second waits for the first to create the study, then joins it
     study = load_study(db)
     assert len(study.trials) == 2 and study.user_attrs["runs"] == 2
     assert study.trials[0].params != study.trials[1].params  # each process drew its own start-up trial
-    assert entries(tmp_path) == ["err0", "err1", "go", "m0", "m1", "shared.db"]  # no lock left behind
+    assert entries(tmp_path) == ["go", "m0", "m1", "shared.db", "work"]  # no lock left behind
 
 
 def test_a_second_tune_into_a_locked_out_is_refused_at_once(tmp_path, data):
