@@ -450,7 +450,7 @@ PLAN: dict[str, Check] = {
     "attnfuse train --data my_table.csv --modality 'text=txt_*' --modality 'audio=aud_*' --target score --ensemble 5": Check(
         check=lambda r, i, c: expect(r, files=model_dir("runs/my_table-auto"), ctx=c)
     ),
-    "attnfuse tune --data my_table.csv --trials 30 --out runs/tuned    # Optuna search, then the best trained": Check(
+    "attnfuse tune --data my_table.csv --target score --trials 30 --out runs/tuned   # Optuna search, then the best trained": Check(
         check=lambda r, i, c: expect(r, files=(*model_dir("runs/tuned"), "runs/tuned.study.db"), ctx=c)
     ),
     "attnfuse train --data my_features.npz --fusion mult --d-model 30 --layers 5 --heads 5 --metrics sentiment": Check(
