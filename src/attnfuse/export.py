@@ -23,9 +23,12 @@ sequences are entirely absent before it writes anything.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,17 +205,40 @@ def _to_onnx(wrapper: PlainTensorModel, example, names: list[str], output: str, 
         raise ValueError(
             "format onnx: needs the onnx and onnxscript packages (pip install 'attnfuse[export]')"
         ) from None
-    program = torch.onnx.export(
-        wrapper,
-        tuple(example),
-        dynamo=True,
-        input_names=names,
-        output_names=[output],
-        dynamic_shapes=_dynamic_batch(wrapper),
-        opset_version=opset,
-        external_data=False,
-    )
+    with _exporter_quiet():
+        program = torch.onnx.export(
+            wrapper,
+            tuple(example),
+            dynamo=True,
+            input_names=names,
+            output_names=[output],
+            dynamic_shapes=_dynamic_batch(wrapper),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,  # no progress lines on stdout
+        )
     return program.model_proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """torch's ONNX exporter reports its progress and its optimiser's notes on stdout, stderr,
+    warnings and loggers: none of it concerns the user (an export that fails raises)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _parity(wrapper: PlainTensorModel, data: bytes, format: str, names: list[str]) -> float:
