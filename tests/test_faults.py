@@ -250,21 +250,6 @@ def test_predict_fault_at_every_write_step(base, tmp_path, monkeypatch, kind):
 # A real small file system (needs root to mount; skipped elsewhere)
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
 def test_train_on_a_full_file_system(base, tiny_filesystem):
     out = tiny_filesystem / "run"
     result = cli("train", "--data", base["data"], *TINY, "--out", out)

@@ -81,3 +81,18 @@ def test_train_threads_sets_torch_and_is_recorded(tmp_path):
     assert torch.get_num_threads() == 1
     assert yaml.safe_load((out / "run.yaml").read_text())["threads"] == 1
     assert_one_line(cli("train", "--data", data, "--threads", "0", "--out", out), 2, "threads: expected an integer")
+
+
+def test_run_yaml_records_the_thread_count_used(tmp_path):
+    """The count is part of the run (float32 sums differ between counts): run.yaml records the one
+    used, so --config run.yaml and --resume compute with it again."""
+    import yaml
+
+    from clikit import TINY, cli, ok, write_npz
+
+    data = write_npz(tmp_path / "d.npz")
+    ok(cli("train", "--data", data, *TINY, "--out", tmp_path / "a"))  # OMP_NUM_THREADS=1 (conftest)
+    assert yaml.safe_load((tmp_path / "a" / "run.yaml").read_text())["threads"] == 1
+    ok(cli("train", "--data", data, *TINY, "--threads", "2", "--out", tmp_path / "b"))
+    assert yaml.safe_load((tmp_path / "b" / "run.yaml").read_text())["threads"] == 2
+    torch.set_num_threads(1)  # as the suite runs

@@ -6,7 +6,6 @@ the umask of a new study file."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -201,22 +200,6 @@ def test_an_empty_study_db_file_becomes_a_study(tmp_path, data):
 
 # ---------------------------------------------------------------------------------------------
 # A full disk
-
-
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """An 8 KiB tmpfs (as in test_faults.py): too small for a study."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_tune_on_a_full_file_system(data, tiny_filesystem):

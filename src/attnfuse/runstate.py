@@ -55,6 +55,7 @@ from .data import Standardizer
 from .ensemble import build_ensemble
 from .files import to_json, write_bytes, write_text
 from .fusion import config_from_dict
+from .training import tensor_mismatches
 
 __all__ = [
     "LAST",
@@ -357,13 +358,7 @@ def _check_record(tensors: dict[str, Tensor], record: dict, name: str, prefix: s
 def _check_weights(tensors: dict[str, Tensor], prefix: str, expected: dict, where: str) -> None:
     """The tensors ``prefix*`` are exactly ``expected`` ({name: (shape, dtype)}), and finite."""
     got = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    problems = [f"missing {prefix}{k}" for k in expected if k not in got]
-    problems += [f"unexpected {prefix}{k}" for k in got if k not in expected]
-    problems += [
-        f"{prefix}{k}: {v.dtype} of shape {list(v.shape)}, expected {expected[k][1]} of shape {list(expected[k][0])}"
-        for k, v in got.items()
-        if k in expected and (tuple(v.shape), v.dtype) != expected[k]
-    ]
+    problems = tensor_mismatches(got, expected, prefix)
     problems += [
         f"{prefix}{k} holds NaN/inf" for k, v in got.items() if v.is_floating_point() and not v.isfinite().all()
     ]

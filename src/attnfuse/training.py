@@ -581,10 +581,10 @@ class Trainer:
     def _check_state(self, part: Callable[[str], dict[str, Tensor]], meta: dict) -> None:
         """The checkpoint's weights, best weights and optimizer state fit this trainer exactly."""
         expected = {k: (tuple(v.shape), v.dtype) for k, v in self.net.state_dict().items()}
-        problems = _mismatches(part("model."), expected, "model.")
+        problems = tensor_mismatches(part("model."), expected, "model.")
         best = part("best.")
         if best or meta["best_key"] is not None:
-            problems += _mismatches(best, expected, "best.")
+            problems += tensor_mismatches(best, expected, "best.")
         groups, ours = meta["optimizer_groups"], self.optimizer.state_dict()["param_groups"]
         if len(groups) != len(ours) or any(
             not isinstance(g, dict) or set(g) != set(o) or g["params"] != o["params"] for g, o in zip(groups, ours)
@@ -622,7 +622,7 @@ def _same_kind(value: object, ours: object) -> bool:
     return isinstance(value, type(ours))
 
 
-def _mismatches(got: dict[str, Tensor], expected: dict[str, tuple], prefix: str) -> list[str]:
+def tensor_mismatches(got: dict[str, Tensor], expected: dict[str, tuple], prefix: str) -> list[str]:
     """What differs between tensors and the ``{name: (shape, dtype)}`` they must be, named."""
     problems = [f"missing {prefix}{k}" for k in expected if k not in got]
     problems += [f"unexpected {prefix}{k}" for k in got if k not in expected]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,10 @@ def train(
         if note:
             console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
 
-    set_threads(spec.train.threads)  # the cores other processes leave free, unless --threads says
+    # The cores other processes leave free, unless --threads says. The count is part of the run:
+    # float32 sums differ in their last bits between thread counts, so run.yaml records the count
+    # used, and --resume and --config run.yaml compute with it again (bitwise the same).
+    spec = replace(spec, train=replace(spec.train, threads=set_threads(spec.train.threads)))
     with _progress_bars(console, enabled=is_main_process() and console.is_terminal) as progress:
         bars: dict[tuple[int, str, int], Any] = {}
         # Without a terminal (a pipe, a CI or cluster log, nohup) no bar is drawn: plain lines instead.
