@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .checkpoint import load_model
 from .data.dataset import Batch
 from .data.preprocessing import Standardizer
-from .ensemble import Ensemble
+from .ensemble import Ensemble, first_member
 from .files import write_bytes
 from .fusion import FusionModel
 from .options import option
@@ -91,7 +91,7 @@ class PlainTensorModel(nn.Module):
             raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
         self.model = model.eval()
         self.task = task
-        self.specs = list(_config(model).modalities)
+        self.specs = list(first_member(model).config.modalities)
         for spec in self.specs:
             mean = torch.as_tensor(np.asarray(standardizer.mean[spec.name]), dtype=torch.float32)
             std = torch.as_tensor(np.asarray(standardizer.std[spec.name]), dtype=torch.float32)
@@ -109,10 +109,6 @@ class PlainTensorModel(nn.Module):
             mask[spec.name] = valid
         out = self.model(Batch(x, mask, None))  # (B, out_dim)
         return torch.softmax(out, dim=-1) if self.task == "classification" else out
-
-
-def _config(model: FusionModel | Ensemble):
-    return model.members[0].config if isinstance(model, Ensemble) else model.config
 
 
 def input_names(model: PlainTensorModel) -> list[str]:
@@ -183,7 +179,7 @@ def export_model(
             for kind in ("x", "mask")
         ],
         "output": output,
-        "output_dim": _config(net).out_dim,
+        "output_dim": first_member(net).config.out_dim,
         "classes": config["data"].get("classes"),
         "max_abs_difference": parity,
     }

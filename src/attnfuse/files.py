@@ -60,6 +60,7 @@ __all__ = [
     "to_json",
     "transaction",
     "lock",
+    "new_directories",
     "check_writable",
     "remove_debris",
     "file_mode",
@@ -209,7 +210,7 @@ def _named(e: BaseException, path: Path, tmp: Path | None = None, unnamed: bool 
 
 
 @contextlib.contextmanager
-def _directories(directory: Path) -> Iterator[None]:
+def new_directories(directory: Path) -> Iterator[None]:
     """Create ``directory`` and its missing parents (the umask's mode) for the block; when the block
     fails, remove those created that are still empty: a failed write leaves nothing behind."""
     missing = [p for p in (directory, *directory.parents) if not p.exists()][::-1]
@@ -234,7 +235,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     if mode not in ("wb", "w"):
         raise ValueError(f"mode: expected 'wb' or 'w', got {mode!r}")
     path = Path(path)
-    with _directories(path.parent):
+    with new_directories(path.parent):
         try:
             remove_debris(path)
             fd, tmp = _new_temp(path, directory=False)
@@ -438,7 +439,7 @@ def transaction(
     temporary."""
     given = Path(out)
     out = Path(os.path.realpath(given))  # a symlink to a run directory: replace its target
-    with _directories(out.parent), lock(out):
+    with new_directories(out.parent), lock(out):
         try:
             if out.exists() and not out.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(given))

@@ -314,18 +314,7 @@ def load(
     data = load_data(
         source, allow_pickle=allow_pickle, seed=seed, task=task, num_classes=num_classes, classes=classes, **table
     )
-    if task != "auto" and task != data.task:
-        data = MultimodalDataset(
-            data.features,
-            data.y,
-            masks=data.masks,
-            split=data.split,
-            task=task,
-            name=data.name,
-            info=data.info,
-            columns=data.columns,
-        )
-    return data
+    return data if task == "auto" else data.as_task(task)
 
 
 def train(

@@ -44,7 +44,7 @@ from typing import Any
 
 import optuna
 
-from .files import BusyError, file_mode, lock
+from .files import BusyError, file_mode, lock, new_directories
 from .fusion import FUSIONS
 from .options import Option, option, options_of
 from .pipeline import RunOptions, TrainSpec, candidates_for, load, train, train_options
@@ -194,7 +194,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     # --out stays locked for the search; the final training takes the same lock again itself.
-    with _new_directories(target.parent, db.parent), lock(target), _storage_errors(db):
+    with new_directories(target.parent), new_directories(db.parent), lock(target), _storage_errors(db):
         with _study_lock(db):
             study = _open_study(db, direction, pruner)
             _check_identity(study, identity, db)
@@ -240,25 +240,6 @@ def tune(
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database
 OPTUNA_TABLES = frozenset({"studies", "trials", "alembic_version", "version_info"})
 LOCK_WAIT = 120.0  # seconds to wait for another process opening the same study (it takes well under one)
-
-
-@contextlib.contextmanager
-def _new_directories(*directories: Path) -> Iterator[None]:
-    """Create the missing ``directories`` (and parents) for the block; when it fails, remove those
-    created that are still empty, so that a refused tune leaves nothing behind."""
-    made: list[Path] = []
-    for d in directories:
-        missing = [p for p in (d, *d.parents) if not p.exists()][::-1]
-        for p in missing:
-            p.mkdir(exist_ok=True)
-            made.append(p)
-    try:
-        yield
-    except BaseException:
-        for p in reversed(made):
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
 
 
 @contextlib.contextmanager

@@ -264,6 +264,22 @@ class MultimodalDataset:
         out.info = {k: np.asarray(v[idx]) for k, v in self.info.items()}
         return out
 
+    def as_task(self, task: str) -> MultimodalDataset:
+        """This data with its targets read as ``task`` ("classification" or "regression"; checked
+        again as for a new dataset), everything else carried over; itself when it is that task."""
+        if task == self.task:
+            return self
+        return MultimodalDataset(
+            self.features,
+            self.y,
+            masks=self.masks,
+            split=self.split,
+            task=task,
+            name=self.name,
+            info=self.info,
+            columns=self.columns,
+        )
+
     def replace_features(self, features: Mapping[str, np.ndarray]) -> MultimodalDataset:
         """A dataset sharing everything with this one but the features, e.g. standardised ones.
 
