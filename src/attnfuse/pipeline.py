@@ -322,6 +322,7 @@ def train(
     out: str | os.PathLike | None = None,
     progress: Progress | None = None,
     *,
+    data: MultimodalDataset | None = None,
     resume: bool = False,
     handle_signals: bool = False,
 ) -> TrainResult:
@@ -349,15 +350,23 @@ def train(
     epochs; ``resume=True`` continues from it (bitwise as if never stopped, on the CPU). With
     ``handle_signals``, SIGINT/SIGTERM stop the run at the end of the current step, write the
     checkpoint and raise :class:`~attnfuse.training.Interrupted`. Under ``torchrun`` every
-    process calls this; rank 0 alone reports progress and writes files."""
+    process calls this; rank 0 alone reports progress and writes files.
+
+    ``data``: data already in memory (e.g. built from a DataFrame by
+    :class:`attnfuse.FusionPredictor`), trained on instead of reading ``spec.run.data``, which then
+    only names it in ``run.yaml``; such a run cannot be resumed (nothing on disk to read it again)."""
     _check_train_arguments(spec, out, progress, resume, handle_signals)
+    if data is not None and not isinstance(data, MultimodalDataset):
+        raise TypeError(f"data: expected a MultimodalDataset or None, got {type(data).__name__}")
+    if data is not None and resume:
+        raise ValueError("resume: a run on data given in memory cannot be resumed; train again")
     dist = setup(spec.train.training_device())
     emit = (progress or _quiet) if dist.main else _quiet
     try:
         # Rank 0 locks the output and proves it writable before the data is read: a second run into
         # the same --out, or an unwritable one, fails now, not after training.
         with run_directory(out) if out is not None and dist.main else contextlib.nullcontext() as tmp:
-            return _train(spec, out, tmp, emit, resume, handle_signals, dist)
+            return _train(spec, out, tmp, emit, resume, handle_signals, dist, data)
     except BaseException as error:
         if dist.main and _resumable(out, error):
             emit("note", {"message": f"the state is kept in {last_dir(out)}: attnfuse train --resume {out} continues"})
@@ -394,10 +403,20 @@ def _quiet(event: str, info: dict) -> None:
 
 
 def _train(
-    spec: TrainSpec, out, tmp: Path | None, emit: Progress, resume: bool, handle_signals: bool, dist: Dist
+    spec: TrainSpec,
+    out,
+    tmp: Path | None,
+    emit: Progress,
+    resume: bool,
+    handle_signals: bool,
+    dist: Dist,
+    given: MultimodalDataset | None = None,
 ) -> TrainResult:
     opts, cfg = spec.run, spec.train
-    data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task, **opts.table_options())
+    if given is None:
+        data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task, **opts.table_options())
+    else:
+        data = given if opts.task == "auto" else given.as_task(opts.task)
     if data.y is None:
         raise ValueError("y: the data has no targets; training needs them (attnfuse predict works without)")
     cfg.check_task(data.task, data.target_dim)
@@ -408,7 +427,7 @@ def _train(
         check_memory(config_from_dict(cand.fusion, model_config(cand.fusion, data, **cand.settings)), 16)
     emit("data", {"data": data})
     folds = kfold(data, opts.folds, cfg.seed) if opts.folds else None
-    options = {**spec.to_options(), "data": _source(opts.data)}
+    options = {**spec.to_options(), "data": _source(opts.data) if given is None else opts.data}
     if opts.mapping:
         options["mapping"] = str(Path(opts.mapping).resolve())
     progress = _Progress(out, options, data, opts.tensorboard, resume, dist, local_device(cfg.torch_device()))
@@ -732,7 +751,12 @@ def stop_on_signals(enabled: bool) -> Iterator[Callable[[], int]]:
 
 
 def load_trained(
-    model_dir: str | os.PathLike, source: str | None = None, allow_pickle: bool = False, **table: Any
+    model_dir: str | os.PathLike,
+    source: str | None = None,
+    allow_pickle: bool = False,
+    *,
+    data: MultimodalDataset | None = None,
+    **table: Any,
 ) -> tuple[FusionModel, dict, Standardizer, MultimodalDataset]:
     """A trained model, its config and standardiser, and data checked to fit it (default: the data
     it was trained on, read as it was). A generated built-in (``synthetic-*``) is regenerated with
@@ -744,10 +768,14 @@ def load_trained(
 
     Another ``attnfuse train`` may replace the directory meanwhile: the data is read as the config
     says, then the model is loaded with a config of its own (config and weights of one run, see
-    :func:`load_model`); when that is another run's, everything is read again."""
+    :func:`load_model`); when that is another run's, everything is read again. ``data``: data
+    already in memory, checked against the model instead of reading any (``source`` must be None)."""
+    if data is not None and source is not None:
+        raise ValueError(f"source: give data in memory or a source, not both; got source {shorten(source)}")
+    given = data
     for _ in range(READ_ATTEMPTS):
         config = read_config(model_dir)  # checked, and the model's size bounded, before anything is built
-        data = _data_for(config, source, allow_pickle, table)
+        data = _data_for(config, source, allow_pickle, table) if given is None else given
         check_compatible(config, data)
         net, loaded, standardizer = load_model(model_dir)
         if loaded.get("weights_id") == config.get("weights_id"):
