@@ -30,6 +30,7 @@ from .distributed import Dist, local_device
 from .ensemble import Ensemble, first_member
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
+from .nn import kernels
 from .options import check_bounds, option, shorten
 
 __all__ = [
@@ -541,6 +542,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "world": self.dist.world,
             "python_rng": python_rng,
+            "kernels": kernels.choices(),  # the attention kernels timed in this process: chosen again on resume
         }
         return tensors, meta
 
@@ -558,6 +560,7 @@ class Trainer:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         self._check_state(part, meta)
+        kernels.restore(meta.get("kernels", {}))  # checked before it changes anything
         self.net.load_state_dict(part("model."))
         best = part("best.")
         self.best_state = {k: v.to(self.device) for k, v in best.items()} or None

@@ -139,21 +139,9 @@ class MultiheadAttention(nn.Module):
         """See the class docstring for shapes. Returns ``(output, weights or None)``."""
         unbatched = self._check_inputs(query, key, value)
         if unbatched:
-            # (L, E) -> a batch of one along this layout's batch axis.
-            if isinstance(key_padding_mask, Tensor) and key_padding_mask.dim() != 1:
-                raise ValueError(
-                    f"key_padding_mask: expected shape {(key.shape[0],)} for unbatched input, "
-                    f"got {tuple(key_padding_mask.shape)}"
-                )
-            bdim = 0 if self.batch_first else 1
-            query, key, value = _map_alike(lambda t: t.unsqueeze(bdim), query, key, value)
-            if isinstance(key_padding_mask, Tensor):
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-            # An unbatched (H, L, S) attn_mask already is torch's (N*H, L, S) with N = 1.
-
+            query, key, value, key_padding_mask = self._batch_of_one(query, key, value, key_padding_mask)
         seq_dim = 1 if self.batch_first else 0
         batch_size, tgt_len, src_len = query.shape[1 - seq_dim], query.shape[seq_dim], key.shape[seq_dim]
-        E, H, hd = self.embed_dim, self.num_heads, self.head_dim
         attn_mask, key_padding_mask = self._check_masks(attn_mask, key_padding_mask, batch_size, tgt_len, src_len)
         guard = needs_guard(query, key, value)
         if guard:
@@ -167,35 +155,12 @@ class MultiheadAttention(nn.Module):
             # column below). Built now, before the padding, instead of over S + extra keys later.
             attn_mask, is_causal = _with_causal(attn_mask, tgt_len, src_len, query.device), False
 
-        q, k, v = self._project(query, key, value)  # in the input layout, last dim E
-        if self.bias_k is not None:
-            # A learned extra key/value: one more source position that no mask blocks.
-            shape = (batch_size, 1, E) if self.batch_first else (1, batch_size, E)
-            k = torch.cat([k, self.bias_k.expand(shape)], dim=seq_dim)
-            v = torch.cat([v, self.bias_v.expand(shape)], dim=seq_dim)
-            key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
-        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, L|S, hd)
-        if self.add_zero_attn:
-            zeros = k.new_zeros(batch_size, H, 1, hd)
-            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
-            key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
-
-        masks = resolve_masks(attn_mask, key_padding_mask, is_causal, (batch_size, H), tgt_len, k.shape[2], q)
-        dropout_p = self.dropout if self.training else 0.0
-        out, weights = attend(q, k, v, masks, dropout_p, None, need_weights)
-        # out (N, H, L, hd); weights (N, H, L, S)
-
-        # Merge heads back into the input layout, then W_O.
-        if self.batch_first:
-            out = out.transpose(1, 2).reshape(batch_size, tgt_len, E)
-        else:
-            out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch_size, E)
-        out = self.out_proj(out)
-        if masks.dead is not None:
-            # A query that sees no key in any head receives nothing: output 0, not W_O·0 + b = b.
-            dead_rows = _all_heads(masks.dead, batch_size, H, tgt_len)  # (N, L) or (N, 1)
-            # In place: out_proj's backward does not need its output.
-            out.masked_fill_(self._to_layout(dead_rows).unsqueeze(-1), 0.0)
+        q, k, v, attn_mask, key_padding_mask = self._heads(query, key, value, attn_mask, key_padding_mask)
+        masks = resolve_masks(
+            attn_mask, key_padding_mask, is_causal, (batch_size, self.num_heads), tgt_len, k.shape[2], q
+        )
+        out, weights = attend(q, k, v, masks, self.dropout if self.training else 0.0, None, need_weights)
+        out = self._merge_heads(out, masks.dead)  # out (N, H, L, hd) -> the input layout, W_O; weights (N, H, L, S)
         if guard:
             out, weights = self._poison(out, weights, given_masks, originals, batch_size, tgt_len, src_len)
 
@@ -205,6 +170,64 @@ class MultiheadAttention(nn.Module):
             out = out.squeeze(1 - seq_dim)
             weights = weights.squeeze(0) if weights is not None else None
         return out, weights
+
+    def _batch_of_one(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | KeyPaddingMask | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | KeyPaddingMask | None]:
+        """Unbatched (L, E) inputs -> a batch of one along this layout's batch axis."""
+        if isinstance(key_padding_mask, Tensor) and key_padding_mask.dim() != 1:
+            raise ValueError(
+                f"key_padding_mask: expected shape {(key.shape[0],)} for unbatched input, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        bdim = 0 if self.batch_first else 1
+        query, key, value = _map_alike(lambda t: t.unsqueeze(bdim), query, key, value)
+        if isinstance(key_padding_mask, Tensor):
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        # An unbatched (H, L, S) attn_mask already is torch's (N*H, L, S) with N = 1.
+        return query, key, value, key_padding_mask
+
+    def _heads(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | KeyPaddingMask | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | KeyPaddingMask | None]:
+        """Projections split into heads ``(N, H, L|S, hd)``, with the extra keys of ``bias_k`` and
+        ``add_zero_attn`` appended, and the masks given an allowed column for each."""
+        seq_dim = 1 if self.batch_first else 0
+        batch_size, E = query.shape[1 - seq_dim], self.embed_dim
+        q, k, v = self._project(query, key, value)  # in the input layout, last dim E
+        if self.bias_k is not None:
+            # A learned extra key/value: one more source position that no mask blocks.
+            shape = (batch_size, 1, E) if self.batch_first else (1, batch_size, E)
+            k = torch.cat([k, self.bias_k.expand(shape)], dim=seq_dim)
+            v = torch.cat([v, self.bias_v.expand(shape)], dim=seq_dim)
+            key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, L|S, hd)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(batch_size, self.num_heads, 1, self.head_dim)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+            key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
+        return q, k, v, attn_mask, key_padding_mask
+
+    def _merge_heads(self, out: Tensor, dead: Tensor | None) -> Tensor:
+        """(N, H, L, hd) -> the input layout's (N, L, E) or (L, N, E), then W_O; rows dead in every
+        head are 0."""
+        batch_size, H, tgt_len = out.shape[0], out.shape[1], out.shape[2]
+        if self.batch_first:
+            out = out.transpose(1, 2).reshape(batch_size, tgt_len, self.embed_dim)
+        else:
+            out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch_size, self.embed_dim)
+        out = self.out_proj(out)
+        if dead is not None:
+            # A query that sees no key in any head receives nothing: output 0, not W_O·0 + b = b.
+            dead_rows = _all_heads(dead, batch_size, H, tgt_len)  # (N, L) or (N, 1)
+            # In place: out_proj's backward does not need its output.
+            out.masked_fill_(self._to_layout(dead_rows).unsqueeze(-1), 0.0)
+        return out
 
     # -- helpers -------------------------------------------------------------------------------
 

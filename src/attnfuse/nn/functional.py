@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from ._checks import check_probability
 from .dropout import dropout
 from .explicit import explicit_attention
@@ -166,35 +167,68 @@ def attend(
 
     Path rule: explicit scores when weights are asked for, or when dropout is on and the inputs
     are on the CPU (see the module docstring); the fused kernel otherwise. Without weights the
-    explicit path is :func:`~attnfuse.nn.explicit.explicit_attention` (its own backward).
+    explicit scores are computed by the kernel :func:`~attnfuse.nn.kernels.choose` picks for the
+    problem's shapes on this machine: :func:`~attnfuse.nn.explicit.explicit_attention` (its own
+    backward) or plain ops under autograd (:func:`_plain`).
     """
-    tgt_len, src_len = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    explicit = need_weights or (dropout_p > 0.0 and query.device.type == "cpu")
+    if not (need_weights or (dropout_p > 0.0 and query.device.type == "cpu")):
+        return _fused(query, key, value, masks, dropout_p, scale), None
+    mask, dead = _additive_mask(masks, query, key.shape[-2]), masks.dead
+    if not need_weights and (mask is None or not mask.requires_grad) and query.numel() and key.numel():
+
+        def explicit(q: Tensor, k: Tensor, v: Tensor, g: torch.Generator | None) -> Tensor:
+            return explicit_attention(q, k, v, mask, dead, scale, dropout_p, g)
+
+        def plain(q: Tensor, k: Tensor, v: Tensor, g: torch.Generator | None) -> Tensor:
+            return _plain(q, k, v, mask, dead, scale, dropout_p, False, g)[0]
+
+        grad = _records_grad(query, key, value)
+        kernel = kernels.choose(query, key, value, mask, grad, {"explicit": explicit, "autograd": plain})
+        return (explicit if kernel == "explicit" else plain)(query, key, value, generator), None
+    return _plain(query, key, value, mask, dead, scale, dropout_p, need_weights, generator)
+
+
+def _fused(query: Tensor, key: Tensor, value: Tensor, masks: Masks, dropout_p: float, scale: float) -> Tensor:
+    """torch's SDPA (a fused kernel where one applies), dead rows zeroed. Shapes as attend's."""
+    # No row is dead under a causal mask alone: query i always sees key 0.
     mask, dead = masks.mask, masks.dead
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=masks.causal, scale=scale
+    )
+    if dead is not None and _records_grad(query, key, value, mask):
+        out = out.masked_fill(dead.unsqueeze(-1), 0.0)  # out of place: SDPA saves `out` for backward
+    elif dead is not None:
+        out.masked_fill_(dead.unsqueeze(-1), 0.0)  # no autograd: no copy of the output
+    return out
 
-    if not explicit:
-        # No row is dead under a causal mask alone: query i always sees key 0.
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=masks.causal, scale=scale
-        )
-        if dead is not None and _records_grad(query, key, value, mask):
-            out = out.masked_fill(dead.unsqueeze(-1), 0.0)  # out of place: SDPA saves `out` for backward
-        elif dead is not None:
-            out.masked_fill_(dead.unsqueeze(-1), 0.0)  # no autograd: no copy of the output
-        return out, None
 
+def _additive_mask(masks: Masks, query: Tensor, src_len: int) -> Tensor | None:
+    """The merged mask as scores to add (0 or -inf for a bool mask; a causal mask built), or None."""
+    mask = masks.mask
     if masks.causal:
-        mask = _causal_allowed(tgt_len, src_len, query.device)
+        mask = _causal_allowed(query.shape[-2], src_len, query.device)
     if mask is not None and mask.dtype == torch.bool:
         # Added, not masked_fill'ed: on the CPU a broadcast masked_fill of the (..., L, S) scores
         # costs ~20x an add (4.3 ms vs 0.2 ms forward + backward at B·H·L·S = 300k).
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    if not need_weights and (mask is None or not mask.requires_grad) and query.numel() and key.numel():
-        # Dropout on the CPU: one function with a hand-written backward (see .explicit), 1.3-1.5x
-        # the speed of the plain ops below at MulT's sizes (benchmarks/speed.py --part kernel).
-        return explicit_attention(query, key, value, mask, dead, scale, dropout_p, generator), None
-    batch = _shape(query)[:-2]
+    return mask
+
+
+def _plain(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    dead: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    need_weights: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Explicit attention as plain ops (autograd differentiates them): ``(output, weights or None)``.
+    ``mask`` is None or float scores to add, broadcastable to ``(..., L, S)``."""
+    batch, tgt_len, src_len = _shape(query)[:-2], query.shape[-2], key.shape[-2]
     # One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in (alpha): the
     # reshapes are the only copies of q and k (heads split from a packed projection are strided
     # views), where `matmul(query * scale, key.mT)` made three (q*scale, q, k).

@@ -1,9 +1,10 @@
-"""The fusion models' fast training path (issue 11) computes what the plain path computes.
+"""The fusion models' training paths compute the same function.
 
 Oracle: the same model asked for its attention maps, which runs attention as plain autograd ops
-(scores, softmax, dropout, matmul); without maps, CPU attention with dropout runs
-attnfuse.nn.explicit's hand-written backward and the key padding is prepared once per forward.
-Both draw the same dropout masks from the same seed, so outputs and gradients must agree."""
+(scores, softmax, dropout, matmul); without maps, CPU attention with dropout runs the kernel
+attnfuse.nn.kernels chose (each is forced here in turn: attnfuse.nn.explicit's hand-written
+backward, or plain ops without the maps), and the key padding is prepared once per forward. All
+draw the same dropout masks from the same seed, so outputs and gradients must agree."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from attnfuse.fusion import build_model
 from attnfuse.modules import MLPHead, ModalityEmbedding
 from attnfuse.nn import Dropout, KeyPaddingMask
 from attnfuse.nn import functional as AF
+from attnfuse.nn import kernels
 from attnfuse.training import model_config
 
 # Sequences of 16 steps, batch 16, 2 heads: every attention-probability tensor has >= 4096
@@ -53,17 +55,19 @@ def step(net, batch, maps: bool, seed: int):
     return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
 @pytest.mark.parametrize("padded", [False, True], ids=["all-valid", "padded"])
 @pytest.mark.parametrize("fusion", ["self", "cross", "bicross", "mult"])
-def test_fast_path_matches_the_plain_path(fusion, padded, monkeypatch):
+def test_each_attention_kernel_matches_the_path_with_maps(fusion, padded, kernel, monkeypatch):
     data = sequences()
     batch = padded_batch(data) if padded else data.to_batch()
     net = model(fusion, data)
     calls = []
     real = AF.explicit_attention
     monkeypatch.setattr(AF, "explicit_attention", lambda *a: calls.append(1) or real(*a))
-    fast, fast_grads = step(net, batch, maps=False, seed=3)
-    assert calls, "the training path did not take the explicit attention function"
+    with kernels.forced(kernel):
+        fast, fast_grads = step(net, batch, maps=False, seed=3)
+    assert bool(calls) == (kernel == "explicit"), "the training path did not take the forced kernel"
     calls.clear()
     plain, plain_grads = step(net, batch, maps=True, seed=3)
     assert not calls
@@ -72,7 +76,8 @@ def test_fast_path_matches_the_plain_path(fusion, padded, monkeypatch):
     for name in fast_grads:
         assert torch.isfinite(fast_grads[name]).all(), name
         torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    other, _ = step(net, batch, maps=False, seed=4)
+    with kernels.forced(kernel):
+        other, _ = step(net, batch, maps=False, seed=4)
     assert not torch.allclose(other, fast)  # dropout is on: another seed, another output
 
 

@@ -1,0 +1,160 @@
+"""Which attention kernel computes attention with dropout on the CPU: chosen by measurement.
+
+Two kernels compute the same function (softmax(QKᵀ·scale + mask) with dropout, times V), draw the
+same dropout mask from the same random numbers, and agree to float32 rounding:
+
+* ``"explicit"``: :func:`~attnfuse.nn.explicit.explicit_attention`, one autograd function whose
+  products are computed transposed (wide outputs for narrow heads) and whose backward keeps two
+  (L, S) tensors;
+* ``"autograd"``: the same function as plain ops, differentiated by autograd.
+
+Which one is faster depends on the machine, not on the model: at MulT's sizes (q, k, v
+``(24, 5, 50, 6)``) the explicit kernel took 0.69x the time of plain ops, forward and backward,
+on an AMD EPYC, and 1.38x on an Intel Xeon (benchmarks/RESULTS.md; the CPU's GEMM library takes
+other code paths on the two vendors). So neither is a default that holds everywhere; like cuDNN's
+benchmark mode, the first call of a shape times both kernels on random inputs of that shape and
+every later call of the shape in this process runs the winner (:func:`choose`). The choice is
+keyed by the sizes of one attention problem (L, S, E, Ev, dtype, mask, gradient), not by the batch:
+the kernels' ratio hardly depends on it, and a model's first training step then decides for the
+whole run, its last, smaller batch included.
+
+Deterministic fallback: where timing cannot tell (a winner must be faster in all but one of
+:data:`ROUNDS` interleaved rounds and by :data:`MARGIN` in the median), where a problem is too
+small for the kernels to differ measurably (:data:`MIN_WORK`), while a graph is recorded, and off
+the CPU, the kernel is :data:`FALLBACK`.
+
+The two kernels round differently (a last bit here and there), so the choice is part of a run's
+state: :func:`choices` lists what this process chose, :func:`restore` makes it choose the same again
+(``attnfuse.training.Trainer`` keeps it in its checkpoints, so a resumed run is bitwise the run
+that never stopped). :func:`forced` runs one kernel regardless (tests, benchmarks).
+
+Timing draws its inputs and dropout masks from its own generator: it consumes none of the random
+numbers of the computation it is part of.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .masks import tracing
+
+__all__ = ["KERNELS", "FALLBACK", "choose", "choices", "restore", "forced", "problem_key"]
+
+KERNELS = ("explicit", "autograd")
+FALLBACK = "explicit"  # the kernel of small problems, noisy timings, recorded graphs and other devices
+MIN_WORK = 1 << 17  # batch·L·S score elements below which the fallback runs untimed (MulT: 120·50·50)
+ROUNDS = 5  # interleaved timed rounds per candidate (after one untimed call of each)
+MARGIN = 1.05  # the winner's median time ratio must be at least this
+
+_chosen: dict[str, str] = {}  # problem key -> kernel, this process
+_forced: list[str] = []  # a stack: forced() may nest
+
+
+def problem_key(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, grad: bool) -> str:
+    """The key of an attention problem: its sizes without the batch, e.g. ``"50x50x6x6 float32
+    mask:none grad"`` (mask: none, or the shape it broadcasts from, batch dims as 1 or n)."""
+    L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    if mask is None:
+        m = "none"
+    else:
+        lead = ("n" if d > 1 else "1" for d in mask.shape[:-2])
+        m = "x".join([*lead, "L" if mask.shape[-2] > 1 else "1", "S" if mask.shape[-1] > 1 else "1"])
+    dtype = str(query.dtype).removeprefix("torch.")
+    return f"{L}x{S}x{E}x{Ev} {dtype} mask:{m} {'grad' if grad else 'nograd'}"
+
+
+def choose(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    grad: bool,
+    candidates: dict[str, Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]],
+) -> str:
+    """The kernel for this problem: forced, recorded, or timed now (once per key and process).
+
+    ``candidates`` maps each of :data:`KERNELS` to ``f(q, k, v, generator) -> out`` (the caller
+    binds mask, scale and dropout rate); they are called on random inputs of the problem's shapes
+    only when this key is met for the first time and timing applies."""
+    if _forced:
+        return _forced[-1]
+    name = problem_key(query, key, value, mask, grad)
+    kernel = _chosen.get(name)
+    if kernel is not None:
+        return kernel
+    if tracing() or query.device.type != "cpu":
+        return FALLBACK  # not recorded: a graph or a device decides nothing for the CPU runs
+    work = query[..., 0].numel() * key.shape[-2]  # batch·L·S
+    kernel = FALLBACK if work < MIN_WORK else _measure(query, key, value, grad, candidates)
+    _chosen[name] = kernel
+    return kernel
+
+
+def choices() -> dict[str, str]:
+    """What this process chose so far, ``{problem key: kernel}`` (a copy, JSON-ready)."""
+    return dict(_chosen)
+
+
+def restore(recorded: object) -> None:
+    """Choose as ``recorded`` (from :func:`choices`, e.g. read back from a checkpoint) for its keys
+    from now on; other keys are still timed at first use. Checked whole before anything changes."""
+    if not isinstance(recorded, dict):
+        raise ValueError(f"kernels: expected a mapping of problem keys to kernels, got {type(recorded).__name__}")
+    for k, v in recorded.items():
+        if not isinstance(k, str) or v not in KERNELS:
+            raise ValueError(f"kernels: expected kernels among {KERNELS} for problem keys, got {k!r}: {v!r}")
+    _chosen.update(recorded)
+
+
+def clear() -> None:
+    """Forget every choice (tests: the next call of each key is timed again)."""
+    _chosen.clear()
+
+
+@contextlib.contextmanager
+def forced(kernel: str) -> Iterator[None]:
+    """Run ``kernel`` for every problem inside the block (no timing, nothing recorded)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    _forced.append(kernel)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _seconds(kernel: Callable, inputs: list[Tensor], g: torch.Generator, grad: bool) -> float:
+    """Seconds of one call of ``kernel`` on ``inputs`` (and its backward when ``grad``)."""
+    t0 = time.perf_counter()
+    out = kernel(*inputs, g)
+    if grad:
+        out.backward(torch.ones_like(out))
+    return time.perf_counter() - t0
+
+
+def _measure(query: Tensor, key: Tensor, value: Tensor, grad: bool, candidates: dict) -> str:
+    """Time each candidate, forward (+ backward when ``grad``), on random inputs of the problem's
+    shapes: one untimed call each, then :data:`ROUNDS` rounds with alternating order. The winner
+    must win all rounds but one and by :data:`MARGIN` in the median ratio; else :data:`FALLBACK`."""
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(t.shape, generator=g, dtype=t.dtype).requires_grad_(grad) for t in (query, key, value)]
+    seconds: dict[str, list[float]] = {k: [] for k in KERNELS}
+    with torch.enable_grad() if grad else torch.no_grad():
+        for r in range(1 + ROUNDS):
+            for name in KERNELS if r % 2 else KERNELS[::-1]:
+                t = _seconds(candidates[name], inputs, g, grad)
+                if r:  # round 0 warms up
+                    seconds[name].append(t)
+    ratios = [a / e for e, a in zip(seconds["explicit"], seconds["autograd"])]  # > 1: explicit is faster
+    median = statistics.median(ratios)
+    if median >= MARGIN and sum(x > 1.0 for x in ratios) >= ROUNDS - 1:
+        return "explicit"
+    if 1.0 / median >= MARGIN and sum(x < 1.0 for x in ratios) >= ROUNDS - 1:
+        return "autograd"
+    return FALLBACK
