@@ -15,9 +15,8 @@ import torch
 from attnfuse.data import MultimodalDataset
 from attnfuse.fusion import build_model
 from attnfuse.modules import MLPHead, ModalityEmbedding
-from attnfuse.nn import Dropout, KeyPaddingMask
+from attnfuse.nn import Dropout, KeyPaddingMask, kernels
 from attnfuse.nn import functional as AF
-from attnfuse.nn import kernels
 from attnfuse.training import model_config
 
 # Sequences of 16 steps, batch 16, 2 heads: every attention-probability tensor has >= 4096

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from attnfuse.data import MultimodalDataset
+from attnfuse.fusion import build_model
 from attnfuse.nn import functional as AF
 from attnfuse.nn import kernels
 from attnfuse.nn.dropout import packed_rate
-from attnfuse.fusion import build_model
 from attnfuse.training import TrainConfig, Trainer, model_config
 
 
@@ -178,9 +178,8 @@ def test_a_recorded_choice_that_is_not_one_is_refused_whole(recorded):
 
 
 def test_forced_names_a_kernel():
-    with pytest.raises(ValueError, match="kernel: expected one of"):
-        with kernels.forced("sdpa"):
-            pass
+    with pytest.raises(ValueError, match="kernel: expected one of"), kernels.forced("sdpa"):
+        pass
 
 
 def test_a_trainer_checkpoint_records_the_choices_and_restoring_it_chooses_them_again():
