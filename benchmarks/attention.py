@@ -14,8 +14,6 @@ import contextlib
 import datetime
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attnfuse.nn
+from _machine import machine
 
 CONTENDERS = ("attnfuse", "torch", "lower bound")
 BEGIN, END = "<!-- begin: benchmarks/attention.py -->", "<!-- end: benchmarks/attention.py -->"
@@ -68,23 +67,6 @@ class LowerBound(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(N, L, E)), weights
-
-
-def machine() -> str:
-    """CPU model, cores, torch and its threads, load average: what a reader needs to weigh a time."""
-    cpu = next(
-        (
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        ),
-        platform.processor() or platform.machine(),
-    )
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}, load average {load} at the start"
-    )
 
 
 def build(name: str, E: int, H: int, kdim: int | None, state: dict) -> nn.Module:

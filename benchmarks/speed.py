@@ -1,24 +1,30 @@
-"""Fusion-model speed (issue 11): training steps and inference of attnfuse's fusion models, side by
-side in one process, interleaved, against the reference MulT, against the torch.nn compositions a
-user would write instead, and against attnfuse itself before this work.
+"""Fusion-model speed: training steps and inference of attnfuse's fusion models, side by side in
+one process, interleaved, against the reference MulT, against the torch.nn compositions a user
+would write instead, and (with --before or --src) against another version of attnfuse.
 
-    python benchmarks/speed.py --threads 1         # every part; writes its section of RESULTS.md
+    python benchmarks/speed.py --threads 1         # the default parts; writes their blocks in RESULTS.md
     python benchmarks/speed.py --quick             # 3 rounds, prints only
     python benchmarks/speed.py --part mult         # one part (repeatable): mult, nn, infer, profile,
-                                                   # kernel, accuracy; its block alone is replaced
-    python benchmarks/speed.py --before REV        # "before" = attnfuse at git revision REV (git archive)
-    python benchmarks/speed.py --src PATH          # "before" = the attnfuse package in PATH (a checkout's src/)
+                                                   # kernel, accuracy, compile; its block alone is replaced
+    python benchmarks/speed.py --before REV        # adds "before" = attnfuse at git revision REV (git archive)
+    python benchmarks/speed.py --src PATH          # adds "before" = the attnfuse package in PATH (a checkout's src/)
 
 Sizes are MulT's on CMU-MOSEI: batch 24, T = 50, text/audio/vision features 300/74/35, d_model 30,
 5 heads, 5 cross-modal and 5 self-attention layers, dropout 0.1; one training step = forward, L1
-loss, backward, Adam (lr 1e-3). CPU float32 unless --device says otherwise.
+loss, backward, Adam (lr 1e-3). CPU float32 unless --device says otherwise. Every block names
+the CPU (model and vendor, from /proc/cpuinfo) it was measured on: a ratio measured on one vendor's
+CPU need not hold on another's.
 
 Contenders of a part run in one process, round-robin with a rotating start (benchmarks/attention.py's
 ``interleave``), so a shared machine's drifting load hits them alike; reported are medians and bests
-over the rounds, and for ratios the median of the per-round ratios. On a shared 2-core machine
-use ``--threads 1``: two threads per process on cores that other processes also use spin-wait
-against each other, and a step can take 50x as long. "before" is the whole attnfuse
-package of another revision, loaded under the name ``attnfuse_before`` next to the current one.
+over the rounds, and for ratios the median of the per-round ratios. Threads: attnfuse's default
+(the cores other processes leave free, attnfuse.threads) unless --threads N; on a shared machine
+use ``--threads 1``. "before" is the whole attnfuse package of another revision, loaded under the
+name ``attnfuse_before`` next to the current one.
+
+The ``compile`` part (not in the default set: compiling takes minutes on a small CPU) times
+``torch.compile`` of one fusion model against eager: its first steps (the compilation) and its
+steady state, separately.
 
 The reference MulT (yaohungt/Multimodal-Transformer, MIT) is imported at run time from
 ``../shared/anchors/mult-reference`` (beside the checkout, or beside the main checkout of a git
@@ -47,10 +53,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attnfuse
-from attention import machine
+from _machine import machine
+from attnfuse.nn import kernels
+from attnfuse.threads import set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Fusion model speed (issue 11)"
+SECTION = "## Fusion model speed"
 DIMS = {"text": 300, "audio": 74, "vision": 35}
 T, D_MODEL, HEADS, LAYERS, P = 50, 30, 5, 5, 0.1
 MOSEI = {"d_model": D_MODEL, "nhead": HEADS, "num_layers": LAYERS, "dropout": P}
@@ -82,7 +90,10 @@ MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 
 def load_before(args) -> types.ModuleType | None:
-    """The attnfuse package of --src, or of git revision --before, as ``attnfuse_before``."""
+    """The attnfuse package of --src, or of git revision --before, as ``attnfuse_before``; None
+    when neither is given."""
+    if args.src is None and args.before is None:
+        return None
     if args.src is not None:
         folder = Path(args.src)
     else:
@@ -367,13 +378,14 @@ def part_nn(args, before) -> list[str]:
     return lines
 
 
-def part_infer(args, before) -> list[str]:
+def part_infer(args, before, anchors) -> list[str]:
     dev, batch = args.torch_device, 256
     lines = [
         "| fusion | inference (eval, inference_mode), samples/s | training-mode forward, samples/s | "
         "inference / training forward | inference, before (samples/s) | after / before |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    reference = "not measured (no reference MulT)"
     for fusion in ("concat", "self", "cross", "bicross", "mult"):
         overrides = {"concat": {"d_model": D_MODEL, "dropout": P}, "mult": MULT}.get(fusion, MOSEI)
         after = of_attnfuse(attnfuse, fusion, overrides, batch, dev)
@@ -382,7 +394,11 @@ def part_infer(args, before) -> list[str]:
             old = of_attnfuse(before, fusion, overrides, batch, dev)
             same_weights(after, old)
             steps["before"] = old.inference
+        if fusion == "mult" and anchors is not None:
+            steps["reference MulT"] = of_reference(anchors, batch, dev).inference
         times = interleaved(steps, args)
+        if "reference MulT" in times:
+            reference = f"{paired(times, 'inference', 'reference MulT'):.2f}"
         inf, fwd = rates(times["inference"], batch)[0], rates(times["training forward"], batch)[0]
         old_cells = "– | –"
         if before is not None:
@@ -391,6 +407,8 @@ def part_infer(args, before) -> list[str]:
             f"| {fusion} | {inf:.0f} | {fwd:.0f} | {paired(times, 'inference', 'training forward'):.2f} | {old_cells} |"
         )
         print(lines[-1], flush=True)
+    lines += ["", f"`mult` inference against the reference MulT (eval, inference_mode, batch 256): {reference}x."]
+    print(lines[-1], flush=True)
     return lines
 
 
@@ -456,31 +474,71 @@ def part_profile(args, before, anchors, top: int = 12) -> list[str]:
 
 
 def part_kernel(args) -> list[str]:
-    """The two measurements behind attnfuse.nn.explicit, at MulT's head sizes (CPU)."""
+    """The two CPU kernels of attention with dropout (attnfuse.nn.kernels) forced in turn, forward +
+    backward, at MulT's head sizes, the GEMM layouts behind them, and what kernels.choose picks here."""
     from attnfuse.nn import functional as AF  # the attention core's internals
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(24, HEADS, T, D_MODEL // HEADS, generator=g, requires_grad=True) for _ in range(3))
-    masks = AF.Masks(None, None)
-
-    def explicit() -> None:  # what attend() runs for dropout on the CPU without weights
-        AF.attend(q, k, v, masks, P, None, False)[0].sum().backward()
-
-    def plain() -> None:  # the same function as plain autograd ops (the path that returns weights)
-        AF.attend(q, k, v, masks, P, None, True)[0].sum().backward()
-
-    probs = torch.softmax(torch.randn(24 * HEADS, T, T, generator=g), dim=-1)
-    val = torch.randn(24 * HEADS, T, D_MODEL // HEADS, generator=g)
-    steps = {
-        "attention with dropout, forward + backward: explicit_attention": explicit,
-        "attention with dropout, forward + backward: plain autograd ops": plain,
-        "bmm(P, V): output (120, 50, 6)": lambda: torch.bmm(probs, val),
-        "bmm(Vᵀ, Pᵀ): output (120, 6, 50)": lambda: torch.bmm(val.transpose(1, 2), probs.transpose(1, 2)),
-    }
-    times = interleaved(steps, args, number=max(args.number, 5))
     lines = ["| computation | ms, median | ms, best |", "|---|---:|---:|"]
-    for n, t in times.items():
-        lines.append(f"| {n} | {1e3 * statistics.median(t):.2f} | {1e3 * min(t):.2f} |")
+    picks = []
+    for hd in (D_MODEL // HEADS, 2 * D_MODEL // HEADS):  # cross-modal heads (6) and mult's self heads (12)
+        q, k, v = (torch.randn(24, HEADS, T, hd, generator=g, requires_grad=True) for _ in range(3))
+        masks = AF.Masks(None, None)
+
+        def run(kernel: str, q=q, k=k, v=v, masks=masks) -> Callable[[], None]:
+            def step() -> None:
+                with kernels.forced(kernel):
+                    AF.attend(q, k, v, masks, P, None, False)[0].sum().backward()
+
+            return step
+
+        probs = torch.softmax(torch.randn(24 * HEADS, T, T, generator=g), dim=-1)
+        val = torch.randn(24 * HEADS, T, hd, generator=g)
+        steps = {
+            f"q, k, v (24, 5, 50, {hd}): explicit kernel (explicit_attention)": run("explicit"),
+            f"q, k, v (24, 5, 50, {hd}): autograd kernel (plain ops)": run("autograd"),
+            f"bmm(P, V): output (120, 50, {hd})": lambda probs=probs, val=val: torch.bmm(probs, val),
+            f"bmm(Vᵀ, Pᵀ): output (120, {hd}, 50)": lambda probs=probs, val=val: torch.bmm(
+                val.transpose(1, 2), probs.transpose(1, 2)
+            ),
+        }
+        times = interleaved(steps, args, number=max(args.number, 5))
+        for n, t in times.items():
+            lines.append(f"| {n} | {1e3 * statistics.median(t):.2f} | {1e3 * min(t):.2f} |")
+        kernels.clear()
+        AF.attend(q, k, v, masks, P, None, False)  # the first call of this problem: timed by kernels.choose
+        picks.append(f"{hd}-wide heads: {next(iter(kernels.choices().values()))}")
+    lines.append("")
+    lines.append(f"Chosen by `attnfuse.nn.kernels` in this process: {'; '.join(picks)}.")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def part_compile(args) -> list[str]:
+    """torch.compile (what --compile does) against eager, one fusion model's training step: the
+    first steps (compilation) timed alone, then interleaved rounds of the steady state."""
+    dev, fusion = args.torch_device, args.compile_fusion
+    overrides = MULT if fusion == "mult" else MOSEI
+    eager = of_attnfuse(attnfuse, fusion, overrides, 24, dev)
+    compiled = of_attnfuse(attnfuse, fusion, overrides, 24, dev)
+    fn = torch.compile(compiled.model)
+    x, valid, y = mosei_inputs(24, dev)
+    batch = attnfuse.data.Batch(x, valid, y)
+    compiled.forward = lambda: fn(batch)
+    first = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        compiled.train_step()
+        first.append(time.perf_counter() - t0)
+    times = interleaved({"eager": eager.train_step, "compiled": compiled.train_step}, args)
+    e, c = (1e3 * statistics.median(times[n]) for n in ("eager", "compiled"))
+    lines = [
+        "| fusion | first 3 compiled steps, s | eager step, ms (median) | compiled step, ms (median) | "
+        "compiled / eager samples/s (median of per-round ratios) |",
+        "|---|---|---:|---:|---:|",
+        f"| {fusion} | {', '.join(f'{t:.1f}' for t in first)} | {e:.0f} | {c:.0f} | "
+        f"{paired(times, 'compiled', 'eager'):.2f} |",
+    ]
     print("\n".join(lines), flush=True)
     return lines
 
@@ -526,7 +584,8 @@ def part_accuracy(args) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
-PARTS = ("mult", "nn", "infer", "profile", "kernel", "accuracy")
+PARTS = ("mult", "nn", "infer", "profile", "kernel", "accuracy", "compile")
+DEFAULT_PARTS = PARTS[:-1]  # compile: only when asked (minutes of compilation)
 TITLES = {
     "mult": "`mult` against the reference MulT, training step (batch 24)",
     "nn": "`self`, `cross`, `bicross` against torch.nn compositions, training step (batch 24)",
@@ -534,7 +593,9 @@ TITLES = {
     "model's training-mode forward (dropout on, autograd recording, no backward)",
     "profile": "Where a `mult` training step goes: torch.profiler, self CPU ms per step (share of the step), "
     "top ops, mean of 3 interleaved profiled steps",
-    "kernel": "The two measurements behind `attnfuse.nn.explicit` (q, k, v `(24, 5, 50, 6)`, dropout 0.1)",
+    "kernel": "The two CPU kernels of attention with dropout 0.1 (`attnfuse.nn.kernels`), forward + backward, "
+    "and the GEMM layouts behind them",
+    "compile": "`torch.compile` (`--compile`) against eager, training step (batch 24): compilation and steady state",
     "accuracy": 'Accuracy on the final code (planted: `TrainConfig(seed=s, loss="l1")`, defaults otherwise; '
     "mfeat: `TrainConfig(seed=s)`, fractions 0.7/0.1/0.2)",
 }
@@ -563,27 +624,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", action="append", choices=PARTS)
     p.add_argument(
-        "--before",
-        default="4b2fcf1",
-        help="git revision whose attnfuse is 'before' (default 4b2fcf1: main before this work)",
+        "--before", default=None, help="a git revision whose attnfuse is compared as 'before' (default: none)"
     )
     p.add_argument("--src", type=Path, default=None, help="a folder holding the 'before' attnfuse package")
     p.add_argument("--anchors", type=Path, default=None, help="the mult-reference folder (default: found)")
     p.add_argument("--rounds", type=int, default=11, help="timed rounds per contender (default 11)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
     p.add_argument("--number", type=int, default=1, help="calls per round (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a loaded machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: attnfuse's, the free cores; 1 on a loaded machine)",
+    )
+    p.add_argument("--compile-fusion", default="cross", help="the fusion model of the compile part (default cross)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--mfeat-splits", type=int, default=3, help="mfeat splits of the accuracy part (default 3)")
     p.add_argument("--quick", action="store_true", help="3 rounds of 1 call, prints only")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # attnfuse's default (the free cores) unless --threads
     if args.quick:
         args.rounds, args.warmup, args.number = 3, 1, 1
     args.torch_device = torch.device(args.device)
-    parts = [x for x in PARTS if x in (args.part or PARTS)]
+    parts = [x for x in PARTS if x in (args.part or DEFAULT_PARTS)]
     before = load_before(args) if {"mult", "nn", "infer", "profile"} & set(parts) else None
     anchors = anchor_folder(args)
     what = f"--src {args.src}" if args.src else f"attnfuse at {args.before} (git archive)"
@@ -593,16 +657,21 @@ def main() -> None:
         body = {
             "mult": lambda: part_mult(args, before, anchors),
             "nn": lambda: part_nn(args, before),
-            "infer": lambda: part_infer(args, before),
+            "infer": lambda: part_infer(args, before, anchors),
             "profile": lambda: part_profile(args, before, anchors),
             "kernel": lambda: part_kernel(args),
             "accuracy": lambda: part_accuracy(args),
+            "compile": lambda: part_compile(args),
         }[part]()
         command = f"python benchmarks/speed.py --part {part}" + (f" --threads {args.threads}" if args.threads else "")
+        if part in ("mult", "nn", "infer", "profile") and before is not None:
+            command += f" --src {args.src}" if args.src else f" --before {args.before}"
+        if part == "compile":
+            command += f" --compile-fusion {args.compile_fusion}"
         if part not in ("profile", "accuracy"):
             command += f" --rounds {args.rounds} --number {args.number}"
         run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `{command}`; {machine_line}"
-        if part in ("mult", "nn", "infer", "profile"):
+        if part in ("mult", "nn", "infer", "profile") and before is not None:
             run += f"; before = {what}"
         if part not in ("profile", "accuracy"):
             run += f"; {args.rounds} interleaved rounds after {args.warmup} warm-up round(s)"

@@ -2,9 +2,10 @@
 
 What is checked: both kernels compute the same function through attend() (outputs, gradients,
 dropout statistics, with and without masks); the choice is timed once per problem and process,
-falls back to the fixed kernel when timing cannot tell (timings injected), for small problems, and
-while a graph is recorded; timing consumes none of the caller's random numbers; the choices made
-are recorded in a Trainer's checkpoint and chosen again when it is restored. Never timings."""
+falls back to the fixed kernel when timing cannot tell (timings injected) and for small problems,
+and is plain ops while a graph is recorded; timing consumes none of the caller's random numbers;
+the choices made are recorded in a Trainer's checkpoint and chosen again when it is restored.
+Never timings."""
 
 from __future__ import annotations
 
@@ -157,14 +158,17 @@ def test_timing_consumes_none_of_the_callers_random_numbers():
     assert torch.equal(timed_now, again)
 
 
-def test_small_problems_and_recorded_graphs_take_the_fallback_untimed(monkeypatch):
+def test_small_problems_take_the_fallback_and_recorded_graphs_plain_ops_untimed(monkeypatch):
     timed = script_timings(monkeypatch, [2.0] * 5, [1.0] * 5)
     attend_once(*qkv(batch=(2, 2), L=10, S=10))  # 400 score elements
     assert timed == [] and list(kernels.choices().values()) == [kernels.FALLBACK]
     kernels.clear()
+    calls = []
+    real = AF.explicit_attention
+    monkeypatch.setattr(AF, "explicit_attention", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(kernels, "tracing", lambda: True)
     attend_once(*qkv())
-    assert timed == [] and kernels.choices() == {}  # nothing recorded for the eager runs
+    assert timed == [] and calls == [] and kernels.choices() == {}  # nothing recorded for the eager runs
 
 
 @pytest.mark.parametrize(

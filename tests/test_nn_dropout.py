@@ -181,3 +181,16 @@ def test_attention_dropout_drops_probabilities_at_the_rate():
     dropped = (out == 0).float().mean().item()
     assert abs(dropped - rate) < binomial_bound(n * S, rate)
     torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / S / (1 - rate)))
+
+
+def test_a_recorded_graph_gets_torchs_dropout_not_the_packed_draw(monkeypatch):
+    # torch.compile cannot record the packed mask's full-range random_ (a graph break per dropout).
+    from attnfuse.nn import dropout as D
+
+    x = torch.ones(64, 128)
+    monkeypatch.setattr(D, "tracing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "random_", lambda *a, **k: pytest.fail("the packed draw ran"))
+    y = D.dropout(x, 0.25)
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.75))
+    assert 0.2 < (y == 0).float().mean().item() < 0.3

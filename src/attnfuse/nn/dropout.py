@@ -15,7 +15,9 @@ independent per element, same rate to 7.6e-6, identity in eval mode, reproducibl
 (``torch.manual_seed`` or a ``generator``), gradient = mask · grad.
 
 Where the packed mask does not pay or cannot hold the rate, :func:`dropout` is torch's own:
-on GPUs (``F.dropout`` is one fused kernel there) and for rates within 2^-8 of 0 or 1.
+on GPUs (``F.dropout`` is one fused kernel there), for rates within 2^-8 of 0 or 1, and while
+``torch.compile`` records a graph (it cannot record the full-range ``random_`` of the packed draw,
+and would break the graph at every dropout; its own dropout is fused into the graph instead).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .masks import tracing
 
 __all__ = ["dropout", "dropout_mask", "packed_rate", "Dropout"]
 
@@ -42,7 +46,7 @@ def packed_rate(p: float) -> float:
 def _packs(p: float, numel: int, device: torch.device) -> bool:
     """Whether the packed mask is used: on the CPU, for a rate it can hold, and for tensors big
     enough that its few extra ops (~7 against 1) cost less than the Bernoulli draws they save."""
-    return device.type == "cpu" and numel >= _MIN_NUMEL and _MIN_RATE <= p <= 1.0 - _MIN_RATE
+    return device.type == "cpu" and numel >= _MIN_NUMEL and _MIN_RATE <= p <= 1.0 - _MIN_RATE and not tracing()
 
 
 def dropout_mask(

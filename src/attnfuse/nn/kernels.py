@@ -20,8 +20,9 @@ whole run, its last, smaller batch included.
 
 Deterministic fallback: where timing cannot tell (a winner must be faster in all but one of
 :data:`ROUNDS` interleaved rounds and by :data:`MARGIN` in the median), where a problem is too
-small for the kernels to differ measurably (:data:`MIN_WORK`), while a graph is recorded, and off
-the CPU, the kernel is :data:`FALLBACK`.
+small for the kernels to differ measurably (:data:`MIN_WORK`), and off the CPU, the kernel is
+:data:`FALLBACK`. While ``torch.compile`` records a graph it is ``"autograd"``: the compiler
+differentiates and fuses plain ops itself, where the explicit function would be an opaque call.
 
 The two kernels round differently (a last bit here and there), so the choice is part of a run's
 state: :func:`choices` lists what this process chose, :func:`restore` makes it choose the same again
@@ -88,8 +89,10 @@ def choose(
     kernel = _chosen.get(name)
     if kernel is not None:
         return kernel
-    if tracing() or query.device.type != "cpu":
-        return FALLBACK  # not recorded: a graph or a device decides nothing for the CPU runs
+    if tracing():
+        return "autograd"  # a graph recorder differentiates and fuses plain ops itself; not recorded
+    if query.device.type != "cpu":
+        return FALLBACK
     work = query[..., 0].numel() * key.shape[-2]  # batch·L·S
     kernel = FALLBACK if work < MIN_WORK else _measure(query, key, value, grad, candidates)
     _chosen[name] = kernel
