@@ -114,3 +114,16 @@ def test_embedding_and_head_use_attnfuse_dropout():
     assert isinstance(net.embed, ModalityEmbedding) and isinstance(net.embed.dropout, Dropout)
     assert isinstance(net.head, MLPHead) and any(isinstance(m, Dropout) for m in net.head.net)
     assert net.embed.dropout.p == 0.2
+
+
+def test_training_forward_records_as_one_graph():
+    # torch.compile (--compile) breaks a graph at every op it cannot record (a dropout's packed draw,
+    # a branch on a tensor's value); each break costs a compiled step several eager ones. One fusion
+    # model here (recording the others takes minutes): the layers are shared.
+    import torch._dynamo
+
+    data = sequences()
+    net = model("cross", data)
+    explained = torch._dynamo.explain(net)(padded_batch(data))
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    assert explained.graph_count == 1

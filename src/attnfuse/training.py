@@ -31,6 +31,7 @@ from .ensemble import Ensemble, first_member
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
 from .nn import kernels
+from .nn.compiling import compile_model
 from .options import check_bounds, option, shorten
 
 __all__ = [
@@ -384,7 +385,7 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.model = compile_model(wrapped, self.device) if cfg.compile else wrapped
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.loss_fn = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, model)
