@@ -7,6 +7,8 @@ Depends on torch only.
 * :mod:`.masks` — merging masks; ``KeyPaddingMask``, a padding mask prepared once for many layers;
 * :mod:`.dropout` — ``Dropout`` / ``dropout``: torch's dropout with a cheaper mask on the CPU;
 * :mod:`.explicit` — ``explicit_attention``: attention with dropout on the CPU, with its own backward;
+* :mod:`.kernels` — which CPU kernel computes attention with dropout: timed at first use per shape;
+* :mod:`.compiling` — ``compile_model``: ``torch.compile`` with a warning where it was measured slower;
 * :mod:`.attention` — ``MultiheadAttention``;
 * :mod:`.layers` — ``PositionalEncoding``, ``FeedForward``, ``TransformerEncoderLayer``, ``TransformerEncoder``;
 * :mod:`.cross` — ``CrossAttention``, ``BidirectionalCrossAttention``.

@@ -10,7 +10,8 @@ Two paths compute the same function:
   (``need_weights=True``), or because dropout is on and the inputs are on the CPU: there SDPA has
   no fused kernel with dropout and falls back to its own explicit "math" path, which draws its
   dropout mask with :func:`torch.nn.functional.dropout`; the explicit path here does the same work
-  with the cheaper mask of :mod:`.dropout` (measured in benchmarks/RESULTS.md).
+  with the cheaper mask of :mod:`.dropout` (measured in benchmarks/RESULTS.md), computed by the
+  kernel that :mod:`.kernels` timed fastest on this machine for the shape.
 
 Mask conventions are :class:`torch.nn.MultiheadAttention`'s (see :mod:`.masks`). A query row whose
 keys are all masked gets output 0 and weights 0, with finite gradients, on both paths.
