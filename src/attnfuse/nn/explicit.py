@@ -5,11 +5,12 @@ Per head, attention multiplies an (L, S) probability matrix by (S, d_head) value
 heads of multimodal models (d_head = 6 or 12 for MulT on CMU-MOSEI) a product whose *output* has
 d_head columns is slow on the CPU: ``bmm(P, V)`` at (120, 50, 50) x (120, 50, 6) takes 3x as long
 as the same product computed transposed, ``bmm(Vᵀ, Pᵀ)``, whose output has 50 columns
-(0.94 ms against 0.31 ms on one thread of an AMD EPYC: benchmarks/speed.py --part kernel;
-whether the whole function beats plain ops depends on the CPU, so :mod:`.kernels` times both). Autograd's backward
-of ``P @ V`` and of ``Q @ Kᵀ`` builds three more such products (dQ, dK, dV all have d_head
-columns). Here the forward computes ``(P V)ᵀ = Vᵀ Pᵀ`` and
-the backward computes dQᵀ, dKᵀ and dVᵀ, each a wide product, returned as transposed views.
+(0.94 ms against 0.31 ms on one thread of an AMD EPYC: benchmarks/speed.py --part kernel).
+Autograd's backward of ``P @ V`` and of ``Q @ Kᵀ`` builds three more such products (dQ, dK, dV
+all have d_head columns). Here the forward computes ``(P V)ᵀ = Vᵀ Pᵀ`` and the backward computes
+dQᵀ, dKᵀ and dVᵀ, each a wide product, returned as transposed views. Whether the whole function
+beats plain ops depends on the CPU's GEMM library (another vendor's CPU may prefer other layouts),
+so :mod:`.kernels` times both at first use.
 
 The backward also needs fewer (L, S) tensors than autograd's: with A = P ⊙ M the dropped-out
 probabilities (M = 0 or 1/(1-p)), the softmax backward through the dropout is
