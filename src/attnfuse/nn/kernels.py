@@ -54,6 +54,7 @@ ROUNDS = 5  # interleaved timed rounds per candidate (after one untimed call of 
 MARGIN = 1.05  # the winner's median time ratio must be at least this
 
 _chosen: dict[str, str] = {}  # problem key -> kernel, this process
+_seen: dict[tuple, str] = {}  # the exact shapes of calls -> kernel (a cache of _chosen)
 _forced: list[str] = []  # a stack: forced() may nest
 
 
@@ -85,17 +86,21 @@ def choose(
     only when this key is met for the first time and timing applies."""
     if _forced:
         return _forced[-1]
-    name = problem_key(query, key, value, mask, grad)
-    kernel = _chosen.get(name)
-    if kernel is not None:
-        return kernel
     if tracing():
         return "autograd"  # a graph recorder differentiates and fuses plain ops itself; not recorded
     if query.device.type != "cpu":
         return FALLBACK
-    work = query[..., 0].numel() * key.shape[-2]  # batch·L·S
-    kernel = FALLBACK if work < MIN_WORK else _measure(query, key, value, grad, candidates)
-    _chosen[name] = kernel
+    shapes = (query.shape[-2:], key.shape[-2], value.shape[-1], query.dtype, None if mask is None else mask.shape, grad)
+    kernel = _seen.get(shapes)  # every call asks: a tuple lookup, the key's text only when new
+    if kernel is not None:
+        return kernel
+    name = problem_key(query, key, value, mask, grad)
+    kernel = _chosen.get(name)
+    if kernel is None:
+        work = query[..., 0].numel() * key.shape[-2]  # batch·L·S
+        kernel = FALLBACK if work < MIN_WORK else _measure(query, key, value, grad, candidates)
+        _chosen[name] = kernel
+    _seen[shapes] = kernel
     return kernel
 
 
@@ -113,11 +118,13 @@ def restore(recorded: object) -> None:
         if not isinstance(k, str) or v not in KERNELS:
             raise ValueError(f"kernels: expected kernels among {KERNELS} for problem keys, got {k!r}: {v!r}")
     _chosen.update(recorded)
+    _seen.clear()
 
 
 def clear() -> None:
     """Forget every choice (tests: the next call of each key is timed again)."""
     _chosen.clear()
+    _seen.clear()
 
 
 @contextlib.contextmanager
