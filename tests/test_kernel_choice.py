@@ -199,3 +199,45 @@ def test_a_trainer_checkpoint_records_the_choices_and_restoring_it_chooses_them_
     assert kernels.choices() == meta["kernels"]
     del meta["kernels"]  # a checkpoint written before kernels were chosen: nothing to restore
     trainer.load_state_dict(tensors, meta)
+
+
+def test_a_resumed_run_computes_with_the_kernels_its_checkpoint_chose(monkeypatch):
+    """Stop a training after 7 steps, then resume it in a process state where timing would choose
+    the other kernel: the resumed run must end bitwise where the run that never stopped ended."""
+    from attnfuse.training import Control
+
+    monkeypatch.setattr(kernels, "MIN_WORK", 0)  # time even this small problem
+    rng = np.random.default_rng(0)
+    data = MultimodalDataset({"a": rng.normal(size=(64, 8, 3)).astype(np.float32)}, np.arange(64) % 2).to_batch()
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=4)
+
+    def fresh(winner: str) -> Trainer:
+        kernels.clear()
+        slow, fast = [2.0] * 5, [1.0] * 5
+        script_timings(monkeypatch, *((fast, slow) if winner == "explicit" else (slow, fast)))
+        torch.manual_seed(cfg.seed)
+        config = {"modalities": [{"name": "a", "dim": 3, "length": 8, "is_sequence": True}], "out_dim": 2,
+                  "d_model": 8, "nhead": 2, "num_layers": 1, "dropout": 0.2}  # fmt: skip
+        return Trainer(build_model("self", config), "classification", cfg)
+
+    whole = fresh("autograd")
+    whole.fit(data, data)
+    assert set(kernels.choices().values()) == {"autograd"}
+    other = fresh("explicit")
+    other.fit(data, data)
+    differs = [k for k, v in whole.net.state_dict().items() if not torch.equal(v, other.net.state_dict()[k])]
+    assert differs  # the kernels round differently: the choice matters to a bitwise resume
+
+    steps: list = []
+    stopped = fresh("autograd")
+    with pytest.raises(Exception, match="interrupted"):
+        stopped.fit(data, data, control=Control(stop=lambda: len(steps) >= 7 or steps.append(1) or 0,
+                                                checkpoint=lambda t: steps.append(t.state_dict())))  # fmt: skip
+    tensors, meta = steps[-1]
+    resumed = fresh("explicit")  # this process would time the other kernel faster
+    resumed.load_state_dict(tensors, meta)
+    resumed.fit(data, data)
+    assert set(kernels.choices().values()) == {"autograd"}
+    assert resumed.history == whole.history
+    for k, v in whole.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
