@@ -27,7 +27,10 @@ differentiates and fuses plain ops itself, where the explicit function would be 
 The two kernels round differently (a last bit here and there), so the choice is part of a run's
 state: :func:`choices` lists what this process chose, :func:`restore` makes it choose the same again
 (``attnfuse.training.Trainer`` keeps it in its checkpoints, so a resumed run is bitwise the run
-that never stopped). :func:`forced` runs one kernel regardless (tests, benchmarks).
+that never stopped). A new process times again: where the two kernels are within the margin of
+each other, two fresh runs of one seed may choose differently and differ in the last bits (as
+they do between thread counts); :func:`forced` runs one kernel regardless (tests, benchmarks, a
+run that must repeat another exactly).
 
 Timing draws its inputs and dropout masks from its own generator: it consumes none of the random
 numbers of the computation it is part of.
@@ -45,10 +48,10 @@ from torch import Tensor
 
 from .masks import tracing
 
-__all__ = ["KERNELS", "FALLBACK", "choose", "choices", "restore", "forced", "problem_key"]
+__all__ = ["KERNELS", "FALLBACK", "choose", "choices", "restore", "clear", "forced", "problem_key"]
 
 KERNELS = ("explicit", "autograd")
-FALLBACK = "explicit"  # the kernel of small problems, noisy timings, recorded graphs and other devices
+FALLBACK = "explicit"  # the kernel of small problems, undecided timings and other devices
 MIN_WORK = 1 << 17  # batch·L·S score elements below which the fallback runs untimed (MulT: 120·50·50)
 ROUNDS = 5  # interleaved timed rounds per candidate (after one untimed call of each)
 MARGIN = 1.05  # the winner's median time ratio must be at least this
