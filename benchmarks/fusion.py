@@ -142,7 +142,7 @@ def mult_throughput(steps: int, repeats: int) -> dict[str, float]:
 # Baselines table: --fusion auto, every fusion and the baselines on the same splits
 # ---------------------------------------------------------------------------------------------
 
-BASELINE_SECTION = "## Baselines and --fusion auto (issue 8)"
+BASELINE_SECTION = "## Baselines and --fusion auto"
 RESULTS_DIR = Path(__file__).with_name("results")
 
 
