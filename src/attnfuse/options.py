@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from .checks import check_int
+
 __all__ = ["option", "Option", "options_of", "coerce", "check_bounds", "shorten"]
 
 SHORT = 60  # characters of a value quoted in a message
@@ -168,10 +170,7 @@ def check_bounds(obj: Any) -> None:
         value, (lo, hi) = getattr(obj, f.name), bounds
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{f.name}: expected an integer >= {lo}, got {shorten(value)}")
-        if value > hi:
-            raise ValueError(f"{f.name}: expected an integer <= {hi:,}, got {shorten(value)}")
+        check_int(f.name, value, lo, hi)
 
 
 def split_by_owner(values: dict[str, Any], owners: Iterable[type]) -> dict[type, dict[str, Any]]:

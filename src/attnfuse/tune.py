@@ -44,6 +44,7 @@ from typing import Any
 
 import optuna
 
+from .checks import check_float, check_int
 from .files import BusyError, file_mode, lock, new_directories
 from .fusion import FUSIONS
 from .options import Option, option, options_of
@@ -81,12 +82,9 @@ class TuneOptions:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
-            raise ValueError(f"trials: expected an integer >= 1, got {self.trials!r}")
-        if self.timeout is not None and (
-            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0
-        ):
-            raise ValueError(f"timeout: expected a number of seconds > 0, got {self.timeout!r}")
+        check_int("trials", self.trials)
+        if self.timeout is not None:
+            check_float("timeout", self.timeout, 0.0, above=True)  # seconds
 
 
 def tune_options() -> list[Option]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from importlib import resources
-from numbers import Real
 
 import numpy as np
 
+from ..checks import check_float, check_int
 from .dataset import MultimodalDataset
 from .io.npz import load_npz
 
@@ -70,12 +70,10 @@ def make_planted(
         ("value_dim", value_dim, 1),
         ("num_classes", num_classes, 2),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{arg}: expected an integer >= {low}, got {value!r}")
+        check_int(arg, value, low)
     if num_keys < seq_len:
         raise ValueError(f"num_keys: expected >= seq_len={seq_len} (each step needs a distinct key), got {num_keys}")
-    if isinstance(noise, bool) or not isinstance(noise, Real) or not (np.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise: expected a finite number >= 0, got {noise!r}")
+    check_float("noise", noise, 0.0)
     if task not in ("regression", "classification"):
         raise ValueError(f"task: expected 'regression' or 'classification', got {task!r}")
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ._memory import is_mapped, read_rows, row_chunks
 from .splits import make_split
 from .validation import (
@@ -111,8 +112,7 @@ def iter_batches(
     :class:`RowBatches`, which gathers only the rows selected). With ``shuffle`` the rows are
     permuted first, reproducibly when a seeded ``generator`` is given.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     n = len(batch)
     # The permutation is drawn on the CPU so a CPU generator works for data on any device.
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)

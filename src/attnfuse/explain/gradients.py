@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..data import Batch, iter_batches
 from ..fusion import FusionModel
 from ._common import explained_target, forward, model_device, to_numpy
@@ -126,8 +127,7 @@ def gradient_attribution(
 
     if method not in GRADIENT_METHODS:
         raise ValueError(f"method: expected one of {list(GRADIENT_METHODS)}, got {method!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps: expected a positive integer, got {n_steps!r}")
+    check_int("n_steps", n_steps)
     names = list(batch.x)
     full = forward(model, batch, batch_size)  # (B, out_dim), CPU
     targets = explained_target(task, full, target)
