@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from attnfuse.data import MultimodalDataset, iter_batches, load_mfeat, make_planted, save_npz
+from attnfuse.data import MultimodalDataset, iter_batches, load_mfeat, make_planted, make_split, save_npz
 from attnfuse.fusion import FUSIONS, build_model
 from attnfuse.pipeline import TrainSpec
 from attnfuse.pipeline import train as train_run
@@ -176,7 +176,7 @@ BASELINE_SETS = {
 
 def with_split(data: MultimodalDataset, seed: int, fractions) -> MultimodalDataset:
     """``data`` with a ``split`` column: the seed's stratified (classification) or random split."""
-    parts = data.split_indices(seed, fractions=fractions)
+    parts = dict(make_split(data, seed, fractions=fractions))
     split = np.empty(data.n, dtype="<U5")
     for name, rows in parts.items():
         split[rows] = name

@@ -39,7 +39,7 @@ def test_train_test_column_carves_valid_out_of_train_and_leaves_test_alone():
     # The default is 15% of the train rows, also through the dataset's method (used by training today).
     default = make_split(d, seed=3)
     assert len(default["valid"]) == round(0.15 * 140)
-    again = d.split_indices(3)
+    again = dict(make_split(d, 3))
     assert all(np.array_equal(again[k], default[k]) for k in default)
     assert not np.array_equal(make_split(d, seed=4)["valid"], default["valid"])  # the seed draws it
 

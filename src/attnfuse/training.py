@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_float
-from .data import Batch, MultimodalDataset, Standardizer, make_split
+from .data import Batch, MultimodalDataset, RowBatches, Standardizer, make_split
 from .distributed import Dist, local_device
 from .ensemble import Ensemble, first_member
 from .fusion import FusionModel, build_model, config_from_dict
@@ -346,7 +346,7 @@ def _assess(
 def _batches(data: MultimodalDataset, rows: np.ndarray, standardizer: Standardizer, device: torch.device):
     """A part's batch source: lazy (gathered per step), or for an in-memory dataset on CUDA one
     standardised Batch on the GPU (no host-to-device copy per step)."""
-    source = data.batches(rows, standardizer, device)
+    source = RowBatches(data, rows, standardizer, device)
     return source.to_batch() if device.type == "cuda" and not data.is_mapped else source
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from ..checkpoint import EVALUATION, metrics_for_json
-from ..data import decode_labels
+from ..data import RowBatches, decode_labels
 from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
 from ..pipeline import data_options
@@ -43,7 +43,7 @@ def evaluate(
     net, config, standardizer, dataset = load_for_model(model, data, read)
     if dataset.y is None:
         raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
-    batch = dataset.batches(None, standardizer)
+    batch = RowBatches(dataset, None, standardizer)
     sentiment = config["train"].get("metrics") == "sentiment"
     y_pred = to_predictions(dataset.task, predict(net, batch))
     parts = _parts(dataset, config)
@@ -77,7 +77,7 @@ def predict_cmd(
     check_writable(out)  # before the work: the file is the result
     set_threads()
     net, config, standardizer, dataset = load_for_model(model, data, read)
-    outputs = predict(net, dataset.batches(None, standardizer))
+    outputs = predict(net, RowBatches(dataset, None, standardizer))
     y_pred = to_predictions(dataset.task, outputs)
     classes = config["data"].get("classes")  # the original labels of the codes 0..C-1
 
