@@ -11,10 +11,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES, MAX_DEPTH = 60, 4
 NESTING = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match)
-try:
-    NESTING += (ast.TryStar,)
-except AttributeError:  # Python < 3.11
-    pass
+NESTING += tuple(getattr(ast, name) for name in ("TryStar",) if hasattr(ast, name))  # Python >= 3.11
 
 # "module:qualified name" -> why it stays as it is.
 ALLOWED: dict[str, str] = {
