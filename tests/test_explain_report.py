@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from attnfuse.cli import app
 from attnfuse.data import make_planted, save_npz
 from attnfuse.explain import collect_maps, explain_model, key_valid, modality_attention, write_report
-from attnfuse.explain.pipeline import column_names
+from attnfuse.explain.run import column_names
 from attnfuse.explain.report import (
     LOWERS,
     PADDED,

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..explain import explain_model, parse_vectors, walkthrough
 from ..explain.agreement import METHOD_SHORT
-from ..explain.pipeline import Explanation, column_names
+from ..explain.run import Explanation, column_names
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
 from ..pipeline import data_options
 from ..threads import set_threads

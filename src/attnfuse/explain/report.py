@@ -28,7 +28,7 @@ from ._common import to_numpy, token_modality, token_step
 from .agreement import METHOD_LABELS, METHOD_SHORT, POINTS, Agreement
 from .attention import ModalityAttention, bertviz_export
 from .masking import MaskingImportance
-from .pipeline import Explanation, SampleExplanation
+from .run import Explanation, SampleExplanation
 
 __all__ = [
     "plot_heads",
@@ -390,7 +390,7 @@ RAISES, LOWERS = COLORS["ig"], "#7b5ea7"  # a larger value of the feature raises
 
 def feature_labels(expl: Explanation, modality: str, dim: int) -> list[str]:
     """The names of a modality's ``dim`` features: the table's column names when the model recorded
-    them (``config.json`` ``data.columns``, passed to :func:`~.pipeline.explain_model`), else
+    them (``config.json`` ``data.columns``, passed to :func:`~.run.explain_model`), else
     ``modality:i``, numbered from 0 in the order of the data's features."""
     names = (expl.feature_names or {}).get(modality)
     if names is not None and len(names) == dim:
