@@ -21,6 +21,7 @@ only the features move, never which tokens exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,8 +124,6 @@ def gradient_attribution(
     on each sample's path, at most ``max_points`` (and at least one step of the chunk) per forward
     pass, which bounds its memory. Results come back on the CPU.
     """
-    from captum.attr import InputXGradient, IntegratedGradients  # here: importing captum takes a while
-
     if method not in GRADIENT_METHODS:
         raise ValueError(f"method: expected one of {list(GRADIENT_METHODS)}, got {method!r}")
     check_int("n_steps", n_steps)
@@ -132,13 +131,44 @@ def gradient_attribution(
     full = forward(model, batch, batch_size)  # (B, out_dim), CPU
     targets = explained_target(task, full, target)
     model.eval()
-    device = model_device(model)
 
     def f(*tensors: torch.Tensor) -> torch.Tensor:
         # Captum passes the (scaled) features first, then the masks it was given, repeated alike.
         x, mask = tensors[: len(names)], tensors[len(names) :]
         return model(Batch(dict(zip(names, x)), dict(zip(names, mask))))
 
+    attributions, delta, baseline_output = _attribute_in_chunks(
+        f, batch, targets, method, model_device(model), n_steps=n_steps, batch_size=batch_size, max_points=max_points
+    )
+    return GradientAttribution(
+        method=method,
+        modalities=names,
+        attributions=attributions,
+        valid={n: to_numpy(batch.mask[n]) for n in names},
+        target=targets,
+        output=to_numpy(full)[np.arange(len(targets)), targets],
+        baseline_output=baseline_output,
+        delta=delta,
+        n_steps=n_steps if method == "ig" else None,
+        inputs={n: to_numpy(batch.x[n]) for n in names},
+    )
+
+
+def _attribute_in_chunks(
+    f: Callable[..., torch.Tensor],
+    batch: Batch,
+    targets: np.ndarray,
+    method: str,
+    device: torch.device,
+    *,
+    n_steps: int,
+    batch_size: int,
+    max_points: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """:func:`gradient_attribution`'s work, ``batch_size`` samples at a time on ``device``:
+    modality -> ``(B, T, D)`` attributions of ``f``'s output ``targets`` ``(B,)``, and for IG the
+    convergence delta ``(B,)`` and f(0) ``(B,)`` (None for gradient × input), all on the CPU."""
+    names = list(batch.x)
     parts: list[tuple[torch.Tensor, ...]] = []
     deltas, baseline_out = [], []
     start = 0
@@ -149,39 +179,59 @@ def gradient_attribution(
         t = torch.from_numpy(targets[start : start + len(chunk)]).to(device)
         start += len(chunk)
         if method == "ig":
-            baselines = tuple(torch.zeros_like(v) for v in x)
-            attr, delta = IntegratedGradients(f).attribute(
-                x,
-                baselines=baselines,
-                target=t,
-                additional_forward_args=masks,
-                n_steps=n_steps,
-                method="gausslegendre",
-                internal_batch_size=max(max_points, len(chunk)),
-                return_convergence_delta=True,
-            )
-            deltas.append(delta.detach().cpu())
-            with torch.no_grad():
-                baseline_out.append(f(*baselines, *masks).gather(1, t[:, None])[:, 0].cpu())
+            attr, delta, at_baseline = _integrated_gradients_chunk(f, x, masks, t, n_steps, max(max_points, len(chunk)))
+            deltas.append(delta)
+            baseline_out.append(at_baseline)
         else:
-            attr = InputXGradient(f).attribute(
-                tuple(v.clone().requires_grad_() for v in x), target=t, additional_forward_args=masks
-            )
+            attr = _gradient_x_input_chunk(f, x, masks, t)
         parts.append(tuple(a.detach().cpu() for a in attr))
+    attributions = {n: to_numpy(torch.cat([p[i] for p in parts])) for i, n in enumerate(names)}
+    if method != "ig":
+        return attributions, None, None
+    return attributions, to_numpy(torch.cat(deltas)), to_numpy(torch.cat(baseline_out))
 
-    rows = np.arange(len(targets))
-    is_ig = method == "ig"
-    return GradientAttribution(
-        method=method,
-        modalities=names,
-        attributions={n: to_numpy(torch.cat([p[i] for p in parts])) for i, n in enumerate(names)},
-        valid={n: to_numpy(batch.mask[n]) for n in names},
-        target=targets,
-        output=to_numpy(full)[rows, targets],
-        baseline_output=to_numpy(torch.cat(baseline_out)) if is_ig else None,
-        delta=to_numpy(torch.cat(deltas)) if is_ig else None,
-        n_steps=n_steps if is_ig else None,
-        inputs={n: to_numpy(batch.x[n]) for n in names},
+
+def _integrated_gradients_chunk(
+    f: Callable[..., torch.Tensor],
+    x: tuple[torch.Tensor, ...],
+    masks: tuple[torch.Tensor, ...],
+    target: torch.Tensor,
+    n_steps: int,
+    points: int,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """IG of ``f``'s output ``target`` ``(B,)`` for one chunk of features ``x`` (one tensor per
+    modality), at most ``points`` path points per forward pass: the attributions (as ``x``), the
+    convergence delta ``(B,)`` and f(0) ``(B,)`` at the target, both on the CPU."""
+    from captum.attr import IntegratedGradients  # here: importing captum takes a while
+
+    baselines = tuple(torch.zeros_like(v) for v in x)
+    attr, delta = IntegratedGradients(f).attribute(
+        x,
+        baselines=baselines,
+        target=target,
+        additional_forward_args=masks,
+        n_steps=n_steps,
+        method="gausslegendre",
+        internal_batch_size=points,
+        return_convergence_delta=True,
+    )
+    with torch.no_grad():
+        at_baseline = f(*baselines, *masks).gather(1, target[:, None])[:, 0].cpu()
+    return attr, delta.detach().cpu(), at_baseline
+
+
+def _gradient_x_input_chunk(
+    f: Callable[..., torch.Tensor],
+    x: tuple[torch.Tensor, ...],
+    masks: tuple[torch.Tensor, ...],
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Gradient × input of ``f``'s output ``target`` ``(B,)`` for one chunk of features ``x`` (one
+    tensor per modality): the attributions, as ``x``."""
+    from captum.attr import InputXGradient  # here: importing captum takes a while
+
+    return InputXGradient(f).attribute(
+        tuple(v.clone().requires_grad_() for v in x), target=target, additional_forward_args=masks
     )
 
 
