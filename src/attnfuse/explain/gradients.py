@@ -178,32 +178,37 @@ def _attribute_in_chunks(
         masks = tuple(chunk.mask[n] for n in names)
         t = torch.from_numpy(targets[start : start + len(chunk)]).to(device)
         start += len(chunk)
-        if method == "ig":
-            attr, delta, at_baseline = _integrated_gradients_chunk(f, x, masks, t, n_steps, max(max_points, len(chunk)))
+        attr, delta, at_baseline = _attribute_chunk(f, method, x, masks, t, n_steps, max(max_points, len(chunk)))
+        parts.append(tuple(a.detach().cpu() for a in attr))
+        if delta is not None:
             deltas.append(delta)
             baseline_out.append(at_baseline)
-        else:
-            attr = _gradient_x_input_chunk(f, x, masks, t)
-        parts.append(tuple(a.detach().cpu() for a in attr))
     attributions = {n: to_numpy(torch.cat([p[i] for p in parts])) for i, n in enumerate(names)}
     if method != "ig":
         return attributions, None, None
     return attributions, to_numpy(torch.cat(deltas)), to_numpy(torch.cat(baseline_out))
 
 
-def _integrated_gradients_chunk(
+def _attribute_chunk(
     f: Callable[..., torch.Tensor],
+    method: str,
     x: tuple[torch.Tensor, ...],
     masks: tuple[torch.Tensor, ...],
     target: torch.Tensor,
     n_steps: int,
     points: int,
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-    """IG of ``f``'s output ``target`` ``(B,)`` for one chunk of features ``x`` (one tensor per
-    modality), at most ``points`` path points per forward pass: the attributions (as ``x``), the
-    convergence delta ``(B,)`` and f(0) ``(B,)`` at the target, both on the CPU."""
-    from captum.attr import IntegratedGradients  # here: importing captum takes a while
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
+    """``method``'s attributions of ``f``'s output ``target`` ``(B,)`` for one chunk of features
+    ``x`` (one tensor per modality; the attributions likewise), and for IG, which evaluates at most
+    ``points`` path points per forward pass, the convergence delta ``(B,)`` and f(0) ``(B,)`` at
+    the target on the CPU (None for gradient × input)."""
+    from captum.attr import InputXGradient, IntegratedGradients  # here: importing captum takes a while
 
+    if method != "ig":
+        attr = InputXGradient(f).attribute(
+            tuple(v.clone().requires_grad_() for v in x), target=target, additional_forward_args=masks
+        )
+        return attr, None, None
     baselines = tuple(torch.zeros_like(v) for v in x)
     attr, delta = IntegratedGradients(f).attribute(
         x,
@@ -218,21 +223,6 @@ def _integrated_gradients_chunk(
     with torch.no_grad():
         at_baseline = f(*baselines, *masks).gather(1, target[:, None])[:, 0].cpu()
     return attr, delta.detach().cpu(), at_baseline
-
-
-def _gradient_x_input_chunk(
-    f: Callable[..., torch.Tensor],
-    x: tuple[torch.Tensor, ...],
-    masks: tuple[torch.Tensor, ...],
-    target: torch.Tensor,
-) -> tuple[torch.Tensor, ...]:
-    """Gradient × input of ``f``'s output ``target`` ``(B,)`` for one chunk of features ``x`` (one
-    tensor per modality): the attributions, as ``x``."""
-    from captum.attr import InputXGradient  # here: importing captum takes a while
-
-    return InputXGradient(f).attribute(
-        tuple(v.clone().requires_grad_() for v in x), target=target, additional_forward_args=masks
-    )
 
 
 def integrated_gradients(
