@@ -477,6 +477,42 @@ def test_pickle_bad_lengths(tmp_path):
         load_pickle(path, allow_pickle=True)
 
 
+def _break_test_vision(raw):
+    raw["test"]["vision"] = np.zeros((3, 6, 4), np.float32)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw: raw["valid"].pop("labels"), r"\['valid'\]: no labels"),
+        (lambda raw: raw["test"].update(text="words"), r"\['test'\]\['text'\]: expected a float array"),
+        (
+            lambda raw: raw["train"].update(audio=np.zeros((4, 3))),
+            r"\['train'\]\['audio'\]: expected shape \(5, \[T,\] D\)",
+        ),
+        (
+            lambda raw: raw["valid"].update(audio_lengths=[1, 9]),
+            r"\['valid'\]\['audio_lengths'\]: expected 2 lengths in \[0, 6\]",
+        ),
+        (_break_test_vision, "modality 'vision' has different shapes across train/valid/test"),
+        (
+            lambda raw: raw["test"].update(text_lengths=[6, 6, 6]),
+            "'text_lengths' must be given in all of train/valid/test or none",
+        ),
+        (lambda raw: [raw[s].pop(m) for s in ("valid",) for m in ("text", "audio", "vision")], "no modality found"),
+    ],
+)
+def test_a_bad_pickle_is_refused_naming_the_part_and_key(tmp_path, change, message):
+    rng = np.random.default_rng(3)
+    raw = {"train": mult_part(rng, 5), "valid": mult_part(rng, 2), "test": mult_part(rng, 3)}
+    change(raw)
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps(raw))
+    with pytest.raises(ValueError, match=message) as err:
+        load_pickle(path, allow_pickle=True)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
 # --- load_data ----------------------------------------------------------------------------
 
 
