@@ -16,23 +16,12 @@ NESTING += tuple(getattr(ast, name) for name in ("TryStar",) if hasattr(ast, nam
 # "module:qualified name" -> why it stays as it is.
 ALLOWED: dict[str, str] = {
     "attnfuse/checkpoint.py:_check_config": "being split into helpers",
-    "attnfuse/cli/explain.py:print_walkthrough": "being split into helpers",
     "attnfuse/cli/train.py:train": "being split into helpers",
     "attnfuse/cli/train.py:train.on_progress": "being split into helpers",
-    "attnfuse/data/builtins.py:make_planted": "being split into helpers",
-    "attnfuse/data/io/_common.py:dataset_arrays": "being split into helpers",
-    "attnfuse/data/io/mult_pickle.py:load_pickle": "being split into helpers",
-    "attnfuse/explain/gradients.py:gradient_attribution": "being split into helpers",
-    "attnfuse/explain/pipeline.py:explain_model": "being split into helpers",
-    "attnfuse/explain/report.py:_split_step_profiles": "being split into helpers",
-    "attnfuse/explain/report.py:plot_sample": "being split into helpers",
-    "attnfuse/explain/report.py:write_report_into": "being split into helpers",
     "attnfuse/nn/attention.py:MultiheadAttention.forward": "being split into helpers",
     "attnfuse/nn/functional.py:attend": "being split into helpers",
-    "attnfuse/options.py:coerce": "being split into helpers",
     "attnfuse/pipeline.py:_train": "being split into helpers",
     "attnfuse/runstate.py:check_state": "being split into helpers",
-    "attnfuse/tune.py:tune": "being split into helpers",
 }
 
 

@@ -19,8 +19,8 @@ from .agreement import Agreement, agreement
 from .attention import ModalityAttention, bertviz_export, collect_maps, key_valid, modality_attention, require_attention
 from .gradients import GradientAttribution, gradient_attribution, gradient_x_input, integrated_gradients
 from .masking import MaskingImportance, hide, masking_importance
-from .run import CHEAP_METHODS, METHODS, Explanation, SampleExplanation, explain_model, resolve_methods
 from .rollout import Rollout, attention_rollout, rollout_stack
+from .run import CHEAP_METHODS, METHODS, Explanation, SampleExplanation, explain_model, resolve_methods
 from .walkthrough import Walkthrough, parse_vectors, walkthrough
 
 __all__ = [  # alphabetical
