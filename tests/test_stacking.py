@@ -140,7 +140,10 @@ def test_blend_is_the_weighted_mean():
         ({"steps": 0}, "steps: expected an integer >= 1, got 0"),
         ({"predictions": []}, "predictions: expected at least one model's predictions, got none"),
         ({"predictions": [np.zeros(4), np.zeros(3)]}, "predictions: expected one shape for every model"),
-        ({"predictions": [np.array([0.0, np.nan, 0, 0])]}, r"predictions: non-finite values \(NaN/inf\) in \['model0'\]"),
+        (
+            {"predictions": [np.array([0.0, np.nan, 0, 0])]},
+            r"predictions: non-finite values \(NaN/inf\) in \['model0'\]",
+        ),
         ({"y": np.zeros(3)}, "y: expected 4 rows"),
         ({"predictions": [np.zeros(4)], "names": ["a", "b"]}, "names: expected 1 distinct names"),
     ],

@@ -152,7 +152,9 @@ def _stack(
     """(M, N, ...) float64 predictions and M names."""
     if isinstance(predictions, Mapping):
         if names is not None:
-            raise ValueError("names: give names with a sequence of predictions, not with a mapping (its keys are the names)")
+            raise ValueError(
+                "names: give names with a sequence of predictions, not with a mapping (its keys are the names)"
+            )
         names, arrays = list(predictions), list(predictions.values())
     else:
         arrays = list(predictions)
@@ -260,4 +262,6 @@ def _check_probabilities(stacked: np.ndarray, names: list[str], y: np.ndarray) -
     if bad:
         raise ValueError(f"predictions: expected class probabilities (>= 0, rows summing to 1), not so in {bad}")
     if y.shape != stacked.shape[1:2] or y.dtype.kind not in "biu" or y.min() < 0 or y.max() >= stacked.shape[2]:
-        raise ValueError(f"y: expected ({stacked.shape[1]},) labels in 0..{stacked.shape[2] - 1}, got {y.dtype} {y.shape}")
+        raise ValueError(
+            f"y: expected ({stacked.shape[1]},) labels in 0..{stacked.shape[2] - 1}, got {y.dtype} {y.shape}"
+        )
