@@ -31,6 +31,7 @@ prints the headline metric (accuracy, or R² for regression) and :func:`plot_rob
 
 from __future__ import annotations
 
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -331,7 +332,9 @@ def plot_robustness(result: Robustness, path: str | Path, title: str | None = No
 
     modalities = list(result.absent)
     k = len(modalities)
-    fig = Figure(figsize=(2.6 * k + 1.0, 5.2), layout="constrained")
+    width = 2.6 * k + 1.0  # inches
+    shown = "R²" if result.metric == "r2" else result.metric
+    fig = Figure(figsize=(width, 5.2), layout="constrained")
     axes = fig.subplots(2, k, squeeze=False, sharey="row")
     styles = {name: ("-" if i == 0 else "--") for i, name in enumerate(result.models)}
     for j, m in enumerate(modalities):
@@ -356,10 +359,10 @@ def plot_robustness(result: Robustness, path: str | Path, title: str | None = No
             else:
                 ax.set_xlabel("noise (training std)")
             if j == 0:
-                ax.set_ylabel(f"{result.metric} ({'absent' if kind == 'absent' else 'noisy'})")
+                ax.set_ylabel(f"{shown} ({'absent' if kind == 'absent' else 'noisy'})")
     axes[0][0].legend(fontsize="small", loc="best")
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width (about 11 characters an inch at this size)
+        fig.suptitle("\n".join(textwrap.wrap(title, int(11 * width))))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     write_bytes(path, buffer.getvalue())
