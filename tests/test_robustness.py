@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from attnfuse import robustness
 from attnfuse.baselines import pooled_features
 from attnfuse.data import MultimodalDataset, make_planted
 from attnfuse.metrics import compute_metrics
@@ -88,6 +89,18 @@ def test_the_draws_are_seeded(trained):
     other = missing_modalities(*loaded, fractions=(0.5,), scales=(1.0,), seed=1, baselines=False)
     assert other.absent["video"]["cross"][0] != again.absent["video"]["cross"][0]
     assert other.models == ["cross"] and other.note is None
+
+
+def test_rows_are_measured_in_chunks_with_the_same_absent_rows(trained, monkeypatch):
+    """Read 64 rows at a time (180 test rows: three chunks), the rows made absent and so the
+    absent curves are those of one chunk (the noise is drawn per chunk: another draw)."""
+    _, loaded, result = trained
+    monkeypatch.setattr(robustness, "CHUNK", 64)
+    chunked = missing_modalities(*loaded, scales=(0.0, 1.0), baselines=False)
+    for m in ("text", "video", "noise"):
+        for got, expected in zip(chunked.absent[m]["cross"], result.absent[m]["cross"]):
+            assert got == pytest.approx(expected, rel=1e-5)
+        assert chunked.noise[m]["cross"][0] == pytest.approx(result.noise[m]["cross"][0], rel=1e-5)
 
 
 def test_other_data_is_measured_for_the_model_only(trained):

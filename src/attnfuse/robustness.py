@@ -25,6 +25,11 @@ with the features (averaging over steps is linear, so the pooled noise is the me
 over the valid steps). Baselines need the model's training rows: on other data (``--data`` with
 rows that are not the training data) only the model is measured.
 
+The rows are read, standardised, perturbed and predicted :data:`CHUNK` rows at a time (each chunk
+read once for every modality and level; ``eps`` drawn per chunk from ``seed``), so a large or
+memory-mapped test part is never loaded whole; the baselines' pooled features are in memory, as
+when they were fitted.
+
 The result (:class:`Robustness`) holds every metric at every level; :func:`robustness_table`
 prints the headline metric (accuracy, or R² for regression) and :func:`plot_robustness` draws it.
 """
@@ -65,6 +70,7 @@ FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NOISE_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)  # standard deviations of the training rows
 HEADLINE = {"classification": "accuracy", "regression": "r2"}
 KINDS = ("absent", "noise")
+CHUNK = 1024  # rows read, perturbed and predicted at a time (the noise is drawn per chunk of this size)
 
 
 @dataclass
@@ -183,34 +189,52 @@ def missing_modalities(
             )
     columns = _columns(data, used)  # modality -> (feature columns, presence column or None)
 
-    clean = data.batches(rows, standardizer).to_batch()  # standardised (R, T, D) per modality
+    # The fusion's predictions at every level, gathered CHUNK rows at a time (a large test part, or a
+    # memory-mapped one, is never loaded whole): each chunk is read and standardised once.
+    n = rows.size
+    rank = {}  # modality -> (R,) the row's place in a seeded permutation: absent at f when < round(f R)
     for i, spec in enumerate(data.modalities):
+        rank[spec.name] = np.empty(n, dtype=np.int64)
+        rank[spec.name][np.random.default_rng([seed, i]).permutation(n)] = np.arange(n)
+    absent_out = {m.name: [[] for _ in fractions] for m in data.modalities}  # per level: chunks' predictions
+    noise_out = {m.name: [[] for _ in scales] for m in data.modalities}
+    pooled_eps = {m.name: np.empty((n, m.dim)) for m in data.modalities}  # (R, D): eps averaged over valid steps
+    for c, at in enumerate(range(0, n, CHUNK)):
+        chunk = slice(at, at + CHUNK)
+        clean = data.batches(rows[chunk], standardizer).to_batch()  # standardised (B, T, D) per modality
+        for i, spec in enumerate(data.modalities):
+            m = spec.name
+            for level, f in enumerate(fractions):
+                gone = np.flatnonzero(rank[m][chunk] < round(f * n))  # positions in the chunk
+                absent_out[m][level].append(_predict(net, task, _absent(clean, m, gone)))
+            eps = np.random.default_rng([seed, i, c]).standard_normal(clean.x[m].shape).astype(np.float32)
+            for level, s in enumerate(scales):
+                noise_out[m][level].append(_predict(net, task, _noisy(clean, m, s, eps)))
+            valid = clean.mask[m].numpy()  # (B, T)
+            with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = NaN where the modality is absent
+                pooled_eps[m][chunk] = (eps * valid[..., None]).sum(axis=1, dtype=np.float64) / valid.sum(
+                    axis=1, keepdims=True
+                )
+
+    for spec in data.modalities:
         m = spec.name
-        rng = np.random.default_rng([seed, i])
-        order = rng.permutation(rows.size)  # the first round(f * R) of it are absent at fraction f
-        eps = rng.standard_normal(clean.x[m].shape).astype(np.float32)  # (R, T, D)
-        valid = clean.mask[m].numpy()  # (R, T)
-        result.absent[m] = {name: [] for name in result.models}
-        result.noise[m] = {name: [] for name in result.models}
-        for f in fractions:
-            gone = np.sort(order[: round(f * rows.size)])
-            result.absent[m][fusion].append(score(_predict(net, task, _absent(clean, m, gone))))
-            for name, model in fitted.items():
+        cols, presence = columns[m]
+        result.absent[m] = {fusion: [score(np.concatenate(p)) for p in absent_out[m]]}
+        result.noise[m] = {fusion: [score(np.concatenate(p)) for p in noise_out[m]]}
+        for name, model in fitted.items():
+            result.absent[m][name], result.noise[m][name] = [], []
+            for f in fractions:
                 x = pooled.copy()
-                cols, presence = columns[m]
+                gone = np.flatnonzero(rank[m] < round(f * n))  # the rows the fusion lost it on
                 x[np.ix_(gone, cols)] = train_mean[cols]  # mean imputation
                 if presence is not None:
                     x[gone, presence] = 0.0
                 result.absent[m][name].append(score(_baseline_predict(model, x)))
-        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = NaN where the modality is absent
-            pooled_eps = (eps * valid[..., None]).sum(axis=1, dtype=np.float64) / valid.sum(axis=1, keepdims=True)
-        for s in scales:
-            result.noise[m][fusion].append(score(_predict(net, task, _noisy(clean, m, s, eps))))
-            for name, model in fitted.items():
+            for s in scales:
                 x = pooled.copy()
-                cols, _ = columns[m]
-                # NaN (absent) stays NaN: the noise of a modality that is not there is not added.
-                x[:, cols] += s * standardizer.std[m].astype(np.float64) * np.nan_to_num(pooled_eps)
+                # the fusion's noise in original units, pooled as the features are (the mean over
+                # valid steps is linear); NaN (absent) stays NaN: no noise on what is not there.
+                x[:, cols] += s * standardizer.std[m].astype(np.float64) * np.nan_to_num(pooled_eps[m])
                 result.noise[m][name].append(score(_baseline_predict(model, x)))
     result.seconds = time.perf_counter() - start
     return result
