@@ -16,6 +16,7 @@ from attnfuse.calibration import (
     ECE_BINS,
     TEMPERATURE_BOUNDS,
     calibration_bins,
+    calibration_summary,
     conformal_interval,
     conformal_quantile,
     expected_calibration_error,
@@ -44,6 +45,16 @@ def test_temperature_scaling_recovers_a_planted_temperature_and_lowers_the_ece()
     before = expected_calibration_error(softmax(logits), y)
     after = expected_calibration_error(softmax(logits, t), y)
     assert before > 0.1 and after < 0.03, (before, after)
+
+
+def test_the_summary_reports_before_and_after():
+    logits, y = _overconfident(n=3000, seed=7)
+    t = fit_temperature(logits, y)
+    summary = calibration_summary(logits, y, t)
+    assert summary["temperature"] == t
+    assert summary["nll_after"] <= summary["nll_before"] and summary["ece_after"] < summary["ece_before"]
+    assert summary["ece_after"] == expected_calibration_error(softmax(logits, t), y)
+    assert summary["nll_before"] == pytest.approx(temperature_nll(logits, y), rel=1e-12)
 
 
 def test_the_fitted_temperature_minimises_the_nll():

@@ -18,8 +18,8 @@ same minimum (the tests check it), but its result depends on line-search and tol
 and on held-out rows that the model separates perfectly the NLL keeps falling as ``T -> 0``: the
 bracket (:data:`TEMPERATURE_BOUNDS`) keeps ``T`` finite there, and the bound is then the answer.
 
-Expected calibration error (Naeini, Cooper & Hauskrecht, AAAI 2015; the form of Guo et al.,
-eq. 3): the confidences ``max_c p_ic`` are put in ``M = 15`` equal-width bins
+Expected calibration error (Naeini, Cooper & Hauskrecht, AAAI 2015; in the form Guo et al.
+report it): the confidences ``max_c p_ic`` are put in ``M = 15`` equal-width bins
 ``B_m = {i : (m-1)/M < conf_i <= m/M}`` and
 ``ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|``, the gap between accuracy and mean confidence
 per bin, weighted by the bin's share of the rows (:func:`expected_calibration_error`).
@@ -55,6 +55,7 @@ __all__ = [
     "softmax",
     "expected_calibration_error",
     "calibration_bins",
+    "calibration_summary",
     "conformal_quantile",
     "conformal_interval",
     "interval_coverage",
@@ -215,6 +216,23 @@ def expected_calibration_error(probs: object, y: object, bins: int = ECE_BINS) -
     full = b["count"] > 0
     n = b["count"].sum()
     return float(np.sum(b["count"][full] / n * np.abs(b["accuracy"][full] - b["confidence"][full])))
+
+
+def calibration_summary(logits: object, y: object, temperature: float) -> dict[str, float]:
+    """What temperature scaling did on rows ``logits`` (N, C) with labels ``y`` (N,), for a
+    metrics file: ``{"temperature", "ece_before", "ece_after", "nll_before", "nll_after"}``
+    (before: ``T = 1``). On the rows ``T`` was fitted on the NLL cannot rise; report it on other
+    rows (test) to see what carries over."""
+    z, labels = _logits_and_labels(logits, y)
+    _check_temperature(temperature)
+    t = float(temperature)
+    return {
+        "temperature": t,
+        "ece_before": expected_calibration_error(softmax(z), labels),
+        "ece_after": expected_calibration_error(softmax(z, t), labels),
+        "nll_before": _nll(z, labels, 1.0),
+        "nll_after": _nll(z, labels, t),
+    }
 
 
 def _check_alpha(alpha: object) -> float:

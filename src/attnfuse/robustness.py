@@ -1,7 +1,7 @@
 """How a trained model holds up when a modality goes missing or gets noisy (``attnfuse evaluate
 --missing``): the robustness curves MultiBench reports (Liang et al., "MultiBench: Multiscale
-Benchmarks for Multimodal Representation Learning", NeurIPS 2021, its "robustness to imperfect
-modalities"), for the model and, on the same rows, for the baselines.
+Benchmarks for Multimodal Representation Learning", NeurIPS 2021: performance as modalities
+get noisier or go missing), for the model and, on the same rows, for the baselines.
 
 On the evaluated rows (the test part; all rows for data without one), for each modality in turn:
 
