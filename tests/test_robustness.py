@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attnfuse import robustness
-from attnfuse.baselines import pooled_features
+from attnfuse.baselines import make_baseline, pooled_features
 from attnfuse.data import MultimodalDataset, make_planted
 from attnfuse.metrics import compute_metrics
 from attnfuse.pipeline import TrainSpec, load_trained, split_parts, train
@@ -79,6 +79,20 @@ def test_absent_is_the_mask_a_sample_without_the_modality_has(trained):
     without = MultimodalDataset(data.features, data.y, masks={"noise": np.zeros(data.n, dtype=bool)}, name=data.name)
     pred = to_predictions("regression", predict(net, without.batches(test, standardizer).to_batch()))
     assert result.absent["noise"]["cross"][-1] == compute_metrics("regression", data.y[test], pred)
+
+
+def test_the_baselines_get_the_training_mean_of_an_absent_modality(trained):
+    """Ridge with the noise modality absent from every test row scores what ridge scores when those
+    features are NaN and its own imputer fills in the training rows' mean: mean imputation."""
+    _, (_, config, _, data), result = trained
+    parts = split_parts(data, config)
+    x = pooled_features(data)  # (N, F): no modality is absent anywhere, no presence columns
+    ridge = make_baseline("ridge", "regression", seed=0, y=data.y[parts["train"]])
+    ridge.fit(x[parts["train"]], data.y[parts["train"]])
+    test = x[parts["test"]].copy()
+    test[:, -8:] = np.nan  # the noise modality's 8 columns come last
+    expected = compute_metrics("regression", data.y[parts["test"]], ridge.predict(test))
+    assert result.absent["noise"]["ridge"][-1] == pytest.approx(expected, rel=1e-9)
 
 
 def test_the_draws_are_seeded(trained):
