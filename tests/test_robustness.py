@@ -220,3 +220,10 @@ def test_an_unwritable_plot_is_one_line_after_the_metrics(tiny_model):
     assert_one_line(result, 2, "the robustness plot could not be written", "--plot FILE writes it elsewhere")
     assert "modality absent" in " ".join(result.stdout.split())
     assert "missing" in json.loads((d / "model" / "evaluation.json").read_text())
+
+
+def test_plot_without_missing_is_one_line(tiny_model):
+    result = cli("evaluate", "--model", tiny_model / "model", "--plot", tiny_model / "p.png")
+    assert_one_line(
+        result, 2, "plot: --plot .*p.png names the plot of --missing, which was not asked for; add --missing"
+    )

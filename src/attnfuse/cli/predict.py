@@ -44,6 +44,8 @@ def evaluate(
 
     The metrics are printed first and then written: when the file cannot be written (a read-only
     model directory) they are still shown, and the error line names the file and the way out."""
+    if plot is not None and not missing:
+        raise ValueError(f"plot: --plot {plot} names the plot of --missing, which was not asked for; add --missing")
     set_threads()
     target = out or Path(model) / EVALUATION
     # Beside the model directory, not in it: a model directory holds only the files of a run.
