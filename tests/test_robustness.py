@@ -164,6 +164,8 @@ def test_presence_columns_are_found_where_the_baselines_have_them():
         ({"scales": ()}, r"scales: expected one or more finite numbers >= 0, got \[\]"),
         ({"scales": (-1,)}, "scales: expected one or more finite numbers >= 0"),
         ({"seed": -1}, "seed: expected an integer >= 0, got -1"),
+        ({"fractions": "abc"}, r"fractions: expected one or more finite numbers in \[0, 1\], got 'abc'"),
+        ({"scales": (True,)}, "scales: expected one or more finite numbers >= 0"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(trained, kwargs, match):

@@ -103,8 +103,9 @@ class Robustness:
         return [c[metric or self.metric] for c in cells]
 
     def cost(self, modality: str, model: str | None = None) -> float:
-        """How much of the headline metric the model loses when ``modality`` is absent from every
-        row: the score at 0% minus the score at 100% (positive: worse without it)."""
+        """How much of the headline metric ``model`` (default: the fusion) loses when ``modality``
+        goes absent: the score at the first fraction minus the score at the last (with the default
+        fractions, 0% minus 100%; positive: worse without it)."""
         values = self.curve("absent", modality, model or self.models[0])
         return values[0] - values[-1]
 
@@ -129,9 +130,15 @@ class Robustness:
 
 
 def _levels(name: str, values: Any, upper: float | None) -> list[float]:
-    levels = [float(v) for v in values]
+    """``values`` as a list of floats in [0, upper] (``upper`` None: >= 0), at least one."""
+    bound = f"in [0, {upper:g}]" if upper is not None else ">= 0"
+    try:
+        levels = [float(v) for v in values if not isinstance(v, bool)]
+        if len(levels) != len(values):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected one or more finite numbers {bound}, got {values!r}") from None
     if not levels or any(not np.isfinite(v) or v < 0 or (upper is not None and v > upper) for v in levels):
-        bound = f"in [0, {upper:g}]" if upper is not None else ">= 0"
         raise ValueError(f"{name}: expected one or more finite numbers {bound}, got {list(values)!r}")
     return levels
 
