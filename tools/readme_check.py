@@ -471,6 +471,15 @@ PLAN: dict[str, Check] = {
         needs=(PLANTED,),
         check=lambda r, i, c: expect(r, contains=("test",), files=("runs/planted/evaluation.json",), ctx=c),
     ),
+    "attnfuse evaluate --model runs/planted --data synthetic-regression --missing": Check(
+        needs=(PLANTED,),
+        check=lambda r, i, c: expect(
+            r,
+            contains=("(fusion)", "absent", "robustness plot written to"),
+            files=("runs/planted/evaluation.json", "runs/planted.missing.png"),
+            ctx=c,
+        ),
+    ),
     "attnfuse predict  --model runs/planted --data synthetic-regression --out preds.csv": Check(
         needs=(PLANTED,), check=_predictions
     ),
