@@ -11,7 +11,7 @@ import pytest
 
 from attnfuse import robustness
 from attnfuse.baselines import make_baseline, pooled_features
-from attnfuse.data import MultimodalDataset, make_planted
+from attnfuse.data import MultimodalDataset, RowBatches, make_planted
 from attnfuse.metrics import compute_metrics
 from attnfuse.pipeline import TrainSpec, load_trained, split_parts, train
 from attnfuse.robustness import FRACTIONS, NOISE_SCALES, _columns, missing_modalities, robustness_table
@@ -77,7 +77,7 @@ def test_absent_is_the_mask_a_sample_without_the_modality_has(trained):
     _, (net, config, standardizer, data), result = trained
     test = split_parts(data, config)["test"]
     without = MultimodalDataset(data.features, data.y, masks={"noise": np.zeros(data.n, dtype=bool)}, name=data.name)
-    pred = to_predictions("regression", predict(net, without.batches(test, standardizer).to_batch()))
+    pred = to_predictions("regression", predict(net, RowBatches(without, test, standardizer).to_batch()))
     assert result.absent["noise"]["cross"][-1] == compute_metrics("regression", data.y[test], pred)
 
 

@@ -48,7 +48,8 @@ import torch
 
 from .baselines import BASELINES, make_baseline, pooled_features
 from .checkpoint import fingerprint
-from .data import Batch, MultimodalDataset, Standardizer
+from .checks import check_int
+from .data import Batch, MultimodalDataset, RowBatches, Standardizer
 from .ensemble import Ensemble
 from .files import write_bytes
 from .fusion import FusionModel
@@ -163,88 +164,135 @@ def missing_modalities(
     if data.y is None:
         raise ValueError(f"data: {data.name} has no targets to measure the robustness against")
     fractions, scales = _levels("fractions", fractions, 1.0), _levels("scales", scales, None)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    seed = check_int("seed", seed, 0)
     parts = split_parts(data, config)
     part = "test" if "test" in parts and parts["test"].size else "all"
     rows = parts[part]
-    task, sentiment = data.task, config["train"].get("metrics") == "sentiment"
-    y = data.y[rows]
     fusion = str(config["fusion"])
-    result = Robustness(task, HEADLINE[task], part, int(rows.size), int(seed), fractions, scales, [fusion])
+    result = Robustness(data.task, HEADLINE[data.task], part, int(rows.size), seed, fractions, scales, [fusion])
+    sentiment = config["train"].get("metrics") == "sentiment"
 
     def score(pred: np.ndarray) -> dict[str, float]:
-        return compute_metrics(task, y, pred, sentiment=sentiment)
+        return compute_metrics(data.task, data.y[rows], pred, sentiment=sentiment)
 
-    # The baselines: fitted on the model's training rows, fed pooled features of the evaluated rows.
-    fitted, pooled, used = {}, None, None
-    if baselines:
-        if config["data"].get("fingerprint") == fingerprint(data) and parts.get("train") is not None:
-            # The rows and columns fit_baselines used: every part's rows pooled together (a presence
-            # column for each modality absent in any of them), the training rows' part fitted on.
-            used = np.unique(np.concatenate([r for name, r in parts.items() if name != "all"]))
-            x_used = pooled_features(data, used)  # (U, F)
-            x_train = x_used[np.searchsorted(used, parts["train"])]
-            fitted, result.skipped = _fit_baselines(data, x_train, data.y[parts["train"]], config)
-            result.models += list(fitted)
-            train_mean = _column_means(x_train)  # (F,): what mean imputation puts in
-            pooled = x_used[np.searchsorted(used, rows)]  # (R, F)
-        else:
+    side = _Baselines.fit(data, config, parts, rows, result) if baselines else _Baselines()
+    rank = _absence_ranks(data, rows.size, seed)
+    absent_out, noise_out, pooled_eps = _fusion_predictions(net, data, rows, standardizer, rank, result)
+    columns = _columns(data, side.used)  # modality -> (feature columns, presence column or None)
+    for spec in data.modalities:
+        m = spec.name
+        result.absent[m] = {fusion: [score(p) for p in absent_out[m]]}
+        result.noise[m] = {fusion: [score(p) for p in noise_out[m]]}
+        noise = standardizer.std[m].astype(np.float64) * np.nan_to_num(pooled_eps[m])  # (R, D), original units
+        for name, model in side.fitted.items():
+            result.absent[m][name] = [score(p) for p in side.absent(model, columns[m], rank[m], fractions)]
+            result.noise[m][name] = [score(p) for p in side.noisy(model, columns[m][0], noise, scales)]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _absence_ranks(data: MultimodalDataset, n: int, seed: int) -> dict[str, np.ndarray]:
+    """modality -> (R,) each evaluated row's place in a seeded permutation: the row is absent at
+    fraction f when its place is < round(f R), so the absent rows are nested across levels."""
+    rank = {}
+    for i, spec in enumerate(data.modalities):
+        rank[spec.name] = np.empty(n, dtype=np.int64)
+        rank[spec.name][np.random.default_rng([seed, i]).permutation(n)] = np.arange(n)
+    return rank
+
+
+def _fusion_predictions(
+    net: FusionModel | Ensemble,
+    data: MultimodalDataset,
+    rows: np.ndarray,
+    standardizer: Standardizer,
+    rank: dict[str, np.ndarray],
+    result: Robustness,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
+    """The fusion's predictions at every level, ``{modality: [(R, ...) per level]}`` for absence and
+    for noise, and the noise each row got pooled over its valid steps ``{modality: (R, D)}`` (NaN
+    where the modality is absent), gathered :data:`CHUNK` rows at a time (a large test part, or a
+    memory-mapped one, is never loaded whole): each chunk is read and standardised once."""
+    n, task = rows.size, result.task
+    absent_out = {m.name: [[] for _ in result.fractions] for m in data.modalities}
+    noise_out = {m.name: [[] for _ in result.scales] for m in data.modalities}
+    pooled_eps = {m.name: np.empty((n, m.dim)) for m in data.modalities}
+    for c, at in enumerate(range(0, n, CHUNK)):
+        chunk = slice(at, at + CHUNK)
+        clean = RowBatches(data, rows[chunk], standardizer).to_batch()  # standardised (B, T, D) per modality
+        for i, spec in enumerate(data.modalities):
+            m = spec.name
+            for level, f in enumerate(result.fractions):
+                gone = np.flatnonzero(rank[m][chunk] < round(f * n))  # positions in the chunk
+                absent_out[m][level].append(_predict(net, task, _absent(clean, m, gone)))
+            eps = np.random.default_rng([result.seed, i, c]).standard_normal(clean.x[m].shape).astype(np.float32)
+            for level, s in enumerate(result.scales):
+                noise_out[m][level].append(_predict(net, task, _noisy(clean, m, s, eps)))
+            pooled_eps[m][chunk] = _pooled(eps, clean.mask[m].numpy())
+    joined = {m: [np.concatenate(p) for p in levels] for m, levels in absent_out.items()}
+    noisy = {m: [np.concatenate(p) for p in levels] for m, levels in noise_out.items()}
+    return joined, noisy, pooled_eps
+
+
+def _pooled(eps: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(B, T, D) noise averaged over each row's valid steps (B, T) -> (B, D); NaN where none is."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = NaN where the modality is absent
+        return (eps * valid[..., None]).sum(axis=1, dtype=np.float64) / valid.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class _Baselines:
+    """The baselines on the evaluated rows: fitted on the model's training rows, fed the pooled
+    features of the evaluated rows (``pooled``, (R, F)), an absent modality mean-imputed."""
+
+    fitted: dict[str, Any] = field(default_factory=dict)
+    pooled: np.ndarray | None = None  # (R, F)
+    used: np.ndarray | None = None  # the rows whose pooled columns fit_baselines used
+    train_mean: np.ndarray | None = None  # (F,): what mean imputation puts in
+
+    @classmethod
+    def fit(
+        cls, data: MultimodalDataset, config: dict, parts: dict[str, np.ndarray], rows: np.ndarray, result: Robustness
+    ) -> _Baselines:
+        """Fitted as ``attnfuse train`` fits them, when ``data`` is the model's training data (its
+        fingerprint); otherwise none, and ``result.note`` says why."""
+        if config["data"].get("fingerprint") != fingerprint(data) or parts.get("train") is None:
             result.note = (
                 "the baselines are fitted on the model's training rows: they are measured on the training data "
                 "(evaluate without --data, or with the data it was trained on)"
             )
-    columns = _columns(data, used)  # modality -> (feature columns, presence column or None)
+            return cls()
+        # The rows and columns fit_baselines used: every part's rows pooled together (a presence
+        # column for each modality absent in any of them), the training rows' part fitted on.
+        used = np.unique(np.concatenate([r for name, r in parts.items() if name != "all"]))
+        x_used = pooled_features(data, used)  # (U, F)
+        x_train = x_used[np.searchsorted(used, parts["train"])]
+        fitted, result.skipped = _fit_baselines(data, x_train, data.y[parts["train"]], config)
+        result.models += list(fitted)
+        return cls(fitted, x_used[np.searchsorted(used, rows)], used, _column_means(x_train))
 
-    # The fusion's predictions at every level, gathered CHUNK rows at a time (a large test part, or a
-    # memory-mapped one, is never loaded whole): each chunk is read and standardised once.
-    n = rows.size
-    rank = {}  # modality -> (R,) the row's place in a seeded permutation: absent at f when < round(f R)
-    for i, spec in enumerate(data.modalities):
-        rank[spec.name] = np.empty(n, dtype=np.int64)
-        rank[spec.name][np.random.default_rng([seed, i]).permutation(n)] = np.arange(n)
-    absent_out = {m.name: [[] for _ in fractions] for m in data.modalities}  # per level: chunks' predictions
-    noise_out = {m.name: [[] for _ in scales] for m in data.modalities}
-    pooled_eps = {m.name: np.empty((n, m.dim)) for m in data.modalities}  # (R, D): eps averaged over valid steps
-    for c, at in enumerate(range(0, n, CHUNK)):
-        chunk = slice(at, at + CHUNK)
-        clean = data.batches(rows[chunk], standardizer).to_batch()  # standardised (B, T, D) per modality
-        for i, spec in enumerate(data.modalities):
-            m = spec.name
-            for level, f in enumerate(fractions):
-                gone = np.flatnonzero(rank[m][chunk] < round(f * n))  # positions in the chunk
-                absent_out[m][level].append(_predict(net, task, _absent(clean, m, gone)))
-            eps = np.random.default_rng([seed, i, c]).standard_normal(clean.x[m].shape).astype(np.float32)
-            for level, s in enumerate(scales):
-                noise_out[m][level].append(_predict(net, task, _noisy(clean, m, s, eps)))
-            valid = clean.mask[m].numpy()  # (B, T)
-            with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = NaN where the modality is absent
-                pooled_eps[m][chunk] = (eps * valid[..., None]).sum(axis=1, dtype=np.float64) / valid.sum(
-                    axis=1, keepdims=True
-                )
+    def absent(self, model: Any, columns: tuple, rank: np.ndarray, fractions: list[float]) -> list[np.ndarray]:
+        """Predictions with the modality mean-imputed on the rows the fusion lost it on, per fraction."""
+        cols, presence = columns
+        out = []
+        for f in fractions:
+            x = self.pooled.copy()
+            gone = np.flatnonzero(rank < round(f * len(rank)))
+            x[np.ix_(gone, cols)] = self.train_mean[cols]  # mean imputation
+            if presence is not None:
+                x[gone, presence] = 0.0
+            out.append(_baseline_predict(model, x))
+        return out
 
-    for spec in data.modalities:
-        m = spec.name
-        cols, presence = columns[m]
-        result.absent[m] = {fusion: [score(np.concatenate(p)) for p in absent_out[m]]}
-        result.noise[m] = {fusion: [score(np.concatenate(p)) for p in noise_out[m]]}
-        for name, model in fitted.items():
-            result.absent[m][name], result.noise[m][name] = [], []
-            for f in fractions:
-                x = pooled.copy()
-                gone = np.flatnonzero(rank[m] < round(f * n))  # the rows the fusion lost it on
-                x[np.ix_(gone, cols)] = train_mean[cols]  # mean imputation
-                if presence is not None:
-                    x[gone, presence] = 0.0
-                result.absent[m][name].append(score(_baseline_predict(model, x)))
-            for s in scales:
-                x = pooled.copy()
-                # the fusion's noise in original units, pooled as the features are (the mean over
-                # valid steps is linear); NaN (absent) stays NaN: no noise on what is not there.
-                x[:, cols] += s * standardizer.std[m].astype(np.float64) * np.nan_to_num(pooled_eps[m])
-                result.noise[m][name].append(score(_baseline_predict(model, x)))
-    result.seconds = time.perf_counter() - start
-    return result
+    def noisy(self, model: Any, cols: np.ndarray, noise: np.ndarray, scales: list[float]) -> list[np.ndarray]:
+        """Predictions with the fusion's noise in original units, pooled as the features are (the
+        mean over valid steps is linear; NaN, absent, stays NaN: no noise on what is not there)."""
+        out = []
+        for s in scales:
+            x = self.pooled.copy()
+            x[:, cols] += s * noise
+            out.append(_baseline_predict(model, x))
+        return out
 
 
 def _fit_baselines(data: MultimodalDataset, x: np.ndarray, y: np.ndarray, config: dict) -> tuple[dict, dict[str, str]]:

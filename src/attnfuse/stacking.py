@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import check_int
 from .metrics import compute_metrics
 
 __all__ = ["METRICS", "DEFAULT_METRIC", "DEFAULT_STEPS", "Selection", "select_ensemble", "blend", "log_loss"]
@@ -175,6 +176,29 @@ def _stack(
     return stacked, names
 
 
+def _check_selection(task: str, metric: str | None, steps: int) -> tuple[str, int]:
+    """The metric (default :data:`DEFAULT_METRIC`) and steps of :func:`select_ensemble`, checked."""
+    if task not in DEFAULT_METRIC:
+        raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+    metric = DEFAULT_METRIC[task] if metric is None else metric
+    if METRICS.get(metric, (None,))[0] != task:
+        valid = [m for m, (t, _) in METRICS.items() if t == task]
+        raise ValueError(f"metric: expected one of {valid} for {task}, got {metric!r}")
+    return metric, check_int("steps", steps)
+
+
+def _check_targets(stacked: np.ndarray, names: list[str], y: np.ndarray, task: str) -> np.ndarray:
+    """``y`` as an array whose rows match the (M, N, ...) stacked predictions."""
+    target = np.asarray(y)
+    if target.shape[0] != stacked.shape[1]:
+        raise ValueError(f"y: expected {stacked.shape[1]} rows (as the predictions), got {target.shape[0]}")
+    if task == "classification":
+        _check_probabilities(stacked, names, target)
+    elif target.shape != stacked.shape[1:]:
+        raise ValueError(f"y: expected the predictions' shape {stacked.shape[1:]}, got {target.shape}")
+    return target
+
+
 def select_ensemble(
     predictions: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray,
     y: np.ndarray,
@@ -194,22 +218,9 @@ def select_ensemble(
     The weighted mean is scored once more as :meth:`Selection.predict` computes it; should float
     rounding make it worse than the best member (the hill-climb sums in another order), the best
     member alone is returned: never worse than the best member on these rows, exactly."""
-    if task not in DEFAULT_METRIC:
-        raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
-    metric = DEFAULT_METRIC[task] if metric is None else metric
-    if METRICS.get(metric, (None,))[0] != task:
-        valid = [m for m, (t, _) in METRICS.items() if t == task]
-        raise ValueError(f"metric: expected one of {valid} for {task}, got {metric!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    metric, steps = _check_selection(task, metric, steps)
     stacked, names = _stack(predictions, names)
-    target = np.asarray(y)
-    if target.shape[0] != stacked.shape[1]:
-        raise ValueError(f"y: expected {stacked.shape[1]} rows (as the predictions), got {target.shape[0]}")
-    if task == "classification":
-        _check_probabilities(stacked, names, target)
-    elif target.shape != stacked.shape[1:]:
-        raise ValueError(f"y: expected the predictions' shape {stacked.shape[1:]}, got {target.shape}")
+    target = _check_targets(stacked, names, y, task)
     higher = METRICS[metric][1] == "max"
     sign = 1.0 if higher else -1.0
 

@@ -55,40 +55,44 @@ def evaluate(
     net, config, standardizer, dataset = load_for_model(model, data, read)
     if dataset.y is None:
         raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
-    batch = RowBatches(dataset, None, standardizer)
-    sentiment = config["train"].get("metrics") == "sentiment"
-    y_pred = to_predictions(dataset.task, predict(net, batch))
-    parts = _parts(dataset, config)
-    report = {
-        s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
-        for s, idx in parts.items()
-        if idx.size
-    }
-    report = metrics_for_json(report)
-    console.print(_metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
+    report = metrics_for_json(_metrics_per_part(net, config, standardizer, dataset))
+    title = f"{config['fusion']} model {model} on {dataset.name}"
+    console.print(_metrics_table(title, report))
     robustness = None
     if missing:
         robustness = missing_modalities(net, config, standardizer, dataset)
         _print_robustness(robustness)
         report["missing"] = metrics_for_json(robustness.to_dict())
+    _write_or_explain(target, unwritable, "the metrics above", "--out", lambda: write_json(target, report))
+    if robustness is not None:
+        _write_or_explain(
+            figure, unplottable, "the robustness plot", "--plot", lambda: plot_robustness(robustness, figure, title)
+        )
+        console.print(f"robustness plot written to [bold]{escape(str(figure))}[/]", highlight=False)
+
+
+def _metrics_per_part(net, config: dict, standardizer, dataset) -> dict[str, dict[str, float]]:
+    """The model's metrics on each part of ``dataset`` (its splits, and all rows)."""
+    y_pred = to_predictions(dataset.task, predict(net, RowBatches(dataset, None, standardizer)))
+    sentiment = config["train"].get("metrics") == "sentiment"
+    return {
+        s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
+        for s, idx in _parts(dataset, config).items()
+        if idx.size
+    }
+
+
+def _write_or_explain(path: Path, unwritable: OSError | None, what: str, flag: str, write) -> None:
+    """``write()`` ``path``, or an error naming ``what`` could not be written and the ``flag`` that
+    writes it elsewhere (``unwritable``: the error known before the work, raised now)."""
     try:
         if unwritable is not None:
             raise unwritable
-        write_json(target, report)
+        write()
     except OSError as e:
         raise OSError(
-            f"the metrics above could not be written ({describe_os_error(e)}); --out FILE writes them elsewhere"
+            f"{what} could not be written ({describe_os_error(e)}); {flag} FILE writes it elsewhere"
         ) from None
-    if robustness is not None:
-        try:
-            if unplottable is not None:
-                raise unplottable
-            plot_robustness(robustness, figure, title=f"{config['fusion']} model {model} on {dataset.name}")
-        except OSError as e:
-            raise OSError(
-                f"the robustness plot could not be written ({describe_os_error(e)}); --plot FILE writes it elsewhere"
-            ) from None
-        console.print(f"robustness plot written to [bold]{escape(str(figure))}[/]", highlight=False)
 
 
 def _unwritable(path: Path) -> OSError | None:
