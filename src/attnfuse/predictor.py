@@ -165,6 +165,10 @@ class FusionPredictor:
         if self.modalities is not None and self._options.get("modality") is not None:
             raise ValueError("modality: give the modalities once, as modalities={name: pattern} or as modality=[...]")
         values = {**self._options, "target": self.target}
+        if self.modalities is not None and all(isinstance(v, str) for v in self.modalities.values()):
+            # As --modality NAME=PATTERN in run.yaml, so that `attnfuse train --config` reads the
+            # table the same way. A list of columns has no such form: config.json keeps the columns.
+            values["modality"] = [f"{name}={pattern}" for name, pattern in self.modalities.items()]
         return TrainSpec.from_options(values, where="FusionPredictor")
 
     def _table(self) -> dict[str, Any]:
