@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .baselines import verdict_line
 from .checkpoint import (
     CONFIG,
     LOG,
@@ -67,6 +69,7 @@ from .pipeline import (
     train_options,
     without_consent,
 )
+from .threads import set_threads
 from .training import TrainConfig, predict, to_predictions
 
 __all__ = ["FusionPredictor"]
@@ -190,11 +193,12 @@ class FusionPredictor:
         its ``train``/``valid``/``test`` rows are used. Returns the predictor."""
         spec = self._spec()
         data, source = self._training_data(X, y, spec)
-        threads = spec.train.threads or torch.get_num_threads()  # recorded in run.yaml, as the CLI does
-        spec = replace(spec, run=replace(spec.run, data=source), train=replace(spec.train, threads=threads))
         scratch, out = self._output()
         before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        # The command line's thread count (the free cores, or threads=), for this fit only; the
+        # count used is part of the run (run.yaml), as on the command line.
+        threads = set_threads(spec.train.threads)
+        spec = replace(spec, run=replace(spec.run, data=source), train=replace(spec.train, threads=threads))
         try:
             result = train(spec, out, self.progress, data=data)
         except BaseException:
@@ -203,19 +207,28 @@ class FusionPredictor:
             raise
         finally:
             torch.set_num_threads(before)
-        self._forget()
-        if scratch is not None:
-            self._cleanup = weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
-        self._attach(out)
+        previous = getattr(self, "_cleanup", None)  # the temporary directory of an earlier fit
+        try:
+            self._attach(out)
+        except BaseException:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        if previous is not None:
+            previous()
+        self._cleanup = None if scratch is None else weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
         self.verdict_ = result.verdict
         self.seconds_ = dict(result.seconds)
-        if result.verdict is not None and result.verdict["clear"]:
-            import warnings
-
-            from .baselines import verdict_line
-
+        if result.verdict is not None and result.verdict["clear"]:  # what the command line says in a line
             warnings.warn(verdict_line(result.verdict, self.config_["fusion"]), UserWarning, stacklevel=2)
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (e.g. by joblib) without the removal of the temporary model directory, which
+        stays with the original; a copy predicts from the model it holds in memory."""
+        state = dict(self.__dict__)
+        state.pop("_cleanup", None)
+        return state
 
     def _output(self) -> tuple[str | None, Path]:
         """(a temporary directory to remove later or None, the model directory to write)."""
@@ -223,13 +236,6 @@ class FusionPredictor:
             return None, Path(self.path)
         scratch = tempfile.mkdtemp(prefix="attnfuse-predictor-")
         return scratch, Path(scratch) / "model"
-
-    def _forget(self) -> None:
-        """Drop the previous fit's temporary model directory."""
-        cleanup = getattr(self, "_cleanup", None)
-        if cleanup is not None:
-            cleanup()
-            self._cleanup = None
 
     def _training_data(self, X: Any, y: Any, spec: TrainSpec) -> tuple[MultimodalDataset, str]:
         """``X`` (and ``y``) read as a dataset to train on, and the name run.yaml gives it: a
