@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import warnings
 
 import numpy as np
@@ -152,6 +153,21 @@ def test_save_then_load_predicts_bitwise_the_same(tmp_path, classifier, table):
     assert "data" not in params and "lr" not in params
 
 
+def test_a_model_trained_for_another_device_loads_here(tmp_path, classifier, table):
+    classifier.save(tmp_path / "m")
+    run = tmp_path / "m" / "run.yaml"
+    run.write_text(run.read_text().replace("device: auto", "device: cuda:7"))
+    loaded = FusionPredictor.load(tmp_path / "m")
+    assert "device" not in loaded.get_params()
+    np.testing.assert_array_equal(loaded.predict(table), classifier.predict(table))
+
+
+def test_a_pickled_predictor_predicts_the_same(classifier, table):
+    copy = pickle.loads(pickle.dumps(classifier))
+    np.testing.assert_array_equal(copy.predict_proba(table), classifier.predict_proba(table))
+    assert copy.get_params() == classifier.get_params()
+
+
 def test_a_cli_trained_model_loads_in_the_predictor(tmp_path):
     cols = _columns()
     pcsv.write_csv(pa.table(cols), tmp_path / "t.csv")
@@ -230,6 +246,14 @@ def test_score_and_evaluate(classifier, table):
     assert set(report) == {"train", "valid", "test", "all"}  # the training data: its training split
     assert report["all"]["accuracy"] == pytest.approx(accuracy, rel=1e-6)
     assert report == json.loads(json.dumps(report))  # plain JSON values
+
+
+def test_progress_reports_the_training(table):
+    events = []
+    FusionPredictor(target="label", progress=lambda event, info: events.append(event), **FAST).fit(
+        table.drop(["score", "id"])
+    )
+    assert events[0] == "data" and events.count("epoch") == FAST["epochs"] and "run_end" in events
 
 
 def test_export_writes_the_model_as_a_graph(tmp_path, classifier):

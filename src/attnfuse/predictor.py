@@ -315,8 +315,12 @@ class FusionPredictor:
         run = Path(path) / RUN
         recorded = without_consent(read_options(run)) if run.is_file() else {}
         defaults = {o.name: o.default for o in train_options()}
-        # The options that differ from their defaults: the same training, and a readable repr.
-        options = {k: v for k, v in recorded.items() if k != "data" and (k not in defaults or v != defaults[k])}
+        # The options that differ from their defaults: the same training, and a readable repr. Not
+        # the data (fit is given it) nor the device, which may differ from the machine that trained
+        # (a model trained with device="cuda" loads where there is none), as with --resume.
+        options = {
+            k: v for k, v in recorded.items() if k not in ("data", "device") and (k not in defaults or v != defaults[k])
+        }
         target = options.pop("target", None)
         if allow_pickle:
             options["allow_pickle"] = True
