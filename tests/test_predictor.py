@@ -220,6 +220,17 @@ def test_clone_and_the_parameter_protocol(classifier, table):
     assert predictor.get_params()["epochs"] == 4  # a refused set leaves the parameters as they were
 
 
+def test_scikit_learn_tools_take_it_as_an_estimator(table):
+    from sklearn.base import is_classifier, is_regressor
+    from sklearn.model_selection import cross_val_score
+
+    assert is_classifier(FusionPredictor(task="classification")) and is_regressor(FusionPredictor(task="regression"))
+    features = table.drop(["score", "label", "id"])
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    scores = cross_val_score(FusionPredictor(**FAST), features, labels, cv=3)  # clone, fit(X, y), score(X, y)
+    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+
+
 def test_auto_keeps_its_candidates_and_baselines_in_the_leaderboard(table):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a baseline may beat two epochs of fusion

@@ -144,6 +144,22 @@ class FusionPredictor:
             raise
         return self
 
+    def __sklearn_tags__(self) -> Any:
+        """What scikit-learn's tools (``cross_val_score``, ``is_classifier``) ask of an estimator:
+        a classifier or a regressor once the task is known (fitted, or ``task=`` given); tables
+        with missing values (an absent modality) and dicts as input; targets inside X or apart."""
+        from sklearn.utils import ClassifierTags, InputTags, RegressorTags, Tags, TargetTags
+
+        task = getattr(self, "task_", None) or self._options.get("task")
+        kind = {"classification": "classifier", "regression": "regressor"}.get(task)
+        return Tags(
+            estimator_type=kind,
+            target_tags=TargetTags(required=False, multi_output=task != "classification"),
+            classifier_tags=ClassifierTags() if kind == "classifier" else None,
+            regressor_tags=RegressorTags() if kind == "regressor" else None,
+            input_tags=InputTags(two_d_array=True, dict=True, allow_nan=True),
+        )
+
     def __repr__(self) -> str:
         given = {k: v for k, v in self.get_params().items() if v is not None}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in given.items())})"
