@@ -222,12 +222,13 @@ def test_clone_and_the_parameter_protocol(classifier, table):
 
 def test_scikit_learn_tools_take_it_as_an_estimator(table):
     from sklearn.base import is_classifier, is_regressor
-    from sklearn.model_selection import cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     assert is_classifier(FusionPredictor(task="classification")) and is_regressor(FusionPredictor(task="regression"))
     features = table.drop(["score", "label", "id"])
     labels = table.column("label").to_numpy(zero_copy_only=False)
-    scores = cross_val_score(FusionPredictor(**FAST), features, labels, cv=3)  # clone, fit(X, y), score(X, y)
+    folds = StratifiedKFold(3, shuffle=True, random_state=0)
+    scores = cross_val_score(FusionPredictor(**FAST), features, labels, cv=folds)  # clone, fit(X, y), score(X, y)
     assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
 
 
