@@ -214,7 +214,11 @@ class FusionPredictor:
         # The command line's thread count (the free cores, or threads=), for this fit only; the
         # count used is part of the run (run.yaml), as on the command line.
         threads = set_threads(spec.train.threads)
-        spec = replace(spec, run=replace(spec.run, data=source), train=replace(spec.train, threads=threads))
+        # A run on data given in memory cannot be resumed: checkpoints of it would be written for
+        # nothing (fsynced, every epoch), unless asked for.
+        every = spec.run.checkpoint_every if "checkpoint_every" in self._options else 0
+        run = replace(spec.run, data=source, checkpoint_every=every)
+        spec = replace(spec, run=run, train=replace(spec.train, threads=threads))
         try:
             result = train(spec, out, self.progress, data=data)
         except BaseException:
@@ -296,6 +300,8 @@ class FusionPredictor:
         if self.task_ == "classification":
             classes = config["data"].get("classes")
             self.classes_ = np.asarray(decode_labels(np.arange(config["data"]["num_classes"]), classes))
+        elif hasattr(self, "classes_"):  # refitted as a regression
+            del self.classes_
 
     # -- model directories ----------------------------------------------------------------------
 
