@@ -300,3 +300,52 @@ def test_predict_proba_of_a_regression_model_is_refused(tmp_path, table):
         regressor.predict_proba(table)
     data = MultimodalDataset({"txt": np.zeros((3, 3)), "aud": np.zeros((3, 2))}, None, task="regression")
     assert regressor.predict(data).shape == (3,)
+
+
+def test_save_refuses_a_model_directory_replaced_since_fit(tmp_path, table):
+    frame = table.drop(["score", "id"])
+    predictor = FusionPredictor(target="label", path=tmp_path / "m", **FAST).fit(frame)
+    before = predictor.predict_proba(table)
+    FusionPredictor(target="label", path=tmp_path / "m", **{**FAST, "seed": 1}).fit(frame)  # another run there
+    with pytest.raises(ValueError, match="replaced by another run since this predictor read it"):
+        predictor.save(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    np.testing.assert_array_equal(predictor.predict_proba(table), before)  # the model held in memory
+
+
+def test_the_temporary_model_directory_goes_with_the_predictor(tmp_path, monkeypatch, table):
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    predictor = FusionPredictor(target="label", **FAST).fit(table.drop(["score", "id"]))
+    first = predictor.model_dir_
+    assert first.parent.parent == tmp_path and (first / "config.json").is_file()
+    predictor.fit(table.drop(["score", "id"]))  # a second fit replaces the first one's directory
+    assert not first.exists() and predictor.model_dir_.exists()
+    second = predictor.model_dir_
+    del predictor
+    gc.collect()
+    assert not second.exists()
+
+
+def test_a_failed_fit_leaves_nothing_behind(tmp_path, monkeypatch, table):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def fail(event, info):
+        if event == "epoch":
+            raise RuntimeError("injected")
+
+    predictor = FusionPredictor(target="label", progress=fail, **FAST)
+    with pytest.raises(RuntimeError, match="injected"):
+        predictor.fit(table.drop(["score", "id"]))
+    assert list(tmp_path.iterdir()) == [] and not hasattr(predictor, "config_")
+
+
+def test_a_damaged_metrics_file_is_one_error(tmp_path, classifier):
+    classifier.save(tmp_path / "m")
+    (tmp_path / "m" / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"metrics.json is not valid JSON"):
+        FusionPredictor.load(tmp_path / "m")
