@@ -133,6 +133,10 @@ def test_fit_and_predict_a_dict_of_sequences_with_masks():
     np.testing.assert_array_equal(predictor.predict(extra), pred)
     with pytest.raises(ValueError, match="no array for modality 'video'"):
         predictor.predict({"text": text})
+    # A split under a key of the user's choice: its rows are the parts.
+    fold = np.array(["train"] * 60 + ["valid"] * 18 + ["test"] * 18)
+    split = FusionPredictor(split_col="fold", **{**FAST, "fusion": "self"}).fit({**arrays, "fold": fold})
+    assert split.config_["split"]["how"] == "column"
     # The targets may come separately, as scikit-learn passes them.
     separate = FusionPredictor(**{**FAST, "fusion": "self"}).fit({k: v for k, v in arrays.items() if k != "y"}, y)
     np.testing.assert_array_equal(separate.predict(arrays), pred)

@@ -275,7 +275,10 @@ class FusionPredictor:
             data = load(source, spec.run.allow_pickle, spec.train.seed, task, **given)
             return data, source
         if isinstance(X, Mapping):
-            _no_table_options({**table, "target": None}, "a dict of arrays (its keys are the modalities)")
+            # target and split_col name keys of the dict; column patterns have nothing to select.
+            _no_table_options(
+                {**table, "target": None, "split_col": None}, "a dict of arrays (its keys are the modalities)"
+            )
             return _from_arrays(_with_targets(X, y, self.target or "y"), self.target, table["split_col"], task), ARRAYS
         frame = _as_table(X)
         if y is not None:
