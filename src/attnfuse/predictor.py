@@ -53,7 +53,7 @@ from .checkpoint import (
     metrics_for_json,
     run_directory,
 )
-from .data import MultimodalDataset, decode_labels
+from .data import MultimodalDataset, RowBatches, decode_labels
 from .data.io._common import read_bounded
 from .data.io.table import as_arrow, parse_modality_options, read_arrow
 from .export import export_model
@@ -449,7 +449,7 @@ class FusionPredictor:
         outputs (N, out_dim) on it."""
         self._check_fitted(what)
         data = self._data_for_model(X, y)
-        return data, predict(self.model_, data.batches(None, self.standardizer_))
+        return data, predict(self.model_, RowBatches(data, None, self.standardizer_))
 
     def _data_for_model(self, X: Any, y: Any) -> MultimodalDataset:
         """``X`` read as the model's data: a table by the columns the model recorded, a dict by its
