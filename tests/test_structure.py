@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("model directories", ["checkpoint.py", "runstate.py"]),
     ("pipeline", ["pipeline.py", "tune.py", "export.py", "robustness.py"]),
     ("explanation", ["explain/"]),
+    ("Python estimator", ["predictor.py"]),
     ("command line", ["cli/", "__main__.py"]),
     ("public API", ["__init__.py"]),
 ]

@@ -537,6 +537,12 @@ def _py_run(r: Result, item: Item, ctx: Ctx) -> None:
 # The Python snippets, in README order: the start of each (so that a new or moved snippet is
 # noticed) and its check.
 PY_PLAN: list[tuple[str, Callable[[Result, Item, Ctx], None]]] = [
+    ("from attnfuse import FusionPredictor\n\npredictor = FusionPredictor(", lambda r, i, c: expect(r)),
+    (
+        "import pyarrow.csv\nfrom sklearn.base import clone",
+        lambda r, i, c: expect(r, files=("runs/table/model.safetensors", "table.onnx"), ctx=c),
+    ),
+    ("import numpy as np\n\nfrom attnfuse import FusionPredictor", lambda r, i, c: expect(r)),
     ("import attnfuse\n\nspec = attnfuse.TrainSpec.from_options(", _py_train),
     ('import attnfuse\n\ndata = attnfuse.load_data("synthetic-regression")', _py_run),
     ("import torch, attnfuse\n\nref = torch.nn.MultiheadAttention(512, 8", lambda r, i, c: expect(r)),
