@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnfuse.data import MultimodalDataset, load_mfeat, make_planted
+from attnfuse.data import MultimodalDataset, load_mfeat, make_planted, make_split
 from attnfuse.explain import (
     attention_rollout,
     gradient_attribution,
@@ -78,7 +78,7 @@ def timing(quick: bool) -> list[str]:
     epochs, mosei_rows = (2, 16) if quick else (30, 128)
     data = load_mfeat()
     result = run(data, "self", {"modality_dropout": 0.2}, TrainConfig(epochs=epochs, seed=0))
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     mfeat = time_methods(result.model, result.standardizer.transform(data).to_batch(test), "classification", 50)
     print("mfeat", mfeat, flush=True)
     mosei = mosei_like(mosei_rows)
@@ -109,7 +109,7 @@ def planted_shares(layers: int, epochs: int) -> dict[str, float]:
     """Share of each method's video mass on the planted step, over the test split."""
     data = make_planted(n=1200, seed=1)
     result = run(data, "cross", {"num_layers": layers}, TrainConfig(epochs=epochs, patience=15, seed=0))
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     batch = result.standardizer.transform(data).to_batch(test)
     step, rows = data.info["planted_step"][test], np.arange(len(test))
     out = {"r2": result.metrics["test"]["r2"]}
@@ -159,7 +159,7 @@ def noise_and_copies(n: int = 600, seed: int = 0) -> MultimodalDataset:
 def masking(quick: bool) -> list[str]:
     epochs = 3 if quick else 40
     data = noise_and_copies()
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     lines = [
         "### Masking importance: a pure-noise modality and two copies",
         "",

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import check_probability
 from . import kernels
-from ._checks import check_probability
 from .dropout import dropout
 from .explicit import explicit_attention
 from .masks import KeyPaddingMask, merge_masks, tracing, visible_keys
