@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from attnfuse.data import MultimodalDataset, make_planted
 from attnfuse.pipeline import TrainSpec, train
 from attnfuse.runstate import load_state
-from attnfuse.training import Control, TrainConfig, Trainer, run
+from attnfuse.training import Control, TrainConfig, Trainer
+from trainkit import train_one
 
 # A run long enough to be killed in the middle: many small steps of a tiny model.
 LONG = ["--fusion", "self", "--d-model", "8", "--heads", "2", "--layers", "1", "--batch-size", "8"]
@@ -231,7 +232,9 @@ def test_bf16_stays_close_to_fp32_on_the_planted_task():
     data = make_planted(n=600, seed=0)
     small = {"d_model": 32, "nhead": 4, "num_layers": 1, "dropout": 0.0}
     r2 = {
-        p: run(data, "cross", small, TrainConfig(epochs=40, batch_size=32, lr=3e-3, precision=p)).metrics["test"]["r2"]
+        p: train_one(data, "cross", small, TrainConfig(epochs=40, batch_size=32, lr=3e-3, precision=p)).metrics["test"][
+            "r2"
+        ]
         for p in ("32", "bf16")
     }
     assert r2["32"] > 0.8, r2
@@ -247,5 +250,5 @@ def test_compile_wraps_the_model_that_trains(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", spy)
     data = MultimodalDataset({"a": np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)}, np.arange(40) % 2)
-    result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=1, compile=True))
+    result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=1, compile=True))
     assert compiled == [result.model]

@@ -15,9 +15,9 @@ from ..explain import explain_model, parse_vectors, walkthrough
 from ..explain.agreement import METHOD_SHORT
 from ..explain.pipeline import Explanation, column_names
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
-from ..pipeline import data_options
+from ..pipeline import data_options, split_parts
 from ..threads import set_threads
-from .common import _parts, console, load_for_model
+from .common import console, load_for_model
 from .options import with_options
 
 
@@ -204,7 +204,7 @@ def explain(
     positions = _parse_samples(samples)  # checked before anything is loaded
     set_threads()  # the cores other processes leave free
     net, config, standardizer, dataset = load_for_model(model, data, read)
-    parts = _parts(dataset, config)
+    parts = split_parts(dataset, config)
     if split not in parts:
         raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")
     rows = parts[split][:max_rows]

@@ -15,10 +15,10 @@ from ..checkpoint import EVALUATION, metrics_for_json
 from ..data import decode_labels
 from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
-from ..pipeline import data_options
+from ..pipeline import data_options, split_parts
 from ..threads import set_threads
 from ..training import predict, to_predictions
-from .common import _metrics_table, _parts, console, describe_os_error, load_for_model
+from .common import console, describe_os_error, load_for_model, metrics_table
 from .options import with_options
 
 
@@ -46,14 +46,14 @@ def evaluate(
     batch = dataset.batches(None, standardizer)
     sentiment = config["train"].get("metrics") == "sentiment"
     y_pred = to_predictions(dataset.task, predict(net, batch))
-    parts = _parts(dataset, config)
+    parts = split_parts(dataset, config)
     report = {
         s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
         for s, idx in parts.items()
         if idx.size
     }
     report = metrics_for_json(report)
-    console.print(_metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
+    console.print(metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
     try:
         if unwritable is not None:
             raise unwritable
@@ -82,7 +82,7 @@ def predict_cmd(
     classes = config["data"].get("classes")  # the original labels of the codes 0..C-1
 
     header, columns = ["index"], [np.arange(dataset.n)]
-    parts = _parts(dataset, config)  # the data's split, or the one drawn in training for its own data
+    parts = split_parts(dataset, config)  # the data's split, or the one drawn in training for its own data
     if len(parts) > 1:
         split = np.empty(dataset.n, dtype=object)
         for name, rows in parts.items():
