@@ -420,7 +420,7 @@ def _train(
             loop.run()
         records, report, found = summarize_runs(fit, loop.state.finished)
         if tmp is not None:
-            _write(tmp, fit, loop.state, report, options)
+            write_first(tmp, fit, loop.state, report, options)
             checkpoints.close()
             checkpoints.move_logs(tmp)
     except BaseException as error:
@@ -463,8 +463,9 @@ def _candidates(spec: TrainSpec, data: MultimodalDataset) -> tuple[list[Candidat
     return candidates, left_out
 
 
-def _write(tmp: Path, fit: Fit, state: RunLoopState, report: dict, options: dict) -> None:
-    """The first run's model, the report and the options into the run directory being built."""
+def write_first(tmp: Path, fit: Fit, state: RunLoopState, report: dict, options: dict) -> None:
+    """The first run's model (the one a run directory holds), the report and the options into the run
+    directory being built (:func:`attnfuse.checkpoint.write_run`)."""
     first = state.first
     split = fit.plan(0).to_dict(first.split.how)
     extra = {"auto": state.selection} if state.selection is not None else None

@@ -6,7 +6,11 @@ While ``attnfuse train --out DIR`` runs, ``DIR/last/`` holds::
     last/log.csv            one row per epoch, appended as training goes
     last/tensorboard/       event files, with --tensorboard
     last/state -> state-…   the newest checkpoint: trainer.safetensors (weights, best weights,
-                            optimizer, RNG states) and trainer.json (epoch, step, early stopping, ...)
+                            optimizer, RNG states; the finished models' weights) and trainer.json
+                            (epoch, step, early stopping, ...; where the loops of attnfuse.fit stand)
+
+:class:`Checkpoints` is that directory as the loops of :mod:`attnfuse.fit` use it: the options,
+the epoch log, :meth:`Checkpoints.save` and the checkpoint a resumed fit starts from.
 
 A checkpoint is written into a fresh ``state-…`` directory, flushed to disk, and published by
 replacing the ``state`` symlink in one rename, so a crash at any moment leaves the previous

@@ -295,12 +295,13 @@ class Interrupted(Exception):
 
 @dataclass
 class Control:
-    """How a run is driven from outside its loop (all optional; the defaults train plainly).
+    """How the training of one model is driven from outside its loop (all optional; the defaults
+    train plainly).
 
     dist: this process's place in a torchrun job (:mod:`attnfuse.distributed`).
     resume: a :meth:`Trainer.state_dict` to continue from (``(tensors, meta)``).
     checkpoint: called with the trainer every ``every`` epochs and when stopping, to save it.
-    stop: polled after every step; a signal number (true) stops the run at that step boundary.
+    stop: polled after every step; a signal number (true) stops training at that step boundary.
     """
 
     dist: Dist = field(default_factory=Dist)
@@ -427,7 +428,7 @@ class Trainer:
     metric, mixed precision, torch.compile and DistributedDataParallel as the config asks.
 
     Its whole state (weights, optimizer, early-stopping state, best weights, every RNG, the
-    position inside the epoch) is :meth:`state_dict`, written after any step; a run restored with
+    position inside the epoch) is :meth:`state_dict`, written after any step; a training restored with
     :meth:`load_state_dict` continues bitwise as if it had never stopped (on the CPU).
 
     With ``dist`` (torchrun), every rank draws the same global batch of ``batch_size`` rows and
