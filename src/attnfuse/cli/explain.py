@@ -215,8 +215,15 @@ def explain(
     # Locked (a second explain into it is refused at once) and proven writable before the work.
     with explanation_directory(target) as tmp:
         expl = explain_model(
-            net, dataset, standardizer, rows, split=split, methods=method, samples=chosen, n_steps=steps,
+            net,
+            dataset,
+            standardizer,
+            rows,
+            split=split,
+            methods=method,
+            samples=chosen,
+            n_steps=steps,
             feature_names=column_names(config),
-        )  # fmt: skip
+        )
         write_report_into(expl, tmp)
     print_explanation(console, expl, target)
