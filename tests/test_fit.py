@@ -138,3 +138,9 @@ def test_split_parts_rebuild_the_training_split_from_the_saved_plan(tmp_path):
     parts = split_parts(data, config)
     for part in ("train", "valid", "test"):
         np.testing.assert_array_equal(parts[part], kfold(data, 3, 0)[0][part])
+
+
+def test_resume_without_an_output_directory_is_one_error_naming_it():
+    spec = TrainSpec.from_options({"fusion": "concat", "d_model": 8, "epochs": 1, "baselines": False})
+    with pytest.raises(ValueError, match=r"^resume: expected the output directory of the run to continue \(out\)"):
+        train(spec, resume=True)
