@@ -90,7 +90,7 @@ class EnsembleSpec:
     size: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+        if type(self.size) is not int or self.size < 1:  # a bool is not a size
             raise ValueError(f"ensemble: expected an integer >= 1, got {self.size!r}")
 
     def seed(self, seed: int, member: int) -> int:
