@@ -18,6 +18,10 @@ finished work are a state object with ``to_dict``/``from_dict`` (:class:`RunLoop
             state.finished.append(record)          # metrics.json's "runs"
     summarize_runs(fit, state.finished)            # metrics.json: one run's, or mean ± std; the verdict
 
+The models of a run are one level, a grid whose position is the pair (candidate, member): the
+pick needs all of them, and a checkpoint names the one under way. Another level (bags of rows,
+say) is another loop object with its own state, and its part of the checkpoint.
+
 A checkpoint, taken by the trainer every ``--checkpoint-every`` epochs and when stopped, is the
 trainer's state plus both loops' states (:meth:`ModelLoop.save`); a resumed request restores the
 states (:meth:`RunLoop.restore`) and continues where they say: it retrains nothing, and ends bitwise

@@ -138,7 +138,7 @@ class RunOptions(ReadOptions):
 
     @property
     def runs(self) -> int:
-        """How many models are trained: one per fold, or one per seed."""
+        """How many runs: one per fold, or one per seed (each trains every candidate and member)."""
         return self.folds or self.repeat
 
     def __post_init__(self) -> None:
@@ -336,6 +336,8 @@ def train(
         raise TypeError(f"data: expected a MultimodalDataset or None, got {type(data).__name__}")
     if data is not None and resume:
         raise ValueError("resume: a run on data given in memory cannot be resumed; train again")
+    if resume and out is None:
+        raise ValueError("resume: expected the output directory of the run to continue (out), got None")
     dist = setup(spec.train.training_device())
     emit = (progress or _quiet) if dist.main else _quiet
     try:

@@ -576,9 +576,7 @@ class Checkpoints:
     ) -> None:
         self.last = None if out is None else last_dir(out)
         self.fingerprint = fingerprint
-        if resume and self.last is None:
-            raise ValueError("resume: expected the output directory of the run to continue (out), got None")
-        self.resumed = load_state(self.last) if resume else None
+        self.resumed = load_state(self.last) if resume and self.last is not None else None
         meta = self.resumed[1] if self.resumed else {}
         if self.resumed and meta.get("fingerprint") != fingerprint:
             raise ValueError(f"resume: the data {options['data']!r} is not the data the run in {out} was trained on")
