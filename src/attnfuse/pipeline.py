@@ -544,12 +544,9 @@ def _data_for(config: dict, source: str | None, allow_pickle: bool, table: dict[
     """The data to run a trained model on (see :func:`load_trained`), read in its label space."""
     trained = config["data"]
     table = {k: v for k, v in table.items() if v is not None}
-    if Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES:
-        if trained.get("columns") is not None:
-            table["model_columns"] = trained["columns"]
-        elif not table:  # a model that did not record its columns: read as its own table was
-            read = {k: v for k, v in (config.get("read") or {}).items() if v is not None}
-            table = ReadOptions(**read).table_options()
+    table_source = Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES
+    if table_source and trained.get("columns") is not None:  # read by the model's column names
+        table["model_columns"] = trained["columns"]
     classification = trained["task"] == "classification"
     return load(
         source or trained.get("source", trained["name"]),
