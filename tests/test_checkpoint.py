@@ -20,6 +20,7 @@ from attnfuse.checkpoint import (
     _finite,
     check_compatible,
     load_model,
+    read_config,
     save_model,
 )
 from attnfuse.data import MultimodalDataset
@@ -120,6 +121,26 @@ def test_config_json_holds_everything_to_rebuild(tmp_path):
     assert config["train"] == {"lr": 0.5} and config["split"]["seed"] == 7
     assert [m["name"] for m in config["data"]["modalities"]] == ["a", "b"]
     assert set(config["standardizer"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda c: c.pop("split"), "split: missing"),
+        (lambda c: c.pop("weights_id"), "weights_id: missing"),
+        (lambda c: c["split"].update(how="guessed"), "split.how: expected one of 'column', 'carved', 'drawn', 'fold'"),
+        (lambda c: c["split"].update(how="fold", folds=3, fold=3), "split.fold: expected a fold in 0..2, got 3"),
+    ],
+)
+def test_a_config_without_how_its_parts_were_made_or_its_weights_id_is_refused(tmp_path, change, needle):
+    data = make_data()
+    result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=1))
+    save_model(tmp_path, result.model, "concat", data, result.standardizer, {}, split={"how": "drawn", "seed": 0})
+    config = json.loads((tmp_path / CONFIG).read_text())
+    change(config)
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=needle):
+        read_config(tmp_path)
 
 
 def test_load_model_errors(tmp_path):
