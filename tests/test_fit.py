@@ -12,7 +12,7 @@ import torch
 
 from attnfuse.data import MultimodalDataset, Standardizer, kfold, make_split
 from attnfuse.ensemble import Ensemble, EnsembleSpec
-from attnfuse.fit import ModelLoopState, RunLoopState
+from attnfuse.fit import CandidateLoopState, MemberLoopState, RunLoopState
 from attnfuse.pipeline import TrainSpec, split_parts, train
 from attnfuse.splitplan import SplitPlan
 from attnfuse.training import Parts, TrainConfig, TrainedModel
@@ -57,16 +57,20 @@ def test_a_trained_model_is_restored_from_its_dict():
     assert record["ensemble"] == 1
 
 
-def test_the_model_loop_state_is_restored_from_its_dict():
+@pytest.mark.parametrize("level", [CandidateLoopState, MemberLoopState])
+def test_an_inner_loop_state_is_restored_from_its_dict(level):
     data = toy()
-    state = ModelLoopState(position=(1, 0), trained={(0, 0): tiny_model(data, 0), (0, 1): tiny_model(data, 1)})
+    state = level(2, [tiny_model(data, 0), tiny_model(data, 1)])
     tensors, meta = state.to_dict()
-    assert meta["unit"] == [1, 0] and [(m["candidate"], m["member"]) for m in meta["members"]] == [(0, 0), (0, 1)]
-    assert {k.split(".")[3] for k in tensors} >= {"weights"} and "member.0.1.valid_pred" in tensors
-    restored = ModelLoopState.from_dict(tensors, through_json(meta), make_split(data, 0), torch.device("cpu"))
-    assert restored.position == (1, 0) and set(restored.trained) == {(0, 0), (0, 1)}
-    for key, model in state.trained.items():
-        assert_same_model(model, restored.trained[key])
+    name = "candidate" if level is CandidateLoopState else "member"
+    assert meta[name] == 2 and len(meta[f"{name}s"]) == 2
+    assert f"{name}.1.valid_pred" in tensors and any(k.startswith(f"{name}.0.weights.") for k in tensors)
+    restored = level.from_dict(tensors, through_json(meta), make_split(data, 0), torch.device("cpu"))
+    assert restored.index == 2 and len(restored.finished if name == "candidate" else restored.trained) == 2
+    for model, again in zip(state.to_dict()[1][f"{name}s"], restored.to_dict()[1][f"{name}s"]):
+        assert model == again
+    for key, value in tensors.items():
+        assert torch.equal(value, restored.to_dict()[0][key])
 
 
 def test_the_run_loop_state_keeps_the_first_model_without_its_predictions():

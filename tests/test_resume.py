@@ -141,7 +141,8 @@ def test_sigkill_inside_auto_with_an_ensemble_then_resume_is_bitwise_the_same(tm
     proc.wait()
     assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
     _, meta = load_state(out / "last")
-    assert meta["unit"] != [0, 0] and meta["members"], meta["unit"]  # finished models are in the checkpoint
+    position = (meta["candidate"], meta["member"])
+    assert position != (0, 0) and (meta["candidates"] or meta["members"]), position  # finished models are kept
     code, _, err = finish(attnfuse("train", "--resume", out))
     assert code == 0, err
     same_run(out, expected)

@@ -1,31 +1,32 @@
 """The loops of ``attnfuse train``: every model that one request trains, in order, resumable.
 
 A request (:class:`attnfuse.pipeline.TrainSpec`, loaded data) trains runs x candidates x
-members. Each level is an object (:class:`RunLoop`, :class:`ModelLoop`) whose position and
-finished work are a state object with ``to_dict``/``from_dict`` (:class:`RunLoopState`,
-:class:`ModelLoopState`)::
+members. Each level is an object (:class:`RunLoop` > :class:`CandidateLoop` > :class:`MemberLoop`)
+whose position and finished work are a state object with ``to_dict``/``from_dict``
+(:class:`RunLoopState`, :class:`CandidateLoopState`, :class:`MemberLoopState`)::
 
     RunLoop.run()                                  # runs: the seeds of --repeat, or the folds of --folds
         for run in range(state.index, runs):
             split = fit.plan(run).rows(data)       # SplitPlan: the one place a split is made
             parts = Parts.of(data, split, device)  # the one place inputs are standardised
-            ModelLoop.run()                        # every model of the run
-                for candidate in candidates:       # --fusion auto's portfolio, or the one fusion
-                    for member in members:         # --ensemble: EnsembleSpec.seed(seed, member)
-                        fit_model(parts, ...)      # Trainer.fit: epochs x steps; checkpoints
-            pick(...)                              # members averaged, one candidate chosen on valid
+            CandidateLoop.run()                    # --fusion auto's portfolio, or the one fusion
+                for candidate in range(state.index, len(candidates)):
+                    MemberLoop.run()               # --ensemble
+                        for member in range(state.index, ensemble.size):
+                            fit_model(parts, ...)  # seed EnsembleSpec.seed(seed, member); Trainer.fit:
+                                                   # epochs x steps, checkpoints (MemberLoop.save)
+                    state.finished.append(_average(members))  # the candidate's model
+            pick(...)                              # one candidate chosen on the validation rows
             fit_baselines(...)                     # the classical models on the same rows
             state.finished.append(record)          # metrics.json's "runs"
     summarize_runs(fit, state.finished)            # metrics.json: one run's, or mean ± std; the verdict
 
-The models of a run are one level, a grid whose position is the pair (candidate, member): the
-pick needs all of them, and a checkpoint names the one under way. Another level (bags of rows,
-say) is another loop object with its own state, and its part of the checkpoint.
-
 A checkpoint, taken by the trainer every ``--checkpoint-every`` epochs and when stopped, is the
-trainer's state plus both loops' states (:meth:`ModelLoop.save`); a resumed request restores the
-states (:meth:`RunLoop.restore`) and continues where they say: it retrains nothing, and ends bitwise
-as the uninterrupted request (on the CPU).
+trainer's state plus the three loops' states (:meth:`MemberLoop.save`); a resumed request restores
+the states (:meth:`RunLoop.restore`, then each inner loop of the run and the candidate under way)
+and continues where they say: it retrains nothing, and ends bitwise as the uninterrupted request
+(on the CPU). Another level (bags of rows, say) is another loop object with its own state, and its
+part of the checkpoint.
 
 Words: a *run* is one seed or fold; a *candidate* one fusion of the portfolio; a *member* one
 model of an ensemble; a *model* one trained network (:class:`~attnfuse.training.TrainedModel`);
@@ -59,9 +60,11 @@ __all__ = [
     "ProgressCallback",
     "Fit",
     "RunLoopState",
-    "ModelLoopState",
+    "CandidateLoopState",
+    "MemberLoopState",
     "RunLoop",
-    "ModelLoop",
+    "CandidateLoop",
+    "MemberLoop",
     "pick",
     "summarize_runs",
 ]
@@ -149,35 +152,67 @@ class RunLoopState:
 
 
 @dataclass
-class ModelLoopState:
-    """Where the loop over one run's models stands: the model under way (``position``: candidate,
-    member) and the models trained before it. In a checkpoint: ``unit``, ``members`` (one record
-    per trained model) and the tensors ``member.<candidate>.<member>.*``."""
+class CandidateLoopState:
+    """Where the loop over one run's candidates stands: the candidate under way (``index``) and
+    the models of the candidates before it, each its members averaged. In a checkpoint:
+    ``candidate``, ``candidates`` (one record per finished candidate) and the tensors
+    ``candidate.<c>.*``."""
 
-    position: tuple[int, int] = (0, 0)
-    trained: dict[tuple[int, int], TrainedModel] = field(default_factory=dict)
+    index: int = 0
+    finished: list[TrainedModel] = field(default_factory=list)
 
     def to_dict(self) -> tuple[dict[str, Tensor], dict]:
-        tensors: dict[str, Tensor] = {}
-        members = []
-        for (c, k), model in self.trained.items():
-            weights, record = model.to_dict()
-            tensors.update(_prefixed(f"member.{c}.{k}.", weights))
-            members.append({"candidate": c, "member": k, **record})
-        return tensors, {"unit": list(self.position), "members": members}
+        tensors, meta = _models_to_dict("candidate", self.finished)
+        return tensors, {"candidate": self.index, "candidates": meta}
 
     @classmethod
-    def from_dict(cls, tensors: dict[str, Tensor], meta: dict, split: Split, device: torch.device) -> ModelLoopState:
-        trained = {}
-        for record in meta.get("members", []):
-            c, k = record["candidate"], record["member"]
-            trained[c, k] = TrainedModel.from_dict(_unprefixed(f"member.{c}.{k}.", tensors), record, split, device)
-        return cls(tuple(meta.get("unit", (0, 0))), trained)
+    def from_dict(
+        cls, tensors: dict[str, Tensor], meta: dict, split: Split, device: torch.device
+    ) -> CandidateLoopState:
+        return cls(meta["candidate"], _models_from_dict("candidate", tensors, meta["candidates"], split, device))
+
+
+@dataclass
+class MemberLoopState:
+    """Where the loop over one candidate's ensemble members stands: the member under way
+    (``index``) and the members trained before it. In a checkpoint: ``member``, ``members`` (one
+    record per trained member) and the tensors ``member.<k>.*``."""
+
+    index: int = 0
+    trained: list[TrainedModel] = field(default_factory=list)
+
+    def to_dict(self) -> tuple[dict[str, Tensor], dict]:
+        tensors, meta = _models_to_dict("member", self.trained)
+        return tensors, {"member": self.index, "members": meta}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor], meta: dict, split: Split, device: torch.device) -> MemberLoopState:
+        return cls(meta["member"], _models_from_dict("member", tensors, meta["members"], split, device))
+
+
+def _models_to_dict(name: str, models: list[TrainedModel]) -> tuple[dict[str, Tensor], list[dict]]:
+    """Finished models as the tensors ``<name>.<i>.*`` and a list of their records."""
+    tensors: dict[str, Tensor] = {}
+    records = []
+    for i, model in enumerate(models):
+        model_tensors, record = model.to_dict()
+        tensors.update(_prefixed(f"{name}.{i}.", model_tensors))
+        records.append(record)
+    return tensors, records
+
+
+def _models_from_dict(
+    name: str, tensors: dict[str, Tensor], records: list[dict], split: Split, device: torch.device
+) -> list[TrainedModel]:
+    return [
+        TrainedModel.from_dict(_unprefixed(f"{name}.{i}.", tensors), record, split, device)
+        for i, record in enumerate(records)
+    ]
 
 
 class RunLoop:
-    """The runs of a request, each: its split and parts, its models (:class:`ModelLoop`), the
-    candidate picked, the baselines, its record (see the module docstring)."""
+    """The runs of a request, each: its split and parts, its candidates (:class:`CandidateLoop`),
+    the candidate picked, the baselines, its record (see the module docstring)."""
 
     def __init__(self, fit: Fit, state: RunLoopState | None = None) -> None:
         self.fit = fit
@@ -197,16 +232,16 @@ class RunLoop:
             if index == 0 and split.note and split.how != "drawn":
                 fit.emit("note", {"message": split.note})
             parts = Parts.of(fit.data, split, fit.device)
-            models = ModelLoop.restore(fit, self.state, parts)
-            models.run()
-            self.state.finished.append(self._finish(parts, models.state.trained))
+            candidates = CandidateLoop.restore(fit, self.state, parts)
+            candidates.run()
+            self.state.finished.append(self._finish(parts, candidates.state.finished))
         fit.seconds["fusion"] = sum(v for k, v in fit.seconds.items() if k.startswith("fusion:"))
 
-    def _finish(self, parts: Parts, trained: dict[tuple[int, int], TrainedModel]) -> dict:
-        """The record of the run under way, once its models are trained: the model picked, its
+    def _finish(self, parts: Parts, models: list[TrainedModel]) -> dict:
+        """The record of the run under way, once its candidates are trained: the model picked, its
         metrics, (auto) the candidates', the baselines'. The first run's model is kept."""
         fit, index = self.fit, self.state.index
-        model, chosen, metrics_of = pick(fit, parts, trained)
+        model, chosen, metrics_of = pick(fit, parts, models)
         fit.candidate_metrics.append(metrics_of)
         record: dict[str, Any] = {"fold": index} if fit.folds else {}
         record.update(seed=fit.seed(index), best_epoch=model.best_epoch, fusion=model.fusion)
@@ -225,43 +260,68 @@ class RunLoop:
         return record
 
 
-class ModelLoop:
-    """The models of one run: every candidate's ensemble members, each trained by
-    :func:`~attnfuse.training.fit_model` on the run's ``parts``; its checkpoint function
-    (:meth:`save`) writes the trainer's state with both loops' states."""
+class CandidateLoop:
+    """The candidates of one run, each: its members (:class:`MemberLoop`), averaged into the
+    candidate's model."""
 
     def __init__(
         self,
         fit: Fit,
         runs: RunLoopState,
         parts: Parts,
-        state: ModelLoopState | None = None,
+        state: CandidateLoopState | None = None,
         resume: tuple[dict, dict] | None = None,
     ) -> None:
         self.fit, self.runs, self.parts = fit, runs, parts
-        self.state = state or ModelLoopState()
-        self.resume = resume  # the trainer state of the model at state.position, when resuming it
+        self.state = state or CandidateLoopState()
+        self.resume = resume  # the checkpoint, when it was taken in this run
 
     @classmethod
-    def restore(cls, fit: Fit, runs: RunLoopState, parts: Parts) -> ModelLoop:
+    def restore(cls, fit: Fit, runs: RunLoopState, parts: Parts) -> CandidateLoop:
         """The loop of run ``runs.index``: as the checkpoint left it when that is the run it was
         taken in, else fresh."""
         resumed = fit.checkpoints.resumed
         if resumed is None or resumed[1].get("run_index", 0) != runs.index:
             return cls(fit, runs, parts)
-        state = ModelLoopState.from_dict(*resumed, parts.split, fit.device)
-        return cls(fit, runs, parts, state, resumed)
+        return cls(fit, runs, parts, CandidateLoopState.from_dict(*resumed, parts.split, fit.device), resumed)
 
     def run(self) -> None:
-        for c in range(len(self.fit.candidates)):
-            for k in range(self.fit.ensemble.size):
-                if (c, k) not in self.state.trained:
-                    resume = self.resume if (c, k) == self.state.position else None
-                    self.state.position, self.resume = (c, k), None
-                    self.state.trained[c, k] = self._fit_one(c, k, resume)
+        for c in range(self.state.index, len(self.fit.candidates)):
+            self.state.index = c
+            members = MemberLoop.restore(self, self.resume)
+            self.resume = None
+            members.run()
+            self.state.finished.append(_average(self.fit, self.parts, members.state.trained))
 
-    def _fit_one(self, c: int, k: int, resume: tuple[dict, dict] | None) -> TrainedModel:
-        fit, candidate = self.fit, self.fit.candidates[c]
+
+class MemberLoop:
+    """The ensemble members of one candidate, each trained by
+    :func:`~attnfuse.training.fit_model` on the run's ``parts``; its checkpoint function
+    (:meth:`save`) writes the trainer's state with the three loops' states."""
+
+    def __init__(
+        self, candidates: CandidateLoop, state: MemberLoopState | None = None, resume: tuple | None = None
+    ) -> None:
+        self.fit, self.runs, self.candidates = candidates.fit, candidates.runs, candidates
+        self.state = state or MemberLoopState()
+        self.resume = resume  # the trainer state of the member at state.index, when resuming it
+
+    @classmethod
+    def restore(cls, candidates: CandidateLoop, resumed: tuple[dict, dict] | None) -> MemberLoop:
+        """The loop of the candidate under way: as the checkpoint ``resumed`` left it, else fresh."""
+        if resumed is None:
+            return cls(candidates)
+        state = MemberLoopState.from_dict(*resumed, candidates.parts.split, candidates.fit.device)
+        return cls(candidates, state, resumed)
+
+    def run(self) -> None:
+        for k in range(self.state.index, self.fit.ensemble.size):
+            self.state.index = k
+            resume, self.resume = self.resume, None
+            self.state.trained.append(self._fit_one(k, resume))
+
+    def _fit_one(self, k: int, resume: tuple[dict, dict] | None) -> TrainedModel:
+        fit, candidate = self.fit, self.fit.candidates[self.candidates.state.index]
         index, seed = self.runs.index, self.fit.seed(self.runs.index)
         unit = {"index": index, "candidate": candidate.name, "member": k}
         fit.emit("model_start", {**unit, "seed": seed, "epochs": fit.train.epochs, "members": fit.ensemble.size})
@@ -275,7 +335,8 @@ class ModelLoop:
         train = replace(fit.train, seed=fit.ensemble.seed(seed, k))
         on_epoch = partial(self._on_epoch, unit, seed)
         start = time.perf_counter()
-        model = fit_model(self.parts, candidate.fusion, candidate.settings, train, on_epoch=on_epoch, control=control)
+        parts = self.candidates.parts
+        model = fit_model(parts, candidate.fusion, candidate.settings, train, on_epoch=on_epoch, control=control)
         _add(fit.seconds, f"fusion:{candidate.name}", time.perf_counter() - start)
         fit.emit("model_end", {**unit, "epochs": len(model.history), "best_epoch": model.best_epoch})
         if model.note:
@@ -287,11 +348,11 @@ class ModelLoop:
         self.fit.emit("epoch", {**unit, **record})
 
     def save(self, trainer: Trainer) -> None:
-        """The checkpoint of the model under way: the trainer's state, this loop's and the run loop's."""
+        """The checkpoint of the member under way: the trainer's state and the three loops' states."""
         tensors, meta = trainer.state_dict()  # on every rank: the ranks' RNG states are gathered
         if not self.fit.dist.main:
             return
-        for loop_tensors, loop_meta in (self.runs.to_dict(), self.state.to_dict()):
+        for loop_tensors, loop_meta in (self.runs.to_dict(), self.candidates.state.to_dict(), self.state.to_dict()):
             tensors.update(loop_tensors)
             meta.update(loop_meta)
         self.fit.checkpoints.save(tensors, metrics_for_json(meta))
@@ -301,17 +362,13 @@ def _add(seconds: dict[str, float], key: str, value: float) -> None:
     seconds[key] = seconds.get(key, 0.0) + value
 
 
-def pick(
-    fit: Fit, parts: Parts, trained: dict[tuple[int, int], TrainedModel]
-) -> tuple[TrainedModel, dict, dict[str, dict]]:
-    """One run's model: each candidate's members averaged (:func:`_average`), then the candidate
-    :func:`attnfuse.portfolio.choose` picks on the validation split. Returns it, the record of the
-    choice and every candidate's metrics."""
+def pick(fit: Fit, parts: Parts, models: list[TrainedModel]) -> tuple[TrainedModel, dict, dict[str, dict]]:
+    """One run's model: the candidate :func:`attnfuse.portfolio.choose` picks on the validation
+    split among the candidates' ``models`` (each its members averaged). Returns it, the record of
+    the choice and every candidate's metrics."""
     metric, _ = selection = fit.train.selection_metric(fit.data.task)
-    models, scores = {}, {}
-    for c, candidate in enumerate(fit.candidates):
-        model = _average(fit, parts, [trained[c, k] for k in range(fit.ensemble.size)])
-        models[candidate.name] = model
+    scores = {}
+    for candidate, model in zip(fit.candidates, models):
         scores[candidate.name] = {
             "fusion": candidate.fusion,
             "settings": settings_used(model.model, candidate),
@@ -322,7 +379,8 @@ def pick(
             "valid_pred": model.valid_pred,
         }
     chosen = choose(scores, selection, fit.left_out, np.asarray(fit.data.y[parts.split["valid"]]))
-    return models[chosen["picked"]], chosen, {name: m.metrics for name, m in models.items()}
+    by_name = {candidate.name: model for candidate, model in zip(fit.candidates, models)}
+    return by_name[chosen["picked"]], chosen, {name: m.metrics for name, m in by_name.items()}
 
 
 def _average(fit: Fit, parts: Parts, members: list[TrainedModel]) -> TrainedModel:

@@ -390,7 +390,8 @@ def check_state(tensors: dict[str, Tensor], meta: Any, where: str) -> None:
         raise m.fail("top level", f"expected an object, got {_type_name(meta)}")
     _check_trainer_meta(meta, m)
     _check_run_loop(tensors, meta, m)
-    _check_model_loop(tensors, meta, m)
+    _check_inner_loop(tensors, meta, m, "candidate", "candidates", "candidates' models")
+    _check_inner_loop(tensors, meta, m, "member", "members", "members")
     _check_tensors(tensors, meta, where)
 
 
@@ -440,27 +441,23 @@ def _check_run_loop(tensors: dict[str, Tensor], meta: dict, m: _Meta) -> None:
         _check_record(tensors, m.get(meta, "first", "first", dict), "first", "first.", m)
 
 
-def _check_model_loop(tensors: dict[str, Tensor], meta: dict, m: _Meta) -> None:
-    """The loop over one run's models (:class:`attnfuse.fit.ModelLoopState`): the model under way
-    (``unit``: candidate, member) and the models trained before it, each once."""
-    unit = m.get(meta, "unit", "unit", list, optional=True) or [0, 0]
-    if len(unit) != 2 or not all(_is_int(u) and u >= 0 for u in unit):
-        raise m.fail("unit", f"expected [candidate, member], got {unit!r}")
-    seen = set()
-    for i, record in enumerate(m.records(meta, "members", "members", optional=True)):
-        c = m.count(record, "candidate", f"members[{i}].candidate")
-        k = m.count(record, "member", f"members[{i}].member")
-        if (c, k) in seen or (c, k) == tuple(unit):
-            raise m.fail(f"members[{i}]", f"model ({c}, {k}) is recorded twice")
-        seen.add((c, k))
-        _check_record(tensors, record, f"members[{i}]", f"member.{c}.{k}.", m)
+def _check_inner_loop(tensors: dict[str, Tensor], meta: dict, m: _Meta, level: str, records: str, total: str) -> None:
+    """One of a run's inner loops (:class:`attnfuse.fit.CandidateLoopState`,
+    :class:`attnfuse.fit.MemberLoopState`): the position ``level`` and one finished model (record
+    and tensors ``<level>.<i>.*``) per position before it."""
+    index = m.count(meta, level, level)
+    finished = m.records(meta, records, records)
+    if len(finished) != index:
+        raise m.fail(records, f"expected the {index} {total} before {level} {index}, got {len(finished)}")
+    for i, record in enumerate(finished):
+        _check_record(tensors, record, f"{records}[{i}]", f"{level}.{i}.", m)
 
 
 # The tensors a checkpoint holds: the trainer's (checked against its model on restore), the finished
-# models' (first., member.<candidate>.<member>.), the loop's, the RNGs'.
+# models' (first., candidate.<c>., member.<k>.), the loop's, the RNGs'.
 KNOWN_TENSORS = re.compile(
     r"(model|best|optim\.\d+)\..+"
-    r"|(first|member\.\d+\.\d+)\.(weights\..+|valid_pred)"
+    r"|(first|candidate\.\d+|member\.\d+)\.(weights\..+|valid_pred)"
     r"|loop\.(loss_sum|step_losses)"
     r"|rng\.(shuffle|epoch)|rng\.rank\d+\.(torch|numpy_keys|numpy_rest|numpy_gauss|cuda\d+)"
 )
