@@ -154,7 +154,7 @@ class RunLoopState:
 @dataclass
 class CandidateLoopState:
     """Where the loop over one run's candidates stands: the candidate under way (``index``) and
-    the models of the candidates before it, each its members averaged. In a checkpoint:
+    the models of the candidates before it (``finished``), each its members averaged. In a checkpoint:
     ``candidate``, ``candidates`` (one record per finished candidate) and the tensors
     ``candidate.<c>.*``."""
 
@@ -175,14 +175,14 @@ class CandidateLoopState:
 @dataclass
 class MemberLoopState:
     """Where the loop over one candidate's ensemble members stands: the member under way
-    (``index``) and the members trained before it. In a checkpoint: ``member``, ``members`` (one
-    record per trained member) and the tensors ``member.<k>.*``."""
+    (``index``) and the members trained before it (``finished``). In a checkpoint: ``member``,
+    ``members`` (one record per trained member) and the tensors ``member.<k>.*``."""
 
     index: int = 0
-    trained: list[TrainedModel] = field(default_factory=list)
+    finished: list[TrainedModel] = field(default_factory=list)
 
     def to_dict(self) -> tuple[dict[str, Tensor], dict]:
-        tensors, meta = _models_to_dict("member", self.trained)
+        tensors, meta = _models_to_dict("member", self.finished)
         return tensors, {"member": self.index, "members": meta}
 
     @classmethod
@@ -291,7 +291,7 @@ class CandidateLoop:
             members = MemberLoop.restore(self, self.resume)
             self.resume = None
             members.run()
-            self.state.finished.append(_average(self.fit, self.parts, members.state.trained))
+            self.state.finished.append(_average(self.fit, self.parts, members.state.finished))
 
 
 class MemberLoop:
@@ -318,7 +318,7 @@ class MemberLoop:
         for k in range(self.state.index, self.fit.ensemble.size):
             self.state.index = k
             resume, self.resume = self.resume, None
-            self.state.trained.append(self._fit_one(k, resume))
+            self.state.finished.append(self._fit_one(k, resume))
 
     def _fit_one(self, k: int, resume: tuple[dict, dict] | None) -> TrainedModel:
         fit, candidate = self.fit, self.fit.candidates[self.candidates.state.index]
