@@ -80,7 +80,7 @@ def timing(quick: bool) -> list[str]:
     result = fit_model(
         Parts.of(data, make_split(data, 0)), "self", {"modality_dropout": 0.2}, TrainConfig(epochs=epochs, seed=0)
     )
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     mfeat = time_methods(result.model, result.standardizer.transform(data).to_batch(test), "classification", 50)
     print("mfeat", mfeat, flush=True)
     mosei = mosei_like(mosei_rows)
@@ -116,7 +116,7 @@ def planted_shares(layers: int, epochs: int) -> dict[str, float]:
         {"num_layers": layers},
         TrainConfig(epochs=epochs, patience=15, seed=0),
     )
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     batch = result.standardizer.transform(data).to_batch(test)
     step, rows = data.info["planted_step"][test], np.arange(len(test))
     out = {"r2": result.metrics["test"]["r2"]}
@@ -166,7 +166,7 @@ def noise_and_copies(n: int = 600, seed: int = 0) -> MultimodalDataset:
 def masking(quick: bool) -> list[str]:
     epochs = 3 if quick else 40
     data = noise_and_copies()
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     lines = [
         "### Masking importance: a pure-noise modality and two copies",
         "",

@@ -146,7 +146,7 @@ def mult_throughput(steps: int, repeats: int) -> dict[str, float]:
 # Baselines table: --fusion auto, every fusion and the baselines on the same splits
 # ---------------------------------------------------------------------------------------------
 
-BASELINE_SECTION = "## Baselines and --fusion auto (issue 8)"
+BASELINE_SECTION = "## Baselines and --fusion auto"
 RESULTS_DIR = Path(__file__).with_name("results")
 
 
@@ -180,7 +180,7 @@ BASELINE_SETS = {
 
 def with_split(data: MultimodalDataset, seed: int, fractions) -> MultimodalDataset:
     """``data`` with a ``split`` column: the seed's stratified (classification) or random split."""
-    parts = data.split_indices(seed, fractions=fractions)
+    parts = dict(make_split(data, seed, fractions=fractions))
     split = np.empty(data.n, dtype="<U5")
     for name, rows in parts.items():
         split[rows] = name

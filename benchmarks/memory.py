@@ -4,11 +4,11 @@ Each case runs in a fresh subprocess and reports its peak resident set (``VmHWM`
 /proc/self/status) and wall time. Cases:
 
 * ``baseline``: import attnfuse (and torch) only;
-* ``copy``: what ``training.run`` did up to now: load, ``split_indices``, ``Standardizer.fit``,
+* ``copy``: what ``training.run`` did up to now: load, ``make_split``, ``Standardizer.fit``,
   ``transform`` (a standardised copy), ``to_batch`` of every part (runs on any version of the
   code: ``--src`` points it at another checkout's ``src``);
 * ``inplace``: the same with ``transform(data, inplace=True)`` (no standardised copy);
-* ``lazy``: load, split, fit, then one pass of ``iter_batches`` over ``data.batches(rows,
+* ``lazy``: load, split, fit, then one pass of ``iter_batches`` over ``RowBatches(data, rows,
   standardizer)`` for every part: only B rows at a time are gathered and standardised.
 
 Data (10 classes): ``npz``: N=20,000 sequences, T=200, D=32 (512 MB of float32 in an uncompressed
@@ -41,23 +41,23 @@ CHUNK_ROWS = 2_000
 CASE_CODE = {
     "baseline": "import attnfuse.data",
     "copy": """
-parts = data.split_indices(0)
+parts = dict(make_split(data, 0))
 st = Standardizer.fit(data, parts["train"])
 scaled = st.transform(data)
 batches = {k: scaled.to_batch(v) for k, v in parts.items()}
 """,
     "inplace": """
-parts = data.split_indices(0)
+parts = dict(make_split(data, 0))
 st = Standardizer.fit(data, parts["train"])
 st.transform(data, inplace=True)
 batches = {k: data.to_batch(v) for k, v in parts.items()}
 """,
     "lazy": """
-from attnfuse.data import iter_batches
-parts = data.split_indices(0)
+from attnfuse.data import RowBatches, iter_batches
+parts = dict(make_split(data, 0))
 st = Standardizer.fit(data, parts["train"])
 for rows in parts.values():
-    for batch in iter_batches(data.batches(rows, st), 256, shuffle=True):
+    for batch in iter_batches(RowBatches(data, rows, st), 256, shuffle=True):
         pass
 """,
 }
@@ -66,7 +66,7 @@ RUNNER = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 import attnfuse
-from attnfuse.data import Standardizer, load_data
+from attnfuse.data import Standardizer, load_data, make_split
 if {load!r}:
     data = load_data({path!r})
 {code}

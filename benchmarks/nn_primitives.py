@@ -1,4 +1,4 @@
-"""attnfuse.nn speed primitives at MOSEI sizes (issue 11), before and after, side by side in one
+"""attnfuse.nn speed primitives at MOSEI sizes, against the plain torch formulation, side by side in one
 process, interleaved: dropout, attention with dropout, padding masks, the non-finite guard, and a
 MulT-like stack built from attnfuse.nn layers.
 
@@ -6,8 +6,9 @@ MulT-like stack built from attnfuse.nn layers.
     python benchmarks/nn_primitives.py --quick          # few rounds, prints only
     python benchmarks/nn_primitives.py --before REV     # "before" = attnfuse/nn at git revision REV
 
-"Before" is the attnfuse.nn package of git revision --before (default: the commit this work
-started from), read with `git show` into a temporary package, so both run in this process.
+"Before" is the plain torch formulation of each primitive or, for the rows that compare two versions of
+attnfuse.nn, the package at git revision --before (read with `git show` into a temporary package, so both
+run in this process; without --before those rows are skipped).
 Sizes: batch 24, T=50, d_model 30, 5 heads, dropout 0.1 (MulT on CMU-MOSEI); CPU float32.
 """
 
@@ -265,7 +266,7 @@ def profile(step, top: int = 8) -> list[tuple[str, float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--before", default="c798359", help="git revision whose attnfuse/nn is 'before'")
+    p.add_argument("--before", default=None, help="git revision whose attnfuse/nn is 'before' (default: none)")
     p.add_argument("--rounds", type=int, default=15, help="timed rounds per case (default 15)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per case (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -278,7 +279,7 @@ def main() -> None:
         args.rounds, args.warmup = 3, 1
     args.machine = machine()
     print(args.machine, flush=True)
-    before = load_before(args.before)
+    before = load_before(args.before) if args.before else None
     rows = dropout_rows(args) + attention_rows(args) + mask_rows(args, before) + overhead_rows(args, before)
     stack, profiles = stack_rows(args, before)
     rows += stack
@@ -286,7 +287,7 @@ def main() -> None:
         BEGIN,
         f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `python benchmarks/nn_primitives.py"
         f"{' --threads ' + str(args.threads) if args.threads else ''}`; {args.machine}; before = attnfuse/nn at "
-        f"{args.before}; minimum of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
+        f"{args.before or '(not compared)'}; minimum of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
         "",
         "| primitive | before (ms) | after (ms) | after / before |",
         "|---|---:|---:|---:|",

@@ -20,7 +20,7 @@ import torch
 import typer.main
 
 from attnfuse.cli import app
-from attnfuse.data import load_npz
+from attnfuse.data import load_npz, make_split
 from clikit import assert_one_line, cli, ok
 
 # Small, fast models for every training run in this file.
@@ -127,7 +127,7 @@ def test_predict_writes_one_row_per_sample(model_dir, npz, workdir):
     assert len(rows) == 90
     assert [int(r[0]) for r in rows] == list(range(90))
     config = json.loads((model_dir / "config.json").read_text())
-    parts = load_npz(npz).split_indices(config["split"]["seed"])
+    parts = dict(make_split(load_npz(npz), config["split"]["seed"]))
     for name, rows_of_split in parts.items():
         assert {rows[i][1] for i in rows_of_split} == {name}
     y = np.load(npz)["y"]

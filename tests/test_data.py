@@ -20,6 +20,7 @@ from attnfuse.data import (
     load_data,
     load_npz,
     load_pickle,
+    make_split,
     save_npz,
 )
 
@@ -221,8 +222,8 @@ def test_iter_batches_cover_rows_and_shuffle_reproducibly():
 
     assert order(1) == order(1) and order(1) != order(2)
     assert sorted(order(1)) == sorted(b.x["a"][:, 0, 0].tolist())
-    for bad in (0, -1, 2.5):
-        with pytest.raises(ValueError, match="batch_size"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="batch_size: expected an integer"):
             next(iter_batches(b, bad))
 
 
@@ -242,7 +243,7 @@ def assert_partition(parts: dict[str, np.ndarray], n: int) -> None:
 def test_split_is_deterministic_disjoint_and_stratified():
     y = np.repeat(np.arange(4), [100, 60, 20, 20])
     d = labelled(np.random.default_rng(0).permutation(y))
-    a, b, c = d.split_indices(7), d.split_indices(7), d.split_indices(8)
+    a, b, c = dict(make_split(d, 7)), dict(make_split(d, 7)), dict(make_split(d, 8))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["train"], c["train"])
     assert_partition(a, 200)
@@ -255,7 +256,7 @@ def test_split_is_deterministic_disjoint_and_stratified():
 @given(counts=st.lists(st.integers(5, 60), min_size=2, max_size=6), seed=st.integers(0, 2**16))
 def test_split_stratifies_any_class_sizes(counts, seed):
     y = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
-    parts = labelled(y).split_indices(seed)
+    parts = dict(make_split(labelled(y), seed))
     assert_partition(parts, len(y))
     for part, f in zip(("train", "valid", "test"), (0.7, 0.15, 0.15)):
         per_class = np.bincount(y[parts[part]], minlength=len(counts))
@@ -264,7 +265,7 @@ def test_split_stratifies_any_class_sizes(counts, seed):
 
 def test_regression_split_is_random_with_requested_sizes():
     d = MultimodalDataset({"a": np.zeros((100, 1))}, np.linspace(0, 1, 100))
-    parts = d.split_indices(0, fractions=(0.6, 0.2, 0.2))
+    parts = dict(make_split(d, 0, fractions=(0.6, 0.2, 0.2)))
     assert_partition(parts, 100)
     assert [len(parts[k]) for k in ("train", "valid", "test")] == [60, 20, 20]
     assert parts["test"].max() - parts["test"].min() > 50  # not a contiguous block
@@ -273,25 +274,25 @@ def test_regression_split_is_random_with_requested_sizes():
 def test_predefined_split_is_used():
     split = np.array(["test", "train", "valid", "train"] * 3)
     d = make_data(split=split)
-    parts = d.split_indices(123)
+    parts = dict(make_split(d, 123))
     np.testing.assert_array_equal(parts["test"], [0, 4, 8])
     np.testing.assert_array_equal(parts["train"], [1, 3, 5, 7, 9, 11])
     # Only train and test rows: a validation part is carved out of train (tests/test_data_splits.py).
-    carved = make_data(split=np.array(["train", "test"] * 6)).split_indices(0)
+    carved = dict(make_split(make_data(split=np.array(["train", "test"] * 6)), 0))
     assert set(carved["valid"]) < set(range(0, N, 2)) and list(carved["test"]) == list(range(1, N, 2))
     for missing in ("train", "test"):
         only = np.array(["valid", "test" if missing == "train" else "train"] * 6)
         with pytest.raises(ValueError, match=f"no '{missing}' rows"):
-            make_data(split=only).split_indices(0)
+            dict(make_split(make_data(split=only), 0))
 
 
 def test_bad_fractions():
     d = make_data()
     for bad in ((0.5, 0.5), (0.7, 0.2, 0.2), (1.2, -0.1, -0.1)):
         with pytest.raises(ValueError, match="fractions"):
-            d.split_indices(0, fractions=bad)
+            dict(make_split(d, 0, fractions=bad))
     with pytest.raises(ValueError, match="N=2 samples are too few for a train/valid/test split"):
-        labelled(np.array([0, 1])).split_indices(0)
+        make_split(labelled(np.array([0, 1])), 0)
 
 
 # --- standardisation ----------------------------------------------------------------------
@@ -427,7 +428,7 @@ def test_mult_pickle(tmp_path):
     assert (d.features["audio"][[0, 5, 7], 0] == 0).all()  # -inf -> 0 in each part
     np.testing.assert_array_equal(d.features["text"][5:7], raw["valid"]["text"])
     assert d.valid_mask("audio").all()
-    assert {k: len(v) for k, v in d.split_indices(0).items()} == {"train": 5, "valid": 2, "test": 3}
+    assert {k: len(v) for k, v in dict(make_split(d, 0)).items()} == {"train": 5, "valid": 2, "test": 3}
 
 
 def test_mmsa_pickle_lengths_and_regression_labels(tmp_path):
@@ -474,6 +475,42 @@ def test_pickle_bad_lengths(tmp_path):
     path.write_bytes(pickle.dumps(raw))
     with pytest.raises(ValueError, match="vision_lengths.*\\[0, 6\\]"):
         load_pickle(path, allow_pickle=True)
+
+
+def _break_test_vision(raw):
+    raw["test"]["vision"] = np.zeros((3, 6, 4), np.float32)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw: raw["valid"].pop("labels"), r"\['valid'\]: no labels"),
+        (lambda raw: raw["test"].update(text="words"), r"\['test'\]\['text'\]: expected a float array"),
+        (
+            lambda raw: raw["train"].update(audio=np.zeros((4, 3))),
+            r"\['train'\]\['audio'\]: expected shape \(5, \[T,\] D\)",
+        ),
+        (
+            lambda raw: raw["valid"].update(audio_lengths=[1, 9]),
+            r"\['valid'\]\['audio_lengths'\]: expected 2 lengths in \[0, 6\]",
+        ),
+        (_break_test_vision, "modality 'vision' has different shapes across train/valid/test"),
+        (
+            lambda raw: raw["test"].update(text_lengths=[6, 6, 6]),
+            "'text_lengths' must be given in all of train/valid/test or none",
+        ),
+        (lambda raw: [raw[s].pop(m) for s in ("valid",) for m in ("text", "audio", "vision")], "no modality found"),
+    ],
+)
+def test_a_bad_pickle_is_refused_naming_the_part_and_key(tmp_path, change, message):
+    rng = np.random.default_rng(3)
+    raw = {"train": mult_part(rng, 5), "valid": mult_part(rng, 2), "test": mult_part(rng, 3)}
+    change(raw)
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps(raw))
+    with pytest.raises(ValueError, match=message) as err:
+        load_pickle(path, allow_pickle=True)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 
 # --- load_data ----------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_row_batches_equal_the_standardised_copy(tmp_path):
     split = make_split(mapped, seed=0)
     scaler = Standardizer.fit(mapped, split["train"])
     reference = Standardizer.fit(d, split["train"]).transform(d)
-    source = mapped.batches(split["train"], scaler)
+    source = RowBatches(mapped, split["train"], scaler)
     assert isinstance(source, RowBatches) and len(source) == len(split["train"])
     gen = torch.Generator().manual_seed(0)
     chunks = list(iter_batches(source, 4, shuffle=True, generator=gen))
@@ -177,7 +177,7 @@ def test_same_batches_from_npz_and_directory(tmp_path):
     save_directory(d, tmp_path / "dir")
     a, b = load_data(str(tmp_path / "toy.npz")), load_data(str(tmp_path / "dir"))
     scaler = Standardizer.fit(a, make_split(a, 0)["train"])
-    for x, y in zip(iter_batches(a.batches(None, scaler), 7), iter_batches(b.batches(None, scaler), 7)):
+    for x, y in zip(iter_batches(RowBatches(a, None, scaler), 7), iter_batches(RowBatches(b, None, scaler), 7)):
         for name in x.x:
             assert torch.equal(x.x[name], y.x[name]) and torch.equal(x.mask[name], y.mask[name])
 
@@ -206,6 +206,6 @@ def test_a_pass_over_a_directory_keeps_its_pages_out_of_rss(tmp_path):
     path = (d / "x_s.npy").resolve()
     assert mapped_rss_kib(path) < 4096
     scaler = Standardizer.fit(data, np.arange(2000))
-    for _ in iter_batches(data.batches(None, scaler), 256, shuffle=True):
+    for _ in iter_batches(RowBatches(data, None, scaler), 256, shuffle=True):
         pass
     assert mapped_rss_kib(path) < 4096

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from attnfuse.checkpoint import load_model
 from attnfuse.cli import app
-from attnfuse.data import MultimodalDataset
+from attnfuse.data import MultimodalDataset, RowBatches
 from attnfuse.ensemble import Ensemble, EnsembleSpec, build_ensemble
 from attnfuse.fusion import build_model
 from attnfuse.pipeline import TrainSpec, train
@@ -70,7 +70,7 @@ def test_train_fits_members_from_distinct_seeds_and_evaluates_their_average(tmp_
     torch.testing.assert_close(model.members[0].state_dict(), single.model.state_dict())
     # The metrics are those of the averaged outputs.
     loaded = result.data
-    batch = loaded.batches(result.first.split["test"], result.first.standardizer).to_batch()
+    batch = RowBatches(loaded, result.first.split["test"], result.first.standardizer).to_batch()
     mean = torch.stack([predict(m, batch) for m in model.members]).mean(dim=0)
     accuracy = (mean.argmax(dim=-1) == batch.y).double().mean().item()
     assert result.report["test"]["accuracy"] == pytest.approx(accuracy)

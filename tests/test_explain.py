@@ -364,9 +364,9 @@ def test_gradient_views_and_padding():
     model = tiny_model("self", data)
     with pytest.raises(ValueError, match="method: expected one of"):
         gradient_attribution(model, data.to_batch(), "classification", "shap")
-    with pytest.raises(ValueError, match="n_steps: expected a positive integer"):
+    with pytest.raises(ValueError, match="n_steps: expected an integer >= 1"):
         gradient_attribution(model, data.to_batch(), "classification", n_steps=0)
-    with pytest.raises(ValueError, match=r"target: expected an output index in 0..2"):
+    with pytest.raises(ValueError, match=r"target: expected an integer <= 2, got 3"):
         gradient_attribution(model, data.to_batch(), "classification", target=3)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnfuse.data import MultimodalDataset, make_planted
+from attnfuse.data import MultimodalDataset, make_planted, make_split
 from attnfuse.explain import attention_rollout, collect_maps, gradient_attribution, masking_importance
 from attnfuse.training import TrainConfig
 from trainkit import train_one
@@ -25,7 +25,7 @@ def planted():
     data = make_planted(n=1200, seed=1)
     result = train_one(data, "cross", {"num_layers": 1}, TrainConfig(epochs=60, patience=15, seed=0))
     assert result.metrics["test"]["r2"] > 0.9
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     batch = result.standardizer.transform(data).to_batch(test)
     return result.model, batch, data.info["planted_step"][test]
 
@@ -107,7 +107,7 @@ def redundant():
     data = noise_and_copies()
     result = train_one(data, "concat", {"d_model": 16, "modality_dropout": 0.3}, TrainConfig(epochs=40, seed=0))
     assert result.metrics["test"]["r2"] > 0.9
-    test = data.split_indices(seed=0)["test"]
+    test = dict(make_split(data, seed=0))["test"]
     return masking_importance(result.model, result.standardizer.transform(data).to_batch(test), "regression")
 
 

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from attnfuse.cli import app
 from attnfuse.data import make_planted, save_npz
 from attnfuse.explain import collect_maps, explain_model, key_valid, modality_attention, write_report
-from attnfuse.explain.pipeline import column_names
 from attnfuse.explain.report import (
     LOWERS,
     PADDED,
@@ -31,6 +30,7 @@ from attnfuse.explain.report import (
     plot_heads,
     plot_received,
 )
+from attnfuse.explain.run import column_names
 from attnfuse.pipeline import load_trained, split_parts
 from test_explain import mixed_data, tiny_model
 

@@ -517,8 +517,8 @@ def test_torch_form_return_attention_and_errors():
     assert len(maps) == 2 and maps[0].shape == (N, NH, S, S)
     layer = TransformerEncoderLayer(D, NH, FF)
     for args, kwargs, exc, match in [
-        ((layer, 0), {}, ValueError, "num_layers: expected a positive int, got 0"),
-        ((layer, 2.0), {}, TypeError, "num_layers: expected an int"),
+        ((layer, 0), {}, ValueError, "num_layers: expected an integer >= 1, got 0"),
+        ((layer, 2.0), {}, TypeError, "num_layers: expected an integer"),
         ((layer, 2), {"norm": "layernorm"}, TypeError, "norm: expected an nn.Module or None, got str"),
         ((layer, 2), {"enable_nested_tensor": 1}, TypeError, "enable_nested_tensor: expected a bool"),
         ((layer, 2), {"d_model": 8}, TypeError, "torch's form.*d_model"),

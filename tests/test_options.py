@@ -202,3 +202,67 @@ def test_flags_show_no_value_placeholder_in_help(command):
     result = cli(*command, "--help")
     assert result.exit_code == 0, result.output
     assert "<bool>" not in result.output and "--help" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# A config file's values
+
+
+def _opt(kind: type, optional: bool = False):
+    from attnfuse.options import Option
+
+    return Option("x", kind, None, "help", (), (), optional, object)
+
+
+@pytest.mark.parametrize(
+    "kind, value, expected",
+    [
+        (bool, True, True),
+        (float, 2, 2.0),
+        (float, 0.5, 0.5),
+        (int, 3, 3),
+        (str, "a", "a"),
+        (str, 7, "7"),
+        (str, 1.5, "1.5"),
+        (list, "a", ["a"]),
+        (list, ["a", "b"], ["a", "b"]),
+        (list, [], []),
+        (dict, {"any": [1]}, {"any": [1]}),  # a type without a rule passes as it is
+    ],
+)
+def test_a_config_value_of_the_options_type_is_converted_to_it(kind, value, expected):
+    from attnfuse.options import coerce
+
+    got = coerce(_opt(kind), value, "f.yaml")
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "kind, value, message",
+    [
+        (bool, 1, "f.yaml: x: expected a bool, got 1"),
+        (bool, "yes", "f.yaml: x: expected a bool, got 'yes'"),
+        (float, True, "f.yaml: x: expected a float, got True"),
+        (float, "1.5", "f.yaml: x: expected a float, got '1.5'"),
+        (int, False, "f.yaml: x: expected a int, got False"),
+        (int, 1.0, "f.yaml: x: expected a int, got 1.0"),
+        (str, True, "f.yaml: x: expected a str, got True"),
+        (str, ["a"], "f.yaml: x: expected a str, got ['a']"),
+        (list, {"a": 1}, "f.yaml: x: expected a list, got {'a': 1}"),
+        (list, 3, "f.yaml: x: expected a list, got 3"),
+        (list, ["a", 2], "f.yaml: x: expected a list of strings, got an item 2"),
+        (int, None, "f.yaml: x: expected a int, got null"),
+    ],
+)
+def test_a_config_value_of_another_type_is_a_one_line_error(kind, value, message):
+    from attnfuse.options import coerce
+
+    with pytest.raises(ValueError) as e:
+        coerce(_opt(kind), value, "f.yaml")
+    assert str(e.value) == message
+
+
+def test_null_is_a_value_only_of_an_optional_option():
+    from attnfuse.options import coerce
+
+    assert coerce(_opt(int, optional=True), None, "f.yaml") is None

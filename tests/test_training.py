@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnfuse.data import MultimodalDataset, Standardizer
+from attnfuse.data import MultimodalDataset, Standardizer, make_split
 from attnfuse.metrics import PRIMARY_METRIC, summarize
 from attnfuse.training import TrainConfig, model_config, predict, to_predictions
 from trainkit import train_one
@@ -104,14 +104,14 @@ def test_classification_ties_on_accuracy_are_broken_by_validation_loss():
 def test_standardizer_uses_training_rows_only():
     data = classification_data(n=120)
     seed = 4
-    train_idx = data.split_indices(seed)["train"]
+    train_idx = make_split(data, seed)["train"]
     other = np.setdiff1d(np.arange(data.n), train_idx)
     # Shift every non-training row far away: the statistics must not move.
     feats = {k: v.copy() for k, v in data.features.items()}
     for v in feats.values():
         v[other] += 1000.0
     shifted = MultimodalDataset(feats, data.y)
-    assert np.array_equal(shifted.split_indices(seed)["train"], train_idx)  # the split ignores features
+    assert np.array_equal(make_split(shifted, seed)["train"], train_idx)  # the split ignores features
     result = train_one(shifted, "concat", {"d_model": 8}, TrainConfig(epochs=1, seed=seed))
     for name, x in data.features.items():
         tokens = x[train_idx].reshape(-1, x.shape[-1])
@@ -146,7 +146,7 @@ def test_standardizer_uses_the_split_column_and_valid_tokens():
 
 
 def _valid_outputs(result, data, seed):
-    batch = result.standardizer.transform(data).to_batch(data.split_indices(seed)["valid"])
+    batch = result.standardizer.transform(data).to_batch(dict(make_split(data, seed))["valid"])
     return predict(result.model, batch), batch.y
 
 

@@ -120,7 +120,7 @@ def test_search_space_draws_what_is_not_given():
     "args, message",
     [
         (["--trials", "0"], "trials: expected an integer >= 1"),
-        (["--timeout", "-1"], "timeout: expected a number of seconds > 0"),
+        (["--timeout", "-1"], "timeout: expected a finite number > 0, got -1"),
         (["--heads", "3"], "d_model: expected a multiple of nhead=3"),
     ],
 )

@@ -471,6 +471,15 @@ PLAN: dict[str, Check] = {
         needs=(PLANTED,),
         check=lambda r, i, c: expect(r, contains=("test",), files=("runs/planted/evaluation.json",), ctx=c),
     ),
+    "attnfuse evaluate --model runs/planted --data synthetic-regression --missing": Check(
+        needs=(PLANTED,),
+        check=lambda r, i, c: expect(
+            r,
+            contains=("(fusion)", "absent", "robustness plot written to"),
+            files=("runs/planted/evaluation.json", "runs/planted.missing.png"),
+            ctx=c,
+        ),
+    ),
     "attnfuse predict  --model runs/planted --data synthetic-regression --out preds.csv": Check(
         needs=(PLANTED,), check=_predictions
     ),
@@ -528,6 +537,12 @@ def _py_run(r: Result, item: Item, ctx: Ctx) -> None:
 # The Python snippets, in README order: the start of each (so that a new or moved snippet is
 # noticed) and its check.
 PY_PLAN: list[tuple[str, Callable[[Result, Item, Ctx], None]]] = [
+    ("from attnfuse import FusionPredictor\n\npredictor = FusionPredictor(", lambda r, i, c: expect(r)),
+    (
+        "import pyarrow.csv\nfrom sklearn.base import clone",
+        lambda r, i, c: expect(r, files=("runs/table/model.safetensors", "table.onnx"), ctx=c),
+    ),
+    ("import numpy as np\n\nfrom attnfuse import FusionPredictor", lambda r, i, c: expect(r)),
     ("import attnfuse\n\nspec = attnfuse.TrainSpec.from_options(", _py_train),
     ('import attnfuse\n\ndata = attnfuse.load_data("synthetic-regression")', _py_run),
     ("import torch, attnfuse\n\nref = torch.nn.MultiheadAttention(512, 8", lambda r, i, c: expect(r)),

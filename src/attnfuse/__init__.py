@@ -89,6 +89,7 @@ from .nn.functional import scaled_dot_product_attention
 from .options import option
 from .pipeline import RunOptions, TrainResult, TrainSpec, load_trained, train
 from .portfolio import PORTFOLIO, Candidate
+from .predictor import FusionPredictor
 from .training import TrainConfig, TrainedModel, Trainer, evaluate, fit_model, model_config, predict
 
 __all__ = [
@@ -158,6 +159,7 @@ __all__ = [
     "TrainResult",
     "train",
     "load_trained",
+    "FusionPredictor",
     "option",
     "PORTFOLIO",
     "Candidate",

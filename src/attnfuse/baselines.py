@@ -167,9 +167,9 @@ def fit_baselines(
         model = make_baseline(name, data.task, seed, data.target_dim or 1, y=y_train)
         start = time.perf_counter()
         try:
-            # One thread: OpenMP's threads spin at every barrier, and on a machine whose cores are busy
-            # (another job, torch's own threads) gradient boosting took 244 s on mfeat's training rows
-            # with 2 threads against 7.7 s with one (benchmarks/RESULTS.md, "Baselines").
+            # One thread: OpenMP's threads spin-wait at every barrier, so on a machine whose cores are
+            # busy (another job, torch's own threads) a multi-threaded fit can take many times as long as
+            # a single-threaded one; these small fits gain little from a second thread anyway.
             with threadpool_limits(limits=1), warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # a tiny table: lbfgs may stop short
                 model.fit(x[part["train"]], y_train)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int
 from .data import Batch
 from .fusion import FusionConfig, FusionModel, build_model
 from .modules import AttentionMap
@@ -67,8 +68,7 @@ class Ensemble(nn.Module):
 def build_ensemble(fusion: str, config: FusionConfig | dict, size: int = 1) -> FusionModel | Ensemble:
     """``size`` untrained models of ``fusion`` for ``config`` as an :class:`Ensemble`; for
     ``size`` 1, the plain model (a model directory without an ensemble holds exactly that)."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"ensemble: expected an integer >= 1, got {size!r}")
+    size = check_int("ensemble", size)
     if size == 1:
         return build_model(fusion, config)
     return Ensemble([build_model(fusion, config) for _ in range(size)])
@@ -90,8 +90,7 @@ class EnsembleSpec:
     size: int = 1
 
     def __post_init__(self) -> None:
-        if type(self.size) is not int or self.size < 1:  # a bool is not a size
-            raise ValueError(f"ensemble: expected an integer >= 1, got {self.size!r}")
+        check_int("ensemble", self.size)
 
     def seed(self, seed: int, member: int) -> int:
         """The seed of ``member`` of an ensemble trained with ``seed``: member 0 is the single model

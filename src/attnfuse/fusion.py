@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int, check_probability
 from .data.dataset import Batch, ModalitySpec
 from .modules import AttentionMap, MLPHead, ModalityEmbedding, Pooling, masked_mean, token_labels
 from .nn import BidirectionalCrossAttention, CrossAttention, KeyPaddingMask, TransformerEncoder
@@ -82,12 +83,12 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         self.modalities = [m if isinstance(m, ModalitySpec) else ModalitySpec(**m) for m in self.modalities]
-        _check_int("out_dim", self.out_dim, 1)
-        _check_int("d_model", self.d_model, 1)
+        check_int("out_dim", self.out_dim, 1)
+        check_int("d_model", self.d_model, 1)
         if self.head_hidden is not None:
-            _check_int("head_hidden", self.head_hidden, 1)
-        _check_rate("dropout", self.dropout)
-        _check_rate("modality_dropout", self.modality_dropout)
+            check_int("head_hidden", self.head_hidden, 1)
+        check_probability("dropout", self.dropout)
+        check_probability("modality_dropout", self.modality_dropout)
         for name in ("target_mean", "target_std"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or len(value) != self.out_dim):
@@ -144,10 +145,10 @@ class SelfFusionConfig(FusionConfig):
     POOLINGS: ClassVar[tuple[str, ...]] = ("mean", "attention", "cls", "modality")
 
     def __post_init__(self) -> None:
-        _check_int("nhead", self.nhead, 1)  # before d_model % nhead, which would divide by 0
-        _check_int("num_layers", self.num_layers, 1)
+        check_int("nhead", self.nhead, 1)  # before d_model % nhead, which would divide by 0
+        check_int("num_layers", self.num_layers, 1)
         if self.dim_feedforward is not None:
-            _check_int("dim_feedforward", self.dim_feedforward, 1)
+            check_int("dim_feedforward", self.dim_feedforward, 1)
         if self.pooling not in self.POOLINGS:
             raise ValueError(f"pooling: expected one of {self.POOLINGS} for this fusion, got {self.pooling!r}")
         super().__post_init__()
@@ -216,7 +217,7 @@ class MulTConfig(SelfFusionConfig):
 
     def __post_init__(self) -> None:
         if self.self_layers is not None:
-            _check_int("self_layers", self.self_layers, 1)
+            check_int("self_layers", self.self_layers, 1)
         super().__post_init__()
 
     def check_modalities(self, names: list[str]) -> None:
@@ -226,16 +227,6 @@ class MulTConfig(SelfFusionConfig):
     @property
     def self_depth(self) -> int:
         return self.self_layers or self.num_layers
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-
-
-def _check_rate(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}: expected a value in [0, 1), got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

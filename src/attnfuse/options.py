@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from .checks import check_int
+
 __all__ = ["option", "Option", "options_of", "coerce", "check_bounds", "shorten"]
 
 SHORT = 60  # characters of a value quoted in a message
@@ -131,6 +133,10 @@ def coerce(opt: Option, value: Any, where: str) -> Any:
         if opt.optional:
             return None
         raise ValueError(f"{where}: {opt.name}: expected a {opt.type.__name__}, got null")
+    if opt.type is list:
+        return _string_list(opt, value, where)
+    if opt.type not in (bool, float, int, str):
+        return value
     if opt.type is bool:
         if isinstance(value, bool):
             return value
@@ -140,21 +146,22 @@ def coerce(opt: Option, value: Any, where: str) -> Any:
     elif opt.type is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif opt.type is list:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list):
-            # Plain strings, as the command line gives them (a file could nest anything).
-            bad = next((v for v in value if not isinstance(v, str)), None)
-            if bad is None:
-                return value
-            raise ValueError(f"{where}: {opt.name}: expected a list of strings, got an item {shorten(bad)}")
-    elif opt.type is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        return value
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):  # a str option
+        return str(value)
     raise ValueError(f"{where}: {opt.name}: expected a {opt.type.__name__}, got {shorten(value)}")
+
+
+def _string_list(opt: Option, value: Any, where: str) -> list:
+    """A list option's value read from a config file: a string is a list of one; the items must be
+    plain strings, as the command line gives them (a file could nest anything)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {opt.name}: expected a list, got {shorten(value)}")
+    bad = next((v for v in value if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"{where}: {opt.name}: expected a list of strings, got an item {shorten(bad)}")
+    return value
 
 
 def check_bounds(obj: Any) -> None:
@@ -168,10 +175,7 @@ def check_bounds(obj: Any) -> None:
         value, (lo, hi) = getattr(obj, f.name), bounds
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{f.name}: expected an integer >= {lo}, got {shorten(value)}")
-        if value > hi:
-            raise ValueError(f"{f.name}: expected an integer <= {hi:,}, got {shorten(value)}")
+        check_int(f.name, value, lo, hi)
 
 
 def split_by_owner(values: dict[str, Any], owners: Iterable[type]) -> dict[type, dict[str, Any]]:

@@ -43,6 +43,7 @@ from .checkpoint import (
     run_directory,
     write_run,
 )
+from .checks import check_int
 from .data import BUILTINS, SPLITS, MultimodalDataset, Standardizer, load_data
 from .data.dataset import TASKS
 from .data.io._common import read_bounded
@@ -146,18 +147,12 @@ class RunOptions(ReadOptions):
             raise ValueError(f"fusion: expected one of {', '.join(FUSION_CHOICES)}, got {self.fusion!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
-        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
-            raise ValueError(f"repeat: expected an integer >= 1, got {self.repeat!r}")
-        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
-            raise ValueError(f"folds: expected 0 (no cross-validation) or an integer >= 2, got {self.folds!r}")
+        check_int("repeat", self.repeat)
+        if check_int("folds", self.folds, 0) == 1:
+            raise ValueError("folds: expected 0 (no cross-validation) or an integer >= 2, got 1")
         if self.folds and self.repeat > 1:
             raise ValueError(f"folds: with --folds {self.folds} the folds are the runs; --repeat must be 1")
-        if (
-            isinstance(self.checkpoint_every, bool)
-            or not isinstance(self.checkpoint_every, int)
-            or self.checkpoint_every < 0
-        ):
-            raise ValueError(f"checkpoint_every: expected an integer >= 0, got {self.checkpoint_every!r}")
+        check_int("checkpoint_every", self.checkpoint_every, 0)
 
 
 def train_options() -> list[Option]:

@@ -26,6 +26,8 @@ import math
 import os
 import time
 
+from .checks import check_int
+
 __all__ = ["available_cores", "busy_cores", "free_cores", "default_threads", "set_threads"]
 
 
@@ -100,11 +102,8 @@ def default_threads() -> int:
 
 def set_threads(threads: int | None = None) -> int:
     """Make torch compute with ``threads`` threads (default :func:`default_threads`); returns the
-    count. A ``threads`` that is not a positive integer is a ValueError naming it."""
-    if threads is None:
-        threads = default_threads()
-    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads: expected a positive integer, got {threads!r}")
+    count. A ``threads`` that is not a positive int is an error naming it (see :mod:`attnfuse.checks`)."""
+    threads = default_threads() if threads is None else check_int("threads", threads)
     import torch
 
     if torch.get_num_threads() != threads:

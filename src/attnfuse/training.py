@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_float
 from .data import Batch, MultimodalDataset, RowBatches, Standardizer
 from .distributed import Dist
 from .ensemble import Ensemble, EnsembleSpec, first_member
@@ -106,22 +107,10 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ValueError(
-                f"threads: expected an integer >= 1 (or none: the free cores), got {shorten(self.threads)}"
-            )
         check_bounds(self)  # epochs, batch_size, patience, seed, threads, ensemble: the declared ranges
-        for name in ("lr", "weight_decay", "clip_grad"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {shorten(value)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if self.weight_decay < 0 or self.clip_grad < 0:
-            name = "weight_decay" if self.weight_decay < 0 else "clip_grad"
-            raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        check_float("lr", self.lr, 0.0, above=True)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("clip_grad", self.clip_grad, 0.0)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: expected a value in [0, 1), got {self.label_smoothing}")
         if self.loss not in LOSSES:
@@ -353,7 +342,7 @@ class Parts:
         up_front = device.type == "cuda" and not data.is_mapped
         sources = {}
         for name, rows in split.items():
-            source = data.batches(rows, standardizer, device)
+            source = RowBatches(data, rows, standardizer, device)
             sources[name] = source.to_batch() if up_front else source
         return cls(data, split, standardizer, sources)
 

@@ -44,6 +44,7 @@ from typing import Any
 
 import optuna
 
+from .checks import check_float, check_int
 from .files import BusyError, file_mode, lock, new_directories
 from .fusion import FUSIONS
 from .options import Option, option, options_of
@@ -81,12 +82,9 @@ class TuneOptions:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
-            raise ValueError(f"trials: expected an integer >= 1, got {self.trials!r}")
-        if self.timeout is not None and (
-            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0
-        ):
-            raise ValueError(f"timeout: expected a number of seconds > 0, got {self.timeout!r}")
+        check_int("trials", self.trials)
+        if self.timeout is not None:
+            check_float("timeout", self.timeout, 0.0, above=True)  # seconds
 
 
 def tune_options() -> list[Option]:
@@ -150,6 +148,8 @@ _MODEL_OPTIONS = {o.name for o in train_options() if o.owner not in (RunOptions,
 # What a study was started for: continuing it with other data, task or fixed settings would mix
 # scores that cannot be compared.
 _IDENTITY = ("data", "task", "fusion", "fixed")
+# Options that only the final model uses (a trial trains one model of one seed and saves nothing).
+_FINAL_ONLY = {"repeat", "folds", "baselines", "ensemble", "checkpoint_every", "tensorboard"}
 
 
 def tune(
@@ -176,14 +176,7 @@ def tune(
     if base.run.fusion == "auto":
         fusions = list(dict.fromkeys(c.fusion for c in candidates_for(data, "auto", {})[0]))
     metric, mode = base.train.selection_metric(data.task)
-
-    # The options every trial shares: the user's, without those that only matter for the final model.
-    alias = {flag.replace("-", "_"): o.name for o in train_options() for flag in o.flags}  # heads -> nhead
-    given = {alias.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in options.items()}
-    final_only = {"repeat", "folds", "baselines", "ensemble", "checkpoint_every", "tensorboard"}
-    fixed = {k: v for k, v in given.items() if k not in final_only and k not in ("data", "fusion")}
-    if base.run.fusion != "auto":
-        fixed["fusion"] = base.run.fusion
+    given, fixed = _trial_options(options, base.run.fusion)
     identity = {"data": str(base.run.data), "task": data.task, "fusion": base.run.fusion, "fixed": _plain(fixed)}
 
     db = Path(tune_opts.study_db) if tune_opts.study_db else default_study_db(out)
@@ -195,43 +188,70 @@ def tune(
 
     # --out stays locked for the search; the final training takes the same lock again itself.
     with new_directories(target.parent), new_directories(db.parent), lock(target), _storage_errors(db):
-        with _study_lock(db):
-            study = _open_study(db, direction, pruner)
-            _check_identity(study, identity, db)
-            # Seeded by the seed, the trials so far and the runs before this one (each run, and each
-            # of several processes sharing the study, draws its own random start-up trials).
-            runs = study.user_attrs.get("runs", 0)
-            study.set_user_attr("runs", runs + 1)
-            seed = base.train.seed + len(study.trials) + runs
-        study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
-
-        def objective(trial: optuna.Trial) -> float:
-            values = search_space(trial, fusions, fixed)
-            trial.set_user_attr("options", _plain(values))
-            spec = TrainSpec.from_options({**values, "data": base.run.data, "baselines": False})
-
-            def report(event: str, info: dict) -> None:
-                if event == "epoch":
-                    trial.report(info[f"valid_{metric}"], info["epoch"])
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"epoch {info['epoch']}: below the median of earlier trials")
-
-            result = train(spec, None, report)
-            value = result.report["valid"][metric]
-            if not math.isfinite(value):
-                raise optuna.TrialPruned("the validation metric is not finite (training diverged)")
-            return value
-
+        study = _seeded_study(db, direction, pruner, identity, base.train.seed)
         callbacks = [] if on_trial is None else [lambda _study, trial: on_trial(trial)]
+        objective = _objective(fusions, fixed, base.run.data, metric)
         study.optimize(objective, n_trials=tune_opts.trials, timeout=tune_opts.timeout, callbacks=callbacks)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not done:
             raise ValueError(f"tune: no trial of the study in {db} completed (every one was pruned or failed)")
         best = {**study.best_trial.user_attrs["options"], "data": base.run.data}
 
-    best.update({k: given[k] for k in final_only if k in given})  # the final model's own options
+    best.update({k: given[k] for k in _FINAL_ONLY if k in given})  # the final model's own options
     final = train(TrainSpec.from_options(best), out, progress)
     return TuneResult(study, best, final, db)
+
+
+def _trial_options(options: dict[str, Any], fusion: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The user's option values under their option names (``heads`` -> ``nhead``), and those every
+    trial shares: all but the final model's own and the data (and the fusion unless it is fixed)."""
+    alias = {flag.replace("-", "_"): o.name for o in train_options() for flag in o.flags}  # heads -> nhead
+    given = {alias.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in options.items()}
+    fixed = {k: v for k, v in given.items() if k not in _FINAL_ONLY and k not in ("data", "fusion")}
+    if fusion != "auto":
+        fixed["fusion"] = fusion
+    return given, fixed
+
+
+def _seeded_study(
+    db: Path, direction: str, pruner: optuna.pruners.BasePruner, identity: dict, seed: int
+) -> optuna.Study:
+    """The study in ``db`` (opened or created under the study lock, checked to be for ``identity``),
+    with this run counted and a TPE sampler of its own seed."""
+    with _study_lock(db):
+        study = _open_study(db, direction, pruner)
+        _check_identity(study, identity, db)
+        # Seeded by the seed, the trials so far and the runs before this one (each run, and each
+        # of several processes sharing the study, draws its own random start-up trials).
+        runs = study.user_attrs.get("runs", 0)
+        study.set_user_attr("runs", runs + 1)
+        seed = seed + len(study.trials) + runs
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+    return study
+
+
+def _objective(fusions: list[str], fixed: dict[str, Any], data: str, metric: str) -> Callable[[optuna.Trial], float]:
+    """Optuna's objective: train the trial's settings (one seed, no baselines, nothing saved) on
+    ``data`` and return the validation ``metric``, reporting it every epoch to the pruner."""
+
+    def objective(trial: optuna.Trial) -> float:
+        values = search_space(trial, fusions, fixed)
+        trial.set_user_attr("options", _plain(values))
+        spec = TrainSpec.from_options({**values, "data": data, "baselines": False})
+
+        def report(event: str, info: dict) -> None:
+            if event == "epoch":
+                trial.report(info[f"valid_{metric}"], info["epoch"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"epoch {info['epoch']}: below the median of earlier trials")
+
+        result = train(spec, None, report)
+        value = result.report["valid"][metric]
+        if not math.isfinite(value):
+            raise optuna.TrialPruned("the validation metric is not finite (training diverged)")
+        return value
+
+    return objective
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ from rich.table import Table
 
 from ..explain import explain_model, parse_vectors, walkthrough
 from ..explain.agreement import METHOD_SHORT
-from ..explain.pipeline import Explanation, column_names
-from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT
+from ..explain.run import Explanation, column_names
+from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT, Walkthrough
 from ..pipeline import data_options, split_parts
 from ..threads import set_threads
 from .common import console, load_for_model
@@ -29,34 +30,16 @@ def print_walkthrough(
     console: Console, query: str | None, keys: str | None, values: str | None, self_vectors: str | None, scale: bool
 ) -> None:
     """Print every step of softmax(Q Kᵀ/√d_k) V for the vectors given on the command line."""
-    if self_vectors is not None:
-        if query is not None or keys is not None or values is not None:
-            raise ValueError("--self: give either --self or --query/--keys/--values, not both")
-        q = k = parse_vectors(self_vectors, "--self")
-        v = None
-    else:
-        if query is None or keys is None:
-            raise ValueError("walkthrough: give both --query and --keys (or --self)")
-        q, k = parse_vectors(query, "--query"), parse_vectors(keys, "--keys")
-        v = None if values is None else parse_vectors(values, "--values")
-    w = walkthrough(q, k, v, scale=scale)
-    d_k = q.shape[1]
+    w = walkthrough(*_walkthrough_vectors(query, keys, values, self_vectors), scale=scale)
     single = w.query.shape[0] == 1
 
     def qname(i: int) -> str:
         return "Q" if single else f"Q{i + 1}"
 
+    d_k = w.query.shape[1]
     console.print(f"[bold]Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V[/]   d_k = {d_k}", highlight=False)
     console.print("1. dot products: how similar each query is to each key", highlight=False)
-    dots = Table()
-    for col in ("query", "key", "q · k", "score"):
-        dots.add_column(col, justify="right" if col == "score" else "left")
-    for i in range(w.query.shape[0]):
-        for j in range(w.keys.shape[0]):
-            terms = " + ".join(f"{a:g}×{b:g}" for a, b in zip(w.query[i], w.keys[j]))
-            dots.add_row(f"{qname(i)}={_vec(w.query[i])}", f"K{j + 1}={_vec(w.keys[j])}", terms, f"{w.scores[i, j]:g}")
-    console.print(dots)
-
+    console.print(_dot_products_table(w, qname))
     if scale:
         console.print(
             f"2. scaling: scores × 1/√d_k = scores × 1/√{d_k} = scores × {w.scale:.5f} (keeps softmax out of "
@@ -69,18 +52,8 @@ def print_walkthrough(
             "examples",
             highlight=False,
         )
-
     console.print("3. softmax over the keys: the attention weights (each row sums to 1)", highlight=False)
-    soft = Table()
-    soft.add_column("query")
-    for j in range(w.keys.shape[0]):
-        soft.add_column(f"K{j + 1}: score → weight", justify="right")
-    for i in range(w.query.shape[0]):
-        soft.add_row(
-            qname(i), *[f"{w.scores[i, j] * w.scale:.5g} → {w.weights[i, j]:.5f}" for j in range(w.keys.shape[0])]
-        )
-    console.print(soft)
-
+    console.print(_softmax_table(w, qname))
     console.print("4. weighted sum of the values:", highlight=False)
     for i in range(w.query.shape[0]):
         terms = " + ".join(f"{w.weights[i, j]:.5f}×{_vec(w.values[j])}" for j in range(w.values.shape[0]))
@@ -93,6 +66,47 @@ def print_walkthrough(
     )
     if self_vectors is not None:
         console.print(f"Why no row is one-hot: {SOFTMAX_NEVER_ONE_HOT}", highlight=False)
+
+
+def _walkthrough_vectors(
+    query: str | None, keys: str | None, values: str | None, self_vectors: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Q, K and V (None: the keys) parsed from the command line: --self alone, or --query and
+    --keys with --values optional."""
+    if self_vectors is not None:
+        if query is not None or keys is not None or values is not None:
+            raise ValueError("--self: give either --self or --query/--keys/--values, not both")
+        q = parse_vectors(self_vectors, "--self")
+        return q, q, None
+    if query is None or keys is None:
+        raise ValueError("walkthrough: give both --query and --keys (or --self)")
+    q, k = parse_vectors(query, "--query"), parse_vectors(keys, "--keys")
+    return q, k, None if values is None else parse_vectors(values, "--values")
+
+
+def _dot_products_table(w: Walkthrough, qname: Callable[[int], str]) -> Table:
+    """Step 1: every query against every key, the products written out and summed."""
+    dots = Table()
+    for col in ("query", "key", "q · k", "score"):
+        dots.add_column(col, justify="right" if col == "score" else "left")
+    for i in range(w.query.shape[0]):
+        for j in range(w.keys.shape[0]):
+            terms = " + ".join(f"{a:g}×{b:g}" for a, b in zip(w.query[i], w.keys[j]))
+            dots.add_row(f"{qname(i)}={_vec(w.query[i])}", f"K{j + 1}={_vec(w.keys[j])}", terms, f"{w.scores[i, j]:g}")
+    return dots
+
+
+def _softmax_table(w: Walkthrough, qname: Callable[[int], str]) -> Table:
+    """Step 3: each query's (scaled) scores and the weights the softmax turns them into."""
+    soft = Table()
+    soft.add_column("query")
+    for j in range(w.keys.shape[0]):
+        soft.add_column(f"K{j + 1}: score → weight", justify="right")
+    for i in range(w.query.shape[0]):
+        soft.add_row(
+            qname(i), *[f"{w.scores[i, j] * w.scale:.5g} → {w.weights[i, j]:.5f}" for j in range(w.keys.shape[0])]
+        )
+    return soft
 
 
 def _parse_samples(samples: str | None) -> list[int] | None:
@@ -202,6 +216,24 @@ def explain(
     if model is None:
         raise ValueError("explain: give --model DIR (a trained model), or --query/--keys or --self for a walkthrough")
     positions = _parse_samples(samples)  # checked before anything is loaded
+    explain_into(model, data, read, positions, split, max_rows, out, method=method, n_steps=steps)
+
+
+def explain_into(
+    model: Path,
+    data: str | None,
+    read: dict[str, Any],
+    positions: list[int] | None,
+    split: str,
+    max_rows: int | None,
+    out: Path | None,
+    *,
+    method: str,
+    n_steps: int,
+) -> None:
+    """Explain the trained ``model`` on the first ``max_rows`` rows of ``split`` (samples at
+    ``positions`` among them), write the report into ``out`` (default MODEL/explain) and print its
+    summary. ``method`` and ``n_steps``: as :func:`explain_model`'s ``methods`` and ``n_steps``."""
     set_threads()  # the cores other processes leave free
     net, config, standardizer, dataset = load_for_model(model, data, read)
     parts = split_parts(dataset, config)
@@ -222,7 +254,7 @@ def explain(
             split=split,
             methods=method,
             samples=chosen,
-            n_steps=steps,
+            n_steps=n_steps,
             feature_names=column_names(config),
         )
         write_report_into(expl, tmp)

@@ -12,10 +12,11 @@ import typer
 from rich.markup import escape
 
 from ..checkpoint import EVALUATION, metrics_for_json
-from ..data import decode_labels
+from ..data import RowBatches, decode_labels
 from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
 from ..pipeline import data_options, split_parts
+from ..robustness import missing_modalities, plot_robustness, robustness_table
 from ..threads import set_threads
 from ..training import predict, to_predictions
 from .common import console, describe_os_error, load_for_model, metrics_table
@@ -27,41 +28,104 @@ def evaluate(
     model: Path = typer.Option(..., help="A model directory written by `attnfuse train`."),
     data: str | None = typer.Option(None, help="Data to evaluate on (default: the model's training data)."),
     out: Path | None = typer.Option(None, help="Where to write the metrics (default MODEL/evaluation.json)."),
+    missing: bool = typer.Option(
+        False,
+        "--missing",
+        metavar="",
+        help="Also measure how the model and the baselines hold up when each modality is absent from 0-100% of "
+        'the test rows or gets Gaussian noise: tables, a "missing" block in the metrics file and a plot.',
+    ),
+    plot: Path | None = typer.Option(
+        None, help="With --missing: the PNG to write (default MODEL.missing.png, beside the model directory)."
+    ),
     **read: Any,
 ) -> None:
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows).
 
     The metrics are printed first and then written: when the file cannot be written (a read-only
     model directory) they are still shown, and the error line names the file and the way out."""
+    if plot is not None and not missing:
+        raise ValueError(f"plot: --plot {plot} names the plot of --missing, which was not asked for; add --missing")
     set_threads()
     target = out or Path(model) / EVALUATION
-    try:
-        check_writable(target)  # known now; reported once the metrics are on the screen
-        unwritable = None
-    except OSError as e:
-        unwritable = e
+    # Beside the model directory, not in it: a model directory holds only the files of a run.
+    figure = (plot or _beside(Path(model), ".missing.png")) if missing else None
+    unwritable = _unwritable(target)  # known now; reported once the metrics are on the screen
+    unplottable = _unwritable(figure) if figure is not None else None
     net, config, standardizer, dataset = load_for_model(model, data, read)
     if dataset.y is None:
         raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
-    batch = dataset.batches(None, standardizer)
+    report = metrics_for_json(_metrics_per_part(net, config, standardizer, dataset))
+    title = f"{config['fusion']} model {model} on {dataset.name}"
+    console.print(metrics_table(title, report))
+    robustness = None
+    if missing:
+        robustness = missing_modalities(net, config, standardizer, dataset)
+        _print_robustness(robustness)
+        report["missing"] = metrics_for_json(robustness.to_dict())
+    _write_or_explain(target, unwritable, "the metrics above", "--out", lambda: write_json(target, report))
+    if robustness is not None:
+        _write_or_explain(
+            figure, unplottable, "the robustness plot", "--plot", lambda: plot_robustness(robustness, figure, title)
+        )
+        console.print(f"robustness plot written to [bold]{escape(str(figure))}[/]", highlight=False)
+
+
+def _metrics_per_part(net, config: dict, standardizer, dataset) -> dict[str, dict[str, float]]:
+    """The model's metrics on each part of ``dataset`` (its splits, and all rows)."""
+    y_pred = to_predictions(dataset.task, predict(net, RowBatches(dataset, None, standardizer)))
     sentiment = config["train"].get("metrics") == "sentiment"
-    y_pred = to_predictions(dataset.task, predict(net, batch))
-    parts = split_parts(dataset, config)
-    report = {
+    return {
         s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
-        for s, idx in parts.items()
+        for s, idx in split_parts(dataset, config).items()
         if idx.size
     }
-    report = metrics_for_json(report)
-    console.print(metrics_table(f"{config['fusion']} model {model} on {dataset.name}", report))
+
+
+def _write_or_explain(path: Path, unwritable: OSError | None, what: str, flag: str, write) -> None:
+    """``write()`` ``path``, or an error naming ``what`` could not be written and the ``flag`` that
+    writes it elsewhere (``unwritable``: the error known before the work, raised now)."""
     try:
         if unwritable is not None:
             raise unwritable
-        write_json(target, report)
+        write()
     except OSError as e:
         raise OSError(
-            f"the metrics above could not be written ({describe_os_error(e)}); --out FILE writes them elsewhere"
+            f"{what} could not be written ({describe_os_error(e)}); {flag} FILE writes it elsewhere"
         ) from None
+
+
+def _unwritable(path: Path) -> OSError | None:
+    """The error that writing ``path`` would raise, or None."""
+    try:
+        check_writable(path)
+    except OSError as e:
+        return e
+    return None
+
+
+def _beside(directory: Path, suffix: str) -> Path:
+    """``DIR<suffix>`` in DIR's parent (``runs/planted`` -> ``runs/planted.missing.png``)."""
+    directory = directory if directory.name else directory.resolve()
+    return directory.with_name(directory.name + suffix)
+
+
+def _print_robustness(result) -> None:
+    """The robustness tables (:func:`attnfuse.robustness.robustness_table`) and their notes."""
+    from rich.table import Table
+
+    for title, header, rows in robustness_table(result):
+        table = Table(title=escape(title), title_justify="left")
+        for k, name in enumerate(header):
+            table.add_column(name, justify="right" if k >= 2 else "left")
+        for row in rows:
+            table.add_row(*map(escape, row))
+        console.print(table)
+    for name, why in result.skipped.items():
+        console.print(f"note: the {name} baseline could not be fitted: {escape(why)}", highlight=False)
+    if result.note:
+        console.print(f"note: {escape(result.note)}", highlight=False)
+    console.print(f"robustness measured in {result.seconds:.1f} s", highlight=False)
 
 
 @with_options(data_options())
@@ -77,7 +141,7 @@ def predict_cmd(
     check_writable(out)  # before the work: the file is the result
     set_threads()
     net, config, standardizer, dataset = load_for_model(model, data, read)
-    outputs = predict(net, dataset.batches(None, standardizer))
+    outputs = predict(net, RowBatches(dataset, None, standardizer))
     y_pred = to_predictions(dataset.task, outputs)
     classes = config["data"].get("classes")  # the original labels of the codes 0..C-1
 

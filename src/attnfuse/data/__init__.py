@@ -13,14 +13,14 @@
 
 from .builtins import BUILTINS, load_mfeat, make_planted
 from .convert import convert
-from .dataset import SPLITS, Batch, ModalitySpec, MultimodalDataset, RowBatches, iter_batches
+from .dataset import SPLITS, Batch, ModalitySpec, MultimodalDataset, iter_batches
 from .io import read_file
 from .io.directory import load_directory, save_directory
 from .io.mult_pickle import load_pickle
 from .io.npz import load_npz, save_npz
 from .io.table import read_table
 from .labels import MAX_CLASSES, decode_labels, encode_labels
-from .preprocessing import Standardizer
+from .preprocessing import RowBatches, Standardizer
 from .sources import load_data
 from .splits import Split, carve_valid, kfold, make_split
 

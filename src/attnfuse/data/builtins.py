@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from importlib import resources
-from numbers import Real
 
 import numpy as np
 
+from ..checks import check_float, check_int
 from .dataset import MultimodalDataset
 from .io.npz import load_npz
 
@@ -70,15 +70,33 @@ def make_planted(
         ("value_dim", value_dim, 1),
         ("num_classes", num_classes, 2),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{arg}: expected an integer >= {low}, got {value!r}")
+        check_int(arg, value, low)
     if num_keys < seq_len:
         raise ValueError(f"num_keys: expected >= seq_len={seq_len} (each step needs a distinct key), got {num_keys}")
-    if isinstance(noise, bool) or not isinstance(noise, Real) or not (np.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise: expected a finite number >= 0, got {noise!r}")
+    check_float("noise", noise, 0.0)
     if task not in ("regression", "classification"):
         raise ValueError(f"task: expected 'regression' or 'classification', got {task!r}")
 
+    text, video, answer, info = _planted_arrays(n, seq_len, num_keys, key_dim, value_dim, noise, seed)
+    if task == "regression":
+        y = answer.astype(np.float32)
+    else:
+        y = np.minimum(((answer + 1.0) / 2.0 * num_classes).astype(np.int64), num_classes - 1)
+    return MultimodalDataset(
+        {"text": text, "video": video},
+        y,
+        task=task,
+        name=f"synthetic-{task}",
+        info=info,
+        num_classes=num_classes if task == "classification" else None,
+    )
+
+
+def _planted_arrays(
+    n: int, seq_len: int, num_keys: int, key_dim: int, value_dim: int, noise: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """:func:`make_planted`'s draw: text ``(N, key_dim)`` and video ``(N, seq_len, key_dim +
+    value_dim)`` float32, the planted answer v ``(N,)`` float64 in [-1, 1], and the info arrays."""
     rng = np.random.default_rng(seed)
     # Fixed (per seed) codebook and value direction. Keys are scaled to norm sqrt(key_dim), i.e.
     # unit RMS per coordinate, so `noise` is relative to a unit signal in every coordinate.
@@ -98,25 +116,13 @@ def make_planted(
     video_keys = codebook[key_ids] + noise * rng.standard_normal((n, seq_len, key_dim))
     video_values = values[:, :, None] * direction + noise * rng.standard_normal((n, seq_len, value_dim))
     video = np.concatenate([video_keys, video_values], axis=2)
-
-    answer = values[rows, planted]
-    if task == "regression":
-        y = answer.astype(np.float32)
-    else:
-        y = np.minimum(((answer + 1.0) / 2.0 * num_classes).astype(np.int64), num_classes - 1)
-    return MultimodalDataset(
-        {"text": text.astype(np.float32), "video": video.astype(np.float32)},
-        y,
-        task=task,
-        name=f"synthetic-{task}",
-        info={
-            "planted_step": planted.astype(np.int64),
-            "values": values.astype(np.float32),
-            "key_ids": key_ids.astype(np.int64),
-            "query_id": query_id.astype(np.int64),
-        },
-        num_classes=num_classes if task == "classification" else None,
-    )
+    info = {
+        "planted_step": planted.astype(np.int64),
+        "values": values.astype(np.float32),
+        "key_ids": key_ids.astype(np.int64),
+        "query_id": query_id.astype(np.int64),
+    }
+    return text.astype(np.float32), video.astype(np.float32), values[rows, planted], info
 
 
 BUILTINS: dict[str, tuple[Callable[..., MultimodalDataset], str]] = {

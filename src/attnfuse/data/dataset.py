@@ -13,20 +13,20 @@ One copy of the data: a float32 modality is stored as given (``numpy.asarray``),
 are converted once, and a modality is copied only when invalid tokens must be zeroed in it. A
 memory-mapped modality (``numpy.load(mmap_mode="r")``, see :mod:`.io.directory`) stays on disk:
 rows are read when they are gathered (:meth:`MultimodalDataset.gather`, ``to_batch``,
-:class:`RowBatches`) and their invalid tokens zeroed then.
+:class:`~attnfuse.data.preprocessing.RowBatches`) and their invalid tokens zeroed then.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ._memory import is_mapped, read_rows, row_chunks
-from .splits import make_split
 from .validation import (
     SPLITS,
     TASKS,
@@ -43,10 +43,7 @@ from .validation import (
     valid_tokens,
 )
 
-if TYPE_CHECKING:  # only for annotations: preprocessing imports this module
-    from .preprocessing import Standardizer
-
-__all__ = ["SPLITS", "TASKS", "Batch", "BatchSource", "ModalitySpec", "MultimodalDataset", "RowBatches", "iter_batches"]
+__all__ = ["SPLITS", "TASKS", "Batch", "BatchSource", "ModalitySpec", "MultimodalDataset", "iter_batches"]
 
 
 @dataclass(frozen=True)
@@ -111,8 +108,7 @@ def iter_batches(
     :class:`RowBatches`, which gathers only the rows selected). With ``shuffle`` the rows are
     permuted first, reproducibly when a seeded ``generator`` is given.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     n = len(batch)
     # The permutation is drawn on the CPU so a CPU generator works for data on any device.
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -302,28 +298,12 @@ class MultimodalDataset:
         out._zeroed = {k: not is_mapped(x) for k, x in features.items()}
         return out
 
-    def split_indices(
-        self, seed: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    ) -> dict[str, np.ndarray]:
-        """Disjoint, sorted row indices {"train", "valid", "test"} covering every row.
-
-        See :func:`attnfuse.data.splits.make_split` (which also says how the parts were made):
-        the dataset's own ``split`` when it has one (a validation part is carved out of "train"
-        when it has none), else a split drawn from ``seed`` in ``fractions``."""
-        return dict(make_split(self, seed, fractions))
-
     def to_batch(self, indices: Any = None) -> Batch:
         """CPU tensors for the given rows (all by default); vector modalities become T=1."""
         idx = self.rows(indices)
         x = {m.name: torch.from_numpy(self.gather(m.name, idx)) for m in self.modalities}
         mask = {m.name: torch.from_numpy(self._valid[m.name][idx]) for m in self.modalities}
         return Batch(x, mask, None if self.y is None else torch.from_numpy(self.y[idx]))
-
-    def batches(
-        self, rows: Any = None, standardizer: Standardizer | None = None, device: torch.device | str = "cpu"
-    ) -> RowBatches:
-        """A lazy batch source over ``rows``: see :class:`RowBatches`."""
-        return RowBatches(self, rows, standardizer, device)
 
     def spec_dict(self) -> dict:
         """JSON-able description of what a model for this data must accept and output.
@@ -370,48 +350,3 @@ def _store(x: np.ndarray, valid: np.ndarray, spec: ModalitySpec) -> tuple[np.nda
     for r in row_chunks(n, row_bytes):
         out3[r][~valid[r]] = 0.0
     return out, True
-
-
-class RowBatches:
-    """A lazy batch source: rows of a dataset gathered, standardised and moved to a device only when
-    selected, so that a memory-mapped dataset is never loaded and no standardised copy is made.
-
-    ``len()`` and ``select(index) -> Batch`` as a :class:`Batch` has them, so
-    ``iter_batches(source, batch_size, shuffle, generator)`` works on it unchanged: each step
-    reads B rows (B, T, D) from the dataset (from disk for a memory map), zeroes their invalid
-    tokens, moves them to ``device`` and standardises them there (invalid tokens stay 0).
-    ``rows``: the dataset rows this source covers (e.g. ``split["train"]``); index i of
-    ``select`` is ``rows[i]``.
-    """
-
-    def __init__(
-        self,
-        data: MultimodalDataset,
-        rows: Any = None,
-        standardizer: Standardizer | None = None,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.data = data
-        self.rows = data.rows(rows)
-        self.standardizer = standardizer
-        self.device = torch.device(device)
-
-    def __len__(self) -> int:
-        return int(self.rows.size)
-
-    @property
-    def y(self) -> torch.Tensor:
-        """The targets of all rows (len,) on ``device`` (small: for metrics over the whole part)."""
-        return None if self.data.y is None else torch.from_numpy(self.data.y[self.rows]).to(self.device)
-
-    def select(self, index: torch.Tensor | np.ndarray) -> Batch:
-        """The Batch of rows ``self.rows[index]`` on ``device``, standardised when a standardizer is set."""
-        picked = self.rows[index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)]
-        batch = self.data.to_batch(picked).to(self.device)
-        if self.standardizer is not None:
-            batch = self.standardizer.transform_batch(batch, inplace=True)  # the gathered copy is ours
-        return batch
-
-    def to_batch(self) -> Batch:
-        """All rows as one Batch on ``device`` (for small parts, e.g. to evaluate)."""
-        return self.select(np.arange(len(self)))

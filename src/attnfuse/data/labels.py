@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_int
+
 __all__ = ["MAX_CLASSES", "ClassLabels", "class_codes", "decode_labels", "encode_labels"]
 
 MAX_CLASSES = 10_000
@@ -112,11 +114,7 @@ class ClassLabels:
 
 
 def _check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
-    if num_classes > MAX_CLASSES:
-        raise ValueError(f"num_classes: expected at most {MAX_CLASSES:,} classes, got {num_classes:,}")
-    return int(num_classes)
+    return check_int("num_classes", num_classes, 2, MAX_CLASSES)
 
 
 def class_codes(

@@ -1,5 +1,6 @@
 """Feature standardisation fitted on training rows: statistics in one streaming pass, applied to a
-whole dataset (a copy, or in place) or per batch on the batch's device.
+whole dataset (a copy, or in place) or per batch on the batch's device (:class:`RowBatches`, the
+lazy batch source that gathers, moves and standardises rows only when a step selects them).
 
 The statistics are exact in float64 but never need a float64 copy of the tokens: the rows are
 read in chunks and per-chunk means and sums of squared deviations are merged with the pairwise
@@ -18,7 +19,7 @@ import torch
 from ._memory import row_chunks
 from .dataset import Batch, MultimodalDataset
 
-__all__ = ["STD_FLOOR", "Standardizer"]
+__all__ = ["STD_FLOOR", "RowBatches", "Standardizer"]
 
 STD_FLOOR = 1e-6  # below this a feature is treated as constant (see Standardizer)
 FIT_CHUNK_BYTES = 8 * 2**20  # float32 rows per chunk of the fit; its float64 temporaries are ~4x
@@ -104,14 +105,14 @@ class Standardizer:
         By default a new dataset holding one new float32 copy of the features (everything else
         shared). ``inplace=True`` overwrites the features of ``data`` itself and returns it: for
         a dataset whose arrays the caller owns (not a memory map, which is read-only: use
-        ``data.batches(rows, standardizer)`` to standardise per batch instead)."""
+        ``RowBatches(data, rows, standardizer)`` to standardise per batch instead)."""
         self._check({m.name: m.dim for m in data.modalities})
         if inplace:
             for name, x in data.features.items():
                 if data.is_mapped or not isinstance(x, np.ndarray) or x.dtype != np.float32 or not x.flags.writeable:
                     raise ValueError(
                         f"features[{name!r}]: cannot be standardised in place (read-only or memory-mapped); "
-                        "use transform(data) or data.batches(rows, standardizer)"
+                        "use transform(data) or RowBatches(data, rows, standardizer)"
                     )
         features = {}
         for spec in data.modalities:
@@ -174,3 +175,48 @@ class Standardizer:
                 raise ValueError(f"standardizer[{name!r}]: expected finite means and positive stds")
             mean[name], std[name] = mu, sd
         return cls(mean, std)
+
+
+class RowBatches:
+    """A lazy batch source: rows of a dataset gathered, standardised and moved to a device only when
+    selected, so that a memory-mapped dataset is never loaded and no standardised copy is made.
+
+    ``len()`` and ``select(index) -> Batch`` as a :class:`Batch` has them, so
+    ``iter_batches(source, batch_size, shuffle, generator)`` works on it unchanged: each step
+    reads B rows (B, T, D) from the dataset (from disk for a memory map), zeroes their invalid
+    tokens, moves them to ``device`` and standardises them there (invalid tokens stay 0).
+    ``rows``: the dataset rows this source covers (e.g. ``split["train"]``); index i of
+    ``select`` is ``rows[i]``.
+    """
+
+    def __init__(
+        self,
+        data: MultimodalDataset,
+        rows: Any = None,
+        standardizer: Standardizer | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.data = data
+        self.rows = data.rows(rows)
+        self.standardizer = standardizer
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    @property
+    def y(self) -> torch.Tensor:
+        """The targets of all rows (len,) on ``device`` (small: for metrics over the whole part)."""
+        return None if self.data.y is None else torch.from_numpy(self.data.y[self.rows]).to(self.device)
+
+    def select(self, index: torch.Tensor | np.ndarray) -> Batch:
+        """The Batch of rows ``self.rows[index]`` on ``device``, standardised when a standardizer is set."""
+        picked = self.rows[index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)]
+        batch = self.data.to_batch(picked).to(self.device)
+        if self.standardizer is not None:
+            batch = self.standardizer.transform_batch(batch, inplace=True)  # the gathered copy is ours
+        return batch
+
+    def to_batch(self) -> Batch:
+        """All rows as one Batch on ``device`` (for small parts, e.g. to evaluate)."""
+        return self.select(np.arange(len(self)))

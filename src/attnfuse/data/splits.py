@@ -16,11 +16,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from numbers import Integral
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..checks import check_int
 from .validation import SPLITS
 
 if TYPE_CHECKING:
@@ -188,9 +188,7 @@ def kfold(data: MultimodalDataset, k: int, seed: int, valid_fraction: float = VA
     # scikit-learn takes seconds to import: only for the commands that use folds.
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    if isinstance(k, bool) or not isinstance(k, Integral) or k < 2:
-        raise ValueError(f"folds: expected an integer k >= 2, got {k!r}")
-    k = int(k)
+    k = check_int("folds", k, 2)
     if data.split is None:
         pool, fixed_test = np.arange(data.n), None
     else:

@@ -9,7 +9,7 @@
   and feature.
 * :mod:`.rollout` — attention rollout across layers (Abnar & Zuidema, 2020).
 * :mod:`.agreement` — the methods side by side, rank correlations, sentences where they differ.
-* :mod:`.pipeline` — :func:`explain_model`: every chosen method over a split and a few samples.
+* :mod:`.run` — :func:`explain_model`: every chosen method over a split and a few samples.
 * :mod:`.report` — figures and the self-contained HTML report (``write_report``; imported on
   first use, as it loads matplotlib).
 """
@@ -19,8 +19,8 @@ from .agreement import Agreement, agreement
 from .attention import ModalityAttention, bertviz_export, collect_maps, key_valid, modality_attention, require_attention
 from .gradients import GradientAttribution, gradient_attribution, gradient_x_input, integrated_gradients
 from .masking import MaskingImportance, hide, masking_importance
-from .pipeline import CHEAP_METHODS, METHODS, Explanation, SampleExplanation, explain_model, resolve_methods
 from .rollout import Rollout, attention_rollout, rollout_stack
+from .run import CHEAP_METHODS, METHODS, Explanation, SampleExplanation, explain_model, resolve_methods
 from .walkthrough import Walkthrough, parse_vectors, walkthrough
 
 __all__ = [  # alphabetical

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import check_int
 from ..data import Batch, iter_batches
 from ..ensemble import Ensemble
 from ..fusion import FUSIONS, FusionModel
@@ -57,9 +58,7 @@ def explained_target(task: str, outputs: Tensor, target: int | None) -> np.ndarr
     """
     n, out_dim = outputs.shape
     if target is not None:
-        if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < out_dim:
-            raise ValueError(f"target: expected an output index in 0..{out_dim - 1}, got {target!r}")
-        return np.full(n, int(target), dtype=np.int64)
+        return np.full(n, check_int("target", target, 0, out_dim - 1), dtype=np.int64)
     if task == "classification":
         return to_numpy(outputs.argmax(dim=-1)).astype(np.int64)
     return np.zeros(n, dtype=np.int64)

@@ -21,11 +21,13 @@ only the features move, never which tokens exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..data import Batch, iter_batches
 from ..fusion import FusionModel
 from ._common import explained_target, forward, model_device, to_numpy
@@ -122,23 +124,51 @@ def gradient_attribution(
     on each sample's path, at most ``max_points`` (and at least one step of the chunk) per forward
     pass, which bounds its memory. Results come back on the CPU.
     """
-    from captum.attr import InputXGradient, IntegratedGradients  # here: importing captum takes a while
-
     if method not in GRADIENT_METHODS:
         raise ValueError(f"method: expected one of {list(GRADIENT_METHODS)}, got {method!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps: expected a positive integer, got {n_steps!r}")
+    check_int("n_steps", n_steps)
     names = list(batch.x)
     full = forward(model, batch, batch_size)  # (B, out_dim), CPU
     targets = explained_target(task, full, target)
     model.eval()
-    device = model_device(model)
 
     def f(*tensors: torch.Tensor) -> torch.Tensor:
         # Captum passes the (scaled) features first, then the masks it was given, repeated alike.
         x, mask = tensors[: len(names)], tensors[len(names) :]
         return model(Batch(dict(zip(names, x)), dict(zip(names, mask))))
 
+    attributions, delta, baseline_output = _attribute_in_chunks(
+        f, batch, targets, method, model_device(model), n_steps=n_steps, batch_size=batch_size, max_points=max_points
+    )
+    return GradientAttribution(
+        method=method,
+        modalities=names,
+        attributions=attributions,
+        valid={n: to_numpy(batch.mask[n]) for n in names},
+        target=targets,
+        output=to_numpy(full)[np.arange(len(targets)), targets],
+        baseline_output=baseline_output,
+        delta=delta,
+        n_steps=n_steps if method == "ig" else None,
+        inputs={n: to_numpy(batch.x[n]) for n in names},
+    )
+
+
+def _attribute_in_chunks(
+    f: Callable[..., torch.Tensor],
+    batch: Batch,
+    targets: np.ndarray,
+    method: str,
+    device: torch.device,
+    *,
+    n_steps: int,
+    batch_size: int,
+    max_points: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """:func:`gradient_attribution`'s work, ``batch_size`` samples at a time on ``device``:
+    modality -> ``(B, T, D)`` attributions of ``f``'s output ``targets`` ``(B,)``, and for IG the
+    convergence delta ``(B,)`` and f(0) ``(B,)`` (None for gradient × input), all on the CPU."""
+    names = list(batch.x)
     parts: list[tuple[torch.Tensor, ...]] = []
     deltas, baseline_out = [], []
     start = 0
@@ -148,41 +178,51 @@ def gradient_attribution(
         masks = tuple(chunk.mask[n] for n in names)
         t = torch.from_numpy(targets[start : start + len(chunk)]).to(device)
         start += len(chunk)
-        if method == "ig":
-            baselines = tuple(torch.zeros_like(v) for v in x)
-            attr, delta = IntegratedGradients(f).attribute(
-                x,
-                baselines=baselines,
-                target=t,
-                additional_forward_args=masks,
-                n_steps=n_steps,
-                method="gausslegendre",
-                internal_batch_size=max(max_points, len(chunk)),
-                return_convergence_delta=True,
-            )
-            deltas.append(delta.detach().cpu())
-            with torch.no_grad():
-                baseline_out.append(f(*baselines, *masks).gather(1, t[:, None])[:, 0].cpu())
-        else:
-            attr = InputXGradient(f).attribute(
-                tuple(v.clone().requires_grad_() for v in x), target=t, additional_forward_args=masks
-            )
+        attr, delta, at_baseline = _attribute_chunk(f, method, x, masks, t, n_steps, max(max_points, len(chunk)))
         parts.append(tuple(a.detach().cpu() for a in attr))
+        if delta is not None:
+            deltas.append(delta)
+            baseline_out.append(at_baseline)
+    attributions = {n: to_numpy(torch.cat([p[i] for p in parts])) for i, n in enumerate(names)}
+    if method != "ig":
+        return attributions, None, None
+    return attributions, to_numpy(torch.cat(deltas)), to_numpy(torch.cat(baseline_out))
 
-    rows = np.arange(len(targets))
-    is_ig = method == "ig"
-    return GradientAttribution(
-        method=method,
-        modalities=names,
-        attributions={n: to_numpy(torch.cat([p[i] for p in parts])) for i, n in enumerate(names)},
-        valid={n: to_numpy(batch.mask[n]) for n in names},
-        target=targets,
-        output=to_numpy(full)[rows, targets],
-        baseline_output=to_numpy(torch.cat(baseline_out)) if is_ig else None,
-        delta=to_numpy(torch.cat(deltas)) if is_ig else None,
-        n_steps=n_steps if is_ig else None,
-        inputs={n: to_numpy(batch.x[n]) for n in names},
+
+def _attribute_chunk(
+    f: Callable[..., torch.Tensor],
+    method: str,
+    x: tuple[torch.Tensor, ...],
+    masks: tuple[torch.Tensor, ...],
+    target: torch.Tensor,
+    n_steps: int,
+    points: int,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
+    """``method``'s attributions of ``f``'s output ``target`` ``(B,)`` for one chunk of features
+    ``x`` (one tensor per modality; the attributions likewise), and for IG, which evaluates at most
+    ``points`` path points per forward pass, the convergence delta ``(B,)`` and f(0) ``(B,)`` at
+    the target on the CPU (None for gradient × input)."""
+    from captum.attr import InputXGradient, IntegratedGradients  # here: importing captum takes a while
+
+    if method != "ig":
+        attr = InputXGradient(f).attribute(
+            tuple(v.clone().requires_grad_() for v in x), target=target, additional_forward_args=masks
+        )
+        return attr, None, None
+    baselines = tuple(torch.zeros_like(v) for v in x)
+    attr, delta = IntegratedGradients(f).attribute(
+        x,
+        baselines=baselines,
+        target=target,
+        additional_forward_args=masks,
+        n_steps=n_steps,
+        method="gausslegendre",
+        internal_batch_size=points,
+        return_convergence_delta=True,
     )
+    with torch.no_grad():
+        at_baseline = f(*baselines, *masks).gather(1, target[:, None])[:, 0].cpu()
+    return attr, delta.detach().cpu(), at_baseline
 
 
 def integrated_gradients(

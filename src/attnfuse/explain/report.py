@@ -28,7 +28,7 @@ from ._common import to_numpy, token_modality, token_step
 from .agreement import METHOD_LABELS, METHOD_SHORT, POINTS, Agreement
 from .attention import ModalityAttention, bertviz_export
 from .masking import MaskingImportance
-from .pipeline import Explanation, SampleExplanation
+from .run import Explanation, SampleExplanation
 
 __all__ = [
     "plot_heads",
@@ -55,6 +55,8 @@ MAX_TICKS = 32  # label at most this many tokens per axis, evenly spaced
 PADDED = {"hatch": "////", "facecolor": "#e6e6e6", "edgecolor": "#9a9a9a", "linewidth": 0.0}
 PADDED_LABEL = "padded step / absent modality"
 COLORS = {"attention": "#3b6ea8", "rollout": "#7aa6d6", "mask": "#c2553d", "ig": "#3f8f4f", "gxi": "#9cc58a"}
+# A section of the report: its heading, how to read it, and its HTML parts (tables, images).
+Section = tuple[str, str, list[str]]
 
 
 def file_name(block: str) -> str:
@@ -326,24 +328,28 @@ def _split_step_profiles(expl: Explanation) -> dict[str, dict[str, np.ndarray]]:
     """Sequence modality -> method -> ``(T,)`` share of the modality's mass per step over the rows."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for mod, valid in expl.step_valid.items():
-        profiles = {}
+        masses = {}
         if expl.attention is not None:
-            mass = np.zeros(len(valid))
-            for _, k_tokens, mat in expl.attention.steps.values():
-                for j, tok in enumerate(k_tokens):
-                    if token_modality(tok) == mod:
-                        mass[token_step(tok)] += mat[:, j].sum()
-            if mass.sum() > 0:
-                profiles["attention"] = mass / mass.sum()
+            masses["attention"] = _attention_per_step(expl.attention, mod, len(valid))
         if expl.rollout is not None:
-            mass = expl.rollout.step_relevance(mod).sum(axis=0)
-            if mass.sum() > 0:
-                profiles["rollout"] = mass / mass.sum()
+            masses["rollout"] = expl.rollout.step_relevance(mod).sum(axis=0)
+        profiles = {method: mass / mass.sum() for method, mass in masses.items() if mass.sum() > 0}
         for method, g in expl.gradients.items():
             profiles[method] = g.step_share(mod)
         if profiles:
             out[mod] = profiles
     return out
+
+
+def _attention_per_step(attention: ModalityAttention, mod: str, length: int) -> np.ndarray:
+    """``(T,)`` the attention landing on each step of ``mod``, summed over every block's queries
+    and the rows."""
+    mass = np.zeros(length)
+    for _, k_tokens, mat in attention.steps.values():
+        for j, tok in enumerate(k_tokens):
+            if token_modality(tok) == mod:
+                mass[token_step(tok)] += mat[:, j].sum()
+    return mass
 
 
 def plot_steps(expl: Explanation) -> Figure | None:
@@ -390,7 +396,7 @@ RAISES, LOWERS = COLORS["ig"], "#7b5ea7"  # a larger value of the feature raises
 
 def feature_labels(expl: Explanation, modality: str, dim: int) -> list[str]:
     """The names of a modality's ``dim`` features: the table's column names when the model recorded
-    them (``config.json`` ``data.columns``, passed to :func:`~.pipeline.explain_model`), else
+    them (``config.json`` ``data.columns``, passed to :func:`~.run.explain_model`), else
     ``modality:i``, numbered from 0 in the order of the data's features."""
     names = (expl.feature_names or {}).get(modality)
     if names is not None and len(names) == dim:
@@ -481,7 +487,20 @@ def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
         fontsize=10,
     )
 
-    ax = axes[0][0]
+    _sample_modality_bars(axes[0][0], view, series, what)
+    for ax, mod in zip(axes[1:, 0], sequences):
+        _sample_step_shares(fig, ax, view, mod)
+    if any(not view.step_valid[m].all() for m in sequences) or not all(view.present.values()):
+        _legend_padded(fig)
+    return fig
+
+
+def _sample_modality_bars(
+    ax: Axes, view: SampleExplanation, series: list[tuple[str, dict[str, float]]], what: str
+) -> None:
+    """:func:`plot_sample`'s top panel: one bar per modality and method of ``series`` (masking,
+    gradients), absent modalities marked."""
+    mods = list(view.present)
     y = np.arange(len(mods))
     bar_h = 0.8 / max(len(series), 1)
     for k, (method, values) in enumerate(series):
@@ -506,21 +525,21 @@ def plot_sample(view: SampleExplanation, task: str, split: str) -> Figure:
             frameon=False,
         )
 
-    for ax, mod in zip(axes[1:, 0], sequences):
-        methods = list(view.steps[mod])
-        grid = np.stack([view.steps[mod][m] for m in methods])  # (methods, T)
-        vmax = max(float(grid.max()), 1e-9)
-        image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
-        _hatch(ax, None, view.step_valid[mod], grid.shape)
-        _annotate(ax, np.where(view.step_valid[mod], grid, np.nan), vmax, limit=200)
-        ax.set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=8)
-        _ticks(ax, [f"{t}" for t in range(grid.shape[1])], "x")
-        ax.set_xlabel(f"{mod} step")
-        ax.set_title(f"{mod}: each method's share per step (each row sums to 1)", fontsize=10)
-        fig.colorbar(image, ax=ax, shrink=0.9, label="share", pad=0.01)
-    if any(not view.step_valid[m].all() for m in sequences) or not all(view.present.values()):
-        _legend_padded(fig)
-    return fig
+
+def _sample_step_shares(fig: Figure, ax: Axes, view: SampleExplanation, mod: str) -> None:
+    """:func:`plot_sample`'s panel of sequence modality ``mod``: each method's share per step, a
+    row per method, padded steps hatched."""
+    methods = list(view.steps[mod])
+    grid = np.stack([view.steps[mod][m] for m in methods])  # (methods, T)
+    vmax = max(float(grid.max()), 1e-9)
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+    _hatch(ax, None, view.step_valid[mod], grid.shape)
+    _annotate(ax, np.where(view.step_valid[mod], grid, np.nan), vmax, limit=200)
+    ax.set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=8)
+    _ticks(ax, [f"{t}" for t in range(grid.shape[1])], "x")
+    ax.set_xlabel(f"{mod} step")
+    ax.set_title(f"{mod}: each method's share per step (each row sums to 1)", fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.9, label="share", pad=0.01)
 
 
 def plot_rollout_maps(view: SampleExplanation) -> Figure:
@@ -612,9 +631,7 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def write_html_report(
-    path: Path, title: str, summary: list[tuple[str, str]], sections: list[tuple[str, str, list[str]]]
-) -> None:
+def write_html_report(path: Path, title: str, summary: list[tuple[str, str]], sections: list[Section]) -> None:
     """A single HTML file, every image embedded (base64), readable offline. ``sections``: (heading,
     "how to read this" HTML, body HTML fragments)."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
@@ -760,7 +777,7 @@ def write_report_into(expl: Explanation, tmp: Path) -> list[Path]:
     """:func:`write_report`'s files, written into the directory ``tmp`` (the temporary of an
     :func:`explanation_directory` transaction); returns them."""
     title_of = f"{expl.fusion} fusion on {expl.data}"
-    sections: list[tuple[str, str, list[str]]] = []
+    sections: list[Section] = []
     if expl.notes:
         sections.append(("Before you read", "", [f"<p>{html.escape(n)}</p>" for n in expl.notes]))
     png = save_figure(plot_agreement(expl), tmp / "agreement.png")
@@ -768,60 +785,67 @@ def write_report_into(expl: Explanation, tmp: Path) -> list[Path]:
         ("Do the explanations agree?", HOW_TO_READ["agreement"], [_agreement_table(expl), _img(png, "agreement")])
     )
     if expl.masking is not None and expl.masking.metrics is not None:
-        png = save_figure(plot_masking(expl.masking), tmp / "masking.png")
-        sections.append(("Modality importance by masking", HOW_TO_READ["masking"], [_img(png, "masking")]))
-    fig = plot_steps(expl)
-    if fig is not None:
-        png = save_figure(fig, tmp / "steps.png")
-        sections.append(("Which steps matter", HOW_TO_READ["steps"], [_img(png, "steps")]))
-    fig = plot_features(expl)
-    if fig is not None:
-        png = save_figure(fig, tmp / "features.png")
-        sections.append(("Which features matter", HOW_TO_READ["features"], [_img(png, "features")]))
+        sections += _figure_section(
+            plot_masking(expl.masking), tmp / "masking.png", "masking", "Modality importance by masking"
+        )
+    sections += _figure_section(plot_steps(expl), tmp / "steps.png", "steps", "Which steps matter")
+    sections += _figure_section(plot_features(expl), tmp / "features.png", "features", "Which features matter")
     if expl.attention is not None:
-        attn = expl.attention
-        # Only where a block's queries of several modalities spread over several (self fusion) is
-        # the matrix more than one row or one column of 1.00; otherwise steps are the view.
-        if any(len(q) > 1 and len(k) > 1 for q, k, _ in attn.matrices.values()):
-            png = save_figure(
-                plot_modality_matrices(attn, f"Modality-to-modality attention, mean over {expl.split}"),
-                tmp / "modality_matrix.png",
-            )
-            sections.append(("Attention between modalities", HOW_TO_READ["matrix"], [_img(png, "modality matrix")]))
-        else:
-            png = save_figure(
-                plot_step_maps(attn, f"Mean attention step by step over {expl.split}"), tmp / "step_maps.png"
-            )
-            sections.append(("Attention step by step", HOW_TO_READ["step_maps"], [_img(png, "step maps")]))
-        if len(attn.received) > 1:  # one attended modality would be a single 100% bar
-            png = save_figure(
-                plot_received(attn, f"Attention received per modality ({expl.split}, {expl.metric} {expl.score:.4f})"),
-                tmp / "modality_received.png",
-            )
-            sections.append(("Attention received per modality", HOW_TO_READ["received"], [_img(png, "received")]))
-
-    for view in expl.samples:
-        parts = [_sample_table(view, expl.task)]
-        png = save_figure(plot_sample(view, expl.task, expl.split), tmp / "samples" / f"sample{view.row}.png")
-        parts.append(_img(png, f"sample {view.row}"))
-        if view.rollout_maps:
-            png = save_figure(plot_rollout_maps(view), tmp / "samples" / f"sample{view.row}_rollout.png")
-            parts.append(_img(png, f"rollout, sample {view.row}"))
-        key_valid = view.map_key_valid
-        for m in view.maps:
-            png = save_figure(
-                plot_heads(m, 0, f"{m.name} — sample {view.row}", key_valid.get(m.name)),
-                tmp / "heatmaps" / f"sample{view.row}" / f"{file_name(m.name)}.png",
-            )
-            parts.append(_img(png, m.name))
-        if view.maps:
-            (tmp / "bertviz").mkdir(exist_ok=True)
-            (tmp / "bertviz" / f"sample{view.row}.json").write_text(json.dumps(bertviz_export(view.maps, 0)))
-        sections.append((f"Sample {view.row}", HOW_TO_READ["sample"], parts))
-
+        sections += _attention_sections(expl, expl.attention, tmp)
+    sections += [_sample_section(view, expl, tmp) for view in expl.samples]
     (tmp / "explanation.json").write_text(json.dumps(summary_dict(expl), indent=2) + "\n")
     write_html_report(tmp / "report.html", f"attnfuse explain — {title_of}", _summary(expl), sections)
     return sorted(p for p in tmp.rglob("*") if p.is_file())
+
+
+def _figure_section(fig: Figure | None, path: Path, kind: str, heading: str, alt: str | None = None) -> list[Section]:
+    """The section of one figure, saved at ``path``, read as ``HOW_TO_READ[kind]`` says, ``alt``
+    (default ``kind``) its image's text; none without a figure (nothing of the kind to show)."""
+    if fig is None:
+        return []
+    png = save_figure(fig, path)
+    return [(heading, HOW_TO_READ[kind], [_img(png, alt or kind)])]
+
+
+def _attention_sections(expl: Explanation, attn: ModalityAttention, tmp: Path) -> list[Section]:
+    """The sections of the attention over the rows: between modalities or step by step, and the
+    share each modality receives."""
+    # Only where a block's queries of several modalities spread over several (self fusion) is
+    # the matrix more than one row or one column of 1.00; otherwise steps are the view.
+    if any(len(q) > 1 and len(k) > 1 for q, k, _ in attn.matrices.values()):
+        fig = plot_modality_matrices(attn, f"Modality-to-modality attention, mean over {expl.split}")
+        sections = _figure_section(
+            fig, tmp / "modality_matrix.png", "matrix", "Attention between modalities", "modality matrix"
+        )
+    else:
+        fig = plot_step_maps(attn, f"Mean attention step by step over {expl.split}")
+        sections = _figure_section(fig, tmp / "step_maps.png", "step_maps", "Attention step by step", "step maps")
+    if len(attn.received) > 1:  # one attended modality would be a single 100% bar
+        fig = plot_received(attn, f"Attention received per modality ({expl.split}, {expl.metric} {expl.score:.4f})")
+        sections += _figure_section(fig, tmp / "modality_received.png", "received", "Attention received per modality")
+    return sections
+
+
+def _sample_section(view: SampleExplanation, expl: Explanation, tmp: Path) -> Section:
+    """The section of one sample: its table and figure, its rollout maps, a heatmap per attention
+    block (and the block's weights as bertviz JSON)."""
+    parts = [_sample_table(view, expl.task)]
+    png = save_figure(plot_sample(view, expl.task, expl.split), tmp / "samples" / f"sample{view.row}.png")
+    parts.append(_img(png, f"sample {view.row}"))
+    if view.rollout_maps:
+        png = save_figure(plot_rollout_maps(view), tmp / "samples" / f"sample{view.row}_rollout.png")
+        parts.append(_img(png, f"rollout, sample {view.row}"))
+    key_valid = view.map_key_valid
+    for m in view.maps:
+        png = save_figure(
+            plot_heads(m, 0, f"{m.name} — sample {view.row}", key_valid.get(m.name)),
+            tmp / "heatmaps" / f"sample{view.row}" / f"{file_name(m.name)}.png",
+        )
+        parts.append(_img(png, m.name))
+    if view.maps:
+        (tmp / "bertviz").mkdir(exist_ok=True)
+        (tmp / "bertviz" / f"sample{view.row}.json").write_text(json.dumps(bertviz_export(view.maps, 0)))
+    return (f"Sample {view.row}", HOW_TO_READ["sample"], parts)
 
 
 def _ours(out: Path) -> None:

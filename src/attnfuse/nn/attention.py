@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_divides, check_input_dtype, check_int, check_optional_int, check_probability
+from ..checks import check_bool, check_divides, check_input_dtype, check_int, check_optional_int, check_probability
 from .functional import attend, needs_guard, poison_rows, resolve_masks
 from .masks import KeyPaddingMask
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._checks import check_divides, check_input_dtype, check_int, check_optional_int
+from ..checks import check_divides, check_input_dtype, check_int, check_optional_int
 from .attention import MultiheadAttention
 from .functional import clean_padding
 from .layers import Activation, _AddNormBlock, _check_block_args

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_probability
+from ..checks import check_probability
 from .dropout import dropout
 from .explicit import explicit_attention
 from .masks import KeyPaddingMask, merge_masks, tracing, visible_keys

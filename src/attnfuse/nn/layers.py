@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import (
+from ..checks import (
     check_activation,
     check_bool,
     check_divides,

@@ -84,13 +84,11 @@ def dataset_arrays(where: Path, arrays: Mapping[str, np.ndarray]) -> dict:
     """Sort arrays named as in the .npz format into MultimodalDataset's arguments
     (features, y, masks, split, info), modalities in the order given."""
     features, masks, info = {}, {}, {}
+    groups = {"x_": features, "mask_": masks, "info_": info}
     for key, arr in arrays.items():
-        if key.startswith("x_") and len(key) > 2:
-            features[key[2:]] = arr
-        elif key.startswith("mask_") and len(key) > 5:
-            masks[key[5:]] = arr
-        elif key.startswith("info_") and len(key) > 5:
-            info[key[5:]] = arr
+        prefix = next((p for p in groups if key.startswith(p) and len(key) > len(p)), None)
+        if prefix is not None:
+            groups[prefix][key[len(prefix) :]] = arr
         elif key not in ("y", "split"):
             raise ValueError(
                 f"{where}: not a modality: {key!r} (expected x_<modality>, mask_<modality>, y, split or info_<name>)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,37 @@ def load_pickle(
     concatenated and recorded in ``split``.
     """
     p = existing_file(path)
+    raw = _unpickled(p, allow_pickle)
+    present = [m for m in PICKLE_MODALITIES if all(isinstance(raw[s], Mapping) and m in raw[s] for s in SPLITS)]
+    if not present:
+        raise ValueError(f"{p}: no modality found in all of train/valid/test (expected {', '.join(PICKLE_MODALITIES)})")
+    features: dict[str, list[np.ndarray]] = {m: [] for m in present}
+    masks: dict[str, list[np.ndarray]] = {}
+    ys, split = [], []
+    for s in SPLITS:
+        y, xs, steps = _read_part(raw[s], present, f"{p}[{s!r}]")
+        ys.append(y)
+        split += [s] * y.shape[0]
+        for m, x in xs.items():
+            features[m].append(x)
+        for m, valid in steps.items():
+            masks.setdefault(m, []).append(valid)
+    _check_across_parts(p, features, masks)
+    return MultimodalDataset(
+        {m: np.concatenate(parts) for m, parts in features.items()},
+        np.concatenate(ys),
+        masks={m: np.concatenate(parts) for m, parts in masks.items()},
+        split=np.array(split),
+        name=p.stem,
+        task=task,
+        num_classes=num_classes,
+        classes=classes,
+    )
+
+
+def _unpickled(p: Path, allow_pickle: bool) -> Mapping:
+    """The object in pickle file ``p`` (only with ``allow_pickle``), checked to be a dict with a
+    train, a valid and a test part."""
     if not allow_pickle:
         raise ValueError(
             f"{p}: refusing to unpickle: loading a pickle can execute arbitrary code. "
@@ -75,30 +107,32 @@ def load_pickle(
     if not isinstance(raw, Mapping) or any(s not in raw for s in SPLITS):
         found = sorted(map(str, raw)) if isinstance(raw, Mapping) else type(raw).__name__
         raise ValueError(f"{p}: expected a dict with keys 'train', 'valid', 'test', got {found}")
+    return raw
 
-    present = [m for m in PICKLE_MODALITIES if all(isinstance(raw[s], Mapping) and m in raw[s] for s in SPLITS)]
-    if not present:
-        raise ValueError(f"{p}: no modality found in all of train/valid/test (expected {', '.join(PICKLE_MODALITIES)})")
-    features: dict[str, list[np.ndarray]] = {m: [] for m in present}
-    masks: dict[str, list[np.ndarray]] = {}
-    ys, split = [], []
-    for s in SPLITS:
-        part = raw[s]
-        y = _labels_of(part, f"{p}[{s!r}]")
-        ys.append(y)
-        split += [s] * y.shape[0]
-        for m in present:
-            try:
-                x = np.array(part[m], dtype=np.float32)  # a copy, safe to edit
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{p}[{s!r}][{m!r}]: expected a float array ({e})") from None
-            if x.ndim not in (2, 3) or x.shape[0] != y.shape[0]:
-                raise ValueError(f"{p}[{s!r}][{m!r}]: expected shape ({y.shape[0]}, [T,] D), got {x.shape}")
-            x[x == -np.inf] = 0.0
-            features[m].append(x)
-            if f"{m}_lengths" in part:
-                steps = _steps_from_lengths(part[f"{m}_lengths"], x, f"{p}[{s!r}]['{m}_lengths']")
-                masks.setdefault(m, []).append(steps)
+
+def _read_part(
+    part: Mapping, modalities: list[str], where: str
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One part (train, valid or test): its targets ``(N,)``, modality -> float32 features ``(N, [T,]
+    D)`` (-inf set to 0), and modality -> ``(N, T)`` step mask for those with ``<modality>_lengths``."""
+    y = _labels_of(part, where)
+    features, steps = {}, {}
+    for m in modalities:
+        try:
+            x = np.array(part[m], dtype=np.float32)  # a copy, safe to edit
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}[{m!r}]: expected a float array ({e})") from None
+        if x.ndim not in (2, 3) or x.shape[0] != y.shape[0]:
+            raise ValueError(f"{where}[{m!r}]: expected shape ({y.shape[0]}, [T,] D), got {x.shape}")
+        x[x == -np.inf] = 0.0
+        features[m] = x
+        if f"{m}_lengths" in part:
+            steps[m] = _steps_from_lengths(part[f"{m}_lengths"], x, f"{where}['{m}_lengths']")
+    return y, features, steps
+
+
+def _check_across_parts(p: Path, features: dict[str, list[np.ndarray]], masks: dict[str, list[np.ndarray]]) -> None:
+    """Each modality has one shape (but N) in every part, and lengths in all parts or none."""
     for m, parts in features.items():
         shapes = {x.shape[1:] for x in parts}
         if len(shapes) > 1:
@@ -106,13 +140,3 @@ def load_pickle(
     for m, parts in masks.items():
         if len(parts) != len(SPLITS):
             raise ValueError(f"{p}: '{m}_lengths' must be given in all of train/valid/test or none")
-    return MultimodalDataset(
-        {m: np.concatenate(parts) for m, parts in features.items()},
-        np.concatenate(ys),
-        masks={m: np.concatenate(parts) for m, parts in masks.items()},
-        split=np.array(split),
-        name=p.stem,
-        task=task,
-        num_classes=num_classes,
-        classes=classes,
-    )

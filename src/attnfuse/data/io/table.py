@@ -29,6 +29,9 @@ are the prefixes before the first ``_``, in the order they first appear (``txt_0
 -> ``txt`` and ``aud``); unused columns are an error then, while with modalities given, columns
 that no modality, target or split uses are ignored (e.g. an ID column). A table gives vector
 modalities (N, D): sequences need the ``.npz`` or directory formats.
+
+A table already in memory (a ``pyarrow.Table``, or a pandas ``DataFrame`` converted to one) is
+read by :func:`read_arrow` with the same rules: files and frames share the column selection.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +56,10 @@ __all__ = [
     "TABLE_SUFFIXES",
     "TableColumns",
     "TableMapping",
+    "as_arrow",
     "load_mapping",
     "parse_modality_options",
+    "read_arrow",
     "read_table",
     "refuse_table_options",
     "table_batches",
@@ -457,13 +463,67 @@ def read_table(
     (table,) = table_batches(p, columns)
     arrays = table_arrays(table, columns)
     del table  # the arrow columns are no longer needed: only the float32 features stay
+    return _dataset(arrays, columns, p.stem, task, num_classes, classes)
+
+
+def read_arrow(
+    table: Any,
+    modalities: Mapping[str, str | list[str]] | None = None,
+    target: str | None = None,
+    split_col: str | None = None,
+    *,
+    mapping: str | os.PathLike | Mapping | None = None,
+    task: str = "auto",
+    num_classes: int | None = None,
+    classes: list | None = None,
+    model_columns: Mapping | None = None,
+    name: str = "table",
+) -> MultimodalDataset:
+    """Read a table already in memory, a ``pyarrow.Table`` (or ``RecordBatch``) or a pandas
+    ``DataFrame``, into a dataset: the same rules and arguments as :func:`read_table` (columns by
+    name, missing values as absent modalities, string labels), and the same column selection.
+
+    A DataFrame is converted by :func:`as_arrow`. ``name`` names the data (as a file's stem does
+    for :func:`read_table`) and the messages about it."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a string, got {type(name).__name__}")
+    table = as_arrow(table, name)
+    if table.num_rows == 0:
+        raise ValueError(f"{name}: the table has no rows")
+    names = [str(c) for c in table.column_names]
+    columns = resolve_columns(names, merge_mapping(mapping, modalities, target, split_col), name, model_columns)
+    return _dataset(table_arrays(table, columns), columns, name, task, num_classes, classes)
+
+
+def as_arrow(table: Any, where: str = "table") -> Any:
+    """A ``pyarrow.Table`` of a Table, a ``RecordBatch`` or a pandas ``DataFrame`` (converted with
+    ``pyarrow.Table.from_pandas``, its index left out; pandas itself is never imported here: a
+    frame only exists when the caller imported pandas). Anything else is a TypeError."""
+    pa, _, _, _ = _pyarrow()
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and isinstance(table, pandas.DataFrame):
+        try:
+            return pa.Table.from_pandas(table, preserve_index=False)
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: the DataFrame cannot be read as a table ({str(e).splitlines()[0]})") from None
+    if isinstance(table, pa.RecordBatch):
+        return pa.Table.from_batches([table])
+    if not isinstance(table, pa.Table):
+        raise TypeError(f"table: expected a pyarrow Table or a pandas DataFrame, got {type(table).__name__}")
+    return table
+
+
+def _dataset(
+    arrays: TableArrays, columns: TableColumns, name: str, task: str, num_classes: int | None, classes: list | None
+) -> MultimodalDataset:
+    """The dataset of a table's rows converted by :func:`table_arrays` following ``columns``."""
     return MultimodalDataset(
         arrays.features,
         arrays.y,
         masks=arrays.present,
         split=arrays.split,
         task=task,
-        name=p.stem,
+        name=name,
         num_classes=num_classes,
         classes=classes,
         columns={"modalities": columns.modalities, "target": columns.target, "split": columns.split},

@@ -5,8 +5,9 @@ renders its result with :func:`.report.write_report`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -46,6 +47,7 @@ METHODS = ("attention", "mask", "ig", "gxi", "rollout")
 # IG needs n_steps forward + backward passes per sample, so it runs only when asked for.
 CHEAP_METHODS = ("attention", "mask", "gxi", "rollout")
 NEEDS_ATTENTION = ("attention", "rollout")
+T = TypeVar("T")
 
 
 def resolve_methods(methods: str | Sequence[str], has_attention: bool) -> tuple[str, ...]:
@@ -244,6 +246,52 @@ def explain_model(
     per feature, as the model records a table's columns (:func:`column_names`); default: the
     dataset's own (``dataset.columns``), if any.
     """
+    methods, rows, chosen = _checked_request(model, dataset, methods, rows, samples)
+    scaled = standardizer.transform(dataset) if standardizer is not None else dataset
+    task, batch, metric = dataset.task, scaled.to_batch(rows), PRIMARY_METRIC[dataset.task][0]
+    seconds: dict[str, float] = {}
+    outputs = _timed(seconds, "predict", lambda: forward(model, batch, batch_size))
+    score = compute_metrics(task, dataset.y[rows], to_predictions(task, outputs))[metric]
+    results = _run_methods(model, batch, task, methods, seconds, target=target, n_steps=n_steps, batch_size=batch_size)
+    names = [m.name for m in dataset.modalities]
+    agree = agreement(names, _modality_shares(results), results.masking)
+    sample_views = []
+    if chosen:
+        sample_views = _timed(
+            seconds,
+            "samples",
+            lambda: _sample_views(model, scaled.to_batch(chosen), chosen, task, methods, n_steps, target),
+        )
+    return Explanation(
+        fusion=fusion_name(model),
+        data=dataset.name,
+        task=task,
+        split=split,
+        rows=rows,
+        metric=metric,
+        score=float(score),
+        methods=methods,
+        modalities=names,
+        step_valid={s.name: to_numpy(batch.mask[s.name].double().mean(0)) for s in dataset.modalities if s.is_sequence},
+        seconds=seconds,
+        **results._asdict(),
+        agreement=agree,
+        samples=sample_views,
+        notes=_notes(model, methods, results),
+        parameters=sum(p.numel() for p in model.parameters()),
+        feature_names=_feature_names(feature_names, dataset),
+    )
+
+
+def _checked_request(
+    model: FusionModel,
+    dataset: MultimodalDataset,
+    methods: str | Sequence[str],
+    rows: Sequence[int] | np.ndarray | None,
+    samples: Sequence[int] | None,
+) -> tuple[tuple[str, ...], np.ndarray, list[int]]:
+    """:func:`explain_model`'s methods, rows and sample rows, checked before any work (the rows
+    default to every row, the samples to the first two rows)."""
     methods = resolve_methods(methods, model.has_attention)
     if any(m in NEEDS_ATTENTION for m in methods):
         require_attention(model)
@@ -259,102 +307,100 @@ def explain_model(
     bad = [i for i in chosen if not 0 <= i < dataset.n]
     if bad:
         raise ValueError(f"samples: expected row indices in 0..{dataset.n - 1}, got {bad}")
-    scaled = standardizer.transform(dataset) if standardizer is not None else dataset
-    task = dataset.task
-    batch = scaled.to_batch(rows)
-    metric = PRIMARY_METRIC[task][0]
-    names = [m.name for m in dataset.modalities]
+    return methods, rows, chosen
 
-    seconds: dict[str, float] = {}
 
-    def timed(name: str, fn):
-        start = time.perf_counter()
-        result = fn()
-        seconds[name] = time.perf_counter() - start
-        return result
+def _timed(seconds: dict[str, float], name: str, fn: Callable[[], T]) -> T:
+    """``fn()``, its wall time recorded as ``seconds[name]`` (the report's cost of each method)."""
+    start = time.perf_counter()
+    result = fn()
+    seconds[name] = time.perf_counter() - start
+    return result
 
-    outputs = timed("predict", lambda: forward(model, batch, batch_size))
-    score = compute_metrics(task, dataset.y[rows], to_predictions(task, outputs))[metric]
+
+class _MethodResults(NamedTuple):
+    """What each method found over the explained rows, named as :class:`Explanation`'s fields
+    (None, or no entry, for a method not chosen)."""
+
+    attention: ModalityAttention | None
+    masking: MaskingImportance | None
+    gradients: dict[str, GradientAttribution]
+    rollout: Rollout | None
+
+
+def _run_methods(
+    model: FusionModel,
+    batch: Batch,
+    task: str,
+    methods: tuple[str, ...],
+    seconds: dict[str, float],
+    *,
+    target: int | None,
+    n_steps: int,
+    batch_size: int,
+) -> _MethodResults:
+    """Every chosen method over the whole ``batch``, each timed into ``seconds``."""
     attention = (
-        timed("attention", lambda: modality_attention(first_member(model), batch, batch_size))
+        _timed(seconds, "attention", lambda: modality_attention(first_member(model), batch, batch_size))
         if "attention" in methods
         else None
     )
     masking = (
-        timed("mask", lambda: masking_importance(model, batch, task, target=target, batch_size=batch_size))
+        _timed(seconds, "mask", lambda: masking_importance(model, batch, task, target=target, batch_size=batch_size))
         if "mask" in methods
         else None
     )
     gradients = {
-        m: timed(m, lambda m=m: gradient_attribution(model, batch, task, m, target=target, n_steps=n_steps))
+        m: _timed(seconds, m, lambda m=m: gradient_attribution(model, batch, task, m, target=target, n_steps=n_steps))
         for m in methods
         if m in GRADIENT_METHODS
     }
     rollout = (
-        timed("rollout", lambda: attention_rollout(first_member(model), batch, batch_size=batch_size))
+        _timed(seconds, "rollout", lambda: attention_rollout(first_member(model), batch, batch_size=batch_size))
         if "rollout" in methods
         else None
     )
+    return _MethodResults(attention, masking, gradients, rollout)
 
+
+def _modality_shares(results: _MethodResults) -> dict[str, object]:
+    """Method -> ``(M,)`` each modality's share by that method (those run), for :func:`.agreement`."""
     shares: dict[str, object] = {}
-    if attention is not None:
-        shares["attention"] = attention.received
-    if rollout is not None:
-        shares["rollout"] = rollout.modality_share()
-    if masking is not None:
-        shares["mask"] = masking.share()
-    for m, g in gradients.items():
+    if results.attention is not None:
+        shares["attention"] = results.attention.received
+    if results.rollout is not None:
+        shares["rollout"] = results.rollout.modality_share()
+    if results.masking is not None:
+        shares["mask"] = results.masking.share()
+    for m, g in results.gradients.items():
         shares[m] = g.share()
-    agree = agreement(names, shares, masking)
+    return shares
 
-    sample_views = []
-    if chosen:
-        sample_views = timed(
-            "samples", lambda: _sample_views(model, scaled.to_batch(chosen), chosen, task, methods, n_steps, target)
-        )
 
+def _notes(model: FusionModel, methods: tuple[str, ...], results: _MethodResults) -> list[str]:
+    """The caveats for reading the results: an ensemble's attention is its first member's, masking
+    a model never trained with absent modalities, Integrated Gradients that did not converge."""
     notes = []
     if isinstance(model, Ensemble) and ({"attention", "rollout"} & set(methods)):
         notes.append(
             f"This model is an ensemble of {len(model.members)} members whose outputs are averaged: masking and "
             "gradients explain the averaged prediction; attention and rollout show the first member's."
         )
-    if masking is not None and model.config.modality_dropout == 0:
+    if results.masking is not None and model.config.modality_dropout == 0:
         notes.append(
             "This model was trained without modality dropout, so it never saw an absent modality: hiding one "
             "takes it outside its training data, and the masking importance includes its reaction to that "
             "(it can be large even for a modality that carries nothing). Train with --modality-dropout "
             "(e.g. 0.2) for masking to measure what a modality carries."
         )
-    ig = gradients.get("ig")
+    ig = results.gradients.get("ig")
     if ig is not None and ig.complete() is False:
         worst = float(np.max(ig.relative_delta()))
         notes.append(
             f"Integrated Gradients did not converge for every sample (largest |delta| relative to the output "
             f"change: {worst:.3f}); raise --steps."
         )
-    return Explanation(
-        fusion=fusion_name(model),
-        data=dataset.name,
-        task=task,
-        split=split,
-        rows=rows,
-        metric=metric,
-        score=float(score),
-        methods=methods,
-        modalities=names,
-        step_valid={s.name: to_numpy(batch.mask[s.name].double().mean(0)) for s in dataset.modalities if s.is_sequence},
-        seconds=seconds,
-        attention=attention,
-        masking=masking,
-        gradients=gradients,
-        rollout=rollout,
-        agreement=agree,
-        samples=sample_views,
-        notes=notes,
-        parameters=sum(p.numel() for p in model.parameters()),
-        feature_names=_feature_names(feature_names, dataset),
-    )
+    return notes
 
 
 def column_names(config: Mapping) -> dict[str, list[str]] | None:
