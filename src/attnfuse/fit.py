@@ -28,9 +28,10 @@ and continues where they say: it retrains nothing, and ends bitwise as the unint
 (on the CPU). Another level (bags of rows, say) is another loop object with its own state, and its
 part of the checkpoint.
 
-Words: a *run* is one seed or fold; a *candidate* one fusion of the portfolio; a *member* one
-model of an ensemble; a *model* one trained network (:class:`~attnfuse.training.TrainedModel`);
-*progress* the callback of events below; a *checkpoint* the saved state in ``OUT/last/``.
+Words: a *fit* is everything one request trains (:class:`Fit`); a *run* is one seed or fold; a
+*candidate* one fusion of the portfolio; a *member* one model of an ensemble; a *model* one
+trained network (:class:`~attnfuse.training.TrainedModel`); *progress* the callback of events
+below; a *checkpoint* the saved state in ``OUT/last/``.
 """
 
 from __future__ import annotations
