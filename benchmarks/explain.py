@@ -32,7 +32,7 @@ from attnfuse.explain import (
     modality_attention,
 )
 from attnfuse.fusion import build_model
-from attnfuse.training import TrainConfig, model_config, run
+from attnfuse.training import Parts, TrainConfig, fit_model, model_config
 from fusion import mosei_like  # the MOSEI-sized random data of the fusion benchmark (benchmarks/ is on sys.path)
 
 SECTION = "## Explanations"
@@ -77,7 +77,9 @@ def time_methods(model, batch, task: str, n_steps: int) -> dict[str, float]:
 def timing(quick: bool) -> list[str]:
     epochs, mosei_rows = (2, 16) if quick else (30, 128)
     data = load_mfeat()
-    result = run(data, "self", {"modality_dropout": 0.2}, TrainConfig(epochs=epochs, seed=0))
+    result = fit_model(
+        Parts.of(data, make_split(data, 0)), "self", {"modality_dropout": 0.2}, TrainConfig(epochs=epochs, seed=0)
+    )
     test = dict(make_split(data, seed=0))["test"]
     mfeat = time_methods(result.model, result.standardizer.transform(data).to_batch(test), "classification", 50)
     print("mfeat", mfeat, flush=True)
@@ -108,7 +110,12 @@ def timing(quick: bool) -> list[str]:
 def planted_shares(layers: int, epochs: int) -> dict[str, float]:
     """Share of each method's video mass on the planted step, over the test split."""
     data = make_planted(n=1200, seed=1)
-    result = run(data, "cross", {"num_layers": layers}, TrainConfig(epochs=epochs, patience=15, seed=0))
+    result = fit_model(
+        Parts.of(data, make_split(data, 0)),
+        "cross",
+        {"num_layers": layers},
+        TrainConfig(epochs=epochs, patience=15, seed=0),
+    )
     test = dict(make_split(data, seed=0))["test"]
     batch = result.standardizer.transform(data).to_batch(test)
     step, rows = data.info["planted_step"][test], np.arange(len(test))
@@ -177,7 +184,9 @@ def masking(quick: bool) -> list[str]:
                 "modality_dropout": p,
                 **({"nhead": 2, "num_layers": 1} if fusion == "self" else {}),
             }
-            result = run(data, fusion, overrides, TrainConfig(epochs=epochs, seed=0))
+            result = fit_model(
+                Parts.of(data, make_split(data, 0)), fusion, overrides, TrainConfig(epochs=epochs, seed=0)
+            )
             imp = masking_importance(result.model, result.standardizer.transform(data).to_batch(test), "regression")
             d = {m: imp.drop(m) for m in imp.modalities}
             lines.append(

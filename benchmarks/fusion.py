@@ -39,7 +39,7 @@ from attnfuse.data import MultimodalDataset, iter_batches, load_mfeat, make_plan
 from attnfuse.fusion import FUSIONS, build_model
 from attnfuse.pipeline import TrainSpec
 from attnfuse.pipeline import train as train_run
-from attnfuse.training import TrainConfig, model_config, run
+from attnfuse.training import Parts, TrainConfig, fit_model, model_config
 
 SECTION = "## Fusion models"
 MFEAT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -78,7 +78,9 @@ def mfeat_accuracy(splits: int, epochs: int) -> dict[str, list[float]]:
         for seed in range(splits):
             start = time.perf_counter()
             config = TrainConfig(epochs=epochs, seed=seed, **train)
-            result = run(data, fusion, overrides, config, fractions=MFEAT_FRACTIONS)
+            result = fit_model(
+                Parts.of(data, make_split(data, config.seed, MFEAT_FRACTIONS)), fusion, overrides, config
+            )
             scores[label].append(result.metrics["test"]["accuracy"])
             print(
                 f"mfeat {label}, split {seed}: test accuracy {scores[label][-1]:.4f} "
@@ -93,7 +95,9 @@ def planted_r2(seeds: int, epochs: int, fusions: list[str]) -> dict[str, list[fl
     for seed in range(seeds):
         data = make_planted(seed=seed)
         for fusion in fusions:
-            result = run(data, fusion, {}, TrainConfig(epochs=epochs, seed=seed))
+            result = fit_model(
+                Parts.of(data, make_split(data, seed)), fusion, {}, TrainConfig(epochs=epochs, seed=seed)
+            )
             scores[fusion].append(result.metrics["test"]["r2"])
             print(f"planted {fusion:8s} seed {seed}: test R² {scores[fusion][-1]:.4f}", flush=True)
     return scores

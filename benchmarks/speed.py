@@ -548,8 +548,8 @@ RECORDED = {"planted cross": "0.9664 ± 0.0043", "planted self": "0.9660 ± 0.00
 
 
 def part_accuracy(args) -> list[str]:
-    from attnfuse.data import load_mfeat, make_planted  # only this part needs them
-    from attnfuse.training import TrainConfig, run
+    from attnfuse.data import load_mfeat, make_planted, make_split  # only this part needs them
+    from attnfuse.training import Parts, TrainConfig, fit_model
 
     seeds, splits = (1, 1) if args.quick else (3, args.mfeat_splits)
     epochs = 5 if args.quick else 100
@@ -557,12 +557,16 @@ def part_accuracy(args) -> list[str]:
     for seed in range(seeds):
         data = make_planted(seed=seed)
         for fusion in ("cross", "self"):
-            result = run(data, fusion, {}, TrainConfig(epochs=epochs, seed=seed, loss="l1"))
+            result = fit_model(
+                Parts.of(data, make_split(data, seed)), fusion, {}, TrainConfig(epochs=epochs, seed=seed, loss="l1")
+            )
             scores.setdefault(f"planted {fusion}", []).append(result.metrics["test"]["r2"])
             print(f"planted {fusion} seed {seed}: test R² {scores[f'planted {fusion}'][-1]:.4f}", flush=True)
     data = load_mfeat()
     for seed in range(splits):
-        result = run(data, "self", {}, TrainConfig(epochs=epochs, seed=seed), fractions=(0.7, 0.1, 0.2))
+        result = fit_model(
+            Parts.of(data, make_split(data, seed, (0.7, 0.1, 0.2))), "self", {}, TrainConfig(epochs=epochs, seed=seed)
+        )
         scores.setdefault("mfeat self", []).append(100 * result.metrics["test"]["accuracy"])
         print(f"mfeat self split {seed}: test accuracy {scores['mfeat self'][-1]:.2f}", flush=True)
     lines = [

@@ -209,7 +209,7 @@ def test_the_choice_is_recorded_in_config_and_metrics(planted_run):
 
 def test_progress_names_each_candidate_and_the_selection(planted_run):
     _, _, events = planted_run
-    started = [info["candidate"] for event, info in events if event == "run"]
+    started = [info["candidate"] for event, info in events if event == "model_start"]
     assert started == [c.name for c in PORTFOLIO]
     (selected,) = [info for event, info in events if event == "selected"]
     assert selected["selection"]["picked"] in started

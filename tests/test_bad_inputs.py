@@ -27,7 +27,7 @@ from attnfuse import checkpoint, training
 from attnfuse.checkpoint import CONFIG, METRICS, WEIGHTS, weights_id
 from attnfuse.cli import common
 from attnfuse.data import Batch, MultimodalDataset
-from attnfuse.training import DivergedError, TrainConfig, run
+from attnfuse.training import DivergedError, TrainConfig
 from clikit import (
     RUN_FILES,
     TINY,
@@ -41,6 +41,7 @@ from clikit import (
     strict_loads,
     write_npz,
 )
+from trainkit import train_one
 
 SELF = ["--fusion", "self", "--epochs", "1", "--d-model", "8", "--heads", "2", "--layers", "1", "--batch-size", "32"]
 
@@ -127,7 +128,7 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, dict], None], list[str]]] = {
     "train-list": (edit_config(lambda c: c.update(train=[])), [r"train: expected an object, got \[\]"]),
     "no-fusion": (edit_config(lambda c: c.pop("fusion")), ["fusion: missing"]),
     "unknown-fusion": (edit_config(lambda c: c.update(fusion="gpt")), ["model: fusion: expected one of"]),
-    "split-seed-string": (edit_config(lambda c: c.update(split_seed="0")), ["split_seed: expected int"]),
+    "split-seed-string": (edit_config(lambda c: c["split"].update(seed="0")), ["split.seed: expected int"]),
     "task-unknown": (edit_config(lambda c: c["data"].update(task="ranking")), [r"data\.task: expected"]),
     "modality-dim-negative": (
         edit_config(modality("dim", -4)),
@@ -483,4 +484,4 @@ def test_fit_raises_when_no_epoch_is_finite():
     x = {"a": (rng.normal(size=(60, 4)) + y[:, None]).astype(np.float32), "b": rng.normal(size=(60, 3, 2))}
     data = MultimodalDataset({k: v.astype(np.float32) for k, v in x.items()}, y)
     with pytest.raises(DivergedError, match=r"at epoch 1 .*--lr, now 1e\+12.*nothing is saved"):
-        run(data, "self", {"d_model": 8, "nhead": 2, "num_layers": 1}, TrainConfig(epochs=3, lr=1e12))
+        train_one(data, "self", {"d_model": 8, "nhead": 2, "num_layers": 1}, TrainConfig(epochs=3, lr=1e12))

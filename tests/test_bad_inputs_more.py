@@ -25,8 +25,9 @@ from attnfuse.data import MultimodalDataset, kfold
 from attnfuse.data.io import directory as directory_module
 from attnfuse.options import check_bounds, option, options_of, shorten
 from attnfuse.pipeline import TrainSpec, read_options, train
-from attnfuse.training import TrainConfig, run
+from attnfuse.training import TrainConfig
 from clikit import TINY, assert_one_line, cli, write_npz
+from trainkit import train_one
 
 MAX_STDERR = 1024
 
@@ -309,7 +310,7 @@ def test_fp16_is_refused_for_training_on_the_cpu_but_a_config_with_it_loads():
         cfg.training_device()
     data = MultimodalDataset({"x": np.zeros((20, 2))}, np.arange(20) % 2)
     with pytest.raises(ValueError, match="fp16 trains on a CUDA GPU only"):
-        run(data, "concat", train=cfg)
+        train_one(data, "concat", train=cfg)
     assert TrainConfig(precision="bf16", device="cpu").training_device().type == "cpu"
 
 

@@ -20,13 +20,14 @@ from attnfuse.checkpoint import (
     _finite,
     check_compatible,
     load_model,
-    min_parameters,
+    read_config,
     save_model,
 )
 from attnfuse.data import MultimodalDataset
 from attnfuse.files import write_json
 from attnfuse.fusion import build_model, config_from_dict
-from attnfuse.training import TrainConfig, predict, run
+from attnfuse.training import TrainConfig, predict
+from trainkit import train_one
 
 FUSIONS = ["concat", "self", "cross", "bicross", "mult"]
 
@@ -58,15 +59,23 @@ def assert_not_pickle(path) -> None:
 def test_save_load_roundtrip_gives_the_same_predictions(tmp_path, fusion):
     data = make_data()
     cfg = TrainConfig(epochs=1, seed=0)
-    result = run(data, fusion, overrides(fusion), cfg)
-    save_model(tmp_path, result.model, fusion, data, result.standardizer, {"epochs": 1, "seed": 0}, split_seed=0)
+    result = train_one(data, fusion, overrides(fusion), cfg)
+    save_model(
+        tmp_path,
+        result.model,
+        fusion,
+        data,
+        result.standardizer,
+        {"epochs": 1, "seed": 0},
+        split={"how": "drawn", "seed": 0},
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS, CONFIG])
 
     model, config, standardizer = load_model(tmp_path)
     assert not model.training
     assert type(model) is type(result.model) and config["fusion"] == fusion
     assert config["data"]["name"] == "toy" and config["data"]["n"] == data.n
-    assert config["data"]["num_classes"] == 3 and config["split_seed"] == 0
+    assert config["data"]["num_classes"] == 3 and config["split"] == {"how": "drawn", "seed": 0}
     for name in ("a", "b"):
         np.testing.assert_array_equal(standardizer.mean[name], result.standardizer.mean[name])
         np.testing.assert_array_equal(standardizer.std[name], result.standardizer.std[name])
@@ -81,8 +90,10 @@ def test_save_load_roundtrip_gives_the_same_predictions(tmp_path, fusion):
 
 def test_checkpoint_files_are_safetensors_and_json_never_pickle(tmp_path):
     data = make_data()
-    result = run(data, "cross", overrides("cross"), TrainConfig(epochs=1))
-    save_model(tmp_path, result.model, "cross", data, result.standardizer, {"seed": 0}, split_seed=0)
+    result = train_one(data, "cross", overrides("cross"), TrainConfig(epochs=1))
+    save_model(
+        tmp_path, result.model, "cross", data, result.standardizer, {"seed": 0}, split={"how": "drawn", "seed": 0}
+    )
     write_json(tmp_path / METRICS, result.metrics)
     files = sorted(tmp_path.iterdir())
     assert [p.name for p in files] == sorted([WEIGHTS, CONFIG, METRICS])  # no stray temporary files
@@ -101,21 +112,43 @@ def test_checkpoint_files_are_safetensors_and_json_never_pickle(tmp_path):
 
 def test_config_json_holds_everything_to_rebuild(tmp_path):
     data = make_data()
-    result = run(data, "bicross", overrides("bicross"), TrainConfig(epochs=1))
-    save_model(tmp_path, result.model, "bicross", data, result.standardizer, {"lr": 0.5}, split_seed=7)
+    result = train_one(data, "bicross", overrides("bicross"), TrainConfig(epochs=1))
+    save_model(
+        tmp_path, result.model, "bicross", data, result.standardizer, {"lr": 0.5}, split={"how": "drawn", "seed": 7}
+    )
     config = json.loads((tmp_path / CONFIG).read_text())
     assert config["model"]["d_model"] == 8 and config["model"]["query"] == "a" and config["model"]["context"] == ["b"]
-    assert config["train"] == {"lr": 0.5} and config["split_seed"] == 7
+    assert config["train"] == {"lr": 0.5} and config["split"]["seed"] == 7
     assert [m["name"] for m in config["data"]["modalities"]] == ["a", "b"]
     assert set(config["standardizer"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda c: c.pop("split"), "split: missing"),
+        (lambda c: c.pop("weights_id"), "weights_id: missing"),
+        (lambda c: c["split"].update(how="guessed"), "split.how: expected one of 'column', 'carved', 'drawn', 'fold'"),
+        (lambda c: c["split"].update(how="fold", folds=3, fold=3), "split.fold: expected a fold in 0..2, got 3"),
+    ],
+)
+def test_a_config_without_how_its_parts_were_made_or_its_weights_id_is_refused(tmp_path, change, needle):
+    data = make_data()
+    result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=1))
+    save_model(tmp_path, result.model, "concat", data, result.standardizer, {}, split={"how": "drawn", "seed": 0})
+    config = json.loads((tmp_path / CONFIG).read_text())
+    change(config)
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=needle):
+        read_config(tmp_path)
 
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         load_model(tmp_path)
     data = make_data()
-    result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=1))
-    save_model(tmp_path, result.model, "concat", data, result.standardizer, {}, split_seed=0)
+    result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=1))
+    save_model(tmp_path, result.model, "concat", data, result.standardizer, {}, split={"how": "drawn", "seed": 0})
     (tmp_path / CONFIG).write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_model(tmp_path)
@@ -124,8 +157,16 @@ def test_load_model_errors(tmp_path):
 def test_save_overwrites_in_place(tmp_path):
     data = make_data()
     for seed in (0, 1):
-        result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=1, seed=seed))
-        save_model(tmp_path, result.model, "concat", data, result.standardizer, {"seed": seed}, split_seed=seed)
+        result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=1, seed=seed))
+        save_model(
+            tmp_path,
+            result.model,
+            "concat",
+            data,
+            result.standardizer,
+            {"seed": seed},
+            split={"how": "drawn", "seed": seed},
+        )
     _model, config, _ = load_model(tmp_path)
     assert config["train"] == {"seed": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS, CONFIG])
@@ -135,8 +176,8 @@ def test_save_overwrites_in_place(tmp_path):
 def trained_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     data = make_data()
-    result = run(data, "self", overrides("self"), TrainConfig(epochs=1))
-    save_model(path, result.model, "self", data, result.standardizer, {}, split_seed=0)
+    result = train_one(data, "self", overrides("self"), TrainConfig(epochs=1))
+    save_model(path, result.model, "self", data, result.standardizer, {}, split={"how": "drawn", "seed": 0})
     return load_model(path)[1]
 
 
@@ -187,8 +228,8 @@ def test_check_compatible_names_what_differs(trained_config, data, match):
 def test_check_compatible_regression_target_count(tmp_path):
     rng = np.random.default_rng(0)
     data = MultimodalDataset({"a": rng.normal(size=(30, 3)).astype(np.float32)}, rng.normal(size=(30, 2)))
-    result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=1))
-    save_model(tmp_path, result.model, "concat", data, result.standardizer, {}, split_seed=0)
+    result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=1))
+    save_model(tmp_path, result.model, "concat", data, result.standardizer, {}, split={"how": "drawn", "seed": 0})
     config = load_model(tmp_path)[1]
     assert config["data"]["target_dim"] == 2 and config["model"]["out_dim"] == 2
     check_compatible(config, data)
@@ -225,7 +266,7 @@ def test_damaged_model_directory_is_a_value_error(tmp_path, trained_config):
     hidden=st.one_of(st.none(), st.integers(1, 16)),
     pooling=st.sampled_from(["mean", "attention"]),
 )
-def test_min_parameters_is_a_lower_bound(fusion, d_model, num_layers, ff, dims, out_dim, hidden, pooling):
+def test_num_parameters_is_a_lower_bound(fusion, d_model, num_layers, ff, dims, out_dim, hidden, pooling):
     """The bound used to refuse a config before building it never exceeds the real count."""
     modalities = [{"name": f"m{i}", "dim": d, "length": 1 + i, "is_sequence": i > 0} for i, d in enumerate(dims)]
     values = {"modalities": modalities, "out_dim": out_dim, "d_model": d_model, "head_hidden": hidden}
@@ -233,7 +274,7 @@ def test_min_parameters_is_a_lower_bound(fusion, d_model, num_layers, ff, dims, 
         values.update(nhead=2, num_layers=num_layers, dim_feedforward=ff)
         values["pooling"] = "mean" if fusion == "mult" else pooling
     model = build_model(fusion, config_from_dict(fusion, values))
-    assert min_parameters(model.config) <= sum(p.numel() for p in model.parameters())
+    assert model.config.num_parameters() <= sum(p.numel() for p in model.parameters())
 
 
 @given(

@@ -127,7 +127,7 @@ def test_predict_writes_one_row_per_sample(model_dir, npz, workdir):
     assert len(rows) == 90
     assert [int(r[0]) for r in rows] == list(range(90))
     config = json.loads((model_dir / "config.json").read_text())
-    parts = dict(make_split(load_npz(npz), config["split_seed"]))
+    parts = dict(make_split(load_npz(npz), config["split"]["seed"]))
     for name, rows_of_split in parts.items():
         assert {rows[i][1] for i in rows_of_split} == {name}
     y = np.load(npz)["y"]

@@ -15,11 +15,6 @@ NESTING += tuple(getattr(ast, name) for name in ("TryStar",) if hasattr(ast, nam
 
 # "module:qualified name" -> why it stays as it is.
 ALLOWED: dict[str, str] = {
-    "attnfuse/checkpoint.py:_check_config": "being split into helpers",
-    "attnfuse/cli/train.py:train": "being split into helpers",
-    "attnfuse/cli/train.py:train.on_progress": "being split into helpers",
-    "attnfuse/pipeline.py:_train": "being split into helpers",
-    "attnfuse/runstate.py:check_state": "being split into helpers",
 }
 
 

@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from attnfuse.cli.common import Fitted, _FittingConsole, _metrics_table, fit_table
+from attnfuse.cli.common import Fitted, _FittingConsole, fit_table, metrics_table
 from clikit import cli, ok, write_npz
 
 # The command modules (attnfuse.cli's own names train, predict, ... are the command functions).
@@ -64,9 +64,9 @@ def sentiment_rows(summary: bool) -> dict:
 
 
 @pytest.mark.parametrize("summary", [False, True])
-def test_the_sentiment_metrics_table_fits_80_columns_in_parts_with_every_value(summary):
+def test_the_sentimentmetrics_table_fits_80_columns_in_parts_with_every_value(summary):
     rows = sentiment_rows(summary)
-    text = render(_metrics_table("self on mosi: mean ± std over 5 runs", rows))
+    text = render(metrics_table("self on mosi: mean ± std over 5 runs", rows))
     assert_fits(text)
     value = "0.1235 ± 0.0123" if summary else "0.1235"
     assert text.count(value) == 10 * len(rows)  # every cell of every metric, whole
@@ -76,7 +76,7 @@ def test_the_sentiment_metrics_table_fits_80_columns_in_parts_with_every_value(s
 
 
 def test_a_table_that_fits_is_printed_as_it_is():
-    table = _metrics_table("concat on x", {"train": {"accuracy": 0.5}, "test": {"accuracy": 0.25}})
+    table = metrics_table("concat on x", {"train": {"accuracy": 0.5}, "test": {"accuracy": 0.25}})
     console = Console(width=80, file=io.StringIO())
     assert fit_table(table, console, 80) == [table]
 

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 from attnfuse.checkpoint import load_model
 from attnfuse.cli import app
 from attnfuse.data import MultimodalDataset, RowBatches
-from attnfuse.ensemble import Ensemble, build_ensemble
+from attnfuse.ensemble import Ensemble, EnsembleSpec, build_ensemble
 from attnfuse.fusion import build_model
 from attnfuse.pipeline import TrainSpec, train
-from attnfuse.training import TrainConfig, member_seed, model_config, predict, run
+from attnfuse.training import TrainConfig, model_config, predict
+from trainkit import train_one
 
 SMALL = {"d_model": 8, "nhead": 2, "num_layers": 1}
 
@@ -74,7 +75,7 @@ def test_train_fits_members_from_distinct_seeds_and_evaluates_their_average(tmp_
     accuracy = (mean.argmax(dim=-1) == batch.y).double().mean().item()
     assert result.report["test"]["accuracy"] == pytest.approx(accuracy)
     # No two runs of --repeat (seeds 5, 6) share a member.
-    seeds = {member_seed(s, k) for s in (5, 6) for k in range(3)}
+    seeds = {EnsembleSpec(3).seed(s, k) for s in (5, 6) for k in range(3)}
     assert len(seeds) == 6
 
 
@@ -102,8 +103,8 @@ def test_regression_targets_far_from_zero_train_as_well_as_centred_ones():
     # Before targets were standardised, an offset of 1000 left the network thousands of
     # lr-sized steps away from the right output scale: R² far below the centred data's.
     cfg = TrainConfig(epochs=30, batch_size=16, seed=0)
-    centred = run(toy(200, task="regression"), "concat", {"d_model": 8}, cfg)
-    shifted = run(toy(200, task="regression", offset=1000.0), "concat", {"d_model": 8}, cfg)
+    centred = train_one(toy(200, task="regression"), "concat", {"d_model": 8}, cfg)
+    shifted = train_one(toy(200, task="regression", offset=1000.0), "concat", {"d_model": 8}, cfg)
     assert centred.metrics["test"]["r2"] > 0.5
     assert shifted.metrics["test"]["r2"] == pytest.approx(centred.metrics["test"]["r2"], abs=0.02)
     model = shifted.model

@@ -15,14 +15,15 @@ import torch
 
 from attnfuse.data import MultimodalDataset, make_planted, make_split
 from attnfuse.explain import attention_rollout, collect_maps, gradient_attribution, masking_importance
-from attnfuse.training import TrainConfig, run
+from attnfuse.training import TrainConfig
+from trainkit import train_one
 
 
 @pytest.fixture(scope="module")
 def planted():
     """`cross` fusion (1 layer, d_model 64) trained on the planted lookup: test R² ≈ 0.96."""
     data = make_planted(n=1200, seed=1)
-    result = run(data, "cross", {"num_layers": 1}, TrainConfig(epochs=60, patience=15, seed=0))
+    result = train_one(data, "cross", {"num_layers": 1}, TrainConfig(epochs=60, patience=15, seed=0))
     assert result.metrics["test"]["r2"] > 0.9
     test = dict(make_split(data, seed=0))["test"]
     batch = result.standardizer.transform(data).to_batch(test)
@@ -104,7 +105,7 @@ def redundant():
     """`concat` trained with modality dropout 0.3, so that an absent modality is a situation it
     has learned (without it, hiding even the noise costs R²: the model never saw it missing)."""
     data = noise_and_copies()
-    result = run(data, "concat", {"d_model": 16, "modality_dropout": 0.3}, TrainConfig(epochs=40, seed=0))
+    result = train_one(data, "concat", {"d_model": 16, "modality_dropout": 0.3}, TrainConfig(epochs=40, seed=0))
     assert result.metrics["test"]["r2"] > 0.9
     test = dict(make_split(data, seed=0))["test"]
     return masking_importance(result.model, result.standardizer.transform(data).to_batch(test), "regression")

@@ -9,7 +9,8 @@ import torch
 from attnfuse.data import Batch, MultimodalDataset, make_planted
 from attnfuse.fusion import FUSIONS, build_model, config_from_dict
 from attnfuse.modules import AttentionMap
-from attnfuse.training import TrainConfig, model_config, run
+from attnfuse.training import TrainConfig, model_config
+from trainkit import train_one
 
 ALL = ["concat", "self", "cross", "bicross", "mult"]
 ATTENTION = ["self", "cross", "bicross", "mult"]
@@ -100,7 +101,7 @@ def separable(n: int = 240, num_classes: int = 3, seed: int = 0) -> MultimodalDa
 @pytest.mark.parametrize("fusion", ALL)
 def test_every_model_trains_above_chance(fusion):
     data = separable()
-    result = run(data, fusion, small(fusion), TrainConfig(epochs=12, batch_size=32, lr=3e-3, patience=12, seed=0))
+    result = train_one(data, fusion, small(fusion), TrainConfig(epochs=12, batch_size=32, lr=3e-3, patience=12, seed=0))
     chance = 1 / data.num_classes
     assert result.metrics["test"]["accuracy"] >= chance + 0.3, result.metrics
     assert result.metrics["train"]["accuracy"] >= chance + 0.3, result.metrics
@@ -118,19 +119,19 @@ PLANTED_TRAIN = TrainConfig(epochs=20, batch_size=32, lr=5e-3, patience=20, seed
 @pytest.mark.parametrize("fusion", ["cross", "self", "bicross"])
 def test_attention_fusion_solves_planted_lookup(planted, fusion):
     over = {"d_model": 32, "nhead": 2, "num_layers": 1, "dropout": 0.0}
-    result = run(planted, fusion, over, PLANTED_TRAIN)
+    result = train_one(planted, fusion, over, PLANTED_TRAIN)
     assert result.metrics["test"]["r2"] >= 0.9, result.metrics["test"]
 
 
 def test_concat_cannot_solve_planted_lookup(planted):
-    result = run(planted, "concat", {"d_model": 32, "dropout": 0.0}, PLANTED_TRAIN)
+    result = train_one(planted, "concat", {"d_model": 32, "dropout": 0.0}, PLANTED_TRAIN)
     assert result.metrics["test"]["r2"] <= 0.4, result.metrics["test"]
 
 
 def test_cross_attention_looks_at_the_planted_step(planted):
     """After training, text->video attention (summed over heads) peaks at the planted step."""
     over = {"d_model": 32, "nhead": 2, "num_layers": 1, "dropout": 0.0}
-    result = run(planted, "cross", over, PLANTED_TRAIN)
+    result = train_one(planted, "cross", over, PLANTED_TRAIN)
     batch = result.standardizer.transform(planted).to_batch(np.arange(200))
     result.model.eval()
     with torch.no_grad():

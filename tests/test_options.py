@@ -166,8 +166,8 @@ def test_train_in_python_shows_nothing_and_reports_progress(tmp_path, capsys):
     result = train(spec, progress=lambda event, info: events.append((event, info)))
     assert capsys.readouterr() == ("", "")
     kinds = [e for e, _ in events]
-    assert kinds == ["data"] + ["run", "epoch", "epoch", "run_end"] * 2
-    assert [info["seed"] for e, info in events if e == "run"] == [0, 1]
+    assert kinds == ["data"] + ["model_start", "epoch", "epoch", "model_end"] * 2
+    assert [info["seed"] for e, info in events if e == "model_start"] == [0, 1]
     assert (
         set(result.report) == {"runs", "summary", "baselines"} and result.out is None and not list(tmp_path.glob("*/"))
     )

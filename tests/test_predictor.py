@@ -269,7 +269,7 @@ def test_progress_reports_the_training(table):
     FusionPredictor(target="label", progress=lambda event, info: events.append(event), **FAST).fit(
         table.drop(["score", "id"])
     )
-    assert events[0] == "data" and events.count("epoch") == FAST["epochs"] and "run_end" in events
+    assert events[0] == "data" and events.count("epoch") == FAST["epochs"] and "model_end" in events
 
 
 def test_export_writes_the_model_as_a_graph(tmp_path, classifier):

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from attnfuse.data import MultimodalDataset, make_planted
 from attnfuse.pipeline import TrainSpec, train
 from attnfuse.runstate import load_state
-from attnfuse.training import Control, TrainConfig, Trainer, run
+from attnfuse.training import Control, TrainConfig, Trainer
+from trainkit import train_one
 
 # A run long enough to be killed in the middle: many small steps of a tiny model.
 LONG = ["--fusion", "self", "--d-model", "8", "--heads", "2", "--layers", "1", "--batch-size", "8"]
@@ -140,7 +141,8 @@ def test_sigkill_inside_auto_with_an_ensemble_then_resume_is_bitwise_the_same(tm
     proc.wait()
     assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
     _, meta = load_state(out / "last")
-    assert meta["unit"] != [0, 0] and meta["members"], meta["unit"]  # finished models are in the checkpoint
+    position = (meta["candidate"], meta["member"])
+    assert position != (0, 0) and (meta["candidates"] or meta["members"]), position  # finished models are kept
     code, _, err = finish(attnfuse("train", "--resume", out))
     assert code == 0, err
     same_run(out, expected)
@@ -231,7 +233,9 @@ def test_bf16_stays_close_to_fp32_on_the_planted_task():
     data = make_planted(n=600, seed=0)
     small = {"d_model": 32, "nhead": 4, "num_layers": 1, "dropout": 0.0}
     r2 = {
-        p: run(data, "cross", small, TrainConfig(epochs=40, batch_size=32, lr=3e-3, precision=p)).metrics["test"]["r2"]
+        p: train_one(data, "cross", small, TrainConfig(epochs=40, batch_size=32, lr=3e-3, precision=p)).metrics["test"][
+            "r2"
+        ]
         for p in ("32", "bf16")
     }
     assert r2["32"] > 0.8, r2
@@ -247,5 +251,5 @@ def test_compile_wraps_the_model_that_trains(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", spy)
     data = MultimodalDataset({"a": np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)}, np.arange(40) % 2)
-    result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=1, compile=True))
+    result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=1, compile=True))
     assert compiled == [result.model]

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import attnfuse.fit
 import attnfuse.pipeline
 from attnfuse.checkpoint import CONFIG, WEIGHTS, load_model, read_config, run_directory
 from attnfuse.runstate import LAST, RunLog, load_state, save_state, write_options
@@ -51,13 +52,13 @@ def one_line(result, *needles: str) -> str:
     return err
 
 
-def fail_at(monkeypatch, name: str, error: BaseException) -> None:
-    """``attnfuse.pipeline.NAME`` raises ``error``: a run that stops there."""
+def fail_at(monkeypatch, name: str, error: BaseException, module=attnfuse.pipeline) -> None:
+    """``module.NAME`` (default: of attnfuse.pipeline) raises ``error``: a run that stops there."""
 
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(attnfuse.pipeline, name, broken)
+    monkeypatch.setattr(module, name, broken)
 
 
 def disk_full() -> OSError:
@@ -217,7 +218,7 @@ def test_resume_refuses_a_checkpoint_of_another_run_than_its_options(tmp_path, m
     data, out = checkpointed(tmp_path, monkeypatch)
     # A second run into the same --out, other options, stopped before a checkpoint of its own.
     with monkeypatch.context() as m:
-        fail_at(m, "run", disk_full())
+        fail_at(m, "fit_model", disk_full(), attnfuse.fit)
         one_line(cli("train", "--data", data, *TINY, "--lr", "0.5", "--checkpoint-every", "0", "--out", out))
     assert "lr: 0.5" in (out / LAST / "run.yaml").read_text()
     before = tree_sums(tmp_path)
@@ -301,7 +302,8 @@ TAMPERINGS = {
     "step negative": _json(lambda m: m.update(step=-1)),
     "best_epoch after epoch": _json(lambda m: m.update(best_epoch=99)),
     "best_key a string": _json(lambda m: m.update(best_key="x")),
-    "unit of one number": _json(lambda m: m.update(unit=[0])),
+    "candidate a list": _json(lambda m: m.update(candidate=[0])),
+    "members longer than the member under way": _json(lambda m: m.update(members=[{}])),
     "finished an object": _json(lambda m: m.update(finished={})),
     "finished too short": _json(lambda m: m.update(finished=[])),
     "optimizer groups empty": _json(lambda m: m.update(optimizer_groups=[])),
@@ -395,17 +397,17 @@ def test_an_explain_report_made_while_training_runs_is_kept(tmp_path):
     out = tmp_path / "out"
     ok(cli("train", "--data", data, *TINY, "--out", out))
     made = threading.Event()
-    real_run = attnfuse.pipeline.run
+    real_fit = attnfuse.fit.fit_model
 
     def run_then_explain(*args, **kwargs):  # the user explains the old model while the new one trains
         if not made.is_set():
             (out / "explain").mkdir()
             (out / "explain" / "index.html").write_text("late")
             made.set()
-        return real_run(*args, **kwargs)
+        return real_fit(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(attnfuse.pipeline, "run", run_then_explain)
+        m.setattr(attnfuse.fit, "fit_model", run_then_explain)
         ok(cli("train", "--data", data, *TINY, "--seed", "1", "--out", out))
     assert (out / "explain" / "index.html").read_text() == "late"
 

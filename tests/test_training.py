@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from attnfuse.data import MultimodalDataset, Standardizer, make_split
 from attnfuse.metrics import PRIMARY_METRIC, summarize
-from attnfuse.training import TrainConfig, model_config, predict, run, to_predictions
+from attnfuse.training import TrainConfig, model_config, predict, to_predictions
+from trainkit import train_one
 
 SMALL = {"d_model": 16, "nhead": 2, "num_layers": 1}
 
@@ -40,22 +41,22 @@ def regression_data(n: int = 120, k: int | None = None, seed: int = 0, noise: fl
 def test_same_seed_gives_identical_metrics_and_weights(fusion):
     data = classification_data()
     cfg = TrainConfig(epochs=3, batch_size=32, seed=5)
-    r1, r2 = run(data, fusion, SMALL, cfg), run(data, fusion, SMALL, cfg)
+    r1, r2 = train_one(data, fusion, SMALL, cfg), train_one(data, fusion, SMALL, cfg)
     assert r1.metrics == r2.metrics and r1.history == r2.history and r1.best_epoch == r2.best_epoch
     s1, s2 = r1.model.state_dict(), r2.model.state_dict()
     assert s1.keys() == s2.keys()
     for key in s1:
         assert torch.equal(s1[key], s2[key]), key
     # A different seed gives a different model (the seed is really used).
-    r3 = run(data, fusion, SMALL, TrainConfig(epochs=3, batch_size=32, seed=6))
+    r3 = train_one(data, fusion, SMALL, TrainConfig(epochs=3, batch_size=32, seed=6))
     assert any(not torch.equal(s1[k], r3.model.state_dict()[k]) for k in s1)
 
 
 def test_split_seed_overrides_the_split_only():
     data = classification_data()
     cfg = TrainConfig(epochs=1, batch_size=32, seed=0)
-    a = run(data, "concat", {"d_model": 8}, cfg, split_seed=1)
-    b = run(data, "concat", {"d_model": 8}, cfg, split_seed=2)
+    a = train_one(data, "concat", {"d_model": 8}, cfg, split_seed=1)
+    b = train_one(data, "concat", {"d_model": 8}, cfg, split_seed=2)
     # Standardiser statistics come from different training rows.
     assert not np.array_equal(a.standardizer.mean["a"], b.standardizer.mean["a"])
 
@@ -70,7 +71,7 @@ def test_early_stopping_restores_the_best_validation_weights():
     data = regression_data(n=60, noise=1.0, seed=3)
     cfg = TrainConfig(epochs=80, batch_size=8, lr=1e-2, weight_decay=0.0, patience=4, seed=0, loss="l1")
     epochs_seen = []
-    result = run(data, "self", {**SMALL, "dropout": 0.0}, cfg, on_epoch=epochs_seen.append)
+    result = train_one(data, "self", {**SMALL, "dropout": 0.0}, cfg, on_epoch=epochs_seen.append)
     history = result.history
     assert [r["epoch"] for r in history] == list(range(1, len(history) + 1))
     assert len(history) < cfg.epochs, "expected early stopping"
@@ -88,7 +89,7 @@ def test_early_stopping_restores_the_best_validation_weights():
 
 def test_classification_ties_on_accuracy_are_broken_by_validation_loss():
     data = classification_data(n=90)
-    result = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=15, batch_size=16, patience=15, seed=0))
+    result = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=15, batch_size=16, patience=15, seed=0))
     metric, _ = PRIMARY_METRIC["classification"]
     keys = [(r[f"valid_{metric}"], -r["valid_loss"]) for r in result.history]
     assert result.best_epoch == max(range(len(keys)), key=lambda i: keys[i]) + 1
@@ -111,7 +112,7 @@ def test_standardizer_uses_training_rows_only():
         v[other] += 1000.0
     shifted = MultimodalDataset(feats, data.y)
     assert np.array_equal(make_split(shifted, seed)["train"], train_idx)  # the split ignores features
-    result = run(shifted, "concat", {"d_model": 8}, TrainConfig(epochs=1, seed=seed))
+    result = train_one(shifted, "concat", {"d_model": 8}, TrainConfig(epochs=1, seed=seed))
     for name, x in data.features.items():
         tokens = x[train_idx].reshape(-1, x.shape[-1])
         np.testing.assert_allclose(result.standardizer.mean[name], tokens.mean(axis=0), rtol=1e-5, atol=1e-5)
@@ -132,7 +133,7 @@ def test_standardizer_uses_the_split_column_and_valid_tokens():
     data = MultimodalDataset(
         {"s": x, "v": rng.normal(size=(n, 2)).astype(np.float32)}, np.arange(n) % 2, masks={"s": steps}, split=split
     )
-    result = run(data, "self", SMALL, TrainConfig(epochs=1, seed=0))
+    result = train_one(data, "self", SMALL, TrainConfig(epochs=1, seed=0))
     tokens = x_raw[:20][steps[:20]]
     np.testing.assert_allclose(result.standardizer.mean["s"], tokens.mean(axis=0), rtol=1e-5, atol=1e-5)
     # The same statistics as fitting by hand.
@@ -153,7 +154,7 @@ def _valid_outputs(result, data, seed):
 def test_regression_with_k_targets_and_each_loss(loss, fn):
     data = regression_data(n=90, k=2)
     cfg = TrainConfig(epochs=1, batch_size=32, seed=0, loss=loss)
-    result = run(data, "cross", SMALL, cfg)
+    result = train_one(data, "cross", SMALL, cfg)
     assert result.model.config.out_dim == 2
     out, y = _valid_outputs(result, data, cfg.seed)
     assert out.shape == y.shape == (len(y), 2)
@@ -168,7 +169,7 @@ def test_regression_with_k_targets_and_each_loss(loss, fn):
 
 def test_regression_learns_a_linear_target_with_mse():
     data = regression_data(n=200, k=2, noise=0.05)
-    result = run(
+    result = train_one(
         data,
         "concat",
         {"d_model": 16, "dropout": 0.0},
@@ -180,9 +181,9 @@ def test_regression_learns_a_linear_target_with_mse():
 def test_loss_must_fit_the_task():
     cls, reg = classification_data(n=60), regression_data(n=60)
     with pytest.raises(ValueError, match="loss"):
-        run(cls, "concat", {"d_model": 8}, TrainConfig(epochs=1, loss="mse"))
+        train_one(cls, "concat", {"d_model": 8}, TrainConfig(epochs=1, loss="mse"))
     with pytest.raises(ValueError, match="loss"):
-        run(reg, "concat", {"d_model": 8}, TrainConfig(epochs=1, loss="cross_entropy"))
+        train_one(reg, "concat", {"d_model": 8}, TrainConfig(epochs=1, loss="cross_entropy"))
     with pytest.raises(ValueError, match="loss"):
         TrainConfig(loss="huber")
 
@@ -205,8 +206,8 @@ def test_sentiment_metrics_appear_when_asked():
     a = rng.normal(size=(n, 4)).astype(np.float32)
     y = np.clip(a[:, 0] * 1.5, -3, 3).astype(np.float32)  # MOSI-like scores in [-3, 3]
     data = MultimodalDataset({"a": a, "b": rng.normal(size=(n, 2, 3)).astype(np.float32)}, y)
-    plain = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=2, seed=0))
-    senti = run(data, "concat", {"d_model": 8}, TrainConfig(epochs=2, seed=0, metrics="sentiment"))
+    plain = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=2, seed=0))
+    senti = train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=2, seed=0, metrics="sentiment"))
     extra = {"acc2", "acc2_has0", "f1", "f1_has0", "acc7", "acc5"}
     for split in ("train", "valid", "test"):
         assert not extra & set(plain.metrics[split])
@@ -218,12 +219,12 @@ def test_sentiment_metrics_appear_when_asked():
 
 def test_sentiment_metrics_refuse_classification():
     with pytest.raises(ValueError, match="sentiment"):
-        run(classification_data(n=60), "concat", {"d_model": 8}, TrainConfig(epochs=1, metrics="sentiment"))
+        train_one(classification_data(n=60), "concat", {"d_model": 8}, TrainConfig(epochs=1, metrics="sentiment"))
 
 
 def test_repeated_runs_summary():
     data = classification_data(n=90)
-    results = [run(data, "concat", {"d_model": 8}, TrainConfig(epochs=2, seed=s), split_seed=s) for s in (0, 1)]
+    results = [train_one(data, "concat", {"d_model": 8}, TrainConfig(epochs=2, seed=s), split_seed=s) for s in (0, 1)]
     summary = {split: summarize([r.metrics[split] for r in results]) for split in ("train", "valid", "test")}
     for split, stats in summary.items():
         assert set(stats) == {"accuracy", "f1_macro"}

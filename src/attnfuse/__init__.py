@@ -90,7 +90,7 @@ from .options import option
 from .pipeline import RunOptions, TrainResult, TrainSpec, load_trained, train
 from .portfolio import PORTFOLIO, Candidate
 from .predictor import FusionPredictor
-from .training import RunResult, TrainConfig, Trainer, evaluate, model_config, predict, run
+from .training import TrainConfig, TrainedModel, Trainer, evaluate, fit_model, model_config, predict
 
 __all__ = [
     "__version__",
@@ -144,8 +144,8 @@ __all__ = [
     "Ensemble",
     # training, metrics, checkpoints
     "TrainConfig",
-    "RunResult",
-    "run",
+    "TrainedModel",
+    "fit_model",
     "Trainer",
     "predict",
     "evaluate",

@@ -5,8 +5,8 @@ was trained with: ``attnfuse train --config DIR/run.yaml`` trains it again).
 Writing: a model directory is written as one transaction (:func:`run_directory`, built on
 :func:`attnfuse.files.transaction`): a reader finds the previous complete run or the new complete
 one, never weights of one run beside the config of another. ``config.json`` and the weights'
-``config.json`` records ``weights_id``, a hash of the tensors: a directory mixed by hand (or by an
-older attnfuse) is recognised when read, and so are tensors damaged after they were written.
+``config.json`` records ``weights_id``, a hash of the tensors: a directory mixed by hand is
+recognised when read, and so are tensors damaged after they were written.
 A reader opens the directory once and both files relative to that handle (:class:`_Pinned`), so a
 run swapped in between its two reads cannot pair one run's config with another's weights.
 
@@ -41,10 +41,11 @@ from safetensors.torch import save as safetensors_bytes
 from ._version import __version__
 from .data import MultimodalDataset, Standardizer
 from .data.validation import check_columns
-from .ensemble import Ensemble, build_ensemble
+from .ensemble import Ensemble, EnsembleSpec
 from .files import transaction, write_bytes, write_json, write_text
-from .fusion import FusionConfig, FusionModel, SelfFusionConfig, config_from_dict
+from .fusion import FusionConfig, FusionModel, config_from_dict
 from .runstate import LAST, check_last
+from .splitplan import HOWS
 from .training import TrainConfig
 
 __all__ = [
@@ -63,7 +64,6 @@ __all__ = [
     "read_config",
     "load_model",
     "check_compatible",
-    "min_parameters",
     "check_memory",
 ]
 
@@ -116,18 +116,17 @@ def write_model(
     data: MultimodalDataset,
     standardizer: Standardizer,
     train_config: dict,
-    split_seed: int,
+    split: dict,
     source: str | None = None,
     extra: dict | None = None,
 ) -> str:
     """Write ``model.safetensors`` and ``config.json`` into ``directory`` (one being built, e.g. by
     :func:`run_directory`); returns the ``weights_id`` recorded in the config (:func:`weights_id`).
 
-    ``split_seed`` is the seed of the train/valid/test split drawn for data without a split
-    column, so that ``evaluate`` can report the same parts later; ``source`` is where the data
-    came from (a built-in name or a file path), the default data of ``explain``; ``extra``: more
-    top-level entries (``split``: how the parts were made, ``read``: how a table was read,
-    ``auto``: how ``--fusion auto`` chose the fusion). An :class:`~attnfuse.ensemble.Ensemble` is
+    ``split`` says how the train/valid/test parts were made (:meth:`attnfuse.splitplan.SplitPlan.to_dict`),
+    so that ``evaluate`` can report the same parts later; ``source`` is where the data came from
+    (a built-in name or a file path), the default data of ``explain``; ``extra``: more top-level
+    entries (``read``: how a table was read, ``auto``: how ``--fusion auto`` chose the fusion). An :class:`~attnfuse.ensemble.Ensemble` is
     written with its members' weights under ``members.<k>.``; ``train_config["ensemble"]`` says
     how many there are."""
     directory = Path(directory)
@@ -148,7 +147,7 @@ def write_model(
             "fingerprint": fingerprint(data),
             **data.spec_dict(),
         },
-        "split_seed": split_seed,
+        "split": split,
         "standardizer": standardizer.to_dict(),
         "train": train_config,
         **(extra or {}),
@@ -176,8 +175,8 @@ def write_run(
     ``extra``: more entries of config.json (``auto``)."""
     directory = Path(directory)
     read = {k: options.get(k) for k in ("modality", "target", "split_col", "mapping")}  # how a table was read
-    write_model(directory, model, fusion, data, standardizer, train_config, split["seed"], options.get("data"),
-                extra={"split": split, "read": read, **(extra or {})})  # fmt: skip
+    extra = {"read": read, **(extra or {})}
+    write_model(directory, model, fusion, data, standardizer, train_config, split, options.get("data"), extra)
     write_json(directory / METRICS, metrics_for_json(metrics))
     write_text(directory / RUN, yaml.safe_dump(options, sort_keys=False))
 
@@ -304,11 +303,35 @@ def _check_config(config: Any, where: str) -> FusionConfig:
     s = _Schema(where)
     if not isinstance(config, dict):
         raise s.fail("top level", f"expected an object, got {type(config).__name__}")
+    s.get(config, "", "weights_id", str)
+    fusion_config, modalities = _check_model(s, config)
+    _check_split(s, s.get(config, "", "split", dict))
+    read = s.get(config, "", "read", dict, optional=True) or {}
+    for key in ("target", "split_col", "mapping"):
+        s.get(read, "read", key, (str, type(None)), optional=True)
+    s.get(read, "read", "modality", (list, type(None)), optional=True)
+    auto = s.get(config, "", "auto", dict, optional=True)
+    if auto is not None:
+        s.get(auto, "auto", "picked", str)
+        s.get(auto, "auto", "reason", str)
+    _check_standardizer(s, s.get(config, "", "standardizer", dict), modalities)
+    train = s.get(config, "", "train", dict)
+    unknown = sorted(set(train) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise s.fail("train", f"unknown setting {unknown[0]!r}")
+    try:  # the device it was trained on need not exist here: checked as "cpu"
+        TrainConfig(**{**train, "device": "cpu"})
+    except (ValueError, TypeError) as e:
+        raise s.fail("train", str(e)) from None
+    return fusion_config
+
+
+def _check_model(s: _Schema, config: dict) -> tuple[FusionConfig, list[dict]]:
+    """``fusion``, ``model`` and ``data``: the fusion's config, checked against the data it was
+    trained on (modalities, output size, columns, classes); returns it and the modalities."""
     fusion = s.get(config, "", "fusion", str)
     model = s.get(config, "", "model", dict)
     data = s.get(config, "", "data", dict)
-    s.get(config, "", "split_seed", int)
-    s.get(config, "", "weights_id", str, optional=True)
     task = s.get(data, "data", "task", str)
     s.get(data, "data", "name", str)
     for key in ("source", "fingerprint"):
@@ -333,17 +356,11 @@ def _check_config(config: Any, where: str) -> FusionConfig:
     classes = s.get(data, "data", "classes", (list, type(None)), optional=True)
     if classes is not None and (task != "classification" or len(classes) != out_dim):
         raise s.fail("data.classes", f"expected the {out_dim} original class labels of a classification model")
-    _check_split(s, s.get(config, "", "split", dict, optional=True))
-    read = s.get(config, "", "read", dict, optional=True) or {}
-    for key in ("target", "split_col", "mapping"):
-        s.get(read, "read", key, (str, type(None)), optional=True)
-    s.get(read, "read", "modality", (list, type(None)), optional=True)
-    auto = s.get(config, "", "auto", dict, optional=True)
-    if auto is not None:
-        s.get(auto, "auto", "picked", str)
-        s.get(auto, "auto", "reason", str)
+    return fusion_config, modalities
 
-    stats = s.get(config, "", "standardizer", dict)
+
+def _check_standardizer(s: _Schema, stats: dict, modalities: list[dict]) -> None:
+    """The standardisation statistics: valid, and of every modality's feature size."""
     try:
         standardizer = Standardizer.from_dict(stats)
     except (ValueError, TypeError) as e:
@@ -353,42 +370,18 @@ def _check_config(config: Any, where: str) -> FusionConfig:
     if got != dims:
         raise s.fail("standardizer", f"expected statistics of {dims} features per modality, got {got}")
 
-    train = s.get(config, "", "train", dict)
-    unknown = sorted(set(train) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise s.fail("train", f"unknown setting {unknown[0]!r}")
-    try:  # the device it was trained on need not exist here: checked as "cpu"
-        TrainConfig(**{**train, "device": "cpu"})
-    except (ValueError, TypeError) as e:
-        raise s.fail("train", str(e)) from None
-    return fusion_config
 
-
-def _check_split(s: _Schema, split: dict | None) -> None:
-    """How the training parts were made (absent in attnfuse 0.1.0 directories: drawn by split_seed)."""
-    if split is None:
-        return
+def _check_split(s: _Schema, split: dict) -> None:
+    """How the training parts were made (:class:`~attnfuse.splitplan.SplitPlan`)."""
     how = s.get(split, "split", "how", str)
-    if how not in ("column", "carved", "drawn", "fold"):
-        raise s.fail("split.how", f"expected 'column', 'carved', 'drawn' or 'fold', got {how!r}")
+    if how not in HOWS:
+        raise s.fail("split.how", f"expected one of {', '.join(map(repr, HOWS))}, got {how!r}")
     s.integer(split, "split", "seed", low=0)
     if how == "fold":
         folds = s.integer(split, "split", "folds", low=2)
         fold = s.integer(split, "split", "fold", low=0)
         if fold >= folds:
             raise s.fail("split.fold", f"expected a fold in 0..{folds - 1}, got {fold}")
-
-
-def min_parameters(config: FusionConfig) -> int:
-    """A lower bound of the parameter count of the model ``config`` describes, from its numbers
-    alone (nothing is built): each modality's input projection ``D_m x d``, the head's two linear
-    maps (input >= d), and ``num_layers`` attention blocks of at least ``4 d²`` (Q, K, V and output
-    projections) plus ``2 d ff`` (feed-forward) each. Bounds a config before it can allocate."""
-    d = config.d_model
-    n = sum(m.dim * d for m in config.modalities) + config.hidden * (d + config.out_dim)
-    if isinstance(config, SelfFusionConfig):
-        n += config.num_layers * (4 * d * d + 2 * d * config.ff)
-    return n
 
 
 def _available_memory() -> int | None:
@@ -402,25 +395,20 @@ def _available_memory() -> int | None:
     return None
 
 
-def _settings(config: FusionConfig) -> str:
-    layers = f", num_layers={config.num_layers}" if isinstance(config, SelfFusionConfig) else ""
-    return f"d_model={config.d_model}{layers}"
-
-
 def check_memory(config: FusionConfig, bytes_per_parameter: int, parameters: int | None = None) -> None:
     """Refuse, with the numbers, a model that cannot be built in the memory available now:
-    ``parameters`` (default: :func:`min_parameters`) at ``bytes_per_parameter`` (4 to hold float32
+    ``parameters`` (default: the config's lower bound, :meth:`~attnfuse.fusion.FusionConfig.num_parameters`) at ``bytes_per_parameter`` (4 to hold float32
     weights; 16 to train them: weights, gradients and AdamW's two moments), plus the positional
     table (``max_len x d_model``, float64 while computed) and an axis label per token. Building
     such a model would not fail: it would allocate until the machine swaps."""
-    parameters = min_parameters(config) if parameters is None else parameters
+    parameters = config.num_parameters() if parameters is None else parameters
     max_len = max([m.length for m in config.modalities if m.is_sequence], default=1)
     need = bytes_per_parameter * parameters + 24 * max_len * config.d_model
     need += 100 * sum(m.length for m in config.modalities)
     available = _available_memory()
     if available is not None and need > available:
         raise ValueError(
-            f"model: needs at least {need / 2**30:.1f} GiB ({parameters:,} parameters with {_settings(config)}, "
+            f"model: needs at least {need / 2**30:.1f} GiB ({parameters:,} parameters with {config.size_settings()}, "
             f"sequence length {max_len}), {available / 2**30:.1f} GiB of memory is available"
         )
 
@@ -431,12 +419,12 @@ def _check_size(
     """The model (``members`` of it, for an ensemble) must fit its weights file and the memory:
     refused with the numbers, never allocated."""
     held = sum(math.prod(shape) for _, shape in weights.values())
-    lower = min_parameters(config) * members
+    lower = config.num_parameters() * members
     if lower > held:
         models = f"{members} models" if members > 1 else "a model"
         raise ValueError(
             f"model: {where}: config.json describes {models} of at least {lower:,} parameters "
-            f"({_settings(config)}), but {WEIGHTS} holds {held:,}"
+            f"({config.size_settings()}), but {WEIGHTS} holds {held:,}"
         )
     try:
         check_memory(config, 4, held)
@@ -526,7 +514,7 @@ def _read_config(files: _Pinned) -> dict:
     model_dir = files.dir
     config = _parse(files.config, model_dir / CONFIG)
     fusion_config = _check_config(config, str(model_dir / CONFIG))
-    members = config["train"].get("ensemble", 1)
+    members = EnsembleSpec.from_dict(config["train"]).size
     _check_size(fusion_config, _weights_header(files.weights, model_dir / WEIGHTS), str(model_dir), members)
     return config
 
@@ -578,7 +566,7 @@ def _load(files: _Pinned, config: dict) -> tuple[FusionModel | Ensemble, Standar
     """The model ``config`` describes with the weights of ``files`` (checked), and its standardiser."""
     path = files.dir / WEIGHTS
     header = _weights_header(files.weights, path)
-    model = build_ensemble(config["fusion"], config["model"], config["train"].get("ensemble", 1))
+    model = EnsembleSpec.from_dict(config["train"]).build(config["fusion"], config["model"])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: shape for k, (_, shape) in header.items()}
     problems = [f"missing {k}" for k in expected if k not in got]
@@ -591,7 +579,7 @@ def _load(files: _Pinned, config: dict) -> tuple[FusionModel | Ensemble, Standar
     except Exception as e:  # safetensors' errors: a file truncated after its header was read
         raise ValueError(f"model: {path} could not be read ({' '.join(str(e).split())[:200]})") from None
     found = weights_id(state)
-    if "weights_id" in config and found != config["weights_id"]:  # (older directories lack it)
+    if found != config["weights_id"]:
         raise _Mixed(
             f"model: {path} holds other weights than the ones {CONFIG} was written with (weights_id "
             f"{found}, expected {config['weights_id']}): the directory mixes two runs or the file is "

@@ -10,6 +10,10 @@ directory (their weights under ``members.<k>.``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +22,7 @@ from .data import Batch
 from .fusion import FusionConfig, FusionModel, build_model
 from .modules import AttentionMap
 
-__all__ = ["Ensemble", "build_ensemble", "first_member"]
+__all__ = ["Ensemble", "EnsembleSpec", "build_ensemble", "first_member"]
 
 
 class Ensemble(nn.Module):
@@ -74,3 +78,47 @@ def first_member(model: FusionModel | Ensemble) -> FusionModel:
     """The model itself, or an ensemble's first member: the one whose attention is shown, and
     whose target statistics (the same in every member) define the regression loss's units."""
     return model.members[0] if isinstance(model, Ensemble) else model
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """How many models of one candidate are trained and averaged (``--ensemble``), with which seeds:
+    the one place that knows the ensemble's size. It is the training setting ``ensemble``
+    (``config.json`` ``"train"``, a checkpoint's record of a finished model: :meth:`to_dict`,
+    :meth:`from_dict`); a model directory's weights are read by :meth:`build`."""
+
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        check_int("ensemble", self.size)
+
+    def seed(self, seed: int, member: int) -> int:
+        """The seed of ``member`` of an ensemble trained with ``seed``: member 0 is the single model
+        of that seed; the others draw from ``SeedSequence([seed, member])``, so no two runs
+        (``--repeat`` seeds seed, seed+1, ...) share a member."""
+        if member == 0:
+            return seed
+        return int(np.random.SeedSequence([seed, member]).generate_state(1)[0] % 2**31)
+
+    def build(self, fusion: str, config: FusionConfig | dict) -> FusionModel | Ensemble:
+        """The untrained model of ``fusion`` for ``config`` (:func:`build_ensemble`)."""
+        return build_ensemble(fusion, config, self.size)
+
+    def combine(self, members: list[FusionModel]) -> FusionModel | Ensemble:
+        """The trained members as one model: the model itself when there is one."""
+        if len(members) != self.size:
+            raise ValueError(f"members: expected {self.size} models, got {len(members)}")
+        return members[0] if self.size == 1 else Ensemble(members)
+
+    @classmethod
+    def of(cls, model: FusionModel | Ensemble) -> EnsembleSpec:
+        """The spec of a built model: an :class:`Ensemble`'s member count, else 1."""
+        return cls(len(model.members) if isinstance(model, Ensemble) else 1)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"ensemble": self.size}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> EnsembleSpec:
+        """From a record holding ``"ensemble"`` (absent: a single model)."""
+        return cls(record.get("ensemble", 1))

@@ -108,6 +108,17 @@ class FusionConfig:
     def names(self) -> list[str]:
         return [m.name for m in self.modalities]
 
+    def num_parameters(self) -> int:
+        """The parameter count of the model this config describes, from its numbers alone and at
+        least (nothing is built, so a config is bounded before it can allocate): each modality's
+        input projection ``D_m x d`` and the head's two linear maps (input >= d)."""
+        d = self.d_model
+        return sum(m.dim * d for m in self.modalities) + self.hidden * (d + self.out_dim)
+
+    def size_settings(self) -> str:
+        """The settings that set :meth:`num_parameters`, as a message names them."""
+        return f"d_model={self.d_model}"
+
 
 @dataclass
 class ConcatConfig(FusionConfig):
@@ -147,6 +158,15 @@ class SelfFusionConfig(FusionConfig):
     @property
     def ff(self) -> int:
         return self.dim_feedforward or 4 * self.d_model
+
+    def num_parameters(self) -> int:
+        """At least :meth:`FusionConfig.num_parameters` and ``num_layers`` attention blocks of at
+        least ``4 d²`` (Q, K, V and output projections) plus ``2 d ff`` (feed-forward) each."""
+        d = self.d_model
+        return super().num_parameters() + self.num_layers * (4 * d * d + 2 * d * self.ff)
+
+    def size_settings(self) -> str:
+        return f"{super().size_settings()}, num_layers={self.num_layers}"
 
 
 @dataclass

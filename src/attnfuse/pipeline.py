@@ -10,67 +10,52 @@ back by :meth:`TrainSpec.to_options`, so that a run directory's ``run.yaml`` rep
     spec = TrainSpec.from_options({"data": "mfeat", "fusion": "self", "d_model": 32, "epochs": 5})
     result = train(spec, out="runs/mfeat-self")   # loads, trains (per seed), saves, returns metrics
 
-The work of one request is a list of models, each trained by :func:`attnfuse.training.run`: for
-every run (a seed of ``--repeat``, or a fold of ``--folds``), every candidate (the fusion asked
+The work of one request is a list of models, each trained by :func:`attnfuse.training.fit_model`:
+for every run (a seed of ``--repeat``, or a fold of ``--folds``), every candidate (the fusion asked
 for, or with ``fusion="auto"`` those of :data:`attnfuse.portfolio.PORTFOLIO` that fit the data),
 every member of an ``--ensemble``. A run keeps the candidate picked on the validation split
 (:func:`attnfuse.portfolio.choose`) and, with ``baselines`` (the default), fits the classical
-models of :mod:`attnfuse.baselines` on the same rows. One loop does all of it, and its checkpoint
-says where in that list it stopped, so ``--resume`` continues any of these combinations.
+models of :mod:`attnfuse.baselines` on the same rows. The loops that do it are
+:mod:`attnfuse.fit`; a checkpoint holds their state, so ``--resume`` continues any of these
+combinations.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
-from .baselines import fit_baselines, summarize_baselines, verdict
 from .checkpoint import (
     check_compatible,
     check_memory,
     fingerprint,
     load_model,
-    metrics_for_json,
     read_config,
     run_directory,
     write_run,
 )
 from .checks import check_int
-from .data import BUILTINS, SPLITS, MultimodalDataset, Split, Standardizer, kfold, load_data, make_split
+from .data import BUILTINS, SPLITS, MultimodalDataset, Standardizer, load_data
 from .data.dataset import TASKS
 from .data.io._common import read_bounded
 from .data.io.table import TABLE_SUFFIXES, parse_modality_options
 from .distributed import Dist, local_device, setup, teardown
-from .ensemble import Ensemble, build_ensemble
+from .fit import Fit, ProgressCallback, RunLoop, RunLoopState, summarize_runs
 from .fusion import FUSIONS, FusionModel, config_from_dict
-from .metrics import summarize
 from .options import Option, coerce, option, options_of, shorten
-from .portfolio import PORTFOLIO, Candidate, candidates_for, choose, public, settings_used
-from .runstate import RunLog, last_dir, load_state, save_state, write_options
-from .training import (
-    Control,
-    DivergedError,
-    Interrupted,
-    RunResult,
-    TrainConfig,
-    Trainer,
-    assess,
-    member_seed,
-    model_config,
-    run,
-)
+from .portfolio import PORTFOLIO, Candidate, candidates_for
+from .runstate import Checkpoints, last_dir
+from .splitplan import SplitPlan
+from .training import DivergedError, Interrupted, TrainConfig, TrainedModel, model_config
 
 __all__ = [
     "ReadOptions",
@@ -91,16 +76,6 @@ __all__ = [
     "split_parts",
 ]
 
-# progress(event, info): "data" once the data is loaded ({"data"}); "run" when a model starts
-# training ({"index" (of the run), "seed", "epochs", "candidate" (the fusion, or the candidate's
-# name under --fusion auto), "member" (of --ensemble), "members"}); "epoch" after each epoch
-# ({"index", "candidate", "member", "epoch", "train_loss", "valid_loss", "valid_<metric>",
-# "best_epoch"}); "run_end" ({"index", "candidate", "member", "epochs", "best_epoch"});
-# "diverged" after "run_end" when a NaN/inf loss stopped it ({"index", "message", "best_epoch":
-# the finite epoch whose weights were kept}); with --fusion auto, "selected" once a run's
-# candidates are trained ({"index", "selection"}: see TrainResult.selection); "note"
-# ({"message"}: e.g. a carved validation part).
-Progress = Callable[[str, dict], None]
 FUSION_CHOICES = ("auto", *FUSIONS)
 
 
@@ -164,7 +139,7 @@ class RunOptions(ReadOptions):
 
     @property
     def runs(self) -> int:
-        """How many models are trained: one per fold, or one per seed."""
+        """How many runs: one per fold, or one per seed (each trains every candidate and member)."""
         return self.folds or self.repeat
 
     def __post_init__(self) -> None:
@@ -284,7 +259,7 @@ class TrainResult:
     written to metrics.json, where only validation scores appear: choosing a candidate by its test
     score would leak the test rows)."""
 
-    first: RunResult
+    first: TrainedModel
     runs: list[dict]
     report: dict
     data: MultimodalDataset
@@ -315,7 +290,7 @@ def load(
 def train(
     spec: TrainSpec,
     out: str | os.PathLike | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     *,
     data: MultimodalDataset | None = None,
     resume: bool = False,
@@ -345,7 +320,8 @@ def train(
     epochs; ``resume=True`` continues from it (bitwise as if never stopped, on the CPU). With
     ``handle_signals``, SIGINT/SIGTERM stop the run at the end of the current step, write the
     checkpoint and raise :class:`~attnfuse.training.Interrupted`. Under ``torchrun`` every
-    process calls this; rank 0 alone reports progress and writes files.
+    process calls this; rank 0 alone reports progress and writes files. ``progress(event, info)``
+    is called with the events :data:`attnfuse.fit.ProgressCallback` lists.
 
     ``data``: data already in memory (e.g. built from a DataFrame by
     :class:`attnfuse.FusionPredictor`), trained on instead of reading ``spec.run.data``, which then
@@ -355,6 +331,8 @@ def train(
         raise TypeError(f"data: expected a MultimodalDataset or None, got {type(data).__name__}")
     if data is not None and resume:
         raise ValueError("resume: a run on data given in memory cannot be resumed; train again")
+    if resume and out is None:
+        raise ValueError("resume: expected the output directory of the run to continue (out), got None")
     dist = setup(spec.train.training_device())
     emit = (progress or _quiet) if dist.main else _quiet
     try:
@@ -401,12 +379,66 @@ def _train(
     spec: TrainSpec,
     out,
     tmp: Path | None,
-    emit: Progress,
+    emit: ProgressCallback,
     resume: bool,
     handle_signals: bool,
     dist: Dist,
     given: MultimodalDataset | None = None,
 ) -> TrainResult:
+    """:func:`train` with ``out`` locked (``tmp``: the directory being written, on rank 0):
+    load and check, run the loops of :mod:`attnfuse.fit`, summarise, write."""
+    opts, cfg = spec.run, spec.train
+    data = _training_data(spec, given)
+    candidates, left_out = _candidates(spec, data)
+    emit("data", {"data": data})
+    options = {**spec.to_options(), "data": _source(opts.data) if given is None else opts.data}
+    if opts.mapping:
+        options["mapping"] = str(Path(opts.mapping).resolve())
+    checkpoints = Checkpoints(out, options, fingerprint(data), opts.tensorboard, resume, dist.main)
+    try:
+        with stop_on_signals(handle_signals) as stop:
+            fit = Fit(
+                data=data,
+                candidates=candidates,
+                left_out=left_out,
+                train=cfg,
+                runs=opts.runs,
+                folds=opts.folds,
+                auto=opts.fusion == "auto",
+                baselines=opts.baselines,
+                checkpoint_every=opts.checkpoint_every,
+                device=local_device(cfg.torch_device()),
+                dist=dist,
+                emit=emit,
+                checkpoints=checkpoints,
+                stop=stop,
+            )
+            loop = RunLoop.restore(fit)
+            loop.run()
+        records, report, found = summarize_runs(fit, loop.state.finished)
+        if tmp is not None:
+            write_first(tmp, fit, loop.state, report, options)
+            checkpoints.close()
+            checkpoints.move_logs(tmp)
+    except BaseException as error:
+        checkpoints.close()
+        checkpoints.failed(error)
+        raise
+    return TrainResult(
+        first=loop.state.first,
+        runs=records,
+        report=report,
+        data=data,
+        out=None if out is None else Path(out),
+        selection=loop.state.selection,
+        verdict=found,
+        seconds=fit.seconds,
+        candidate_metrics=fit.candidate_metrics,
+    )
+
+
+def _training_data(spec: TrainSpec, given: MultimodalDataset | None) -> MultimodalDataset:
+    """The data of the request (read, or given in memory), as its task, checked to train on."""
     opts, cfg = spec.run, spec.train
     if given is None:
         data = load(opts.data, opts.allow_pickle, cfg.seed, opts.task, **opts.table_options())
@@ -415,306 +447,28 @@ def _train(
     if data.y is None:
         raise ValueError("y: the data has no targets; training needs them (attnfuse predict works without)")
     cfg.check_task(data.task, data.target_dim)
-    candidates, left_out = candidates_for(data, opts.fusion, spec.model)
+    return data
+
+
+def _candidates(spec: TrainSpec, data: MultimodalDataset) -> tuple[list[Candidate], dict[str, str]]:
+    """The models each run trains (:func:`attnfuse.portfolio.candidates_for`), each refused with
+    the numbers, not allocated until the machine swaps, when it cannot be trained in the memory
+    available: 16 bytes a parameter (weights, gradients, AdamW's two moments)."""
+    candidates, left_out = candidates_for(data, spec.run.fusion, spec.model)
     for cand in candidates:
-        # Refused with the numbers, not allocated until the machine swaps: 16 bytes a parameter
-        # (weights, gradients, AdamW's two moments).
         check_memory(config_from_dict(cand.fusion, model_config(cand.fusion, data, **cand.settings)), 16)
-    emit("data", {"data": data})
-    folds = kfold(data, opts.folds, cfg.seed) if opts.folds else None
-    options = {**spec.to_options(), "data": _source(opts.data) if given is None else opts.data}
-    if opts.mapping:
-        options["mapping"] = str(Path(opts.mapping).resolve())
-    progress = _Progress(out, options, data, opts.tensorboard, resume, dist, local_device(cfg.torch_device()))
-
-    # Every model of a run, in order: each candidate's ensemble members.
-    plan = [(c, k) for c in range(len(candidates)) for k in range(cfg.ensemble)]
-    runs = progress.finished
-    first_split = folds[0] if folds else make_split(data, cfg.seed)
-    first, selection = progress.first(first_split), progress.selection
-    seconds: dict[str, float] = {"fusion": 0.0}
-    per_candidate: list[dict[str, dict]] = []
-    try:
-        with stop_on_signals(handle_signals) as stop:
-            for i in range(progress.run_index, opts.runs):
-                seed_cfg = replace(cfg, seed=cfg.seed + i)
-                split = folds[i] if folds else make_split(data, seed_cfg.seed)
-                if i == 0 and split.note and split.how != "drawn":
-                    emit("note", {"message": split.note})
-                members = progress.members(i, split)  # {(candidate, member): RunResult} done before a resume
-                for c, k in plan:
-                    if (c, k) in members:
-                        continue
-                    cand = candidates[c]
-                    unit = {"index": i, "candidate": cand.name, "member": k}
-                    emit("run", {**unit, "seed": seed_cfg.seed, "epochs": cfg.epochs, "members": cfg.ensemble})
-
-                    def on_epoch(record: dict, unit=unit, seed=seed_cfg.seed) -> None:
-                        progress.log_epoch(unit["index"], seed, {**unit, **record})
-                        emit("epoch", {**unit, **record})
-
-                    control = Control(
-                        dist=dist,
-                        resume=progress.resume_state(i, c, k),
-                        checkpoint=progress.saver(i, c, k, runs, members, first, selection),
-                        every=opts.checkpoint_every,
-                        stop=stop,
-                    )
-                    member_cfg = replace(seed_cfg, seed=member_seed(seed_cfg.seed, k))
-                    start = time.perf_counter()
-                    result = run(data, cand.fusion, cand.settings, member_cfg, on_epoch=on_epoch, control=control,
-                                 split=split)  # fmt: skip
-                    _add(seconds, f"fusion:{cand.name}", time.perf_counter() - start)
-                    emit("run_end", {**unit, "epochs": len(result.history), "best_epoch": result.best_epoch})
-                    if result.note:
-                        emit("diverged", {"index": i, "message": result.note, "best_epoch": result.best_epoch})
-                    members[c, k] = result
-
-                result, chosen, metrics_of = _pick(data, candidates, left_out, members, cfg, split, dist)
-                per_candidate.append(metrics_of)
-                record = {"fold": i} if folds else {}
-                record.update(seed=seed_cfg.seed, best_epoch=result.best_epoch, fusion=result.fusion,
-                              history=result.history, valid_se=result.valid_se, **result.metrics)  # fmt: skip
-                if opts.fusion == "auto":
-                    record["picked"] = chosen["picked"]
-                    record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
-                    emit("selected", {"index": i, "selection": public(chosen)})
-                if opts.baselines and dist.main:
-                    fitted = fit_baselines(data, split, seed=seed_cfg.seed, sentiment=cfg.sentiment_metrics)
-                    record["baselines"] = fitted.metrics
-                    for name, sec in fitted.seconds.items():
-                        _add(seconds, name, sec)
-                runs.append(record)
-                if first is None:
-                    first, selection = result, public(chosen) if opts.fusion == "auto" else None
-
-        seconds["fusion"] = sum(v for k, v in seconds.items() if k.startswith("fusion:"))
-        records = [{k: v for k, v in r.items() if k not in ("history", "valid_se")} for r in runs]
-        report = _report(records, opts.runs)
-        found = None
-        if "baselines" in report:
-            fusion_valid = report["valid"] if opts.runs == 1 else report["summary"]["valid"]
-            # The standard error of the (mean) validation score: one run's, or their mean over sqrt(runs).
-            ses = [r["valid_se"] for r in runs if r.get("valid_se") is not None]
-            se = float(np.mean(ses) / np.sqrt(len(ses))) if ses else None
-            found = verdict(cfg.selection_metric(data.task), fusion_valid, report["baselines"], se)
-        report = metrics_for_json(report)  # an undefined (NaN) metric is null, here and in metrics.json
-        if tmp is not None:
-            split = {"how": first.split.how, "seed": cfg.seed, **({"folds": opts.folds, "fold": 0} if folds else {})}
-            extra = {"auto": selection} if selection is not None else None
-            write_run(tmp, first.model, first.fusion, data, first.standardizer, asdict(cfg), split, report, options,
-                      extra)  # fmt: skip
-            progress.close()
-            progress.move_logs(tmp)
-    except BaseException as error:
-        progress.close()
-        progress.failed(error)
-        raise
-    return TrainResult(first, records, report, data, None if out is None else Path(out), selection, found, seconds,
-                       per_candidate)  # fmt: skip
+    return candidates, left_out
 
 
-def _add(seconds: dict[str, float], key: str, value: float) -> None:
-    seconds[key] = seconds.get(key, 0.0) + value
-
-
-def _pick(
-    data: MultimodalDataset,
-    candidates: list[Candidate],
-    left_out: dict[str, str],
-    members: dict[tuple[int, int], RunResult],
-    cfg: TrainConfig,
-    split: Split,
-    dist: Dist,
-) -> tuple[RunResult, dict, dict[str, dict]]:
-    """One run's model: each candidate's members averaged (an :class:`~attnfuse.ensemble.Ensemble`
-    when there are several), then the candidate :func:`attnfuse.portfolio.choose` picks on the
-    validation split. Returns it, the record of the choice and every candidate's metrics."""
-    metric, _ = selection = cfg.selection_metric(data.task)
-    results, scores = {}, {}
-    for c, cand in enumerate(candidates):
-        fitted = [members[c, k] for k in range(cfg.ensemble)]
-        result = fitted[0]
-        if len(fitted) > 1:
-            model = Ensemble([m.model for m in fitted])
-            metrics, valid_loss, valid_se, valid_pred = assess(model, data, split, result.standardizer, cfg, dist)
-            note = next((m.note for m in fitted if m.note), None)
-            result = RunResult(model, cand.fusion, result.standardizer, metrics, result.best_epoch, result.history,
-                               note, split, valid_loss, valid_se, valid_pred)  # fmt: skip
-        results[cand.name] = result
-        scores[cand.name] = {
-            "fusion": cand.fusion,
-            "settings": settings_used(result.model, cand),
-            "valid": result.metrics["valid"][metric],
-            "valid_se": result.valid_se,
-            "valid_loss": result.valid_loss,
-            "valid_metrics": result.metrics["valid"],
-            "valid_pred": result.valid_pred,
-        }
-    chosen = choose(scores, selection, left_out, np.asarray(data.y[split["valid"]]))
-    return results[chosen["picked"]], chosen, {name: r.metrics for name, r in results.items()}
-
-
-def _report(records: list[dict], runs: int) -> dict:
-    """metrics.json from the per-run records (see :func:`train`)."""
-    if runs == 1:
-        return {k: v for k, v in records[0].items() if k not in ("fold", "seed", "best_epoch", "fusion", "picked")}
-    splits = [s for s in SPLITS if s in records[0]]
-    report: dict[str, Any] = {"runs": records, "summary": {s: summarize([r[s] for r in records]) for s in splits}}
-    if "candidates" in records[0]:
-        report["candidates"] = {
-            name: {"valid": summarize([r["candidates"][name]["valid"] for r in records])}
-            for name in records[0]["candidates"]
-        }
-    if "baselines" in records[0]:
-        report["baselines"] = summarize_baselines([r["baselines"] for r in records])
-    return report
-
-
-class _Progress:
-    """``OUT/last/`` of a run in progress (see :mod:`attnfuse.runstate`): its options, epoch log and
-    checkpoints, and what a resumed run starts from. Rank 0 alone writes; without ``out``, nothing.
-
-    A checkpoint is taken inside the training of one model (run ``i``, candidate ``c``, member
-    ``k``); besides that model's trainer state it holds the finished runs' records, the models of
-    run ``i`` already trained (weights under ``member.<c>.<k>.``) and the first run's model
-    (``first.``), so that a resumed request retrains nothing."""
-
-    def __init__(
-        self, out, options: dict, data: MultimodalDataset, tensorboard: bool, resume: bool, dist: Dist, device
-    ) -> None:
-        self.dist, self.data, self.device = dist, data, device
-        self.last = None if out is None else last_dir(out)
-        self.state = load_state(self.last) if resume else None
-        meta = self.state[1] if self.state else {}
-        if self.state and meta.get("fingerprint") != fingerprint(data):
-            raise ValueError(f"resume: the data {options['data']!r} is not the data the run in {out} was trained on")
-        self.run_index, self.finished = meta.get("run_index", 0), list(meta.get("finished", []))
-        self.unit = tuple(meta.get("unit", (0, 0)))
-        self.selection = meta.get("selection")
-        self.logged = meta.get("log_rows", 0)  # epochs in log.csv
-        writes = self.last is not None and dist.main
-        self.created = [p for p in (None if out is None else Path(out), self.last) if writes and not p.exists()]
-        self.log = None
-        try:
-            if writes and not resume:
-                write_options(self.last, options)
-            self.log = RunLog(self.last, tensorboard, keep_rows=meta.get("log_rows")) if writes else None
-        except BaseException as error:
-            self.failed(error)
-            raise
-
-    def _restore(self, info: dict, prefix: str, split: Split) -> RunResult:
-        """A finished model from the checkpoint: its record ``info`` and its tensors ``prefix.*``."""
-        model = build_ensemble(info["fusion"], info["model"], info.get("ensemble", 1))
-        tensors = self.state[0]
-        model.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
-        nan = float("nan")
-        return RunResult(model.to(self.device), info["fusion"], Standardizer.from_dict(info["standardizer"]),
-                         info["metrics"], info["best_epoch"], info["history"], info["note"], split,
-                         nan if info["valid_loss"] is None else info["valid_loss"],
-                         nan if info["valid_se"] is None else info["valid_se"])  # fmt: skip
-
-    def first(self, split: Split) -> RunResult | None:
-        """The first run's finished model (trained on ``split``), as a checkpoint taken during a
-        later run keeps it."""
-        if self.state is None or "first" not in self.state[1]:
-            return None
-        return self._restore(self.state[1]["first"], "first.", split)
-
-    def members(self, i: int, split: Split) -> dict[tuple[int, int], RunResult]:
-        """The models of run ``i`` trained before the checkpoint (none unless resuming run ``i``)."""
-        if self.state is None or i != self.run_index:
-            return {}
-        restored = {}
-        for m in self.state[1].get("members", []):
-            c, k = m["candidate"], m["member"]
-            result = restored[c, k] = self._restore(m, f"member.{c}.{k}.", split)
-            pred = self.state[0].get(f"valid.{c}.{k}")
-            result.valid_pred = None if pred is None else pred.numpy()
-        return restored
-
-    def resume_state(self, i: int, c: int, k: int) -> tuple[dict, dict] | None:
-        """The trainer state to continue model (c, k) of run ``i`` from: the checkpoint's own."""
-        return self.state if self.state is not None and (i, c, k) == (self.run_index, *self.unit) else None
-
-    def log_epoch(self, run: int, seed: int, record: dict) -> None:
-        self.logged += 1
-        if self.log is not None:
-            self.log.write(run, seed, record)
-
-    def saver(
-        self,
-        i: int,
-        c: int,
-        k: int,
-        runs: list[dict],
-        members: dict[tuple[int, int], RunResult],
-        first: RunResult | None,
-        selection: dict | None,
-    ) -> Callable[[Trainer], None] | None:
-        """The checkpoint function of model (c, k) of run ``i`` (None without an output directory)."""
-        if self.last is None:
-            return None
-
-        def save(trainer: Trainer) -> None:
-            tensors, meta = trainer.state_dict()  # on every rank: the ranks' RNG states are gathered
-            if not self.dist.main:
-                return
-            meta.update(run_index=i, unit=[c, k], finished=runs, fingerprint=fingerprint(self.data),
-                        log_rows=self.logged, selection=selection, members=[])  # fmt: skip
-            for (c2, k2), result in members.items():
-                tensors.update(_prefixed(f"member.{c2}.{k2}.", result.model))
-                if result.valid_pred is not None:
-                    tensors[f"valid.{c2}.{k2}"] = torch.from_numpy(np.ascontiguousarray(result.valid_pred))
-                meta["members"].append({"candidate": c2, "member": k2, **_record(result)})
-            if first is not None:
-                tensors.update(_prefixed("first.", first.model))
-                meta["first"] = _record(first)
-            save_state(self.last, tensors, metrics_for_json(meta))
-
-        return save
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-            self.log = None
-
-    def move_logs(self, new: Path) -> None:
-        """The epoch log (and TensorBoard events) move into the finished run's new directory; the
-        checkpoints of ``last/`` go with the old directory when the new one is swapped in."""
-        for name in ("log.csv", "tensorboard"):
-            if self.last is not None and (self.last / name).exists():
-                os.replace(self.last / name, new / name)
-
-    def failed(self, error: BaseException) -> None:
-        """After ``error``: unless the run can be continued from a checkpoint in ``last/``, the
-        directories this run created go, so nothing is left behind (a diverged run would only
-        diverge again)."""
-        keep = (self.last / "state").exists() and not isinstance(error, DivergedError) if self.last else False
-        if self.created and self.dist.main and not keep:
-            shutil.rmtree(self.created[0], ignore_errors=True)
-
-
-def _prefixed(prefix: str, model: FusionModel | Ensemble) -> dict:
-    return {f"{prefix}{k}": v for k, v in model.state_dict().items()}
-
-
-def _record(result: RunResult) -> dict:
-    """What a checkpoint keeps of a finished model besides its weights."""
-    model = result.model
-    return {
-        "fusion": result.fusion,
-        "model": asdict(model.config),
-        "ensemble": len(model.members) if isinstance(model, Ensemble) else 1,
-        "metrics": result.metrics,
-        "best_epoch": result.best_epoch,
-        "history": result.history,
-        "note": result.note,
-        "standardizer": result.standardizer.to_dict(),
-        "valid_loss": result.valid_loss,
-        "valid_se": result.valid_se,
-    }
+def write_first(tmp: Path, fit: Fit, state: RunLoopState, report: dict, options: dict) -> None:
+    """The first run's model (the one a run directory holds), the report and the options into the run
+    directory being built (:func:`attnfuse.checkpoint.write_run`)."""
+    first = state.first
+    split = fit.plan(0).to_dict(first.split.how)
+    extra = {"auto": state.selection} if state.selection is not None else None
+    write_run(
+        tmp, first.model, first.fusion, fit.data, first.standardizer, asdict(fit.train), split, report, options, extra
+    )
 
 
 def _source(data: str) -> str:
@@ -785,12 +539,9 @@ def _data_for(config: dict, source: str | None, allow_pickle: bool, table: dict[
     """The data to run a trained model on (see :func:`load_trained`), read in its label space."""
     trained = config["data"]
     table = {k: v for k, v in table.items() if v is not None}
-    if Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES:
-        if trained.get("columns") is not None:
-            table["model_columns"] = trained["columns"]
-        elif not table:  # a model that did not record its columns: read as its own table was
-            read = {k: v for k, v in (config.get("read") or {}).items() if v is not None}
-            table = ReadOptions(**read).table_options()
+    table_source = Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES
+    if table_source and trained.get("columns") is not None:  # read by the model's column names
+        table["model_columns"] = trained["columns"]
     classification = trained["task"] == "classification"
     return load(
         source or trained.get("source", trained["name"]),
@@ -806,15 +557,11 @@ def _data_for(config: dict, source: str | None, allow_pickle: bool, table: dict[
 def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
     """Row indices per part for a trained model's data: for the training data itself (recognised by
     its fingerprint) the parts it was trained with (its split column, the validation part carved out
-    of it, a drawn split or the first fold); for other data its own split column; always also
-    ``"all"``."""
-    split = config.get("split", {"how": "drawn", "seed": config.get("split_seed", 0)})
+    of it, a drawn split or the first fold: :class:`~attnfuse.splitplan.SplitPlan`); for other data
+    its own split column; always also ``"all"``."""
     parts: dict[str, np.ndarray] = {}
     if config["data"].get("fingerprint") == fingerprint(data):  # the training data: its training split
-        if split["how"] == "fold":
-            parts = dict(kfold(data, split["folds"], split["seed"])[split["fold"]])
-        else:
-            parts = dict(make_split(data, split["seed"]))
+        parts = dict(SplitPlan.from_dict(config["split"]).rows(data))
     elif data.split is not None:
         parts = {s: rows for s in SPLITS if (rows := np.flatnonzero(data.split == s)).size}
     parts["all"] = np.arange(data.n)

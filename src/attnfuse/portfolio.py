@@ -1,7 +1,7 @@
 """The ``--fusion auto`` portfolio: which models are tried on the user's data, with which settings,
 and the record of which one was kept and why (written to config.json under ``"auto"``).
 
-The loop that trains the candidates is :func:`attnfuse.pipeline.train`; this module only decides
+The loop that trains the candidates is :class:`attnfuse.fit.CandidateLoop`; this module only decides
 what the candidates are (:func:`candidates_for`) and how the choice is recorded (:func:`choose`).
 """
 

@@ -91,7 +91,7 @@ class FusionPredictor:
             or list of columns (default: one modality per ``<modality>_`` column prefix).
         path: the model directory ``fit`` writes (default: a temporary one, removed with the
             predictor; :meth:`save` copies it where you want it).
-        progress: ``callable(event, info)`` called while training (see :mod:`attnfuse.pipeline`).
+        progress: ``callable(event, info)`` called while training (the events of :data:`attnfuse.fit.ProgressCallback`).
         **options: the options of ``attnfuse train`` by their Python names (``fusion="cross"``,
             ``epochs=20``, ``ensemble=5``, ``baselines=False``, ``split_col="fold"``, ...), checked
             by :meth:`attnfuse.pipeline.TrainSpec.from_options`; not ``data`` (given to ``fit``).

@@ -6,7 +6,11 @@ While ``attnfuse train --out DIR`` runs, ``DIR/last/`` holds::
     last/log.csv            one row per epoch, appended as training goes
     last/tensorboard/       event files, with --tensorboard
     last/state -> state-…   the newest checkpoint: trainer.safetensors (weights, best weights,
-                            optimizer, RNG states) and trainer.json (epoch, step, early stopping, ...)
+                            optimizer, RNG states; the finished models' weights) and trainer.json
+                            (epoch, step, early stopping, ...; where the loops of attnfuse.fit stand)
+
+:class:`Checkpoints` is that directory as the loops of :mod:`attnfuse.fit` use it: the options,
+the epoch log, :meth:`Checkpoints.save` and the checkpoint a resumed fit starts from.
 
 A checkpoint is written into a fresh ``state-…`` directory, flushed to disk, and published by
 replacing the ``state`` symlink in one rename, so a crash at any moment leaves the previous
@@ -52,13 +56,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from .data import Standardizer
-from .ensemble import build_ensemble
+from .ensemble import EnsembleSpec
 from .files import to_json, write_bytes, write_text
 from .fusion import config_from_dict
-from .training import tensor_mismatches
+from .training import DivergedError, tensor_mismatches
 
 __all__ = [
     "LAST",
+    "Checkpoints",
     "last_dir",
     "save_state",
     "load_state",
@@ -282,8 +287,8 @@ def _tensor(tensors: dict[str, Tensor], key: str, where: str, dtype: torch.dtype
         raise _fail(where, f"trainer.safetensors {key}", "missing")
     t = tensors[key]
     if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
-        raise _fail(where, f"trainer.safetensors {key}", f"expected {dtype} of shape {list(shape or t.shape)}, "
-                    f"got {t.dtype} of shape {list(t.shape)}")  # fmt: skip
+        expected = f"expected {dtype} of shape {list(shape or t.shape)}"
+        raise _fail(where, f"trainer.safetensors {key}", f"{expected}, got {t.dtype} of shape {list(t.shape)}")
     return t
 
 
@@ -303,12 +308,12 @@ def _check_rank_rng(tensors: dict[str, Tensor], meta: dict, rank: int, where: st
     rest = _tensor(tensors, f"{prefix}numpy_rest", where, torch.int64, (2,))
     gauss = _tensor(tensors, f"{prefix}numpy_gauss", where, torch.float64, (1,))
     if bool(((keys < 0) | (keys >= 2**32)).any()) or not bool(keys.any()):
-        raise _fail(where, f"trainer.safetensors {prefix}numpy_keys", "not a Mersenne Twister state (values "
-                    "outside 0..2^32-1, or all zero)")  # fmt: skip
+        problem = "not a Mersenne Twister state (values outside 0..2^32-1, or all zero)"
+        raise _fail(where, f"trainer.safetensors {prefix}numpy_keys", problem)
     pos, has_gauss = rest.tolist()
     if not (0 <= pos <= 624 and has_gauss in (0, 1) and math.isfinite(float(gauss[0]))):
-        raise _fail(where, f"trainer.safetensors {prefix}numpy_rest", f"expected a position 0..624 and a flag 0/1, "
-                    f"got {[pos, has_gauss]}")  # fmt: skip
+        problem = f"expected a position 0..624 and a flag 0/1, got {[pos, has_gauss]}"
+        raise _fail(where, f"trainer.safetensors {prefix}numpy_rest", problem)
     for key in (k for k in tensors if k.startswith(f"{prefix}cuda")):
         _tensor(tensors, key, where, torch.uint8)
         if tensors[key].dim() != 1:
@@ -327,12 +332,13 @@ def _check_rank_rng(tensors: dict[str, Tensor], meta: dict, rank: int, where: st
 
 def _model_shapes(record: dict, name: str, m: _Meta) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The tensors of the model a record describes, built on the ``meta`` device (no memory)."""
+    fusion = m.get(record, "fusion", f"{name}.fusion", str)
+    values = m.get(record, "model", f"{name}.model", dict)
+    m.count(record, "ensemble", f"{name}.ensemble", low=1, optional=True)
     try:
-        config = config_from_dict(m.get(record, "fusion", f"{name}.fusion", str), m.get(record, "model",
-                                  f"{name}.model", dict))  # fmt: skip
-        ensemble = m.count(record, "ensemble", f"{name}.ensemble", low=1, optional=True) or 1
+        config = config_from_dict(fusion, values)
         with torch.device("meta"):
-            model = build_ensemble(record["fusion"], config, ensemble)
+            model = EnsembleSpec.from_dict(record).build(fusion, config)
     except _Bad:
         raise
     except (ValueError, TypeError, KeyError) as e:
@@ -341,7 +347,9 @@ def _model_shapes(record: dict, name: str, m: _Meta) -> dict[str, tuple[tuple[in
 
 
 def _check_record(tensors: dict[str, Tensor], record: dict, name: str, prefix: str, m: _Meta) -> None:
-    """A finished model of the checkpoint: its record in trainer.json and its tensors ``prefix*``."""
+    """A finished model of the checkpoint (:meth:`attnfuse.training.TrainedModel.to_dict`): its
+    record in trainer.json, its weights ``prefix weights.*`` and validation predictions
+    ``prefix valid_pred``."""
     m.get(record, "metrics", f"{name}.metrics", dict)
     m.count(record, "best_epoch", f"{name}.best_epoch")
     m.records(record, "history", f"{name}.history")
@@ -352,7 +360,12 @@ def _check_record(tensors: dict[str, Tensor], record: dict, name: str, prefix: s
         Standardizer.from_dict(m.get(record, "standardizer", f"{name}.standardizer", dict))
     except (ValueError, TypeError) as e:
         raise m.fail(f"{name}.standardizer", str(e)) from None
-    _check_weights(tensors, prefix, _model_shapes(record, name, m), m.where)
+    _check_weights(tensors, f"{prefix}weights.", _model_shapes(record, name, m), m.where)
+    pred = tensors.get(f"{prefix}valid_pred")
+    if pred is not None and (pred.dim() not in (1, 2) or pred.dtype == torch.bool):
+        raise _fail(
+            m.where, f"trainer.safetensors {prefix}valid_pred", "expected the validation predictions (N,) or (N, K)"
+        )
 
 
 def _check_weights(tensors: dict[str, Tensor], prefix: str, expected: dict, where: str) -> None:
@@ -368,15 +381,24 @@ def _check_weights(tensors: dict[str, Tensor], prefix: str, expected: dict, wher
 
 def check_state(tensors: dict[str, Tensor], meta: Any, where: str) -> None:
     """A checkpoint read from ``where`` (untrusted) against what attnfuse writes: the schema of
-    ``meta`` (trainer.json), the RNG states of every process, the finished models' configs and
-    weights (compared on the ``meta`` device, nothing allocated), the loop's tensors. The trainer's
-    own weights and optimizer state are compared with the model they restore when it exists
-    (:meth:`attnfuse.training.Trainer.load_state_dict`). Raises one ``ValueError``."""
+    ``meta`` (trainer.json), the RNG states of every process, the loops' state and finished models'
+    configs and weights (compared on the ``meta`` device, nothing allocated), the loop's tensors.
+    The trainer's own weights and optimizer state are compared with the model they restore when it
+    exists (:meth:`attnfuse.training.Trainer.load_state_dict`). Raises one ``ValueError``."""
     m = _Meta(where)
     if not isinstance(meta, dict):
         raise m.fail("top level", f"expected an object, got {_type_name(meta)}")
+    _check_trainer_meta(meta, m)
+    _check_run_loop(tensors, meta, m)
+    _check_inner_loop(tensors, meta, m, "candidate", "candidates", "candidates' models")
+    _check_inner_loop(tensors, meta, m, "member", "members", "members")
+    _check_tensors(tensors, meta, where)
+
+
+def _check_trainer_meta(meta: dict, m: _Meta) -> None:
+    """The trainer's plain values (:meth:`attnfuse.training.Trainer.state_dict`)."""
     epoch = m.count(meta, "epoch", "epoch")
-    step = m.count(meta, "step", "step")
+    m.count(meta, "step", "step")
     m.count(meta, "count", "count")
     best_epoch = m.count(meta, "best_epoch", "best_epoch")
     if best_epoch > epoch:
@@ -390,18 +412,21 @@ def check_state(tensors: dict[str, Tensor], meta: Any, where: str) -> None:
         if not all(_is_int(p) and p >= 0 for p in params):
             raise m.fail(f"optimizer_groups[{i}].params", "expected parameter indices")
     m.get(meta, "scaler", "scaler", dict)
-    world = m.count(meta, "world", "world", low=1)
+    m.count(meta, "world", "world", low=1)
     m.get(meta, "python_rng", "python_rng", dict)
     m.get(meta, "options_sha256", "options_sha256", (str, type(None)))
-    # Where the request stood (see attnfuse.pipeline): run, model, the finished runs and models.
+    m.get(meta, "fingerprint", "fingerprint", str, optional=True)
+    m.count(meta, "log_rows", "log_rows", optional=True)
+
+
+def _check_run_loop(tensors: dict[str, Tensor], meta: dict, m: _Meta) -> None:
+    """The loop over runs (:class:`attnfuse.fit.RunLoopState`): the run under way, the records of
+    the runs before it, the first run's model."""
     run_index = m.count(meta, "run_index", "run_index", optional=True) or 0
-    unit = m.get(meta, "unit", "unit", list, optional=True) or [0, 0]
-    if len(unit) != 2 or not all(_is_int(u) and u >= 0 for u in unit):
-        raise m.fail("unit", f"expected [candidate, member], got {unit!r}")
     finished = m.records(meta, "finished", "finished", optional=True)
     if len(finished) != run_index:
-        raise m.fail("finished", f"expected the records of the {run_index} runs before run {run_index}, got "
-                     f"{len(finished)}")  # fmt: skip
+        problem = f"expected the records of the {run_index} runs before run {run_index}, got {len(finished)}"
+        raise m.fail("finished", problem)
     for i, record in enumerate(finished):
         m.count(record, "seed", f"finished[{i}].seed")
         m.records(record, "history", f"finished[{i}].history", optional=True)
@@ -409,33 +434,38 @@ def check_state(tensors: dict[str, Tensor], meta: Any, where: str) -> None:
             metrics = m.get(record, part, f"finished[{i}].{part}", dict, optional=True) or {}
             if not all(v is None or _is_number(v) for v in metrics.values()):
                 raise m.fail(f"finished[{i}].{part}", "expected numbers")
-    m.get(meta, "fingerprint", "fingerprint", str, optional=True)
-    m.count(meta, "log_rows", "log_rows", optional=True)
     m.get(meta, "selection", "selection", (dict, type(None)), optional=True)
     if (run_index > 0) != ("first" in meta):
         raise m.fail("first", "expected the first run's model exactly when a later run is under way")
     if "first" in meta:
         _check_record(tensors, m.get(meta, "first", "first", dict), "first", "first.", m)
-    seen = set()
-    for i, record in enumerate(m.records(meta, "members", "members", optional=True)):
-        c, k = (
-            m.count(record, "candidate", f"members[{i}].candidate"),
-            m.count(record, "member", f"members[{i}].member"),
-        )
-        if (c, k) in seen or (c, k) == tuple(unit):
-            raise m.fail(f"members[{i}]", f"model ({c}, {k}) is recorded twice")
-        seen.add((c, k))
-        _check_record(tensors, record, f"members[{i}]", f"member.{c}.{k}.", m)
-        pred = tensors.get(f"valid.{c}.{k}")
-        if pred is not None and (pred.dim() not in (1, 2) or pred.dtype == torch.bool):
-            raise _fail(
-                where, f"trainer.safetensors valid.{c}.{k}", "expected the validation predictions (N,) or (N, K)"
-            )
 
-    # The tensors: the trainer's (checked against its model on restore), the loop's, the RNGs'.
-    known = re.compile(r"(model|best|first|member\.\d+\.\d+|optim\.\d+)\..+|valid\.\d+\.\d+|loop\.(loss_sum|step_losses)"
-                       r"|rng\.(shuffle|epoch)|rng\.rank\d+\.(torch|numpy_keys|numpy_rest|numpy_gauss|cuda\d+)")  # fmt: skip
-    unknown = [k for k in tensors if not known.fullmatch(k)]
+
+def _check_inner_loop(tensors: dict[str, Tensor], meta: dict, m: _Meta, level: str, records: str, total: str) -> None:
+    """One of a run's inner loops (:class:`attnfuse.fit.CandidateLoopState`,
+    :class:`attnfuse.fit.MemberLoopState`): the position ``level`` and one finished model (record
+    and tensors ``<level>.<i>.*``) per position before it."""
+    index = m.count(meta, level, level)
+    finished = m.records(meta, records, records)
+    if len(finished) != index:
+        raise m.fail(records, f"expected the {index} {total} before {level} {index}, got {len(finished)}")
+    for i, record in enumerate(finished):
+        _check_record(tensors, record, f"{records}[{i}]", f"{level}.{i}.", m)
+
+
+# The tensors a checkpoint holds: the trainer's (checked against its model on restore), the finished
+# models' (first., candidate.<c>., member.<k>.), the loop's, the RNGs'.
+KNOWN_TENSORS = re.compile(
+    r"(model|best|optim\.\d+)\..+"
+    r"|(first|candidate\.\d+|member\.\d+)\.(weights\..+|valid_pred)"
+    r"|loop\.(loss_sum|step_losses)"
+    r"|rng\.(shuffle|epoch)|rng\.rank\d+\.(torch|numpy_keys|numpy_rest|numpy_gauss|cuda\d+)"
+)
+
+
+def _check_tensors(tensors: dict[str, Tensor], meta: dict, where: str) -> None:
+    """No tensor attnfuse does not write; the trainer's loop tensors and every process's RNG states."""
+    unknown = [k for k in tensors if not KNOWN_TENSORS.fullmatch(k)]
     if unknown:
         raise _fail(where, f"trainer.safetensors {unknown[0]}", "not a tensor attnfuse writes")
     if not any(k.startswith("model.") for k in tensors):
@@ -443,13 +473,14 @@ def check_state(tensors: dict[str, Tensor], meta: Any, where: str) -> None:
     loss_sum = _tensor(tensors, "loop.loss_sum", where, torch.float32, ())
     if not math.isfinite(float(loss_sum)):
         raise _fail(where, "trainer.safetensors loop.loss_sum", "not finite")
+    step = meta["step"]
     if step and "loop.step_losses" in tensors:
         _tensor(tensors, "loop.step_losses", where, torch.float32, (step,))
     elif "loop.step_losses" in tensors or step:
         raise _fail(where, "trainer.safetensors loop.step_losses", f"expected {step} step losses")
     _check_generator(tensors, "rng.shuffle", where)
     _check_generator(tensors, "rng.epoch", where)
-    for rank in range(world):
+    for rank in range(meta["world"]):
         _check_rank_rng(tensors, meta, rank, where)
 
 
@@ -525,3 +556,66 @@ class RunLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class Checkpoints:
+    """``OUT/last/`` of a fit in progress: its options (``run.yaml``), its epoch log and its
+    checkpoints, and the checkpoint a resumed fit starts from (:attr:`resumed`). Rank 0 alone
+    writes (``writes``); without ``out``, nothing is written.
+
+    A checkpoint is the trainer's state and the loops' state (see :mod:`attnfuse.fit`), given to
+    :meth:`save` as tensors and plain values; this store adds what ties it to its data
+    (``fingerprint``) and to its epoch log (``log_rows``: the epochs ``log.csv`` held when it was
+    taken, so a resumed log keeps exactly those)."""
+
+    def __init__(
+        self, out: Path | None, options: dict, fingerprint: str, tensorboard: bool, resume: bool, writes: bool
+    ) -> None:
+        self.last = None if out is None else last_dir(out)
+        self.fingerprint = fingerprint
+        self.resumed = load_state(self.last) if resume and self.last is not None else None
+        meta = self.resumed[1] if self.resumed else {}
+        if self.resumed and meta.get("fingerprint") != fingerprint:
+            raise ValueError(f"resume: the data {options['data']!r} is not the data the run in {out} was trained on")
+        self.logged = meta.get("log_rows", 0)  # epochs in log.csv
+        writes = self.last is not None and writes
+        self.writes = writes
+        self.created = [p for p in (None if out is None else Path(out), self.last) if writes and not p.exists()]
+        self.log: RunLog | None = None
+        try:
+            if writes and not resume:
+                write_options(self.last, options)
+            self.log = RunLog(self.last, tensorboard, keep_rows=meta.get("log_rows")) if writes else None
+        except BaseException as error:
+            self.failed(error)
+            raise
+
+    def log_epoch(self, run: int, seed: int, record: dict) -> None:
+        self.logged += 1
+        if self.log is not None:
+            self.log.write(run, seed, record)
+
+    def save(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Publish a checkpoint (:func:`save_state`) of ``tensors`` and ``meta`` (JSON values)."""
+        if self.writes:
+            save_state(self.last, tensors, {**meta, "fingerprint": self.fingerprint, "log_rows": self.logged})
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def move_logs(self, new: Path) -> None:
+        """The epoch log (and TensorBoard events) move into the finished run's new directory; the
+        checkpoints of ``last/`` go with the old directory when the new one is swapped in."""
+        for name in ("log.csv", "tensorboard"):
+            if self.last is not None and (self.last / name).exists():
+                os.replace(self.last / name, new / name)
+
+    def failed(self, error: BaseException) -> None:
+        """After ``error``: unless the fit can be continued from a checkpoint in ``last/``, the
+        directories it created go, so nothing is left behind (a diverged fit would only diverge
+        again)."""
+        keep = self.last is not None and (self.last / "state").exists() and not isinstance(error, DivergedError)
+        if self.created and self.writes and not keep:
+            shutil.rmtree(self.created[0], ignore_errors=True)

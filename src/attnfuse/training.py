@@ -1,15 +1,20 @@
-"""Training and evaluation: AdamW, gradient clipping, early stopping on the validation metric.
+"""Training and evaluation of one model: AdamW, gradient clipping, early stopping on the validation
+metric.
 
-The whole pipeline of ``attnfuse train`` for one seed is :func:`run`:
+What every model of a run shares is its :class:`Parts`: the run's split (made by its
+:class:`~attnfuse.splitplan.SplitPlan`), the standardisation fitted on the training rows, and one
+batch source per part. One model is :func:`fit_model`::
 
-    split -> standardise (statistics of the training rows only) -> build the model
-    -> fit (early stopping on the validation metric, best weights restored)
-    -> metrics on train / valid / test
+    parts = Parts.of(data, split, device)     # standardise: statistics of the training rows only
+    model = fit_model(parts, fusion, settings, train_config)
+        build the model (regression targets standardised by the training rows' statistics)
+        -> Trainer.fit (early stopping on the validation metric, best weights restored)
+        -> assess: metrics on train / valid / test
 
 Mini-batches are gathered (and standardised) per step from the dataset's rows, so a
 memory-mapped dataset is never loaded whole; no DataLoader, no per-sample Python. An ensemble's
-members, ``--fusion auto``'s candidates and ``--repeat``'s seeds are each one :func:`run`, driven
-by :func:`attnfuse.pipeline.train`.
+members, ``--fusion auto``'s candidates and ``--repeat``'s runs are each one :func:`fit_model`,
+driven by the loops of :mod:`attnfuse.fit`.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_float
-from .data import Batch, MultimodalDataset, RowBatches, Standardizer, make_split
-from .distributed import Dist, local_device
-from .ensemble import Ensemble, first_member
+from .data import Batch, MultimodalDataset, RowBatches, Standardizer
+from .distributed import Dist
+from .ensemble import Ensemble, EnsembleSpec, first_member
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
 from .nn import kernels
@@ -37,18 +42,18 @@ from .options import check_bounds, option, shorten
 
 __all__ = [
     "TrainConfig",
-    "RunResult",
+    "TrainedModel",
+    "Parts",
     "Trainer",
     "Control",
     "DivergedError",
     "Interrupted",
-    "run",
+    "fit_model",
     "predict",
     "evaluate",
     "to_predictions",
     "model_config",
     "param_groups",
-    "member_seed",
     "target_stats",
     "assess",
 ]
@@ -194,13 +199,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @dataclass
-class RunResult:
-    """One trained run: the model (best validation weights; an :class:`~attnfuse.ensemble.Ensemble`
-    of members trained on the same rows), its metrics per split, the history (of the first member).
-    ``note`` says why training ended unusually (a diverged loss, with the best weights kept).
-    ``valid_loss``, ``valid_se`` and ``valid_pred``: the loss on the validation rows, the standard
-    error of the validation selection metric (:func:`attnfuse.metrics.standard_error`) and the
-    predictions, with which ``--fusion auto`` compares models."""
+class TrainedModel:
+    """One trained model: the network (best validation weights; an
+    :class:`~attnfuse.ensemble.Ensemble` of members trained on the same rows), the standardiser
+    of its inputs, its metrics per part and the history (of the first member). ``note`` says why
+    training ended unusually (a diverged loss, with the best weights kept). ``valid_loss``,
+    ``valid_se`` and ``valid_pred``: the loss on the validation rows, the standard error of the
+    validation selection metric (:func:`attnfuse.metrics.standard_error`) and the predictions,
+    with which ``--fusion auto`` compares models.
+
+    A checkpoint keeps a finished model as :meth:`to_dict` (tensors and a JSON record) and
+    restores it with :meth:`from_dict`."""
 
     model: FusionModel | Ensemble
     fusion: str
@@ -209,10 +218,57 @@ class RunResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     note: str | None = None
-    split: Mapping[str, np.ndarray] | None = None  # the rows of each part (a data.Split when made here)
+    split: Mapping[str, np.ndarray] | None = None  # the rows of each part (a data.Split)
     valid_loss: float = float("nan")
     valid_se: float = float("nan")
     valid_pred: np.ndarray | None = None  # predictions on the validation rows, (N_valid,) or (N_valid, K)
+
+    def to_dict(self, predictions: bool = True) -> tuple[dict[str, Tensor], dict]:
+        """The tensors (``weights.*``; with ``predictions``, ``valid_pred``) and the record of the rest."""
+        tensors = {f"weights.{k}": v for k, v in self.model.state_dict().items()}
+        if predictions and self.valid_pred is not None:
+            tensors["valid_pred"] = torch.from_numpy(np.ascontiguousarray(self.valid_pred))
+        record = {
+            "fusion": self.fusion,
+            "model": asdict(self.model.config),
+            **EnsembleSpec.of(self.model).to_dict(),
+            "metrics": self.metrics,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "note": self.note,
+            "standardizer": self.standardizer.to_dict(),
+            "valid_loss": self.valid_loss,
+            "valid_se": self.valid_se,
+        }
+        return tensors, record
+
+    @classmethod
+    def from_dict(
+        cls, tensors: dict[str, Tensor], record: dict, split: Mapping[str, np.ndarray], device: torch.device | str
+    ) -> TrainedModel:
+        """The model :meth:`to_dict` wrote (checked by :func:`attnfuse.runstate.check_state`),
+        trained on ``split``, on ``device``."""
+        model = EnsembleSpec.from_dict(record).build(record["fusion"], record["model"])
+        model.load_state_dict({k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")})
+        pred = tensors.get("valid_pred")
+        return cls(
+            model=model.to(device),
+            fusion=record["fusion"],
+            standardizer=Standardizer.from_dict(record["standardizer"]),
+            metrics=record["metrics"],
+            best_epoch=record["best_epoch"],
+            history=record["history"],
+            note=record["note"],
+            split=split,
+            valid_loss=_nan_for_none(record["valid_loss"]),
+            valid_se=_nan_for_none(record["valid_se"]),
+            valid_pred=None if pred is None else pred.numpy(),
+        )
+
+
+def _nan_for_none(value: float | None) -> float:
+    """A number written to JSON (an undefined one as null) read back."""
+    return float("nan") if value is None else value
 
 
 class DivergedError(ValueError):
@@ -230,12 +286,13 @@ class Interrupted(Exception):
 
 @dataclass
 class Control:
-    """How a run is driven from outside its loop (all optional; the defaults train plainly).
+    """How the training of one model is driven from outside its loop (all optional; the defaults
+    train plainly).
 
     dist: this process's place in a torchrun job (:mod:`attnfuse.distributed`).
     resume: a :meth:`Trainer.state_dict` to continue from (``(tensors, meta)``).
     checkpoint: called with the trainer every ``every`` epochs and when stopping, to save it.
-    stop: polled after every step; a signal number (true) stops the run at that step boundary.
+    stop: polled after every step; a signal number (true) stops training at that step boundary.
     """
 
     dist: Dist = field(default_factory=Dist)
@@ -263,93 +320,98 @@ def target_stats(data: MultimodalDataset, rows: np.ndarray) -> dict[str, list[fl
     return {"target_mean": y.mean(axis=0).tolist(), "target_std": np.where(std < 1e-6, 1.0, std).tolist()}
 
 
-def member_seed(seed: int, k: int) -> int:
-    """The seed of member ``k`` of an ensemble trained with ``seed``: member 0 is the single model
-    of that seed; the others draw from ``SeedSequence([seed, k])``, so no two runs (``--repeat``
-    seeds seed, seed+1, ...) share a member."""
-    return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0] % 2**31)
+@dataclass
+class Parts:
+    """A run's data as every model of the run sees it: the rows of each part (``split``), the
+    standardiser fitted on the training rows, and one batch source per part (``sources``, each
+    with ``len()`` and ``select(index) -> Batch``).
+
+    This is where the inputs are standardised, once per run. A source gathers and standardises its
+    rows per step (:class:`~attnfuse.data.RowBatches`: a memory-mapped dataset is never loaded
+    whole); on CUDA an in-memory dataset's parts are standardised and moved to the GPU here, up
+    front (no host-to-device copy per step)."""
+
+    data: MultimodalDataset
+    split: Mapping[str, np.ndarray]
+    standardizer: Standardizer
+    sources: dict[str, RowBatches | Batch]
+
+    @classmethod
+    def of(cls, data: MultimodalDataset, split: Mapping[str, np.ndarray], device: torch.device | str = "cpu") -> Parts:
+        """``split``'s parts of ``data``, standardised by its training rows' statistics, on ``device``."""
+        device = torch.device(device)
+        standardizer = Standardizer.fit(data, split["train"])
+        up_front = device.type == "cuda" and not data.is_mapped
+        sources = {}
+        for name, rows in split.items():
+            source = RowBatches(data, rows, standardizer, device)
+            sources[name] = source.to_batch() if up_front else source
+        return cls(data, split, standardizer, sources)
 
 
-def run(
-    data: MultimodalDataset,
+def fit_model(
+    parts: Parts,
     fusion: str,
     model_overrides: dict | None = None,
     train: TrainConfig | None = None,
-    split_seed: int | None = None,
+    *,
     on_epoch: Callable[[dict], None] | None = None,
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     control: Control | None = None,
-    split: Mapping[str, np.ndarray] | None = None,
-) -> RunResult:
-    """Split, standardise, build, fit and evaluate one model (deterministic for a seed on CPU).
-    Regression targets are learned standardised (the training rows' mean and std, in the config).
-    ``train.ensemble`` is not looked at here: :func:`attnfuse.pipeline.train` trains the members.
-
-    ``split`` gives the train/valid/test rows (e.g. a fold of :func:`attnfuse.data.kfold`);
-    by default :func:`attnfuse.data.make_split` makes them with ``split_seed`` (default: the
-    training seed): the data's split column, with a validation part carved out of its train rows
-    when it has none, or train/valid/test ``fractions`` drawn for data without one.
-
-    Batches are gathered and standardised per step from the dataset (a memory-mapped dataset is
-    never loaded whole); on CUDA an in-memory dataset's parts are moved to the GPU once instead."""
+) -> TrainedModel:
+    """Build, fit and assess one model on ``parts`` (deterministic for a seed on the CPU), on the
+    device of ``parts``. Regression targets are learned standardised (the training rows' mean and
+    std, in the config). ``train.ensemble`` is not looked at here: the loops of
+    :mod:`attnfuse.fit` train the members."""
     train = train or TrainConfig()
+    train.training_device()  # the settings fit the hardware (fp16 is refused on the CPU)
     control = control or Control()
-    if split is None:
-        split = make_split(data, seed=train.seed if split_seed is None else split_seed, fractions=fractions)
-    standardizer = Standardizer.fit(data, split["train"])
-    device = local_device(train.training_device())
-    sources = {name: _batches(data, rows, standardizer, device) for name, rows in split.items()}
-
-    overrides = {**(model_overrides or {}), **target_stats(data, split["train"])}
+    data = parts.data
+    overrides = {**(model_overrides or {}), **target_stats(data, parts.split["train"])}
     torch.manual_seed(train.seed)
-    model = build_model(fusion, model_config(fusion, data, **overrides)).to(device)
+    model = build_model(fusion, model_config(fusion, data, **overrides)).to(_device_of(parts))
     trainer = Trainer(model, data.task, train, control.dist)
     if control.resume is not None:
         trainer.load_state_dict(*control.resume)
-    trainer.fit(sources["train"], sources["valid"], on_epoch, control)
-    metrics, valid_loss, valid_se, valid_pred = _assess(model, data.task, train, sources, control.dist)
-    return RunResult(model, fusion, standardizer, metrics, trainer.best_epoch, trainer.history, trainer.note, split,
-                     valid_loss, valid_se, valid_pred)  # fmt: skip
+    trainer.fit(parts.sources["train"], parts.sources["valid"], on_epoch, control)
+    metrics, valid_loss, valid_se, valid_pred = assess(model, parts, train, control.dist)
+    return TrainedModel(
+        model=model,
+        fusion=fusion,
+        standardizer=parts.standardizer,
+        metrics=metrics,
+        best_epoch=trainer.best_epoch,
+        history=trainer.history,
+        note=trainer.note,
+        split=parts.split,
+        valid_loss=valid_loss,
+        valid_se=valid_se,
+        valid_pred=valid_pred,
+    )
+
+
+def _device_of(parts: Parts) -> torch.device:
+    source = parts.sources["train"]
+    return source.device if isinstance(source, RowBatches) else next(iter(source.x.values())).device
 
 
 def assess(
-    model: FusionModel | Ensemble,
-    data: MultimodalDataset,
-    split: Mapping[str, np.ndarray],
-    standardizer: Standardizer,
-    cfg: TrainConfig,
-    dist: Dist | None = None,
+    model: FusionModel | Ensemble, parts: Parts, cfg: TrainConfig, dist: Dist | None = None
 ) -> tuple[dict[str, dict[str, float]], float, float, np.ndarray | None]:
-    """A trained model's metrics on every part of ``split``, its loss on the validation rows, the
-    standard error of its validation selection metric and its validation predictions (e.g. for an
-    ensemble of :func:`run`'s models)."""
-    device = next(model.parameters()).device
-    sources = {name: _batches(data, rows, standardizer, device) for name, rows in split.items()}
-    return _assess(model, data.task, cfg, sources, dist or Dist())
-
-
-def _assess(
-    model, task: str, cfg: TrainConfig, sources: dict, dist: Dist
-) -> tuple[dict, float, float, np.ndarray | None]:
+    """A trained model's metrics on every part, its loss on the validation rows, the standard
+    error of its validation selection metric and its validation predictions (e.g. for an ensemble
+    of :func:`fit_model`'s models)."""
+    task, dist = parts.data.task, dist or Dist()
     metrics, valid_loss, valid_se, valid_pred = {}, float("nan"), float("nan"), None
-    for name, source in sources.items():
+    for name, source in parts.sources.items():
         outputs = _predict(model, source, dist, cfg.precision)
         y, predictions = _np(source.y), to_predictions(task, outputs)
         metrics[name] = compute_metrics(task, y, predictions, sentiment=cfg.sentiment_metrics)
         if name == "valid" and len(source):
-            valid_loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, first_member(model))(
-                outputs, source.y
-            ).item()
+            loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, first_member(model))
+            valid_loss = loss(outputs, source.y).item()
             valid_se = standard_error(cfg.selection_metric(task)[0], y, predictions)
             valid_pred = predictions
     return metrics, valid_loss, valid_se, valid_pred
-
-
-def _batches(data: MultimodalDataset, rows: np.ndarray, standardizer: Standardizer, device: torch.device):
-    """A part's batch source: lazy (gathered per step), or for an in-memory dataset on CUDA one
-    standardised Batch on the GPU (no host-to-device copy per step)."""
-    source = RowBatches(data, rows, standardizer, device)
-    return source.to_batch() if device.type == "cuda" and not data.is_mapped else source
 
 
 class Trainer:
@@ -357,7 +419,7 @@ class Trainer:
     metric, mixed precision, torch.compile and DistributedDataParallel as the config asks.
 
     Its whole state (weights, optimizer, early-stopping state, best weights, every RNG, the
-    position inside the epoch) is :meth:`state_dict`, written after any step; a run restored with
+    position inside the epoch) is :meth:`state_dict`, written after any step; a training restored with
     :meth:`load_state_dict` continues bitwise as if it had never stopped (on the CPU).
 
     With ``dist`` (torchrun), every rank draws the same global batch of ``batch_size`` rows and
@@ -668,8 +730,8 @@ def set_rng_state(state: dict) -> None:
     t = state["tensors"]
     torch.set_rng_state(t["torch"])
     pos, has_gauss = t["numpy_rest"].tolist()
-    np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         float(t["numpy_gauss"][0])))  # fmt: skip
+    keys = t["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, float(t["numpy_gauss"][0])))
     cuda = [t[k] for k in sorted(k for k in t if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

@@ -27,7 +27,6 @@ from rich.measure import Measurement
 from rich.table import Column, Table
 
 from ..pipeline import ReadOptions, load_trained
-from ..pipeline import split_parts as _parts  # noqa: F401
 
 
 class Fitted:
@@ -276,7 +275,7 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
+def metrics_table(title: str, metrics: dict[str, dict]) -> Table:
     """Rows: splits; columns: metrics. Values are floats (None: undefined) or {'mean', 'std'} summaries."""
     table = Table(title=escape(title), title_justify="left")  # titles quote paths/names: plain text
     # (too many metrics for the width, --metrics sentiment at 80 columns: printed in parts, see Fitted)

@@ -16,9 +16,9 @@ from ..explain import explain_model, parse_vectors, walkthrough
 from ..explain.agreement import METHOD_SHORT
 from ..explain.run import Explanation, column_names
 from ..explain.walkthrough import SOFTMAX_NEVER_ONE_HOT, Walkthrough
-from ..pipeline import data_options
+from ..pipeline import data_options, split_parts
 from ..threads import set_threads
-from .common import _parts, console, load_for_model
+from .common import console, load_for_model
 from .options import with_options
 
 
@@ -236,7 +236,7 @@ def explain_into(
     summary. ``method`` and ``n_steps``: as :func:`explain_model`'s ``methods`` and ``n_steps``."""
     set_threads()  # the cores other processes leave free
     net, config, standardizer, dataset = load_for_model(model, data, read)
-    parts = _parts(dataset, config)
+    parts = split_parts(dataset, config)
     if split not in parts:
         raise ValueError(f"split: expected one of {list(parts)} for this data, got {split!r}")
     rows = parts[split][:max_rows]
@@ -247,8 +247,15 @@ def explain_into(
     # Locked (a second explain into it is refused at once) and proven writable before the work.
     with explanation_directory(target) as tmp:
         expl = explain_model(
-            net, dataset, standardizer, rows, split=split, methods=method, samples=chosen, n_steps=n_steps,
+            net,
+            dataset,
+            standardizer,
+            rows,
+            split=split,
+            methods=method,
+            samples=chosen,
+            n_steps=n_steps,
             feature_names=column_names(config),
-        )  # fmt: skip
+        )
         write_report_into(expl, tmp)
     print_explanation(console, expl, target)

@@ -15,11 +15,11 @@ from ..checkpoint import EVALUATION, metrics_for_json
 from ..data import RowBatches, decode_labels
 from ..files import check_writable, write_json, write_text
 from ..metrics import compute_metrics
-from ..pipeline import data_options
+from ..pipeline import data_options, split_parts
 from ..robustness import missing_modalities, plot_robustness, robustness_table
 from ..threads import set_threads
 from ..training import predict, to_predictions
-from .common import _metrics_table, _parts, console, describe_os_error, load_for_model
+from .common import console, describe_os_error, load_for_model, metrics_table
 from .options import with_options
 
 
@@ -57,7 +57,7 @@ def evaluate(
         raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
     report = metrics_for_json(_metrics_per_part(net, config, standardizer, dataset))
     title = f"{config['fusion']} model {model} on {dataset.name}"
-    console.print(_metrics_table(title, report))
+    console.print(metrics_table(title, report))
     robustness = None
     if missing:
         robustness = missing_modalities(net, config, standardizer, dataset)
@@ -77,7 +77,7 @@ def _metrics_per_part(net, config: dict, standardizer, dataset) -> dict[str, dic
     sentiment = config["train"].get("metrics") == "sentiment"
     return {
         s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
-        for s, idx in _parts(dataset, config).items()
+        for s, idx in split_parts(dataset, config).items()
         if idx.size
     }
 
@@ -146,7 +146,7 @@ def predict_cmd(
     classes = config["data"].get("classes")  # the original labels of the codes 0..C-1
 
     header, columns = ["index"], [np.arange(dataset.n)]
-    parts = _parts(dataset, config)  # the data's split, or the one drawn in training for its own data
+    parts = split_parts(dataset, config)  # the data's split, or the one drawn in training for its own data
     if len(parts) > 1:
         split = np.empty(dataset.n, dtype=object)
         for name, rows in parts.items():

@@ -1,5 +1,6 @@
 """``attnfuse train``: its options are generated from the dataclasses that hold them (the run's,
-every fusion config's, the training config's); the work is :func:`attnfuse.pipeline.train`."""
+every fusion config's, the training config's); the work is :func:`attnfuse.pipeline.train`, whose
+progress events :class:`_ProgressView` shows."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from ..pipeline import train as train_run
 from ..runstate import last_dir, read_run_options
 from ..threads import set_threads
 from ..training import Interrupted, TrainConfig
-from .common import _metrics_table, console, err_console
+from .common import console, err_console, metrics_table
 from .options import given, with_options
 
 
@@ -68,49 +69,18 @@ def train(
     if resume is not None:
         spec, out = _resumed(resume, config, out, given(ctx, values))
     else:
-        options = {**(read_options(config) if config else {}), **given(ctx, values)}
-        spec = TrainSpec.from_options(options, where=str(config) if config else "options")
-        out, note = _output(out, spec.run) if is_main_process() else (out or _default_out(spec.run), None)
-        if note:
-            console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+        spec, out = _new_spec(config, out, given(ctx, values))
 
     # The cores other processes leave free, unless --threads says. The count is part of the run:
     # float32 sums differ in their last bits between thread counts, so run.yaml records the count
     # used, and --resume and --config run.yaml compute with it again (bitwise the same).
     spec = replace(spec, train=replace(spec.train, threads=set_threads(spec.train.threads)))
-    with _progress_bars(console, enabled=is_main_process() and console.is_terminal) as progress:
-        bars: dict[tuple[int, str, int], Any] = {}
-        # Without a terminal (a pipe, a CI or cluster log, nohup) no bar is drawn: plain lines instead.
-        lines = _EpochLines(enabled=is_main_process() and not console.is_terminal)
-
-        def on_progress(event: str, info: dict) -> None:
-            key = (info.get("index", 0), info.get("candidate", ""), info.get("member", 0))
-            if event == "data":
-                console.print(_headline(info["data"], spec.run.fusion), highlight=False)
-            elif event == "run":
-                label = _model_label(info, spec.run)
-                bars[key] = progress.add_task(escape(label), total=info["epochs"], status="")
-                lines.start(key, label, info["epochs"])
-            elif event == "epoch":
-                status = _epoch_status(info)
-                progress.update(bars[key], completed=info["epoch"], status=status)
-                lines.epoch(key, info["epoch"], status)
-            elif event == "run_end":  # stopped early: the bar ends where training did
-                progress.update(bars[key], total=info["epochs"], completed=info["epochs"])
-                lines.end(key, info["epochs"], info["best_epoch"])
-            elif event == "note":
-                progress.console.print(f"note: {escape(info['message'])}", highlight=False)
-            elif event == "diverged":
-                progress.console.print(
-                    f"[bold yellow]warning:[/] {escape(info['message'])}; the weights of epoch {info['best_epoch']} "
-                    "(the best before it) are kept",
-                    highlight=False,
-                )
-
+    with _progress_bars(console, enabled=is_main_process() and console.is_terminal) as bars:
+        view = _ProgressView(bars, spec.run)
         try:
-            result = train_run(spec, out, on_progress, resume=resume is not None, handle_signals=True)
+            result = train_run(spec, out, view, resume=resume is not None, handle_signals=True)
         except Interrupted as stop:
-            progress.stop()
+            bars.stop()
             name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(stop.signal, "a signal")
             err_console.print(
                 f"[bold yellow]stopped[/] by {name} at epoch {stop.epoch + 1}, step {stop.step}; the state is in "
@@ -124,6 +94,60 @@ def train(
         return  # under torchrun, rank 0 reports
     print_result(result, spec.run)
     console.print(f"model, config, metrics and run.yaml written to [bold]{escape(str(out))}[/]", highlight=False)
+
+
+def _new_spec(config: Path | None, out: Path | None, flags: dict) -> tuple[TrainSpec, Path]:
+    """The request of a new run: options of ``--config`` (if any) under the flags given, and its
+    output directory (on rank 0 with a note when there is something to say about it)."""
+    options = {**(read_options(config) if config else {}), **flags}
+    spec = TrainSpec.from_options(options, where=str(config) if config else "options")
+    out, note = _output(out, spec.run) if is_main_process() else (out or _default_out(spec.run), None)
+    if note:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    return spec, out
+
+
+class _ProgressView:
+    """The progress callback of :func:`attnfuse.pipeline.train` (events: see
+    :data:`attnfuse.fit.ProgressCallback`) as the command shows it: one bar per model on a
+    terminal; without one (a pipe, a CI or cluster log, nohup) plain lines instead."""
+
+    def __init__(self, bars: Progress, run: RunOptions) -> None:
+        self.bars, self.run = bars, run
+        self.tasks: dict[tuple[int, str, int], Any] = {}
+        self.lines = _EpochLines(enabled=is_main_process() and not console.is_terminal)
+
+    def __call__(self, event: str, info: dict) -> None:
+        handler = getattr(self, f"_on_{event}", None)
+        if handler is not None:
+            handler(info, (info.get("index", 0), info.get("candidate", ""), info.get("member", 0)))
+
+    def _on_data(self, info: dict, key: tuple) -> None:
+        console.print(_headline(info["data"], self.run.fusion), highlight=False)
+
+    def _on_model_start(self, info: dict, key: tuple) -> None:
+        label = _model_label(info, self.run)
+        self.tasks[key] = self.bars.add_task(escape(label), total=info["epochs"], status="")
+        self.lines.start(key, label, info["epochs"])
+
+    def _on_epoch(self, info: dict, key: tuple) -> None:
+        status = _epoch_status(info)
+        self.bars.update(self.tasks[key], completed=info["epoch"], status=status)
+        self.lines.epoch(key, info["epoch"], status)
+
+    def _on_model_end(self, info: dict, key: tuple) -> None:  # stopped early: the bar ends where training did
+        self.bars.update(self.tasks[key], total=info["epochs"], completed=info["epochs"])
+        self.lines.end(key, info["epochs"], info["best_epoch"])
+
+    def _on_note(self, info: dict, key: tuple) -> None:
+        self.bars.console.print(f"note: {escape(info['message'])}", highlight=False)
+
+    def _on_diverged(self, info: dict, key: tuple) -> None:
+        self.bars.console.print(
+            f"[bold yellow]warning:[/] {escape(info['message'])}; the weights of epoch {info['best_epoch']} "
+            "(the best before it) are kept",
+            highlight=False,
+        )
 
 
 def print_result(result: TrainResult, run: RunOptions) -> None:
@@ -146,7 +170,7 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
         title = f"auto on {data.name}: mean ± std over {what} (each run's picked model)"
     else:
         title = f"{fusion} on {data.name}: mean ± std over {what}"
-    console.print(_metrics_table(title, rows))
+    console.print(metrics_table(title, rows))
     if "baselines" in report:
         spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
         if spent:
