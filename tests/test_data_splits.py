@@ -77,10 +77,22 @@ def test_regression_carve_is_random_and_valid_fraction_checked():
             make_split(dataset(y, split), seed=0, valid_fraction=bad)
 
 
-@pytest.mark.parametrize("values, missing", [(["valid", "test"], "train"), (["train", "valid"], "test")])
+@pytest.mark.parametrize("values, missing", [(["valid", "test"], "train"), (["train"], "test")])
 def test_split_column_without_train_or_test_is_an_error(values, missing):
     with pytest.raises(ValueError, match=f"split: the dataset's split column has no '{missing}' rows"):
-        make_split(dataset(np.arange(6) % 2, np.array(values * 3)), seed=0)
+        make_split(dataset(np.arange(6) % 2, np.array(values * (6 // len(values)))), seed=0)
+
+
+def test_a_column_of_train_and_valid_rows_is_a_split_with_an_empty_test_part():
+    split = np.array(["train", "valid", "train"] * 4)
+    s = make_split(dataset(np.arange(12) % 2, split), seed=0)
+    assert s.how == "column" and "0 test" in s.note
+    np.testing.assert_array_equal(s["train"], np.flatnonzero(split == "train"))
+    np.testing.assert_array_equal(s["valid"], np.flatnonzero(split == "valid"))
+    assert s["test"].size == 0 and s["test"].dtype == np.int64
+    # Cross-validation keeps a column's test rows fixed in every fold: it still needs some.
+    with pytest.raises(ValueError, match="split column has no 'test' rows"):
+        kfold(dataset(np.arange(12) % 2, split), 2, seed=0)
 
 
 def test_one_train_row_cannot_be_carved():

@@ -151,7 +151,8 @@ class BaselineResult:
 def fit_baselines(
     data: MultimodalDataset, splits: dict[str, np.ndarray], seed: int = 0, sentiment: bool = False
 ) -> BaselineResult:
-    """Fit every baseline of ``data.task`` on ``splits["train"]`` and score it on every split.
+    """Fit every baseline of ``data.task`` on ``splits["train"]`` and score it on every split
+    that has rows (an empty test part has no metrics, as the fusion's has none).
 
     ``splits``: ``{"train": rows, "valid": rows, "test": rows}`` as the fusion was trained on."""
     used = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in splits.values()]))
@@ -178,7 +179,9 @@ def fit_baselines(
             result.metrics[name] = {"skipped": _why(e, y_train, data.task)}
             continue
         result.metrics[name] = {
-            split: compute_metrics(data.task, y[at], pred[at], sentiment=sentiment) for split, at in part.items()
+            split: compute_metrics(data.task, y[at], pred[at], sentiment=sentiment)
+            for split, at in part.items()
+            if at.size
         }
         result.seconds[name] = time.perf_counter() - start
     return result

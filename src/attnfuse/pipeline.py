@@ -73,6 +73,7 @@ __all__ = [
     "CONSENT_OPTIONS",
     "load",
     "load_trained",
+    "data_for_model",
     "split_parts",
 ]
 
@@ -406,7 +407,9 @@ def _train(
                 folds=opts.folds,
                 auto=opts.fusion == "auto",
                 baselines=opts.baselines,
-                checkpoint_every=opts.checkpoint_every,
+                # A run on data given in memory cannot be resumed: checkpoints of it would be written
+                # (and fsynced) for nothing, so only an interruption writes one.
+                checkpoint_every=opts.checkpoint_every if given is None else 0,
                 device=local_device(cfg.torch_device()),
                 dist=dist,
                 emit=emit,
@@ -524,7 +527,7 @@ def load_trained(
     given = data
     for _ in range(READ_ATTEMPTS):
         config = read_config(model_dir)  # checked, and the model's size bounded, before anything is built
-        data = _data_for(config, source, allow_pickle, table) if given is None else given
+        data = data_for_model(config, source, allow_pickle, table) if given is None else given
         check_compatible(config, data)
         net, loaded, standardizer = load_model(model_dir)
         if loaded.get("weights_id") == config.get("weights_id"):
@@ -535,16 +538,32 @@ def load_trained(
 READ_ATTEMPTS = 3
 
 
-def _data_for(config: dict, source: str | None, allow_pickle: bool, table: dict[str, Any]) -> MultimodalDataset:
-    """The data to run a trained model on (see :func:`load_trained`), read in its label space."""
+def data_for_model(
+    config: dict, source: str | None = None, allow_pickle: bool = False, table: dict[str, Any] | None = None
+) -> MultimodalDataset:
+    """The data to run a trained model on (see :func:`load_trained`), read in its label space:
+    ``source`` (a built-in's name or a path; default: the data the model was trained on, as its
+    ``config`` records it), a table read by the model's column names. ``table``: reading options
+    for a table (:meth:`ReadOptions.table_options`). A model trained on data given in memory (a
+    DataFrame, arrays) recorded only a name for it: without ``source`` that is a ValueError saying
+    the data must be given."""
     trained = config["data"]
-    table = {k: v for k, v in table.items() if v is not None}
+    table = {k: v for k, v in (table or {}).items() if v is not None}
+    recorded = trained.get("source", trained["name"])
+    in_memory = recorded not in BUILTINS and not Path(recorded).is_absolute() and not Path(recorded).exists()
+    if source is None and in_memory:
+        # The command line and the predictor record a file by its full path and a built-in by its
+        # name: anything else named data that was only in memory, which cannot be read again.
+        raise ValueError(
+            f"data: the model was trained on data in memory ({recorded!r}, e.g. a DataFrame), which cannot be read "
+            "again; give the data to use (--data FILE)"
+        )
     table_source = Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES
     if table_source and trained.get("columns") is not None:  # read by the model's column names
         table["model_columns"] = trained["columns"]
     classification = trained["task"] == "classification"
     return load(
-        source or trained.get("source", trained["name"]),
+        source or recorded,
         allow_pickle,
         seed=config["train"].get("seed", 0),
         task=trained["task"],
@@ -558,10 +577,11 @@ def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
     """Row indices per part for a trained model's data: for the training data itself (recognised by
     its fingerprint) the parts it was trained with (its split column, the validation part carved out
     of it, a drawn split or the first fold: :class:`~attnfuse.splitplan.SplitPlan`); for other data
-    its own split column; always also ``"all"``."""
+    its own split column; always also ``"all"``. Only parts with rows are listed."""
     parts: dict[str, np.ndarray] = {}
     if config["data"].get("fingerprint") == fingerprint(data):  # the training data: its training split
-        parts = dict(SplitPlan.from_dict(config["split"]).rows(data))
+        # A part without rows (the test part of a split column of train and valid rows) is left out.
+        parts = {s: rows for s, rows in SplitPlan.from_dict(config["split"]).rows(data).items() if rows.size}
     elif data.split is not None:
         parts = {s: rows for s in SPLITS if (rows := np.flatnonzero(data.split == s)).size}
     parts["all"] = np.arange(data.n)

@@ -61,7 +61,7 @@ from .metrics import compute_metrics
 from .options import shorten
 from .pipeline import (
     TrainSpec,
-    _data_for,
+    data_for_model,
     load,
     read_options,
     split_parts,
@@ -214,11 +214,7 @@ class FusionPredictor:
         # The command line's thread count (the free cores, or threads=), for this fit only; the
         # count used is part of the run (run.yaml), as on the command line.
         threads = set_threads(spec.train.threads)
-        # A run on data given in memory cannot be resumed: checkpoints of it would be written for
-        # nothing (fsynced, every epoch), unless asked for.
-        every = spec.run.checkpoint_every if "checkpoint_every" in self._options else 0
-        run = replace(spec.run, data=source, checkpoint_every=every)
-        spec = replace(spec, run=run, train=replace(spec.train, threads=threads))
+        spec = replace(spec, run=replace(spec.run, data=source), train=replace(spec.train, threads=threads))
         try:
             result = train(spec, out, self.progress, data=data)
         except BaseException:
@@ -473,7 +469,7 @@ class FusionPredictor:
                 )
         elif isinstance(X, (str, os.PathLike)):
             _no_targets_twice(y, "a file holds its targets in its target column")
-            data = _data_for(self.config_, os.fspath(X), bool(self._options.get("allow_pickle")), {})
+            data = data_for_model(self.config_, os.fspath(X), bool(self._options.get("allow_pickle")))
         elif isinstance(X, Mapping):
             names = [m["name"] for m in trained["modalities"]]
             split = self._options.get("split_col")

@@ -338,12 +338,16 @@ class Parts:
 
     @classmethod
     def of(cls, data: MultimodalDataset, split: Mapping[str, np.ndarray], device: torch.device | str = "cpu") -> Parts:
-        """``split``'s parts of ``data``, standardised by its training rows' statistics, on ``device``."""
+        """``split``'s parts of ``data``, standardised by its training rows' statistics, on ``device``.
+        An empty part (the test part of a split column with train and valid rows only) has no
+        source: no model is assessed on it, so it has no metrics."""
         device = torch.device(device)
         standardizer = Standardizer.fit(data, split["train"])
         up_front = device.type == "cuda" and not data.is_mapped
         sources = {}
         for name, rows in split.items():
+            if len(rows) == 0:
+                continue
             source = RowBatches(data, rows, standardizer, device)
             sources[name] = source.to_batch() if up_front else source
         return cls(data, split, standardizer, sources)

@@ -126,10 +126,13 @@ def carve_valid(
     return np.sort(order[n_valid:]), np.sort(order[:n_valid])
 
 
-def _column_parts(data: MultimodalDataset) -> dict[str, np.ndarray]:
-    """Rows per part of the data's split column; "train" and "test" must have some."""
+def _column_parts(data: MultimodalDataset, untested: bool = False) -> dict[str, np.ndarray]:
+    """Rows per part of the data's split column; "train" and "test" must have some. With
+    ``untested``, a column of "train" and "valid" rows alone is accepted too (its test part empty):
+    the user chose the validation rows and keeps no test rows aside."""
     parts = {s: np.flatnonzero(data.split == s) for s in SPLITS}
-    for s in ("train", "test"):
+    needed = ("train",) if untested and parts["valid"].size else ("train", "test")
+    for s in needed:
         if parts[s].size == 0:
             raise ValueError(f"split: the dataset's split column has no {s!r} rows")
     return parts
@@ -143,20 +146,21 @@ def make_split(
 ) -> Split:
     """The train/valid/test rows of a run, and how they were made (``Split.how``, ``Split.note``).
 
-    * the data's split column, when it has train, valid and test rows;
+    * the data's split column, when it has train, valid and test rows, or train and valid rows
+      alone (the test part is then empty: no test metrics);
     * a column with only train and test rows: ``valid_fraction`` of the train rows (default 15%)
       become the validation part (stratified for classification, by ``seed``); test is untouched;
     * no column: a split of all rows drawn by ``seed`` in ``fractions`` (stratified for
       classification, random for regression).
 
-    A column without train or without test rows is an error.
+    A column without train rows, or with neither valid nor test rows, is an error.
     """
     kind = "stratified by class" if data.task == "classification" else "at random"
     if data.split is None:
         shares = "/".join(f"{f * 100:g}" for f in fractions)
         rows = draw_split(data, seed, fractions)
         return Split(rows, "drawn", f"no split column: drew a {shares} train/valid/test split {kind}, seed {seed}")
-    parts = _column_parts(data)
+    parts = _column_parts(data, untested=True)
     if parts["valid"].size:
         sizes = ", ".join(f"{parts[s].size} {s}" for s in ("train", "valid", "test"))
         return Split(parts, "column", f"the split is the data's split column ({sizes} rows)")
