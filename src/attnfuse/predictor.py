@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,11 @@ from .checkpoint import (
     metrics_for_json,
     run_directory,
 )
-from .data import MultimodalDataset, RowBatches, decode_labels
+from .data import MultimodalDataset, RowBatches, decode_labels, read_arrow
 from .data.io._common import read_bounded
-from .data.io.table import as_arrow, parse_modality_options, read_arrow
+from .data.io.table import as_arrow, parse_modality_options
+from .explain import explain_model
+from .explain.run import Explanation, column_names
 from .export import export_model
 from .metrics import compute_metrics
 from .options import shorten
@@ -201,13 +203,21 @@ class FusionPredictor:
 
     # -- training -------------------------------------------------------------------------------
 
-    def fit(self, X: Any, y: Any = None) -> FusionPredictor:
+    def fit(self, X: Any, y: Any = None, *, valid: Any = None) -> FusionPredictor:
         """Train on ``X`` as ``attnfuse train`` does (``--fusion auto`` by default, with the
         baselines) and keep the model. ``y``: the targets, when ``X`` does not hold them (a
         DataFrame, Table or dict without the target column). Without a split column the data is
         split 70/15/15 by ``seed``; with one (``split_col=`` for a table, key ``split`` for a dict)
-        its ``train``/``valid``/``test`` rows are used. Returns the predictor."""
+        its ``train``/``valid``/``test`` rows are used.
+
+        ``valid``: validation rows of your own (early stopping, ``--fusion auto``'s choice, the
+        baselines' comparison), of the same kind as ``X`` (a DataFrame or Table, or a dict of
+        arrays) with the same columns or keys, holding their targets (or ``(V, y_valid)`` when
+        ``y`` is given apart). ``X`` is then trained on whole: there are no test rows, and no test
+        metrics. Returns the predictor."""
         spec = self._spec()
+        if valid is not None:
+            X, y = self._with_valid(X, y, valid)
         data, source = self._training_data(X, y, spec)
         scratch, out = self._output()
         before = torch.get_num_threads()
@@ -238,6 +248,32 @@ class FusionPredictor:
         if result.verdict is not None and result.verdict["clear"]:  # what the command line says in a line
             warnings.warn(verdict_line(result.verdict, self.config_["fusion"]), UserWarning, stacklevel=2)
         return self
+
+    def _with_valid(self, X: Any, y: Any, valid: Any) -> tuple[Any, Any]:
+        """``X`` and ``valid`` as one table or dict (and one ``y``) whose split column (``split_col``
+        or ``split``) says ``train`` for the rows of ``X`` and ``valid`` for those of ``valid``:
+        what :func:`attnfuse.data.make_split` reads as a split without test rows."""
+        v, y_valid = valid if isinstance(valid, tuple) and len(valid) == 2 else (valid, None)
+        if (y is None) != (y_valid is None):
+            raise ValueError(
+                "valid: give the targets the same way for X and valid: inside both, or as fit(X, y, valid=(V, y_valid))"
+            )
+        name = self._table()["split_col"] or "split"
+        if isinstance(X, (str, os.PathLike, MultimodalDataset)):
+            raise ValueError(
+                f"valid: X is a {'path' if not isinstance(X, MultimodalDataset) else 'MultimodalDataset'}; give its "
+                f"validation rows in its split column instead ('valid' rows in {name!r}, see split_col=)"
+            )
+        if isinstance(X, Mapping):
+            if not isinstance(v, Mapping):
+                raise TypeError(f"valid: expected a dict of arrays, as X is, got {type(v).__name__}")
+            target = self.target or "y"
+            return _stack_arrays(_with_targets(X, y, target), _with_targets(v, y_valid, target), name), None
+        train_part, valid_part = _as_table(X), _as_table(v)
+        if y is not None:
+            target = self.target or "y"
+            train_part, valid_part = _append_column(train_part, y, target), _append_column(valid_part, y_valid, target)
+        return _stack_tables(train_part, valid_part, name), None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (e.g. by joblib) without the removal of the temporary model directory, which
@@ -398,6 +434,39 @@ class FusionPredictor:
         }
         return metrics_for_json(report)
 
+    def explain(
+        self,
+        X: Any,
+        y: Any = None,
+        *,
+        methods: str | Sequence[str] = "auto",
+        samples: Sequence[int] | None = None,
+        n_steps: int = 50,
+        target: int | None = None,
+    ) -> Explanation:
+        """What the model's predictions on ``X`` rest on: ``attnfuse explain`` in Python
+        (:func:`attnfuse.explain.explain_model` on every row of ``X``, read as :meth:`predict`
+        reads it; the explanations compare predictions with targets, so ``X`` needs them, or
+        ``y``). ``methods``: ``"auto"`` (attention, masking, gradient x input, rollout; those a
+        model has), ``"all"`` or a list of ``attention, mask, ig, gxi, rollout``; ``samples``: rows
+        of ``X`` explained one by one (default the first two); ``n_steps``: Integrated
+        Gradients' steps; ``target``: the class explained (default the predicted one).
+
+        Returns the :class:`~attnfuse.explain.Explanation`: ``agreement.shares`` (method ->
+        each modality's share, in ``agreement.modalities``' order), ``agreement.drops`` (the metric
+        lost when each is hidden), ``masking``, ``gradients``, ``attention``, ``samples``, ``notes``."""
+        data = self._checked_data(X, y, "explain")
+        return explain_model(
+            self.model_,
+            data,
+            self.standardizer_,
+            methods=methods,
+            samples=samples,
+            n_steps=n_steps,
+            target=target,
+            feature_names=column_names(self.config_),
+        )
+
     def leaderboard(self) -> list[dict[str, Any]]:
         """Every model the training compared, best validation score first, as flat rows:
         ``model``, ``kind`` (``fusion`` or ``baseline``), ``fusion``, ``picked`` (the model kept),
@@ -443,9 +512,13 @@ class FusionPredictor:
     def _run(self, X: Any, y: Any = None, what: str = "predict") -> tuple[MultimodalDataset, torch.Tensor]:
         """``X`` read for the model (its columns, modalities and label space) and the model's raw
         outputs (N, out_dim) on it."""
-        self._check_fitted(what)
-        data = self._data_for_model(X, y)
+        data = self._checked_data(X, y, what)
         return data, predict(self.model_, RowBatches(data, None, self.standardizer_))
+
+    def _checked_data(self, X: Any, y: Any, what: str) -> MultimodalDataset:
+        """``X`` (and ``y``) read for the model, once it is fitted."""
+        self._check_fitted(what)
+        return self._data_for_model(X, y)
 
     def _data_for_model(self, X: Any, y: Any) -> MultimodalDataset:
         """``X`` read as the model's data: a table by the columns the model recorded, a dict by its
@@ -488,6 +561,51 @@ class FusionPredictor:
 
 # ---------------------------------------------------------------------------------------------
 # Reading data given in memory
+
+
+def _train_valid(n_train: int, n_valid: int) -> np.ndarray:
+    """A split column: ``n_train`` rows ``train``, then ``n_valid`` rows ``valid``."""
+    return np.array(["train"] * n_train + ["valid"] * n_valid, dtype=object)
+
+
+def _stack_tables(train: Any, valid: Any, split: str) -> Any:
+    """The rows of ``train`` then those of ``valid`` (its columns taken by ``train``'s names and
+    types, in ``train``'s order), with the split column ``split`` saying which is which."""
+    import pyarrow as pa
+
+    if split in train.column_names:
+        raise ValueError(f"valid: X already has a split column {split!r}; give the validation rows once")
+    missing = [c for c in train.column_names if c not in valid.column_names]
+    if missing:
+        raise ValueError(f"valid: no column {missing[0]!r} (X has it; valid needs every column of X)")
+    try:
+        valid = valid.select(train.column_names).cast(train.schema)
+    except (pa.ArrowException, ValueError) as e:
+        raise ValueError(f"valid: its columns cannot take X's types ({str(e).splitlines()[0]})") from None
+    both = pa.concat_tables([train, valid])
+    return both.append_column(split, pa.array(_train_valid(train.num_rows, valid.num_rows), pa.string()))
+
+
+def _stack_arrays(train: Mapping, valid: Mapping, split: str) -> dict[str, Any]:
+    """Every array of ``train`` followed by ``valid``'s under the same key, with ``split``: (N,)
+    ``train`` / ``valid``."""
+    if split in train:
+        raise ValueError(f"valid: X already has a split under {split!r}; give the validation rows once")
+    missing = [k for k in train if k not in valid]
+    if missing:
+        raise ValueError(f"valid: no array {shorten(missing[0])} (X has it; valid needs every key of X)")
+    stacked: dict[str, Any] = {}
+    for key, first in train.items():
+        a, b = np.asarray(first), np.asarray(valid[key])
+        if a.ndim == 0 or b.ndim == 0 or a.shape[1:] != b.shape[1:]:
+            expected = ", ".join(["M", *map(str, a.shape[1:])])
+            raise ValueError(f"valid: {shorten(key)}: expected shape ({expected}) as X's {a.shape}, got {b.shape}")
+        stacked[key] = np.concatenate([a, b])
+    # Rows counted by the first array; arrays of another length are refused by MultimodalDataset.
+    key = next(iter(train), None)
+    sizes = (0, 0) if key is None else (len(np.asarray(train[key])), len(np.asarray(valid[key])))
+    stacked[split] = _train_valid(*sizes)
+    return stacked
 
 
 def _as_table(X: Any) -> Any:

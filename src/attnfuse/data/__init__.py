@@ -6,7 +6,8 @@
   ``iter_batches`` and the lazy ``RowBatches``;
 * :mod:`.splits` — train/valid/test splits, carved validation parts, K folds;
 * :mod:`.preprocessing` — ``Standardizer`` (streaming fit; per dataset, in place or per batch);
-* :mod:`.io` — readers and writers per format (.npz, tables, directories, pickles);
+* :mod:`.io` — readers and writers per format (.npz, tables, directories, pickles;
+  ``read_arrow``: a pyarrow Table or pandas DataFrame in memory, read as a table file is);
 * :mod:`.builtins` — the built-in datasets; :mod:`.sources` — :func:`load_data` (a built-in's
   name, a file or a directory); :mod:`.convert` — ``convert`` (any source -> a directory dataset).
 """
@@ -18,7 +19,7 @@ from .io import read_file
 from .io.directory import load_directory, save_directory
 from .io.mult_pickle import load_pickle
 from .io.npz import load_npz, save_npz
-from .io.table import read_table
+from .io.table import read_arrow, read_table
 from .labels import MAX_CLASSES, decode_labels, encode_labels
 from .preprocessing import RowBatches, Standardizer
 from .sources import load_data
@@ -43,6 +44,7 @@ __all__ = [
     "save_npz",
     "load_pickle",
     "read_table",
+    "read_arrow",
     "load_directory",
     "save_directory",
     "read_file",
