@@ -543,6 +543,10 @@ PY_PLAN: list[tuple[str, Callable[[Result, Item, Ctx], None]]] = [
         lambda r, i, c: expect(r, files=("runs/table/model.safetensors", "table.onnx"), ctx=c),
     ),
     ("import numpy as np\n\nfrom attnfuse import FusionPredictor", lambda r, i, c: expect(r)),
+    (
+        "import pyarrow.csv\n\nfrom attnfuse import FusionPredictor",
+        lambda r, i, c: expect(r, contains=("['baselines', 'train', 'valid']", "mask ")),
+    ),
     ("import attnfuse\n\nspec = attnfuse.TrainSpec.from_options(", _py_train),
     ('import attnfuse\n\ndata = attnfuse.load_data("synthetic-regression")', _py_run),
     ("import torch, attnfuse\n\nref = torch.nn.MultiheadAttention(512, 8", lambda r, i, c: expect(r)),
