@@ -311,7 +311,8 @@ def train(
     validation score; with ``ensemble`` K each model is K members averaged; with ``baselines`` each
     run also fits the baselines on its rows.
 
-    ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per part), plus
+    ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per part; no ``"test"``
+    when the data's split column has train and valid rows only), plus
     ``"candidates": {name: {"valid": metrics}}`` (auto) and ``"baselines": {name: {part:
     metrics}}``; over several runs: ``{"runs": [each as above, with "seed", "best_epoch",
     "fusion", "fold" and (auto) "picked"], "summary": {part: {metric: {"mean", "std"}}}}`` and the

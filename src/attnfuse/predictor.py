@@ -259,10 +259,12 @@ class FusionPredictor:
                 "valid: give the targets the same way for X and valid: inside both, or as fit(X, y, valid=(V, y_valid))"
             )
         name = self._table()["split_col"] or "split"
-        if isinstance(X, (str, os.PathLike, MultimodalDataset)):
+        if isinstance(X, MultimodalDataset):
+            raise ValueError("valid: X is a MultimodalDataset; mark its validation rows 'valid' in its split instead")
+        if isinstance(X, (str, os.PathLike)):
             raise ValueError(
-                f"valid: X is a {'path' if not isinstance(X, MultimodalDataset) else 'MultimodalDataset'}; give its "
-                f"validation rows in its split column instead ('valid' rows in {name!r}, see split_col=)"
+                f"valid: X is a path; give its validation rows in its split column instead ('valid' rows in "
+                f"{name!r}, see split_col=), or read it into a table first"
             )
         if isinstance(X, Mapping):
             if not isinstance(v, Mapping):
