@@ -483,3 +483,18 @@ def test_runs_on_data_in_memory_write_no_checkpoints(tmp_path, monkeypatch):
     assert saved == []  # nothing could resume it: none is written
     FusionPredictor(**{**FAST, "checkpoint_every": 1}).fit(load(str(path)))
     assert saved == []
+
+
+def test_a_split_column_without_test_rows_trains_and_evaluates_on_the_command_line(tmp_path):
+    cols = {k: v for k, v in _columns().items() if k not in ("score", "id")}
+    cols["split"] = np.array(["train"] * 90 + ["valid"] * 30)
+    pcsv.write_csv(pa.table(cols), tmp_path / "t.csv")
+    flags = ["--target", "label", *TINY, "--repeat", "2"]
+    ok(cli("train", "--data", tmp_path / "t.csv", *flags, "--out", tmp_path / "m"))
+    report = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert set(report["summary"]) == {"train", "valid"}
+    assert all(set(run) >= {"train", "valid"} and "test" not in run for run in report["runs"])
+    assert all(set(parts) == {"train", "valid"} for parts in report["baselines"].values())
+    ok(cli("evaluate", "--model", tmp_path / "m", "--out", tmp_path / "e.json"))
+    assert set(json.loads((tmp_path / "e.json").read_text())) == {"train", "valid", "all"}
+    assert_one_line(cli("explain", "--model", tmp_path / "m"), 2, r"split: expected one of \['train', 'valid', 'all'\]")
