@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("model", ["modules.py", "fusion.py", "ensemble.py", "portfolio.py", "baselines.py"]),
     ("training", ["training.py"]),
     ("model directories", ["checkpoint.py", "runstate.py"]),
-    ("pipeline", ["pipeline.py", "tune.py", "export.py"]),
+    ("pipeline", ["pipeline.py", "tune.py", "export.py", "serve.py"]),
     ("explanation", ["explain/"]),
     ("command line", ["cli/", "__main__.py"]),
     ("public API", ["__init__.py"]),
