@@ -227,9 +227,7 @@ class ModelService:
                 raise RequestError(422, f"{where}: expected an object of modality -> features, got {_kind(instance)}")
             unknown = [k for k in instance if k not in index]
             if unknown:
-                raise RequestError(
-                    422, f"{where}: unknown modality {unknown[0][:60]!r} (expected {', '.join(index)})"
-                )
+                raise RequestError(422, f"{where}: unknown modality {unknown[0][:60]!r} (expected {', '.join(index)})")
             present = 0
             for name, value in instance.items():
                 if value is None:
@@ -291,7 +289,9 @@ class ModelService:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _shape(array: np.ndarray) -> str:

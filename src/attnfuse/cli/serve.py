@@ -28,7 +28,9 @@ def serve_cmd(
     set_threads()
 
     def ready(url: str, service: ModelService) -> None:
-        checked = "" if service.parity is None else f", checked against the model: max |difference| {service.parity:.2g}"
+        checked = (
+            "" if service.parity is None else f", checked against the model: max |difference| {service.parity:.2g}"
+        )
         console.print(
             f"serving {escape(str(model))} ({service.config['fusion']}, {service.task}) at {url} "
             f"(backend {service.backend}{checked}); POST /predict, GET /health, GET /schema; Ctrl-C or SIGTERM stops",
