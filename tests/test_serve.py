@@ -320,7 +320,7 @@ def test_sigterm_while_a_request_is_in_the_model_answers_it_then_exits_0(models)
     assert code == 0, err
     status, body = answer["r"]
     assert status == 200 and len(body["predictions"]) == 3
-    assert "stopped (SIGTERM): 1 requests answered" in out
+    assert "stopped (SIGTERM): 1 request answered in 1 batch" in out
     assert "Traceback" not in err, err
 
 

@@ -207,6 +207,10 @@ class ModelService:
             raise RequestError(400, f"body: not valid JSON ({e})") from None
         except RecursionError:
             raise RequestError(400, "body: JSON nested too deeply") from None
+        return self.inputs(request, max_instances)
+
+    def inputs(self, request: Any, max_instances: int) -> tuple[list[np.ndarray], int]:
+        """:meth:`parse` for a request already decoded from JSON."""
         if not isinstance(request, dict) or "instances" not in request:
             raise RequestError(422, 'body: expected a JSON object {"instances": [...]}')
         extra = sorted(set(request) - {"instances"})

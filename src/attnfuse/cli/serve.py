@@ -41,7 +41,12 @@ def serve_cmd(
     done = serve(model, options, ready)
     why = f" ({done['signal']})" if done["signal"] else ""
     console.print(
-        f"stopped{why}: {done['requests']} requests answered in {done['batches']} batches, {done['refused']} refused",
+        f"stopped{why}: {_count(done['requests'], 'request')} answered in {_count(done['batches'], 'batch')}, "
+        f"{done['refused']} refused",
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
