@@ -67,6 +67,7 @@ from .options import check_bounds, option
 __all__ = ["BACKENDS", "ModelService", "RequestError", "ServeOptions", "build_app", "require_server", "serve"]
 
 BACKENDS = ("eager", "onnxruntime")
+INLINE_PARSE = 64 * 1024  # bytes of a body parsed on the event loop itself (a thread hop costs more)
 INSTALL = "pip install 'attnfuse[serve]'"
 
 
@@ -407,6 +408,7 @@ def build_app(service: ModelService, options: ServeOptions, stats: Stats | None 
     """The FastAPI application serving ``service`` with ``options``' limits."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     stats = stats if stats is not None else Stats()
@@ -453,7 +455,10 @@ def build_app(service: ModelService, options: ServeOptions, stats: Stats | None 
     async def predict(request: Request):
         try:
             body = await _read_body(request, options.max_body_bytes)
-            inputs, n = service.parse(body, options.max_instances)
+            if len(body) > INLINE_PARSE:  # a large body is parsed in a thread: /health and small requests go on
+                inputs, n = await run_in_threadpool(service.parse, body, options.max_instances)
+            else:
+                inputs, n = service.parse(body, options.max_instances)
             outputs = await batcher.submit(inputs, n)
         except RequestError as e:
             return refuse(e.status, str(e))
