@@ -325,22 +325,38 @@ def test_a_regression_model_answers_values(models):
     np.testing.assert_allclose(body["predictions"], predict(net, batch).numpy()[:, 0], rtol=1e-5, atol=1e-6)
 
 
-@has_server
-def test_sigterm_while_a_request_is_in_the_model_answers_it_then_exits_0(models):
-    s = Server(models["cls"], command=[sys.executable, "-c", SLOW_MODEL, "1.5"])  # each model call: +1.5 s
-    answer: dict = {}
-    sender = threading.Thread(target=lambda: answer.update(r=s.predict(instances(models["data"], [0, 1, 2]))))
-    sender.start()
-    deadline = time.monotonic() + 30
-    while s.get("/health")[1]["running"] == 0:  # the request is in the model
-        assert time.monotonic() < deadline, "the request never reached the model"
+def wait_for(server: Server, key: str, value: int, deadline: float) -> None:
+    """Poll /health until its ``key`` is ``value``."""
+    while server.get("/health")[1][key] != value:
+        assert time.monotonic() < deadline, f"/health never showed {key} = {value}"
         time.sleep(0.02)
+
+
+@has_server
+def test_sigterm_answers_the_request_in_the_model_and_the_queued_one_then_exits_0(models):
+    """With a queue of one request: the first request in the model (each call takes 1.5 s more,
+    injected), the second waiting, a third refused at once (503); then SIGTERM: both are answered."""
+    s = Server(models["cls"], "--queue", "1", command=[sys.executable, "-c", SLOW_MODEL, "1.5"])
+    answers: dict = {}
+
+    def send(key: str, rows: list[int]) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.update({key: s.predict(instances(models["data"], rows))}))
+        thread.start()
+        return thread
+
+    deadline = time.monotonic() + 30
+    first = send("first", [0, 1, 2])
+    wait_for(s, "running", 3, deadline)  # in the model
+    second = send("second", [3])
+    wait_for(s, "waiting", 1, deadline)  # in the queue
+    status, refused = s.predict(instances(models["data"], [4]))
+    assert status == 503 and refused == {"error": "server busy: the queue is full (1 waiting); retry later"}
     code, out, err = s.stop()
-    sender.join(timeout=60)
+    first.join(timeout=60), second.join(timeout=60)
     assert code == 0, err
-    status, body = answer["r"]
-    assert status == 200 and len(body["predictions"]) == 3
-    assert "stopped (SIGTERM): 1 request answered in 1 batch" in out
+    assert answers["first"][0] == 200 and len(answers["first"][1]["predictions"]) == 3
+    assert answers["second"][0] == 200 and len(answers["second"][1]["predictions"]) == 1
+    assert "stopped (SIGTERM): 2 requests answered in 2 batches, 1 refused" in out
     assert "Traceback" not in err, err
 
 

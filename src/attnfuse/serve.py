@@ -350,7 +350,9 @@ class MicroBatcher:
         try:
             self.queue.put_nowait(_Pending(inputs, n, future))
         except asyncio.QueueFull:
-            raise RequestError(503, f"server busy: {self.queue.maxsize} requests are waiting; retry later") from None
+            raise RequestError(
+                503, f"server busy: the queue is full ({self.queue.maxsize} waiting); retry later"
+            ) from None
         return await future
 
     async def _next(self, timeout: float | None) -> _Pending | None:
