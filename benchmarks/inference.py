@@ -3,7 +3,7 @@ exported to ONNX and run by ONNX Runtime, and ``attnfuse serve`` under load on 1
 
     python benchmarks/inference.py --threads 1       # both parts; writes its section of RESULTS.md
     python benchmarks/inference.py --quick           # fewer rounds and requests, prints only
-    python benchmarks/inference.py --part backends   # one part (repeatable): backends, serve; prints only
+    python benchmarks/inference.py --part backends   # one part (repeatable): backends, serve, frameworks
 
 Models: ``self`` and ``mult`` at MulT's CMU-MOSEI sizes (benchmarks/speed.py): T = 50 steps of
 text/audio/vision features 300/74/35, d_model 30, 5 heads, 5 layers; trained for one epoch on 48
@@ -19,9 +19,15 @@ the per-round ratios.
 serve: ``attnfuse serve`` in its own process (both backends, one after the other), a warm-up of 20
 requests, then a bounded number of requests of one instance each from N concurrent clients (threads
 of this process, one keep-alive connection each, bodies encoded beforehand: features rounded to 4
-decimals, ~170 KB of JSON per instance). Reported: requests/s, p50/p99 latency, errors (anything but
+decimals, ~130 KB of JSON per instance). Reported: requests/s, p50/p99 latency, errors (anything but
 200), the mean batch the micro-batcher formed, and the server's RSS after the warm-up, at the end
 and at its highest (sampled every 50 ms). Clients and server share the machine's cores.
+
+frameworks (when litserve is found; ``--litserve-path DIR`` puts a ``pip install --target DIR
+litserve`` on the LitServe process's path only, so that ``attnfuse serve`` runs on its own
+dependencies, not on LitServe's uvloop and httptools): the same service behind LitServe, the same load; the
+installed size of each server's packages, what a malformed body gets, and what SIGTERM does to a
+request in the model.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Inference: eager vs ONNX Runtime, and `attnfuse serve` under load"
 DIMS = {"text": 300, "audio": 74, "vision": 35}
 T, D_MODEL, HEADS, LAYERS = 50, 30, 5, 5
-PARTS = ("backends", "serve")
+PARTS = ("backends", "serve", "frameworks")
 
 
 def model_dir(root: Path, fusion: str, threads: int) -> Path:
@@ -209,6 +215,7 @@ def load_test(server: Server, payloads: list[bytes], clients: int, total: int) -
         while not done.wait(0.05):
             peak[0] = max(peak[0], rss_mib(server.proc.pid))
 
+    before = None if isinstance(server, LitServer) else json.loads(server.request("GET", "/health")[1])
     start_rss = rss_mib(server.proc.pid)
     watcher = threading.Thread(target=monitor)
     watcher.start()
@@ -221,15 +228,18 @@ def load_test(server: Server, payloads: list[bytes], clients: int, total: int) -
     wall = time.perf_counter() - t0
     done.set()
     watcher.join()
-    health = json.loads(server.request("GET", "/health")[1])
     ms = np.array(latencies) * 1000
+    batch = float("nan")
+    if before is not None:
+        after = json.loads(server.request("GET", "/health")[1])
+        batch = (after["requests"] - before["requests"]) / max(after["batches"] - before["batches"], 1)
     return {
         "requests": total,
         "errors": len(errors),
         "rate": total / wall,
         "p50": float(np.percentile(ms, 50)),
         "p99": float(np.percentile(ms, 99)),
-        "batch": health["requests"] / max(health["batches"], 1),
+        "batch": batch,
         "rss_start": start_rss,
         "rss_end": rss_mib(server.proc.pid),
         "rss_max": peak[0],
@@ -253,11 +263,13 @@ def part_serve(args, root: Path) -> list[str]:
         try:
             for body in payloads + payloads[:4]:  # 20 warm-up requests
                 server.request("POST", "/predict", body)
-            for clients in args.clients:
+            runs = [*args.clients, args.clients[-1]]  # the last again: is the memory flat?
+            for k, clients in enumerate(runs):
                 total = args.requests if clients > 1 else max(args.requests // 4, 20)
                 r = load_test(server, payloads, clients, total)
+                again = ", again" if k == len(runs) - 1 else ""
                 lines.append(
-                    f"| {backend} | {clients} | {r['requests']} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
+                    f"| {backend} | {clients}{again} | {r['requests']} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
                     f"{r['p99']:.1f} | {r['batch']:.2f} | {r['rss_start']:.0f} | {r['rss_end']:.0f} | "
                     f"{r['rss_max']:.0f} |"
                 )
@@ -266,30 +278,194 @@ def part_serve(args, root: Path) -> list[str]:
             code, said = server.stop()
         if code != 0:
             raise RuntimeError(f"attnfuse serve exited with {code} after SIGTERM: {said}")
-    lines.append("")
-    lines.append("The mean batch is counted over the whole life of the server (warm-up and the earlier rows included).")
     return lines
 
 
-def write_section(out: Path, text: str) -> None:
-    """Replace this script's section of ``out`` (appended at the end when absent)."""
+def litserve_server(directory: str, port: str, delay: str) -> None:
+    """The frameworks part's LitServe server: the same :class:`ModelService` behind LitServe's
+    micro-batching (the same limits: 256 instances, 2 ms), each model call ``delay`` s longer."""
+    import litserve as ls
+    from fastapi import HTTPException
+
+    from attnfuse.serve import RequestError
+
+    class API(ls.LitAPI):
+        def setup(self, device):
+            self.service = ModelService(directory, "eager")
+
+        def decode_request(self, request):
+            try:
+                return self.service.inputs(request, 1024)[0]
+            except RequestError as e:
+                raise HTTPException(e.status, str(e)) from None
+
+        def batch(self, inputs):
+            return [np.concatenate(parts) for parts in zip(*inputs)]
+
+        def predict(self, x):
+            time.sleep(float(delay))
+            return self.service.run(x)
+
+        def unbatch(self, output):
+            return [output[i : i + 1] for i in range(len(output))]
+
+        def encode_response(self, output):
+            return self.service.answer(output)
+
+    server = ls.LitServer(API(max_batch_size=256, batch_timeout=0.002), accelerator="cpu", workers_per_device=1)
+    server.run(port=int(port), generate_client_file=False, log_level="warning")
+
+
+class LitServer(Server):
+    """LitServe in a process of its own, with ``--litserve-path`` (only there) on its PYTHONPATH."""
+
+    path: str = ""
+
+    def __init__(self, directory: Path, threads: int, port: int, delay: float = 0.0) -> None:
+        python_path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), self.path]))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": python_path}
+        command = [sys.executable, __file__, "--litserve-server", str(directory), str(port), str(delay)]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self.host, self.port = "127.0.0.1", port
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"LitServe did not start: {self.proc.stderr.read()}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120), ""
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of a process and its descendants (LitServe runs its server and its model in processes of their own)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return rss_mib(pid) + sum(tree_rss_mib(int(c)) for c in children)
+
+
+def installed_mb(names: list[str], path: list[str]) -> float:
+    """The installed size of the distributions ``names`` (the first found on ``path`` each)."""
+    from importlib import metadata
+
+    total = 0
+    for name in names:
+        dist = next(iter(metadata.distributions(name=name, path=path)))
+        total += sum(f.size or 0 for f in dist.files or [])
+    return total / 1e6
+
+
+SERVE_DEPS = ["fastapi", "starlette", "pydantic", "pydantic-core", "anyio", "uvicorn", "h11", "click", "idna"]
+LITSERVE_EXTRA = ["litserve", "pyzmq", "uvloop", "httptools", "watchfiles", "websockets", "python-dotenv"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def part_frameworks(args, root: Path) -> list[str]:
+    import importlib.machinery
+
+    LitServer.path = args.litserve_path or ""
+    path = [p for p in [args.litserve_path, *sys.path] if p]
+    if importlib.machinery.PathFinder.find_spec("litserve", path) is None:
+        return ["(skipped: litserve was not found; `pip install --target DIR litserve` and --litserve-path DIR)"]
+    directory = model_dir(root, "self", args.threads)
+    payloads = bodies(16)
+    lines = [
+        "The same `ModelService` (parsing, checks, model) behind `attnfuse serve` (FastAPI + uvicorn, its own "
+        "micro-batcher) and behind LitServe 0.2 (`LitAPI(max_batch_size=256, batch_timeout=0.002)`, one worker); "
+        "`self` at MOSEI sizes, one instance per request, eager backend.",
+        "",
+        "| server | clients | requests | errors | requests/s | p50 ms | p99 ms | RSS of its processes, MiB | "
+        "malformed JSON | installed, MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    size = {"attnfuse serve": installed_mb(SERVE_DEPS, sys.path)}
+    size["LitServe"] = size["attnfuse serve"] + installed_mb(LITSERVE_EXTRA, path)
+    for name in ("attnfuse serve", "LitServe"):
+        if name == "LitServe":
+            server = LitServer(directory, args.threads, free_port())
+        else:
+            server = Server(directory, "eager", args.threads)
+        try:
+            for body in payloads + payloads[:4]:
+                server.request("POST", "/predict", body)
+            for clients in args.clients:
+                total = args.requests if clients > 1 else max(args.requests // 4, 20)
+                r = load_test(server, payloads, clients, total)
+                bad = server.request("POST", "/predict", b'{"instances": [{')[0]
+                lines.append(
+                    f"| {name} | {clients} | {r['requests']} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
+                    f"{r['p99']:.1f} | {tree_rss_mib(server.proc.pid):.0f} | {bad} | {size[name]:.0f} |"
+                )
+                print(lines[-1], flush=True)
+        finally:
+            server.stop()
+    # SIGTERM while a request is in the model (each call 2 s longer): answered? exit code?
+    server = LitServer(directory, args.threads, free_port(), delay=2.0)
+    answer: dict = {}
+    sender = threading.Thread(target=lambda: answer.update(r=server.request("POST", "/predict", payloads[0])))
+    sender.start()
+    time.sleep(1.0)
+    try:
+        code, _ = server.stop()
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        code = "none (killed after 120 s)"
+    sender.join(timeout=10)
+    got = answer.get("r", ("no answer",))[0]
+    lines += [
+        "",
+        f"LitServe, SIGTERM 1 s into a request that takes 2 s: the request got {got}, the server exited with "
+        f"code {code}. (`attnfuse serve`: the request is answered, exit code 0: tests/test_serve.py.)",
+    ]
+    print(lines[-1], flush=True)
+    return lines
+
+
+def write_part(out: Path, part: str, text: str) -> None:
+    """Replace ``part``'s block (between its markers) in ``out``, or add it to this script's section
+    (created at the end when absent): a part can be re-run alone."""
+    begin, end = f"<!-- begin: benchmarks/inference.py {part} -->", f"<!-- end: benchmarks/inference.py {part} -->"
+    block = f"{begin}\n{text}\n{end}"
     old = out.read_text()
-    if SECTION in old:
+    if begin in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+    elif SECTION in old:
         head = old.index(SECTION)
         nxt = old.find("\n## ", head + len(SECTION))
-        new = old[:head] + text + ("" if nxt < 0 else "\n" + old[nxt:])
+        nxt = len(old) if nxt < 0 else nxt
+        new = old[:nxt].rstrip("\n") + f"\n\n{block}\n" + old[nxt:]
     else:
-        new = old.rstrip("\n") + "\n\n" + text
-    out.write_text(new.rstrip("\n") + "\n")
+        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n{NOTE}\n\n{block}\n"
+    out.write_text(new)
 
 
+NOTE = (
+    "The machine: 2 cores shared with other engineers' processes (load average 7-9 during these runs), so "
+    "absolute figures are low and noisy; compare the columns of one table (measured in one run, interleaved), "
+    "not tables or runs."
+)
 TITLES = {
     "backends": "Eager PyTorch vs ONNX Runtime (both as `attnfuse serve` runs them)",
     "serve": "`attnfuse serve` under load on 127.0.0.1",
+    "frameworks": "FastAPI + uvicorn (`attnfuse serve`) vs LitServe, same model and load",
 }
 
 
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--litserve-server":
+        litserve_server(*sys.argv[2:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", action="append", choices=PARTS)
     p.add_argument("--rounds", type=int, default=11, help="timed rounds per contender (default 11)")
@@ -298,30 +474,37 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients (default 1 8)")
     p.add_argument("--requests", type=int, default=400, help="requests per load test (default 400; 1 client: 1/4)")
     p.add_argument("--quick", action="store_true", help="3 rounds, 80 requests, prints only")
+    p.add_argument("--litserve-path", default=None, help="a folder holding litserve, for its server process only")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.number, args.requests = 3, 5, 80
     parts = [x for x in PARTS if x in (args.part or PARTS)]
-    blocks = []
     with tempfile.TemporaryDirectory(prefix="attnfuse-inference-") as tmp:
         for part in parts:
             machine_line = machine()
             print(f"-- {part}\n{machine_line}", flush=True)
-            body = {"backends": part_backends, "serve": part_serve}[part](args, Path(tmp))
-            blocks.append(f"### {TITLES[part]}\n\n" + "\n".join(body))
-    if args.quick or len(parts) < len(PARTS):
-        return
-    command = f"python benchmarks/inference.py --threads {args.threads}"
-    run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `{command}`; {machine()}"
-    text = (
-        f"{SECTION}\n\nRun: {run}; {args.rounds} interleaved rounds after 1 warm-up round. A shared machine of "
-        f"2 cores (other engineers' processes ran beside it): compare the columns of one run, not runs.\n\n"
-        + "\n\n".join(blocks)
-    )
-    write_section(args.out, text)
-    print(f"wrote the section {SECTION!r} of {args.out}", flush=True)
+            body = {"backends": part_backends, "serve": part_serve, "frameworks": part_frameworks}[part](
+                args, Path(tmp)
+            )
+            command = f"python benchmarks/inference.py --part {part} --threads {args.threads}"
+            command += f" --rounds {args.rounds} --number {args.number}" if part == "backends" else ""
+            command += (
+                f" --requests {args.requests} --clients {' '.join(map(str, args.clients))}"
+                if part != "backends"
+                else ""
+            )
+            if part == "frameworks" and args.litserve_path:
+                command += " --litserve-path DIR"
+            when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
+            run = f"{when}, `{command}`; {machine_line}"
+            if part == "backends":
+                run += f"; {args.rounds} interleaved rounds after 1 warm-up round"
+            text = f"### {TITLES[part]}\n\nRun: {run}.\n\n" + "\n".join(body)
+            if not args.quick:
+                write_part(args.out, part, text)
+                print(f"wrote the {part} block of benchmarks/inference.py in {args.out}", flush=True)
 
 
 if __name__ == "__main__":
