@@ -281,41 +281,6 @@ def part_serve(args, root: Path) -> list[str]:
     return lines
 
 
-def litserve_server(directory: str, port: str, delay: str) -> None:
-    """The frameworks part's LitServe server: the same :class:`ModelService` behind LitServe's
-    micro-batching (the same limits: 256 instances, 2 ms), each model call ``delay`` s longer."""
-    import litserve as ls
-    from fastapi import HTTPException
-
-    from attnfuse.serve import RequestError
-
-    class API(ls.LitAPI):
-        def setup(self, device):
-            self.service = ModelService(directory, "eager")
-
-        def decode_request(self, request):
-            try:
-                return self.service.inputs(request, 1024)[0]
-            except RequestError as e:
-                raise HTTPException(e.status, str(e)) from None
-
-        def batch(self, inputs):
-            return [np.concatenate(parts) for parts in zip(*inputs)]
-
-        def predict(self, x):
-            time.sleep(float(delay))
-            return self.service.run(x)
-
-        def unbatch(self, output):
-            return [output[i : i + 1] for i in range(len(output))]
-
-        def encode_response(self, output):
-            return self.service.answer(output)
-
-    server = ls.LitServer(API(max_batch_size=256, batch_timeout=0.002), accelerator="cpu", workers_per_device=1)
-    server.run(port=int(port), generate_client_file=False, log_level="warning")
-
-
 class LitServer(Server):
     """LitServe in a process of its own, with ``--litserve-path`` (only there) on its PYTHONPATH."""
 
@@ -324,7 +289,13 @@ class LitServer(Server):
     def __init__(self, directory: Path, threads: int, port: int, delay: float = 0.0) -> None:
         python_path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), self.path]))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": python_path}
-        command = [sys.executable, __file__, "--litserve-server", str(directory), str(port), str(delay)]
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("litserve_api.py")),
+            str(directory),
+            str(port),
+            str(delay),
+        ]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         self.host, self.port = "127.0.0.1", port
         deadline = time.monotonic() + 180
@@ -463,9 +434,6 @@ TITLES = {
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--litserve-server":
-        litserve_server(*sys.argv[2:])
-        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", action="append", choices=PARTS)
     p.add_argument("--rounds", type=int, default=11, help="timed rounds per contender (default 11)")
