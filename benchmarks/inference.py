@@ -23,6 +23,8 @@ decimals, ~130 KB of JSON per instance). Reported: requests/s, p50/p99 latency, 
 200), the mean batch the micro-batcher formed, and the server's RSS after the warm-up, at the end
 and at its highest (sampled every 50 ms). Clients and server share the machine's cores.
 
+loop: ``attnfuse serve`` on uvloop (the serve extra) and on asyncio's own loop, the same load.
+
 frameworks (when litserve is found; ``--litserve-path DIR`` puts a ``pip install --target DIR
 litserve`` on the LitServe process's path only, so that ``attnfuse serve`` runs on its own
 dependencies, not on LitServe's uvloop and httptools): the same service behind LitServe, the same load; the
@@ -57,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Inference: eager vs ONNX Runtime, and `attnfuse serve` under load"
 DIMS = {"text": 300, "audio": 74, "vision": 35}
 T, D_MODEL, HEADS, LAYERS = 50, 30, 5, 5
-PARTS = ("backends", "serve", "frameworks")
+PARTS = ("backends", "serve", "loop", "frameworks")
 
 
 def model_dir(root: Path, fusion: str, threads: int) -> Path:
@@ -126,8 +128,10 @@ def rss_mib(pid: int) -> float:
 class Server:
     """``attnfuse serve`` on a free port, ready once /health answers."""
 
-    def __init__(self, directory: Path, backend: str, threads: int) -> None:
+    def __init__(self, directory: Path, backend: str, threads: int, hide: Path | None = None) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if hide is not None:  # a folder of modules that refuse to import, first on the path
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hide), env.get("PYTHONPATH")]))
         command = [sys.executable, "-m", "attnfuse", "serve", "--model", str(directory), "--port", "0"]
         self.proc = subprocess.Popen(
             [*command, "--backend", backend], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -278,6 +282,38 @@ def part_serve(args, root: Path) -> list[str]:
             code, said = server.stop()
         if code != 0:
             raise RuntimeError(f"attnfuse serve exited with {code} after SIGTERM: {said}")
+    return lines
+
+
+def part_loop(args, root: Path) -> list[str]:
+    """``attnfuse serve`` on uvloop (the serve extra) and on asyncio's own loop (uvloop hidden: a
+    ``uvloop`` module that refuses to import, first on the server's path; uvicorn then falls back)."""
+    directory = model_dir(root, "self", args.threads)
+    hide = root / "no-uvloop"
+    hide.mkdir(exist_ok=True)
+    (hide / "uvloop.py").write_text("raise ImportError('uvloop hidden by benchmarks/inference.py')\n")
+    payloads = bodies(16)
+    lines = [
+        "`self` at MOSEI sizes, eager backend, one instance per request: the event loop under uvicorn.",
+        "",
+        "| event loop | clients | requests | errors | requests/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, hidden in (("uvloop", None), ("asyncio (uvloop hidden)", hide)):
+        server = Server(directory, "eager", args.threads, hidden)
+        try:
+            for body in payloads + payloads[:4]:
+                server.request("POST", "/predict", body)
+            for clients in args.clients:
+                total = args.requests if clients > 1 else max(args.requests // 4, 20)
+                r = load_test(server, payloads, clients, total)
+                lines.append(
+                    f"| {name} | {clients} | {r['requests']} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
+                    f"{r['p99']:.1f} |"
+                )
+                print(lines[-1], flush=True)
+        finally:
+            server.stop()
     return lines
 
 
@@ -450,6 +486,7 @@ NOTE = (
 TITLES = {
     "backends": "Eager PyTorch vs ONNX Runtime (both as `attnfuse serve` runs them)",
     "serve": "`attnfuse serve` under load on 127.0.0.1",
+    "loop": "`attnfuse serve` on uvloop and on asyncio's loop",
     "frameworks": "FastAPI + uvicorn (`attnfuse serve`) vs LitServe, same model and load",
 }
 
@@ -474,9 +511,9 @@ def main() -> None:
         for part in parts:
             machine_line = machine()
             print(f"-- {part}\n{machine_line}", flush=True)
-            body = {"backends": part_backends, "serve": part_serve, "frameworks": part_frameworks}[part](
-                args, Path(tmp)
-            )
+            body = {"backends": part_backends, "serve": part_serve, "loop": part_loop, "frameworks": part_frameworks}[
+                part
+            ](args, Path(tmp))
             command = f"python benchmarks/inference.py --part {part} --threads {args.threads}"
             command += f" --rounds {args.rounds} --number {args.number}" if part == "backends" else ""
             command += (
