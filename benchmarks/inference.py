@@ -23,7 +23,7 @@ decimals, ~130 KB of JSON per instance). Reported: requests/s, p50/p99 latency, 
 200), the mean batch the micro-batcher formed, and the server's RSS after the warm-up, at the end
 and at its highest (sampled every 50 ms). Clients and server share the machine's cores.
 
-loop: ``attnfuse serve`` on uvloop (the serve extra) and on asyncio's own loop, the same load.
+nodelay: ``attnfuse serve`` as it is and with Nagle's algorithm back on its socket, the same load.
 
 frameworks (when litserve is found; ``--litserve-path DIR`` puts a ``pip install --target DIR
 litserve`` on the LitServe process's path only, so that ``attnfuse serve`` runs on its own
@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Inference: eager vs ONNX Runtime, and `attnfuse serve` under load"
 DIMS = {"text": 300, "audio": 74, "vision": 35}
 T, D_MODEL, HEADS, LAYERS = 50, 30, 5, 5
-PARTS = ("backends", "serve", "loop", "frameworks")
+PARTS = ("backends", "serve", "nodelay", "frameworks")
 
 
 def model_dir(root: Path, fusion: str, threads: int) -> Path:
@@ -128,11 +128,10 @@ def rss_mib(pid: int) -> float:
 class Server:
     """``attnfuse serve`` on a free port, ready once /health answers."""
 
-    def __init__(self, directory: Path, backend: str, threads: int, hide: Path | None = None) -> None:
+    def __init__(self, directory: Path, backend: str, threads: int, python: list[str] | None = None) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        if hide is not None:  # a folder of modules that refuse to import, first on the path
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hide), env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "attnfuse", "serve", "--model", str(directory), "--port", "0"]
+        python = python or [sys.executable, "-m", "attnfuse"]
+        command = [*python, "serve", "--model", str(directory), "--port", "0"]
         self.proc = subprocess.Popen(
             [*command, "--backend", backend], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -285,22 +284,26 @@ def part_serve(args, root: Path) -> list[str]:
     return lines
 
 
-def part_loop(args, root: Path) -> list[str]:
-    """``attnfuse serve`` on uvloop (the serve extra) and on asyncio's own loop (uvloop hidden: a
-    ``uvloop`` module that refuses to import, first on the server's path; uvicorn then falls back)."""
+NAGLE = (
+    "import socket, sys; sys.argv[0] = 'attnfuse'; import attnfuse.serve as s; bind = s.bind; "
+    "s.bind = lambda *a: (lambda sock: (sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0), sock)[1])(bind(*a)); "
+    "import attnfuse_cli; attnfuse_cli.main()"
+)
+
+
+def part_nodelay(args, root: Path) -> list[str]:
+    """``attnfuse serve`` as it is (TCP_NODELAY on its socket) and with Nagle's algorithm back (the
+    option cleared after :func:`attnfuse.serve.bind`, injected in the server's interpreter)."""
     directory = model_dir(root, "self", args.threads)
-    hide = root / "no-uvloop"
-    hide.mkdir(exist_ok=True)
-    (hide / "uvloop.py").write_text("raise ImportError('uvloop hidden by benchmarks/inference.py')\n")
     payloads = bodies(16)
     lines = [
-        "`self` at MOSEI sizes, eager backend, one instance per request: the event loop under uvicorn.",
+        "`self` at MOSEI sizes, eager backend, one instance per request, uvicorn on asyncio's loop and h11.",
         "",
-        "| event loop | clients | requests | errors | requests/s | p50 ms | p99 ms |",
+        "| server socket | clients | requests | errors | requests/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, hidden in (("uvloop", None), ("asyncio (uvloop hidden)", hide)):
-        server = Server(directory, "eager", args.threads, hidden)
+    for name, command in (("TCP_NODELAY (attnfuse serve)", None), ("Nagle's algorithm", [sys.executable, "-c", NAGLE])):
+        server = Server(directory, "eager", args.threads, command)
         try:
             for body in payloads + payloads[:4]:
                 server.request("POST", "/predict", body)
@@ -381,8 +384,8 @@ def installed_mb(names: list[str], path: list[str]) -> float:
     return total / 1e6
 
 
-SERVE_DEPS = ["fastapi", "starlette", "pydantic", "pydantic-core", "anyio", "uvicorn", "h11", "click", "idna", "uvloop"]
-LITSERVE_EXTRA = ["litserve", "pyzmq", "httptools", "watchfiles", "websockets", "python-dotenv"]
+SERVE_DEPS = ["fastapi", "starlette", "pydantic", "pydantic-core", "anyio", "uvicorn", "h11", "click", "idna"]
+LITSERVE_EXTRA = ["litserve", "pyzmq", "uvloop", "httptools", "watchfiles", "websockets", "python-dotenv"]
 
 
 def free_port() -> int:
@@ -403,8 +406,8 @@ def part_frameworks(args, root: Path) -> list[str]:
     directory = model_dir(root, "self", args.threads)
     payloads = bodies(16)
     lines = [
-        "The same `ModelService` (parsing, checks, model) behind `attnfuse serve` (FastAPI + uvicorn on uvloop "
-        "and h11, its own micro-batcher and model thread) and behind LitServe 0.2 (uvicorn on uvloop and httptools, "
+        "The same `ModelService` (parsing, checks, model) behind `attnfuse serve` (FastAPI + uvicorn on asyncio's "
+        "loop and h11, its own micro-batcher and model thread) and behind LitServe 0.2 (uvicorn on uvloop and httptools, "
         "`LitAPI(max_batch_size=256, batch_timeout=0.002)`, the model in one worker process); `self` at MOSEI "
         "sizes, one instance per request, eager backend. Installed: the packages each adds to attnfuse's own.",
         "",
@@ -486,7 +489,7 @@ NOTE = (
 TITLES = {
     "backends": "Eager PyTorch vs ONNX Runtime (both as `attnfuse serve` runs them)",
     "serve": "`attnfuse serve` under load on 127.0.0.1",
-    "loop": "`attnfuse serve` on uvloop and on asyncio's loop",
+    "nodelay": "`attnfuse serve` with TCP_NODELAY and with Nagle's algorithm",
     "frameworks": "FastAPI + uvicorn (`attnfuse serve`) vs LitServe, same model and load",
 }
 
@@ -511,9 +514,12 @@ def main() -> None:
         for part in parts:
             machine_line = machine()
             print(f"-- {part}\n{machine_line}", flush=True)
-            body = {"backends": part_backends, "serve": part_serve, "loop": part_loop, "frameworks": part_frameworks}[
-                part
-            ](args, Path(tmp))
+            body = {
+                "backends": part_backends,
+                "serve": part_serve,
+                "nodelay": part_nodelay,
+                "frameworks": part_frameworks,
+            }[part](args, Path(tmp))
             command = f"python benchmarks/inference.py --part {part} --threads {args.threads}"
             command += f" --rounds {args.rounds} --number {args.number}" if part == "backends" else ""
             command += (
