@@ -482,7 +482,7 @@ def write_part(out: Path, part: str, text: str) -> None:
 
 
 NOTE = (
-    "The machine: 2 cores shared with other engineers' processes (load average 7-9 during these runs), so "
+    "The machine: 2 cores shared with other engineers' processes (load averages from 1 to 9 during these runs, each block says its own), so "
     "absolute figures are low and noisy; compare the columns of one table (measured in one run, interleaved), "
     "not tables or runs."
 )

@@ -525,7 +525,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted connections inherit it (Linux): a response's head and body are written separately,
     # and with Nagle's algorithm the body waited for the client's delayed ACK, ~40 ms a request on
-    # asyncio's loop (benchmarks/RESULTS.md: 58 -> 17 ms at one client).
+    # asyncio's loop (benchmarks/RESULTS.md: 64 -> 18 ms at one client).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
