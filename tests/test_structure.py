@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("model", ["modules.py", "fusion.py", "ensemble.py", "portfolio.py", "baselines.py"]),
     ("training", ["training.py", "splitplan.py", "calibration.py", "stacking.py"]),
     ("model directories", ["checkpoint.py", "runstate.py"]),
-    ("pipeline", ["fit.py", "pipeline.py", "tune.py", "export.py", "robustness.py"]),
+    ("pipeline", ["fit.py", "pipeline.py", "tune.py", "export.py", "robustness.py", "serve.py"]),
     ("explanation", ["explain/"]),
     ("Python estimator", ["predictor.py"]),
     ("command line", ["cli/", "__main__.py"]),

@@ -440,6 +440,9 @@ PLAN: dict[str, Check] = {
         needs=(PLANTED,),
         check=lambda r, i, c: expect(r, contains=("checked against the model",), files=("planted.onnx",), ctx=c),
     ),
+    "attnfuse serve --model runs/planted        # http://127.0.0.1:8000 until Ctrl-C or SIGTERM": Check(
+        "skip", reason="a server runs until it is stopped: the Python snippet below runs this command and stops it"
+    ),
     "attnfuse datasets                       # built-ins: mfeat, synthetic-regression, synthetic-classification": Check(
         check=lambda r, i, c: expect(r, contains=("mfeat", "synthetic-regression", "synthetic-classification"))
     ),
@@ -534,6 +537,10 @@ def _py_run(r: Result, item: Item, ctx: Ctx) -> None:
         raise Failed("no attention map printed")
 
 
+def _py_serve(r: Result, item: Item, ctx: Ctx) -> None:
+    expect(r, contains=("'predictions'", "'video'", "0 stopped (SIGTERM): 1 request answered in 1 batch, 0 refused"))
+
+
 # The Python snippets, in README order: the start of each (so that a new or moved snippet is
 # noticed) and its check.
 PY_PLAN: list[tuple[str, Callable[[Result, Item, Ctx], None]]] = [
@@ -547,6 +554,7 @@ PY_PLAN: list[tuple[str, Callable[[Result, Item, Ctx], None]]] = [
         "import pyarrow.csv\n\nfrom attnfuse import FusionPredictor",
         lambda r, i, c: expect(r, contains=("['baselines', 'train', 'valid']", "mask ")),
     ),
+    ("import json, random, subprocess, urllib.request\n\nserver = subprocess.Popen(", _py_serve),
     ("import attnfuse\n\nspec = attnfuse.TrainSpec.from_options(", _py_train),
     ('import attnfuse\n\ndata = attnfuse.load_data("synthetic-regression")', _py_run),
     ("import torch, attnfuse\n\nref = torch.nn.MultiheadAttention(512, 8", lambda r, i, c: expect(r)),

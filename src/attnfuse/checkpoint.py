@@ -249,7 +249,7 @@ class _Schema:
             raise self.fail(full, "missing (a config.json written by `attnfuse train` has it)")
         value = obj[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # True is no count
             names = " or ".join({dict: "an object", list: "a list", str: "a string"}.get(k, k.__name__) for k in kinds)
             raise self.fail(full, f"expected {names}, got {json.dumps(value)[:60]}")
         return value

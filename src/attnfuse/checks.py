@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "is_int",
+    "is_number",
     "check_int",
     "check_optional_int",
     "check_bool",
@@ -35,6 +37,18 @@ __all__ = [
     "check_activation",
     "check_input_dtype",
 ]
+
+
+def is_int(value: object) -> bool:
+    """An integer and not a bool (``True`` is an ``int`` to Python, never a count to us)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object, finite: bool = True) -> bool:
+    """A real number and not a bool; with ``finite``, neither NaN nor infinite. The predicate under
+    every number check here, and under the checks of the documents the package reads back
+    (config.json, a checkpoint's trainer.json), whose errors name the file instead of an argument."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and (not finite or math.isfinite(value))
 
 
 MAX_SHOWN = 60  # characters of a given value shown in a message: a huge list or frame stays one line
@@ -51,7 +65,7 @@ def _given(value: object) -> str:
 
 def check_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> int:
     """An int (not a bool, not a float such as 8.0; a NumPy integer is one) in ``[minimum, maximum]``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{name}: expected an integer, got {_given(value)}")
     if value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
@@ -73,7 +87,7 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value, finite=False):
         raise TypeError(f"{name}: expected a float, got {_given(value)}")
     return float(value)
 

@@ -7,9 +7,10 @@ Definitions follow scikit-learn (F1, R^2) and, for MOSI/MOSEI sentiment, MMSA's
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import numpy as np
+
+from .checks import is_number
 
 # task -> (metric used for model selection, whether higher ("max") or lower ("min") is better)
 PRIMARY_METRIC: dict[str, tuple[str, str]] = {"classification": ("accuracy", "max"), "regression": ("mae", "min")}
@@ -161,16 +162,13 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
     if not runs:
         raise ValueError("runs: expected at least one run, got none")
 
-    def numeric(v: object) -> bool:
-        return isinstance(v, Real) and not isinstance(v, bool)
-
     out = {}
     for key, first in runs[0].items():
-        if not numeric(first):
+        if not is_number(first, finite=False):
             continue
         values = []
         for i, run in enumerate(runs):
-            if not numeric(run.get(key)):
+            if not is_number(run.get(key), finite=False):
                 raise ValueError(f"runs: metric {key!r} is missing or not a number in run {i}")
             values.append(float(run[key]))
         arr = np.array(values)

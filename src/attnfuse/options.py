@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
-from .checks import check_int
+from .checks import check_int, is_int, is_number
 
 __all__ = ["option", "Option", "options_of", "coerce", "check_bounds", "shorten"]
 
@@ -141,10 +141,10 @@ def coerce(opt: Option, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
     elif opt.type is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value, finite=False):
             return float(value)
     elif opt.type is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
     elif isinstance(value, (str, int, float)) and not isinstance(value, bool):  # a str option
         return str(value)

@@ -127,8 +127,13 @@ class FusionPredictor:
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor's arguments, as given (the options of ``attnfuse train`` by name)."""
-        return {"target": self.target, "modalities": self.modalities, "path": self.path,
-                "progress": self.progress, **self._options}  # fmt: skip
+        return {
+            "target": self.target,
+            "modalities": self.modalities,
+            "path": self.path,
+            "progress": self.progress,
+            **self._options,
+        }
 
     def set_params(self, **params: Any) -> FusionPredictor:
         """Set constructor arguments (any option of ``attnfuse train``); the new set is checked as
@@ -198,8 +203,12 @@ class FusionPredictor:
         modalities = self.modalities
         if modalities is None and modality is not None:
             modalities = parse_modality_options([modality] if isinstance(modality, str) else modality)
-        return {"modalities": None if modalities is None else dict(modalities), "target": self.target,
-                "split_col": self._options.get("split_col"), "mapping": self._options.get("mapping")}  # fmt: skip
+        return {
+            "modalities": None if modalities is None else dict(modalities),
+            "target": self.target,
+            "split_col": self._options.get("split_col"),
+            "mapping": self._options.get("mapping"),
+        }
 
     # -- training -------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from .checks import is_int, is_number
 from .data import Standardizer
 from .ensemble import EnsembleSpec
 from .files import to_json, write_bytes, write_text
@@ -232,14 +233,6 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
 class _Meta:
     """Typed access to trainer.json, failing with the key's dotted name."""
 
@@ -255,7 +248,7 @@ class _Meta:
                 return None
             raise self.fail(name, "missing")
         value = d[key]
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
+        ok = isinstance(value, kind) and (kind not in (int, (int, float)) or is_number(value, finite=False))
         if not ok:
             raise self.fail(name, f"expected {getattr(kind, '__name__', 'a number')}, got {_type_name(value)}")
         return value
@@ -270,7 +263,7 @@ class _Meta:
         if key not in d:
             raise self.fail(name, "missing")
         value = d[key]
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             raise self.fail(name, f"expected a finite number or null, got {value!r}")
         return value
 
@@ -321,9 +314,9 @@ def _check_rank_rng(tensors: dict[str, Tensor], meta: dict, rank: int, where: st
     python = meta["python_rng"].get(f"rank{rank}")
     try:
         version, internal, g = python
-        if version != 3 or len(internal) != 625 or not all(_is_int(v) and 0 <= v < 2**32 for v in internal):
+        if version != 3 or len(internal) != 625 or not all(is_int(v) and 0 <= v < 2**32 for v in internal):
             raise ValueError
-        if not any(internal[:624]) or not (g is None or _is_number(g)):
+        if not any(internal[:624]) or not (g is None or is_number(g)):
             raise ValueError
         random.Random().setstate((version, tuple(internal), g))  # a scratch generator
     except (ValueError, TypeError, OverflowError):
@@ -404,12 +397,12 @@ def _check_trainer_meta(meta: dict, m: _Meta) -> None:
     if best_epoch > epoch:
         raise m.fail("best_epoch", f"expected at most epoch {epoch}, got {best_epoch}")
     best_key = m.get(meta, "best_key", "best_key", (list, type(None)))
-    if best_key is not None and (len(best_key) != 2 or not all(v is None or _is_number(v) for v in best_key)):
+    if best_key is not None and (len(best_key) != 2 or not all(v is None or is_number(v) for v in best_key)):
         raise m.fail("best_key", f"expected two numbers, got {best_key!r}")
     m.records(meta, "history", "history")
     for i, group in enumerate(m.records(meta, "optimizer_groups", "optimizer_groups")):
         params = m.get(group, "params", f"optimizer_groups[{i}].params", list)
-        if not all(_is_int(p) and p >= 0 for p in params):
+        if not all(is_int(p) and p >= 0 for p in params):
             raise m.fail(f"optimizer_groups[{i}].params", "expected parameter indices")
     m.get(meta, "scaler", "scaler", dict)
     m.count(meta, "world", "world", low=1)
@@ -432,7 +425,7 @@ def _check_run_loop(tensors: dict[str, Tensor], meta: dict, m: _Meta) -> None:
         m.records(record, "history", f"finished[{i}].history", optional=True)
         for part in ("train", "valid", "test"):
             metrics = m.get(record, part, f"finished[{i}].{part}", dict, optional=True) or {}
-            if not all(v is None or _is_number(v) for v in metrics.values()):
+            if not all(v is None or is_number(v) for v in metrics.values()):
                 raise m.fail(f"finished[{i}].{part}", "expected numbers")
     m.get(meta, "selection", "selection", (dict, type(None)), optional=True)
     if (run_index > 0) != ("first" in meta):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_float
+from .checks import check_float, is_number
 from .data import Batch, MultimodalDataset, RowBatches, Standardizer
 from .distributed import Dist
 from .ensemble import Ensemble, EnsembleSpec, first_member
@@ -664,7 +664,7 @@ class Trainer:
                     f"optim.{key}: {value.dtype} of shape {list(value.shape)}, expected shape {list(shape)}"
                 )
         scaler = meta["scaler"]
-        if scaler and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scaler.values()):
+        if scaler and not all(is_number(v, finite=False) for v in scaler.values()):
             problems.append("scaler: expected numbers")
         if problems:
             raise ValueError(f"resume: the checkpoint does not fit this run ({'; '.join(problems[:3])})")
@@ -675,7 +675,7 @@ def _same_kind(value: object, ours: object) -> bool:
     if ours is None or isinstance(ours, bool):
         return value is None or isinstance(value, bool)
     if isinstance(ours, (int, float)):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_number(value)
     if isinstance(ours, (tuple, list)):
         return isinstance(value, (tuple, list)) and len(value) == len(ours) and all(map(_same_kind, value, ours))
     return isinstance(value, type(ours))

@@ -35,6 +35,7 @@ from .data import convert_cmd, datasets
 from .explain import explain
 from .export import export_cmd
 from .predict import evaluate, predict_cmd
+from .serve import serve_cmd
 from .train import train
 from .tune import tune_cmd
 
@@ -135,6 +136,7 @@ app.command("convert", cls=_Command)(_command(convert_cmd, "convert"))
 app.command(cls=_Command)(_command(explain))
 app.command("tune", cls=_Command, context_settings={"allow_interspersed_args": True})(_command(tune_cmd, "tune"))
 app.command("export", cls=_Command)(_command(export_cmd, "export"))
+app.command("serve", cls=_Command)(_command(serve_cmd, "serve"))
 
 
 def _stdout_closed() -> NoReturn:
