@@ -85,7 +85,7 @@ FRAME, ARRAYS = "frame", "arrays"
 
 class FusionPredictor:
     """A multimodal fusion model with scikit-learn's interface: ``fit``, ``predict``,
-    ``predict_proba``, ``score``, ``evaluate``, ``leaderboard``, ``save`` / ``load``, ``export``.
+    ``predict_proba``, ``score``, ``evaluate``, ``explain``, ``leaderboard``, ``save`` / ``load``, ``export``.
 
     Args:
         target: the target column of a table or key of a dict (default ``y``).
