@@ -438,16 +438,7 @@ def build_app(service: ModelService, options: ServeOptions, stats: Stats | None 
 
     @app.get("/health")
     async def health() -> dict:
-        return {
-            "status": "ok",
-            "backend": service.backend,
-            "requests": stats.requests,
-            "refused": stats.refused,
-            "batches": stats.batches,
-            "running": stats.running,
-            "waiting": batcher.queue.qsize() if batcher is not None else 0,
-            "uptime_s": round(time.monotonic() - stats.started, 3),
-        }
+        return _health(service, stats, batcher)
 
     @app.get("/schema")
     async def schema() -> dict:
@@ -470,6 +461,20 @@ def build_app(service: ModelService, options: ServeOptions, stats: Stats | None 
         return service.answer(outputs)
 
     return app
+
+
+def _health(service: ModelService, stats: Stats, batcher: MicroBatcher | None) -> dict:
+    """GET /health: the backend and the server's counters."""
+    return {
+        "status": "ok",
+        "backend": service.backend,
+        "requests": stats.requests,
+        "refused": stats.refused,
+        "batches": stats.batches,
+        "running": stats.running,
+        "waiting": batcher.queue.qsize() if batcher is not None else 0,
+        "uptime_s": round(time.monotonic() - stats.started, 3),
+    }
 
 
 async def _read_body(request, limit: int) -> bytes:
