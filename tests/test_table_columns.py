@@ -182,3 +182,20 @@ def test_a_billion_laughs_mapping_is_refused_with_a_short_line(tmp_path):
     result = cli("train", "--data", tmp_path / "t.csv", "--mapping", tmp_path / "map.yaml", "--out", tmp_path / "o")
     err = assert_one_line(result, 2, "modality 'a1'")
     assert len(err) < 300
+
+
+def test_the_training_rows_without_their_split_column_are_not_reported_as_a_test_part(tmp_path):
+    """A model trained on a table's split column, evaluated on the same rows without that column:
+    its parts cannot be rebuilt, so evaluate reports "all" rows only (before the split column was
+    part of the data's fingerprint, a drawn 70/15/15 split was reported as if it were the test part,
+    mixing training rows into "test")."""
+    rows = rows_of(60)
+    for i, r in enumerate(rows):
+        r["split"] = ("train", "valid", "test")[i % 3]
+    columns = [c for c in rows[0] if c != "id"]
+    ok(cli("train", "--data", write(tmp_path / "t.csv", rows, columns), *FAST, "--out", tmp_path / "m"))
+    ok(cli("evaluate", "--model", tmp_path / "m", "--out", tmp_path / "with.json"))
+    assert set(json.loads((tmp_path / "with.json").read_text())) == {"train", "valid", "test", "all"}
+    plain = write(tmp_path / "plain.csv", rows, [c for c in columns if c != "split"])
+    ok(cli("evaluate", "--model", tmp_path / "m", "--data", plain, "--out", tmp_path / "without.json"))
+    assert set(json.loads((tmp_path / "without.json").read_text())) == {"all"}

@@ -220,11 +220,15 @@ def weights_id(state: dict[str, torch.Tensor]) -> str:
 
 
 def fingerprint(data: MultimodalDataset) -> str:
-    """A short hash of the targets and the feature shapes: tells the training data from other data
-    with the same name and size (``evaluate`` then reports the training split)."""
+    """A short hash of the targets, the feature shapes and the split column: tells the training data
+    from other data with the same name and size (``evaluate`` then reports the training split). The
+    split column counts: the same rows without it (or with another) are not the training data, whose
+    parts could not be rebuilt from them; ``evaluate`` reports them by their own column, or as "all"."""
     h = hashlib.sha256(b"" if data.y is None else np.ascontiguousarray(data.y).tobytes())
     for m in data.modalities:
         h.update(f"{m.name}:{m.dim}:{m.length}".encode())
+    if data.split is not None:
+        h.update(("split:" + "\n".join(map(str, data.split))).encode())
     return h.hexdigest()[:16]
 
 
