@@ -78,11 +78,6 @@ def dropout_mask(
     r = words.random_(-(2**63), None, generator=generator).view(torch.int16)  # 4 × 16 random bits a word
     r = (r if r.numel() == numel else r[:numel]).view(shape)
     keep = r.clamp_(t - 1, t).sub_(t - 1)  # 0 below t, 1 from t on: integer ops, no bool tensor
-    if dtype == torch.float32:
-        # One pass, int16 in and float32 out (not a cast, then a scaling pass): 0 · s or 1 · s with
-        # s rounded to float32, the same bits as the two passes. Other dtypes keep the two passes
-        # (computed in float32, a float64 mask would get a rounded s).
-        return torch.mul(keep, 1.0 / (1.0 - rate), out=torch.empty(shape, dtype=dtype, device=device))
     return keep.to(dtype).mul_(1.0 / (1.0 - rate))
 
 
