@@ -13,7 +13,10 @@ Same constructor, same ``forward`` signature, same returned shapes and the same 
 * wrong argument types, ranges and input dtypes are errors that name the argument;
 * ``is_causal=True`` works without an ``attn_mask`` and is combined with one that is given;
 * train and eval run the same kernels (no separate inference fast path), so they agree;
-* no (L, S) matrix is built unless weights are asked for.
+* no (L, S) matrix is built unless weights are asked for;
+* in training with dropout on the CPU the projections are computed transposed, ``W xᵀ + b`` as
+  ``(N, E, L)``, so that splitting the heads for the explicit kernels and merging them back are
+  views, not copies (the same function; the products round differently in the last bits).
 
 Per head, d_k = embed_dim / num_heads (512 / 8 = 64 in the paper).
 """
