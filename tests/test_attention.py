@@ -494,3 +494,87 @@ def test_cuda_matches_cpu(cfg, need_weights):
     # is_causal alone: the causal mask is built on the inputs' device.
     out_c, _ = cuda(*(t.detach().cuda() for t in inputs), is_causal=True, need_weights=need_weights)
     close(out_c.cpu(), ours(*inputs, is_causal=True, need_weights=need_weights)[0], atol=1e-4, rtol=1e-4)
+
+
+# A dropout rate above 0 takes the CPU training path (heads projected transposed, explicit kernels)
+# but drops nothing: 1 - 1e-9 and 1 / (1 - 1e-9) are 1.0 in float32, so torch at dropout 0 is the
+# reference for outputs and every gradient.
+NO_DROP = 1e-9
+
+
+@pytest.mark.parametrize("kernel", ["explicit", "autograd"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"batch_first": True},
+        {"batch_first": False},
+        {"batch_first": True, "kdim": KDIM, "vdim": VDIM},
+        {"batch_first": False, "bias": False, "add_bias_kv": True, "add_zero_attn": True},
+        {"batch_first": True, "add_bias_kv": True},
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("inputs", ["self", "shared-kv", "distinct"])
+def test_the_training_path_with_dropout_matches_torch_in_outputs_and_gradients(kernel, kw, inputs):
+    from attnfuse.nn import kernels
+
+    if inputs != "distinct" and "kdim" in kw:
+        pytest.skip("kdim/vdim differ from embed_dim: inputs of other sizes")
+    ref, ours = make_pair(**kw)
+    ours.dropout = NO_DROP
+    ref.train(), ours.train()
+    g = torch.Generator().manual_seed(0)
+    shape = (lambda n, length, e: (n, length, e)) if kw["batch_first"] else (lambda n, length, e: (length, n, e))
+    q = torch.randn(shape(N, L, E), generator=g)
+    k = torch.randn(shape(N, S, ours.kdim), generator=g)
+    v = torch.randn(shape(N, S, ours.vdim), generator=g)
+    src_len = L if inputs == "self" else S
+    kpm = torch.zeros(N, src_len, dtype=torch.bool)
+    kpm[1, 2:] = True
+    mask = torch.zeros(L, src_len, dtype=torch.bool)
+    mask[0, 1] = True
+    results = []
+    for module in (ref, ours):
+        x = q.clone().requires_grad_()
+        if inputs == "self":
+            args = (x, x, x)
+        elif inputs == "shared-kv":
+            kv = k[..., :E].clone().requires_grad_()
+            args = (x, kv, kv)
+        else:
+            args = (x, k.clone().requires_grad_(), v.clone().requires_grad_())
+        with kernels.forced(kernel):
+            out, _ = module(*args, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
+        distinct = list({id(t): t for t in args}.values())
+        grads = torch.autograd.grad(out, [*distinct, *module.parameters()], out.detach() + 1)
+        results.append((out.detach(), grads))
+    close(results[1][0], results[0][0], msg="output")
+    for a, b in zip(results[1][1], results[0][1]):
+        close(a, b, msg="gradient")
+
+
+def test_the_training_path_with_dropout_splits_and_merges_heads_without_copies():
+    """Batch-first self-attention with dropout through the explicit kernel: no clone, copy_ or cat
+    in the forward (the heads are views of transposed projections; the kernel's output, itself
+    transposed, merges as a view). Plain ops under autograd split heads alike, and their output
+    (N, H, L, hd) merges with one copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attnfuse.nn import kernels
+
+    copies: list[str] = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("clone", "copy_", "cat", "contiguous"):
+                copies.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    mha = MultiheadAttention(30, 5, dropout=0.1, batch_first=True).train()
+    x = torch.randn(4, 10, 30, requires_grad=True)
+    for kernel, expected in (("explicit", []), ("autograd", ["aten.clone.default"])):
+        copies.clear()
+        with kernels.forced(kernel), Copies():
+            out, _ = mha(x, x, x, need_weights=False)
+        assert copies == expected, kernel
+        out.sum().backward()

@@ -241,3 +241,61 @@ def test_a_resumed_run_computes_with_the_kernels_its_checkpoint_chose(monkeypatc
     assert resumed.history == whole.history
     for k, v in whole.net.state_dict().items():
         assert torch.equal(v, resumed.net.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
+def test_the_environment_variable_pins_the_kernel_untimed_over_a_restored_choice(monkeypatch, kernel):
+    other = "autograd" if kernel == "explicit" else "explicit"
+    timed = script_timings(monkeypatch, *(([2.0] * 5, [1.0] * 5) if kernel == "explicit" else ([1.0] * 5, [2.0] * 5)))
+    q, k, v = qkv()
+    monkeypatch.setenv(kernels.ENV, f" {kernel.upper()} ")
+    pinned = attend_once(q, k, v)  # timing would choose the other kernel
+    assert timed == [] and list(kernels.choices().values()) == [kernel]  # recorded like a timed choice
+    kernels.restore(dict.fromkeys(kernels.choices(), other))  # e.g. a checkpoint of another run
+    again = attend_once(q, k, v)
+    assert list(kernels.choices().values()) == [kernel]
+    torch.manual_seed(0)
+    with kernels.forced(kernel):
+        forced = attend_once(q, k, v)
+    torch.manual_seed(0)
+    assert torch.equal(attend_once(q, k, v), forced)
+    assert pinned.shape == again.shape == forced.shape
+
+
+@pytest.mark.parametrize("value", ["measure", "", "Measure"])
+def test_measure_or_an_empty_environment_variable_times_the_kernels(monkeypatch, value):
+    timed = script_timings(monkeypatch, [2.0] * 5, [1.0] * 5)
+    monkeypatch.setenv(kernels.ENV, value)
+    assert kernels.pinned() is None
+    attend_once(*qkv())
+    assert len(timed) == 12 and list(kernels.choices().values()) == ["autograd"]
+
+
+def test_an_unknown_environment_variable_value_is_refused_with_its_name(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "sdpa")
+    with pytest.raises(
+        ValueError, match=r"ATTNFUSE_ATTENTION_KERNEL: expected one of explicit, autograd, measure, got 'sdpa'"
+    ):
+        attend_once(*qkv())
+    assert kernels.choices() == {}
+
+
+def test_two_fresh_processes_with_the_variable_set_choose_alike_and_compute_the_same_bits():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, hashlib\n"
+        "from attnfuse.nn import functional as AF, kernels\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = (torch.randn(24, 5, 50, 6, generator=g, requires_grad=True) for _ in range(3))\n"
+        "out = AF.attend(q, k, v, AF.Masks(None, None), 0.1, None, False, generator=torch.Generator().manual_seed(1))[0]\n"
+        "out.sum().backward()\n"
+        "h = hashlib.sha256(out.detach().numpy().tobytes() + q.grad.numpy().tobytes()).hexdigest()\n"
+        "print(sorted(kernels.choices().values()), h)\n"
+    )
+    env = {**os.environ, kernels.ENV: "autograd", "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]  # fmt: skip
+    assert runs[0] == runs[1] and runs[0].startswith("['autograd']")

@@ -13,7 +13,10 @@ Same constructor, same ``forward`` signature, same returned shapes and the same 
 * wrong argument types, ranges and input dtypes are errors that name the argument;
 * ``is_causal=True`` works without an ``attn_mask`` and is combined with one that is given;
 * train and eval run the same kernels (no separate inference fast path), so they agree;
-* no (L, S) matrix is built unless weights are asked for.
+* no (L, S) matrix is built unless weights are asked for;
+* in training with dropout on the CPU the projections are computed transposed, ``W xᵀ + b`` as
+  ``(N, E, L)``, so that splitting the heads for the explicit kernels and merging them back are
+  views, not copies (the same function; the products round differently in the last bits).
 
 Per head, d_k = embed_dim / num_heads (512 / 8 = 64 in the paper).
 """
@@ -155,11 +158,15 @@ class MultiheadAttention(nn.Module):
             # column below). Built now, before the padding, instead of over S + extra keys later.
             attn_mask, is_causal = _with_causal(attn_mask, tgt_len, src_len, query.device), False
 
-        q, k, v, attn_mask, key_padding_mask = self._heads(query, key, value, attn_mask, key_padding_mask)
+        dropout_p = self.dropout if self.training else 0.0
+        # Attention with dropout on the CPU runs explicit kernels (functional.attend), which take
+        # the heads transposed without a copy; the fused kernel (SDPA) wants the usual layout.
+        transposed = dropout_p > 0.0 and query.device.type == "cpu"
+        q, k, v, attn_mask, key_padding_mask = self._heads(query, key, value, attn_mask, key_padding_mask, transposed)
         masks = resolve_masks(
             attn_mask, key_padding_mask, is_causal, (batch_size, self.num_heads), tgt_len, k.shape[2], q
         )
-        out, weights = attend(q, k, v, masks, self.dropout if self.training else 0.0, None, need_weights)
+        out, weights = attend(q, k, v, masks, dropout_p, None, need_weights)
         out = self._merge_heads(out, masks.dead)  # out (N, H, L, hd) -> the input layout, W_O; weights (N, H, L, S)
         if guard:
             out, weights = self._poison(out, weights, given_masks, originals, batch_size, tgt_len, src_len)
@@ -194,19 +201,34 @@ class MultiheadAttention(nn.Module):
         value: Tensor,
         attn_mask: Tensor | None,
         key_padding_mask: Tensor | KeyPaddingMask | None,
+        transposed: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | KeyPaddingMask | None]:
         """Projections split into heads ``(N, H, L|S, hd)``, with the extra keys of ``bias_k`` and
-        ``add_zero_attn`` appended, and the masks given an allowed column for each."""
+        ``add_zero_attn`` appended, and the masks given an allowed column for each.
+
+        ``transposed``: each head is a transposed view of a contiguous ``(N, E, L|S)`` projection
+        (see :meth:`_project_transposed`), so ``(N·H, L, hd)`` is a view, not a copy (the explicit
+        kernels' batched products take it as it is); else the heads are views of the projection in
+        the input layout (the last dim contiguous, as the fused kernel wants)."""
         seq_dim = 1 if self.batch_first else 0
         batch_size, E = query.shape[1 - seq_dim], self.embed_dim
-        q, k, v = self._project(query, key, value)  # in the input layout, last dim E
-        if self.bias_k is not None:
-            # A learned extra key/value: one more source position that no mask blocks.
-            shape = (batch_size, 1, E) if self.batch_first else (1, batch_size, E)
-            k = torch.cat([k, self.bias_k.expand(shape)], dim=seq_dim)
-            v = torch.cat([v, self.bias_v.expand(shape)], dim=seq_dim)
-            key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
-        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, L|S, hd)
+        if transposed:
+            q, k, v = self._project_transposed(query, key, value)  # (N, E, L|S)
+            if self.bias_k is not None:
+                k = torch.cat([k, self.bias_k.view(1, E, 1).expand(batch_size, E, 1)], dim=2)
+                v = torch.cat([v, self.bias_v.view(1, E, 1).expand(batch_size, E, 1)], dim=2)
+                key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
+            H, hd = self.num_heads, self.head_dim
+            q, k, v = (t.view(batch_size, H, hd, t.shape[2]).transpose(2, 3) for t in (q, k, v))  # (N, H, L|S, hd)
+        else:
+            q, k, v = self._project(query, key, value)  # in the input layout, last dim E
+            if self.bias_k is not None:
+                # A learned extra key/value: one more source position that no mask blocks.
+                shape = (batch_size, 1, E) if self.batch_first else (1, batch_size, E)
+                k = torch.cat([k, self.bias_k.expand(shape)], dim=seq_dim)
+                v = torch.cat([v, self.bias_v.expand(shape)], dim=seq_dim)
+                key_padding_mask, attn_mask = _pad_last(key_padding_mask), _pad_last(attn_mask)
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, L|S, hd)
         if self.add_zero_attn:
             zeros = k.new_zeros(batch_size, self.num_heads, 1, self.head_dim)
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
@@ -217,11 +239,22 @@ class MultiheadAttention(nn.Module):
         """(N, H, L, hd) -> the input layout's (N, L, E) or (L, N, E), then W_O; rows dead in every
         head are 0."""
         batch_size, H, tgt_len = out.shape[0], out.shape[1], out.shape[2]
-        if self.batch_first:
-            out = out.transpose(1, 2).reshape(batch_size, tgt_len, self.embed_dim)
+        heads_t = out.transpose(2, 3)  # (N, H, hd, L)
+        if self.batch_first and heads_t.is_contiguous():
+            # The explicit kernel's output is a transposed view of a contiguous (N·H, hd, L): the
+            # heads are merged as (N, E, L) without a copy and W_O applied from the right,
+            # out (N, L, E) = (N, E, L)ᵀ W_Oᵀ, by one batched product into a contiguous result.
+            merged_t = heads_t.reshape(batch_size, self.embed_dim, tgt_len)  # a view
+            w, b = self.out_proj.weight, self.out_proj.bias
+            wt = w.t().expand(batch_size, *w.t().shape)  # (N, E, E), no copy
+            merged = merged_t.transpose(1, 2)  # (N, L, E), strided
+            out = torch.bmm(merged, wt) if b is None else torch.baddbmm(b, merged, wt)
         else:
-            out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch_size, self.embed_dim)
-        out = self.out_proj(out)
+            if self.batch_first:
+                out = out.transpose(1, 2).reshape(batch_size, tgt_len, self.embed_dim)
+            else:
+                out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch_size, self.embed_dim)
+            out = self.out_proj(out)
         if dead is not None:
             # A query that sees no key in any head receives nothing: output 0, not W_O·0 + b = b.
             dead_rows = _all_heads(dead, batch_size, H, tgt_len)  # (N, L) or (N, 1)
@@ -287,6 +320,24 @@ class MultiheadAttention(nn.Module):
             return F.linear(query, w[:E], bq), k, v
         wq, wk, wv = w.chunk(3)
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _project_transposed(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections computed transposed, ``W xᵀ + b``: three contiguous ``(N, E, L|S)``,
+        whose (N, E) dims split into heads (N, H, hd) and merge back into N·H batches as views.
+
+        One batched product per projection (the weight broadcast over the batch, not copied).
+        Compared with one packed product in the input layout, this moves no data to split the
+        heads before the kernel, and autograd sums three input gradients instead of
+        concatenating the three projections' gradients for the packed one."""
+        b = self.in_proj_bias
+        biases = (None, None, None) if b is None else b.chunk(3)
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.chunk(3)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        # (N, L, E) or (L, N, E) -> (N, E, L) views: a transposed operand costs the GEMM nothing.
+        inputs = _map_alike(lambda t: t.transpose(1, 2) if self.batch_first else t.permute(1, 2, 0), query, key, value)
+        return tuple(_linear_t(x, w, bias) for x, w, bias in zip(inputs, weights, biases))
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(N, L, E) or (L, N, E) -> (N, H, L, hd), a view whenever the layout allows."""
@@ -359,6 +410,12 @@ class MultiheadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
             f"dropout={self.dropout}, batch_first={self.batch_first}"
         )
+
+
+def _linear_t(x_t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``W xᵀ + b`` for x_t ``(N, in, L)`` (any strides), weight ``(out, in)``: ``(N, out, L)``."""
+    w = weight.expand(x_t.shape[0], *weight.shape)  # (N, out, in), batch stride 0
+    return torch.bmm(w, x_t) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w, x_t)
 
 
 def _with_causal(mask: Tensor | None, tgt_len: int, src_len: int, device: torch.device) -> Tensor:

@@ -231,8 +231,10 @@ def _plain(
     ``mask`` is None or float scores to add, broadcastable to ``(..., L, S)``."""
     batch, tgt_len, src_len = _shape(query)[:-2], query.shape[-2], key.shape[-2]
     # One batched GEMM on (batch, L, E) x (batch, E, S) with the scale folded in (alpha): the
-    # reshapes are the only copies of q and k (heads split from a packed projection are strided
-    # views), where `matmul(query * scale, key.mT)` made three (q*scale, q, k).
+    # reshapes are views for MultiheadAttention's heads on the CPU dropout path (transposed
+    # projections, whose batch dims merge) and the only copies of q and k otherwise (heads split
+    # from a packed projection are strided views), where `matmul(query * scale, key.mT)` made
+    # three (q*scale, q, k).
     n = math.prod(batch)  # not -1: that is ambiguous for empty sequences
     q3, k3 = query.reshape(n, tgt_len, query.shape[-1]), key.reshape(n, src_len, key.shape[-1])
     scores = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=scale)

@@ -29,8 +29,16 @@ state: :func:`choices` lists what this process chose, :func:`restore` makes it c
 (``attnfuse.training.Trainer`` keeps it in its checkpoints, so a resumed run is bitwise the run
 that never stopped). A new process times again: where the two kernels are within the margin of
 each other, two fresh runs of one seed may choose differently and differ in the last bits (as
-they do between thread counts); :func:`forced` runs one kernel regardless (tests, benchmarks, a
-run that must repeat another exactly).
+they do between thread counts); :func:`forced` runs one kernel regardless (tests, benchmarks).
+
+Pinning the choice: the environment variable ``ATTNFUSE_ATTENTION_KERNEL`` (:data:`ENV`) set to
+``explicit`` or ``autograd`` runs that kernel for every problem, untimed, on every device (but
+plain ops while ``torch.compile`` records a graph, as above); unset, empty or ``measure`` keeps
+the timing. It is read at every choice (so it must be set before the
+first attention call of a process, or it changes later choices), wins over restored choices
+(a resumed run follows the variable it is given), and what it picks is recorded in
+:func:`choices` like a timed choice. So two fresh runs of one seed with the variable set compute
+the same bits whatever their machines' load; an unknown value is a ``ValueError`` naming it.
 
 Timing draws its inputs and dropout masks from its own generator: it consumes none of the random
 numbers of the computation it is part of.
@@ -39,6 +47,7 @@ numbers of the computation it is part of.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -48,13 +57,14 @@ from torch import Tensor
 
 from .masks import tracing
 
-__all__ = ["KERNELS", "FALLBACK", "choose", "choices", "restore", "clear", "forced", "problem_key"]
+__all__ = ["KERNELS", "FALLBACK", "ENV", "choose", "choices", "restore", "clear", "forced", "pinned", "problem_key"]
 
 KERNELS = ("explicit", "autograd")
 FALLBACK = "explicit"  # the kernel of small problems, undecided timings and other devices
 MIN_WORK = 1 << 17  # batch·L·S score elements below which the fallback runs untimed (MulT: 120·50·50)
 ROUNDS = 5  # interleaved timed rounds per candidate (after one untimed call of each)
 MARGIN = 1.05  # the winner's median time ratio must be at least this
+ENV = "ATTNFUSE_ATTENTION_KERNEL"  # explicit | autograd pin the kernel; measure (or unset) times it
 
 _chosen: dict[str, str] = {}  # problem key -> kernel, this process
 _seen: dict[tuple, str] = {}  # the exact shapes of calls -> kernel (a cache of _chosen)
@@ -82,7 +92,8 @@ def choose(
     grad: bool,
     candidates: dict[str, Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]],
 ) -> str:
-    """The kernel for this problem: forced, recorded, or timed now (once per key and process).
+    """The kernel for this problem: forced, pinned by :data:`ENV`, recorded, or timed now (once per
+    key and process).
 
     ``candidates`` maps each of :data:`KERNELS` to ``f(q, k, v, generator) -> out`` (the caller
     binds mask, scale and dropout rate); they are called on random inputs of the problem's shapes
@@ -91,20 +102,32 @@ def choose(
         return _forced[-1]
     if tracing():
         return "autograd"  # a graph recorder differentiates and fuses plain ops itself; not recorded
-    if query.device.type != "cpu":
+    pin = pinned()
+    if pin is None and query.device.type != "cpu":
         return FALLBACK
     shapes = (query.shape[-2:], key.shape[-2], value.shape[-1], query.dtype, None if mask is None else mask.shape, grad)
     kernel = _seen.get(shapes)  # every call asks: a tuple lookup, the key's text only when new
-    if kernel is not None:
+    if kernel is not None and (pin is None or kernel == pin):
         return kernel
     name = problem_key(query, key, value, mask, grad)
-    kernel = _chosen.get(name)
+    kernel = _chosen.get(name) if pin is None else pin
     if kernel is None:
         work = query[..., 0].numel() * key.shape[-2]  # batch·L·S
         kernel = FALLBACK if work < MIN_WORK else _measure(query, key, value, grad, candidates)
-        _chosen[name] = kernel
-    _seen[shapes] = kernel
+    _chosen[name] = _seen[shapes] = kernel
     return kernel
+
+
+def pinned() -> str | None:
+    """The kernel :data:`ENV` pins (``"explicit"`` or ``"autograd"``), or None: unset, empty or
+    ``measure`` (case and surrounding spaces ignored)."""
+    raw = os.environ.get(ENV)
+    value = "" if raw is None else raw.strip().lower()
+    if value in ("", "measure"):
+        return None
+    if value not in KERNELS:
+        raise ValueError(f"{ENV}: expected one of explicit, autograd, measure, got {raw!r}")
+    return value
 
 
 def choices() -> dict[str, str]:
