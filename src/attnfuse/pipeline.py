@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .calibration import check_level
 from .checkpoint import (
     check_compatible,
     check_memory,
@@ -77,6 +78,10 @@ __all__ = [
 ]
 
 FUSION_CHOICES = ("auto", *FUSIONS)
+_INTERVAL_CLASSIFICATION = (
+    "interval: prediction intervals are for regression targets, the task is classification "
+    "(its probabilities are calibrated by --calibrate)"
+)
 
 
 @dataclass
@@ -136,6 +141,17 @@ class RunOptions(ReadOptions):
     baselines: bool = option(
         True, "Also fit logistic regression / ridge and gradient boosting on the same rows, for comparison."
     )
+    calibrate: bool = option(
+        True,
+        "Classification: fit a temperature on the chosen model's validation logits, so that predict's "
+        "probabilities are calibrated (the predicted class is unchanged); ECE before/after in metrics.json.",
+    )
+    interval: float | None = option(
+        None,
+        "Regression: prediction intervals at this coverage level (e.g. 0.9): split-conformal, from the chosen "
+        "model's validation residuals, one half-width per target; predict writes lower/upper.",
+        metavar="LEVEL",
+    )
 
     @property
     def runs(self) -> int:
@@ -153,6 +169,10 @@ class RunOptions(ReadOptions):
         if self.folds and self.repeat > 1:
             raise ValueError(f"folds: with --folds {self.folds} the folds are the runs; --repeat must be 1")
         check_int("checkpoint_every", self.checkpoint_every, 0)
+        if self.interval is not None:
+            check_level(self.interval)
+            if self.task == "classification":
+                raise ValueError(_INTERVAL_CLASSIFICATION)
 
 
 def train_options() -> list[Option]:
@@ -257,7 +277,9 @@ class TrainResult:
     each baseline, summed over the runs (of this process: a resumed run counts what it trained).
     ``candidate_metrics``: per run, every candidate's metrics on every split (for benchmarks; not
     written to metrics.json, where only validation scores appear: choosing a candidate by its test
-    score would leak the test rows)."""
+    score would leak the test rows). ``calibration``: the first run's calibration, config.json's
+    ``calibration`` block (a temperature, or the interval's half-widths; None without), see
+    :mod:`attnfuse.calibration`."""
 
     first: TrainedModel
     runs: list[dict]
@@ -268,6 +290,7 @@ class TrainResult:
     verdict: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     candidate_metrics: list[dict[str, dict]] = field(default_factory=list)
+    calibration: dict | None = None
 
 
 def load(
@@ -407,6 +430,8 @@ def _train(
                 auto=opts.fusion == "auto",
                 baselines=opts.baselines,
                 checkpoint_every=opts.checkpoint_every,
+                calibrate=opts.calibrate,
+                interval=opts.interval,
                 device=local_device(cfg.torch_device()),
                 dist=dist,
                 emit=emit,
@@ -434,6 +459,7 @@ def _train(
         verdict=found,
         seconds=fit.seconds,
         candidate_metrics=fit.candidate_metrics,
+        calibration=loop.state.calibration,
     )
 
 
@@ -447,6 +473,8 @@ def _training_data(spec: TrainSpec, given: MultimodalDataset | None) -> Multimod
     if data.y is None:
         raise ValueError("y: the data has no targets; training needs them (attnfuse predict works without)")
     cfg.check_task(data.task, data.target_dim)
+    if opts.interval is not None and data.task == "classification":
+        raise ValueError(_INTERVAL_CLASSIFICATION)
     return data
 
 
@@ -465,7 +493,9 @@ def write_first(tmp: Path, fit: Fit, state: RunLoopState, report: dict, options:
     directory being built (:func:`attnfuse.checkpoint.write_run`)."""
     first = state.first
     split = fit.plan(0).to_dict(first.split.how)
-    extra = {"auto": state.selection} if state.selection is not None else None
+    extra = {"auto": state.selection} if state.selection is not None else {}
+    if state.calibration is not None:
+        extra["calibration"] = state.calibration
     write_run(
         tmp, first.model, first.fusion, fit.data, first.standardizer, asdict(fit.train), split, report, options, extra
     )
