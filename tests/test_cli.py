@@ -94,7 +94,7 @@ def test_train_writes_model_config_and_metrics(model_dir, npz):
     assert config["model"]["d_model"] == 16 and config["model"]["nhead"] == 2 and config["model"]["num_layers"] == 1
     assert config["train"]["epochs"] == 2 and config["train"]["batch_size"] == 32
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert set(metrics) == {"train", "valid", "test", "baselines"}
+    assert set(metrics) == {"train", "valid", "test", "baselines", "calibration"}
     assert set(metrics["test"]) == {"accuracy", "f1_macro"}
     for path in model_dir.iterdir():  # safetensors and JSON only: nothing is a pickle or a torch.save zip
         head = path.read_bytes()[:2]
@@ -109,7 +109,7 @@ def test_evaluate_reproduces_the_training_metrics(model_dir, npz, workdir):
     # No split column: the training split is recomputed from the saved split seed.
     assert set(report) == {"train", "valid", "test", "all"}
     for split in ("train", "valid", "test"):
-        assert report[split] == pytest.approx(trained[split], rel=1e-6), split
+        assert {k: report[split][k] for k in trained[split]} == pytest.approx(trained[split], rel=1e-6), split
     # Without --out the report goes into the model directory.
     try:
         ok(cli("evaluate", "--model", model_dir, "--data", npz))
@@ -149,7 +149,7 @@ def test_split_column_is_used_in_train_evaluate_and_predict(workdir):
     ok(cli("evaluate", "--model", out, "--data", data, "--out", workdir / "eval-split.json"))
     report = json.loads((workdir / "eval-split.json").read_text())
     for split in ("train", "valid", "test"):
-        assert report[split] == pytest.approx(trained[split], rel=1e-6), split
+        assert {k: report[split][k] for k in trained[split]} == pytest.approx(trained[split], rel=1e-6), split
     ok(cli("predict", "--model", out, "--data", data, "--out", workdir / "pred-split.csv"))
     header, rows = read_csv(workdir / "pred-split.csv")
     assert header[:4] == ["index", "split", "y_true", "y_pred"]
@@ -202,7 +202,7 @@ def test_train_on_synthetic_with_a_seed_then_evaluate(workdir):
     ok(cli("evaluate", "--model", out, "--data", "synthetic-classification", "--out", workdir / "eval-synth.json"))
     report = json.loads((workdir / "eval-synth.json").read_text())
     for split in ("train", "valid", "test"):
-        assert report[split] == pytest.approx(trained[split], rel=1e-6), split
+        assert {k: report[split][k] for k in trained[split]} == pytest.approx(trained[split], rel=1e-6), split
     ok(cli("predict", "--model", out, "--data", "synthetic-classification", "--out", workdir / "synth.csv"))
     header, rows = read_csv(workdir / "synth.csv")
     assert len(rows) == 2000 and header[-4:] == ["prob_0", "prob_1", "prob_2", "prob_3"]
@@ -213,7 +213,7 @@ def test_repeat_writes_runs_and_summary(workdir, npz):
     out = workdir / "model-repeat"
     ok(cli("train", "--data", npz, "--fusion", "concat", "--repeat", "2", "--seed", "4", *FAST_CONCAT, "--out", out))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"runs", "summary", "baselines"}
+    assert set(metrics) == {"runs", "summary", "baselines", "calibration"}
     runs = metrics["runs"]
     assert [r["seed"] for r in runs] == [4, 5]
     assert all(1 <= r["best_epoch"] <= 2 for r in runs)

@@ -144,12 +144,9 @@ class RunLoopState:
     calibration: dict | None = None
 
     def to_dict(self) -> tuple[dict[str, Tensor], dict]:
-        meta: dict[str, Any] = {
-            "run_index": self.index,
-            "finished": self.finished,
-            "selection": self.selection,
-            "calibration": self.calibration,
-        }
+        meta: dict[str, Any] = {"run_index": self.index, "finished": self.finished, "selection": self.selection}
+        if self.calibration is not None:
+            meta["calibration"] = self.calibration
         if self.first is None:
             return {}, meta
         tensors, meta["first"] = self.first.to_dict(predictions=False)
