@@ -14,7 +14,8 @@ NESTING = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, as
 NESTING += tuple(getattr(ast, name) for name in ("TryStar",) if hasattr(ast, name))  # Python >= 3.11
 
 # "module:qualified name" -> why it stays as it is.
-ALLOWED: dict[str, str] = {}
+ALLOWED: dict[str, str] = {
+}
 
 
 def depth(node: ast.AST, level: int = 0) -> int:
