@@ -414,9 +414,7 @@ def _train(
     data = _training_data(spec, given)
     candidates, left_out = _candidates(spec, data)
     emit("data", {"data": data})
-    options = {**spec.to_options(), "data": _source(opts.data) if given is None else opts.data}
-    if opts.mapping:
-        options["mapping"] = str(Path(opts.mapping).resolve())
+    options = _recorded_options(spec, given)
     checkpoints = Checkpoints(out, options, fingerprint(data), opts.tensorboard, resume, dist.main)
     try:
         with stop_on_signals(handle_signals) as stop:
@@ -461,6 +459,15 @@ def _train(
         candidate_metrics=fit.candidate_metrics,
         calibration=loop.state.calibration,
     )
+
+
+def _recorded_options(spec: TrainSpec, given: MultimodalDataset | None) -> dict[str, Any]:
+    """The option values ``run.yaml`` (and a checkpoint) records: files by their full paths."""
+    opts = spec.run
+    options = {**spec.to_options(), "data": _source(opts.data) if given is None else opts.data}
+    if opts.mapping:
+        options["mapping"] = str(Path(opts.mapping).resolve())
+    return options
 
 
 def _training_data(spec: TrainSpec, given: MultimodalDataset | None) -> MultimodalDataset:
