@@ -150,11 +150,12 @@ def test_metrics_json_ece_is_the_one_recomputed_from_the_model(classifier, tmp_p
         assert report[part]["nll_after"] == pytest.approx(temperature_nll(z, y, t), rel=1e-6)
     assert report["valid"]["nll_after"] <= report["valid"]["nll_before"]  # T minimises it there
     ok(cli("evaluate", "--model", model_dir, "--out", tmp_path / "e.json"))
-    evaluation = json.loads((tmp_path / "e.json").read_text())
+    evaluation = json.loads((tmp_path / "e.json").read_text())["calibration"]
+    assert evaluation["temperature"] == t
     for part in ("valid", "test"):
         assert evaluation[part]["ece"] == pytest.approx(report[part]["ece_after"], rel=1e-6)
         assert evaluation[part]["nll"] == pytest.approx(report[part]["nll_after"], rel=1e-6)
-    assert FusionPredictor.load(model_dir).evaluate(str(npz))["test"]["ece"] == pytest.approx(
+    assert FusionPredictor.load(model_dir).evaluate(str(npz))["calibration"]["test"]["ece"] == pytest.approx(
         report["test"]["ece_after"], rel=1e-6
     )
 
@@ -178,10 +179,15 @@ def test_a_model_directory_without_the_block_loads_as_uncalibrated(classifier, t
     config = json.loads((old / "config.json").read_text())
     del config["calibration"]
     (old / "config.json").write_text(json.dumps(config))
-    logits = outputs_of(old, dataset(dict(np.load(npz))))
+    data = dataset(dict(np.load(npz)))
+    logits = outputs_of(old, data)
     np.testing.assert_allclose(FusionPredictor.load(old).predict_proba(str(npz)), softmax(logits), rtol=1e-6)
     ok(cli("evaluate", "--model", old, "--out", tmp_path / "e.json"))
-    assert "ece" in json.loads((tmp_path / "e.json").read_text())["test"]
+    evaluation = json.loads((tmp_path / "e.json").read_text())["calibration"]
+    assert evaluation["temperature"] == 1.0
+    test = split_parts(data, config)["test"]
+    ece = expected_calibration_error(softmax(logits[test]), data.y[test])
+    assert evaluation["test"]["ece"] == pytest.approx(ece, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +272,8 @@ def test_predict_writes_lower_and_upper_and_evaluate_recomputes_their_coverage(r
     np.testing.assert_allclose(lower, pred - q, rtol=1e-6)
     np.testing.assert_allclose(upper, pred + q, rtol=1e-6)
     ok(cli("evaluate", "--model", model_dir, "--out", tmp_path / "e.json"))
-    evaluation = json.loads((tmp_path / "e.json").read_text())
+    evaluation = json.loads((tmp_path / "e.json").read_text())["calibration"]
+    assert evaluation["level"] == 0.8 and evaluation["half_width"] == [q]
     split = np.array([r[1] for r in rows])
     for part in ("train", "valid", "test"):
         inside = (lower <= y) & (y <= upper)

@@ -107,9 +107,9 @@ def test_evaluate_reproduces_the_training_metrics(model_dir, npz, workdir):
     report = json.loads(out.read_text())
     trained = json.loads((model_dir / "metrics.json").read_text())
     # No split column: the training split is recomputed from the saved split seed.
-    assert set(report) == {"train", "valid", "test", "all"}
+    assert set(report) == {"train", "valid", "test", "all", "calibration"}
     for split in ("train", "valid", "test"):
-        assert {k: report[split][k] for k in trained[split]} == pytest.approx(trained[split], rel=1e-6), split
+        assert report[split] == pytest.approx(trained[split], rel=1e-6), split
     # Without --out the report goes into the model directory.
     try:
         ok(cli("evaluate", "--model", model_dir, "--data", npz))
@@ -149,7 +149,7 @@ def test_split_column_is_used_in_train_evaluate_and_predict(workdir):
     ok(cli("evaluate", "--model", out, "--data", data, "--out", workdir / "eval-split.json"))
     report = json.loads((workdir / "eval-split.json").read_text())
     for split in ("train", "valid", "test"):
-        assert {k: report[split][k] for k in trained[split]} == pytest.approx(trained[split], rel=1e-6), split
+        assert report[split] == pytest.approx(trained[split], rel=1e-6), split
     ok(cli("predict", "--model", out, "--data", data, "--out", workdir / "pred-split.csv"))
     header, rows = read_csv(workdir / "pred-split.csv")
     assert header[:4] == ["index", "split", "y_true", "y_pred"]
@@ -202,7 +202,7 @@ def test_train_on_synthetic_with_a_seed_then_evaluate(workdir):
     ok(cli("evaluate", "--model", out, "--data", "synthetic-classification", "--out", workdir / "eval-synth.json"))
     report = json.loads((workdir / "eval-synth.json").read_text())
     for split in ("train", "valid", "test"):
-        assert {k: report[split][k] for k in trained[split]} == pytest.approx(trained[split], rel=1e-6), split
+        assert report[split] == pytest.approx(trained[split], rel=1e-6), split
     ok(cli("predict", "--model", out, "--data", "synthetic-classification", "--out", workdir / "synth.csv"))
     header, rows = read_csv(workdir / "synth.csv")
     assert len(rows) == 2000 and header[-4:] == ["prob_0", "prob_1", "prob_2", "prob_3"]
@@ -380,7 +380,7 @@ def test_evaluate_and_predict_accept_data_with_fewer_classes(tmp_path, model_dir
     data = write_npz(tmp_path / "one-class.npz", n=5, num_classes=1)
     ok(cli("evaluate", "--model", model_dir, "--data", data, "--out", tmp_path / "eval.json"))
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"all"}  # not the training data: no split to recompute
+    assert set(report) == {"all", "calibration"}  # not the training data: no split to recompute
     ok(cli("predict", "--model", model_dir, "--data", data, "--out", tmp_path / "pred.csv"))
     header, rows = read_csv(tmp_path / "pred.csv")
     assert len(rows) == 5 and header[-3:] == ["prob_0", "prob_1", "prob_2"]  # the model's 3 classes

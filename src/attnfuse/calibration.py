@@ -54,6 +54,7 @@ Everything here takes numpy arrays or tensors and computes in float64 numpy.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -84,6 +85,7 @@ __all__ = [
     "calibrated_probabilities",
     "prediction_interval",
     "output_metrics",
+    "evaluation_block",
 ]
 
 ECE_BINS = 15  # Guo et al.'s choice, the one papers report
@@ -458,7 +460,7 @@ def prediction_interval(outputs: object, config_or_block: dict) -> tuple[np.ndar
 
 
 def output_metrics(task: str, y: object, outputs: object, config: dict) -> dict[str, float]:
-    """The metrics of calibrated outputs that ``evaluate`` adds to a part's: classification
+    """The metrics of calibrated outputs that ``evaluate`` reports for a part: classification
     ``{"ece", "nll"}`` of ``softmax(logits / T)`` (T = 1 without a temperature); regression with
     an interval ``{"coverage", "width"}``; else nothing. ``outputs``: (N, out_dim) raw outputs."""
     out = _outputs(outputs)
@@ -470,3 +472,21 @@ def output_metrics(task: str, y: object, outputs: object, config: dict) -> dict[
         return {}
     lower, upper = prediction_interval(out, config)
     return interval_coverage(_values(y, out.shape[1]), lower, upper)
+
+
+def evaluation_block(
+    task: str, y: object, outputs: object, parts: Mapping[str, np.ndarray], config: dict
+) -> dict[str, Any] | None:
+    """The ``calibration`` block of ``evaluate``'s report: the model's calibration
+    (``{"temperature": T}``, 1.0 for an uncalibrated classifier; ``{"level", "half_width"}``) and,
+    per part (``parts``: row indices), :func:`output_metrics` of its rows; None for a regression
+    without intervals. ``y``: (N,) or (N, K); ``outputs``: (N, out_dim) raw outputs."""
+    if task == "regression" and half_width_of(config) is None:
+        return None
+    out, targets = _outputs(outputs), np.asarray(y)
+    if task == "classification":
+        head: dict[str, Any] = {"temperature": temperature_of(config)}
+    else:
+        head = {k: config["calibration"][k] for k in ("level", "half_width")}
+    rows_of = {name: rows for name, rows in parts.items() if len(rows)}
+    return {**head, **{name: output_metrics(task, targets[rows], out[rows], config) for name, rows in rows_of.items()}}

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .baselines import verdict_line
-from .calibration import calibrated_probabilities, half_width_of, output_metrics, prediction_interval
+from .calibration import calibrated_probabilities, evaluation_block, half_width_of, prediction_interval
 from .checkpoint import (
     CONFIG,
     LOG,
@@ -406,24 +406,25 @@ class FusionPredictor:
         metric = "accuracy" if self.task_ == "classification" else "r2"
         return float(compute_metrics(self.task_, data.y, to_predictions(self.task_, outputs))[metric])
 
-    def evaluate(self, X: Any, y: Any = None) -> dict[str, dict[str, float | None]]:
+    def evaluate(self, X: Any, y: Any = None) -> dict[str, dict[str, Any]]:
         """The metrics of ``attnfuse evaluate``: per split of ``X`` (its split column; for the
-        training data itself, the split drawn in training) and on all rows (``"all"``), with the
-        calibration's (``ece`` and ``nll`` of the probabilities; ``coverage`` and ``width`` of the
-        intervals); undefined metrics are None."""
+        training data itself, the split drawn in training) and on all rows (``"all"``), and under
+        ``"calibration"`` those of the calibrated outputs per part (``ece`` and ``nll`` of the
+        probabilities; ``coverage`` and ``width`` of the intervals); undefined metrics are None."""
         data, outputs = self._run(X, y, "evaluate")
         if data.y is None:
             raise ValueError(f"y: {data.name} has no targets to evaluate against; give y or the target column")
         pred = to_predictions(self.task_, outputs)
         sentiment = self.config_["train"].get("metrics") == "sentiment"
-        report = {
-            part: {
-                **compute_metrics(self.task_, data.y[rows], pred[rows], sentiment=sentiment),
-                **output_metrics(self.task_, data.y[rows], outputs[rows], self.config_),
-            }
-            for part, rows in split_parts(data, self.config_).items()
+        parts = split_parts(data, self.config_)
+        report: dict[str, Any] = {
+            part: compute_metrics(self.task_, data.y[rows], pred[rows], sentiment=sentiment)
+            for part, rows in parts.items()
             if rows.size
         }
+        calibration = evaluation_block(self.task_, data.y, outputs, parts, self.config_)
+        if calibration is not None:
+            report["calibration"] = calibration
         return metrics_for_json(report)
 
     def leaderboard(self) -> list[dict[str, Any]]:
