@@ -102,9 +102,9 @@ def _metrics_per_part(net, config: dict, standardizer, dataset) -> dict[str, dic
 def _calibration_table(block: dict):
     """evaluate's ``calibration`` block as a table: a row per part."""
     if "temperature" in block:
-        title = f"calibrated probabilities (temperature {block['temperature']:.3g}; ECE over 15 bins)"
+        title = f"calibration: temperature {block['temperature']:.3g}"
     else:
-        title = f"prediction intervals at {block['level']:g} (half-width {', '.join(f'{q:.4g}' for q in block['half_width'])})"
+        title = f"intervals at {block['level']:g}: ± {', '.join(f'{q:.4g}' for q in block['half_width'])}"
     return metrics_table(title, {k: v for k, v in block.items() if isinstance(v, dict)})
 
 
