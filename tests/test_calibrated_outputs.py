@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from attnfuse import FusionPredictor
-from attnfuse.calibration import expected_calibration_error, softmax, temperature_nll
+from attnfuse.calibration import (
+    TEMPERATURE_BOUNDS,
+    expected_calibration_error,
+    fit_temperature,
+    laplace_smoothing,
+    softmax,
+    temperature_nll,
+)
 from attnfuse.checkpoint import load_model, read_config
 from attnfuse.data import MultimodalDataset, RowBatches
 from attnfuse.export import export_model, run_exported
@@ -103,10 +110,39 @@ def test_the_temperature_is_fitted_on_the_validation_rows_only(tmp_path):
     second = train(spec, tmp_path / "b", data=dataset(other, split=split))
     assert first.calibration == second.calibration
     assert first.calibration["fitted_on"] == "valid" and first.calibration["rows"] == 40
+    assert first.calibration["smoothing"] == 1 / 42  # Laplace: one error expected in n + 2 rows
     assert first.report["calibration"]["valid"] == second.report["calibration"]["valid"]
     assert first.report["calibration"]["test"] != second.report["calibration"]["test"]
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["calibration"] == first.calibration and first.calibration["method"] == "temperature"
+
+
+def separated(n: int = 60, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose argmax is every row's label (a small validation part a model gets all right)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    return rng.normal(size=(n, classes)) + 4.0 * np.eye(classes)[y], y
+
+
+def test_on_rows_without_an_error_the_smoothed_fit_keeps_a_finite_temperature():
+    """The plain NLL falls as T -> 0 on perfectly separated rows (its fit is the lower bound); with
+    Laplace's smoothing the minimum is interior, and it is the minimum of a dense grid."""
+    logits, y = separated()
+    assert fit_temperature(logits, y) == pytest.approx(TEMPERATURE_BOUNDS[0])
+    e = laplace_smoothing(len(y))
+    t = fit_temperature(logits, y, smoothing=e)
+    assert 0.5 < t < 5.0
+
+    def objective(temperature: float) -> float:  # the cross-entropy against the smoothed targets
+        p = softmax(logits, temperature)
+        targets = np.full(p.shape, e / (p.shape[1] - 1))
+        targets[np.arange(len(y)), y] = 1 - e
+        return float(-np.mean(np.sum(targets * np.log(p), axis=1)))
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))
+    best = grid[np.argmin([objective(g) for g in grid])]
+    assert t == pytest.approx(best, rel=2e-3)
+    assert objective(t) <= min(objective(g) for g in grid) + 1e-12
 
 
 def test_predict_writes_the_calibrated_probabilities(classifier, tmp_path):
@@ -196,6 +232,7 @@ def test_a_model_directory_without_the_block_loads_as_uncalibrated(classifier, t
         ({"temperature": -1.0}, r"calibration\.temperature: expected a finite number > 0"),
         ({"method": "conformal"}, r"calibration\.method: expected 'temperature' for a classification model"),
         ({"rows": 0}, r"calibration\.rows: expected an integer >= 1"),
+        ({"smoothing": 1.0}, r"calibration\.smoothing: expected a number in \[0, 1\)"),
         ({"extra": 1}, r"calibration: unknown key 'extra'"),
     ],
 )
