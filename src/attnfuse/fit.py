@@ -265,7 +265,8 @@ class RunLoop:
 
     def _finish(self, parts: Parts, models: list[TrainedModel]) -> dict:
         """The record of the run under way, once its candidates are trained: the model picked, its
-        metrics, (auto) the candidates', the baselines'. The first run's model is kept."""
+        metrics and calibration, (auto) the candidates', the baselines'. The first run's model is
+        kept, with its calibration."""
         fit, index = self.fit, self.state.index
         model, chosen, metrics_of = pick(fit, parts, models)
         fit.candidate_metrics.append(metrics_of)

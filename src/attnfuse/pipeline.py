@@ -14,8 +14,9 @@ The work of one request is a list of models, each trained by :func:`attnfuse.tra
 for every run (a seed of ``--repeat``, or a fold of ``--folds``), every candidate (the fusion asked
 for, or with ``fusion="auto"`` those of :data:`attnfuse.portfolio.PORTFOLIO` that fit the data),
 every member of an ``--ensemble``. A run keeps the candidate picked on the validation split
-(:func:`attnfuse.portfolio.choose`) and, with ``baselines`` (the default), fits the classical
-models of :mod:`attnfuse.baselines` on the same rows. The loops that do it are
+(:func:`attnfuse.portfolio.choose`), calibrates it on the same rows (a temperature; with
+``interval``, prediction intervals: :mod:`attnfuse.calibration`) and, with ``baselines`` (the
+default), fits the classical models of :mod:`attnfuse.baselines` on the same rows. The loops that do it are
 :mod:`attnfuse.fit`; a checkpoint holds their state, so ``--resume`` continues any of these
 combinations.
 """
@@ -334,10 +335,16 @@ def train(
     run also fits the baselines on its rows.
 
     ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per part), plus
-    ``"candidates": {name: {"valid": metrics}}`` (auto) and ``"baselines": {name: {part:
-    metrics}}``; over several runs: ``{"runs": [each as above, with "seed", "best_epoch",
+    ``"candidates": {name: {"valid": metrics}}`` (auto), ``"baselines": {name: {part:
+    metrics}}`` and ``"calibration"`` (:func:`attnfuse.fit.calibrate`: the temperature, or the
+    interval's half-widths, with ECE and NLL before/after, or coverage and width, on ``"valid"``
+    and ``"test"``); over several runs: ``{"runs": [each as above, with "seed", "best_epoch",
     "fusion", "fold" and (auto) "picked"], "summary": {part: {metric: {"mean", "std"}}}}`` and the
-    same mean ± std for ``"candidates"`` and ``"baselines"``.
+    same mean ± std for ``"candidates"``, ``"baselines"`` and ``"calibration"``.
+
+    With ``calibrate`` (the default) a classifier's temperature, with ``interval`` a regression's
+    prediction intervals are fitted on each run's validation rows; the first run's go into
+    config.json (``"calibration"``) with its model.
 
     While it trains, ``out/last/`` holds the epoch log and a checkpoint every ``checkpoint_every``
     epochs; ``resume=True`` continues from it (bitwise as if never stopped, on the CPU). With
