@@ -199,6 +199,12 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _span(values: list, spec: str) -> str:
+    """``lo-hi``, or the one value."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def _fits_table(results: dict) -> list[str]:
     """The test NLL and ECE of three temperatures: none, the plain NLL fit, the smoothed fit."""
     lines = [
@@ -217,11 +223,12 @@ def _fits_table(results: dict) -> list[str]:
         if not runs:
             continue
         clean = sum(r["fits"]["valid_errors"] == 0 for r in runs)
+        seeds = _span([r["seed"] for r in runs], "d")
         for fit in ("none", "plain", "smoothed"):
-            ts = [r["fits"][fit]["temperature"] for r in runs]
+            ts = _span([r["fits"][fit]["temperature"] for r in runs], ".3g")
             lines.append(
-                f"| {name} | {runs[0]['seed']}-{runs[-1]['seed']} | {clean} of {len(runs)} | {fit} "
-                f"| {min(ts):.3g}-{max(ts):.3g} | {statistics.mean(r['fits'][fit]['test_nll'] for r in runs):.4f} "
+                f"| {name} | {seeds} | {clean} of {len(runs)} | {fit} "
+                f"| {ts} | {statistics.mean(r['fits'][fit]['test_nll'] for r in runs):.4f} "
                 f"| {statistics.mean(r['fits'][fit]['test_ece'] for r in runs):.4f} |"
             )
     return lines
