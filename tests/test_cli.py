@@ -94,7 +94,7 @@ def test_train_writes_model_config_and_metrics(model_dir, npz):
     assert config["model"]["d_model"] == 16 and config["model"]["nhead"] == 2 and config["model"]["num_layers"] == 1
     assert config["train"]["epochs"] == 2 and config["train"]["batch_size"] == 32
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert set(metrics) == {"train", "valid", "test", "baselines"}
+    assert set(metrics) == {"train", "valid", "test", "baselines", "calibration"}
     assert set(metrics["test"]) == {"accuracy", "f1_macro"}
     for path in model_dir.iterdir():  # safetensors and JSON only: nothing is a pickle or a torch.save zip
         head = path.read_bytes()[:2]
@@ -107,7 +107,7 @@ def test_evaluate_reproduces_the_training_metrics(model_dir, npz, workdir):
     report = json.loads(out.read_text())
     trained = json.loads((model_dir / "metrics.json").read_text())
     # No split column: the training split is recomputed from the saved split seed.
-    assert set(report) == {"train", "valid", "test", "all"}
+    assert set(report) == {"train", "valid", "test", "all", "calibration"}
     for split in ("train", "valid", "test"):
         assert report[split] == pytest.approx(trained[split], rel=1e-6), split
     # Without --out the report goes into the model directory.
@@ -213,7 +213,7 @@ def test_repeat_writes_runs_and_summary(workdir, npz):
     out = workdir / "model-repeat"
     ok(cli("train", "--data", npz, "--fusion", "concat", "--repeat", "2", "--seed", "4", *FAST_CONCAT, "--out", out))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"runs", "summary", "baselines"}
+    assert set(metrics) == {"runs", "summary", "baselines", "calibration"}
     runs = metrics["runs"]
     assert [r["seed"] for r in runs] == [4, 5]
     assert all(1 <= r["best_epoch"] <= 2 for r in runs)
@@ -380,7 +380,7 @@ def test_evaluate_and_predict_accept_data_with_fewer_classes(tmp_path, model_dir
     data = write_npz(tmp_path / "one-class.npz", n=5, num_classes=1)
     ok(cli("evaluate", "--model", model_dir, "--data", data, "--out", tmp_path / "eval.json"))
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"all"}  # not the training data: no split to recompute
+    assert set(report) == {"all", "calibration"}  # not the training data: no split to recompute
     ok(cli("predict", "--model", model_dir, "--data", data, "--out", tmp_path / "pred.csv"))
     header, rows = read_csv(tmp_path / "pred.csv")
     assert len(rows) == 5 and header[-3:] == ["prob_0", "prob_1", "prob_2"]  # the model's 3 classes

@@ -169,7 +169,9 @@ def test_train_in_python_shows_nothing_and_reports_progress(tmp_path, capsys):
     assert kinds == ["data"] + ["model_start", "epoch", "epoch", "model_end"] * 2
     assert [info["seed"] for e, info in events if e == "model_start"] == [0, 1]
     assert (
-        set(result.report) == {"runs", "summary", "baselines"} and result.out is None and not list(tmp_path.glob("*/"))
+        set(result.report) == {"runs", "summary", "baselines", "calibration"}
+        and result.out is None
+        and not list(tmp_path.glob("*/"))
     )
 
 

@@ -260,7 +260,7 @@ def test_score_and_evaluate(classifier, table):
     assert classifier.score(table) == pytest.approx(accuracy, rel=1e-6)
     assert classifier.score(table.drop(["label"]), labels) == pytest.approx(accuracy, rel=1e-6)
     report = classifier.evaluate(table)
-    assert set(report) == {"train", "valid", "test", "all"}  # the training data: its training split
+    assert set(report) == {"train", "valid", "test", "all", "calibration"}  # the training data: its training split
     assert report["all"]["accuracy"] == pytest.approx(accuracy, rel=1e-6)
     assert report == json.loads(json.dumps(report))  # plain JSON values
 

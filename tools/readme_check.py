@@ -390,6 +390,17 @@ def _diabetes(r: Result, item: Item, ctx: Ctx) -> None:
             " on this CPU; times and standard error not compared")  # fmt: skip
 
 
+INTERVALS = "attnfuse train --data diabetes.npz --seed 1 --interval 0.9 --no-baselines --out runs/diabetes-interval"
+
+
+def _intervals(r: Result, item: Item, ctx: Ctx) -> None:
+    expect(r, files=model_dir("runs/diabetes-interval"), ctx=ctx)
+    expect_shown(r, item, literal=lambda line: False)  # the fusion's figures: float32 training, CPU-dependent
+    block = json.loads((ctx.dir / "runs/diabetes-interval/config.json").read_text()).get("calibration") or {}
+    if block.get("method") != "conformal" or block.get("level") != 0.9 or len(block.get("half_width", [])) != 1:
+        raise Failed(f"runs/diabetes-interval/config.json: expected the 0.9 interval's block, got {block}")
+
+
 def _walkthrough(r: Result, item: Item, ctx: Ctx) -> None:
     expect(r)
     expect_shown(r, item)  # every number and word, exactly
@@ -494,6 +505,7 @@ PLAN: dict[str, Check] = {
     ),
     'attnfuse explain --query "1,2" --keys "2,3;1,0" --no-scale': Check(check=_walkthrough, shows_output=True),
     "attnfuse train --data diabetes.npz --seed 1": Check(check=_diabetes, shows_output=True),
+    INTERVALS: Check(check=_intervals, shows_output=True),
     RESUME_RUN: Check("interrupt", check=_interrupted, shows_output=True),
     "attnfuse train --resume runs/planted    # the run's own options; --device may differ, nothing else": Check(
         needs=(RESUME_RUN,), check=_resumed

@@ -18,6 +18,22 @@ same minimum (the tests check it), but its result depends on line-search and tol
 and on held-out rows that the model separates perfectly the NLL keeps falling as ``T -> 0``: the
 bracket (:data:`TEMPERATURE_BOUNDS`) keeps ``T`` finite there, and the bound is then the answer.
 
+Why ``attnfuse train`` fits ``T`` against smoothed targets. A small validation part is often
+separated perfectly: on scikit-learn's breast_cancer (86 validation rows) 5 of 10 splits had every
+validation row right, the NLL's minimum was the lower bound ``T = 0.01``, and the test NLL rose
+from 0.13 to 6.5 on average (a single wrong test row at probability ~e^-100); with one wrong row of
+86 it still sharpened to ``T = 0.15`` (test NLL 0.08 -> 0.24). Rows without an error are not
+evidence that errors cannot happen: Laplace's rule of succession gives the next one a chance of
+``1 / (n + 2)`` after ``n`` rows without one, and Platt ("Probabilistic Outputs for Support Vector
+Machines", 1999) fits his sigmoid to targets ``(N + 1) / (N + 2)`` instead of 1 for the same
+reason. So each validation row's target puts ``1 - e`` on its label and ``e / (C - 1)`` on each
+other class, ``e = 1 / (n + 2)`` (:func:`laplace_smoothing`): the cross-entropy against such
+targets is still convex in ``1 / T`` (a log-sum-exp minus a linear function) and now has its
+minimum at a finite ``T``. Measured on those 10 breast_cancer splits (test rows): mean NLL 0.132
+uncalibrated, 6.52 with the plain fit, 0.108 with the smoothed one; ECE 0.032, 0.037, 0.032. On
+mfeat (300 validation rows, 2 and 3 of them wrong) the two fits differ little (test NLL 0.0331 and
+0.0336 on seed 0).
+
 Expected calibration error (Naeini, Cooper & Hauskrecht, AAAI 2015; in the form Guo et al.
 report it): the confidences ``max_c p_ic`` are put in ``M = 15`` equal-width bins
 ``B_m = {i : (m-1)/M < conf_i <= m/M}`` and
@@ -36,13 +52,27 @@ exchangeable, the new row's residual is equally likely to take any rank among th
 ``[f(x) - q, f(x) + q]`` (:func:`conformal_quantile`, :func:`conformal_interval`). With
 ``k > n`` (fewer than ``1/alpha - 1`` rows) no finite ``q`` has the guarantee: ``q`` is infinite.
 
+A trained model carries what was fitted in a ``calibration`` block of its ``config.json``
+(written by ``attnfuse train``, checked by :func:`check_calibration` when the directory is read):
+``{"method": "temperature", "temperature": T, "smoothing": e, "fitted_on": "valid", "rows": n}``
+for a classifier, ``{"method": "conformal", "level": 0.9, "half_width": [q_1, ..., q_K],
+"fitted_on": "valid", "rows": n}`` for a regression (one half-width per target: targets of
+different scales get intervals of their own). No block (``--no-calibrate``, a regression without
+``--interval``, a directory written before calibration existed) means none: temperature 1, no
+interval. :func:`fit_calibration` makes the block from the validation outputs of the run's chosen
+model; :func:`calibrated_probabilities`, :func:`prediction_interval` and :func:`output_metrics`
+apply it, the same way for ``predict``, ``evaluate``, :class:`attnfuse.FusionPredictor` and the
+export.
+
 Everything here takes numpy arrays or tensors and computes in float64 numpy.
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Real
+from collections.abc import Mapping
+from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +80,7 @@ __all__ = [
     "ECE_BINS",
     "TEMPERATURE_BOUNDS",
     "fit_temperature",
+    "laplace_smoothing",
     "temperature_nll",
     "scale_logits",
     "softmax",
@@ -59,6 +90,19 @@ __all__ = [
     "conformal_quantile",
     "conformal_interval",
     "interval_coverage",
+    "CALIBRATION_METHODS",
+    "check_level",
+    "conformal_rows",
+    "check_conformal_rows",
+    "fit_calibration",
+    "calibration_report",
+    "check_calibration",
+    "temperature_of",
+    "half_width_of",
+    "calibrated_probabilities",
+    "prediction_interval",
+    "output_metrics",
+    "evaluation_block",
 ]
 
 ECE_BINS = 15  # Guo et al.'s choice, the one papers report
@@ -135,31 +179,54 @@ def temperature_nll(logits: object, y: object, temperature: float = 1.0) -> floa
     return _nll(z, labels, float(temperature))
 
 
-def _nll(z: np.ndarray, labels: np.ndarray, t: float) -> float:
+def _nll(z: np.ndarray, labels: np.ndarray, t: float, smoothing: float = 0.0) -> float:
+    """The mean cross-entropy of ``softmax(z / t)`` against targets that put ``1 - smoothing`` on
+    each row's label and ``smoothing / (C - 1)`` on every other class (0: the NLL of the labels)."""
     s = z / t
-    return float(np.mean(_logsumexp(s) - s[np.arange(len(labels)), labels]))
+    picked = s[np.arange(len(labels)), labels]
+    if smoothing:
+        others = (s.sum(axis=1) - picked) / (s.shape[1] - 1)
+        picked = (1.0 - smoothing) * picked + smoothing * others
+    return float(np.mean(_logsumexp(s) - picked))
+
+
+def laplace_smoothing(rows: int) -> float:
+    """``1 / (n + 2)``: the chance Laplace's rule of succession gives a next error after ``n``
+    rows without one, the target smoothing :func:`fit_calibration` fits the temperature with."""
+    if isinstance(rows, bool) or not isinstance(rows, Integral) or rows < 1:
+        raise ValueError(f"rows: expected an integer >= 1, got {rows!r}")
+    return 1.0 / (int(rows) + 2)
 
 
 def fit_temperature(
-    logits: object, y: object, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, tol: float = LOG_T_TOLERANCE
+    logits: object,
+    y: object,
+    bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+    tol: float = LOG_T_TOLERANCE,
+    smoothing: float = 0.0,
 ) -> float:
     """The temperature ``T`` that minimises the NLL of ``y`` (N,) under ``softmax(logits / T)``
     on held-out rows (``logits``: (N, C), never the rows the model was trained on: there it is
-    over-confident by construction).
+    over-confident by construction); with ``smoothing`` in [0, 1), the cross-entropy against
+    targets of ``1 - smoothing`` on the label and the rest shared by the other classes (see the
+    module's docstring: on rows the model separates perfectly the NLL has no minimum).
 
     Golden-section search over ``log T`` in ``bounds`` to a width ``tol`` (see the module's
     docstring for why the NLL is unimodal there and why not LBFGS); returns the bound itself when
-    the minimum lies at or beyond it (perfectly separated rows: ``T`` at the lower bound)."""
+    the minimum lies at or beyond it (perfectly separated rows without smoothing: ``T`` at the
+    lower bound)."""
     z, labels = _logits_and_labels(logits, y)
     lo, hi = bounds
     if not (0 < lo < hi < math.inf):
         raise ValueError(f"bounds: expected 0 < low < high < inf, got {bounds!r}")
     if not (isinstance(tol, Real) and tol > 0):
         raise ValueError(f"tol: expected a number > 0, got {tol!r}")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, Real) or not (0 <= smoothing < 1):
+        raise ValueError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
     a, b = math.log(lo), math.log(hi)
 
     def f(u: float) -> float:
-        return _nll(z, labels, math.exp(u))
+        return _nll(z, labels, math.exp(u), float(smoothing))
 
     # Golden-section: keep a bracket [a, b] with two interior points whose values decide which end
     # to drop; each step shrinks it by 0.618 and needs one new evaluation.
@@ -284,3 +351,188 @@ def interval_coverage(y: object, lower: object, upper: object) -> dict[str, floa
     if not (t.shape == lo.shape == hi.shape):
         raise ValueError(f"lower, upper: expected the shape of y {t.shape}, got {lo.shape} and {hi.shape}")
     return {"coverage": float(np.mean((lo <= t) & (t <= hi))), "width": float(np.mean(hi - lo))}
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's calibration: fitted on its validation outputs, kept in config.json, applied to outputs
+
+CALIBRATION_METHODS = ("temperature", "conformal")
+
+
+def check_level(level: object, name: str = "interval") -> float:
+    """A coverage level in (0, 1) (0.9: intervals that hold 90% of the targets)."""
+    if isinstance(level, bool) or not isinstance(level, Real) or not (0 < level < 1):
+        raise ValueError(f"{name}: expected a coverage level in (0, 1), e.g. 0.9 for 90% intervals, got {level!r}")
+    return float(level)
+
+
+def conformal_rows(level: float) -> int:
+    """The fewest calibration rows whose split-conformal half-width at ``level`` is finite: the
+    smallest ``n`` with ``ceil((n + 1) level) <= n``, i.e. ``n >= level / (1 - level)`` (9 rows
+    for 0.9, 19 for 0.95)."""
+    level = check_level(level)
+    return max(1, math.ceil(level / (1.0 - level) - 1e-9))
+
+
+def check_conformal_rows(rows: int, level: float) -> None:
+    """A ValueError when ``rows`` validation rows are too few for a finite interval at ``level``
+    (checked before training: the split is known then, the residuals only after)."""
+    need = conformal_rows(level)
+    if rows < need:
+        raise ValueError(
+            f"interval: {level:g} needs at least {need} validation rows for a finite interval, the validation "
+            f"part has {rows}; lower --interval or give the validation part more rows"
+        )
+
+
+def _outputs(outputs: object) -> np.ndarray:
+    """(N, out_dim) float64 outputs of a model (a tensor on any device, or an array)."""
+    out = _array("outputs", outputs).astype(np.float64)
+    return out.reshape(out.shape[0], -1)
+
+
+def _values(y: object, k: int) -> np.ndarray:
+    """Regression targets (N,) or (N, K) as (N, K) float64 (checked against ``k`` outputs)."""
+    t = _array("y", y).astype(np.float64)
+    t = t.reshape(t.shape[0], -1)
+    if t.shape[1] != k:
+        raise ValueError(f"y: expected {k} targets per row (the model's outputs), got {t.shape[1]}")
+    return t
+
+
+def fit_calibration(task: str, outputs: object, y: object, level: float | None = None) -> dict[str, Any]:
+    """The ``calibration`` block of ``config.json`` fitted on held-out rows (the run's validation
+    part): ``outputs`` (N, out_dim) the model's raw outputs on them (logits; regression values),
+    ``y`` (N,) labels or (N,)/(N, K) targets. Classification: the temperature
+    (:func:`fit_temperature` against targets smoothed by :func:`laplace_smoothing`); regression at ``level``: the split-conformal half-width of each
+    target (:func:`conformal_quantile`; fewer rows than :func:`conformal_rows` is a ValueError,
+    the interval would be infinite)."""
+    out = _outputs(outputs)
+    n = out.shape[0]
+    if task == "classification":
+        smoothing = laplace_smoothing(n)
+        t = fit_temperature(out, y, smoothing=smoothing)
+        return {"method": "temperature", "temperature": t, "smoothing": smoothing, "fitted_on": "valid", "rows": n}
+    if task != "regression":
+        raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+    level = check_level(level)
+    check_conformal_rows(n, level)
+    half = np.atleast_1d(conformal_quantile(_values(y, out.shape[1]) - out, 1.0 - level))
+    return {"method": "conformal", "level": level, "half_width": half.tolist(), "fitted_on": "valid", "rows": n}
+
+
+def calibration_report(block: dict, task: str, outputs: object, y: object) -> dict[str, float]:
+    """What ``block`` does on rows with ``outputs`` (N, out_dim) and targets ``y``, for
+    metrics.json: classification ``{"ece_before", "ece_after", "nll_before", "nll_after"}``
+    (:func:`calibration_summary`, 15 bins); regression ``{"coverage", "width"}`` of the intervals
+    (:func:`interval_coverage`: all rows and targets)."""
+    out = _outputs(outputs)
+    if task == "classification":
+        summary = calibration_summary(out, y, block["temperature"])
+        return {k: v for k, v in summary.items() if k != "temperature"}
+    lower, upper = prediction_interval(out, block)
+    return interval_coverage(_values(y, out.shape[1]), lower, upper)
+
+
+def check_calibration(block: object, task: str, out_dim: int) -> None:
+    """A ``calibration`` block read from a file (untrusted) against what :func:`fit_calibration`
+    writes for a model of ``task`` with ``out_dim`` outputs; a ValueError naming the key."""
+    if not isinstance(block, dict):
+        raise ValueError(f"calibration: expected an object, got {type(block).__name__}")
+    method = block.get("method")
+    expected = "temperature" if task == "classification" else "conformal"
+    if method != expected:
+        raise ValueError(f"calibration.method: expected {expected!r} for a {task} model, got {method!r}")
+    own = ("temperature", "smoothing") if method == "temperature" else ("level", "half_width")
+    keys = {"method", "fitted_on", "rows", *own}
+    unknown = sorted(set(block) - keys)
+    missing = sorted(keys - set(block))
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
+        raise ValueError(f"calibration: {what}")
+    if not isinstance(block["fitted_on"], str):
+        raise ValueError(f"calibration.fitted_on: expected a string, got {block['fitted_on']!r}")
+    rows = block["rows"]
+    if isinstance(rows, bool) or not isinstance(rows, Integral) or rows < 1:
+        raise ValueError(f"calibration.rows: expected an integer >= 1, got {rows!r}")
+    if method == "temperature":
+        try:
+            _check_temperature(block["temperature"])
+        except ValueError as e:
+            raise ValueError(f"calibration.{e}") from None
+        smoothing = block["smoothing"]
+        if isinstance(smoothing, bool) or not isinstance(smoothing, Real) or not (0 <= smoothing < 1):
+            raise ValueError(f"calibration.smoothing: expected a number in [0, 1), got {smoothing!r}")
+        return
+    check_level(block["level"], "calibration.level")
+    half = block["half_width"]
+    if not (isinstance(half, list) and len(half) == out_dim):
+        raise ValueError(f"calibration.half_width: expected a list of {out_dim} numbers (one per target), got {half!r}")
+    if not all(isinstance(q, Real) and not isinstance(q, bool) and math.isfinite(q) and q >= 0 for q in half):
+        raise ValueError(f"calibration.half_width: expected finite numbers >= 0, got {half!r}")
+
+
+def _block(config: dict, method: str) -> dict | None:
+    block = config.get("calibration")
+    return block if isinstance(block, dict) and block.get("method") == method else None
+
+
+def temperature_of(config: dict) -> float:
+    """The temperature of a model's ``config.json`` (1.0 when it has none: uncalibrated)."""
+    block = _block(config, "temperature")
+    return 1.0 if block is None else float(block["temperature"])
+
+
+def half_width_of(config: dict) -> np.ndarray | None:
+    """The (K,) interval half-widths of a regression model's ``config.json``, or None (no ``--interval``)."""
+    block = _block(config, "conformal")
+    return None if block is None else np.asarray(block["half_width"], dtype=np.float64)
+
+
+def calibrated_probabilities(outputs: object, config: dict) -> np.ndarray:
+    """(N, C) float64 class probabilities ``softmax(logits / T)`` with the temperature of ``config``
+    (``outputs``: (N, C) logits); their argmax is the logits' (the predicted class is unchanged)."""
+    return softmax(_outputs(outputs), temperature_of(config))
+
+
+def prediction_interval(outputs: object, config_or_block: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(lower, upper)``, each (N, K) float64: the predictions ``outputs`` (N, K) minus and plus
+    the half-width of each target (from a model's ``config.json`` or its ``calibration`` block)."""
+    block = config_or_block if config_or_block.get("method") == "conformal" else _block(config_or_block, "conformal")
+    if block is None:
+        raise ValueError("interval: the model has no prediction interval; train it with --interval LEVEL (e.g. 0.9)")
+    out = _outputs(outputs)
+    return conformal_interval(out, np.asarray(block["half_width"], dtype=np.float64))
+
+
+def output_metrics(task: str, y: object, outputs: object, config: dict) -> dict[str, float]:
+    """The metrics of calibrated outputs that ``evaluate`` reports for a part: classification
+    ``{"ece", "nll"}`` of ``softmax(logits / T)`` (T = 1 without a temperature); regression with
+    an interval ``{"coverage", "width"}``; else nothing. ``outputs``: (N, out_dim) raw outputs."""
+    out = _outputs(outputs)
+    if task == "classification":
+        t = temperature_of(config)
+        z, labels = _logits_and_labels(out, y)
+        return {"ece": expected_calibration_error(softmax(z, t), labels), "nll": _nll(z, labels, t)}
+    if _block(config, "conformal") is None:
+        return {}
+    lower, upper = prediction_interval(out, config)
+    return interval_coverage(_values(y, out.shape[1]), lower, upper)
+
+
+def evaluation_block(
+    task: str, y: object, outputs: object, parts: Mapping[str, np.ndarray], config: dict
+) -> dict[str, Any] | None:
+    """The ``calibration`` block of ``evaluate``'s report: the model's calibration
+    (``{"temperature": T}``, 1.0 for an uncalibrated classifier; ``{"level", "half_width"}``) and,
+    per part (``parts``: row indices), :func:`output_metrics` of its rows; None for a regression
+    without intervals. ``y``: (N,) or (N, K); ``outputs``: (N, out_dim) raw outputs."""
+    if task == "regression" and half_width_of(config) is None:
+        return None
+    out, targets = _outputs(outputs), np.asarray(y)
+    if task == "classification":
+        head: dict[str, Any] = {"temperature": temperature_of(config)}
+    else:
+        head = {k: config["calibration"][k] for k in ("level", "half_width")}
+    rows_of = {name: rows for name, rows in parts.items() if len(rows)}
+    return {**head, **{name: output_metrics(task, targets[rows], out[rows], config) for name, rows in rows_of.items()}}

@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ._version import __version__
+from .calibration import check_calibration
 from .data import MultimodalDataset, Standardizer
 from .data.validation import check_columns
 from .ensemble import Ensemble, EnsembleSpec
@@ -126,7 +127,8 @@ def write_model(
     ``split`` says how the train/valid/test parts were made (:meth:`attnfuse.splitplan.SplitPlan.to_dict`),
     so that ``evaluate`` can report the same parts later; ``source`` is where the data came from
     (a built-in name or a file path), the default data of ``explain``; ``extra``: more top-level
-    entries (``read``: how a table was read, ``auto``: how ``--fusion auto`` chose the fusion). An :class:`~attnfuse.ensemble.Ensemble` is
+    entries (``read``: how a table was read, ``auto``: how ``--fusion auto`` chose the fusion,
+    ``calibration``: the temperature or interval fitted on the validation rows). An :class:`~attnfuse.ensemble.Ensemble` is
     written with its members' weights under ``members.<k>.``; ``train_config["ensemble"]`` says
     how many there are."""
     directory = Path(directory)
@@ -172,7 +174,7 @@ def write_run(
     ``metrics.json`` (undefined metrics as null, :func:`metrics_for_json`) and ``run.yaml``
     (``options``: the option values of ``attnfuse train`` that reproduce the run). ``split`` says
     how the training parts were made: ``{"how", "seed"}`` and, for a fold, ``"folds"``, ``"fold"``;
-    ``extra``: more entries of config.json (``auto``)."""
+    ``extra``: more entries of config.json (``auto``; ``calibration``, see :mod:`attnfuse.calibration`)."""
     directory = Path(directory)
     read = {k: options.get(k) for k in ("modality", "target", "split_col", "mapping")}  # how a table was read
     extra = {"read": read, **(extra or {})}
@@ -318,6 +320,12 @@ def _check_config(config: Any, where: str) -> FusionConfig:
     if auto is not None:
         s.get(auto, "auto", "picked", str)
         s.get(auto, "auto", "reason", str)
+    calibration = config.get("calibration")  # absent (or null): none, as in directories written before it
+    if calibration is not None:
+        try:
+            check_calibration(calibration, config["data"]["task"], fusion_config.out_dim)
+        except ValueError as e:
+            raise ValueError(f"model: {where}: {e}") from None  # e names the key: calibration.<key>
     _check_standardizer(s, s.get(config, "", "standardizer", dict), modalities)
     train = s.get(config, "", "train", dict)
     unknown = sorted(set(train) - {f.name for f in dataclasses.fields(TrainConfig)})

@@ -11,6 +11,10 @@ The batch size B is dynamic. The feature standardisation fitted in training is i
 and features at invalid steps are zeroed there (their values, even NaN, never reach the model).
 Output ``probabilities`` ``(B, C)`` for classification (softmax of the logits, classes in the
 order of ``config.json``'s ``data.classes`` or 0..C-1), ``values`` ``(B, K)`` for regression.
+A calibrated classifier's temperature is inside the graph (``softmax(logits / T)``: the
+probabilities of ``attnfuse predict``). A regression's prediction intervals are not outputs: their
+half-widths are constants, one per target, given in the description :func:`export_model` returns
+(``interval``), and ``values -/+ half_width`` are the bounds.
 
 Why a wrapper and not the model itself: the fusion models take a ``Batch`` (a dataclass of
 dicts), which no exporter accepts, and they take shortcuts after reading the masks' values
@@ -35,7 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .calibration import half_width_of, temperature_of
 from .checkpoint import load_model
+from .checks import check_positive_float
 from .data.dataset import Batch
 from .data.preprocessing import Standardizer
 from .ensemble import Ensemble, first_member
@@ -82,13 +88,19 @@ class PlainTensorModel(nn.Module):
         model: a trained :class:`~attnfuse.fusion.FusionModel` or :class:`~attnfuse.ensemble.Ensemble`.
         standardizer: its training statistics (per modality ``(D,)`` mean and std).
         task: ``"classification"`` (output: probabilities ``(B, C)``) or ``"regression"`` (values ``(B, K)``).
+        temperature: classification: the probabilities are ``softmax(logits / temperature)`` (a
+            model directory's: :func:`attnfuse.calibration.temperature_of` of its config; 1.0: the
+            plain softmax).
 
     Inputs per modality, in ``model``'s order: ``x`` float32 ``(B, T, D)``, ``mask`` bool ``(B, T)``."""
 
-    def __init__(self, model: FusionModel | Ensemble, standardizer: Standardizer, task: str) -> None:
+    def __init__(
+        self, model: FusionModel | Ensemble, standardizer: Standardizer, task: str, temperature: float = 1.0
+    ) -> None:
         super().__init__()
         if task not in ("classification", "regression"):
             raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+        self.temperature = check_positive_float("temperature", temperature)  # a constant of the graph
         self.model = model.eval()
         self.task = task
         self.specs = list(first_member(model).config.modalities)
@@ -108,7 +120,9 @@ class PlainTensorModel(nn.Module):
             x[spec.name] = torch.where(valid.unsqueeze(-1), scaled, torch.zeros_like(scaled))  # (B, T, D)
             mask[spec.name] = valid
         out = self.model(Batch(x, mask, None))  # (B, out_dim)
-        return torch.softmax(out, dim=-1) if self.task == "classification" else out
+        if self.task != "classification":
+            return out
+        return torch.softmax(out if self.temperature == 1.0 else out / self.temperature, dim=-1)
 
 
 def input_names(model: PlainTensorModel) -> list[str]:
@@ -145,13 +159,14 @@ def export_model(
     opset: int = 18,
 ) -> dict:
     """Write the model of ``model_dir`` to ``out`` in ``format`` (one of :data:`FORMATS`) and
-    return its description (inputs, output, classes, the parity measured). With ``check``, the
+    return its description (inputs, output, classes, the temperature inside the graph, a
+    regression's interval half-widths, the parity measured). With ``check``, the
     exported graph is run on :func:`example_inputs` (padding, absent modalities) and on a batch of
     another size, and must agree with the eager model to :data:`PARITY_TOLERANCE`; a graph that
     does not is a ValueError and nothing is written."""
     ExportOptions(format, check)  # the same checks as the command line's
     net, config, standardizer = load_model(model_dir)
-    wrapper = PlainTensorModel(net, standardizer, config["data"]["task"]).eval()
+    wrapper = PlainTensorModel(net, standardizer, config["data"]["task"], temperature_of(config)).eval()
     names = input_names(wrapper)
     output = "probabilities" if wrapper.task == "classification" else "values"
     example = example_inputs(wrapper, batch_size=4)
@@ -181,8 +196,17 @@ def export_model(
         "output": output,
         "output_dim": first_member(net).config.out_dim,
         "classes": config["data"].get("classes"),
+        "temperature": wrapper.temperature if wrapper.task == "classification" else None,
+        "interval": _interval(config),
         "max_abs_difference": parity,
     }
+
+
+def _interval(config: dict) -> dict | None:
+    """A regression's prediction intervals as the description gives them: ``{"level",
+    "half_width"}`` (``values -/+ half_width`` per target), or None."""
+    half = half_width_of(config)
+    return None if half is None else {"level": config["calibration"]["level"], "half_width": half.tolist()}
 
 
 def _dynamic_batch(wrapper: PlainTensorModel) -> tuple[dict, ...]:

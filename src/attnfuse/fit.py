@@ -17,6 +17,7 @@ whose position and finished work are a state object with ``to_dict``/``from_dict
                                                    # epochs x steps, checkpoints (MemberLoop.save)
                     state.finished.append(_average(members))  # the candidate's model
             pick(...)                              # one candidate chosen on the validation rows
+            calibrate(...)                         # its temperature or intervals, on the validation rows
             fit_baselines(...)                     # the classical models on the same rows
             state.finished.append(record)          # metrics.json's "runs"
     summarize_runs(fit, state.finished)            # metrics.json: one run's, or mean ± std; the verdict
@@ -47,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .baselines import fit_baselines, summarize_baselines, verdict
+from .calibration import calibration_report, check_calibration, check_conformal_rows, fit_calibration
 from .checkpoint import metrics_for_json
 from .data import SPLITS, MultimodalDataset, Split
 from .distributed import Dist
@@ -55,7 +57,7 @@ from .metrics import summarize
 from .portfolio import Candidate, choose, public, settings_used
 from .runstate import Checkpoints
 from .splitplan import SplitPlan
-from .training import Control, Parts, TrainConfig, TrainedModel, Trainer, assess, fit_model
+from .training import Control, Parts, TrainConfig, TrainedModel, Trainer, assess, fit_model, predict
 
 __all__ = [
     "ProgressCallback",
@@ -67,6 +69,7 @@ __all__ = [
     "CandidateLoop",
     "MemberLoop",
     "pick",
+    "calibrate",
     "summarize_runs",
 ]
 
@@ -101,6 +104,8 @@ class Fit:
     emit: ProgressCallback
     checkpoints: Checkpoints
     stop: Callable[[], int] | None = None
+    calibrate: bool = True  # classification: a temperature fitted on the validation logits
+    interval: float | None = None  # regression: the coverage level of prediction intervals
     seconds: dict[str, float] = field(default_factory=lambda: {"fusion": 0.0})
     candidate_metrics: list[dict[str, dict]] = field(default_factory=list)
 
@@ -127,17 +132,21 @@ def _unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 @dataclass
 class RunLoopState:
     """Where the loop over runs stands: the run under way (``index``), the records of the runs
-    before it (``finished``), and the first run's model with the record of its choice (the model
-    that is saved). In a checkpoint: ``run_index``, ``finished``, ``selection``, ``first`` (its
-    record) and the tensors ``first.*``."""
+    before it (``finished``), and the first run's model with the record of its choice and its
+    calibration (config.json's ``calibration`` block): the model that is saved. In a checkpoint:
+    ``run_index``, ``finished``, ``selection``, ``calibration``, ``first`` (its record) and the
+    tensors ``first.*``."""
 
     index: int = 0
     finished: list[dict] = field(default_factory=list)
     first: TrainedModel | None = None
     selection: dict | None = None
+    calibration: dict | None = None
 
     def to_dict(self) -> tuple[dict[str, Tensor], dict]:
         meta: dict[str, Any] = {"run_index": self.index, "finished": self.finished, "selection": self.selection}
+        if self.calibration is not None:
+            meta["calibration"] = self.calibration
         if self.first is None:
             return {}, meta
         tensors, meta["first"] = self.first.to_dict(predictions=False)
@@ -149,7 +158,21 @@ class RunLoopState:
         if "first" in meta:
             split = fit.plan(0).rows(fit.data)
             first = TrainedModel.from_dict(_unprefixed("first.", tensors), meta["first"], split, fit.device)
-        return cls(meta.get("run_index", 0), list(meta.get("finished", [])), first, meta.get("selection"))
+        calibration = meta.get("calibration")
+        if calibration is not None:  # it goes into config.json: checked as a model directory's is when read
+            data = fit.data
+            out_dim = data.num_classes if data.task == "classification" else data.target_dim
+            try:
+                check_calibration(calibration, data.task, out_dim)
+            except ValueError as e:
+                raise ValueError(f"resume: the checkpoint's {e}") from None
+        return cls(
+            meta.get("run_index", 0),
+            list(meta.get("finished", [])),
+            first,
+            meta.get("selection"),
+            calibration,
+        )
 
 
 @dataclass
@@ -232,6 +255,8 @@ class RunLoop:
             split = fit.plan(index).rows(fit.data)
             if index == 0 and split.note and split.how != "drawn":
                 fit.emit("note", {"message": split.note})
+            if fit.interval is not None and fit.data.task == "regression":
+                check_conformal_rows(len(split["valid"]), fit.interval)  # before training, not after
             parts = Parts.of(fit.data, split, fit.device)
             candidates = CandidateLoop.restore(fit, self.state, parts)
             candidates.run()
@@ -240,13 +265,17 @@ class RunLoop:
 
     def _finish(self, parts: Parts, models: list[TrainedModel]) -> dict:
         """The record of the run under way, once its candidates are trained: the model picked, its
-        metrics, (auto) the candidates', the baselines'. The first run's model is kept."""
+        metrics and calibration, (auto) the candidates', the baselines'. The first run's model is
+        kept, with its calibration."""
         fit, index = self.fit, self.state.index
         model, chosen, metrics_of = pick(fit, parts, models)
         fit.candidate_metrics.append(metrics_of)
+        block, calibration = calibrate(fit, parts, model)
         record: dict[str, Any] = {"fold": index} if fit.folds else {}
         record.update(seed=fit.seed(index), best_epoch=model.best_epoch, fusion=model.fusion)
         record.update(history=model.history, valid_se=model.valid_se, **model.metrics)
+        if calibration is not None:
+            record["calibration"] = calibration
         if fit.auto:
             record["picked"] = chosen["picked"]
             record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
@@ -258,6 +287,7 @@ class RunLoop:
                 _add(fit.seconds, name, seconds)
         if self.state.first is None:
             self.state.first, self.state.selection = model, public(chosen) if fit.auto else None
+            self.state.calibration = block
         return record
 
 
@@ -384,6 +414,32 @@ def pick(fit: Fit, parts: Parts, models: list[TrainedModel]) -> tuple[TrainedMod
     return by_name[chosen["picked"]], chosen, {name: m.metrics for name, m in by_name.items()}
 
 
+def calibrate(fit: Fit, parts: Parts, model: TrainedModel) -> tuple[dict | None, dict | None]:
+    """The calibration of one run's chosen model, fitted on its validation rows only
+    (:func:`attnfuse.calibration.fit_calibration`): a temperature for a classifier (unless
+    ``--no-calibrate``), intervals at ``--interval``'s level for a regression. Returns config.json's
+    ``calibration`` block and metrics.json's record (the block with ``"valid"`` and ``"test"``:
+    ECE and NLL before/after, or the intervals' coverage and mean width), or (None, None).
+
+    The outputs are the float32 outputs that ``predict`` and ``evaluate`` compute (whatever
+    ``--precision`` trained), so that their numbers are these; every rank computes them (the
+    same), as every rank returns the result."""
+    task = fit.data.task
+    if not (fit.calibrate if task == "classification" else fit.interval is not None):
+        return None, None
+    outputs, targets = {}, {}
+    for name in ("valid", "test"):
+        source = parts.sources.get(name)
+        if source is not None and len(source):
+            outputs[name] = predict(model.model, source)  # (N, out_dim)
+            targets[name] = source.y.detach().cpu().numpy()
+    if "valid" not in outputs:
+        return None, None
+    block = fit_calibration(task, outputs["valid"], targets["valid"], fit.interval)
+    report = {name: calibration_report(block, task, outputs[name], targets[name]) for name in outputs}
+    return block, {**block, **report}
+
+
 def _average(fit: Fit, parts: Parts, members: list[TrainedModel]) -> TrainedModel:
     """A candidate's members as one model: the model itself, or their
     :class:`~attnfuse.ensemble.Ensemble`, assessed anew (history and best epoch: the first member's)."""
@@ -431,4 +487,13 @@ def _report(records: list[dict], runs: int) -> dict:
         }
     if "baselines" in records[0]:
         report["baselines"] = summarize_baselines([r["baselines"] for r in records])
+    if "calibration" in records[0]:
+        report["calibration"] = _calibration_summary([r["calibration"] for r in records])
     return report
+
+
+def _calibration_summary(records: list[dict]) -> dict:
+    """Mean ± std over the runs of their calibration records: the temperature (classification),
+    and per part each number of :func:`attnfuse.calibration.calibration_report`."""
+    parts = {p: summarize([r[p] for r in records]) for p in ("valid", "test") if p in records[0]}
+    return {**summarize([{k: r[k] for k in ("temperature",) if k in r} for r in records]), **parts}

@@ -14,8 +14,9 @@ The work of one request is a list of models, each trained by :func:`attnfuse.tra
 for every run (a seed of ``--repeat``, or a fold of ``--folds``), every candidate (the fusion asked
 for, or with ``fusion="auto"`` those of :data:`attnfuse.portfolio.PORTFOLIO` that fit the data),
 every member of an ``--ensemble``. A run keeps the candidate picked on the validation split
-(:func:`attnfuse.portfolio.choose`) and, with ``baselines`` (the default), fits the classical
-models of :mod:`attnfuse.baselines` on the same rows. The loops that do it are
+(:func:`attnfuse.portfolio.choose`), calibrates it on the same rows (a temperature; with
+``interval``, prediction intervals: :mod:`attnfuse.calibration`) and, with ``baselines`` (the
+default), fits the classical models of :mod:`attnfuse.baselines` on the same rows. The loops that do it are
 :mod:`attnfuse.fit`; a checkpoint holds their state, so ``--resume`` continues any of these
 combinations.
 """
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .calibration import check_level
 from .checkpoint import (
     check_compatible,
     check_memory,
@@ -78,6 +80,10 @@ __all__ = [
 ]
 
 FUSION_CHOICES = ("auto", *FUSIONS)
+_INTERVAL_CLASSIFICATION = (
+    "interval: prediction intervals are for regression targets, the task is classification "
+    "(its probabilities are calibrated by --calibrate)"
+)
 
 
 @dataclass
@@ -137,6 +143,17 @@ class RunOptions(ReadOptions):
     baselines: bool = option(
         True, "Also fit logistic regression / ridge and gradient boosting on the same rows, for comparison."
     )
+    calibrate: bool = option(
+        True,
+        "Classification: fit a temperature on the chosen model's validation logits, so that predict's "
+        "probabilities are calibrated (the predicted class is unchanged); ECE before/after in metrics.json.",
+    )
+    interval: float | None = option(
+        None,
+        "Regression: prediction intervals at this coverage level (e.g. 0.9): split-conformal, from the chosen "
+        "model's validation residuals, one half-width per target; predict writes lower/upper.",
+        metavar="LEVEL",
+    )
 
     @property
     def runs(self) -> int:
@@ -154,6 +171,10 @@ class RunOptions(ReadOptions):
         if self.folds and self.repeat > 1:
             raise ValueError(f"folds: with --folds {self.folds} the folds are the runs; --repeat must be 1")
         check_int("checkpoint_every", self.checkpoint_every, 0)
+        if self.interval is not None:
+            check_level(self.interval)
+            if self.task == "classification":
+                raise ValueError(_INTERVAL_CLASSIFICATION)
 
 
 def train_options() -> list[Option]:
@@ -258,7 +279,9 @@ class TrainResult:
     each baseline, summed over the runs (of this process: a resumed run counts what it trained).
     ``candidate_metrics``: per run, every candidate's metrics on every split (for benchmarks; not
     written to metrics.json, where only validation scores appear: choosing a candidate by its test
-    score would leak the test rows)."""
+    score would leak the test rows). ``calibration``: the first run's calibration, config.json's
+    ``calibration`` block (a temperature, or the interval's half-widths; None without), see
+    :mod:`attnfuse.calibration`."""
 
     first: TrainedModel
     runs: list[dict]
@@ -269,6 +292,7 @@ class TrainResult:
     verdict: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     candidate_metrics: list[dict[str, dict]] = field(default_factory=list)
+    calibration: dict | None = None
 
 
 def load(
@@ -313,10 +337,16 @@ def train(
 
     ``metrics.json``: ``{"train", "valid", "test"}`` (the model's metrics per part; no ``"test"``
     when the data's split column has train and valid rows only), plus
-    ``"candidates": {name: {"valid": metrics}}`` (auto) and ``"baselines": {name: {part:
-    metrics}}``; over several runs: ``{"runs": [each as above, with "seed", "best_epoch",
+    ``"candidates": {name: {"valid": metrics}}`` (auto), ``"baselines": {name: {part:
+    metrics}}`` and ``"calibration"`` (:func:`attnfuse.fit.calibrate`: the temperature, or the
+    interval's half-widths, with ECE and NLL before/after, or coverage and width, on ``"valid"``
+    and ``"test"``); over several runs: ``{"runs": [each as above, with "seed", "best_epoch",
     "fusion", "fold" and (auto) "picked"], "summary": {part: {metric: {"mean", "std"}}}}`` and the
-    same mean ± std for ``"candidates"`` and ``"baselines"``.
+    same mean ± std for ``"candidates"``, ``"baselines"`` and ``"calibration"``.
+
+    With ``calibrate`` (the default) a classifier's temperature, with ``interval`` a regression's
+    prediction intervals are fitted on each run's validation rows; the first run's go into
+    config.json (``"calibration"``) with its model.
 
     While it trains, ``out/last/`` holds the epoch log and a checkpoint every ``checkpoint_every``
     epochs; ``resume=True`` continues from it (bitwise as if never stopped, on the CPU). With
@@ -393,9 +423,7 @@ def _train(
     data = _training_data(spec, given)
     candidates, left_out = _candidates(spec, data)
     emit("data", {"data": data})
-    options = {**spec.to_options(), "data": _source(opts.data) if given is None else opts.data}
-    if opts.mapping:
-        options["mapping"] = str(Path(opts.mapping).resolve())
+    options = _recorded_options(spec, given)
     checkpoints = Checkpoints(out, options, fingerprint(data), opts.tensorboard, resume, dist.main)
     try:
         with stop_on_signals(handle_signals) as stop:
@@ -411,6 +439,8 @@ def _train(
                 # A run on data given in memory cannot be resumed: checkpoints of it would be written
                 # (and fsynced) for nothing, so only an interruption writes one.
                 checkpoint_every=opts.checkpoint_every if given is None else 0,
+                calibrate=opts.calibrate,
+                interval=opts.interval,
                 device=local_device(cfg.torch_device()),
                 dist=dist,
                 emit=emit,
@@ -438,7 +468,17 @@ def _train(
         verdict=found,
         seconds=fit.seconds,
         candidate_metrics=fit.candidate_metrics,
+        calibration=loop.state.calibration,
     )
+
+
+def _recorded_options(spec: TrainSpec, given: MultimodalDataset | None) -> dict[str, Any]:
+    """The option values ``run.yaml`` (and a checkpoint) records: files by their full paths."""
+    opts = spec.run
+    options = {**spec.to_options(), "data": _source(opts.data) if given is None else opts.data}
+    if opts.mapping:
+        options["mapping"] = str(Path(opts.mapping).resolve())
+    return options
 
 
 def _training_data(spec: TrainSpec, given: MultimodalDataset | None) -> MultimodalDataset:
@@ -451,6 +491,8 @@ def _training_data(spec: TrainSpec, given: MultimodalDataset | None) -> Multimod
     if data.y is None:
         raise ValueError("y: the data has no targets; training needs them (attnfuse predict works without)")
     cfg.check_task(data.task, data.target_dim)
+    if opts.interval is not None and data.task == "classification":
+        raise ValueError(_INTERVAL_CLASSIFICATION)
     return data
 
 
@@ -469,7 +511,9 @@ def write_first(tmp: Path, fit: Fit, state: RunLoopState, report: dict, options:
     directory being built (:func:`attnfuse.checkpoint.write_run`)."""
     first = state.first
     split = fit.plan(0).to_dict(first.split.how)
-    extra = {"auto": state.selection} if state.selection is not None else None
+    extra = {"auto": state.selection} if state.selection is not None else {}
+    if state.calibration is not None:
+        extra["calibration"] = state.calibration
     write_run(
         tmp, first.model, first.fusion, fit.data, first.standardizer, asdict(fit.train), split, report, options, extra
     )

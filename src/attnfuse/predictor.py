@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .baselines import verdict_line
+from .calibration import calibrated_probabilities, evaluation_block, half_width_of, prediction_interval
 from .checkpoint import (
     CONFIG,
     LOG,
@@ -414,11 +415,30 @@ class FusionPredictor:
         return pred
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities (N, C), float64 (each row sums to 1); column j is ``classes_[j]``."""
+        """Class probabilities (N, C), float64 (each row sums to 1); column j is ``classes_[j]``.
+        Calibrated when the model was trained with ``calibrate=True`` (the default): ``softmax(logits
+        / T)`` with the temperature fitted on the validation rows (``config_["calibration"]``);
+        their argmax, :meth:`predict`'s class, is the same either way."""
         if self._check_fitted("predict_proba") != "classification":
             raise ValueError("predict_proba: the model predicts regression values, not classes; use predict")
         _, outputs = self._run(X, what="predict_proba")
-        return torch.softmax(outputs.double(), dim=-1).numpy()
+        return calibrated_probabilities(outputs, self.config_)
+
+    def predict_interval(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(lower, upper)``: the prediction intervals of a regression trained with
+        ``interval=LEVEL``, each shaped as :meth:`predict`'s values ((N,) or (N, K)): the
+        prediction minus and plus the split-conformal half-width of its target
+        (``config_["calibration"]["half_width"]``), which holds a new row's target with probability
+        at least LEVEL when the rows are exchangeable with the validation rows it was fitted on."""
+        if self._check_fitted("predict_interval") != "regression":
+            raise ValueError("predict_interval: the model predicts classes; predict_proba gives their probabilities")
+        if half_width_of(self.config_) is None:
+            raise ValueError(
+                "predict_interval: the model was trained without intervals; train it with interval=LEVEL (e.g. 0.9)"
+            )
+        _, outputs = self._run(X, what="predict_interval")
+        lower, upper = prediction_interval(outputs, self.config_)  # (N, K) each
+        return (lower[:, 0], upper[:, 0]) if lower.shape[1] == 1 else (lower, upper)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Accuracy (classification) or R² (regression) on ``X``'s targets, or on ``y`` when given
@@ -429,20 +449,25 @@ class FusionPredictor:
         metric = "accuracy" if self.task_ == "classification" else "r2"
         return float(compute_metrics(self.task_, data.y, to_predictions(self.task_, outputs))[metric])
 
-    def evaluate(self, X: Any, y: Any = None) -> dict[str, dict[str, float | None]]:
+    def evaluate(self, X: Any, y: Any = None) -> dict[str, dict[str, Any]]:
         """The metrics of ``attnfuse evaluate``: per split of ``X`` (its split column; for the
-        training data itself, the split drawn in training) and on all rows (``"all"``);
-        undefined metrics are None."""
+        training data itself, the split drawn in training) and on all rows (``"all"``), and under
+        ``"calibration"`` those of the calibrated outputs per part (``ece`` and ``nll`` of the
+        probabilities; ``coverage`` and ``width`` of the intervals); undefined metrics are None."""
         data, outputs = self._run(X, y, "evaluate")
         if data.y is None:
             raise ValueError(f"y: {data.name} has no targets to evaluate against; give y or the target column")
         pred = to_predictions(self.task_, outputs)
         sentiment = self.config_["train"].get("metrics") == "sentiment"
-        report = {
+        parts = split_parts(data, self.config_)
+        report: dict[str, Any] = {
             part: compute_metrics(self.task_, data.y[rows], pred[rows], sentiment=sentiment)
-            for part, rows in split_parts(data, self.config_).items()
+            for part, rows in parts.items()
             if rows.size
         }
+        calibration = evaluation_block(self.task_, data.y, outputs, parts, self.config_)
+        if calibration is not None:
+            report["calibration"] = calibration
         return metrics_for_json(report)
 
     def explain(

@@ -11,6 +11,7 @@ import numpy as np
 import typer
 from rich.markup import escape
 
+from ..calibration import calibrated_probabilities, evaluation_block, half_width_of, prediction_interval
 from ..checkpoint import EVALUATION, metrics_for_json
 from ..data import RowBatches, decode_labels
 from ..files import check_writable, write_json, write_text
@@ -42,6 +43,11 @@ def evaluate(
 ) -> None:
     """Metrics of a trained model on a data set (per split when the data has one, and on all rows).
 
+    Then the calibration, per part: for classification the expected calibration error (ece, 15
+    bins) and the NLL of the model's probabilities (calibrated when it was trained with
+    --calibrate); for a regression trained with --interval the intervals' coverage (the share of
+    targets inside) and mean width.
+
     The metrics are printed first and then written: when the file cannot be written (a read-only
     model directory) they are still shown, and the error line names the file and the way out."""
     if plot is not None and not missing:
@@ -57,7 +63,9 @@ def evaluate(
         raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
     report = metrics_for_json(_metrics_per_part(net, config, standardizer, dataset))
     title = f"{config['fusion']} model {model} on {dataset.name}"
-    console.print(metrics_table(title, report))
+    console.print(metrics_table(title, {k: v for k, v in report.items() if k != "calibration"}))
+    if "calibration" in report:
+        console.print(_calibration_table(report["calibration"]))
     robustness = None
     if missing:
         robustness = missing_modalities(net, config, standardizer, dataset)
@@ -71,15 +79,33 @@ def evaluate(
         console.print(f"robustness plot written to [bold]{escape(str(figure))}[/]", highlight=False)
 
 
-def _metrics_per_part(net, config: dict, standardizer, dataset) -> dict[str, dict[str, float]]:
-    """The model's metrics on each part of ``dataset`` (its splits, and all rows)."""
-    y_pred = to_predictions(dataset.task, predict(net, RowBatches(dataset, None, standardizer)))
+def _metrics_per_part(net, config: dict, standardizer, dataset) -> dict[str, dict]:
+    """The model's metrics on each part of ``dataset`` (its splits, and all rows) and, under
+    ``"calibration"``, those of its calibrated outputs per part
+    (:func:`attnfuse.calibration.evaluation_block`: the expected calibration error and NLL of the
+    probabilities; the coverage and mean width of the intervals)."""
+    outputs = predict(net, RowBatches(dataset, None, standardizer))  # (N, out_dim)
+    y_pred = to_predictions(dataset.task, outputs)
     sentiment = config["train"].get("metrics") == "sentiment"
-    return {
+    parts = split_parts(dataset, config)
+    report: dict[str, dict] = {
         s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
-        for s, idx in split_parts(dataset, config).items()
+        for s, idx in parts.items()
         if idx.size
     }
+    calibration = evaluation_block(dataset.task, dataset.y, outputs, parts, config)
+    if calibration is not None:
+        report["calibration"] = calibration
+    return report
+
+
+def _calibration_table(block: dict):
+    """evaluate's ``calibration`` block as a table: a row per part."""
+    if "temperature" in block:
+        title = f"calibration: temperature {block['temperature']:.3g}"
+    else:
+        title = f"intervals at {block['level']:g}: ± {', '.join(f'{q:.4g}' for q in block['half_width'])}"
+    return metrics_table(title, {k: v for k, v in block.items() if isinstance(v, dict)})
 
 
 def _write_or_explain(path: Path, unwritable: OSError | None, what: str, flag: str, write) -> None:
@@ -137,7 +163,9 @@ def predict_cmd(
     out: Path = typer.Option(Path("predictions.csv"), help="CSV file to write, one row per sample."),
     **read: Any,
 ) -> None:
-    """Write one prediction per sample (with class probabilities for classification) to a CSV file."""
+    """Write one prediction per sample to a CSV file: with class probabilities for classification
+    (calibrated when the model was: softmax(logits / T)), with lower/upper for a regression trained
+    with --interval."""
     check_writable(out)  # before the work: the file is the result
     set_threads()
     net, config, standardizer, dataset = load_for_model(model, data, read)
@@ -166,9 +194,14 @@ def predict_cmd(
     header += ["y_pred"] if k == 1 else [f"y_pred_{j}" for j in range(k)]
     columns += [y_hat[:, j] for j in range(k)]
     if dataset.task == "classification":
-        probs = outputs.softmax(dim=-1).numpy()
+        probs = calibrated_probabilities(outputs, config)  # softmax(logits / T); T = 1 uncalibrated
         header += [f"prob_{c}" for c in decode_labels(np.arange(probs.shape[1]), classes)]
         columns += [np.round(probs[:, c], 6) for c in range(probs.shape[1])]
+    elif half_width_of(config) is not None:
+        lower, upper = prediction_interval(outputs, config)  # (N, K) each
+        for name, bound in (("lower", lower), ("upper", upper)):
+            header += [name] if k == 1 else [f"{name}_{j}" for j in range(k)]
+            columns += [bound[:, j] for j in range(k)]
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

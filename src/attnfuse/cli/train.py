@@ -171,6 +171,8 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
     else:
         title = f"{fusion} on {data.name}: mean ± std over {what}"
     console.print(metrics_table(title, rows))
+    if result.calibration is not None and "calibration" in report:
+        console.print(_calibration_line(result.calibration, report["calibration"], runs), highlight=False)
     if "baselines" in report:
         spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
         if spent:
@@ -180,6 +182,31 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
     if result.verdict is not None:
         label = "[bold yellow]warning:[/]" if result.verdict["clear"] else "note:"
         console.print(f"{label} {escape(verdict_line(result.verdict, fusion))}", highlight=False)
+
+
+def _calibration_line(block: dict, report: dict, runs: int) -> str:
+    """What the calibration of the saved model is, and what it did on the test rows (means over
+    several runs): ``calibration: temperature 1.84 (fitted on 300 validation rows); test ECE
+    0.0712 -> 0.0214, NLL 0.3311 -> 0.2902``."""
+
+    def at(part: str, key: str) -> float:
+        value = report.get(part, {}).get(key)
+        return value["mean"] if isinstance(value, dict) else value
+
+    over = f" (means over {runs} runs)" if runs > 1 else ""
+    if block["method"] == "temperature":
+        head = f"calibration: temperature {block['temperature']:.3g} (fitted on {block['rows']} validation rows)"
+        if "test" not in report:
+            return head
+        return (
+            f"{head}; test ECE {at('test', 'ece_before'):.4f} -> {at('test', 'ece_after'):.4f}, "
+            f"NLL {at('test', 'nll_before'):.4f} -> {at('test', 'nll_after'):.4f}{over}"
+        )
+    widths = ", ".join(f"{q:.4g}" for q in block["half_width"])
+    head = f"intervals at {block['level']:g}: ± {widths} (from {block['rows']} validation rows)"
+    if "test" not in report:
+        return head
+    return f"{head}; test coverage {at('test', 'coverage'):.4f}, mean width {at('test', 'width'):.4g}{over}"
 
 
 def _candidates_table(result: TrainResult) -> Table:
