@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from attnfuse.calibration import half_width_of, temperature_of
 from attnfuse.checkpoint import load_model, read_config
 from attnfuse.data import load_data
 from attnfuse.serve import ModelService, RequestError
@@ -96,7 +97,7 @@ def models(tmp_path_factory):
     data = write_data(root / "labels.npz")
     ok(cli("train", "--data", data, "--fusion", "self", "--layers", "1", "--heads", "2", *TINY, "--out", root / "cls"))
     values = write_data(root / "values.npz", regression=True)
-    ok(cli("train", "--data", values, "--fusion", "concat", *TINY, "--out", root / "reg"))
+    ok(cli("train", "--data", values, "--fusion", "concat", "--interval", "0.8", *TINY, "--out", root / "reg"))
     return {"root": root, "data": data, "cls": root / "cls", "values": values, "reg": root / "reg"}
 
 
@@ -213,8 +214,9 @@ def test_answers_equal_attnfuse_predict_with_concurrent_requests(server, models,
     assert got_labels.tolist() == [r["y_pred"] for r in rows]
     written = np.array([[float(r[f"prob_{c}"]) for c in LABELS] for r in rows])  # rounded to 6 decimals
     np.testing.assert_allclose(got_probs, written, rtol=0, atol=1e-6)
-    net, _, standardizer = load_model(models["cls"])  # the unrounded numbers behind the file
-    expected = predict(net, standardizer.transform(load_data(models["data"])).to_batch()).softmax(-1).numpy()
+    net, config, standardizer = load_model(models["cls"])  # the unrounded numbers behind the file
+    logits = predict(net, standardizer.transform(load_data(models["data"])).to_batch())
+    expected = (logits / temperature_of(config)).softmax(-1).numpy()  # calibrated, as predict writes them
     np.testing.assert_allclose(got_probs, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got_probs.sum(axis=1), 1.0, rtol=1e-6)
 
@@ -302,6 +304,7 @@ def test_schema_and_health_describe_the_model(server, models):
     assert status == 200
     assert schema["task"] == "classification" and schema["classes"] == LABELS.tolist()
     assert schema["fusion"] == config["fusion"] == "self"
+    assert schema["calibration"] == config["calibration"] and schema["calibration"]["method"] == "temperature"
     assert [(m["name"], m["shape"], m["is_sequence"]) for m in schema["modalities"]] == [
         (m["name"], [m["length"], m["dim"]] if m["is_sequence"] else [m["dim"]], m["is_sequence"])
         for m in config["data"]["modalities"]
@@ -312,17 +315,22 @@ def test_schema_and_health_describe_the_model(server, models):
 
 
 @has_server
-def test_a_regression_model_answers_values(models):
+def test_a_regression_model_answers_values_and_its_interval(models):
+    """Values as the model computes them, and the split-conformal interval of ``--interval``."""
     s = Server(models["reg"])
     try:
         status, body = s.predict(instances(models["values"], range(20)))
     finally:
         code, _, err = s.stop()
     assert code == 0, err
-    assert status == 200 and set(body) == {"predictions"}
-    net, _, standardizer = load_model(models["reg"])
+    assert status == 200 and set(body) == {"predictions", "lower", "upper"}
+    net, config, standardizer = load_model(models["reg"])
     batch = standardizer.transform(load_data(models["values"]).subset(np.arange(20))).to_batch()
-    np.testing.assert_allclose(body["predictions"], predict(net, batch).numpy()[:, 0], rtol=1e-5, atol=1e-6)
+    values = predict(net, batch).numpy()[:, 0]
+    np.testing.assert_allclose(body["predictions"], values, rtol=1e-5, atol=1e-6)
+    half = half_width_of(config)[0]
+    np.testing.assert_allclose(body["lower"], values - half, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(body["upper"], values + half, rtol=1e-5, atol=1e-5)
 
 
 def wait_for(server: Server, key: str, value: int, deadline: float) -> None:

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .calibration import half_width_of, temperature_of
 from .checkpoint import load_model
 from .data import decode_labels
 from .export import PlainTensorModel, export_model, input_names
@@ -141,7 +142,10 @@ class ModelService:
         net, config, standardizer = load_model(self.model_dir)
         self.config = config
         self.task: str = config["data"]["task"]
-        self.wrapper = PlainTensorModel(net, standardizer, self.task).eval()
+        # The temperature inside the wrapper (as export_model puts it in the graph): both backends
+        # answer the calibrated probabilities that `attnfuse predict` writes.
+        self.wrapper = PlainTensorModel(net, standardizer, self.task, temperature=temperature_of(config)).eval()
+        self.half_width = half_width_of(config)  # (K,) of --interval, or None
         self.specs = self.wrapper.specs
         self.names = input_names(self.wrapper)
         self.out_dim = int(config["data"]["num_classes" if self.task == "classification" else "target_dim"])
@@ -187,6 +191,7 @@ class ModelService:
             "output": "probabilities" if self.task == "classification" else "values",
             "output_dim": self.out_dim,
             "classes": self.classes,
+            "calibration": self.config.get("calibration"),  # the temperature, or --interval's level and half-widths
             "backend": self.backend,
         }
         if options is not None:
@@ -290,7 +295,11 @@ class ModelService:
                 "probabilities": outputs.astype(np.float64).tolist(),
             }
         values = outputs.astype(np.float64)
-        return {"predictions": values[:, 0].tolist() if values.shape[1] == 1 else values.tolist()}
+        answer = {"predictions": values[:, 0].tolist() if values.shape[1] == 1 else values.tolist()}
+        if self.half_width is not None:  # the split-conformal interval of --interval, per target
+            for key, bound in (("lower", values - self.half_width), ("upper", values + self.half_width)):
+                answer[key] = bound[:, 0].tolist() if values.shape[1] == 1 else bound.tolist()
+        return answer
 
 
 def _kind(value: Any) -> str:
