@@ -407,7 +407,7 @@ def test_fit_with_valid_rows_validates_on_them_and_has_no_test_part():
         predictor.fit(train, valid=_shuffled_without(valid))  # valid's columns in another order
     assert predictor.config_["split"]["how"] == "column"
     report = predictor.report_
-    assert set(report) == {"train", "valid", "baselines"}  # no test rows: no test metrics
+    assert set(report) == {"train", "valid", "baselines", "calibration"}  # no test rows: no test metrics
     # The validation metrics are those of the rows of `valid`, the training ones those of X.
     assert report["valid"]["accuracy"] == pytest.approx(predictor.score(valid), rel=1e-6)
     assert report["train"]["accuracy"] == pytest.approx(predictor.score(train), rel=1e-6)
@@ -415,7 +415,7 @@ def test_fit_with_valid_rows_validates_on_them_and_has_no_test_part():
     board = predictor.leaderboard()
     assert {r["model"] for r in board} == {"concat", "logistic", "hist_gb"}
     assert not any(k.startswith("test_") for r in board for k in r)
-    assert set(predictor.evaluate(train)) == {"all"}  # other data than the training data: its own rows
+    assert set(predictor.evaluate(train)) - {"calibration"} == {"all"}  # other data than the training data: its own rows
     assert FusionPredictor.load(predictor.model_dir_).leaderboard() == board
 
 
@@ -430,7 +430,7 @@ def test_fit_with_valid_arrays_and_targets_apart():
     predictor = FusionPredictor(**{**FAST, "fusion": "self", "split_col": "part"}).fit(
         head, y[:70], valid=(tail, y[70:])
     )
-    assert set(predictor.report_) == {"train", "valid"}
+    assert set(predictor.report_) == {"train", "valid", "calibration"}
     assert predictor.report_["valid"]["accuracy"] == pytest.approx(predictor.score(tail, y[70:]), rel=1e-6)
     assert predictor.config_["read"]["split_col"] == "part"
 
@@ -496,5 +496,5 @@ def test_a_split_column_without_test_rows_trains_and_evaluates_on_the_command_li
     assert all(set(run) >= {"train", "valid"} and "test" not in run for run in report["runs"])
     assert all(set(parts) == {"train", "valid"} for parts in report["baselines"].values())
     ok(cli("evaluate", "--model", tmp_path / "m", "--out", tmp_path / "e.json"))
-    assert set(json.loads((tmp_path / "e.json").read_text())) == {"train", "valid", "all"}
+    assert set(json.loads((tmp_path / "e.json").read_text())) == {"train", "valid", "all", "calibration"}
     assert_one_line(cli("explain", "--model", tmp_path / "m"), 2, r"split: expected one of \['train', 'valid', 'all'\]")

@@ -419,7 +419,7 @@ def _train(
 ) -> TrainResult:
     """:func:`train` with ``out`` locked (``tmp``: the directory being written, on rank 0):
     load and check, run the loops of :mod:`attnfuse.fit`, summarise, write."""
-    opts, cfg = spec.run, spec.train
+    opts = spec.run
     data = _training_data(spec, given)
     candidates, left_out = _candidates(spec, data)
     emit("data", {"data": data})
@@ -427,26 +427,7 @@ def _train(
     checkpoints = Checkpoints(out, options, fingerprint(data), opts.tensorboard, resume, dist.main)
     try:
         with stop_on_signals(handle_signals) as stop:
-            fit = Fit(
-                data=data,
-                candidates=candidates,
-                left_out=left_out,
-                train=cfg,
-                runs=opts.runs,
-                folds=opts.folds,
-                auto=opts.fusion == "auto",
-                baselines=opts.baselines,
-                # A run on data given in memory cannot be resumed: checkpoints of it would be written
-                # (and fsynced) for nothing, so only an interruption writes one.
-                checkpoint_every=opts.checkpoint_every if given is None else 0,
-                calibrate=opts.calibrate,
-                interval=opts.interval,
-                device=local_device(cfg.torch_device()),
-                dist=dist,
-                emit=emit,
-                checkpoints=checkpoints,
-                stop=stop,
-            )
+            fit = _fit_of(spec, data, (candidates, left_out), given is not None, dist, emit, checkpoints, stop)
             loop = RunLoop.restore(fit)
             loop.run()
         records, report, found = summarize_runs(fit, loop.state.finished)
@@ -469,6 +450,41 @@ def _train(
         seconds=fit.seconds,
         candidate_metrics=fit.candidate_metrics,
         calibration=loop.state.calibration,
+    )
+
+
+def _fit_of(
+    spec: TrainSpec,
+    data: MultimodalDataset,
+    portfolio: tuple[list[Candidate], dict[str, str]],
+    in_memory: bool,
+    dist: Dist,
+    emit: ProgressCallback,
+    checkpoints: Checkpoints,
+    stop: Callable[[], int],
+) -> Fit:
+    """What every loop of the request reads (:class:`attnfuse.fit.Fit`)."""
+    opts, cfg = spec.run, spec.train
+    candidates, left_out = portfolio
+    return Fit(
+        data=data,
+        candidates=candidates,
+        left_out=left_out,
+        train=cfg,
+        runs=opts.runs,
+        folds=opts.folds,
+        auto=opts.fusion == "auto",
+        baselines=opts.baselines,
+        # A run on data given in memory cannot be resumed: checkpoints of it would be written
+        # (and fsynced) for nothing, so only an interruption writes one.
+        checkpoint_every=0 if in_memory else opts.checkpoint_every,
+        calibrate=opts.calibrate,
+        interval=opts.interval,
+        device=local_device(cfg.torch_device()),
+        dist=dist,
+        emit=emit,
+        checkpoints=checkpoints,
+        stop=stop,
     )
 
 
