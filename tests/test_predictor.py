@@ -415,7 +415,9 @@ def test_fit_with_valid_rows_validates_on_them_and_has_no_test_part():
     board = predictor.leaderboard()
     assert {r["model"] for r in board} == {"concat", "logistic", "hist_gb"}
     assert not any(k.startswith("test_") for r in board for k in r)
-    assert set(predictor.evaluate(train)) - {"calibration"} == {"all"}  # other data than the training data: its own rows
+    assert set(predictor.evaluate(train)) - {"calibration"} == {
+        "all"
+    }  # other data than the training data: its own rows
     assert FusionPredictor.load(predictor.model_dir_).leaderboard() == board
 
 
