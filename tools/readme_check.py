@@ -564,7 +564,7 @@ PY_PLAN: list[tuple[str, Callable[[Result, Item, Ctx], None]]] = [
     ("import numpy as np\n\nfrom attnfuse import FusionPredictor", lambda r, i, c: expect(r)),
     (
         "import pyarrow.csv\n\nfrom attnfuse import FusionPredictor",
-        lambda r, i, c: expect(r, contains=("['baselines', 'train', 'valid']", "mask ")),
+        lambda r, i, c: expect(r, contains=("['baselines', 'calibration', 'train', 'valid']", "mask ")),
     ),
     ("import json, random, subprocess, urllib.request\n\nserver = subprocess.Popen(", _py_serve),
     ("import attnfuse\n\nspec = attnfuse.TrainSpec.from_options(", _py_train),
