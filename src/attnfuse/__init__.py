@@ -90,7 +90,7 @@ from .options import option
 from .pipeline import RunOptions, TrainResult, TrainSpec, load_trained, train
 from .portfolio import PORTFOLIO, Candidate
 from .predictor import FusionPredictor
-from .training import TrainConfig, TrainedModel, Trainer, evaluate, fit_model, model_config, predict
+from .training import Parts, TrainConfig, TrainedModel, Trainer, evaluate, fit_model, model_config, predict
 
 __all__ = [
     "__version__",
@@ -145,6 +145,7 @@ __all__ = [
     # training, metrics, checkpoints
     "TrainConfig",
     "TrainedModel",
+    "Parts",
     "fit_model",
     "Trainer",
     "predict",
