@@ -4,7 +4,7 @@ Each case runs in a fresh subprocess and reports its peak resident set (``VmHWM`
 /proc/self/status) and wall time. Cases:
 
 * ``baseline``: import attnfuse (and torch) only;
-* ``copy``: what ``training.run`` did up to now: load, ``make_split``, ``Standardizer.fit``,
+* ``copy``: a whole standardised copy: load, ``make_split``, ``Standardizer.fit``,
   ``transform`` (a standardised copy), ``to_batch`` of every part (runs on any version of the
   code: ``--src`` points it at another checkout's ``src``);
 * ``inplace``: the same with ``transform(data, inplace=True)`` (no standardised copy);

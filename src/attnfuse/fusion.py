@@ -70,7 +70,7 @@ class FusionConfig:
 
     modalities: list[ModalitySpec] = field(default_factory=list)
     out_dim: int = 1  # number of classes, or of regression targets
-    # Regression: the training rows' target mean and std per output (set by training.run). The
+    # Regression: the training rows' target mean and std per output (set by training.fit_model). The
     # network learns standardised targets and its outputs are mapped back (see FusionModel).
     target_mean: list[float] | None = None
     target_std: list[float] | None = None
