@@ -407,12 +407,12 @@ def assess(
     task, dist = parts.data.task, dist or Dist()
     metrics, valid_loss, valid_se, valid_pred = {}, float("nan"), float("nan"), None
     for name, source in parts.sources.items():
-        outputs = _predict(model, source, dist, cfg.precision)
-        y, predictions = _np(source.y), to_predictions(task, outputs)
+        outputs, targets = _predict(model, source, dist, cfg.precision), source.y  # y: gathered once
+        y, predictions = _np(targets), to_predictions(task, outputs)
         metrics[name] = compute_metrics(task, y, predictions, sentiment=cfg.sentiment_metrics)
         if name == "valid" and len(source):
             loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, first_member(model))
-            valid_loss = loss(outputs, source.y).item()
+            valid_loss = loss(outputs, targets).item()
             valid_se = standard_error(cfg.selection_metric(task)[0], y, predictions)
             valid_pred = predictions
     return metrics, valid_loss, valid_se, valid_pred
@@ -505,7 +505,8 @@ class Trainer:
         batch = train.select(_on(train, mine))
         with self._autocast():
             loss = self.loss_fn(self.model(batch), batch.y)
-        self.step_losses.append(loss.detach().float())
+        detached = loss.detach().float()
+        self.step_losses.append(detached)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * weight if self.dist.enabled else loss).backward()
         if self.cfg.clip_grad > 0:
@@ -514,15 +515,15 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if weight:
-            self.loss_sum += loss.detach().float() * len(batch)
+            self.loss_sum += detached * len(batch)
             self.count += len(batch)
 
     def _end_epoch(self, valid: Batch, on_epoch: Callable[[dict], None] | None) -> bool:
         """Validate, keep the best weights, log; True when training diverged in this epoch."""
         metric, mode = self.cfg.selection_metric(self.task)
-        outputs = self.predict(valid)
-        valid_loss = self.loss_fn(outputs, valid.y).item()
-        valid_metrics = compute_metrics(self.task, _np(valid.y), to_predictions(self.task, outputs))
+        outputs, y = self.predict(valid), valid.y  # a RowBatches gathers its y anew on each read
+        valid_loss = self.loss_fn(outputs, y).item()
+        valid_metrics = compute_metrics(self.task, _np(y), to_predictions(self.task, outputs))
         train_loss = self.loss_sum.item()
         if self.dist.enabled:
             train_loss = sum(self.dist.gather_objects(train_loss))
