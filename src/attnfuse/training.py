@@ -372,7 +372,7 @@ def fit_model(
     data = parts.data
     overrides = {**(model_overrides or {}), **target_stats(data, parts.split["train"])}
     torch.manual_seed(train.seed)
-    model = build_model(fusion, model_config(fusion, data, **overrides)).to(_device_of(parts))
+    model = build_model(fusion, model_config(fusion, data, **overrides)).to(parts.sources["train"].device)
     trainer = Trainer(model, data.task, train, control.dist)
     if control.resume is not None:
         trainer.load_state_dict(*control.resume)
@@ -391,11 +391,6 @@ def fit_model(
         valid_se=valid_se,
         valid_pred=valid_pred,
     )
-
-
-def _device_of(parts: Parts) -> torch.device:
-    source = parts.sources["train"]
-    return source.device if isinstance(source, RowBatches) else next(iter(source.x.values())).device
 
 
 def assess(
@@ -473,7 +468,9 @@ class Trainer:
         cfg = self.cfg
         while self.epoch < cfg.epochs and self.epoch - self.best_epoch < cfg.patience:
             self.generator.set_state(self.epoch_rng)
-            order = torch.randperm(len(train), generator=self.generator)
+            # On the rows' device once per epoch: each step's indices copied there on their own
+            # would be a blocking host-to-device copy, a host synchronisation per step.
+            order = _on(train, torch.randperm(len(train), generator=self.generator))
             self.net.train()
             for i, index in enumerate(order.split(cfg.batch_size)):
                 if i < self.step:
@@ -492,8 +489,9 @@ class Trainer:
         self.net.load_state_dict(self.best_state)
 
     def _train_step(self, train: Batch, index: Tensor) -> None:
-        """One optimiser step on the global batch ``index``. Its loss is kept, and checked for
-        NaN/inf once per epoch (no device synchronisation per step)."""
+        """One optimiser step on the global batch ``index`` (row indices on the device ``train``
+        selects on, see :func:`_on`). Its loss is kept, and checked for NaN/inf once per epoch (no
+        device synchronisation per step)."""
         mine = self.dist.shard(index)
         weight = 1.0
         if self.dist.enabled:
@@ -502,7 +500,7 @@ class Trainer:
             # zero-weighted one (every rank must take part in the gradient all-reduce).
             weight = self.dist.world * mine.numel() / index.numel()
             mine = mine if mine.numel() else index[:1]
-        batch = train.select(_on(train, mine))
+        batch = train.select(mine)
         with self._autocast():
             loss = self.loss_fn(self.model(batch), batch.y)
         detached = loss.detach().float()
@@ -713,7 +711,7 @@ def _predict(net: nn.Module, batch: Batch, dist: Dist, precision: str, batch_siz
 
 def _on(source: Batch, index: Tensor) -> Tensor:
     """Row indices where ``source`` selects with them: an in-memory Batch on its own device."""
-    return index.to(next(iter(source.x.values())).device) if isinstance(source, Batch) else index
+    return index.to(source.device) if isinstance(source, Batch) else index
 
 
 def rng_state() -> dict:
