@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -176,62 +176,48 @@ class RunLoopState:
 
 
 @dataclass
-class CandidateLoopState:
+class _InnerLoopState:
+    """Where one of a run's inner loops stands: the position under way (``index``) and the models
+    finished before it (``finished``). In a checkpoint: ``<level>``, ``<level>s`` (one record per
+    finished model) and the tensors ``<level>.<i>.*``."""
+
+    level: ClassVar[str]
+    index: int = 0
+    finished: list[TrainedModel] = field(default_factory=list)
+
+    def to_dict(self) -> tuple[dict[str, Tensor], dict]:
+        tensors: dict[str, Tensor] = {}
+        records = []
+        for i, model in enumerate(self.finished):
+            model_tensors, record = model.to_dict()
+            tensors.update(_prefixed(f"{self.level}.{i}.", model_tensors))
+            records.append(record)
+        return tensors, {self.level: self.index, f"{self.level}s": records}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor], meta: dict, split: Split, device: torch.device) -> _InnerLoopState:
+        finished = [
+            TrainedModel.from_dict(_unprefixed(f"{cls.level}.{i}.", tensors), record, split, device)
+            for i, record in enumerate(meta[f"{cls.level}s"])
+        ]
+        return cls(meta[cls.level], finished)
+
+
+class CandidateLoopState(_InnerLoopState):
     """Where the loop over one run's candidates stands: the candidate under way (``index``) and
     the models of the candidates before it (``finished``), each its members averaged. In a checkpoint:
     ``candidate``, ``candidates`` (one record per finished candidate) and the tensors
     ``candidate.<c>.*``."""
 
-    index: int = 0
-    finished: list[TrainedModel] = field(default_factory=list)
-
-    def to_dict(self) -> tuple[dict[str, Tensor], dict]:
-        tensors, meta = _models_to_dict("candidate", self.finished)
-        return tensors, {"candidate": self.index, "candidates": meta}
-
-    @classmethod
-    def from_dict(
-        cls, tensors: dict[str, Tensor], meta: dict, split: Split, device: torch.device
-    ) -> CandidateLoopState:
-        return cls(meta["candidate"], _models_from_dict("candidate", tensors, meta["candidates"], split, device))
+    level = "candidate"
 
 
-@dataclass
-class MemberLoopState:
+class MemberLoopState(_InnerLoopState):
     """Where the loop over one candidate's ensemble members stands: the member under way
     (``index``) and the members trained before it (``finished``). In a checkpoint: ``member``,
     ``members`` (one record per trained member) and the tensors ``member.<k>.*``."""
 
-    index: int = 0
-    finished: list[TrainedModel] = field(default_factory=list)
-
-    def to_dict(self) -> tuple[dict[str, Tensor], dict]:
-        tensors, meta = _models_to_dict("member", self.finished)
-        return tensors, {"member": self.index, "members": meta}
-
-    @classmethod
-    def from_dict(cls, tensors: dict[str, Tensor], meta: dict, split: Split, device: torch.device) -> MemberLoopState:
-        return cls(meta["member"], _models_from_dict("member", tensors, meta["members"], split, device))
-
-
-def _models_to_dict(name: str, models: list[TrainedModel]) -> tuple[dict[str, Tensor], list[dict]]:
-    """Finished models as the tensors ``<name>.<i>.*`` and a list of their records."""
-    tensors: dict[str, Tensor] = {}
-    records = []
-    for i, model in enumerate(models):
-        model_tensors, record = model.to_dict()
-        tensors.update(_prefixed(f"{name}.{i}.", model_tensors))
-        records.append(record)
-    return tensors, records
-
-
-def _models_from_dict(
-    name: str, tensors: dict[str, Tensor], records: list[dict], split: Split, device: torch.device
-) -> list[TrainedModel]:
-    return [
-        TrainedModel.from_dict(_unprefixed(f"{name}.{i}.", tensors), record, split, device)
-        for i, record in enumerate(records)
-    ]
+    level = "member"
 
 
 class RunLoop:

@@ -372,7 +372,7 @@ def fit_model(
     data = parts.data
     overrides = {**(model_overrides or {}), **target_stats(data, parts.split["train"])}
     torch.manual_seed(train.seed)
-    model = build_model(fusion, model_config(fusion, data, **overrides)).to(_device_of(parts))
+    model = build_model(fusion, model_config(fusion, data, **overrides)).to(parts.sources["train"].device)
     trainer = Trainer(model, data.task, train, control.dist)
     if control.resume is not None:
         trainer.load_state_dict(*control.resume)
@@ -393,11 +393,6 @@ def fit_model(
     )
 
 
-def _device_of(parts: Parts) -> torch.device:
-    source = parts.sources["train"]
-    return source.device if isinstance(source, RowBatches) else next(iter(source.x.values())).device
-
-
 def assess(
     model: FusionModel | Ensemble, parts: Parts, cfg: TrainConfig, dist: Dist | None = None
 ) -> tuple[dict[str, dict[str, float]], float, float, np.ndarray | None]:
@@ -407,12 +402,12 @@ def assess(
     task, dist = parts.data.task, dist or Dist()
     metrics, valid_loss, valid_se, valid_pred = {}, float("nan"), float("nan"), None
     for name, source in parts.sources.items():
-        outputs = _predict(model, source, dist, cfg.precision)
-        y, predictions = _np(source.y), to_predictions(task, outputs)
+        outputs, targets = _predict(model, source, dist, cfg.precision), source.y  # y: gathered once
+        y, predictions = _np(targets), to_predictions(task, outputs)
         metrics[name] = compute_metrics(task, y, predictions, sentiment=cfg.sentiment_metrics)
         if name == "valid" and len(source):
             loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, first_member(model))
-            valid_loss = loss(outputs, source.y).item()
+            valid_loss = loss(outputs, targets).item()
             valid_se = standard_error(cfg.selection_metric(task)[0], y, predictions)
             valid_pred = predictions
     return metrics, valid_loss, valid_se, valid_pred
@@ -473,7 +468,9 @@ class Trainer:
         cfg = self.cfg
         while self.epoch < cfg.epochs and self.epoch - self.best_epoch < cfg.patience:
             self.generator.set_state(self.epoch_rng)
-            order = torch.randperm(len(train), generator=self.generator)
+            # On the rows' device once per epoch: each step's indices copied there on their own
+            # would be a blocking host-to-device copy, a host synchronisation per step.
+            order = _on(train, torch.randperm(len(train), generator=self.generator))
             self.net.train()
             for i, index in enumerate(order.split(cfg.batch_size)):
                 if i < self.step:
@@ -492,8 +489,9 @@ class Trainer:
         self.net.load_state_dict(self.best_state)
 
     def _train_step(self, train: Batch, index: Tensor) -> None:
-        """One optimiser step on the global batch ``index``. Its loss is kept, and checked for
-        NaN/inf once per epoch (no device synchronisation per step)."""
+        """One optimiser step on the global batch ``index`` (row indices on the device ``train``
+        selects on, see :func:`_on`). Its loss is kept, and checked for NaN/inf once per epoch (no
+        device synchronisation per step)."""
         mine = self.dist.shard(index)
         weight = 1.0
         if self.dist.enabled:
@@ -502,10 +500,11 @@ class Trainer:
             # zero-weighted one (every rank must take part in the gradient all-reduce).
             weight = self.dist.world * mine.numel() / index.numel()
             mine = mine if mine.numel() else index[:1]
-        batch = train.select(_on(train, mine))
+        batch = train.select(mine)
         with self._autocast():
             loss = self.loss_fn(self.model(batch), batch.y)
-        self.step_losses.append(loss.detach().float())
+        detached = loss.detach().float()
+        self.step_losses.append(detached)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * weight if self.dist.enabled else loss).backward()
         if self.cfg.clip_grad > 0:
@@ -514,15 +513,15 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if weight:
-            self.loss_sum += loss.detach().float() * len(batch)
+            self.loss_sum += detached * len(batch)
             self.count += len(batch)
 
     def _end_epoch(self, valid: Batch, on_epoch: Callable[[dict], None] | None) -> bool:
         """Validate, keep the best weights, log; True when training diverged in this epoch."""
         metric, mode = self.cfg.selection_metric(self.task)
-        outputs = self.predict(valid)
-        valid_loss = self.loss_fn(outputs, valid.y).item()
-        valid_metrics = compute_metrics(self.task, _np(valid.y), to_predictions(self.task, outputs))
+        outputs, y = self.predict(valid), valid.y  # a RowBatches gathers its y anew on each read
+        valid_loss = self.loss_fn(outputs, y).item()
+        valid_metrics = compute_metrics(self.task, _np(y), to_predictions(self.task, outputs))
         train_loss = self.loss_sum.item()
         if self.dist.enabled:
             train_loss = sum(self.dist.gather_objects(train_loss))
@@ -712,7 +711,7 @@ def _predict(net: nn.Module, batch: Batch, dist: Dist, precision: str, batch_siz
 
 def _on(source: Batch, index: Tensor) -> Tensor:
     """Row indices where ``source`` selects with them: an in-memory Batch on its own device."""
-    return index.to(next(iter(source.x.values())).device) if isinstance(source, Batch) else index
+    return index.to(source.device) if isinstance(source, Batch) else index
 
 
 def rng_state() -> dict:
