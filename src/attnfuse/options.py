@@ -27,7 +27,7 @@ from typing import Any
 
 from .checks import check_int, is_int, is_number
 
-__all__ = ["option", "Option", "options_of", "coerce", "check_bounds", "shorten"]
+__all__ = ["option", "Option", "options_of", "by_name", "coerce", "check_bounds", "shorten"]
 
 SHORT = 60  # characters of a value quoted in a message
 
@@ -88,6 +88,13 @@ class Option:
     def flag(self) -> str:
         """The primary command-line flag: the field name with dashes."""
         return "--" + self.name.replace("_", "-")
+
+
+def by_name(values: dict[str, Any], options: Iterable[Option]) -> dict[str, Any]:
+    """``values`` keyed by their options' names: a command-line alias becomes the option's name
+    (``heads`` -> ``nhead``) and dashes are read as underscores; an unknown key stays as it is."""
+    alias = {flag.replace("-", "_"): o.name for o in options for flag in o.flags}
+    return {alias.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in values.items()}
 
 
 def options_of(*classes: type) -> list[Option]:

@@ -53,7 +53,7 @@ from .data.io.table import TABLE_SUFFIXES, parse_modality_options
 from .distributed import Dist, local_device, setup, teardown
 from .fit import Fit, ProgressCallback, RunLoop, RunLoopState, summarize_runs
 from .fusion import FUSIONS, FusionModel, config_from_dict
-from .options import Option, coerce, option, options_of, shorten
+from .options import Option, by_name, coerce, option, options_of, shorten
 from .portfolio import PORTFOLIO, Candidate, candidates_for
 from .runstate import Checkpoints, last_dir
 from .splitplan import SplitPlan
@@ -203,8 +203,7 @@ class TrainSpec:
         command-line aliases; dashes are read as underscores). An unknown option, a value of the wrong type or range, or a setting the
         chosen fusion does not have is a ValueError, raised before any data is loaded."""
         known = {o.name: o for o in train_options()}
-        alias = {flag.replace("-", "_"): o.name for o in known.values() for flag in o.flags}  # heads -> nhead
-        values = {alias.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in values.items()}
+        values = by_name(values, known.values())  # heads -> nhead
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"{where}: unknown option {shorten(unknown[0])} (options: {', '.join(known)})")

@@ -47,7 +47,7 @@ import optuna
 from .checks import check_float, check_int
 from .files import BusyError, file_mode, lock, new_directories
 from .fusion import FUSIONS
-from .options import Option, option, options_of
+from .options import Option, by_name, option, options_of
 from .pipeline import RunOptions, TrainSpec, candidates_for, load, train, train_options
 from .training import TrainConfig
 
@@ -205,8 +205,7 @@ def tune(
 def _trial_options(options: dict[str, Any], fusion: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The user's option values under their option names (``heads`` -> ``nhead``), and those every
     trial shares: all but the final model's own and the data (and the fusion unless it is fixed)."""
-    alias = {flag.replace("-", "_"): o.name for o in train_options() for flag in o.flags}  # heads -> nhead
-    given = {alias.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in options.items()}
+    given = by_name(options, train_options())  # heads -> nhead
     fixed = {k: v for k, v in given.items() if k not in _FINAL_ONLY and k not in ("data", "fusion")}
     if fusion != "auto":
         fixed["fusion"] = fusion
