@@ -64,7 +64,8 @@ model; :func:`calibrated_probabilities`, :func:`prediction_interval` and :func:`
 apply it, the same way for ``predict``, ``evaluate``, :class:`attnfuse.FusionPredictor` and the
 export.
 
-Everything here takes numpy arrays or tensors and computes in float64 numpy.
+Everything here takes numpy arrays or tensors and computes in float64 (numpy; torch for the softmax
+and the cross-entropy).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 __all__ = [
     "ECE_BINS",
@@ -146,18 +149,9 @@ def _labels(y: object, shape: tuple[int, ...]) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    """(N,) log sum_c exp(z_c), stable (the row maximum is taken out first)."""
-    top = z.max(axis=1)
-    return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-
-
 def softmax(logits: object, temperature: float = 1.0) -> np.ndarray:
     """(N, C) float64 class probabilities ``softmax(logits / temperature)``."""
-    z = scale_logits(logits, temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return torch.softmax(torch.from_numpy(scale_logits(logits, temperature)), dim=1).numpy()
 
 
 def scale_logits(logits: object, temperature: float) -> np.ndarray:
@@ -179,15 +173,25 @@ def temperature_nll(logits: object, y: object, temperature: float = 1.0) -> floa
     return _nll(z, labels, float(temperature))
 
 
-def _nll(z: np.ndarray, labels: np.ndarray, t: float, smoothing: float = 0.0) -> float:
-    """The mean cross-entropy of ``softmax(z / t)`` against targets that put ``1 - smoothing`` on
-    each row's label and ``smoothing / (C - 1)`` on every other class (0: the NLL of the labels)."""
-    s = z / t
-    picked = s[np.arange(len(labels)), labels]
-    if smoothing:
-        others = (s.sum(axis=1) - picked) / (s.shape[1] - 1)
-        picked = (1.0 - smoothing) * picked + smoothing * others
-    return float(np.mean(_logsumexp(s) - picked))
+def _nll(z: np.ndarray, labels: np.ndarray, t: float) -> float:
+    """The mean NLL of the labels (N,) under ``softmax(z / t)``."""
+    return _cross_entropy(z, _targets(labels, z.shape[1]), t)
+
+
+def _targets(labels: np.ndarray, classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """What :func:`_cross_entropy` compares with: the labels (N,) themselves, or with ``smoothing``
+    (N, C) target probabilities, ``1 - smoothing`` on each row's label and ``smoothing / (C - 1)``
+    on every other class."""
+    y = torch.from_numpy(labels)
+    if not smoothing:
+        return y
+    target = torch.full((len(labels), classes), smoothing / (classes - 1), dtype=torch.float64)
+    return target.scatter_(1, y[:, None], 1.0 - smoothing)
+
+
+def _cross_entropy(z: np.ndarray, targets: torch.Tensor, t: float) -> float:
+    """The mean cross-entropy of ``softmax(z / t)`` (float64) against ``targets`` (:func:`_targets`)."""
+    return float(F.cross_entropy(torch.from_numpy(z / t), targets))
 
 
 def laplace_smoothing(rows: int) -> float:
@@ -224,9 +228,10 @@ def fit_temperature(
     if isinstance(smoothing, bool) or not isinstance(smoothing, Real) or not (0 <= smoothing < 1):
         raise ValueError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
     a, b = math.log(lo), math.log(hi)
+    targets = _targets(labels, z.shape[1], float(smoothing))  # made once for the whole search
 
     def f(u: float) -> float:
-        return _nll(z, labels, math.exp(u), float(smoothing))
+        return _cross_entropy(z, targets, math.exp(u))
 
     # Golden-section: keep a bracket [a, b] with two interior points whose values decide which end
     # to drop; each step shrinks it by 0.618 and needs one new evaluation.
