@@ -31,8 +31,8 @@ other class, ``e = 1 / (n + 2)`` (:func:`laplace_smoothing`): the cross-entropy 
 targets is still convex in ``1 / T`` (a log-sum-exp minus a linear function) and now has its
 minimum at a finite ``T``. Measured on those 10 breast_cancer splits (test rows): mean NLL 0.132
 uncalibrated, 6.52 with the plain fit, 0.108 with the smoothed one; ECE 0.032, 0.037, 0.032. On
-mfeat (300 validation rows, 2 and 3 of them wrong) the two fits differ little (test NLL 0.0331 and
-0.0336 on seed 0).
+mfeat (300 validation rows, 3 of them wrong on seed 0) the two fits differ little (test NLL 0.0331
+and 0.0336).
 
 Expected calibration error (Naeini, Cooper & Hauskrecht, AAAI 2015; in the form Guo et al.
 report it): the confidences ``max_c p_ic`` are put in ``M = 15`` equal-width bins
