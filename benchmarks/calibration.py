@@ -16,19 +16,16 @@ separately the temperature's fit (the golden-section search) on the saved model'
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
 
+from _report import finished, one_thread, parser  # benchmarks/ is on sys.path
 from attnfuse.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -40,7 +37,7 @@ from attnfuse.checkpoint import load_model, read_config
 from attnfuse.data import MultimodalDataset, RowBatches
 from attnfuse.pipeline import TrainSpec, split_parts, train
 from attnfuse.training import predict
-from fusion import machine, write_section  # benchmarks/ is on sys.path
+from fusion import machine, write_section
 
 SECTION = "## Calibrated probabilities and prediction intervals"
 RESULTS = Path(__file__).with_name("results") / "calibration.json"
@@ -235,14 +232,14 @@ def _fits_table(results: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: one seed, 3 epochs, nothing written")
-    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
-    parser.add_argument("--render", action="store_true", help="only render RESULTS.md from results/calibration.json")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # a shared 2-core machine (as the baselines table)
-    threadpool_limits(1)
+    options = parser(
+        __doc__,
+        "smoke run: one seed, 3 epochs, nothing written",
+        "only render RESULTS.md from results/calibration.json",
+    )
+    options.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    args = options.parse_args()
+    one_thread()
     if args.render:
         results = json.loads(RESULTS.read_text())
     else:
@@ -255,7 +252,7 @@ def main() -> None:
                 run = one_run(name, seed, 3 if args.quick else None)
                 print(name, json.dumps(run), flush=True)
                 results["sets"].setdefault(name, []).append(run)
-        results["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        results["finished"] = finished()
         results["load"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     text = render(results)
     print(text)

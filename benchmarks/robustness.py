@@ -18,21 +18,17 @@ benchmarks/results/robustness-<name>.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-from threadpoolctl import threadpool_limits
-
+from _report import finished, one_thread, parser  # benchmarks/ is on sys.path
 from attnfuse.pipeline import TrainSpec, load_trained, train
 from attnfuse.robustness import Robustness, missing_modalities, plot_robustness
-from fusion import machine, write_section  # benchmarks/ is on sys.path
+from fusion import machine, write_section
 
 SECTION = "## When a modality goes missing"
 RESULTS_DIR = Path(__file__).with_name("results")
@@ -66,7 +62,7 @@ def measure(name: str, epochs: int | None) -> dict:
         "missing": result.to_dict(),
         "seconds": {"training": trained_s, "robustness": result.seconds},
         "machine": machine(),
-        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "finished": finished(),
         "load": [round(x, 1) for x in os.getloadavg()],
         "python": platform.python_version(),
         "_result": result,
@@ -170,14 +166,12 @@ READING = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 epochs, nothing written")
-    parser.add_argument("--datasets", nargs="+", choices=list(RUNS), default=list(RUNS))
-    parser.add_argument("--render", action="store_true", help="only render RESULTS.md and the plots from results/")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    threadpool_limits(1)
+    options = parser(
+        __doc__, "smoke run: 3 epochs, nothing written", "only render RESULTS.md and the plots from results/"
+    )
+    options.add_argument("--datasets", nargs="+", choices=list(RUNS), default=list(RUNS))
+    args = options.parse_args()
+    one_thread()
     for name in [] if args.render else args.datasets:
         entry = measure(name, 3 if args.quick else None)
         result = entry.pop("_result")

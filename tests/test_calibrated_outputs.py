@@ -71,25 +71,25 @@ def outputs_of(model_dir: Path, data: MultimodalDataset) -> np.ndarray:
     return predict(net, RowBatches(data, None, standardizer)).double().numpy()
 
 
+def trained(tmp: Path, arrays: dict[str, np.ndarray], *flags: str) -> tuple[Path, Path]:
+    """``arrays`` saved to TMP/data.npz and `attnfuse train` on it (FAST_FLAGS and ``flags``) to
+    TMP/model: (the data's path, the model directory)."""
+    npz, out = tmp / "data.npz", tmp / "model"
+    np.savez(npz, **arrays)
+    ok(cli("train", "--data", npz, *FAST_FLAGS, *flags, "--out", out))
+    return npz, out
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> tuple[Path, Path]:
     """A calibrated classifier of two ensemble members (the temperature divides their mean logits)."""
-    tmp = tmp_path_factory.mktemp("calibrated")
-    npz = tmp / "classes.npz"
-    np.savez(npz, **classes())
-    out = tmp / "model"
-    ok(cli("train", "--data", npz, *FAST_FLAGS, "--ensemble", "2", "--out", out))
-    return npz, out
+    return trained(tmp_path_factory.mktemp("calibrated"), classes(), "--ensemble", "2")
 
 
 @pytest.fixture(scope="module")
 def regressor(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("intervals")
-    npz = tmp / "values.npz"
-    np.savez(npz, **values())
-    out = tmp / "model"
-    ok(cli("train", "--data", npz, *FAST_FLAGS, "--interval", "0.8", "--out", out))
-    return npz, out
+    """A regression with 80% intervals."""
+    return trained(tmp_path_factory.mktemp("intervals"), values(), "--interval", "0.8")
 
 
 # ---------------------------------------------------------------------------------------------

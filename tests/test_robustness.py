@@ -115,6 +115,8 @@ def test_rows_are_measured_in_chunks_with_the_same_absent_rows(trained, monkeypa
         for got, expected in zip(chunked.absent[m]["cross"], result.absent[m]["cross"]):
             assert got == pytest.approx(expected, rel=1e-5)
         assert chunked.noise[m]["cross"][0] == pytest.approx(result.noise[m]["cross"][0], rel=1e-5)
+    # read in chunks indeed: the noise of scale 1 is another draw, so the video's curve moves
+    assert chunked.noise["video"]["cross"][1] != pytest.approx(result.noise["video"]["cross"][3], rel=1e-5)
 
 
 def test_other_data_is_measured_for_the_model_only(trained):

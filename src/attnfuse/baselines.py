@@ -42,6 +42,8 @@ __all__ = [
     "pooled_features",
     "make_baseline",
     "fit_baselines",
+    "fit_baseline",
+    "predict_baseline",
     "BaselineResult",
     "skipped",
     "summarize_baselines",
@@ -159,22 +161,13 @@ def fit_baselines(
     x = pooled_features(data, used)  # (R, F): row used[i] is x[i]
     y = np.asarray(data.y[used])
     part = {split: np.searchsorted(used, rows) for split, rows in splits.items()}
-    from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits  # (installed with scikit-learn)
-
     result = BaselineResult()
     y_train = y[part["train"]]
     for name in BASELINES[data.task]:
-        model = make_baseline(name, data.task, seed, data.target_dim or 1, y=y_train)
         start = time.perf_counter()
         try:
-            # One thread: OpenMP's threads spin-wait at every barrier, so on a machine whose cores are
-            # busy (another job, torch's own threads) a multi-threaded fit can take many times as long as
-            # a single-threaded one; these small fits gain little from a second thread anyway.
-            with threadpool_limits(limits=1), warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # a tiny table: lbfgs may stop short
-                model.fit(x[part["train"]], y_train)
-                pred = model.predict(x)  # (R,) labels, or (R,) / (R, K) values
+            model = fit_baseline(name, data, x[part["train"]], y_train, seed)
+            pred = predict_baseline(model, x)  # (R,) labels, or (R,) / (R, K) values
         except Exception as e:  # a comparison that cannot be made ends no run
             result.metrics[name] = {"skipped": _why(e, y_train, data.task)}
             continue
@@ -185,6 +178,31 @@ def fit_baselines(
         }
         result.seconds[name] = time.perf_counter() - start
     return result
+
+
+def fit_baseline(name: str, data: MultimodalDataset, x: np.ndarray, y: np.ndarray, seed: int = 0):
+    """Baseline ``name`` (:func:`make_baseline` for ``data``'s task and targets) fitted on pooled
+    features ``x`` (R, F) and targets ``y``, on one thread, without scikit-learn's convergence
+    warnings (a tiny table: lbfgs may stop short). Whatever the fit raises is raised."""
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits  # (installed with scikit-learn)
+
+    model = make_baseline(name, data.task, seed, data.target_dim or 1, y=y)
+    # One thread: OpenMP's threads spin-wait at every barrier, so on a machine whose cores are busy
+    # (another job, torch's own threads) a multi-threaded fit can take many times as long as a
+    # single-threaded one; these small fits gain little from a second thread anyway.
+    with threadpool_limits(limits=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return model
+
+
+def predict_baseline(model, x: np.ndarray) -> np.ndarray:
+    """A fitted baseline's predictions on pooled features ``x`` (R, F), on one thread."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return model.predict(x)
 
 
 def _why(e: Exception, y_train: np.ndarray, task: str) -> str:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import textwrap
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .baselines import BASELINES, make_baseline, pooled_features
+from .baselines import BASELINES, fit_baseline, pooled_features, predict_baseline
 from .checkpoint import fingerprint
 from .checks import check_int
 from .data import Batch, MultimodalDataset, RowBatches, Standardizer
@@ -281,7 +280,7 @@ class _Baselines:
             x[np.ix_(gone, cols)] = self.train_mean[cols]  # mean imputation
             if presence is not None:
                 x[gone, presence] = 0.0
-            out.append(_baseline_predict(model, x))
+            out.append(predict_baseline(model, x))
         return out
 
     def noisy(self, model: Any, cols: np.ndarray, noise: np.ndarray, scales: list[float]) -> list[np.ndarray]:
@@ -291,29 +290,21 @@ class _Baselines:
         for s in scales:
             x = self.pooled.copy()
             x[:, cols] += s * noise
-            out.append(_baseline_predict(model, x))
+            out.append(predict_baseline(model, x))
         return out
 
 
 def _fit_baselines(data: MultimodalDataset, x: np.ndarray, y: np.ndarray, config: dict) -> tuple[dict, dict[str, str]]:
-    """The baselines of ``data.task`` fitted on pooled features ``x`` (R, F) and targets ``y`` as
-    :func:`attnfuse.baselines.fit_baselines` fits them (same estimators and seed, one thread):
+    """The baselines of ``data.task`` fitted on pooled features ``x`` (R, F) and targets ``y`` by
+    :func:`attnfuse.baselines.fit_baseline`, as ``attnfuse train`` fits them (same seed):
     ``({name: fitted model}, {name: why it could not be fitted})``."""
-    from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
-
     seed = int(config["train"].get("seed", 0))
     fitted, skipped = {}, {}
     for name in BASELINES[data.task]:
-        model = make_baseline(name, data.task, seed, data.target_dim or 1, y=y)
         try:
-            with threadpool_limits(limits=1), warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                model.fit(x, y)
+            fitted[name] = fit_baseline(name, data, x, y, seed)
         except Exception as e:  # a comparison that cannot be made ends no evaluation
             skipped[name] = " ".join(str(e).split()) or type(e).__name__
-            continue
-        fitted[name] = model
     return fitted, skipped
 
 
@@ -364,13 +355,6 @@ def _noisy(batch: Batch, modality: str, scale: float, eps: np.ndarray) -> Batch:
 
 def _predict(net: FusionModel | Ensemble, task: str, batch: Batch) -> np.ndarray:
     return to_predictions(task, predict(net, batch))
-
-
-def _baseline_predict(model: Any, x: np.ndarray) -> np.ndarray:
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        return model.predict(x)
 
 
 def _cell(v: float | None) -> str:
