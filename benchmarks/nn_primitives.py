@@ -262,7 +262,8 @@ def main() -> None:
     lines = [
         BEGIN,
         f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `python benchmarks/nn_primitives.py"
-        f"{' --threads ' + str(args.threads) if args.threads else ''}`; {args.machine}; before = attnfuse/nn at "
+        f"{' --threads ' + str(args.threads) if args.threads else ''}{' --before ' + args.before if args.before else ''}`; "
+        f"{args.machine}; before = attnfuse/nn at "
         f"{args.before or '(not compared)'}; minimum of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
         "",
         "| primitive | before (ms) | after (ms) | after / before |",
