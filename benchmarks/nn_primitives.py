@@ -7,7 +7,7 @@ MulT-like stack built from attnfuse.nn layers.
     python benchmarks/nn_primitives.py --before REV     # "before" = attnfuse/nn at git revision REV
 
 "Before" is the plain torch formulation of each primitive or, for the rows that compare two versions of
-attnfuse.nn, the package at git revision --before (read with `git show` into a temporary package, so both
+attnfuse.nn, the package at git revision --before (read with `git archive` into a temporary package, so both
 run in this process; without --before those rows are skipped).
 Sizes: batch 24, T=50, d_model 30, 5 heads, dropout 0.1 (MulT on CMU-MOSEI); CPU float32.
 """
@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,41 +25,21 @@ from torch import nn
 
 import attnfuse.nn as after
 import attnfuse.nn.attention as after_attention
-from attention import interleave, machine
+from _machine import machine
+from attention import interleave
 from attnfuse.nn import functional as AF
 from attnfuse.nn.dropout import dropout
+from speed import load_before as load_package
 
 B, T, D, H, P = 24, 50, 30, 5, 0.1
 BEGIN, END = "<!-- begin: benchmarks/nn_primitives.py -->", "<!-- end: benchmarks/nn_primitives.py -->"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_before(rev: str):
-    """attnfuse/nn at git revision ``rev`` as a package named ``nn_before`` (None if git cannot)."""
-    try:
-        names = subprocess.run(
-            ["git", "ls-tree", "--name-only", f"{rev}:src/attnfuse/nn"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        folder = Path(tempfile.mkdtemp(prefix="nn_before_"))
-        for name in names:
-            text = subprocess.run(
-                ["git", "show", f"{rev}:src/attnfuse/nn/{name}"], cwd=ROOT, capture_output=True, check=True
-            )
-            (folder / name).write_bytes(text.stdout)
-    except (OSError, subprocess.CalledProcessError) as e:
-        print(f"no 'before' package ({e}); before columns are skipped", file=sys.stderr)
-        return None
-    spec = importlib.util.spec_from_file_location(
-        "nn_before", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nn_before"] = module
-    spec.loader.exec_module(module)
-    return module
+    """attnfuse.nn of git revision ``rev`` (None if git cannot): the whole package is loaded, as
+    ``attnfuse_before`` (speed.py's loader), since attnfuse.nn imports from its parent package."""
+    package = load_package(argparse.Namespace(src=None, before=rev))
+    return None if package is None else package.nn
 
 
 def timed(steps: dict, args, number: int = 1) -> dict[str, float]:
@@ -286,7 +262,8 @@ def main() -> None:
     lines = [
         BEGIN,
         f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `python benchmarks/nn_primitives.py"
-        f"{' --threads ' + str(args.threads) if args.threads else ''}`; {args.machine}; before = attnfuse/nn at "
+        f"{' --threads ' + str(args.threads) if args.threads else ''}{' --before ' + args.before if args.before else ''}`; "
+        f"{args.machine}; before = attnfuse/nn at "
         f"{args.before or '(not compared)'}; minimum of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
         "",
         "| primitive | before (ms) | after (ms) | after / before |",

@@ -262,6 +262,20 @@ def test_the_environment_variable_pins_the_kernel_untimed_over_a_restored_choice
     assert pinned.shape == again.shape == forced.shape
 
 
+def test_the_environment_variable_is_read_once_per_problem_not_at_every_call(monkeypatch):
+    reads: list[int] = []
+    real = kernels.pinned
+    monkeypatch.setattr(kernels, "pinned", lambda: reads.append(1) or real())
+    monkeypatch.setenv(kernels.ENV, "autograd")
+    q, k, v = qkv()
+    for _ in range(3):
+        attend_once(q, k, v)
+    assert len(reads) == 1 and list(kernels.choices().values()) == ["autograd"]
+    kernels.restore({})  # a checkpoint restored: the variable is read again
+    attend_once(q, k, v)
+    assert len(reads) == 2
+
+
 @pytest.mark.parametrize("value", ["measure", "", "Measure"])
 def test_measure_or_an_empty_environment_variable_times_the_kernels(monkeypatch, value):
     timed = script_timings(monkeypatch, [2.0] * 5, [1.0] * 5)

@@ -4,10 +4,11 @@ The models record as one graph in training mode (no graph break: while a graph i
 dropout is torch's and attention with dropout is plain ops, see :mod:`.dropout` and
 :mod:`.kernels`). On the CPU that is still not enough for the compiled step to pay: measured side by
 side with eager on the same machine, a compiled training step of the ``cross`` fusion model at
-CMU-MOSEI sizes ran at 0.35x eager's samples/s in steady state, after a first step of 473 s with a
-cold compiler cache (AMD EPYC, 2 shared cores; benchmarks/RESULTS.md, "Fusion model speed"), and
-``mult`` at 0.34x after 67 s on an Intel Xeon (with the graph breaks since removed). Inductor's CPU code for these narrow layers (width 30, 6-wide heads) is slower than the
-library kernels eager calls. So on the CPU :func:`compile_model` warns with these numbers; it still
+CMU-MOSEI sizes ran at 0.35x eager's samples/s in steady state (AMD EPYC, 2 shared cores;
+benchmarks/RESULTS.md, "Fusion model speed"; its first step took 12.5 s on a warm compiler cache,
+473 s on a cold one in an earlier trial, which ran at 0.50x), and ``mult`` at 0.34x after 67 s on
+an Intel Xeon (with the graph breaks since removed). Inductor's CPU code for these narrow layers
+(width 30, 6-wide heads) is slower than the library kernels eager calls. So on the CPU :func:`compile_model` warns with these numbers; it still
 compiles, as asked (a newer torch, or wider models, may change the verdict:
 ``python benchmarks/speed.py --part compile`` measures it).
 """

@@ -3,9 +3,9 @@ autograd function whose every product has the layout the CPU's GEMM is fast at.
 
 Per head, attention multiplies an (L, S) probability matrix by (S, d_head) values. With the small
 heads of multimodal models (d_head = 6 or 12 for MulT on CMU-MOSEI) a product whose *output* has
-d_head columns is slow on the CPU: ``bmm(P, V)`` at (120, 50, 50) x (120, 50, 6) takes 3x as long
-as the same product computed transposed, ``bmm(Vᵀ, Pᵀ)``, whose output has 50 columns
-(0.94 ms against 0.31 ms on one thread of an AMD EPYC: benchmarks/speed.py --part kernel).
+d_head columns is slow on the CPU: ``bmm(P, V)`` at (120, 50, 50) x (120, 50, 6) takes over twice as
+long as the same product computed transposed, ``bmm(Vᵀ, Pᵀ)``, whose output has 50 columns
+(0.86 ms against 0.38 ms, medians, on one thread of an AMD EPYC: benchmarks/speed.py --part kernel).
 Autograd's backward of ``P @ V`` and of ``Q @ Kᵀ`` builds three more such products (dQ, dK, dV
 all have d_head columns). Here the forward computes ``(P V)ᵀ = Vᵀ Pᵀ`` and the backward computes
 dQᵀ, dKᵀ and dVᵀ, each a wide product, returned as transposed views. Whether the whole function

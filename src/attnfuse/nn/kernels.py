@@ -34,8 +34,9 @@ they do between thread counts); :func:`forced` runs one kernel regardless (tests
 Pinning the choice: the environment variable ``ATTNFUSE_ATTENTION_KERNEL`` (:data:`ENV`) set to
 ``explicit`` or ``autograd`` runs that kernel for every problem, untimed, on every device (but
 plain ops while ``torch.compile`` records a graph, as above); unset, empty or ``measure`` keeps
-the timing. It is read at every choice (so it must be set before the
-first attention call of a process, or it changes later choices), wins over restored choices
+the timing. It is read when a problem is first met in a process (and again after :func:`restore`
+or :func:`clear`), not at every call: set it before the first attention call of a process (set
+later, it pins only the problems met after). It wins over restored choices
 (a resumed run follows the variable it is given), and what it picks is recorded in
 :func:`choices` like a timed choice. So two fresh runs of one seed with the variable set compute
 the same bits whatever their machines' load; an unknown value is a ``ValueError`` naming it.
@@ -102,13 +103,13 @@ def choose(
         return _forced[-1]
     if tracing():
         return "autograd"  # a graph recorder differentiates and fuses plain ops itself; not recorded
-    pin = pinned()
-    if pin is None and query.device.type != "cpu":
-        return FALLBACK
     shapes = (query.shape[-2:], key.shape[-2], value.shape[-1], query.dtype, None if mask is None else mask.shape, grad)
-    kernel = _seen.get(shapes)  # every call asks: a tuple lookup, the key's text only when new
-    if kernel is not None and (pin is None or kernel == pin):
+    kernel = _seen.get(shapes) if query.is_cpu else None  # every call asks: a tuple lookup, no more
+    if kernel is not None:
         return kernel
+    pin = pinned()  # read for a problem met for the first time (and after restore or clear)
+    if pin is None and not query.is_cpu:
+        return FALLBACK
     name = problem_key(query, key, value, mask, grad)
     kernel = _chosen.get(name) if pin is None else pin
     if kernel is None:
