@@ -16,7 +16,7 @@ def test_on_the_cpu_it_warns_with_the_measured_numbers_and_compiles(monkeypatch)
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
     model = nn.Linear(2, 2)
-    with pytest.warns(RuntimeWarning, match=r"--compile: .*0\.35x eager after a 473 s first step"):
+    with pytest.warns(RuntimeWarning, match=r"--compile: .*0\.35x eager once compiled"):
         assert compile_model(model, torch.device("cpu")) is model
     assert compiled == [model]
     assert "AMD EPYC" in CPU_VERDICT and "Intel Xeon" in CPU_VERDICT

@@ -24,7 +24,8 @@ __all__ = ["compile_model", "CPU_VERDICT"]
 
 CPU_VERDICT = (
     "torch.compile on the CPU made training slower than eager where it was measured: a cross-modal "
-    "model's step ran at 0.35x eager after a 473 s first step (AMD EPYC), mult at 0.34x after 67 s "
+    "model's step ran at 0.35x eager once compiled (0.50x in a trial whose first step took 473 s; AMD "
+    "EPYC), mult at 0.34x after 67 s "
     "(Intel Xeon); leave --compile off on the CPU (benchmarks/RESULTS.md, 'Fusion model speed')"
 )
 
