@@ -52,7 +52,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attention import interleave, machine
+from _machine import machine
+from _timing import write_part
+from attention import interleave
 from attnfuse.serve import ModelService
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -463,24 +465,6 @@ def part_frameworks(args, root: Path) -> list[str]:
     return lines
 
 
-def write_part(out: Path, part: str, text: str) -> None:
-    """Replace ``part``'s block (between its markers) in ``out``, or add it to this script's section
-    (created at the end when absent): a part can be re-run alone."""
-    begin, end = f"<!-- begin: benchmarks/inference.py {part} -->", f"<!-- end: benchmarks/inference.py {part} -->"
-    block = f"{begin}\n{text}\n{end}"
-    old = out.read_text()
-    if begin in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
-    elif SECTION in old:
-        head = old.index(SECTION)
-        nxt = old.find("\n## ", head + len(SECTION))
-        nxt = len(old) if nxt < 0 else nxt
-        new = old[:nxt].rstrip("\n") + f"\n\n{block}\n" + old[nxt:]
-    else:
-        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n{NOTE}\n\n{block}\n"
-    out.write_text(new)
-
-
 NOTE = (
     "The machine: 2 cores shared with other engineers' processes (load averages from 1 to 9 during these runs, each block says its own), so "
     "absolute figures are low and noisy; compare the columns of one table (measured in one run, interleaved), "
@@ -535,7 +519,7 @@ def main() -> None:
                 run += f"; {args.rounds} interleaved rounds after 1 warm-up round"
             text = f"### {TITLES[part]}\n\nRun: {run}.\n\n" + "\n".join(body)
             if not args.quick:
-                write_part(args.out, part, text)
+                write_part(args.out, "benchmarks/inference.py", part, text, SECTION, NOTE)
                 print(f"wrote the {part} block of benchmarks/inference.py in {args.out}", flush=True)
 
 

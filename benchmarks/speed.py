@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import _timing
 import attnfuse
 from _machine import machine
 from attnfuse.nn import kernels
@@ -606,22 +607,9 @@ TITLES = {
 
 
 def write_part(out: Path, part: str, text: str) -> None:
-    """Replace ``part``'s block (between its markers) in ``out``, or append it to this script's
-    section (created at the end when absent): a part can be re-run alone."""
-    begin, end = f"<!-- begin: benchmarks/speed.py {part} -->", f"<!-- end: benchmarks/speed.py {part} -->"
-    block = f"{begin}\n{text}\n{end}"
-    old = out.read_text()
-    if begin in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
-    elif SECTION in old:
-        # After the last block of the section (or its title): other parts keep their place.
-        head = old.index(SECTION)
-        nxt = old.find("\n## ", head + len(SECTION))
-        nxt = len(old) if nxt < 0 else nxt
-        new = old[:nxt].rstrip("\n") + f"\n\n{block}\n" + old[nxt:]
-    else:
-        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    out.write_text(new)
+    """Replace ``part``'s block in ``out``, or append it to this script's section (created at the end
+    when absent): a part can be re-run alone."""
+    _timing.write_part(out, "benchmarks/speed.py", part, text, SECTION)
 
 
 def main() -> None:
