@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ from _machine import machine
 from _timing import write_part
 from attention import interleave
 from attnfuse.serve import ModelService
+from scaling import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Inference: eager vs ONNX Runtime, and `attnfuse serve` under load"
@@ -142,15 +144,22 @@ class Server:
             raise RuntimeError(f"attnfuse serve did not start: {banner}{self.proc.stderr.read()}")
         self.host, port = banner.split(" at http://")[1].split()[0].split(":")
         self.port = int(port)
-        deadline = time.monotonic() + 120
+        self.wait_ready(120, 0.05)
+
+    def wait_ready(self, seconds: float, pause: float) -> None:
+        """Poll GET /health until it answers 200; a RuntimeError with the server's stderr when its
+        process ends first or ``seconds`` pass (the process is killed then)."""
+        deadline = time.monotonic() + seconds
         while True:
             try:
                 if self.request("GET", "/health")[0] == 200:
-                    break
+                    return
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise RuntimeError(f"{type(self).__name__} did not start: {self.proc.stderr.read()}")
+            time.sleep(pause)
 
     def connect(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=120)
@@ -251,6 +260,16 @@ def load_test(server: Server, payloads: list[bytes], clients: int, total: int) -
     }
 
 
+def load_runs(server: Server, payloads: list[bytes], args, runs: list[int]) -> Iterator[tuple[int, dict]]:
+    """20 warm-up requests, then a :func:`load_test` per number of clients in ``runs``: ``--requests``
+    requests, a quarter of them (at least 20) for one client."""
+    for body in payloads + payloads[:4]:
+        server.request("POST", "/predict", body)
+    for clients in runs:
+        total = args.requests if clients > 1 else max(args.requests // 4, 20)
+        yield clients, load_test(server, payloads, clients, total)
+
+
 def part_serve(args, root: Path) -> list[str]:
     directory = model_dir(root, "self", args.threads)
     payloads = bodies(16)
@@ -266,12 +285,8 @@ def part_serve(args, root: Path) -> list[str]:
     for backend in ("eager", "onnxruntime"):
         server = Server(directory, backend, args.threads)
         try:
-            for body in payloads + payloads[:4]:  # 20 warm-up requests
-                server.request("POST", "/predict", body)
             runs = [*args.clients, args.clients[-1]]  # the last again: is the memory flat?
-            for k, clients in enumerate(runs):
-                total = args.requests if clients > 1 else max(args.requests // 4, 20)
-                r = load_test(server, payloads, clients, total)
+            for k, (clients, r) in enumerate(load_runs(server, payloads, args, runs)):
                 again = ", again" if k == len(runs) - 1 else ""
                 lines.append(
                     f"| {backend} | {clients}{again} | {r['requests']} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
@@ -307,11 +322,7 @@ def part_nodelay(args, root: Path) -> list[str]:
     for name, command in (("TCP_NODELAY (attnfuse serve)", None), ("Nagle's algorithm", [sys.executable, "-c", NAGLE])):
         server = Server(directory, "eager", args.threads, command)
         try:
-            for body in payloads + payloads[:4]:
-                server.request("POST", "/predict", body)
-            for clients in args.clients:
-                total = args.requests if clients > 1 else max(args.requests // 4, 20)
-                r = load_test(server, payloads, clients, total)
+            for clients, r in load_runs(server, payloads, args, args.clients):
                 lines.append(
                     f"| {name} | {clients} | {r['requests']} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
                     f"{r['p99']:.1f} |"
@@ -339,15 +350,7 @@ class LitServer(Server):
         ]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         self.host, self.port = "127.0.0.1", port
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"LitServe did not start: {self.proc.stderr.read()}") from None
-                time.sleep(0.2)
+        self.wait_ready(180, 0.2)
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM to LitServe's process; its descendants still running afterwards are counted
@@ -390,14 +393,6 @@ SERVE_DEPS = ["fastapi", "starlette", "pydantic", "pydantic-core", "anyio", "uvi
 LITSERVE_EXTRA = ["litserve", "pyzmq", "uvloop", "httptools", "watchfiles", "websockets", "python-dotenv"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def part_frameworks(args, root: Path) -> list[str]:
     import importlib.machinery
 
@@ -425,11 +420,7 @@ def part_frameworks(args, root: Path) -> list[str]:
         else:
             server = Server(directory, "eager", args.threads)
         try:
-            for body in payloads + payloads[:4]:
-                server.request("POST", "/predict", body)
-            for clients in args.clients:
-                total = args.requests if clients > 1 else max(args.requests // 4, 20)
-                r = load_test(server, payloads, clients, total)
+            for clients, r in load_runs(server, payloads, args, args.clients):
                 bad = server.request("POST", "/predict", b'{"instances": [{')[0]
                 lines.append(
                     f"| {name} | {clients} | {r['requests']} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
