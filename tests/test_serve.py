@@ -175,6 +175,7 @@ def server(request, models):
     if MISSING:
         pytest.skip(f"needs {', '.join(MISSING)} (pip install 'attnfuse[serve]')")
     s = Server(models["cls"], "--backend", request.param, "--max-instances", "100", "--max-body-mb", "1")
+    s.backend = request.param
     yield s
     code, out, err = s.stop()
     assert code == 0, err
@@ -312,6 +313,9 @@ def test_schema_and_health_describe_the_model(server, models):
     assert schema["limits"]["max_instances"] == 100 and schema["limits"]["max_body_bytes"] == 1_000_000
     status, health = server.get("/health")
     assert status == 200 and health["status"] == "ok" and health["backend"] in ("eager", "onnxruntime")
+    assert schema["backend"] == health["backend"] == server.backend  # the backend asked for runs
+    # onnxruntime: the graph was exported and checked against the model before serving (the banner says by how much)
+    assert ("checked against the model" in server.banner) == (server.backend == "onnxruntime"), server.banner
 
 
 @has_server
@@ -340,22 +344,50 @@ def wait_for(server: Server, key: str, value: int, deadline: float) -> None:
         time.sleep(0.02)
 
 
+def send(server: Server, answers: dict, key: str, rows: list[int], data: Path) -> threading.Thread:
+    """POST ``rows`` of ``data`` from a thread of its own; the answer lands in ``answers[key]``."""
+    thread = threading.Thread(target=lambda: answers.update({key: server.predict(instances(data, rows))}))
+    thread.start()
+    return thread
+
+
+@has_server
+def test_requests_waiting_while_the_model_runs_share_the_next_batch(models):
+    """The first request in the model (each call takes 1.5 s more, injected), two more waiting: the
+    two run as one batch, and each gets its own rows back."""
+    s = Server(models["cls"], command=[sys.executable, "-c", SLOW_MODEL, "1.5"])
+    answers: dict = {}
+    try:
+        deadline = time.monotonic() + 30
+        first = send(s, answers, "first", [0, 1, 2], models["data"])
+        wait_for(s, "running", 3, deadline)  # in the model
+        waiting = [send(s, answers, "second", [3], models["data"]), send(s, answers, "third", [4, 5], models["data"])]
+        wait_for(s, "waiting", 2, deadline)  # both in the queue
+        for thread in [first, *waiting]:
+            thread.join(timeout=60)
+        health = s.get("/health")[1]
+    finally:
+        code, _, err = s.stop()
+    assert code == 0, err
+    assert (health["requests"], health["batches"]) == (3, 2)
+    service = ModelService(models["cls"])
+    expected = service.run(service.inputs({"instances": instances(models["data"], [3, 4, 5])}, 10)[0])  # (3, C)
+    for key, rows in (("second", slice(0, 1)), ("third", slice(1, 3))):
+        status, body = answers[key]
+        assert status == 200, body
+        np.testing.assert_allclose(body["probabilities"], expected[rows], rtol=1e-5, atol=1e-6)
+
+
 @has_server
 def test_sigterm_answers_the_request_in_the_model_and_the_queued_one_then_exits_0(models):
     """With a queue of one request: the first request in the model (each call takes 1.5 s more,
     injected), the second waiting, a third refused at once (503); then SIGTERM: both are answered."""
     s = Server(models["cls"], "--queue", "1", command=[sys.executable, "-c", SLOW_MODEL, "1.5"])
     answers: dict = {}
-
-    def send(key: str, rows: list[int]) -> threading.Thread:
-        thread = threading.Thread(target=lambda: answers.update({key: s.predict(instances(models["data"], rows))}))
-        thread.start()
-        return thread
-
     deadline = time.monotonic() + 30
-    first = send("first", [0, 1, 2])
+    first = send(s, answers, "first", [0, 1, 2], models["data"])
     wait_for(s, "running", 3, deadline)  # in the model
-    second = send("second", [3])
+    second = send(s, answers, "second", [3], models["data"])
     wait_for(s, "waiting", 1, deadline)  # in the queue
     status, refused = s.predict(instances(models["data"], [4]))
     assert status == 503 and refused == {"error": "server busy: the queue is full (1 waiting); retry later"}
