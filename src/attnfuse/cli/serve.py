@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ..options import options_of
-from ..serve import ModelService, ServeOptions, require_server, serve
+from ..serve import ModelService, ServeOptions, serve
 from ..threads import set_threads
 from .common import console
 from .options import with_options
@@ -23,8 +23,7 @@ def serve_cmd(
     """Serve a model over HTTP: POST /predict {"instances": [...]}, GET /health, GET /schema.
     Requests arriving within a few milliseconds run as one batch; SIGTERM answers the requests
     already received, then exits with code 0."""
-    options = ServeOptions(**values)
-    require_server()  # before the model is loaded: the missing package is the first thing to say
+    options = ServeOptions(**values)  # serve() says first, before loading the model, when FastAPI or uvicorn is missing
     set_threads()
 
     def ready(url: str, service: ModelService) -> None:
