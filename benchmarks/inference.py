@@ -378,15 +378,16 @@ def tree_rss_mib(pid: int) -> float:
     return rss_mib(pid) + sum(tree_rss_mib(int(c)) for c in children)
 
 
-def installed_mb(names: list[str], path: list[str]) -> float:
-    """The installed size of the distributions ``names`` (the first found on ``path`` each)."""
+def distribution(name: str, path: list[str]):
+    """The distribution ``name``, the first found on ``path``."""
     from importlib import metadata
 
-    total = 0
-    for name in names:
-        dist = next(iter(metadata.distributions(name=name, path=path)))
-        total += sum(f.size or 0 for f in dist.files or [])
-    return total / 1e6
+    return next(iter(metadata.distributions(name=name, path=path)))
+
+
+def installed_mb(names: list[str], path: list[str]) -> float:
+    """The installed size of the distributions ``names`` (the first found on ``path`` each)."""
+    return sum(f.size or 0 for name in names for f in distribution(name, path).files or []) / 1e6
 
 
 SERVE_DEPS = ["fastapi", "starlette", "pydantic", "pydantic-core", "anyio", "uvicorn", "h11", "click", "idna"]
@@ -404,7 +405,8 @@ def part_frameworks(args, root: Path) -> list[str]:
     payloads = bodies(16)
     lines = [
         "The same `ModelService` (parsing, checks, model) behind `attnfuse serve` (FastAPI + uvicorn on asyncio's "
-        "loop and h11, its own micro-batcher and model thread) and behind LitServe 0.2 (uvicorn on uvloop and httptools, "
+        f"loop and h11, its own micro-batcher and model thread) and behind LitServe {distribution('litserve', path).version} "
+        "(uvicorn on uvloop and httptools, "
         "`LitAPI(max_batch_size=256, batch_timeout=0.002)`, the model in one worker process); `self` at MOSEI "
         "sizes, one instance per request, eager backend. Installed: the packages each adds to attnfuse's own.",
         "",
