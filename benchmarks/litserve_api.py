@@ -1,7 +1,9 @@
 """The LitServe server of ``benchmarks/inference.py --part frameworks``: the same
 :class:`attnfuse.serve.ModelService` (parsing, checks, model) behind LitServe's micro-batching, with
-the limits of ``attnfuse serve`` (256 instances, 2 ms). A module of its own: LitServe runs the API in
-a spawned process, which must import the class by name.
+the limits of ``attnfuse serve`` (its defaults: 256 per batch, 2 ms, 1024 instances per request). LitServe
+batches requests, not instances, and ``unbatch`` answers one row per request: the benchmark sends one
+instance per request. A module of its own: LitServe runs the API in a spawned process, which must
+import the class by name.
 
     python benchmarks/litserve_api.py MODEL_DIR PORT [DELAY]   # DELAY: seconds added to each model call
 """
@@ -15,7 +17,9 @@ import litserve as ls
 import numpy as np
 from fastapi import HTTPException
 
-from attnfuse.serve import ModelService, RequestError
+from attnfuse.serve import ModelService, RequestError, ServeOptions
+
+LIMITS = ServeOptions()  # attnfuse serve's defaults
 
 
 class API(ls.LitAPI):
@@ -28,7 +32,7 @@ class API(ls.LitAPI):
 
     def decode_request(self, request):
         try:
-            return self.service.inputs(request, 1024)[0]
+            return self.service.inputs(request, LIMITS.max_instances)[0]
         except RequestError as e:
             raise HTTPException(e.status, str(e)) from None
 
@@ -49,7 +53,7 @@ class API(ls.LitAPI):
 if __name__ == "__main__":
     directory, port = sys.argv[1], int(sys.argv[2])
     delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    api = API(directory, delay, max_batch_size=256, batch_timeout=0.002)
+    api = API(directory, delay, max_batch_size=LIMITS.max_batch, batch_timeout=LIMITS.batch_wait_ms / 1000)
     ls.LitServer(api, accelerator="cpu", workers_per_device=1).run(
         port=port, generate_client_file=False, log_level="warning"
     )
