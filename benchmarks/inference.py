@@ -35,7 +35,6 @@ request in the model.
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
 import json
 import os
@@ -54,7 +53,7 @@ import numpy as np
 import torch
 
 from _machine import machine
-from _timing import write_part
+from _report import finished, write_part
 from attention import interleave
 from attnfuse.serve import ModelService
 from scaling import free_port
@@ -506,8 +505,7 @@ def main() -> None:
             )
             if part == "frameworks" and args.litserve_path:
                 command += " --litserve-path DIR"
-            when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
-            run = f"{when}, `{command}`; {machine_line}"
+            run = f"{finished()}, `{command}`; {machine_line}"
             if part == "backends":
                 run += f"; {args.rounds} interleaved rounds after 1 warm-up round"
             text = f"### {TITLES[part]}\n\nRun: {run}.\n\n" + "\n".join(body)

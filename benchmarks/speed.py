@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import _timing
+import _report
 import attnfuse
 from _machine import machine
 from attnfuse.nn import kernels
@@ -609,7 +609,7 @@ TITLES = {
 def write_part(out: Path, part: str, text: str) -> None:
     """Replace ``part``'s block in ``out``, or append it to this script's section (created at the end
     when absent): a part can be re-run alone."""
-    _timing.write_part(out, "benchmarks/speed.py", part, text, SECTION)
+    _report.write_part(out, "benchmarks/speed.py", part, text, SECTION)
 
 
 def main() -> None:
