@@ -309,7 +309,7 @@ class FusionPredictor:
         if isinstance(X, MultimodalDataset):
             _no_targets_twice(y, "a MultimodalDataset holds its targets")
             _no_table_options(table, "a MultimodalDataset")
-            return (X if task == "auto" else X.as_task(task)), X.name
+            return X, X.name  # train() reads it as spec.run.task
         if isinstance(X, (str, os.PathLike)):
             _no_targets_twice(y, "a file holds its targets: name the column with target=")
             source = os.fspath(X)
