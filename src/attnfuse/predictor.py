@@ -56,7 +56,7 @@ from .checkpoint import (
 )
 from .data import MultimodalDataset, RowBatches, decode_labels, read_arrow
 from .data.io._common import read_bounded
-from .data.io.table import as_arrow, parse_modality_options
+from .data.io.table import as_arrow
 from .explain import explain_model
 from .explain.run import Explanation, column_names
 from .export import export_model
@@ -198,18 +198,12 @@ class FusionPredictor:
             values["modality"] = [f"{name}={pattern}" for name, pattern in self.modalities.items()]
         return TrainSpec.from_options(values, where="FusionPredictor")
 
-    def _table(self) -> dict[str, Any]:
-        """How tables are read: modalities, target, split column, mapping file (None: the defaults)."""
-        modality = self._options.get("modality")
-        modalities = self.modalities
-        if modalities is None and modality is not None:
-            modalities = parse_modality_options([modality] if isinstance(modality, str) else modality)
-        return {
-            "modalities": None if modalities is None else dict(modalities),
-            "target": self.target,
-            "split_col": self._options.get("split_col"),
-            "mapping": self._options.get("mapping"),
-        }
+    def _table(self, spec: TrainSpec) -> dict[str, Any]:
+        """How tables are read: the reading options of ``spec`` (None: the defaults), with
+        ``modalities`` as given (a list of columns has no ``--modality`` form in ``spec``)."""
+        if self.modalities is None:
+            return spec.run.table_options()
+        return {**replace(spec.run, modality=None).table_options(), "modalities": dict(self.modalities)}
 
     # -- training -------------------------------------------------------------------------------
 
@@ -227,7 +221,7 @@ class FusionPredictor:
         metrics. Returns the predictor."""
         spec = self._spec()
         if valid is not None:
-            X, y = self._with_valid(X, y, valid)
+            X, y = self._with_valid(X, y, valid, spec.run.split_col or "split")
         data, source = self._training_data(X, y, spec)
         scratch, out = self._output()
         before = torch.get_num_threads()
@@ -259,16 +253,15 @@ class FusionPredictor:
             warnings.warn(verdict_line(result.verdict, self.config_["fusion"]), UserWarning, stacklevel=2)
         return self
 
-    def _with_valid(self, X: Any, y: Any, valid: Any) -> tuple[Any, Any]:
-        """``X`` and ``valid`` as one table or dict (and one ``y``) whose split column (``split_col``
-        or ``split``) says ``train`` for the rows of ``X`` and ``valid`` for those of ``valid``:
+    def _with_valid(self, X: Any, y: Any, valid: Any, name: str) -> tuple[Any, Any]:
+        """``X`` and ``valid`` as one table or dict (and one ``y``) whose split column ``name``
+        (``split_col`` or ``split``) says ``train`` for the rows of ``X`` and ``valid`` for those of ``valid``:
         what :func:`attnfuse.data.make_split` reads as a split without test rows."""
         v, y_valid = valid if isinstance(valid, tuple) and len(valid) == 2 else (valid, None)
         if (y is None) != (y_valid is None):
             raise ValueError(
                 "valid: give the targets the same way for X and valid: inside both, or as fit(X, y, valid=(V, y_valid))"
             )
-        name = self._table()["split_col"] or "split"
         if isinstance(X, MultimodalDataset):
             raise ValueError("valid: X is a MultimodalDataset; mark its validation rows 'valid' in its split instead")
         if isinstance(X, (str, os.PathLike)):
@@ -305,7 +298,7 @@ class FusionPredictor:
         """``X`` (and ``y``) read as a dataset to train on, and the name run.yaml gives it: a
         file's full path (so that ``attnfuse train --config run.yaml`` reads it again), else
         ``frame`` / ``arrays`` / the dataset's name."""
-        task, table = spec.run.task, self._table()
+        task, table = spec.run.task, self._table(spec)
         if isinstance(X, MultimodalDataset):
             _no_targets_twice(y, "a MultimodalDataset holds its targets")
             _no_table_options(table, "a MultimodalDataset")
