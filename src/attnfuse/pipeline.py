@@ -622,16 +622,25 @@ def data_for_model(
     table_source = Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES
     if table_source and trained.get("columns") is not None:  # read by the model's column names
         table["model_columns"] = trained["columns"]
-    classification = trained["task"] == "classification"
     return load(
         source or recorded,
         allow_pickle,
         seed=config["train"].get("seed", 0),
-        task=trained["task"],
-        num_classes=trained.get("num_classes") if classification and trained.get("classes") is None else None,
-        classes=trained.get("classes") if classification else None,
+        **label_space(config),
         **{k: v for k, v in table.items() if v is not None},
     )
+
+
+def label_space(config: dict) -> dict[str, Any]:
+    """A trained model's task and label space as the data readers take them (``task``,
+    ``num_classes``, ``classes``), so that new data is read as the training data was."""
+    trained = config["data"]
+    classification = trained["task"] == "classification"
+    return {
+        "task": trained["task"],
+        "num_classes": trained.get("num_classes") if classification and trained.get("classes") is None else None,
+        "classes": trained.get("classes") if classification else None,
+    }
 
 
 def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:

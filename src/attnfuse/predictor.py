@@ -65,6 +65,7 @@ from .options import shorten
 from .pipeline import (
     TrainSpec,
     data_for_model,
+    label_space,
     load,
     read_options,
     split_parts,
@@ -552,18 +553,13 @@ class FusionPredictor:
     def _data_for_model(self, X: Any, y: Any) -> MultimodalDataset:
         """``X`` read as the model's data: a table by the columns the model recorded, a dict by its
         modality names, labels in its label space; checked against it (shapes, task)."""
-        trained = self.config_["data"]
+        trained, labels = self.config_["data"], label_space(self.config_)
         classification = self.task_ == "classification"
-        labels = {
-            "task": self.task_,
-            "classes": trained.get("classes") if classification else None,
-            "num_classes": trained.get("num_classes") if classification and trained.get("classes") is None else None,
-        }
         columns = trained.get("columns")
         target = (columns or {}).get("target") or self.target or "y"
         if isinstance(X, MultimodalDataset):
             _no_targets_twice(y, "a MultimodalDataset holds its targets")
-            data = X if X.task == self.task_ or X.y is None else X.as_task(self.task_)
+            data = X if X.y is None else X.as_task(self.task_)
             if classification and data.y is not None and data.classes != trained.get("classes"):
                 raise ValueError(
                     f"X: the dataset's classes {shorten(data.classes)} are not the model's {shorten(trained.get('classes'))}; "
