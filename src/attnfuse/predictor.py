@@ -335,14 +335,22 @@ class FusionPredictor:
                 raise ValueError(f"model: {metrics} is not valid JSON ({e})") from None
         self.model_dir_ = Path(model_dir)
         self.config_ = config
-        self.task_ = config["data"]["task"]
         self.model_, self.standardizer_ = net, standardizer
         self.report_ = report
-        if self.task_ == "classification":
-            classes = config["data"].get("classes")
-            self.classes_ = np.asarray(decode_labels(np.arange(config["data"]["num_classes"]), classes))
-        elif hasattr(self, "classes_"):  # refitted as a regression
-            del self.classes_
+
+    @property
+    def task_(self) -> str:
+        """``classification`` or ``regression``: the task of the model held (config.json's)."""
+        return self.config_["data"]["task"]
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class labels as the user gave them, in the order of :meth:`predict_proba`'s columns
+        (classification only: a regression model has no ``classes_``)."""
+        data = self.config_["data"]
+        if data["task"] != "classification":
+            raise AttributeError("classes_: the model predicts regression values; it has no classes")
+        return np.asarray(decode_labels(np.arange(data["num_classes"]), data.get("classes")))
 
     # -- model directories ----------------------------------------------------------------------
 
