@@ -63,6 +63,7 @@ from .export import export_model
 from .metrics import compute_metrics
 from .options import shorten
 from .pipeline import (
+    TrainResult,
     TrainSpec,
     data_for_model,
     label_space,
@@ -225,34 +226,32 @@ class FusionPredictor:
             X, y = self._with_valid(X, y, valid, spec.run.split_col or "split")
         data, source = self._training_data(X, y, spec)
         scratch, out = self._output()
-        before = torch.get_num_threads()
-        # The command line's thread count (the free cores, or threads=), for this fit only; the
-        # count used is part of the run (run.yaml), as on the command line.
-        threads = set_threads(spec.train.threads)
-        spec = replace(spec, run=replace(spec.run, data=source), train=replace(spec.train, threads=threads))
         try:
-            result = train(spec, out, self.progress, data=data)
-        except BaseException:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        finally:
-            torch.set_num_threads(before)
-        previous = getattr(self, "_cleanup", None)  # the temporary directory of an earlier fit
-        try:
+            result = self._train(replace(spec, run=replace(spec.run, data=source)), out, data)
             self._attach(out)
         except BaseException:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
             raise
-        if previous is not None:
-            previous()
+        if getattr(self, "_cleanup", None) is not None:
+            self._cleanup()  # the temporary directory of an earlier fit
         self._cleanup = None if scratch is None else weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
         self.verdict_ = result.verdict
         self.seconds_ = dict(result.seconds)
         if result.verdict is not None and result.verdict["clear"]:  # what the command line says in a line
             warnings.warn(verdict_line(result.verdict, self.config_["fusion"]), UserWarning, stacklevel=2)
         return self
+
+    def _train(self, spec: TrainSpec, out: Path, data: MultimodalDataset) -> TrainResult:
+        """:func:`attnfuse.pipeline.train` with the command line's thread count (the free cores,
+        or threads=) for this fit only; the count used is part of the run (run.yaml), as on the
+        command line."""
+        before = torch.get_num_threads()
+        try:
+            threads = set_threads(spec.train.threads)
+            return train(replace(spec, train=replace(spec.train, threads=threads)), out, self.progress, data=data)
+        finally:
+            torch.set_num_threads(before)
 
     def _with_valid(self, X: Any, y: Any, valid: Any, name: str) -> tuple[Any, Any]:
         """``X`` and ``valid`` as one table or dict (and one ``y``) whose split column ``name``
