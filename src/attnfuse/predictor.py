@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .baselines import verdict_line
-from .calibration import calibrated_probabilities, evaluation_block, half_width_of, prediction_interval
+from .calibration import calibrated_probabilities, half_width_of, prediction_interval
 from .checkpoint import (
     CONFIG,
     LOG,
@@ -68,8 +68,8 @@ from .pipeline import (
     data_for_model,
     label_space,
     load,
+    metrics_per_part,
     read_options,
-    split_parts,
     train,
     train_options,
     without_consent,
@@ -455,21 +455,10 @@ class FusionPredictor:
         training data itself, the split drawn in training) and on all rows (``"all"``), and under
         ``"calibration"`` those of the calibrated outputs per part (``ece`` and ``nll`` of the
         probabilities; ``coverage`` and ``width`` of the intervals); undefined metrics are None."""
-        data, outputs = self._run(X, y, "evaluate")
+        data = self._checked_data(X, y, "evaluate")
         if data.y is None:
             raise ValueError(f"y: {data.name} has no targets to evaluate against; give y or the target column")
-        pred = to_predictions(self.task_, outputs)
-        sentiment = self.config_["train"].get("metrics") == "sentiment"
-        parts = split_parts(data, self.config_)
-        report: dict[str, Any] = {
-            part: compute_metrics(self.task_, data.y[rows], pred[rows], sentiment=sentiment)
-            for part, rows in parts.items()
-            if rows.size
-        }
-        calibration = evaluation_block(self.task_, data.y, outputs, parts, self.config_)
-        if calibration is not None:
-            report["calibration"] = calibration
-        return metrics_for_json(report)
+        return metrics_for_json(metrics_per_part(self.model_, self.config_, self.standardizer_, data))
 
     def explain(
         self,
