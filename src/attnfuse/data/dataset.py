@@ -94,7 +94,7 @@ class Batch:
 
 
 class BatchSource(Protocol):
-    """What :func:`iter_batches` iterates over: a :class:`Batch` or a lazy :class:`RowBatches`."""
+    """What :func:`iter_batches` iterates over: a :class:`Batch` or a lazy :class:`~attnfuse.data.preprocessing.RowBatches`."""
 
     def __len__(self) -> int: ...
 
@@ -107,7 +107,7 @@ def iter_batches(
     """Yield consecutive mini-batches of ``batch`` (the last one may be smaller).
 
     ``batch``: a :class:`Batch` or any source with ``len()`` and ``select(index) -> Batch`` (e.g.
-    :class:`RowBatches`, which gathers only the rows selected). With ``shuffle`` the rows are
+    :class:`~attnfuse.data.preprocessing.RowBatches`, which gathers only the rows selected). With ``shuffle`` the rows are
     permuted first, reproducibly when a seeded ``generator`` is given.
     """
     check_int("batch_size", batch_size)
