@@ -308,9 +308,7 @@ class FusionPredictor:
             source = os.fspath(X)
             if Path(source).exists():
                 source = str(Path(source).resolve())
-            given = {k: v for k, v in table.items() if v is not None}
-            data = load(source, spec.run.allow_pickle, spec.train.seed, task, **given)
-            return data, source
+            return load(source, spec.run.allow_pickle, spec.train.seed, task, **table), source
         if isinstance(X, Mapping):
             # target and split_col name keys of the dict; column patterns have nothing to select.
             _no_table_options(
