@@ -307,6 +307,16 @@ def test_predict_proba_of_a_regression_model_is_refused(tmp_path, table):
     assert regressor.predict(data).shape == (3,)
 
 
+def test_a_dataset_is_trained_as_the_task_given():
+    rng = np.random.default_rng(0)
+    data = MultimodalDataset({"a": rng.normal(size=(60, 3)), "b": rng.normal(size=(60, 2))}, np.arange(60) % 4)
+    predictor = FusionPredictor(**FAST).fit(data)
+    assert predictor.task_ == "classification" and list(predictor.classes_) == [0, 1, 2, 3]
+    predictor.set_params(task="regression").fit(data)  # refitted as another task
+    assert data.task == "classification" and predictor.task_ == "regression"
+    assert predictor.predict(data).dtype == np.float32 and not hasattr(predictor, "classes_")
+
+
 def test_save_refuses_a_model_directory_replaced_since_fit(tmp_path, table):
     frame = table.drop(["score", "id"])
     predictor = FusionPredictor(target="label", path=tmp_path / "m", **FAST).fit(frame)

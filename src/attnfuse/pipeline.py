@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .calibration import check_level
+from .calibration import check_level, evaluation_block
 from .checkpoint import (
     check_compatible,
     check_memory,
@@ -46,18 +46,19 @@ from .checkpoint import (
     write_run,
 )
 from .checks import check_int
-from .data import BUILTINS, SPLITS, MultimodalDataset, Standardizer, load_data
+from .data import BUILTINS, SPLITS, MultimodalDataset, RowBatches, Standardizer, load_data
 from .data.dataset import TASKS
 from .data.io._common import read_bounded
 from .data.io.table import TABLE_SUFFIXES, parse_modality_options
 from .distributed import Dist, local_device, setup, teardown
 from .fit import Fit, ProgressCallback, RunLoop, RunLoopState, summarize_runs
 from .fusion import FUSIONS, FusionModel, config_from_dict
+from .metrics import compute_metrics
 from .options import Option, by_name, coerce, option, options_of, shorten
 from .portfolio import PORTFOLIO, Candidate, candidates_for
 from .runstate import Checkpoints, last_dir
 from .splitplan import SplitPlan
-from .training import DivergedError, Interrupted, TrainConfig, TrainedModel, model_config
+from .training import DivergedError, Interrupted, TrainConfig, TrainedModel, model_config, predict, to_predictions
 
 __all__ = [
     "ReadOptions",
@@ -76,6 +77,8 @@ __all__ = [
     "load",
     "load_trained",
     "data_for_model",
+    "label_space",
+    "metrics_per_part",
     "split_parts",
 ]
 
@@ -621,16 +624,25 @@ def data_for_model(
     table_source = Path(source or trained.get("source", "")).suffix.lower() in TABLE_SUFFIXES
     if table_source and trained.get("columns") is not None:  # read by the model's column names
         table["model_columns"] = trained["columns"]
-    classification = trained["task"] == "classification"
     return load(
         source or recorded,
         allow_pickle,
         seed=config["train"].get("seed", 0),
-        task=trained["task"],
-        num_classes=trained.get("num_classes") if classification and trained.get("classes") is None else None,
-        classes=trained.get("classes") if classification else None,
+        **label_space(config),
         **{k: v for k, v in table.items() if v is not None},
     )
+
+
+def label_space(config: dict) -> dict[str, Any]:
+    """A trained model's task and label space as the data readers take them (``task``,
+    ``num_classes``, ``classes``), so that new data is read as the training data was."""
+    trained = config["data"]
+    classification = trained["task"] == "classification"
+    return {
+        "task": trained["task"],
+        "num_classes": trained.get("num_classes") if classification and trained.get("classes") is None else None,
+        "classes": trained.get("classes") if classification else None,
+    }
 
 
 def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
@@ -646,3 +658,23 @@ def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
         parts = {s: rows for s in SPLITS if (rows := np.flatnonzero(data.split == s)).size}
     parts["all"] = np.arange(data.n)
     return parts
+
+
+def metrics_per_part(net: Any, config: dict, standardizer: Standardizer | None, data: MultimodalDataset) -> dict:
+    """A trained model's metrics on each part of ``data`` (:func:`split_parts`: its splits, and
+    all rows) and, under ``"calibration"``, those of its calibrated outputs per part
+    (:func:`attnfuse.calibration.evaluation_block`: the expected calibration error and NLL of the
+    probabilities; the coverage and mean width of the intervals): ``attnfuse evaluate``'s report."""
+    outputs = predict(net, RowBatches(data, None, standardizer))  # (N, out_dim)
+    y_pred = to_predictions(data.task, outputs)
+    sentiment = config["train"].get("metrics") == "sentiment"
+    parts = split_parts(data, config)
+    report: dict[str, dict] = {
+        s: compute_metrics(data.task, data.y[idx], y_pred[idx], sentiment=sentiment)
+        for s, idx in parts.items()
+        if idx.size
+    }
+    calibration = evaluation_block(data.task, data.y, outputs, parts, config)
+    if calibration is not None:
+        report["calibration"] = calibration
+    return report

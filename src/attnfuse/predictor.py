@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .baselines import verdict_line
-from .calibration import calibrated_probabilities, evaluation_block, half_width_of, prediction_interval
+from .calibration import calibrated_probabilities, half_width_of, prediction_interval
 from .checkpoint import (
     CONFIG,
     LOG,
@@ -56,18 +56,20 @@ from .checkpoint import (
 )
 from .data import MultimodalDataset, RowBatches, decode_labels, read_arrow
 from .data.io._common import read_bounded
-from .data.io.table import as_arrow, parse_modality_options
+from .data.io.table import as_arrow
 from .explain import explain_model
 from .explain.run import Explanation, column_names
 from .export import export_model
 from .metrics import compute_metrics
 from .options import shorten
 from .pipeline import (
+    TrainResult,
     TrainSpec,
     data_for_model,
+    label_space,
     load,
+    metrics_per_part,
     read_options,
-    split_parts,
     train,
     train_options,
     without_consent,
@@ -198,18 +200,12 @@ class FusionPredictor:
             values["modality"] = [f"{name}={pattern}" for name, pattern in self.modalities.items()]
         return TrainSpec.from_options(values, where="FusionPredictor")
 
-    def _table(self) -> dict[str, Any]:
-        """How tables are read: modalities, target, split column, mapping file (None: the defaults)."""
-        modality = self._options.get("modality")
-        modalities = self.modalities
-        if modalities is None and modality is not None:
-            modalities = parse_modality_options([modality] if isinstance(modality, str) else modality)
-        return {
-            "modalities": None if modalities is None else dict(modalities),
-            "target": self.target,
-            "split_col": self._options.get("split_col"),
-            "mapping": self._options.get("mapping"),
-        }
+    def _table(self, spec: TrainSpec) -> dict[str, Any]:
+        """How tables are read: the reading options of ``spec`` (None: the defaults), with
+        ``modalities`` as given (a list of columns has no ``--modality`` form in ``spec``)."""
+        if self.modalities is None:
+            return spec.run.table_options()
+        return {**replace(spec.run, modality=None).table_options(), "modalities": dict(self.modalities)}
 
     # -- training -------------------------------------------------------------------------------
 
@@ -227,31 +223,18 @@ class FusionPredictor:
         metrics. Returns the predictor."""
         spec = self._spec()
         if valid is not None:
-            X, y = self._with_valid(X, y, valid)
+            X, y = self._with_valid(X, y, valid, spec.run.split_col or "split")
         data, source = self._training_data(X, y, spec)
         scratch, out = self._output()
-        before = torch.get_num_threads()
-        # The command line's thread count (the free cores, or threads=), for this fit only; the
-        # count used is part of the run (run.yaml), as on the command line.
-        threads = set_threads(spec.train.threads)
-        spec = replace(spec, run=replace(spec.run, data=source), train=replace(spec.train, threads=threads))
         try:
-            result = train(spec, out, self.progress, data=data)
-        except BaseException:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        finally:
-            torch.set_num_threads(before)
-        previous = getattr(self, "_cleanup", None)  # the temporary directory of an earlier fit
-        try:
+            result = self._train(replace(spec, run=replace(spec.run, data=source)), out, data)
             self._attach(out)
         except BaseException:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
             raise
-        if previous is not None:
-            previous()
+        if getattr(self, "_cleanup", None) is not None:
+            self._cleanup()  # the temporary directory of an earlier fit
         self._cleanup = None if scratch is None else weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
         self.verdict_ = result.verdict
         self.seconds_ = dict(result.seconds)
@@ -259,16 +242,26 @@ class FusionPredictor:
             warnings.warn(verdict_line(result.verdict, self.config_["fusion"]), UserWarning, stacklevel=2)
         return self
 
-    def _with_valid(self, X: Any, y: Any, valid: Any) -> tuple[Any, Any]:
-        """``X`` and ``valid`` as one table or dict (and one ``y``) whose split column (``split_col``
-        or ``split``) says ``train`` for the rows of ``X`` and ``valid`` for those of ``valid``:
+    def _train(self, spec: TrainSpec, out: Path, data: MultimodalDataset) -> TrainResult:
+        """:func:`attnfuse.pipeline.train` with the command line's thread count (the free cores,
+        or threads=) for this fit only; the count used is part of the run (run.yaml), as on the
+        command line."""
+        before = torch.get_num_threads()
+        try:
+            threads = set_threads(spec.train.threads)
+            return train(replace(spec, train=replace(spec.train, threads=threads)), out, self.progress, data=data)
+        finally:
+            torch.set_num_threads(before)
+
+    def _with_valid(self, X: Any, y: Any, valid: Any, name: str) -> tuple[Any, Any]:
+        """``X`` and ``valid`` as one table or dict (and one ``y``) whose split column ``name``
+        (``split_col`` or ``split``) says ``train`` for the rows of ``X`` and ``valid`` for those of ``valid``:
         what :func:`attnfuse.data.make_split` reads as a split without test rows."""
         v, y_valid = valid if isinstance(valid, tuple) and len(valid) == 2 else (valid, None)
         if (y is None) != (y_valid is None):
             raise ValueError(
                 "valid: give the targets the same way for X and valid: inside both, or as fit(X, y, valid=(V, y_valid))"
             )
-        name = self._table()["split_col"] or "split"
         if isinstance(X, MultimodalDataset):
             raise ValueError("valid: X is a MultimodalDataset; mark its validation rows 'valid' in its split instead")
         if isinstance(X, (str, os.PathLike)):
@@ -305,19 +298,17 @@ class FusionPredictor:
         """``X`` (and ``y``) read as a dataset to train on, and the name run.yaml gives it: a
         file's full path (so that ``attnfuse train --config run.yaml`` reads it again), else
         ``frame`` / ``arrays`` / the dataset's name."""
-        task, table = spec.run.task, self._table()
+        task, table = spec.run.task, self._table(spec)
         if isinstance(X, MultimodalDataset):
             _no_targets_twice(y, "a MultimodalDataset holds its targets")
             _no_table_options(table, "a MultimodalDataset")
-            return (X if task == "auto" else X.as_task(task)), X.name
+            return X, X.name  # train() reads it as spec.run.task
         if isinstance(X, (str, os.PathLike)):
             _no_targets_twice(y, "a file holds its targets: name the column with target=")
             source = os.fspath(X)
             if Path(source).exists():
                 source = str(Path(source).resolve())
-            given = {k: v for k, v in table.items() if v is not None}
-            data = load(source, spec.run.allow_pickle, spec.train.seed, task, **given)
-            return data, source
+            return load(source, spec.run.allow_pickle, spec.train.seed, task, **table), source
         if isinstance(X, Mapping):
             # target and split_col name keys of the dict; column patterns have nothing to select.
             _no_table_options(
@@ -341,14 +332,22 @@ class FusionPredictor:
                 raise ValueError(f"model: {metrics} is not valid JSON ({e})") from None
         self.model_dir_ = Path(model_dir)
         self.config_ = config
-        self.task_ = config["data"]["task"]
         self.model_, self.standardizer_ = net, standardizer
         self.report_ = report
-        if self.task_ == "classification":
-            classes = config["data"].get("classes")
-            self.classes_ = np.asarray(decode_labels(np.arange(config["data"]["num_classes"]), classes))
-        elif hasattr(self, "classes_"):  # refitted as a regression
-            del self.classes_
+
+    @property
+    def task_(self) -> str:
+        """``classification`` or ``regression``: the task of the model held (config.json's)."""
+        return self.config_["data"]["task"]
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class labels as the user gave them, in the order of :meth:`predict_proba`'s columns
+        (classification only: a regression model has no ``classes_``)."""
+        data = self.config_["data"]
+        if data["task"] != "classification":
+            raise AttributeError("classes_: the model predicts regression values; it has no classes")
+        return np.asarray(decode_labels(np.arange(data["num_classes"]), data.get("classes")))
 
     # -- model directories ----------------------------------------------------------------------
 
@@ -454,21 +453,10 @@ class FusionPredictor:
         training data itself, the split drawn in training) and on all rows (``"all"``), and under
         ``"calibration"`` those of the calibrated outputs per part (``ece`` and ``nll`` of the
         probabilities; ``coverage`` and ``width`` of the intervals); undefined metrics are None."""
-        data, outputs = self._run(X, y, "evaluate")
+        data = self._checked_data(X, y, "evaluate")
         if data.y is None:
             raise ValueError(f"y: {data.name} has no targets to evaluate against; give y or the target column")
-        pred = to_predictions(self.task_, outputs)
-        sentiment = self.config_["train"].get("metrics") == "sentiment"
-        parts = split_parts(data, self.config_)
-        report: dict[str, Any] = {
-            part: compute_metrics(self.task_, data.y[rows], pred[rows], sentiment=sentiment)
-            for part, rows in parts.items()
-            if rows.size
-        }
-        calibration = evaluation_block(self.task_, data.y, outputs, parts, self.config_)
-        if calibration is not None:
-            report["calibration"] = calibration
-        return metrics_for_json(report)
+        return metrics_for_json(metrics_per_part(self.model_, self.config_, self.standardizer_, data))
 
     def explain(
         self,
@@ -559,18 +547,13 @@ class FusionPredictor:
     def _data_for_model(self, X: Any, y: Any) -> MultimodalDataset:
         """``X`` read as the model's data: a table by the columns the model recorded, a dict by its
         modality names, labels in its label space; checked against it (shapes, task)."""
-        trained = self.config_["data"]
+        trained, labels = self.config_["data"], label_space(self.config_)
         classification = self.task_ == "classification"
-        labels = {
-            "task": self.task_,
-            "classes": trained.get("classes") if classification else None,
-            "num_classes": trained.get("num_classes") if classification and trained.get("classes") is None else None,
-        }
         columns = trained.get("columns")
         target = (columns or {}).get("target") or self.target or "y"
         if isinstance(X, MultimodalDataset):
             _no_targets_twice(y, "a MultimodalDataset holds its targets")
-            data = X if X.task == self.task_ or X.y is None else X.as_task(self.task_)
+            data = X if X.y is None else X.as_task(self.task_)
             if classification and data.y is not None and data.classes != trained.get("classes"):
                 raise ValueError(
                     f"X: the dataset's classes {shorten(data.classes)} are not the model's {shorten(trained.get('classes'))}; "

@@ -11,12 +11,11 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from ..calibration import calibrated_probabilities, evaluation_block, half_width_of, prediction_interval
+from ..calibration import calibrated_probabilities, half_width_of, prediction_interval
 from ..checkpoint import EVALUATION, metrics_for_json
 from ..data import RowBatches, decode_labels
 from ..files import check_writable, write_json, write_text
-from ..metrics import compute_metrics
-from ..pipeline import data_options, split_parts
+from ..pipeline import data_options, metrics_per_part, split_parts
 from ..robustness import missing_modalities, plot_robustness, robustness_table
 from ..threads import set_threads
 from ..training import predict, to_predictions
@@ -61,7 +60,7 @@ def evaluate(
     net, config, standardizer, dataset = load_for_model(model, data, read)
     if dataset.y is None:
         raise ValueError(f"data: {dataset.name} has no targets to evaluate against; attnfuse predict works without")
-    report = metrics_for_json(_metrics_per_part(net, config, standardizer, dataset))
+    report = metrics_for_json(metrics_per_part(net, config, standardizer, dataset))
     title = f"{config['fusion']} model {model} on {dataset.name}"
     console.print(metrics_table(title, {k: v for k, v in report.items() if k != "calibration"}))
     if "calibration" in report:
@@ -77,26 +76,6 @@ def evaluate(
             figure, unplottable, "the robustness plot", "--plot", lambda: plot_robustness(robustness, figure, title)
         )
         console.print(f"robustness plot written to [bold]{escape(str(figure))}[/]", highlight=False)
-
-
-def _metrics_per_part(net, config: dict, standardizer, dataset) -> dict[str, dict]:
-    """The model's metrics on each part of ``dataset`` (its splits, and all rows) and, under
-    ``"calibration"``, those of its calibrated outputs per part
-    (:func:`attnfuse.calibration.evaluation_block`: the expected calibration error and NLL of the
-    probabilities; the coverage and mean width of the intervals)."""
-    outputs = predict(net, RowBatches(dataset, None, standardizer))  # (N, out_dim)
-    y_pred = to_predictions(dataset.task, outputs)
-    sentiment = config["train"].get("metrics") == "sentiment"
-    parts = split_parts(dataset, config)
-    report: dict[str, dict] = {
-        s: compute_metrics(dataset.task, dataset.y[idx], y_pred[idx], sentiment=sentiment)
-        for s, idx in parts.items()
-        if idx.size
-    }
-    calibration = evaluation_block(dataset.task, dataset.y, outputs, parts, config)
-    if calibration is not None:
-        report["calibration"] = calibration
-    return report
 
 
 def _calibration_table(block: dict):

@@ -18,6 +18,7 @@ rows are read when they are gathered (:meth:`MultimodalDataset.gather`, ``to_bat
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from ._memory import is_mapped, read_rows, row_chunks
 from .validation import (
     SPLITS,
     TASKS,
+    Targets,
     check_columns,
     check_features,
     check_info,
@@ -92,7 +94,7 @@ class Batch:
 
 
 class BatchSource(Protocol):
-    """What :func:`iter_batches` iterates over: a :class:`Batch` or a lazy :class:`RowBatches`."""
+    """What :func:`iter_batches` iterates over: a :class:`Batch` or a lazy :class:`~attnfuse.data.preprocessing.RowBatches`."""
 
     def __len__(self) -> int: ...
 
@@ -105,7 +107,7 @@ def iter_batches(
     """Yield consecutive mini-batches of ``batch`` (the last one may be smaller).
 
     ``batch``: a :class:`Batch` or any source with ``len()`` and ``select(index) -> Batch`` (e.g.
-    :class:`RowBatches`, which gathers only the rows selected). With ``shuffle`` the rows are
+    :class:`~attnfuse.data.preprocessing.RowBatches`, which gathers only the rows selected). With ``shuffle`` the rows are
     permuted first, reproducibly when a seeded ``generator`` is given.
     """
     check_int("batch_size", batch_size)
@@ -163,8 +165,7 @@ class MultimodalDataset:
             self.n = n = int(np.shape(next(iter(features.values())))[0])  # no targets: the rows of the features
         else:
             raise ValueError("features: expected at least one modality, got none")
-        self.y, self.task = targets.y, targets.task
-        self.num_classes, self.classes, self.target_dim = targets.num_classes, targets.classes, targets.target_dim
+        self._set_targets(targets)
 
         if not isinstance(features, Mapping):
             raise TypeError(f"features: expected a dict of modality name -> array, got {type(features).__name__}")
@@ -262,19 +263,20 @@ class MultimodalDataset:
 
     def as_task(self, task: str) -> MultimodalDataset:
         """This data with its targets read as ``task`` ("classification" or "regression"; checked
-        again as for a new dataset), everything else carried over; itself when it is that task."""
+        again as for a new dataset), everything else carried over; itself when it is that task.
+
+        Only the targets are checked again: the features, masks and split were checked when this
+        dataset was made, and are shared (a memory-mapped modality is not read again)."""
         if task == self.task:
             return self
-        return MultimodalDataset(
-            self.features,
-            self.y,
-            masks=self.masks,
-            split=self.split,
-            task=task,
-            name=self.name,
-            info=self.info,
-            columns=self.columns,
-        )
+        targets = check_targets(self.y, task)
+        out = copy.copy(self)
+        out._set_targets(targets)
+        return out
+
+    def _set_targets(self, targets: Targets) -> None:
+        self.y, self.task = targets.y, targets.task
+        self.num_classes, self.classes, self.target_dim = targets.num_classes, targets.classes, targets.target_dim
 
     def replace_features(self, features: Mapping[str, np.ndarray]) -> MultimodalDataset:
         """A dataset sharing everything with this one but the features, e.g. standardised ones.
