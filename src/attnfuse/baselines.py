@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from .metrics import compute_metrics, summarize
 __all__ = [
     "BASELINES",
     "pooled_features",
+    "presence_columns",
     "make_baseline",
     "fit_baselines",
     "fit_baseline",
@@ -67,15 +69,19 @@ EARLY_STOPPING_REGRESSION_ROWS = 20
 MIN_SAMPLES_LEAF = 20  # scikit-learn's default, lowered on small data (see make_baseline)
 
 
-def pooled_features(data: MultimodalDataset, rows: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
+def pooled_features(
+    data: MultimodalDataset, rows: np.ndarray | None = None, chunk: int = 4096, presence: list[str] | None = None
+) -> np.ndarray:
     """The baselines' input for ``rows`` (default all): ``(R, sum_m D_m + A)`` float64.
 
     Columns: for each modality in order, its features averaged over the valid steps ``(R, D_m)``
     (NaN where the modality is absent), then one presence column for each of the A modalities
-    that are absent in at least one of the rows. Read ``chunk`` rows at a time (a memory-mapped
-    dataset is never loaded whole)."""
+    that are absent in at least one of the rows (``presence``: for these modalities instead, so
+    that features of other rows have the same columns). Read ``chunk`` rows at a time (a
+    memory-mapped dataset is never loaded whole)."""
     rows = np.arange(data.n) if rows is None else np.asarray(rows, dtype=np.int64)
-    pooled, presence = [], []
+    with_presence = presence_columns(data, rows) if presence is None else presence
+    pooled, present_columns = [], []
     for spec in data.modalities:
         valid = data.valid_mask(spec.name)[rows]  # (R, T)
         count = valid.sum(axis=1, keepdims=True)  # (R, 1)
@@ -85,10 +91,16 @@ def pooled_features(data: MultimodalDataset, rows: np.ndarray | None = None, chu
             total[at : at + chunk] = data.gather(spec.name, rows[at : at + chunk]).sum(axis=1, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             pooled.append(total / count)  # (R, D); 0/0 = NaN where absent
-        present = count[:, 0] > 0
-        if not present.all():
-            presence.append(present.astype(np.float64)[:, None])
-    return np.concatenate(pooled + presence, axis=1)
+        if spec.name in with_presence:
+            present_columns.append((count > 0).astype(np.float64))  # (R, 1)
+    return np.concatenate(pooled + present_columns, axis=1)
+
+
+def presence_columns(data: MultimodalDataset, rows: np.ndarray | None = None) -> list[str]:
+    """The modalities that :func:`pooled_features` gives a presence column for ``rows``: those
+    absent (no valid step) in at least one of them."""
+    rows = np.arange(data.n) if rows is None else np.asarray(rows, dtype=np.int64)
+    return [spec.name for spec in data.modalities if not data.valid_mask(spec.name)[rows].any(axis=1).all()]
 
 
 def make_baseline(name: str, task: str, seed: int = 0, target_dim: int = 1, y: np.ndarray | None = None):
@@ -148,6 +160,8 @@ class BaselineResult:
 
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)  # name -> the fitted estimator (not saved as such)
+    presence: list[str] = field(default_factory=list)  # the modalities with a presence column
 
 
 def fit_baselines(
@@ -161,7 +175,7 @@ def fit_baselines(
     x = pooled_features(data, used)  # (R, F): row used[i] is x[i]
     y = np.asarray(data.y[used])
     part = {split: np.searchsorted(used, rows) for split, rows in splits.items()}
-    result = BaselineResult()
+    result = BaselineResult(presence=presence_columns(data, used))
     y_train = y[part["train"]]
     for name in BASELINES[data.task]:
         start = time.perf_counter()
@@ -171,6 +185,7 @@ def fit_baselines(
         except Exception as e:  # a comparison that cannot be made ends no run
             result.metrics[name] = {"skipped": _why(e, y_train, data.task)}
             continue
+        result.models[name] = model
         result.metrics[name] = {
             split: compute_metrics(data.task, y[at], pred[at], sentiment=sentiment)
             for split, at in part.items()

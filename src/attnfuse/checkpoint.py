@@ -42,7 +42,7 @@ from ._version import __version__
 from .calibration import check_calibration
 from .data import MultimodalDataset, Standardizer
 from .data.validation import check_columns
-from .ensemble import Ensemble, EnsembleSpec
+from .ensemble import Ensemble, EnsembleSpec, WeightedEnsemble, build_recorded, weighted_record
 from .files import transaction, write_bytes, write_json, write_text
 from .fusion import FusionConfig, FusionModel, config_from_dict
 from .runstate import LAST, check_last
@@ -154,6 +154,8 @@ def write_model(
         "train": train_config,
         **(extra or {}),
     }
+    if isinstance(model, WeightedEnsemble):
+        config["weighted"] = weighted_record(model)
     write_json(directory / CONFIG, config)
     return digest
 
@@ -327,6 +329,9 @@ def _check_config(config: Any, where: str) -> FusionConfig:
         except ValueError as e:
             raise ValueError(f"model: {where}: {e}") from None  # e names the key: calibration.<key>
     _check_standardizer(s, s.get(config, "", "standardizer", dict), modalities)
+    weighted = s.get(config, "", "weighted", dict, optional=True)
+    if weighted is not None:
+        _check_weighted(s, weighted, config["data"]["task"], modalities, fusion_config.out_dim)
     train = s.get(config, "", "train", dict)
     unknown = sorted(set(train) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
@@ -369,6 +374,46 @@ def _check_model(s: _Schema, config: dict) -> tuple[FusionConfig, list[dict]]:
     if classes is not None and (task != "classification" or len(classes) != out_dim):
         raise s.fail("data.classes", f"expected the {out_dim} original class labels of a classification model")
     return fusion_config, modalities
+
+
+def _check_weighted(s: _Schema, weighted: dict, task: str, modalities: list[dict], out_dim: int) -> None:
+    """A weighted ensemble's block (:func:`attnfuse.ensemble.weighted_record`): its parts, each a
+    fusion of the data's modalities and output size or a baseline head, weights summing to 1."""
+    if s.get(weighted, "weighted", "task", str) != task:
+        raise s.fail("weighted.task", f"expected {task!r} (from data), got {weighted['task']!r}")
+    parts = s.get(weighted, "weighted", "parts", list)
+    if not parts or not all(isinstance(p, dict) for p in parts):
+        raise s.fail("weighted.parts", "expected a list of at least one object")
+    for i, entry in enumerate(parts):
+        where = f"weighted.parts[{i}]"
+        s.get(entry, where, "name", str)
+        weight = s.get(entry, where, "weight", (int, float))
+        if isinstance(weight, bool) or not 0 <= weight <= 1:
+            raise s.fail(f"{where}.weight", f"expected a number in [0, 1], got {weight!r}")
+        kind = s.get(entry, where, "kind", str)
+        if kind == "fusion":
+            s.get(entry, where, "fusion", str)
+            model = s.get(entry, where, "model", dict)
+            if s.modalities(model, f"{where}.model") != modalities:
+                raise s.fail(f"{where}.model.modalities", "differ from data.modalities")
+            if "ensemble" in entry:
+                s.integer(entry, where, "ensemble")
+            try:
+                part = config_from_dict(entry["fusion"], model)
+            except (ValueError, TypeError) as e:
+                raise s.fail(f"{where}.model", str(e)) from None
+            if part.out_dim != out_dim:
+                raise s.fail(f"{where}.model.out_dim", f"expected {out_dim} (from data), got {part.out_dim}")
+        elif kind != "baseline":
+            raise s.fail(f"{where}.kind", f"expected 'fusion' or 'baseline', got {kind!r}")
+        else:
+            s.get(entry, where, "head", dict)
+    names = [entry["name"] for entry in parts]
+    primary = s.get(weighted, "weighted", "primary", str)
+    if primary not in [e["name"] for e in parts if e["kind"] == "fusion"] or len(set(names)) != len(names):
+        raise s.fail("weighted", f"expected distinct part names and a fusion part as primary, got {names}, {primary!r}")
+    if abs(sum(entry["weight"] for entry in parts) - 1) > 1e-6:
+        raise s.fail("weighted.parts", "expected weights summing to 1")
 
 
 def _check_standardizer(s: _Schema, stats: dict, modalities: list[dict]) -> None:
@@ -526,8 +571,18 @@ def _read_config(files: _Pinned) -> dict:
     model_dir = files.dir
     config = _parse(files.config, model_dir / CONFIG)
     fusion_config = _check_config(config, str(model_dir / CONFIG))
-    members = EnsembleSpec.from_dict(config["train"]).size
-    _check_size(fusion_config, _weights_header(files.weights, model_dir / WEIGHTS), str(model_dir), members)
+    header = _weights_header(files.weights, model_dir / WEIGHTS)
+    weighted = config.get("weighted")
+    if weighted is None:
+        members = EnsembleSpec.from_dict(config["train"]).size
+        _check_size(fusion_config, header, str(model_dir), members)
+    else:  # each fusion part of a weighted ensemble, its own share of the weights file
+        for entry in weighted["parts"]:
+            if entry["kind"] == "fusion":
+                prefix = f"parts.{entry['name']}."
+                held = {k: v for k, v in header.items() if k.startswith(prefix)}
+                part_config = config_from_dict(entry["fusion"], entry["model"])
+                _check_size(part_config, held, f"{model_dir} (part {entry['name']})", entry.get("ensemble", 1))
     return config
 
 
@@ -578,7 +633,7 @@ def _load(files: _Pinned, config: dict) -> tuple[FusionModel | Ensemble, Standar
     """The model ``config`` describes with the weights of ``files`` (checked), and its standardiser."""
     path = files.dir / WEIGHTS
     header = _weights_header(files.weights, path)
-    model = EnsembleSpec.from_dict(config["train"]).build(config["fusion"], config["model"])
+    model = build_recorded({**config, **EnsembleSpec.from_dict(config["train"]).to_dict()})
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: shape for k, (_, shape) in header.items()}
     problems = [f"missing {k}" for k in expected if k not in got]

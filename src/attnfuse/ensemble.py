@@ -10,7 +10,7 @@ directory (their weights under ``members.<k>.``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -19,10 +19,20 @@ from torch import Tensor, nn
 
 from .checks import check_int
 from .data import Batch
-from .fusion import FusionConfig, FusionModel, build_model
+from .fusion import FUSIONS, FusionConfig, FusionModel, build_model
+from .heads import build_head
 from .modules import AttentionMap
 
-__all__ = ["Ensemble", "EnsembleSpec", "build_ensemble", "first_member"]
+__all__ = [
+    "Ensemble",
+    "EnsembleSpec",
+    "WeightedEnsemble",
+    "build_ensemble",
+    "build_recorded",
+    "first_member",
+    "mix",
+    "weighted_record",
+]
 
 
 class Ensemble(nn.Module):
@@ -74,9 +84,80 @@ def build_ensemble(fusion: str, config: FusionConfig | dict, size: int = 1) -> F
     return Ensemble([build_model(fusion, config) for _ in range(size)])
 
 
-def first_member(model: FusionModel | Ensemble) -> FusionModel:
-    """The model itself, or an ensemble's first member: the one whose attention is shown, and
-    whose target statistics (the same in every member) define the regression loss's units."""
+class WeightedEnsemble(nn.Module):
+    """A weighted average of fitted models of any kind: ``forward(batch)`` -> ``(B, out_dim)``.
+
+    ``parts``: name -> model, each mapping a standardised :class:`~attnfuse.data.Batch` to
+    ``(B, out_dim)`` outputs (a fusion model, an :class:`Ensemble`, a baseline as a module of
+    :mod:`attnfuse.heads`); ``weights``: name -> weight >= 0, summing to 1 (the weights of
+    :func:`attnfuse.stacking.select_ensemble`, Caruana et al., 2004). ``primary``: the fusion
+    part whose config, modalities and attention the ensemble shows (the fusion of largest weight).
+
+    Regression: ``sum_m w_m y_m``, the weighted mean of the values. Classification: the mixture
+    ``p = sum_m w_m softmax(z_m)`` of the parts' class probabilities (a linear pool: what ensemble
+    selection scored), returned as logits ``log p`` (``softmax(log p) = p``, so every consumer of
+    logits reads the mixture's probabilities). A part of weight 0 is kept (the primary fusion may
+    carry nothing when a baseline wins) but not run."""
+
+    def __init__(self, parts: dict[str, nn.Module], weights: dict[str, float], task: str, primary: str) -> None:
+        super().__init__()
+        if set(weights) != set(parts):
+            raise ValueError(f"weights: expected one weight per part {sorted(parts)}, got {sorted(weights)}")
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+        if primary not in parts:
+            raise ValueError(f"primary: expected one of the parts {sorted(parts)}, got {primary!r}")
+        total = sum(weights.values())
+        if min(weights.values()) < 0 or abs(total - 1) > 1e-6:
+            raise ValueError(f"weights: expected weights >= 0 summing to 1, got {weights}")
+        self.parts = nn.ModuleDict(parts)
+        self.weights = {name: float(w) for name, w in weights.items()}  # plain numbers: config.json holds them
+        self.task, self.primary = task, primary
+
+    # Saved, loaded and explained as its primary fusion (the weights file holds every part).
+    config: FusionConfig = property(lambda self: self.parts[self.primary].config)  # type: ignore[assignment]
+    has_attention: bool = property(lambda self: self.parts[self.primary].has_attention)  # type: ignore[assignment]
+    specs: dict = property(lambda self: self.parts[self.primary].specs)  # type: ignore[assignment]
+    labels: dict = property(lambda self: self.parts[self.primary].labels)  # type: ignore[assignment]
+
+    def forward(self, batch: Batch, return_attention: bool = False) -> Tensor | tuple[Tensor, list[AttentionMap]]:
+        maps: list[AttentionMap] = []
+        outputs = {}
+        for name, weight in self.weights.items():
+            if weight == 0:
+                continue
+            if return_attention and name == self.primary:
+                outputs[name], maps = self.parts[name](batch, return_attention=True)
+            else:
+                outputs[name] = self.parts[name](batch)  # (B, out_dim)
+        total = mix(outputs, self.weights, self.task)
+        if return_attention:
+            if self.weights[self.primary] == 0:  # shown, though it carries nothing
+                maps = self.parts[self.primary](batch, return_attention=True)[1]
+            return total, maps
+        return total
+
+
+def mix(outputs: dict[str, Tensor], weights: dict[str, float], task: str) -> Tensor:
+    """The outputs ``(B, out_dim)`` of a :class:`WeightedEnsemble` from its parts' ``outputs``
+    (name -> ``(B, out_dim)``; parts of weight 0 may be left out): the weighted mean of the values,
+    or the logits ``log sum_m w_m softmax(z_m)`` of the mixture of the class probabilities."""
+    total = None
+    for name, out in outputs.items():
+        if task == "classification":
+            out = torch.softmax(out.float(), dim=-1)  # (B, C) probabilities: the pool averages these
+        total = weights[name] * out if total is None else total + weights[name] * out
+    if task == "classification":
+        total = torch.log(total.clamp_min(torch.finfo(total.dtype).tiny))  # (B, C) logits of the mixture
+    return total
+
+
+def first_member(model: FusionModel | Ensemble | WeightedEnsemble) -> FusionModel:
+    """The model itself, or an ensemble's first member (a weighted ensemble's: its primary
+    fusion's): the one whose attention is shown, and whose target statistics (the same in every
+    member) define the regression loss's units."""
+    if isinstance(model, WeightedEnsemble):
+        model = model.parts[model.primary]
     return model.members[0] if isinstance(model, Ensemble) else model
 
 
@@ -122,3 +203,47 @@ class EnsembleSpec:
     def from_dict(cls, record: dict[str, Any]) -> EnsembleSpec:
         """From a record holding ``"ensemble"`` (absent: a single model)."""
         return cls(record.get("ensemble", 1))
+
+
+def _fusion_of(model: nn.Module) -> str | None:
+    """The registry name of a fusion model or of an :class:`Ensemble`'s members; None for another module."""
+    member = model.members[0] if isinstance(model, Ensemble) else model
+    return next((name for name, cls in FUSIONS.items() if type(member) is cls), None)
+
+
+def weighted_record(model: WeightedEnsemble) -> dict:
+    """config.json's ``"weighted"`` block: what :func:`build_recorded` needs to rebuild
+    ``model`` untrained (its weights come from the weights file, under ``parts.<name>.``).
+    ``{"task", "primary", "parts": [{"name", "weight", "kind": "fusion", "fusion", "model",
+    "ensemble"} or {"name", "weight", "kind": "baseline", "head": <the head's record>}]}``."""
+    parts = []
+    for name, part in model.parts.items():
+        fusion = _fusion_of(part)
+        if fusion is not None:
+            entry = {
+                "kind": "fusion",
+                "fusion": fusion,
+                "model": asdict(part.config),
+                **EnsembleSpec.of(part).to_dict(),
+            }
+        else:
+            entry = {"kind": "baseline", "head": part.record()}
+        parts.append({"name": name, "weight": model.weights[name], **entry})
+    return {"task": model.task, "primary": model.primary, "parts": parts}
+
+
+def build_recorded(record: dict[str, Any]) -> FusionModel | Ensemble | WeightedEnsemble:
+    """The untrained model a record describes (config.json, or a checkpoint's record of a
+    trained model): its ``"weighted"`` block when it has one (:func:`weighted_record`), else the
+    ``"fusion"`` of config ``"model"`` with ``"ensemble"`` members (:meth:`EnsembleSpec.build`)."""
+    weighted = record.get("weighted")
+    if weighted is None:
+        return EnsembleSpec.from_dict(record).build(record["fusion"], record["model"])
+    parts: dict[str, nn.Module] = {}
+    for entry in weighted["parts"]:
+        if entry["kind"] == "fusion":
+            parts[entry["name"]] = EnsembleSpec.from_dict(entry).build(entry["fusion"], entry["model"])
+        else:
+            parts[entry["name"]] = build_head(entry["head"])
+    weights = {entry["name"]: entry["weight"] for entry in weighted["parts"]}
+    return WeightedEnsemble(parts, weights, weighted["task"], weighted["primary"])

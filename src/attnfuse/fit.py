@@ -47,17 +47,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .baselines import fit_baselines, summarize_baselines, verdict
+from .baselines import BaselineResult, fit_baseline, fit_baselines, pooled_features, summarize_baselines, verdict
 from .calibration import calibration_report, check_calibration, check_conformal_rows, fit_calibration
 from .checkpoint import metrics_for_json
-from .data import SPLITS, MultimodalDataset, Split
+from .data import SPLITS, MultimodalDataset, Split, bags
 from .distributed import Dist
-from .ensemble import EnsembleSpec
+from .ensemble import Ensemble, EnsembleSpec, WeightedEnsemble, mix
+from .heads import head_from_baseline
 from .metrics import summarize
 from .portfolio import Candidate, choose, public, settings_used
 from .runstate import Checkpoints
 from .splitplan import SplitPlan
-from .training import Control, Parts, TrainConfig, TrainedModel, Trainer, assess, fit_model, predict
+from .stacking import select_ensemble
+from .training import (
+    Control,
+    Parts,
+    TrainConfig,
+    TrainedModel,
+    Trainer,
+    assess,
+    fit_model,
+    predict,
+    score_outputs,
+    to_predictions,
+)
 
 __all__ = [
     "ProgressCallback",
@@ -68,7 +81,9 @@ __all__ = [
     "RunLoop",
     "CandidateLoop",
     "MemberLoop",
+    "bags_for",
     "pick",
+    "weigh",
     "calibrate",
     "summarize_runs",
 ]
@@ -105,6 +120,7 @@ class Fit:
     checkpoints: Checkpoints
     stop: Callable[[], int] | None = None
     calibrate: bool = True  # classification: a temperature fitted on the validation logits
+    bags: int = 0  # K >= 2: each candidate is K bagged models, out-of-fold on train + valid (auto, small data)
     interval: float | None = None  # regression: the coverage level of prediction intervals
     seconds: dict[str, float] = field(default_factory=lambda: {"fusion": 0.0})
     candidate_metrics: list[dict[str, dict]] = field(default_factory=list)
@@ -243,19 +259,39 @@ class RunLoop:
                 fit.emit("note", {"message": split.note})
             if fit.interval is not None and fit.data.task == "regression":
                 check_conformal_rows(len(split["valid"]), fit.interval)  # before training, not after
-            parts = Parts.of(fit.data, split, fit.device)
-            candidates = CandidateLoop.restore(fit, self.state, parts)
+            parts, bagged = self._parts(split)
+            candidates = CandidateLoop.restore(fit, self.state, parts, bagged)
             candidates.run()
-            self.state.finished.append(self._finish(parts, candidates.state.finished))
+            self.state.finished.append(self._finish(parts, candidates.state.finished, bagged))
         fit.seconds["fusion"] = sum(v for k, v in fit.seconds.items() if k.startswith("fusion:"))
 
-    def _finish(self, parts: Parts, models: list[TrainedModel]) -> dict:
-        """The record of the run under way, once its candidates are trained: the model picked, its
-        metrics and calibration, (auto) the candidates', the baselines'. The first run's model is
-        kept, with its calibration."""
+    def _parts(self, split: Split) -> tuple[Parts, list[Parts]]:
+        """The run's parts and, when its candidates are bagged, each bag's (:func:`attnfuse.data.bags`),
+        all standardised by the train + valid rows' statistics (their models average into one)."""
+        fit = self.fit
+        if not fit.bags:
+            return Parts.of(fit.data, split, fit.device), []
+        pool = np.sort(np.concatenate([split["train"], split["valid"]]))
+        try:
+            cuts = bags(fit.data, split, fit.bags, fit.seed(self.state.index))
+        except ValueError as e:  # a class too rare to be in every bag: the validation rows select
+            fit.emit("note", {"message": f"no bagging in run {self.state.index + 1}: {e}"})
+            return Parts.of(fit.data, split, fit.device), []
+        parts = Parts.of(fit.data, split, fit.device, fitted_on=pool)
+        scaled = parts.standardizer
+        return parts, [Parts.of(fit.data, cut, fit.device, fitted_on=pool, standardizer=scaled) for cut in cuts]
+
+    def _finish(self, parts: Parts, models: list[TrainedModel], bagged: list[Parts]) -> dict:
+        """The record of the run under way, once its candidates are trained: the model picked (auto:
+        the weighted ensemble of the candidates and the baselines), its metrics and calibration,
+        (auto) the candidates', the baselines'. The first run's model is kept, with its calibration."""
         fit, index = self.fit, self.state.index
         model, chosen, metrics_of = pick(fit, parts, models)
         fit.candidate_metrics.append(metrics_of)
+        fitted = self._baselines(parts) if fit.baselines else None
+        weights = None
+        if fit.auto:
+            model, weights = weigh(fit, parts, models, chosen, fitted, bagged, fit.seed(index))
         block, calibration = calibrate(fit, parts, model)
         record: dict[str, Any] = {"fold": index} if fit.folds else {}
         record.update(seed=fit.seed(index), best_epoch=model.best_epoch, fusion=model.fusion)
@@ -266,15 +302,25 @@ class RunLoop:
             record["picked"] = chosen["picked"]
             record["candidates"] = {n: {"valid": c["valid_metrics"]} for n, c in chosen["candidates"].items()}
             fit.emit("selected", {"index": index, "selection": public(chosen)})
-        if fit.baselines and fit.dist.main:
-            fitted = fit_baselines(fit.data, parts.split, seed=fit.seed(index), sentiment=fit.train.sentiment_metrics)
+        if weights is not None:
+            record["weighted"] = weights
+        if fitted is not None:
             record["baselines"] = fitted.metrics
-            for name, seconds in fitted.seconds.items():
-                _add(fit.seconds, name, seconds)
         if self.state.first is None:
             self.state.first, self.state.selection = model, public(chosen) if fit.auto else None
             self.state.calibration = block
         return record
+
+    def _baselines(self, parts: Parts) -> BaselineResult:
+        """The baselines fitted on the run's training rows (on every rank: a weighted ensemble
+        holds them, and every rank returns the same model), with their seconds counted."""
+        fit = self.fit
+        fitted = fit_baselines(
+            fit.data, parts.split, seed=fit.seed(self.state.index), sentiment=fit.train.sentiment_metrics
+        )
+        for name, seconds in fitted.seconds.items():
+            _add(fit.seconds, name, seconds)
+        return fitted
 
 
 class CandidateLoop:
@@ -286,21 +332,32 @@ class CandidateLoop:
         fit: Fit,
         runs: RunLoopState,
         parts: Parts,
+        bagged: list[Parts],
         state: CandidateLoopState | None = None,
         resume: tuple[dict, dict] | None = None,
     ) -> None:
-        self.fit, self.runs, self.parts = fit, runs, parts
+        self.fit, self.runs, self.parts, self.bagged = fit, runs, parts, bagged
         self.state = state or CandidateLoopState()
         self.resume = resume  # the checkpoint, when it was taken in this run
 
     @classmethod
-    def restore(cls, fit: Fit, runs: RunLoopState, parts: Parts) -> CandidateLoop:
+    def restore(cls, fit: Fit, runs: RunLoopState, parts: Parts, bagged: list[Parts]) -> CandidateLoop:
         """The loop of run ``runs.index``: as the checkpoint left it when that is the run it was
         taken in, else fresh."""
         resumed = fit.checkpoints.resumed
         if resumed is None or resumed[1].get("run_index", 0) != runs.index:
-            return cls(fit, runs, parts)
-        return cls(fit, runs, parts, CandidateLoopState.from_dict(*resumed, parts.split, fit.device), resumed)
+            return cls(fit, runs, parts, bagged)
+        state = CandidateLoopState.from_dict(*resumed, parts.split, fit.device)
+        return cls(fit, runs, parts, bagged, state, resumed)
+
+    @property
+    def size(self) -> int:
+        """The models of one candidate: its ``--ensemble`` members in each bag (one bag unbagged)."""
+        return max(1, len(self.bagged)) * self.fit.ensemble.size
+
+    def parts_of(self, model: int) -> Parts:
+        """The rows model ``model`` of a candidate trains on: its bag's, or the run's."""
+        return self.bagged[model // self.fit.ensemble.size] if self.bagged else self.parts
 
     def run(self) -> None:
         for c in range(self.state.index, len(self.fit.candidates)):
@@ -308,7 +365,11 @@ class CandidateLoop:
             members = MemberLoop.restore(self, self.resume)
             self.resume = None
             members.run()
-            self.state.finished.append(_average(self.fit, self.parts, members.state.finished))
+            finished = members.state.finished
+            if self.bagged:
+                self.state.finished.append(_bag(self.fit, self.parts, self.bagged, finished))
+            else:
+                self.state.finished.append(_average(self.fit, self.parts, finished))
 
 
 class MemberLoop:
@@ -332,7 +393,7 @@ class MemberLoop:
         return cls(candidates, state, resumed)
 
     def run(self) -> None:
-        for k in range(self.state.index, self.fit.ensemble.size):
+        for k in range(self.state.index, self.candidates.size):
             self.state.index = k
             resume, self.resume = self.resume, None
             self.state.finished.append(self._fit_one(k, resume))
@@ -341,7 +402,8 @@ class MemberLoop:
         fit, candidate = self.fit, self.fit.candidates[self.candidates.state.index]
         index, seed = self.runs.index, self.fit.seed(self.runs.index)
         unit = {"index": index, "candidate": candidate.name, "member": k}
-        fit.emit("model_start", {**unit, "seed": seed, "epochs": fit.train.epochs, "members": fit.ensemble.size})
+        members = self.candidates.size
+        fit.emit("model_start", {**unit, "seed": seed, "epochs": fit.train.epochs, "members": members})
         control = Control(
             dist=fit.dist,
             resume=resume,
@@ -352,7 +414,7 @@ class MemberLoop:
         train = replace(fit.train, seed=fit.ensemble.seed(seed, k))
         on_epoch = partial(self._on_epoch, unit, seed)
         start = time.perf_counter()
-        parts = self.candidates.parts
+        parts = self.candidates.parts_of(k)
         model = fit_model(parts, candidate.fusion, candidate.settings, train, on_epoch=on_epoch, control=control)
         _add(fit.seconds, f"fusion:{candidate.name}", time.perf_counter() - start)
         fit.emit("model_end", {**unit, "epochs": len(model.history), "best_epoch": model.best_epoch})
@@ -395,9 +457,135 @@ def pick(fit: Fit, parts: Parts, models: list[TrainedModel]) -> tuple[TrainedMod
             "valid_metrics": model.metrics["valid"],
             "valid_pred": model.valid_pred,
         }
-    chosen = choose(scores, selection, fit.left_out, np.asarray(fit.data.y[parts.split["valid"]]))
+    rows = models[0].valid_rows if models[0].valid_rows is not None else parts.split["valid"]  # bagged: out-of-fold
+    chosen = choose(scores, selection, fit.left_out, np.asarray(fit.data.y[rows]))
     by_name = {candidate.name: model for candidate, model in zip(fit.candidates, models)}
     return by_name[chosen["picked"]], chosen, {name: m.metrics for name, m in by_name.items()}
+
+
+# Bagging (Breiman, 1996; the K-fold bagging of AutoGluon-Tabular, Erickson et al., 2020): below
+# BAG_ROWS rows, --fusion auto trains every candidate BAGS times, once per part of the run's
+# train + valid rows held out, so that every one of those rows has an out-of-fold prediction and
+# the candidates and the baselines are weighed on all of them, not on the 15% a validation part
+# holds (a validation part of 45-150 rows picks mostly by chance: benchmarks/RESULTS.md). The
+# bags' models are averaged. Above it the validation part is large enough, and BAGS times the
+# training time is not worth it.
+BAG_ROWS = 1000
+BAGS = 5
+
+
+def bags_for(data: MultimodalDataset, auto: bool) -> int:
+    """How many bags a request's runs train their candidates in: :data:`BAGS` under ``--fusion
+    auto`` on data of fewer than :data:`BAG_ROWS` rows, else 0 (no bagging)."""
+    return BAGS if auto and data.n < BAG_ROWS else 0
+
+
+# What ensemble selection minimises: the squared error for values, the log-loss for classes (a
+# smooth score: on a few dozen validation rows accuracy ties most ensembles, and probabilities
+# averaged by log-loss are the ones temperature scaling then calibrates).
+WEIGHING_METRIC = {"regression": "rmse", "classification": "log_loss"}
+
+
+def weigh(
+    fit: Fit,
+    parts: Parts,
+    models: list[TrainedModel],
+    chosen: dict,
+    fitted: BaselineResult | None,
+    bagged: list[Parts],
+    seed: int,
+) -> tuple[TrainedModel, dict]:
+    """``--fusion auto``'s model: the weighted ensemble (:class:`~attnfuse.ensemble.WeightedEnsemble`)
+    that greedy ensemble selection (:func:`attnfuse.stacking.select_ensemble`) fits over the
+    candidates' ``models`` and the ``fitted`` baselines (as modules of :mod:`attnfuse.heads`; none
+    with ``--no-baselines``), on the validation rows, or, bagged, on the out-of-fold predictions
+    of all train + valid rows. Never worse on those rows, by :data:`WEIGHING_METRIC`, than its best
+    member. Its primary fusion is the candidate of largest weight (``chosen["picked"]``, kept at
+    weight 0, when the baselines carry everything). An unbagged ensemble of one fusion is that
+    candidate's model itself.
+
+    Returns the model (metrics assessed on every part; bagged, ``"valid"`` is out-of-fold) and
+    metrics.json's record of the weights."""
+    task = fit.data.task
+    pool = {c.name: m.model for c, m in zip(fit.candidates, models)}
+    if bagged:
+        rows = models[0].valid_rows
+        outputs = {c.name: torch.from_numpy(m.valid_outputs) for c, m in zip(fit.candidates, models)}
+    else:
+        rows = parts.split["valid"]
+        outputs = {name: predict(net, parts.sources["valid"]).cpu() for name, net in pool.items()}
+    if fitted is not None:
+        heads, head_outputs = _heads(fit, parts, bagged, fitted, seed)
+        pool.update(heads)
+        outputs.update(head_outputs)
+    y = np.asarray(fit.data.y[rows])
+    predictions = {name: _weighable(task, out) for name, out in outputs.items()}
+    selection = select_ensemble(predictions, y, task, metric=WEIGHING_METRIC[task])
+    weights = {n: float(w) for n, w in zip(selection.names, selection.weights)}
+    fusions = [c.name for c in fit.candidates]
+    carried = [n for n in fusions if weights[n] > 0]
+    primary = max(carried, key=lambda n: weights[n]) if carried else chosen["picked"]  # max: the first on a tie
+    record = {**selection.to_dict(), "rows": len(y), "fitted_on": "out-of-fold" if bagged else "validation"}
+    record.update(primary=primary, **({"bags": len(bagged)} if bagged else {}))
+    base = models[fusions.index(primary)]
+    kept = {n: net for n, net in pool.items() if weights[n] > 0 or n == primary}
+    if list(kept) == [primary] and not bagged:
+        return base, record
+    net = WeightedEnsemble(kept, {n: weights[n] for n in kept}, task, primary)
+    metrics, valid_loss, valid_se, valid_pred = assess(net, parts, fit.train, fit.dist)
+    weighted = replace(
+        base, model=net, metrics=metrics, valid_loss=valid_loss, valid_se=valid_se, valid_pred=valid_pred
+    )
+    if bagged:  # its out-of-fold outputs: the mixture of its parts' (what calibration is fitted on)
+        mixed = mix({n: outputs[n] for n in kept if weights[n] > 0}, weights, task)
+        targets = torch.as_tensor(y)
+        weighted.metrics["valid"], valid_loss, valid_se, valid_pred = score_outputs(
+            net, task, mixed, targets, fit.train
+        )
+        weighted = replace(weighted, valid_loss=valid_loss, valid_se=valid_se, valid_pred=valid_pred)
+        weighted = replace(weighted, valid_outputs=mixed.numpy(), valid_rows=rows)
+    return weighted, record
+
+
+def _heads(
+    fit: Fit, parts: Parts, bagged: list[Parts], fitted: BaselineResult, seed: int
+) -> tuple[dict[str, torch.nn.Module], dict[str, Tensor]]:
+    """The baselines as modules of :mod:`attnfuse.heads` and their outputs on the rows the
+    ensemble is fitted on. Unbagged: the ``fitted`` ones (on the training rows), on the
+    validation rows. Bagged: refitted on all train + valid rows, with out-of-fold outputs from a
+    fit per bag; a baseline that cannot be fitted on some bag's rows is left out."""
+    data, task = fit.data, fit.data.task
+    out_dim = data.num_classes if task == "classification" else data.target_dim
+
+    def head(estimator: Any, name: str) -> torch.nn.Module:
+        made = head_from_baseline(name, estimator, data.modalities, parts.standardizer, fitted.presence, task, out_dim)
+        return made.to(fit.device)
+
+    if not bagged:
+        heads = {name: head(estimator, name) for name, estimator in fitted.models.items()}
+        return heads, {name: predict(h, parts.sources["valid"]).cpu() for name, h in heads.items()}
+    rows = parts.statistics_rows
+    x, y = pooled_features(data, rows, presence=fitted.presence), np.asarray(data.y[rows])
+    heads, outputs = {}, {}
+    for name in fitted.models:
+        out = torch.zeros(len(rows), out_dim)
+        try:
+            for bag in bagged:
+                train, valid = np.searchsorted(rows, bag.split["train"]), np.searchsorted(rows, bag.split["valid"])
+                estimator = fit_baseline(name, data, x[train], y[train], seed)
+                out[torch.from_numpy(valid)] = predict(head(estimator, name), bag.sources["valid"]).cpu()
+            heads[name] = head(fit_baseline(name, data, x, y, seed), name)
+        except Exception:  # as fit_baselines: a baseline that cannot be fitted ends no run
+            continue
+        outputs[name] = out
+    return heads, outputs
+
+
+def _weighable(task: str, outputs: Tensor) -> np.ndarray:
+    """What ensemble selection averages: class probabilities (N, C), or values (N,) / (N, K)."""
+    if task == "classification":
+        return torch.softmax(outputs.double(), dim=-1).cpu().numpy()
+    return to_predictions(task, outputs).astype(np.float64)
 
 
 def calibrate(fit: Fit, parts: Parts, model: TrainedModel) -> tuple[dict | None, dict | None]:
@@ -419,6 +607,9 @@ def calibrate(fit: Fit, parts: Parts, model: TrainedModel) -> tuple[dict | None,
         if source is not None and len(source):
             outputs[name] = predict(model.model, source)  # (N, out_dim)
             targets[name] = source.y.detach().cpu().numpy()
+    if model.valid_outputs is not None:  # bagged: fitted on the out-of-fold outputs of train + valid
+        outputs["valid"] = torch.from_numpy(model.valid_outputs)
+        targets["valid"] = np.asarray(fit.data.y[model.valid_rows])
     if "valid" not in outputs:
         return None, None
     block = fit_calibration(task, outputs["valid"], targets["valid"], fit.interval)
@@ -442,6 +633,38 @@ def _average(fit: Fit, parts: Parts, members: list[TrainedModel]) -> TrainedMode
         valid_loss=valid_loss,
         valid_se=valid_se,
         valid_pred=valid_pred,
+    )
+
+
+def _bag(fit: Fit, parts: Parts, bagged: list[Parts], members: list[TrainedModel]) -> TrainedModel:
+    """A bagged candidate: its models of every bag averaged into one
+    :class:`~attnfuse.ensemble.Ensemble`, with its out-of-fold outputs on the run's train + valid
+    rows (each row's from the ``--ensemble`` members of the one bag that validated on it, their
+    outputs averaged as the ensemble averages them). Its ``"valid"`` metrics, loss, standard error
+    and predictions are those out-of-fold rows'; ``"train"`` and ``"test"`` the averaged model's."""
+    size, data = fit.ensemble.size, fit.data
+    model = Ensemble([m.model for m in members])
+    pool = parts.statistics_rows  # the train + valid rows, sorted
+    outputs = torch.zeros(len(pool), model.config.out_dim)
+    for b, bag in enumerate(bagged):
+        source = bag.sources["valid"]
+        out = torch.stack([predict(m.model, source).cpu() for m in members[b * size : (b + 1) * size]]).mean(dim=0)
+        outputs[torch.from_numpy(np.searchsorted(pool, bag.split["valid"]))] = out  # (N_bag, out_dim)
+    metrics, _, _, _ = assess(model, parts, fit.train, fit.dist)
+    targets = torch.as_tensor(np.asarray(data.y[pool]))
+    metrics["valid"], valid_loss, valid_se, valid_pred = score_outputs(model, data.task, outputs, targets, fit.train)
+    note = next((m.note for m in members if m.note), None)
+    return replace(
+        members[0],
+        model=model,
+        metrics=metrics,
+        note=note,
+        valid_loss=valid_loss,
+        valid_se=valid_se,
+        valid_pred=valid_pred,
+        split=parts.split,  # the run's (the members': their bags')
+        valid_outputs=outputs.numpy(),
+        valid_rows=np.asarray(pool, dtype=np.int64),
     )
 
 
@@ -473,6 +696,8 @@ def _report(records: list[dict], runs: int) -> dict:
         }
     if "baselines" in records[0]:
         report["baselines"] = summarize_baselines([r["baselines"] for r in records])
+    if "weighted" in records[0]:  # each run's ensemble weights, as mean ± std over the runs
+        report["weighted"] = {"weights": summarize([r["weighted"]["weights"] for r in records])}
     if "calibration" in records[0]:
         report["calibration"] = _calibration_summary([r["calibration"] for r in records])
     return report

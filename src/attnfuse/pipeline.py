@@ -51,7 +51,7 @@ from .data.dataset import TASKS
 from .data.io._common import read_bounded
 from .data.io.table import TABLE_SUFFIXES, parse_modality_options
 from .distributed import Dist, local_device, setup, teardown
-from .fit import Fit, ProgressCallback, RunLoop, RunLoopState, summarize_runs
+from .fit import Fit, ProgressCallback, RunLoop, RunLoopState, bags_for, summarize_runs
 from .fusion import FUSIONS, FusionModel, config_from_dict
 from .metrics import compute_metrics
 from .options import Option, by_name, coerce, option, options_of, shorten
@@ -476,6 +476,7 @@ def _fit_of(
         runs=opts.runs,
         folds=opts.folds,
         auto=opts.fusion == "auto",
+        bags=bags_for(data, opts.fusion == "auto"),
         baselines=opts.baselines,
         # A run on data given in memory cannot be resumed: checkpoints of it would be written
         # (and fsynced) for nothing, so only an interruption writes one.

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from .checks import is_int, is_number
 from .data import Standardizer
-from .ensemble import EnsembleSpec
+from .ensemble import build_recorded
 from .files import to_json, write_bytes, write_text
 from .fusion import config_from_dict
 from .training import DivergedError, tensor_mismatches
@@ -328,10 +328,11 @@ def _model_shapes(record: dict, name: str, m: _Meta) -> dict[str, tuple[tuple[in
     fusion = m.get(record, "fusion", f"{name}.fusion", str)
     values = m.get(record, "model", f"{name}.model", dict)
     m.count(record, "ensemble", f"{name}.ensemble", low=1, optional=True)
+    m.get(record, "weighted", f"{name}.weighted", dict, optional=True)
     try:
         config = config_from_dict(fusion, values)
         with torch.device("meta"):
-            model = EnsembleSpec.from_dict(record).build(fusion, config)
+            model = build_recorded({**record, "model": config})
     except _Bad:
         raise
     except (ValueError, TypeError, KeyError) as e:
@@ -358,6 +359,18 @@ def _check_record(tensors: dict[str, Tensor], record: dict, name: str, prefix: s
     if pred is not None and (pred.dim() not in (1, 2) or pred.dtype == torch.bool):
         raise _fail(
             m.where, f"trainer.safetensors {prefix}valid_pred", "expected the validation predictions (N,) or (N, K)"
+        )
+    outputs, rows = tensors.get(f"{prefix}valid_outputs"), tensors.get(f"{prefix}valid_rows")
+    if (outputs is None) != (rows is None):
+        raise _fail(m.where, f"trainer.safetensors {prefix}valid_outputs", "expected with valid_rows, or neither")
+    shaped = outputs is None or (
+        outputs.dim() == 2 and rows.dim() == 1 and rows.dtype == torch.int64 and rows.shape[0] == outputs.shape[0]
+    )
+    if not shaped or (outputs is not None and not (outputs.is_floating_point() and outputs.isfinite().all())):
+        raise _fail(
+            m.where,
+            f"trainer.safetensors {prefix}valid_outputs",
+            "expected finite out-of-fold outputs (N, C) of N rows",
         )
 
 
@@ -450,7 +463,7 @@ def _check_inner_loop(tensors: dict[str, Tensor], meta: dict, m: _Meta, level: s
 # models' (first., candidate.<c>., member.<k>.), the loop's, the RNGs'.
 KNOWN_TENSORS = re.compile(
     r"(model|best|optim\.\d+)\..+"
-    r"|(first|candidate\.\d+|member\.\d+)\.(weights\..+|valid_pred)"
+    r"|(first|candidate\.\d+|member\.\d+)\.(weights\..+|valid_pred|valid_outputs|valid_rows)"
     r"|loop\.(loss_sum|step_losses)"
     r"|rng\.(shuffle|epoch)|rng\.rank\d+\.(torch|numpy_keys|numpy_rest|numpy_gauss|cuda\d+)"
 )

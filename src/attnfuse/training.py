@@ -19,6 +19,7 @@ driven by the loops of :mod:`attnfuse.fit`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from .checks import check_float, is_number
 from .data import Batch, MultimodalDataset, RowBatches, Standardizer
 from .distributed import Dist
-from .ensemble import Ensemble, EnsembleSpec, first_member
+from .ensemble import Ensemble, EnsembleSpec, WeightedEnsemble, build_recorded, first_member, weighted_record
 from .fusion import FusionModel, build_model, config_from_dict
 from .metrics import PRIMARY_METRIC, compute_metrics, standard_error
 from .nn import kernels
@@ -222,16 +223,24 @@ class TrainedModel:
     valid_loss: float = float("nan")
     valid_se: float = float("nan")
     valid_pred: np.ndarray | None = None  # predictions on the validation rows, (N_valid,) or (N_valid, K)
+    # A bagged model (its bags' models averaged): its out-of-fold outputs (N_rows, out_dim) on the
+    # run's train + valid rows (valid_rows), each from the bag that did not train on it; its
+    # "valid" metrics, valid_pred, valid_loss and valid_se are of these rows.
+    valid_outputs: np.ndarray | None = None
+    valid_rows: np.ndarray | None = None
 
     def to_dict(self, predictions: bool = True) -> tuple[dict[str, Tensor], dict]:
         """The tensors (``weights.*``; with ``predictions``, ``valid_pred``) and the record of the rest."""
         tensors = {f"weights.{k}": v for k, v in self.model.state_dict().items()}
-        if predictions and self.valid_pred is not None:
-            tensors["valid_pred"] = torch.from_numpy(np.ascontiguousarray(self.valid_pred))
+        for name in ("valid_pred", "valid_outputs", "valid_rows") if predictions else ():
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = torch.from_numpy(np.array(value))  # a copy: valid_pred may view valid_outputs
         record = {
             "fusion": self.fusion,
             "model": asdict(self.model.config),
             **EnsembleSpec.of(self.model).to_dict(),
+            **({"weighted": weighted_record(self.model)} if isinstance(self.model, WeightedEnsemble) else {}),
             "metrics": self.metrics,
             "best_epoch": self.best_epoch,
             "history": self.history,
@@ -248,9 +257,9 @@ class TrainedModel:
     ) -> TrainedModel:
         """The model :meth:`to_dict` wrote (checked by :func:`attnfuse.runstate.check_state`),
         trained on ``split``, on ``device``."""
-        model = EnsembleSpec.from_dict(record).build(record["fusion"], record["model"])
+        model = build_recorded(record)
         model.load_state_dict({k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")})
-        pred = tensors.get("valid_pred")
+        pred, outputs, rows = (tensors.get(k) for k in ("valid_pred", "valid_outputs", "valid_rows"))
         return cls(
             model=model.to(device),
             fusion=record["fusion"],
@@ -263,6 +272,8 @@ class TrainedModel:
             valid_loss=_nan_for_none(record["valid_loss"]),
             valid_se=_nan_for_none(record["valid_se"]),
             valid_pred=None if pred is None else pred.numpy(),
+            valid_outputs=None if outputs is None else outputs.numpy(),
+            valid_rows=None if rows is None else rows.numpy(),
         )
 
 
@@ -335,14 +346,28 @@ class Parts:
     split: Mapping[str, np.ndarray]
     standardizer: Standardizer
     sources: dict[str, RowBatches | Batch]
+    fitted_on: np.ndarray | None = None  # the rows of the statistics (inputs, regression targets); None: train
 
     @classmethod
-    def of(cls, data: MultimodalDataset, split: Mapping[str, np.ndarray], device: torch.device | str = "cpu") -> Parts:
+    def of(
+        cls,
+        data: MultimodalDataset,
+        split: Mapping[str, np.ndarray],
+        device: torch.device | str = "cpu",
+        *,
+        fitted_on: np.ndarray | None = None,
+        standardizer: Standardizer | None = None,
+    ) -> Parts:
         """``split``'s parts of ``data``, standardised by its training rows' statistics, on ``device``.
         An empty part (the test part of a split column with train and valid rows only) has no
-        source: no model is assessed on it, so it has no metrics."""
+        source: no model is assessed on it, so it has no metrics.
+
+        ``fitted_on``: other rows to take the statistics of the inputs and of the regression
+        targets from (the bags of one run share those of its train + valid rows, so that their
+        models average into one); ``standardizer``: those statistics, when already fitted."""
         device = torch.device(device)
-        standardizer = Standardizer.fit(data, split["train"])
+        if standardizer is None:
+            standardizer = Standardizer.fit(data, split["train"] if fitted_on is None else fitted_on)
         up_front = device.type == "cuda" and not data.is_mapped
         sources = {}
         for name, rows in split.items():
@@ -350,7 +375,12 @@ class Parts:
                 continue
             source = RowBatches(data, rows, standardizer, device)
             sources[name] = source.to_batch() if up_front else source
-        return cls(data, split, standardizer, sources)
+        return cls(data, split, standardizer, sources, fitted_on)
+
+    @property
+    def statistics_rows(self) -> np.ndarray:
+        """The rows whose statistics standardise the inputs and the regression targets."""
+        return self.split["train"] if self.fitted_on is None else self.fitted_on
 
 
 def fit_model(
@@ -370,7 +400,7 @@ def fit_model(
     train.training_device()  # the settings fit the hardware (fp16 is refused on the CPU)
     control = control or Control()
     data = parts.data
-    overrides = {**(model_overrides or {}), **target_stats(data, parts.split["train"])}
+    overrides = {**(model_overrides or {}), **target_stats(data, parts.statistics_rows)}
     torch.manual_seed(train.seed)
     model = build_model(fusion, model_config(fusion, data, **overrides)).to(parts.sources["train"].device)
     trainer = Trainer(model, data.task, train, control.dist)
@@ -403,14 +433,28 @@ def assess(
     metrics, valid_loss, valid_se, valid_pred = {}, float("nan"), float("nan"), None
     for name, source in parts.sources.items():
         outputs, targets = _predict(model, source, dist, cfg.precision), source.y  # y: gathered once
-        y, predictions = _np(targets), to_predictions(task, outputs)
-        metrics[name] = compute_metrics(task, y, predictions, sentiment=cfg.sentiment_metrics)
         if name == "valid" and len(source):
-            loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, first_member(model))
-            valid_loss = loss(outputs, targets).item()
-            valid_se = standard_error(cfg.selection_metric(task)[0], y, predictions)
-            valid_pred = predictions
+            metrics[name], valid_loss, valid_se, valid_pred = score_outputs(model, task, outputs, targets, cfg)
+        else:
+            metrics[name] = compute_metrics(task, _np(targets), to_predictions(task, outputs), cfg.sentiment_metrics)
     return metrics, valid_loss, valid_se, valid_pred
+
+
+def score_outputs(
+    model: nn.Module, task: str, outputs: Tensor, targets: Tensor, cfg: TrainConfig
+) -> tuple[dict[str, float], float, float, np.ndarray]:
+    """What :func:`assess` measures of validation outputs ``(N, out_dim)`` against ``targets``:
+    the metrics, the loss (in ``model``'s units), the standard error of the selection metric and
+    the predictions."""
+    y, predictions = _np(targets), to_predictions(task, outputs)
+    loss = _loss_fn(cfg.loss_name(task), cfg.label_smoothing, first_member(model))
+    metrics = compute_metrics(task, y, predictions, sentiment=cfg.sentiment_metrics)
+    return (
+        metrics,
+        loss(outputs, targets).item(),
+        standard_error(cfg.selection_metric(task)[0], y, predictions),
+        predictions,
+    )
 
 
 class Trainer:
@@ -701,7 +745,7 @@ def _autocast(device: torch.device, precision: str):
 def _predict(net: nn.Module, batch: Batch, dist: Dist, precision: str, batch_size: int = 1024) -> Tensor:
     """Raw outputs ``(N, out_dim)`` in eval mode, float32, each row computed once over the ranks."""
     net.eval()
-    device = next(net.parameters()).device
+    device = next(itertools.chain(net.parameters(), net.buffers())).device  # a baseline head has buffers only
     rows = _on(batch, dist.shard(torch.arange(len(batch))))
     with _autocast(device, precision):
         parts = [net(batch.select(chunk)).float() for chunk in rows.split(batch_size)]

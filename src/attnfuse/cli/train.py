@@ -159,7 +159,12 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
         console.print(_candidates_table(result), highlight=False)
         saved = f" (the saved model: the first of the {what})" if runs > 1 else ""
         picked, reason = escape(result.selection["picked"]), escape(result.selection["reason"])
-        console.print(f"auto: picked [bold]{picked}[/]{saved}: {reason}")
+        weighted = report.get("weighted") if runs == 1 else (result.runs[0].get("weighted") if result.runs else None)
+        if weighted is None:
+            console.print(f"auto: picked [bold]{picked}[/]{saved}: {reason}")
+        else:
+            console.print(f"auto: the best single candidate is [bold]{picked}[/]: {reason}")
+            console.print(_weights_line(weighted, saved), highlight=False)
     rows = dict(report["summary"] if runs > 1 else {s: report[s] for s in ("train", "valid", "test") if s in report})
     for name, parts in report.get("baselines", {}).items():
         rows.update({f"{name} (baseline) {s}": parts[s] for s in ("valid", "test") if s in parts})
@@ -182,6 +187,16 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
     if result.verdict is not None:
         label = "[bold yellow]warning:[/]" if result.verdict["clear"] else "note:"
         console.print(f"{label} {escape(verdict_line(result.verdict, fusion))}", highlight=False)
+
+
+def _weights_line(weighted: dict, saved: str) -> str:
+    """The saved model as the weighted ensemble it is: ``auto: the model is a weighted ensemble of
+    concat 0.64, ridge 0.36 (fitted on 66 validation rows: rmse 51.2; concat alone 53.0)``."""
+    weights = sorted(((w, n) for n, w in weighted["weights"].items() if w > 0), key=lambda t: -t[0])
+    parts = ", ".join(f"{escape(n)} {w:.2f}" for w, n in weights)
+    metric, best = weighted["metric"], weighted["best_member"]
+    scores = f"{metric} {weighted['score']:.4g}; {escape(best)} alone {weighted['members'][best]:.4g}"
+    return f"auto: the model{saved} is a weighted ensemble of {parts} (fitted on {weighted['rows']} validation rows: {scores})"
 
 
 def _calibration_line(block: dict, report: dict, runs: int) -> str:

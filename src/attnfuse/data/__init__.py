@@ -23,7 +23,7 @@ from .io.table import read_arrow, read_table
 from .labels import MAX_CLASSES, decode_labels, encode_labels
 from .preprocessing import RowBatches, Standardizer
 from .sources import load_data
-from .splits import Split, carve_valid, kfold, make_split
+from .splits import Split, bags, carve_valid, kfold, make_split
 
 __all__ = [
     "SPLITS",
@@ -37,6 +37,7 @@ __all__ = [
     "make_split",
     "carve_valid",
     "kfold",
+    "bags",
     "MAX_CLASSES",
     "encode_labels",
     "decode_labels",

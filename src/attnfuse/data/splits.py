@@ -26,7 +26,7 @@ from .validation import SPLITS
 if TYPE_CHECKING:
     from .dataset import MultimodalDataset
 
-__all__ = ["VALID_FRACTION", "Split", "carve_valid", "draw_split", "kfold", "make_split"]
+__all__ = ["VALID_FRACTION", "Split", "bags", "carve_valid", "draw_split", "kfold", "make_split"]
 
 VALID_FRACTION = 0.15  # of the training rows, when a validation part is carved out of them
 
@@ -224,6 +224,35 @@ def kfold(data: MultimodalDataset, k: int, seed: int, valid_fraction: float = VA
             rows = {"train": train, "valid": valid, "test": held}
             note = f"fold {i + 1} of {k}: test on part {i + 1}; validation carved out of the other parts"
         out.append(Split(rows, "fold", f"{note}; {shortage}" if shortage else note))
+    return out
+
+
+def bags(data: MultimodalDataset, split: Mapping[str, np.ndarray], k: int, seed: int) -> list[Split]:
+    """K bags of one split for out-of-fold training (bagging): its train + valid rows cut into K
+    parts (stratified for classification, shuffled by ``seed``); bag i validates on part i and
+    trains on the other K-1; the test rows stay the test part of every bag. Every train + valid row
+    is validated on by exactly one bag. A class with fewer rows than K: a ValueError naming it."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    k = check_int("bags", k, 2)
+    pool = np.sort(np.concatenate([np.asarray(split["train"]), np.asarray(split["valid"])]))
+    labels = _stratify(data)
+    if labels is not None:
+        counts = np.bincount(labels[pool])
+        present = counts[counts > 0]
+        if present.min() < k:
+            raise ValueError(
+                f"bags: k={k} bags need at least {k} rows of every class, the smallest has {present.min()}"
+            )
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    else:
+        if pool.size < 2 * k:
+            raise ValueError(f"bags: k={k} bags need at least {2 * k} train + valid rows, got {pool.size}")
+        splitter = KFold(n_splits=k, shuffle=True, random_state=seed)
+    out = []
+    for i, (rest, held) in enumerate(splitter.split(pool, None if labels is None else labels[pool])):
+        rows = {"train": np.sort(pool[rest]), "valid": np.sort(pool[held]), "test": np.asarray(split["test"])}
+        out.append(Split(rows, "fold", f"bag {i + 1} of {k}: validation on part {i + 1} of the train+valid rows"))
     return out
 
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..checks import check_int
 from ..data import Batch, iter_batches
-from ..ensemble import Ensemble
+from ..ensemble import Ensemble, WeightedEnsemble
 from ..fusion import FUSIONS, FusionModel
 
 __all__ = [
@@ -32,6 +32,9 @@ def model_device(model: FusionModel) -> torch.device:
 def fusion_name(model: FusionModel | Ensemble) -> str:
     """The registry name of the model's fusion ("self", "cross", ...), or its class name; for an
     ensemble, its members' with their count."""
+    if isinstance(model, WeightedEnsemble):
+        shares = ", ".join(f"{n} {w:.2f}" for n, w in sorted(model.weights.items(), key=lambda t: -t[1]) if w > 0)
+        return f"weighted ensemble ({shares})"
     if isinstance(model, Ensemble):
         return f"{fusion_name(model.members[0])} (ensemble of {len(model.members)})"
     return next((k for k, cls in FUSIONS.items() if type(model) is cls), type(model).__name__)

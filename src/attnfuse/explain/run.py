@@ -12,7 +12,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 
 from ..data import Batch, MultimodalDataset, Standardizer
-from ..ensemble import Ensemble, first_member
+from ..ensemble import Ensemble, WeightedEnsemble, first_member
 from ..fusion import FusionModel
 from ..metrics import PRIMARY_METRIC, compute_metrics
 from ..modules import AttentionMap
@@ -381,7 +381,13 @@ def _notes(model: FusionModel, methods: tuple[str, ...], results: _MethodResults
     """The caveats for reading the results: an ensemble's attention is its first member's, masking
     a model never trained with absent modalities, Integrated Gradients that did not converge."""
     notes = []
-    if isinstance(model, Ensemble) and ({"attention", "rollout"} & set(methods)):
+    if isinstance(model, WeightedEnsemble):
+        share = model.weights[model.primary]
+        notes.append(
+            f"This model is a weighted ensemble: {fusion_name(model)}. Masking and gradients explain its "
+            f"prediction; attention and rollout show {model.primary}'s, which carries {share:.0%} of it."
+        )
+    elif isinstance(model, Ensemble) and ({"attention", "rollout"} & set(methods)):
         notes.append(
             f"This model is an ensemble of {len(model.members)} members whose outputs are averaged: masking and "
             "gradients explain the averaged prediction; attention and rollout show the first member's."

@@ -1,0 +1,195 @@
+"""The weighted ensemble ``--fusion auto`` saves: the candidates and the baselines averaged with the
+weights greedy ensemble selection fitted on the validation rows; the mathematics of the average, the
+model directory that holds it, and every command that reads one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from attnfuse.checkpoint import load_model, read_config
+from attnfuse.cli import app
+from attnfuse.data import Batch, MultimodalDataset, save_npz
+from attnfuse.ensemble import WeightedEnsemble, build_recorded, weighted_record
+from attnfuse.pipeline import TrainSpec, train
+
+FAST = {"d_model": 16, "nhead": 2, "num_layers": 1, "epochs": 4, "batch_size": 32}
+
+
+class Fixed(nn.Module):
+    """Returns the same outputs for every batch (B rows of ``out``), counting its calls."""
+
+    def __init__(self, out: list[float]) -> None:
+        super().__init__()
+        self.out = nn.Parameter(torch.tensor(out))
+        self.calls = 0
+
+    def forward(self, batch: Batch, return_attention: bool = False):
+        self.calls += 1
+        out = self.out.expand(len(batch), -1)
+        return (out, []) if return_attention else out
+
+
+def batch_of(n: int) -> Batch:
+    return Batch(x={"a": torch.zeros(n, 1, 2)}, mask={"a": torch.ones(n, 1, dtype=torch.bool)})
+
+
+def test_regression_is_the_weighted_mean_of_the_values():
+    net = WeightedEnsemble({"f": Fixed([1.0]), "g": Fixed([5.0])}, {"f": 0.75, "g": 0.25}, "regression", "f")
+    torch.testing.assert_close(net(batch_of(3)), torch.full((3, 1), 2.0))
+
+
+def test_classification_is_the_mixture_of_the_probabilities_as_logits():
+    f, g = [2.0, 0.0, -1.0], [0.0, 3.0, 0.0]
+    net = WeightedEnsemble({"f": Fixed(f), "g": Fixed(g)}, {"f": 0.4, "g": 0.6}, "classification", "f")
+    expected = 0.4 * torch.softmax(torch.tensor(f), -1) + 0.6 * torch.softmax(torch.tensor(g), -1)
+    got = torch.softmax(net(batch_of(2)), dim=-1)
+    torch.testing.assert_close(got, expected.expand(2, -1), rtol=1e-6, atol=1e-7)
+
+
+def test_a_part_of_weight_zero_is_not_run_and_attention_comes_from_the_primary():
+    f, g = Fixed([1.0]), Fixed([2.0])
+    net = WeightedEnsemble({"f": f, "g": g}, {"f": 0.0, "g": 1.0}, "regression", "f")
+    torch.testing.assert_close(net(batch_of(2)), torch.full((2, 1), 2.0))
+    assert f.calls == 0
+    out, maps = net(batch_of(2), return_attention=True)
+    assert f.calls == 1 and maps == []  # the primary's maps, though it carries nothing
+
+
+@pytest.mark.parametrize(
+    ("weights", "primary", "match"),
+    [
+        ({"f": 0.5}, "f", "one weight per part"),
+        ({"f": 0.5, "g": 0.6}, "f", "summing to 1"),
+        ({"f": -0.5, "g": 1.5}, "f", "summing to 1"),
+        ({"f": 0.5, "g": 0.5}, "h", "primary"),
+    ],
+)
+def test_bad_weights_are_refused(weights, primary, match):
+    with pytest.raises(ValueError, match=match):
+        WeightedEnsemble({"f": Fixed([1.0]), "g": Fixed([2.0])}, weights, "regression", primary)
+
+
+def linear_table(n: int = 240, seed: int = 0) -> MultimodalDataset:
+    """A target linear in two vector views, with noise: ridge regression is the right model, and a
+    network trained a few epochs on a few hundred rows is not."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(n, 4)), rng.normal(size=(n, 3))
+    y = a @ np.array([1.0, -2.0, 0.5, 0.0]) + b @ np.array([1.5, 0.0, -1.0]) + 0.3 * rng.normal(size=n)
+    return MultimodalDataset({"a": a, "b": b}, y.astype(np.float32), name="linear")
+
+
+def two_classes(n: int = 240, seed: int = 0) -> MultimodalDataset:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(n, 4)), rng.normal(size=(n, 3))
+    y = (a[:, 0] - b[:, 1] + 0.5 * rng.normal(size=n) > 0).astype(np.int64)
+    return MultimodalDataset({"a": a, "b": b}, y, name="two-classes")
+
+
+@pytest.fixture(scope="module", params=["regression", "classification"])
+def trained(request, tmp_path_factory):
+    """``attnfuse train`` at its defaults (auto, baselines) on a small table: the saved model, its data."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    data = linear_table() if request.param == "regression" else two_classes()
+    path = tmp / "data.npz"
+    save_npz(data, path)
+    out = tmp / "model"
+    result = train(TrainSpec.from_options({"data": str(path), **FAST}), out)
+    return out, path, result
+
+
+def test_auto_saves_the_weighted_ensemble_it_reports(trained):
+    out, _, result = trained
+    config = read_config(out)
+    report = json.loads((out / "metrics.json").read_text())
+    weights = report["weighted"]["weights"]
+    assert abs(sum(weights.values()) - 1) < 1e-9
+    assert set(weights) == {"concat", "self", "self-modality", "ridge" if "ridge" in weights else "logistic", "hist_gb"}
+    kept = {n for n, w in weights.items() if w > 0}
+    if "weighted" in config:
+        saved = {p["name"]: p["weight"] for p in config["weighted"]["parts"]}
+        assert {n for n, w in saved.items() if w > 0} == kept
+        assert saved == pytest.approx({n: weights[n] for n in saved}, abs=1e-12)
+        assert config["fusion"] == next(
+            p["fusion"] for p in config["weighted"]["parts"] if p["name"] == config["weighted"]["primary"]
+        )
+    else:  # the ensemble is one candidate: saved as that model
+        assert len(kept) == 1 and kept <= {"concat", "self", "self-modality"}
+
+
+def test_the_ensemble_is_never_worse_than_its_best_member_on_the_validation_rows(trained):
+    _, _, result = trained
+    record = result.report["weighted"]
+    better = max if record["higher_is_better"] else min
+    assert record["score"] == better(record["score"], *record["members"].values())
+    assert record["score"] == record["members"][record["best_member"]] or record["score"] != better(
+        *record["members"].values()
+    )
+
+
+def test_evaluate_of_the_saved_model_gives_the_numbers_of_metrics_json(trained, tmp_path):
+    out, path, _ = trained
+    report = json.loads((out / "metrics.json").read_text())
+    written = tmp_path / "evaluation.json"
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", str(path), "--out", str(written)])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(written.read_text())
+    for metric, value in report["test"].items():
+        assert evaluated["test"][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), metric
+
+
+def test_predict_of_the_saved_model_gives_its_test_predictions(trained, tmp_path):
+    out, path, _ = trained
+    net, config, standardizer = load_model(out)
+    written = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(app, ["predict", "--model", str(out), "--data", str(path), "--out", str(written)])
+    assert result.exit_code == 0, result.output
+    assert written.exists() and len(written.read_text().splitlines()) == 241  # a header and every row
+
+
+def test_the_saved_model_loads_with_bitwise_the_same_outputs(trained):
+    out, _, result = trained
+    net, config, _ = load_model(out)
+    rebuilt = build_recorded({**config, "ensemble": config["train"].get("ensemble", 1)})
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in net.state_dict().items()
+    }
+    if isinstance(net, WeightedEnsemble):
+        assert weighted_record(net) == config["weighted"]
+
+
+def test_no_baselines_keeps_the_ensemble_to_fusion_models(tmp_path):
+    path = tmp_path / "data.npz"
+    save_npz(linear_table(), path)
+    result = train(TrainSpec.from_options({"data": str(path), "baselines": False, **FAST}), tmp_path / "m")
+    assert set(result.report["weighted"]["weights"]) == {"concat", "self", "self-modality"}
+    assert "baselines" not in result.report
+
+
+def test_a_damaged_weighted_block_is_refused_in_one_line(trained, tmp_path):
+    out, path, _ = trained
+    config = read_config(out)
+    if "weighted" not in config:
+        pytest.skip("this run's ensemble is one candidate")
+    for damage in (
+        lambda w: w["parts"][0].update(weight=2.0),
+        lambda w: w.update(primary="nobody"),
+        lambda w: w["parts"][0].update(kind="pickle"),
+        lambda w: w.update(parts=[]),
+    ):
+        bad = json.loads(json.dumps(config))
+        damage(bad["weighted"])
+        copy = tmp_path / f"m{id(damage)}"
+        copy.mkdir()
+        for f in out.iterdir():
+            if f.is_file():
+                (copy / f.name).write_bytes(f.read_bytes())
+        (copy / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"^model: .*config.json: weighted") as e:
+            read_config(copy)
+        assert "\n" not in str(e.value)
