@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from attnfuse import heads
 from attnfuse.baselines import fit_baseline, pooled_features
 from attnfuse.data import MultimodalDataset, Standardizer
 from attnfuse.data.dataset import Batch
@@ -115,6 +116,24 @@ def test_tree_head_follows_the_missing_value_branches_of_an_absent_modality():
     np.testing.assert_allclose(values[absent], model.predict(x[absent]), rtol=1e-5, atol=1e-5)
 
 
+def test_tree_head_sends_a_row_at_a_threshold_left_as_scikit_learn_does(monkeypatch):
+    """Gradient boosting's thresholds are often training rows' own values (its bins' edges are
+    percentiles), and scikit-learn sends a value equal to the threshold left. The head rebuilds
+    the pooled values from standardised float32 features, a rounding away from the originals:
+    without its slack some of those rows would take the other branch."""
+    data = make_data("classification")
+    head, model, x, batch = fitted_head("hist_gb", data)
+    inner = ~head.is_leaf
+    on_threshold = np.isin(x[:TRAIN], head.num_threshold[inner].numpy()).any(axis=1)
+    assert on_threshold.sum() >= 5  # rows that sit exactly on a split of some tree
+    expected = expected_logits(model, x, 2)
+    with torch.no_grad():
+        np.testing.assert_allclose(head(batch).numpy(), expected, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(heads, "ROUNDING", 0.0)  # the fault: no slack at the thresholds
+        off = np.abs(head(batch).numpy() - expected).max(axis=1) > 1e-3
+    assert off.any() and off[:TRAIN].sum() <= on_threshold.sum()
+
+
 def test_pooling_gives_the_pooled_features_of_the_baselines():
     data = make_data("regression")
     standardizer = Standardizer.fit(data, np.arange(TRAIN))
@@ -199,7 +218,7 @@ def test_heads_export_with_torch_export_and_a_dynamic_batch(kind):
     wrapper = PlainInputs(head, names).eval()
     inputs = tuple(t for n in names for t in (batch.x[n][:8], batch.mask[n][:8]))
     dim = torch.export.Dim("batch", min=1, max=1 << 20)
-    shapes = tuple({0: dim} for _ in inputs)
+    shapes = (tuple({0: dim} for _ in inputs),)  # forward(*inputs): one entry
     program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes, strict=False)
     others = tuple(t for n in names for t in (batch.x[n][8:45], batch.mask[n][8:45]))  # another batch size
     with torch.no_grad():
