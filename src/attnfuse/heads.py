@@ -257,7 +257,9 @@ class TreeHead(_Head):
             feature = self._read("feature_idx", at, b)  # (B, trees): the feature each node splits on
             x, within = torch.gather(f, 1, feature), torch.gather(slack, 1, feature)  # (B, trees)
             threshold = self._read("num_threshold", at, b) + within  # a value at the threshold goes left
-            go_left = torch.where(torch.isnan(x), self._read("missing_go_to_left", at, b), x <= threshold)
+            # NaN compares False: it goes left only where the node sends missing values left. (Logical
+            # operators, not a where over bools, which onnxruntime does not implement.)
+            go_left = (x <= threshold) | (torch.isnan(x) & self._read("missing_go_to_left", at, b))
             child = torch.where(go_left, self._read("left", at, b), self._read("right", at, b))
             node = torch.where(self._read("is_leaf", at, b), node, child)
         leaves = self.value.reshape(-1)[(node + offset).reshape(-1)].reshape(b, self.n_iter, self.raw_dim)
