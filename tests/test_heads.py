@@ -16,7 +16,15 @@ from attnfuse import export, heads
 from attnfuse.baselines import fit_baseline, pooled_features
 from attnfuse.data import MultimodalDataset, Standardizer
 from attnfuse.data.dataset import Batch
-from attnfuse.heads import ABSENT_LOGIT, LinearHead, Pooling, TreeHead, build_head, head_from_baseline
+from attnfuse.heads import (
+    ABSENT_LOGIT,
+    LinearHead,
+    Pooling,
+    TreeHead,
+    build_head,
+    head_from_baseline,
+    presence_columns,
+)
 
 N, TRAIN = 240, 180  # rows; the first TRAIN are the training rows
 
@@ -55,7 +63,7 @@ def fitted_head(name: str, data: MultimodalDataset):
     """(head, fitted estimator, pooled features of every row (N, F), standardised batch of every row)."""
     train = np.arange(TRAIN)
     x = pooled_features(data)
-    presence = [m.name for m in data.modalities if not data.valid_mask(m.name).any(axis=1).all()]
+    presence = presence_columns(data)
     model = fit_baseline(name, data, x[train], data.y[train])
     standardizer = Standardizer.fit(data, train)
     out_dim = data.num_classes if data.task == "classification" else data.target_dim
@@ -179,6 +187,23 @@ def test_record_and_state_dict_rebuild_the_head_bitwise(name, task):
     rebuilt.load_state_dict(head.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(batch), head(batch))
+
+
+def test_presence_columns_are_the_modalities_absent_in_some_of_the_rows():
+    data = make_data("regression")  # opt absent in rows 1, 5, 9, ...
+    assert presence_columns(data) == ["opt"]
+    assert presence_columns(data, np.arange(0, N, 4)) == []
+    assert pooled_features(data, np.arange(0, N, 4)).shape[1] == 3 + 4 + 2  # no presence column there
+
+
+def test_tree_head_refuses_a_regressor_whose_predict_is_not_its_raw_prediction():
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    data = make_data("regression")
+    x = pooled_features(data)
+    model = HistGradientBoostingRegressor(loss="poisson", max_iter=3).fit(x, np.exp(data.y / 10))
+    with pytest.raises(ValueError, match="baseline loss: expected one of .*, got 'poisson'"):
+        head_from_baseline("hist_gb", model, data.modalities, Standardizer.fit(data), ["opt"], "regression", 1)
 
 
 def test_build_head_refuses_an_unknown_kind():
