@@ -20,8 +20,14 @@ Classes the estimator never saw in its training rows (its ``classes_`` lacks the
 Both are made of buffers only (nothing trainable) and have ``record()``, the JSON-able shapes, so
 that ``build_head(record)`` rebuilds an empty head that ``load_state_dict`` fills without pickle.
 ``forward`` has no branch on the data (masks select with ``torch.where``), so it can be traced and
-exported. Pooling and sums run in float64: the trees compare pooled features with thresholds that
-scikit-learn computed in float64, and a float32 mean would move some rows to the other branch.
+exported (``torch.export``, TorchScript tracing, ONNX).
+
+Pooling and sums run in float64, and a tree sends a value within the rebuilt features' rounding
+bound (:data:`ROUNDING`) of a threshold to the left. Gradient boosting's thresholds are often
+training rows' own pooled values (its bins' edges are percentiles), which scikit-learn sends left
+(``x <= threshold``); the head sees those rows only standardised and rounded to float32, so half of
+them would otherwise take the other branch. The one case left where head and estimator part: a
+value above a threshold by less than that bound (about 1e-7 relative), which the head sends left.
 """
 
 from __future__ import annotations
