@@ -4,6 +4,7 @@ at invalid steps, and export with torch.export."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -11,11 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from attnfuse import heads
+from attnfuse import export, heads
 from attnfuse.baselines import fit_baseline, pooled_features
 from attnfuse.data import MultimodalDataset, Standardizer
 from attnfuse.data.dataset import Batch
-from attnfuse.heads import ABSENT_LOGIT, LinearHead, Pooling, TreeHead, build_head, head_from_baseline
+from attnfuse.heads import (
+    ABSENT_LOGIT,
+    LinearHead,
+    Pooling,
+    TreeHead,
+    build_head,
+    head_from_baseline,
+    presence_columns,
+)
 
 N, TRAIN = 240, 180  # rows; the first TRAIN are the training rows
 
@@ -23,7 +32,7 @@ N, TRAIN = 240, 180  # rows; the first TRAIN are the training rows
 def make_data(task: str, classes: int = 2, targets: int = 1, seed: int = 0) -> MultimodalDataset:
     """A sequence modality with padded steps, a vector modality, and a sequence modality absent in
     every fourth row; features far from standard units (the head must undo the standardisation).
-    Classification with ``classes`` labels, the last one only in rows after TRAIN when ``classes``
+    Classification with ``classes`` labels, class 1 only in rows after TRAIN when ``classes``
     is 3 or more (a class the baselines never see); regression with ``targets`` targets."""
     rng = np.random.default_rng(seed)
     seq = 3.0 + 2.0 * rng.normal(size=(N, 5, 3))
@@ -36,8 +45,9 @@ def make_data(task: str, classes: int = 2, targets: int = 1, seed: int = 0) -> M
     if task == "classification":
         seen = classes - 1 if classes >= 3 else classes
         y = np.digitize(score, np.quantile(score, np.linspace(0, 1, seen + 1)[1:-1])).astype(np.int64)
-        if classes >= 3:
-            y[TRAIN + 1 :: 7] = classes - 1  # only in rows the baselines are not fitted on
+        if classes >= 3:  # class 1 only in rows the baselines are not fitted on
+            y[y >= 1] += 1
+            y[TRAIN + 1 :: 7] = 1
     else:
         y = np.stack([10 + 3 * score, score - vec[:, 0]][:targets], axis=1).astype(np.float32)
         y = y[:, 0] if targets == 1 else y
@@ -53,7 +63,7 @@ def fitted_head(name: str, data: MultimodalDataset):
     """(head, fitted estimator, pooled features of every row (N, F), standardised batch of every row)."""
     train = np.arange(TRAIN)
     x = pooled_features(data)
-    presence = [m.name for m in data.modalities if not data.valid_mask(m.name).any(axis=1).all()]
+    presence = presence_columns(data)
     model = fit_baseline(name, data, x[train], data.y[train])
     standardizer = Standardizer.fit(data, train)
     out_dim = data.num_classes if data.task == "classification" else data.target_dim
@@ -86,9 +96,9 @@ def test_classification_head_gives_the_baselines_decision_function_and_probabili
     proba = torch.softmax(logits, dim=1).numpy()
     np.testing.assert_allclose(proba[:, model.classes_], model.predict_proba(x), rtol=1e-5, atol=1e-6)
     assert np.array_equal(logits.argmax(dim=1).numpy(), model.predict(x))
-    if classes >= 3:  # the last class never in the training rows: probability ~0, finite
-        assert model.classes_.size == classes - 1
-        assert np.isfinite(logits.numpy()).all() and proba[:, -1].max() < 1e-30
+    if classes >= 3:  # class 1 never in the training rows: probability ~0, finite
+        assert 1 not in model.classes_ and model.classes_.size == classes - 1
+        assert np.isfinite(logits.numpy()).all() and proba[:, 1].max() < 1e-30
 
 
 @pytest.mark.parametrize("name, targets", REGRESSION)
@@ -179,6 +189,23 @@ def test_record_and_state_dict_rebuild_the_head_bitwise(name, task):
         assert torch.equal(rebuilt.eval()(batch), head(batch))
 
 
+def test_presence_columns_are_the_modalities_absent_in_some_of_the_rows():
+    data = make_data("regression")  # opt absent in rows 1, 5, 9, ...
+    assert presence_columns(data) == ["opt"]
+    assert presence_columns(data, np.arange(0, N, 4)) == []
+    assert pooled_features(data, np.arange(0, N, 4)).shape[1] == 3 + 4 + 2  # no presence column there
+
+
+def test_tree_head_refuses_a_regressor_whose_predict_is_not_its_raw_prediction():
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    data = make_data("regression")
+    x = pooled_features(data)
+    model = HistGradientBoostingRegressor(loss="poisson", max_iter=3).fit(x, np.exp(data.y / 10))
+    with pytest.raises(ValueError, match="baseline loss: expected one of .*, got 'poisson'"):
+        head_from_baseline("hist_gb", model, data.modalities, Standardizer.fit(data), ["opt"], "regression", 1)
+
+
 def test_build_head_refuses_an_unknown_kind():
     with pytest.raises(ValueError, match="record kind: expected one of"):
         build_head({"kind": "forest"})
@@ -197,30 +224,46 @@ def test_presence_must_name_modalities():
 
 
 class PlainInputs(nn.Module):
-    """A head behind plain tensors (x_1, mask_1, x_2, mask_2, ...), as the export path feeds models."""
+    """A head behind plain tensors (x_1, mask_1, x_2, mask_2, ...), as the export path feeds
+    models; its inputs are already standardised (export's wrapper standardises before the model)."""
 
-    def __init__(self, head: nn.Module, names: list[str]) -> None:
+    def __init__(self, head: nn.Module, specs: list) -> None:
         super().__init__()
-        self.head, self.names = head, names
+        self.head, self.specs = head, list(specs)  # specs: what export.example_inputs reads
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        x = {name: inputs[2 * i] for i, name in enumerate(self.names)}
-        mask = {name: inputs[2 * i + 1] for i, name in enumerate(self.names)}
+        x = {s.name: inputs[2 * i] for i, s in enumerate(self.specs)}
+        mask = {s.name: inputs[2 * i + 1] for i, s in enumerate(self.specs)}
         return self.head(Batch(x, mask, None))
 
 
+def exported_bytes(wrapper: PlainInputs, format: str, example: tuple) -> bytes:
+    """The graph ``attnfuse export`` would write for ``wrapper`` in ``format``."""
+    if format == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+        return export._to_onnx(wrapper, example, export.input_names(wrapper), "out", 18)
+    buffer = io.BytesIO()
+    if format == "torchscript":
+        torch.jit.save(torch.jit.trace(wrapper, example, check_trace=False), buffer)
+    else:
+        torch.export.save(export._exported(wrapper, example), buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("format", export.FORMATS)
 @pytest.mark.parametrize("kind", [LinearHead, TreeHead])
-def test_heads_export_with_torch_export_and_a_dynamic_batch(kind):
+def test_heads_export_and_agree_on_padded_rows_and_another_batch_size(kind, format):
     name = "logistic" if kind is LinearHead else "hist_gb"
     data = make_data("classification", classes=3)
     head, _, _, batch = fitted_head(name, data)
-    names = [m.name for m in data.modalities]
-    wrapper = PlainInputs(head, names).eval()
-    inputs = tuple(t for n in names for t in (batch.x[n][:8], batch.mask[n][:8]))
-    dim = torch.export.Dim("batch", min=1, max=1 << 20)
-    shapes = (tuple({0: dim} for _ in inputs),)  # forward(*inputs): one entry
-    program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes, strict=False)
-    others = tuple(t for n in names for t in (batch.x[n][8:45], batch.mask[n][8:45]))  # another batch size
+    wrapper = PlainInputs(head, data.modalities).eval()
+    example = export.example_inputs(wrapper, batch_size=4)  # padding, absent modalities, NaN at invalid steps
     with torch.no_grad():
-        for rows, args in ((slice(0, 8), inputs), (slice(8, 45), others)):
-            assert torch.equal(program.module()(*args), head(batch)[rows])
+        graph = exported_bytes(wrapper, format, example)
+        names = export.input_names(wrapper)
+        for rows in (slice(0, 7), slice(7, 60)):  # data rows at two batch sizes, then the example itself
+            inputs = tuple(t[rows] for s in data.modalities for t in (batch.x[s.name], batch.mask[s.name]))
+            got = export.run_exported(graph, format, inputs, names)
+            np.testing.assert_allclose(got, head(batch)[rows].numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(export.run_exported(graph, format, example, names), wrapper(*example).numpy())

@@ -20,8 +20,14 @@ Classes the estimator never saw in its training rows (its ``classes_`` lacks the
 Both are made of buffers only (nothing trainable) and have ``record()``, the JSON-able shapes, so
 that ``build_head(record)`` rebuilds an empty head that ``load_state_dict`` fills without pickle.
 ``forward`` has no branch on the data (masks select with ``torch.where``), so it can be traced and
-exported. Pooling and sums run in float64: the trees compare pooled features with thresholds that
-scikit-learn computed in float64, and a float32 mean would move some rows to the other branch.
+exported (``torch.export``, TorchScript tracing, ONNX).
+
+Pooling and sums run in float64, and a tree sends a value within the rebuilt features' rounding
+bound (:data:`ROUNDING`) of a threshold to the left. Gradient boosting's thresholds are often
+training rows' own pooled values (its bins' edges are percentiles), which scikit-learn sends left
+(``x <= threshold``); the head sees those rows only standardised and rounded to float32, so half of
+them would otherwise take the other branch. The one case left where head and estimator part: a
+value above a threshold by less than that bound (about 1e-7 relative), which the head sends left.
 """
 
 from __future__ import annotations
@@ -32,10 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data.dataset import Batch, ModalitySpec
+from .data.dataset import Batch, ModalitySpec, MultimodalDataset
 from .data.preprocessing import Standardizer
 
-__all__ = ["ABSENT_LOGIT", "LinearHead", "TreeHead", "build_head", "head_from_baseline"]
+__all__ = ["ABSENT_LOGIT", "LinearHead", "Pooling", "TreeHead", "build_head", "head_from_baseline", "presence_columns"]
 
 ABSENT_LOGIT = -1e4  # a class absent from the baseline's training rows: softmax gives it ~0
 TASKS = ("classification", "regression")
@@ -43,10 +49,13 @@ TASKS = ("classification", "regression")
 # of 2**-24 each, doubled): a tree sends a value within it of a threshold left, as scikit-learn sends
 # a value equal to the threshold (which is often a training row's own value).
 ROUNDING = 2.0**-22
+# Gradient boosting regression losses whose predict is the raw prediction (not exp of it, as poisson's).
+IDENTITY_LOSSES = ("squared_error", "absolute_error", "quantile")
 
 
 class Pooling(nn.Module):
-    """Batch -> the pooled features of :func:`attnfuse.baselines.pooled_features`, ``(B, F)`` float64.
+    """Batch -> the pooled features of :func:`attnfuse.baselines.pooled_features`, ``(B, F)`` float64
+    (with their rounding bound, see :meth:`forward`).
 
     Per modality (in ``modalities``' order): the standardisation undone (``raw = x * std + mean``)
     and averaged over the valid steps, ``(B, D_m)``, NaN where no step is valid; then a presence
@@ -70,8 +79,10 @@ class Pooling(nn.Module):
         """Copy the training statistics of ``standardizer`` (its modalities must be these)."""
         for i, (name, dim) in enumerate(self.modalities):
             mean, std = np.asarray(standardizer.mean[name]), np.asarray(standardizer.std[name])
-            if mean.shape != (dim,):
-                raise ValueError(f"standardizer: expected mean of shape ({dim},) for {name!r}, got {mean.shape}")
+            if mean.shape != (dim,) or std.shape != (dim,):
+                raise ValueError(
+                    f"standardizer: expected mean and std of shape ({dim},) for {name!r}, got {mean.shape}"
+                )
             # float32 statistics, as Standardizer.transform used them, widened exactly.
             getattr(self, f"mean_{i}").copy_(torch.from_numpy(mean.astype(np.float32).astype(np.float64)))
             getattr(self, f"std_{i}").copy_(torch.from_numpy(std.astype(np.float32).astype(np.float64)))
@@ -257,7 +268,9 @@ class TreeHead(_Head):
             feature = self._read("feature_idx", at, b)  # (B, trees): the feature each node splits on
             x, within = torch.gather(f, 1, feature), torch.gather(slack, 1, feature)  # (B, trees)
             threshold = self._read("num_threshold", at, b) + within  # a value at the threshold goes left
-            go_left = torch.where(torch.isnan(x), self._read("missing_go_to_left", at, b), x <= threshold)
+            # NaN compares False: it goes left only where the node sends missing values left. (Logical
+            # operators, not a where over bools, which onnxruntime does not implement.)
+            go_left = (x <= threshold) | (torch.isnan(x) & self._read("missing_go_to_left", at, b))
             child = torch.where(go_left, self._read("left", at, b), self._read("right", at, b))
             node = torch.where(self._read("is_leaf", at, b), node, child)
         leaves = self.value.reshape(-1)[(node + offset).reshape(-1)].reshape(b, self.n_iter, self.raw_dim)
@@ -278,6 +291,9 @@ def _boosters(model) -> list:
     for b in boosters:
         if not hasattr(b, "_predictors") or not hasattr(b, "_baseline_prediction"):
             raise TypeError(f"baseline: expected a fitted HistGradientBoosting model, got {type(b).__name__}")
+        # The head returns the raw prediction: a regressor's predict must be it (identity link).
+        if not hasattr(b, "classes_") and b.loss not in IDENTITY_LOSSES:
+            raise ValueError(f"baseline loss: expected one of {IDENTITY_LOSSES}, got {b.loss!r}")
     return boosters
 
 
@@ -292,6 +308,14 @@ def _tree_columns(booster, num_features: int) -> list[list[np.ndarray]]:
             raise ValueError("baseline: expected numerical splits only, got a categorical one")
         out.append(nodes)
     return out
+
+
+def presence_columns(data: MultimodalDataset, rows: np.ndarray | None = None) -> list[str]:
+    """The modalities that :func:`attnfuse.baselines.pooled_features` gives a presence column for
+    ``rows`` (default all): those absent in at least one of them. The ``presence`` of
+    :func:`head_from_baseline`, taken from the rows the baseline's features were pooled from."""
+    rows = np.arange(data.n) if rows is None else np.asarray(rows, dtype=np.int64)
+    return [m.name for m in data.modalities if not data.valid_mask(m.name)[rows].any(axis=1).all()]
 
 
 def build_head(record: dict) -> _Head:
