@@ -186,7 +186,11 @@ def test_auto_picks_an_attention_model_on_the_planted_lookup(planted_run):
     scores = {n: c["valid"] for n, c in selection["candidates"].items()}
     assert selection["metric"] == "rmse" and scores[selection["best"]] == min(scores.values())
     assert scores[selection["picked"]] <= selection["threshold"] < scores["concat"]  # attention clearly better
-    assert result.report["valid"]["rmse"] == pytest.approx(scores[selection["picked"]])
+    # The saved model, the weighted ensemble, is no worse on the rows it was weighed on than the best.
+    weighted = result.report["weighted"]
+    assert weighted["fitted_on"] == "out-of-fold" and weighted["bags"] == 5  # 400 rows: bagged
+    assert result.report["valid"]["rmse"] <= min(scores.values()) * (1 + 1e-6)
+    assert weighted["weights"]["concat"] < 0.5 and weighted["primary"] in ("self", "self-modality", "cross")
     assert result.report["test"]["r2"] > 0.5 and result.report["candidates"]["concat"]["valid"]["r2"] < 0.5
 
 
@@ -202,14 +206,16 @@ def test_the_choice_is_recorded_in_config_and_metrics(planted_run):
         assert {"fusion", "settings", "valid", "valid_se", "valid_loss"} <= set(cand) and cand["valid_se"] > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["candidates"]) == set(config["auto"]["candidates"])
-    assert metrics["candidates"][picked]["valid"] == metrics["valid"]
-    # The run's model is the picked one: the metrics of the saved model are the picked candidate's.
-    assert metrics["valid"]["rmse"] == pytest.approx(config["auto"]["candidates"][picked]["valid"])
+    assert metrics["candidates"][picked]["valid"]["rmse"] == pytest.approx(config["auto"]["candidates"][picked]["valid"])
+    # The run's model is the weighted ensemble: config.json describes it, its primary fusion first.
+    primary = config["weighted"]["primary"]
+    assert config["fusion"] == config["auto"]["candidates"][primary]["fusion"] == result.first.fusion
+    assert metrics["weighted"]["primary"] == primary
 
 
 def test_progress_names_each_candidate_and_the_selection(planted_run):
     _, _, events = planted_run
     started = [info["candidate"] for event, info in events if event == "model_start"]
-    assert started == [c.name for c in PORTFOLIO]
+    assert started == [c.name for c in PORTFOLIO for _bag in range(5)]  # 400 rows: 5 bags each
     (selected,) = [info for event, info in events if event == "selected"]
     assert selected["selection"]["picked"] in started

@@ -57,7 +57,7 @@ def test_a_part_of_weight_zero_is_not_run_and_attention_comes_from_the_primary()
     net = WeightedEnsemble({"f": f, "g": g}, {"f": 0.0, "g": 1.0}, "regression", "f")
     torch.testing.assert_close(net(batch_of(2)), torch.full((2, 1), 2.0))
     assert f.calls == 0
-    out, maps = net(batch_of(2), return_attention=True)
+    _out, maps = net(batch_of(2), return_attention=True)
     assert f.calls == 1 and maps == []  # the primary's maps, though it carries nothing
 
 
@@ -104,7 +104,7 @@ def trained(request, tmp_path_factory):
 
 
 def test_auto_saves_the_weighted_ensemble_it_reports(trained):
-    out, _, result = trained
+    out, _, _result = trained
     config = read_config(out)
     report = json.loads((out / "metrics.json").read_text())
     weights = report["weighted"]["weights"]
@@ -145,7 +145,6 @@ def test_evaluate_of_the_saved_model_gives_the_numbers_of_metrics_json(trained, 
 
 def test_predict_of_the_saved_model_gives_its_test_predictions(trained, tmp_path):
     out, path, _ = trained
-    net, config, standardizer = load_model(out)
     written = tmp_path / "predictions.csv"
     result = CliRunner().invoke(app, ["predict", "--model", str(out), "--data", str(path), "--out", str(written)])
     assert result.exit_code == 0, result.output
@@ -153,7 +152,7 @@ def test_predict_of_the_saved_model_gives_its_test_predictions(trained, tmp_path
 
 
 def test_the_saved_model_loads_with_bitwise_the_same_outputs(trained):
-    out, _, result = trained
+    out, _, _result = trained
     net, config, _ = load_model(out)
     rebuilt = build_recorded({**config, "ensemble": config["train"].get("ensemble", 1)})
     assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
@@ -172,7 +171,7 @@ def test_no_baselines_keeps_the_ensemble_to_fusion_models(tmp_path):
 
 
 def test_a_damaged_weighted_block_is_refused_in_one_line(trained, tmp_path):
-    out, path, _ = trained
+    out, _path, _ = trained
     config = read_config(out)
     if "weighted" not in config:
         pytest.skip("this run's ensemble is one candidate")

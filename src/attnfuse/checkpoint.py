@@ -75,6 +75,7 @@ EVALUATION = "evaluation.json"
 RUN_ENTRIES = frozenset({WEIGHTS, CONFIG, METRICS, RUN, LOG, EVALUATION, "explain", "last", "tensorboard"})
 KEPT = ("explain",)
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
+EXACT_DTYPES = ("I64", "BOOL")  # a baseline head's tree: node indices and branch flags
 MAX_CONFIG_BYTES = 64 << 20  # a config.json holds settings and per-feature statistics: far less
 
 
@@ -489,9 +490,13 @@ def _check_size(
         raise ValueError(f"model: {where}: {str(e).removeprefix('model: ')}") from None
 
 
-def _weights_header(path: Path, shown: Path | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _weights_header(
+    path: Path, shown: Path | None = None, config: dict | None = None
+) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (dtype, shape)} from the safetensors header (no tensor is read); the dtypes must be
-    floating point. ``shown``: the name in errors (``path`` may be an open file's handle)."""
+    floating point, but for the baseline parts of a weighted ensemble (``config``'s), whose trees
+    hold node indices and branch flags (:data:`EXACT_DTYPES`). ``shown``: the name in errors
+    (``path`` may be an open file's handle)."""
     path, read = shown or path, path
     try:
         with safe_open(str(read), framework="pt") as f:
@@ -499,7 +504,14 @@ def _weights_header(path: Path, shown: Path | None = None) -> dict[str, tuple[st
     except Exception as e:  # safetensors' own error types: a damaged or hostile file
         reason = " ".join(str(e).split())[:200]
         raise ValueError(f"model: {path} is not a readable safetensors file ({reason})") from None
-    bad = [f"{k} ({dtype})" for k, (dtype, _) in header.items() if dtype not in FLOAT_DTYPES]
+    exact = tuple(
+        f"parts.{e['name']}." for e in ((config or {}).get("weighted") or {}).get("parts", []) if e["kind"] == "baseline"
+    )
+    bad = [
+        f"{k} ({dtype})"
+        for k, (dtype, _) in header.items()
+        if dtype not in FLOAT_DTYPES and not (k.startswith(exact) and exact and dtype in EXACT_DTYPES)
+    ]
     if bad:
         raise ValueError(f"model: {path}: expected floating-point weights, got {', '.join(bad[:3])}")
     return header
@@ -509,6 +521,8 @@ def _finite(t: torch.Tensor) -> bool:
     """No NaN/inf in ``t``. A sum is NaN/inf when an element is (or, rarely, when finite values
     overflow it: then each element is looked at); torch.isfinite(t).all() alone is ~30x slower on
     a CPU, seconds for a large model."""
+    if not t.is_floating_point():  # node indices and flags: always finite
+        return True
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
@@ -571,7 +585,7 @@ def _read_config(files: _Pinned) -> dict:
     model_dir = files.dir
     config = _parse(files.config, model_dir / CONFIG)
     fusion_config = _check_config(config, str(model_dir / CONFIG))
-    header = _weights_header(files.weights, model_dir / WEIGHTS)
+    header = _weights_header(files.weights, model_dir / WEIGHTS, config)
     weighted = config.get("weighted")
     if weighted is None:
         members = EnsembleSpec.from_dict(config["train"]).size
@@ -632,7 +646,7 @@ class _Mixed(ValueError):
 def _load(files: _Pinned, config: dict) -> tuple[FusionModel | Ensemble, Standardizer]:
     """The model ``config`` describes with the weights of ``files`` (checked), and its standardiser."""
     path = files.dir / WEIGHTS
-    header = _weights_header(files.weights, path)
+    header = _weights_header(files.weights, path, config)
     model = build_recorded({**config, **EnsembleSpec.from_dict(config["train"]).to_dict()})
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: shape for k, (_, shape) in header.items()}
