@@ -8,17 +8,20 @@ whose position and finished work are a state object with ``to_dict``/``from_dict
     RunLoop.run()                                  # runs: the seeds of --repeat, or the folds of --folds
         for run in range(state.index, runs):
             split = fit.plan(run).rows(data)       # SplitPlan: the one place a split is made
-            parts = Parts.of(data, split, device)  # the one place inputs are standardised
+            parts, bagged = _parts(split)          # Parts.of: the one place inputs are standardised;
+                                                   # auto on small data: K bags of train + valid
             CandidateLoop.run()                    # --fusion auto's portfolio, or the one fusion
                 for candidate in range(state.index, len(candidates)):
-                    MemberLoop.run()               # --ensemble
-                        for member in range(state.index, ensemble.size):
-                            fit_model(parts, ...)  # seed EnsembleSpec.seed(seed, member); Trainer.fit:
-                                                   # epochs x steps, checkpoints (MemberLoop.save)
-                    state.finished.append(_average(members))  # the candidate's model
-            pick(...)                              # one candidate chosen on the validation rows
-            calibrate(...)                         # its temperature or intervals, on the validation rows
+                    MemberLoop.run()               # --ensemble members, in each bag
+                        for model in range(state.index, bags x ensemble.size):
+                            fit_model(parts_of(model), ...)  # seed EnsembleSpec.seed(seed, model);
+                                                   # Trainer.fit: epochs x steps, checkpoints (MemberLoop.save)
+                    state.finished.append(_average(members) or _bag(members))  # the candidate's model
+            pick(...)                              # the best single candidate (recorded: config "auto")
             fit_baselines(...)                     # the classical models on the same rows
+            weigh(...)                             # auto: the weighted ensemble of candidates and baselines,
+                                                   # fitted on validation or out-of-fold predictions
+            calibrate(...)                         # its temperature or intervals, on the same rows
             state.finished.append(record)          # metrics.json's "runs"
     summarize_runs(fit, state.finished)            # metrics.json: one run's, or mean ± std; the verdict
 
@@ -26,8 +29,8 @@ A checkpoint, taken by the trainer every ``--checkpoint-every`` epochs and when 
 trainer's state plus the three loops' states (:meth:`MemberLoop.save`); a resumed request restores
 the states (:meth:`RunLoop.restore`, then each inner loop of the run and the candidate under way)
 and continues where they say: it retrains nothing, and ends bitwise as the uninterrupted request
-(on the CPU). Another level (bags of rows, say) is another loop object with its own state, and its
-part of the checkpoint.
+(on the CPU). A candidate's bags are positions of its member loop (model ``k`` is member ``k %
+ensemble`` of bag ``k // ensemble``), so they are checkpointed as members are.
 
 Words: a *fit* is everything one request trains (:class:`Fit`); a *run* is one seed or fold; a
 *candidate* one fusion of the portfolio; a *member* one model of an ensemble; a *model* one

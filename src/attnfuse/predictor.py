@@ -493,27 +493,37 @@ class FusionPredictor:
 
     def leaderboard(self) -> list[dict[str, Any]]:
         """Every model the training compared, best validation score first, as flat rows:
-        ``model``, ``kind`` (``fusion`` or ``baseline``), ``fusion``, ``picked`` (the model kept),
-        and ``<split>_<metric>`` values (with ``--repeat``/``--folds``: means, and
-        ``<split>_<metric>_std``). The candidates of ``--fusion auto`` have validation scores only
-        (choosing by a test score would leak the test rows); the model kept and the baselines have
-        every split. ``pandas.DataFrame(predictor.leaderboard())`` makes a table of it."""
+        ``model``, ``kind`` (``ensemble``, ``fusion`` or ``baseline``), ``fusion``, ``picked`` (the
+        model kept), and ``<split>_<metric>`` values (with ``--repeat``/``--folds``: means, and
+        ``<split>_<metric>_std``). With ``--fusion auto`` the model kept is the weighted ensemble
+        (its own row) and every candidate and baseline has its ``weight`` in it; the candidates have
+        validation scores only (choosing by a test score would leak the test rows); the model kept
+        and the baselines have every split. ``pandas.DataFrame(predictor.leaderboard())`` makes a
+        table of it."""
         self._check_fitted("leaderboard")
         if self.report_ is None:
             raise ValueError(f"leaderboard: {self.model_dir_} has no {METRICS} (it was not written by attnfuse train)")
         report, selection = self.report_, self.config_.get("auto") or {}
         kept = report.get("summary", {k: v for k, v in report.items() if k in ("train", "valid", "test")})
         picked = selection.get("picked")
+        weights = _weights(report)
         rows = []
+        if weights:  # the model kept is the weighted ensemble of the rows below
+            primary = self.config_["fusion"]
+            rows.append({"model": "weighted ensemble", "kind": "ensemble", "fusion": primary, "picked": True, **_flat(kept)})
+            picked = None
         for name, scores in (report.get("candidates") or {}).items():
             fusion = (selection.get("candidates") or {}).get(name, {}).get("fusion", name)
             parts = kept if name == picked else scores
-            rows.append({"model": name, "kind": "fusion", "fusion": fusion, "picked": name == picked, **_flat(parts)})
+            row = {"model": name, "kind": "fusion", "fusion": fusion, "picked": name == picked, **_flat(parts)}
+            rows.append({**row, "weight": weights[name]} if weights else row)
         if not rows:
             fusion = self.config_["fusion"]
             rows.append({"model": fusion, "kind": "fusion", "fusion": fusion, "picked": True, **_flat(kept)})
         for name, parts in (report.get("baselines") or {}).items():
             row = {"model": name, "kind": "baseline", "fusion": None, "picked": False, **_flat(parts)}
+            if weights:
+                row["weight"] = weights.get(name, 0.0)
             if "skipped" in parts:
                 row["skipped"] = parts["skipped"]
             rows.append(row)
@@ -704,6 +714,13 @@ def _from_arrays(
         classes=classes,
         num_classes=num_classes,
     )
+
+
+def _weights(report: dict) -> dict[str, float]:
+    """Each model's weight in the weighted ensemble ``--fusion auto`` saved (its mean over the runs
+    of ``--repeat``/``--folds``); empty without one."""
+    weighted = report.get("weighted") or {}
+    return {n: (w["mean"] if isinstance(w, dict) else w) for n, w in weighted.get("weights", {}).items()}
 
 
 def _flat(parts: Mapping) -> dict[str, Any]:
