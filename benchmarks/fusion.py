@@ -1,12 +1,13 @@
 """Fusion benchmarks (a script, not a test): accuracy on UCI mfeat, R² on the planted synthetic task,
 and MulT training throughput at MOSEI sizes with the fused vs the explicit attention path; and the
 baselines table: the default `attnfuse train` (--fusion auto), every fusion and the classical
-baselines side by side on the same splits of four data sets, with wall times.
+baselines side by side on the same splits of seven data sets, with wall times.
 
     python benchmarks/fusion.py                 # everything, writes benchmarks/RESULTS.md
     python benchmarks/fusion.py --quick         # a smoke run (2 splits, few epochs), prints only
     python benchmarks/fusion.py --part mfeat    # one part: mfeat, planted, throughput or baselines
     python benchmarks/fusion.py --part baselines --datasets diabetes breast_cancer
+    python benchmarks/fusion.py --part baselines --datasets star98 anes96 fair   # needs pip install -e .[bench]
 
 mfeat protocol: 10 stratified splits (seeds 0..9), 80% train+valid (70% train, 10% validation for
 early stopping) and 20% test; the same splits for every model; mean ± sample std of test accuracy.
@@ -165,6 +166,53 @@ def sklearn_views(name: str) -> MultimodalDataset:
     return MultimodalDataset(views, bunch.target.astype(np.int64), name="breast_cancer")
 
 
+# statsmodels' bundled tables (`pip install -e .[bench]`): name -> (target, {view: columns}).
+# star98: 303 California school districts (1998 STAR tests); target the math pass share,
+#   NABOVE / (NABOVE + NBELOW), the share of students above the national median. Views: who the students
+#   are (low-income and ethnic shares) | the school (minority teachers, teachers' experience and salary,
+#   spending, pupil-teacher ratio, UC/CSU prep courses, charter and year-round schools). The eight interaction
+#   columns (products of these) are left out: every model gets the raw measures.
+# anes96: 944 respondents of the 1996 American National Election Study; target the expected vote
+#   (0 Clinton, 1 Dole). Views: demographics (age, education, income, log population of the place) |
+#   politics (self-placement and placement of Clinton and Dole on 1..7 liberal-conservative scales,
+#   TV news per week). PID (party identification) is left out: it is nearly the vote itself.
+# fair: 6366 women (Redbook survey, 1974); target `affairs` (time spent in extramarital affairs).
+#   Views: marriage (its rating, years married, children, religiousness) | socio-economic (age, education,
+#   her and her husband's occupation codes 1..6, read as ordinal numbers).
+STATSMODELS_VIEWS = {
+    "star98": (None, {
+        "demographics": ["LOWINC", "PERASIAN", "PERBLACK", "PERHISP"],
+        "school": ["PERMINTE", "AVYRSEXP", "AVSALK", "PERSPENK", "PTRATIO", "PCTAF", "PCTCHRT", "PCTYRRND"],
+    }),
+    "anes96": ("vote", {
+        "demographics": ["age", "educ", "income", "logpopul"],
+        "politics": ["selfLR", "ClinLR", "DoleLR", "TVnews"],
+    }),
+    "fair": ("affairs", {
+        "marriage": ["rate_marriage", "yrs_married", "children", "religious"],
+        "socioeconomic": ["age", "educ", "occupation", "occupation_husb"],
+    }),
+}  # fmt: skip
+
+
+def statsmodels_views(name: str) -> MultimodalDataset:
+    """statsmodels' bundled tables (see STATSMODELS_VIEWS), split into their natural views."""
+    try:
+        from statsmodels import datasets
+    except ImportError:
+        sys.exit(f"{name}: needs statsmodels: pip install -e .[bench]")
+    target, views = STATSMODELS_VIEWS[name]
+    frame = getattr(datasets, name).load_pandas().data
+    features = {view: frame[columns].to_numpy(np.float32) for view, columns in views.items()}
+    if name == "star98":  # the math endog: students above / below the national median
+        y = (frame["NABOVE"] / (frame["NABOVE"] + frame["NBELOW"])).to_numpy(np.float32)
+    elif name == "anes96":
+        y = frame[target].to_numpy().astype(np.int64)  # 0 Clinton, 1 Dole
+    else:
+        y = frame[target].to_numpy(np.float32)
+    return MultimodalDataset(features, y, name=name)
+
+
 # name -> (loader(seed), number of splits, split fractions, other fusions trained beside auto's
 # candidates, their settings). On mfeat the other fusions are those of the table above (the same
 # 10 splits, and classification trains as it did then: auto's concat and self rows reproduce it),
@@ -175,6 +223,9 @@ BASELINE_SETS = {
     "diabetes": (lambda seed: sklearn_views("diabetes"), 10, (0.7, 0.15, 0.15), ["cross", "bicross", "mult"], {}),
     "breast_cancer": (lambda seed: sklearn_views("breast_cancer"), 10, (0.7, 0.15, 0.15),
                       ["cross", "bicross", "mult"], {}),
+    "star98": (lambda seed: statsmodels_views("star98"), 10, (0.7, 0.15, 0.15), ["cross", "bicross", "mult"], {}),
+    "anes96": (lambda seed: statsmodels_views("anes96"), 10, (0.7, 0.15, 0.15), ["cross", "bicross", "mult"], {}),
+    "fair": (lambda seed: statsmodels_views("fair"), 3, (0.7, 0.15, 0.15), [], {}),  # 6366 rows: auto only
 }  # fmt: skip
 
 
@@ -306,6 +357,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer splits/epochs, nothing written")
     parser.add_argument("--part", choices=["all", "mfeat", "planted", "throughput", "baselines"], default="all")
     parser.add_argument("--datasets", nargs="+", choices=list(BASELINE_SETS), default=list(BASELINE_SETS))
+    parser.add_argument("--splits", type=int, help="baselines: at most this many splits per data set")
     parser.add_argument("--render", action="store_true", help="baselines: only render RESULTS.md from results/")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
@@ -316,6 +368,7 @@ def main() -> None:
         threadpool_limits(1)
         if not args.render:
             splits, epochs = (2, 5) if args.quick else (10, 100)
+            splits = min(splits, args.splits) if args.splits else splits
             for name in args.datasets:
                 result = baselines_table(name, splits, epochs)
                 if not args.quick:
