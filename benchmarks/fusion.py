@@ -240,14 +240,26 @@ def with_split(data: MultimodalDataset, seed: int, fractions) -> MultimodalDatas
     )
 
 
-def baselines_table(name: str, splits: int, epochs: int) -> dict:
+PREVIOUS = "auto before weighting"  # the default as it was: the one candidate picked on the validation rows
+
+
+def baselines_table(name: str, splits: int, epochs: int, previous: dict | None = None) -> dict:
     """Train auto (with the baselines) and the other fusions on each split; every model's test
-    metric, validation metric and seconds per split."""
+    metric, validation metric and seconds per split. ``previous``: this table's earlier results
+    (same splits): their other fusions are reused instead of trained again (the code of a named
+    fusion did not change), and the default they measured is kept as the row :data:`PREVIOUS`."""
     loader, n_splits, fractions, others, settings = BASELINE_SETS[name]
     n_splits = min(n_splits, splits)
     rows: dict[str, dict[str, list]] = {}
     picked: list[str] = []
+    weights: list[dict] = []  # per split: the weighted ensemble's weights, and what it was fitted on
     selections: list[dict] = []  # per split: auto's best and picked candidates, the bar, the SEs
+    reused = {}
+    if previous is not None and previous["splits"] == n_splits:
+        reused = {f: previous["rows"][f] for f in others if f in previous["rows"]}
+        old = previous["rows"].get(PREVIOUS) or (None if "weights" in previous else previous["rows"]["auto (default)"])
+        if old is not None:
+            reused[PREVIOUS] = old
 
     def add(model: str, metrics: dict, seconds: float) -> None:
         entry = rows.setdefault(model, {"test": [], "valid": [], "seconds": []})
@@ -263,19 +275,25 @@ def baselines_table(name: str, splits: int, epochs: int) -> dict:
             result = train_run(spec)
             add("auto (default)", result.report, result.seconds["fusion"])
             picked.append(result.selection["picked"])
+            weighted = result.report["weighted"]
+            weights.append(
+                {k: weighted[k] for k in ("weights", "fitted_on", "rows")} | {"bags": weighted.get("bags", 0)}
+            )
             selections.append({k: result.selection[k] for k in ("picked", "best", "threshold", "metric")})
             selections[-1]["valid_se"] = {n: c["valid_se"] for n, c in result.selection["candidates"].items()}
             for cand, metrics in result.candidate_metrics[0].items():
                 add(cand, metrics, result.seconds[f"fusion:{cand}"])
             for base, metrics in result.report["baselines"].items():
                 add(f"{base} (baseline)", metrics, result.seconds[base])
-            for fusion in others:
+            for fusion in [f for f in others if f not in reused]:
                 options = {"data": str(path), "fusion": fusion, "seed": seed, "epochs": epochs, "baselines": False}
                 other = train_run(TrainSpec.from_options({**options, **settings.get(fusion, {})}))
                 add(fusion, other.report, other.seconds["fusion"])
             print(f"{name} split {seed}: auto picked {picked[-1]}; " + ", ".join(
                 f"{m} {metric_of(r['test'][-1]):.4f} ({r['seconds'][-1]:.0f} s)" for m, r in rows.items()
             ), flush=True)  # fmt: skip
+    for model, row in reused.items():
+        rows[model] = row
     return {
         "name": name,
         "task": result.data.task,
@@ -285,6 +303,8 @@ def baselines_table(name: str, splits: int, epochs: int) -> dict:
         "fractions": list(fractions),
         "epochs": epochs,
         "picked": picked,
+        "weights": weights,
+        "reused": sorted(reused),
         "selections": selections,
         "rows": rows,
         "machine": machine(),
@@ -335,8 +355,31 @@ def render_baselines(results: list[dict]) -> str:
                 f"{fmt(valid, pct)} | {statistics.mean(row['seconds']):.1f} |"
             )
         counts = {p: r["picked"].count(p) for p in dict.fromkeys(r["picked"])}
-        lines += ["", "auto picked: " + ", ".join(f"{p} ×{c}" for p, c in counts.items()) + ".", ""]
+        lines += [
+            "",
+            "best single candidate on the selection rows: " + ", ".join(f"{p} ×{c}" for p, c in counts.items()) + ".",
+        ]
+        lines += [weights_line(r), ""]
     return "\n".join(lines) + "\n"
+
+
+def weights_line(r: dict) -> str:
+    """The weighted ensemble's weights, mean over the splits, and what they were fitted on."""
+    if "weights" not in r:
+        return ""
+    names = list(r["weights"][0]["weights"])
+    mean = {n: statistics.mean(w["weights"][n] for w in r["weights"]) for n in names}
+    bags = {w["bags"] for w in r["weights"]}
+    fitted = (
+        f"out-of-fold predictions of all train + valid rows ({bags.pop()} bags)"
+        if r["weights"][0]["fitted_on"] == "out-of-fold"
+        else "the validation rows"
+    )
+    reused = (
+        f" Rows {', '.join(r['reused'])}: from the previous run of this table (same splits)." if r.get("reused") else ""
+    )
+    shares = ", ".join(f"{n} {w:.2f}" for n, w in sorted(mean.items(), key=lambda t: -t[1]))
+    return f"The default's weighted ensemble, mean weight over the splits (fitted on {fitted}): {shares}.{reused}"
 
 
 def fmt(scores: list[float], pct: bool) -> str:
@@ -370,7 +413,9 @@ def main() -> None:
             splits, epochs = (2, 5) if args.quick else (10, 100)
             splits = min(splits, args.splits) if args.splits else splits
             for name in args.datasets:
-                result = baselines_table(name, splits, epochs)
+                saved = RESULTS_DIR / f"baselines-{name}.json"
+                previous = json.loads(saved.read_text()) if saved.exists() else None
+                result = baselines_table(name, splits, epochs, previous)
                 if not args.quick:
                     RESULTS_DIR.mkdir(exist_ok=True)
                     (RESULTS_DIR / f"baselines-{name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -206,7 +206,9 @@ def test_the_choice_is_recorded_in_config_and_metrics(planted_run):
         assert {"fusion", "settings", "valid", "valid_se", "valid_loss"} <= set(cand) and cand["valid_se"] > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["candidates"]) == set(config["auto"]["candidates"])
-    assert metrics["candidates"][picked]["valid"]["rmse"] == pytest.approx(config["auto"]["candidates"][picked]["valid"])
+    assert metrics["candidates"][picked]["valid"]["rmse"] == pytest.approx(
+        config["auto"]["candidates"][picked]["valid"]
+    )
     # The run's model is the weighted ensemble: config.json describes it, its primary fusion first.
     primary = config["weighted"]["primary"]
     assert config["fusion"] == config["auto"]["candidates"][primary]["fusion"] == result.first.fusion

@@ -505,7 +505,9 @@ def _weights_header(
         reason = " ".join(str(e).split())[:200]
         raise ValueError(f"model: {path} is not a readable safetensors file ({reason})") from None
     exact = tuple(
-        f"parts.{e['name']}." for e in ((config or {}).get("weighted") or {}).get("parts", []) if e["kind"] == "baseline"
+        f"parts.{e['name']}."
+        for e in ((config or {}).get("weighted") or {}).get("parts", [])
+        if e["kind"] == "baseline"
     )
     bad = [
         f"{k} ({dtype})"

@@ -510,7 +510,9 @@ class FusionPredictor:
         rows = []
         if weights:  # the model kept is the weighted ensemble of the rows below
             primary = self.config_["fusion"]
-            rows.append({"model": "weighted ensemble", "kind": "ensemble", "fusion": primary, "picked": True, **_flat(kept)})
+            rows.append(
+                {"model": "weighted ensemble", "kind": "ensemble", "fusion": primary, "picked": True, **_flat(kept)}
+            )
             picked = None
         for name, scores in (report.get("candidates") or {}).items():
             fusion = (selection.get("candidates") or {}).get(name, {}).get("fusion", name)

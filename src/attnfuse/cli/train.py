@@ -169,22 +169,27 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
     for name, parts in report.get("baselines", {}).items():
         rows.update({f"{name} (baseline) {s}": parts[s] for s in ("valid", "test") if s in parts})
     fusion = result.first.fusion if result.selection is None else result.selection["picked"]
-    if runs == 1:
+    weighted = report.get("weighted") if runs == 1 else (result.runs[0].get("weighted") if result.runs else None)
+    if runs == 1 and weighted is not None:
+        title = f"the weighted ensemble on {data.name}"
+    elif runs == 1:
         title = f"{fusion} on {data.name} (best epoch {result.first.best_epoch})"
     elif result.selection is not None:
-        title = f"auto on {data.name}: mean ± std over {what} (each run's picked model)"
+        kept = "weighted ensemble" if weighted is not None else "picked model"
+        title = f"auto on {data.name}: mean ± std over {what} (each run's {kept})"
     else:
         title = f"{fusion} on {data.name}: mean ± std over {what}"
     console.print(metrics_table(title, rows))
     if result.calibration is not None and "calibration" in report:
-        console.print(_calibration_line(result.calibration, report["calibration"], runs), highlight=False)
+        held = "out-of-fold" if (weighted or {}).get("fitted_on") == "out-of-fold" else "validation"
+        console.print(_calibration_line(result.calibration, report["calibration"], runs, held), highlight=False)
     if "baselines" in report:
         spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
         if spent:
             console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
         for name, why in skipped(report["baselines"]).items():
             console.print(f"note: the {name} baseline was skipped: {escape(why)}", highlight=False)
-    if result.verdict is not None:
+    if result.verdict is not None and weighted is None:  # an ensemble holds the baselines: its weights say it
         label = "[bold yellow]warning:[/]" if result.verdict["clear"] else "note:"
         console.print(f"{label} {escape(verdict_line(result.verdict, fusion))}", highlight=False)
 
@@ -196,13 +201,17 @@ def _weights_line(weighted: dict, saved: str) -> str:
     parts = ", ".join(f"{escape(n)} {w:.2f}" for w, n in weights)
     metric, best = weighted["metric"], weighted["best_member"]
     scores = f"{metric} {weighted['score']:.4g}; {escape(best)} alone {weighted['members'][best]:.4g}"
-    return f"auto: the model{saved} is a weighted ensemble of {parts} (fitted on {weighted['rows']} validation rows: {scores})"
+    rows = "out-of-fold" if weighted["fitted_on"] == "out-of-fold" else "validation"
+    return (
+        f"auto: the model{saved} is a weighted ensemble of {parts} (fitted on {weighted['rows']} {rows} rows: {scores})"
+    )
 
 
-def _calibration_line(block: dict, report: dict, runs: int) -> str:
+def _calibration_line(block: dict, report: dict, runs: int, held: str = "validation") -> str:
     """What the calibration of the saved model is, and what it did on the test rows (means over
     several runs): ``calibration: temperature 1.84 (fitted on 300 validation rows); test ECE
-    0.0712 -> 0.0214, NLL 0.3311 -> 0.2902``."""
+    0.0712 -> 0.0214, NLL 0.3311 -> 0.2902``. ``held``: which rows (``validation``, or the
+    ``out-of-fold`` predictions of a bagged run's train + valid rows)."""
 
     def at(part: str, key: str) -> float:
         value = report.get(part, {}).get(key)
@@ -210,7 +219,7 @@ def _calibration_line(block: dict, report: dict, runs: int) -> str:
 
     over = f" (means over {runs} runs)" if runs > 1 else ""
     if block["method"] == "temperature":
-        head = f"calibration: temperature {block['temperature']:.3g} (fitted on {block['rows']} validation rows)"
+        head = f"calibration: temperature {block['temperature']:.3g} (fitted on {block['rows']} {held} rows)"
         if "test" not in report:
             return head
         return (
@@ -218,7 +227,7 @@ def _calibration_line(block: dict, report: dict, runs: int) -> str:
             f"NLL {at('test', 'nll_before'):.4f} -> {at('test', 'nll_after'):.4f}{over}"
         )
     widths = ", ".join(f"{q:.4g}" for q in block["half_width"])
-    head = f"intervals at {block['level']:g}: ± {widths} (from {block['rows']} validation rows)"
+    head = f"intervals at {block['level']:g}: ± {widths} (from {block['rows']} {held} rows)"
     if "test" not in report:
         return head
     return f"{head}; test coverage {at('test', 'coverage'):.4f}, mean width {at('test', 'width'):.4g}{over}"

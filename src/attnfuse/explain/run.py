@@ -384,7 +384,7 @@ def _notes(model: FusionModel, methods: tuple[str, ...], results: _MethodResults
     if isinstance(model, WeightedEnsemble):
         share = model.weights[model.primary]
         notes.append(
-            f"This model is a weighted ensemble: {fusion_name(model)}. Masking and gradients explain its "
+            f"This model is a {fusion_name(model)}. Masking and gradients explain its "
             f"prediction; attention and rollout show {model.primary}'s, which carries {share:.0%} of it."
         )
     elif isinstance(model, Ensemble) and ({"attention", "rollout"} & set(methods)):
