@@ -200,7 +200,7 @@ def test_the_choice_is_recorded_in_config_and_metrics(planted_run):
     picked = config["auto"]["picked"]
     assert config["fusion"] == config["auto"]["fusion"] == result.first.fusion
     assert config["model"]["pooling"] == config["auto"]["candidates"][picked]["settings"]["pooling"]
-    assert picked in config["auto"]["reason"] and "validation rmse" in config["auto"]["reason"]
+    assert picked in config["auto"]["reason"] and "out-of-fold rmse" in config["auto"]["reason"]  # 400 rows: bagged
     for _name, cand in config["auto"]["candidates"].items():
         assert cand["settings"]["d_model"] == 16  # the user's setting reached every candidate
         assert {"fusion", "settings", "valid", "valid_se", "valid_loss"} <= set(cand) and cand["valid_se"] > 0

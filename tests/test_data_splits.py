@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnfuse.data import MultimodalDataset, Split, carve_valid, kfold, make_split
+from attnfuse.data import MultimodalDataset, Split, bags, carve_valid, kfold, make_split
 
 
 def dataset(y: np.ndarray, split: np.ndarray | None = None, task: str = "auto") -> MultimodalDataset:
@@ -190,3 +190,39 @@ def test_carve_valid_uses_only_the_given_rows():
     rows = np.arange(0, 100, 3)
     train, valid = carve_valid(d, rows, seed=0, valid_fraction=0.2)
     assert set(train) | set(valid) == set(rows) and len(valid) == 7
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(30, 200),
+    classes=st.integers(2, 4),
+    k=st.integers(2, 6),
+    seed=st.integers(0, 2**16),
+    classify=st.booleans(),
+)
+def test_bags_validate_every_train_and_valid_row_exactly_once(n, classes, k, seed, classify):
+    """Out-of-fold training: every train + valid row of a split is held out by exactly one bag, the
+    bag trains on the others, and the test rows are the test part of every bag."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes if classify else rng.normal(size=n).astype(np.float32)
+    data = MultimodalDataset({"a": rng.normal(size=(n, 2))}, y)
+    split = make_split(data, seed)
+    cuts = bags(data, split, k, seed)
+    pool = np.sort(np.concatenate([split["train"], split["valid"]]))
+    held = np.concatenate([cut["valid"] for cut in cuts])
+    np.testing.assert_array_equal(np.sort(held), pool)  # each row once
+    for cut in cuts:
+        np.testing.assert_array_equal(np.sort(np.concatenate([cut["train"], cut["valid"]])), pool)
+        np.testing.assert_array_equal(cut["test"], split["test"])
+        if classify:  # stratified: each class in each held-out part in proportion, within a row
+            share = np.bincount(y[cut["valid"]], minlength=classes) / len(cut["valid"])
+            assert np.all(np.abs(share - np.bincount(y[pool], minlength=classes) / len(pool)) <= 2 / len(cut["valid"]))
+    assert bags(data, split, k, seed)[0]["valid"].tolist() == cuts[0]["valid"].tolist()  # deterministic
+
+
+def test_bags_refuse_a_class_rarer_than_the_bags():
+    y = np.array([0] * 30 + [1] * 3)
+    data = MultimodalDataset({"a": np.zeros((33, 1))}, y)
+    split = {"train": np.arange(33), "valid": np.arange(0), "test": np.arange(0)}
+    with pytest.raises(ValueError, match="bags: k=5 bags need at least 5 rows of every class, the smallest has 3"):
+        bags(data, split, 5, 0)

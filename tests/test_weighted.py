@@ -192,3 +192,32 @@ def test_a_damaged_weighted_block_is_refused_in_one_line(trained, tmp_path):
         with pytest.raises(ValueError, match=r"^model: .*config.json: weighted") as e:
             read_config(copy)
         assert "\n" not in str(e.value)
+
+
+def test_out_of_fold_outputs_come_from_the_bag_that_held_each_row_out(monkeypatch):
+    """A bagged candidate's out-of-fold outputs cover every train + valid row of the run once, each
+    the output of the models of the one bag that did not train on it."""
+    import attnfuse.fit as fit_module
+    from attnfuse.training import predict
+
+    seen = []
+    real = fit_module._bag
+
+    def spy(fit, parts, bagged, members):
+        model = real(fit, parts, bagged, members)
+        seen.append((parts, bagged, members, model))
+        return model
+
+    monkeypatch.setattr(fit_module, "_bag", spy)
+    options = {"fusion": "auto", "ensemble": 2, "baselines": False, "d_model": 8, "epochs": 2, "batch_size": 32}
+    train(TrainSpec.from_options(options), data=two_classes(120))
+    assert len(seen) == 3  # one per candidate
+    for parts, bagged, members, model in seen:
+        pool = np.sort(np.concatenate([parts.split["train"], parts.split["valid"]]))
+        np.testing.assert_array_equal(model.valid_rows, pool)
+        assert len(bagged) == 5 and len(members) == 5 * 2
+        for b, bag in enumerate(bagged):
+            out = torch.stack([predict(m.model, bag.sources["valid"]) for m in members[2 * b : 2 * b + 2]]).mean(0)
+            at = np.searchsorted(pool, bag.split["valid"])
+            np.testing.assert_array_equal(model.valid_outputs[at], out.numpy())
+            assert not np.isin(bag.split["valid"], bag.split["train"]).any()

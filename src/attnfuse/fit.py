@@ -461,7 +461,8 @@ def pick(fit: Fit, parts: Parts, models: list[TrainedModel]) -> tuple[TrainedMod
             "valid_pred": model.valid_pred,
         }
     rows = models[0].valid_rows if models[0].valid_rows is not None else parts.split["valid"]  # bagged: out-of-fold
-    chosen = choose(scores, selection, fit.left_out, np.asarray(fit.data.y[rows]))
+    held = "validation" if models[0].valid_rows is None else "out-of-fold"
+    chosen = choose(scores, selection, fit.left_out, np.asarray(fit.data.y[rows]), held)
     by_name = {candidate.name: model for candidate, model in zip(fit.candidates, models)}
     return by_name[chosen["picked"]], chosen, {name: m.metrics for name, m in by_name.items()}
 

@@ -109,7 +109,13 @@ def public(selection: dict) -> dict:
     return {**selection, "candidates": cands}
 
 
-def choose(scores: dict[str, dict], selection: tuple[str, str], left_out: dict[str, str], y_valid: Any = None) -> dict:
+def choose(
+    scores: dict[str, dict],
+    selection: tuple[str, str],
+    left_out: dict[str, str],
+    y_valid: Any = None,
+    held: str = "validation",
+) -> dict:
     """The record of the choice among trained candidates, by the one-standard-error rule.
 
     ``scores``: ``{name: {"fusion", "settings", "valid": the selection metric, "valid_se": its
@@ -122,7 +128,8 @@ def choose(scores: dict[str, dict], selection: tuple[str, str], left_out: dict[s
     that, and the simpler one is then the safer choice. The standard error is that of the
     difference between the candidate and the best on the same rows
     (:func:`attnfuse.metrics.paired_standard_error`, recorded as ``"se_vs_best"``) when the
-    predictions are given, else the best's own. Returns ``{"picked", "fusion", "metric", "best",
+    predictions are given, else the best's own. ``held``: the rows scored, as the reason names them
+    (``"validation"``, or ``"out-of-fold"`` for bagged candidates). Returns ``{"picked", "fusion", "metric", "best",
     "threshold" (the picked candidate's bar), "candidates": scores, "left_out", "reason"}``."""
     metric, mode = selection
     sign = 1.0 if mode == "max" else -1.0
@@ -139,11 +146,11 @@ def choose(scores: dict[str, dict], selection: tuple[str, str], left_out: dict[s
     threshold = top["valid"] - sign * scores[picked]["se_vs_best"]
     others = ", ".join(f"{n} {c['valid']:.4f}" for n, c in scores.items() if n != picked)
     if picked == best:
-        reason = f"the best validation {metric} of {len(scores)} candidates: {picked} {scores[picked]['valid']:.4f}"
+        reason = f"the best {held} {metric} of {len(scores)} candidates: {picked} {scores[picked]['valid']:.4f}"
     else:
         reason = (
             f"the simplest candidate within one standard error ({scores[picked]['se_vs_best']:.4f}) of the best "
-            f"validation {metric} ({best} {top['valid']:.4f}): {picked} {scores[picked]['valid']:.4f}"
+            f"{held} {metric} ({best} {top['valid']:.4f}): {picked} {scores[picked]['valid']:.4f}"
         )
     return {
         "picked": picked,

@@ -166,6 +166,9 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
             console.print(f"auto: the best single candidate is [bold]{picked}[/]: {reason}")
             console.print(_weights_line(weighted, saved), highlight=False)
     rows = dict(report["summary"] if runs > 1 else {s: report[s] for s in ("train", "valid", "test") if s in report})
+    first = report.get("weighted") if runs == 1 else (result.runs[0].get("weighted") if result.runs else None)
+    if (first or {}).get("fitted_on") == "out-of-fold" and "valid" in rows:  # all train + valid rows, held out
+        rows = {("out-of-fold" if k == "valid" else k): v for k, v in rows.items()}
     for name, parts in report.get("baselines", {}).items():
         rows.update({f"{name} (baseline) {s}": parts[s] for s in ("valid", "test") if s in parts})
     fusion = result.first.fusion if result.selection is None else result.selection["picked"]
@@ -240,7 +243,9 @@ def _candidates_table(result: TrainResult) -> Table:
     metric = selection["metric"]
     summary = result.report.get("candidates") if len(runs) > 1 else None
     spread = "mean ± std over runs" if summary is not None else "± its standard error"
-    table = Table(title=f"--fusion auto: candidates (validation {metric}, {spread})", title_justify="left")
+    weighted = result.runs[0].get("weighted") if result.runs else None
+    held = "out-of-fold" if (weighted or {}).get("fitted_on") == "out-of-fold" else "validation"
+    table = Table(title=f"--fusion auto: candidates ({held} {metric}, {spread})", title_justify="left")
     for column in ("candidate", "fusion", "settings", f"valid {metric}", "picked"):
         table.add_column(column, justify="right" if column.startswith("valid") else "left")
     for name, cand in selection["candidates"].items():
