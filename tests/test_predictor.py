@@ -245,8 +245,11 @@ def test_auto_keeps_its_candidates_and_baselines_in_the_leaderboard(table):
     kinds = {r["model"]: r["kind"] for r in board}
     assert {"concat", "self", "self-modality"} <= set(kinds) and {"logistic", "hist_gb"} <= set(kinds)
     picked = [r for r in board if r["picked"]]
-    assert len(picked) == 1 and picked[0]["model"] == predictor.config_["auto"]["picked"]
+    assert len(picked) == 1 and picked[0]["model"] == "weighted ensemble" and picked[0]["kind"] == "ensemble"
     assert "test_accuracy" in picked[0]  # the kept model and the baselines have every split
+    weights = {r["model"]: r["weight"] for r in board if r["kind"] != "ensemble"}
+    assert set(weights) == {"concat", "self", "self-modality", "logistic", "hist_gb"}
+    assert sum(weights.values()) == pytest.approx(1.0)
     assert all("test_accuracy" not in r for r in board if r["kind"] == "fusion" and not r["picked"])
     scores = [r["valid_accuracy"] for r in board]
     assert scores == sorted(scores, reverse=True)
