@@ -221,3 +221,13 @@ def test_out_of_fold_outputs_come_from_the_bag_that_held_each_row_out(monkeypatc
             at = np.searchsorted(pool, bag.split["valid"])
             np.testing.assert_array_equal(model.valid_outputs[at], out.numpy())
             assert not np.isin(bag.split["valid"], bag.split["train"]).any()
+
+
+def test_the_weighted_ensemble_exports_to_onnx_with_its_baselines(trained, tmp_path):
+    """`attnfuse export` of the saved ensemble (fusion models and baseline heads in one graph), checked
+    by the command itself against the model on rows with padding and absent modalities."""
+    pytest.importorskip("onnxruntime")
+    out, _, _ = trained
+    result = CliRunner().invoke(app, ["export", "--model", str(out), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "checked against the model" in result.output

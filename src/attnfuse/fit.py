@@ -627,8 +627,15 @@ def _average(fit: Fit, parts: Parts, members: list[TrainedModel]) -> TrainedMode
     if len(members) == 1:
         return members[0]
     model = fit.ensemble.combine([m.model for m in members])
-    metrics, valid_loss, valid_se, valid_pred = assess(model, parts, fit.train, fit.dist)
+    metrics, *scored = assess(model, parts, fit.train, fit.dist)
+    return _as_one(members, model, metrics, scored)
+
+
+def _as_one(members: list[TrainedModel], model: torch.nn.Module, metrics: dict, scored: list, **more) -> TrainedModel:
+    """The trained ``members`` as one ``model`` with its ``metrics`` and ``scored`` (validation
+    loss, standard error, predictions); the first member's history and best epoch, the first note."""
     note = next((m.note for m in members if m.note), None)
+    valid_loss, valid_se, valid_pred = scored
     return replace(
         members[0],
         model=model,
@@ -637,6 +644,7 @@ def _average(fit: Fit, parts: Parts, members: list[TrainedModel]) -> TrainedMode
         valid_loss=valid_loss,
         valid_se=valid_se,
         valid_pred=valid_pred,
+        **more,
     )
 
 
@@ -656,20 +664,10 @@ def _bag(fit: Fit, parts: Parts, bagged: list[Parts], members: list[TrainedModel
         outputs[torch.from_numpy(np.searchsorted(pool, bag.split["valid"]))] = out  # (N_bag, out_dim)
     metrics, _, _, _ = assess(model, parts, fit.train, fit.dist)
     targets = torch.as_tensor(np.asarray(data.y[pool]))
-    metrics["valid"], valid_loss, valid_se, valid_pred = score_outputs(model, data.task, outputs, targets, fit.train)
-    note = next((m.note for m in members if m.note), None)
-    return replace(
-        members[0],
-        model=model,
-        metrics=metrics,
-        note=note,
-        valid_loss=valid_loss,
-        valid_se=valid_se,
-        valid_pred=valid_pred,
-        split=parts.split,  # the run's (the members': their bags')
-        valid_outputs=outputs.numpy(),
-        valid_rows=np.asarray(pool, dtype=np.int64),
-    )
+    metrics["valid"], *scored = score_outputs(model, data.task, outputs, targets, fit.train)
+    rows = np.asarray(pool, dtype=np.int64)
+    # split: the run's (the members': their bags')
+    return _as_one(members, model, metrics, scored, split=parts.split, valid_outputs=outputs.numpy(), valid_rows=rows)
 
 
 def summarize_runs(fit: Fit, finished: list[dict]) -> tuple[list[dict], dict, dict | None]:
