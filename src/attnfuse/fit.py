@@ -294,7 +294,9 @@ class RunLoop:
         fitted = self._baselines(parts) if fit.baselines else None
         weights = None
         if fit.auto:
+            start = time.perf_counter()
             model, weights = weigh(fit, parts, models, chosen, fitted, bagged, fit.seed(index))
+            _add(fit.seconds, "weighing", time.perf_counter() - start)  # bagged: the baselines' refits too
         block, calibration = calibrate(fit, parts, model)
         record: dict[str, Any] = {"fold": index} if fit.folds else {}
         record.update(seed=fit.seed(index), best_epoch=model.best_epoch, fusion=model.fusion)

@@ -277,8 +277,10 @@ class TrainResult:
     "reason"}`` (see :func:`attnfuse.portfolio.choose`).
     ``verdict``: the best baseline when it beats the fusion on the validation split (means over
     the runs), see :func:`attnfuse.baselines.verdict`. ``seconds``: wall time of the fusion
-    training (``"fusion"``: all candidates and members; ``"fusion:<candidate>"``: each) and of
-    each baseline, summed over the runs (of this process: a resumed run counts what it trained).
+    training (``"fusion"``: all candidates and members; ``"fusion:<candidate>"``: each), of
+    each baseline and (auto) of the weighted ensemble's fit (``"weighing"``: its selection, and a
+    bagged run's refits of the baselines), summed over the runs (of this process: a resumed run
+    counts what it trained).
     ``candidate_metrics``: per run, every candidate's metrics on every split (for benchmarks; not
     written to metrics.json, where only validation scores appear: choosing a candidate by its test
     score would leak the test rows). ``calibration``: the first run's calibration, config.json's

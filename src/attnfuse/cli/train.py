@@ -187,9 +187,12 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
         held = "out-of-fold" if (weighted or {}).get("fitted_on") == "out-of-fold" else "validation"
         console.print(_calibration_line(result.calibration, report["calibration"], runs, held), highlight=False)
     if "baselines" in report:
-        spent = ", ".join(f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion"))
+        spent = ", ".join(
+            f"{n} {s:.1f} s" for n, s in result.seconds.items() if not n.startswith("fusion") and n != "weighing"
+        )
+        weighing = f", weighing {result.seconds['weighing']:.1f} s" if "weighing" in result.seconds else ""
         if spent:
-            console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s)")
+            console.print(f"baselines fitted in {spent} (fusion training {result.seconds['fusion']:.1f} s{weighing})")
         for name, why in skipped(report["baselines"]).items():
             console.print(f"note: the {name} baseline was skipped: {escape(why)}", highlight=False)
     if result.verdict is not None and weighted is None:  # an ensemble holds the baselines: its weights say it
