@@ -325,10 +325,16 @@ def render_baselines(results: list[dict]) -> str:
         "`benchmarks/results/baselines-<name>.json`). Every model is trained by `attnfuse.pipeline.train`, "
         "what `attnfuse train` runs, at its defaults (one thread: torch's and scikit-learn's), on a copy of the data whose `split` "
         "column is the seed's split: every row of a table saw the same training, validation and test rows. "
-        "`auto (default)` is `attnfuse train` with no model options; the rows `concat`, `self` and "
-        "`self-modality` are its candidates (the same runs). Baselines: pooled features, "
-        "`StandardScaler` + `LogisticRegression` / `RidgeCV`, and `HistGradientBoosting*`. Seconds: "
-        "training wall time per split (the baselines: fit and predict), on a shared 2-core machine "
+        "`auto (default)` is `attnfuse train` with no model options: the weighted ensemble of its candidates "
+        "and the baselines (greedy ensemble selection), each candidate bagged (5 bags of the train + valid rows) "
+        "on tables under 1,000 rows. The rows `concat`, `self`, `self-modality` (and `cross`) are its candidates, "
+        "from the same runs (bagged where the default bags them); their `validation` column is then their "
+        "out-of-fold score on all train + valid rows, and the default's is the ensemble's on the rows it was "
+        "weighed on (optimistic). `auto before weighting` is the previous default on the same splits (one "
+        "candidate picked by the one-standard-error rule on the validation rows, unbagged). Baselines: pooled "
+        "features, `StandardScaler` + `LogisticRegression` / `RidgeCV`, and `HistGradientBoosting*`, fitted on the "
+        "training rows. Seconds: the fusion's training wall time per split (the baselines: fit and predict; the "
+        "weighted ensemble's fit is not included: see the timing below the tables), on a shared 2-core machine "
         "(load average at the end of each run given).",
         "",
     ]
