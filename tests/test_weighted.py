@@ -231,3 +231,13 @@ def test_the_weighted_ensemble_exports_to_onnx_with_its_baselines(trained, tmp_p
     result = CliRunner().invoke(app, ["export", "--model", str(out), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output
     assert "checked against the model" in result.output
+
+
+def test_bags_zero_weighs_on_the_validation_rows_and_one_bag_is_refused(tmp_path):
+    options = {"baselines": False, "bags": 0, **FAST, "epochs": 2}
+    result = train(TrainSpec.from_options(options), data=linear_table(120))
+    assert result.report["weighted"]["fitted_on"] == "validation" and "bags" not in result.report["weighted"]
+    three = train(TrainSpec.from_options({**options, "bags": 3}), data=linear_table(120))
+    assert three.report["weighted"]["bags"] == 3
+    with pytest.raises(ValueError, match="bags: expected 0 \\(no bagging\\) or an integer >= 2, got 1"):
+        TrainSpec.from_options({"bags": 1})

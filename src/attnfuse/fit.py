@@ -470,20 +470,19 @@ def pick(fit: Fit, parts: Parts, models: list[TrainedModel]) -> tuple[TrainedMod
 
 
 # Bagging (Breiman, 1996; the K-fold bagging of AutoGluon-Tabular, Erickson et al., 2020): below
-# BAG_ROWS rows, --fusion auto trains every candidate BAGS times, once per part of the run's
+# BAG_ROWS rows, --fusion auto trains every candidate --bags times (5), once per part of the run's
 # train + valid rows held out, so that every one of those rows has an out-of-fold prediction and
 # the candidates and the baselines are weighed on all of them, not on the 15% a validation part
 # holds (a validation part of 45-150 rows picks mostly by chance: benchmarks/RESULTS.md). The
 # bags' models are averaged. Above it the validation part is large enough, and BAGS times the
 # training time is not worth it.
 BAG_ROWS = 1000
-BAGS = 5
 
 
-def bags_for(data: MultimodalDataset, auto: bool) -> int:
-    """How many bags a request's runs train their candidates in: :data:`BAGS` under ``--fusion
-    auto`` on data of fewer than :data:`BAG_ROWS` rows, else 0 (no bagging)."""
-    return BAGS if auto and data.n < BAG_ROWS else 0
+def bags_for(data: MultimodalDataset, auto: bool, bags: int) -> int:
+    """How many bags a request's runs train their candidates in: ``bags`` (``--bags``) under
+    ``--fusion auto`` on data of fewer than :data:`BAG_ROWS` rows, else 0 (no bagging)."""
+    return bags if auto and data.n < BAG_ROWS else 0
 
 
 # What ensemble selection minimises: the squared error for values, the log-loss for classes (a

@@ -130,7 +130,8 @@ class RunOptions(ReadOptions):
     fusion: str = option(
         "auto",
         "Fusion model; auto: train a small portfolio (concat, self with mean and with per-modality pooling, "
-        "cross for sequence data) and keep the simplest within one standard error of the best validation score.",
+        "cross for sequence data) and save the weighted ensemble of it and the baselines that predicts held-out "
+        "rows best (see --bags).",
         choices=FUSION_CHOICES,
     )
     repeat: int = option(1, "Train this many seeds (seed, seed+1, ...; and splits, when the data has none).")
@@ -143,18 +144,28 @@ class RunOptions(ReadOptions):
         1, "Write OUT/last/ (what --resume continues from) every K epochs; 0: only when interrupted."
     )
     tensorboard: bool = option(False, "Also log each epoch to TensorBoard (needs the tensorboard package).")
+    bags: int = option(
+        5,
+        "--fusion auto on data of fewer than 1,000 rows: train each candidate in this many bags of the train + "
+        "valid rows, each holding one part out, and weigh the ensemble on their out-of-fold predictions; 0: no "
+        "bagging (the validation rows weigh it).",
+    )
     baselines: bool = option(
-        True, "Also fit logistic regression / ridge and gradient boosting on the same rows, for comparison."
+        True,
+        "Also fit logistic regression / ridge and gradient boosting on the same rows, for comparison (and, with "
+        "--fusion auto, as members of the weighted ensemble).",
     )
     calibrate: bool = option(
         True,
-        "Classification: fit a temperature on the chosen model's validation logits, so that predict's "
+        "Classification: fit a temperature on the saved model's held-out logits (validation, or out-of-fold when "
+        "bagged), so that predict's "
         "probabilities are calibrated (the predicted class is unchanged); ECE before/after in metrics.json.",
     )
     interval: float | None = option(
         None,
-        "Regression: prediction intervals at this coverage level (e.g. 0.9): split-conformal, from the chosen "
-        "model's validation residuals, one half-width per target; predict writes lower/upper.",
+        "Regression: prediction intervals at this coverage level (e.g. 0.9): split-conformal, from the saved "
+        "model's held-out residuals (validation, or out-of-fold when bagged), one half-width per target; predict "
+        "writes lower/upper.",
         metavar="LEVEL",
     )
 
@@ -174,6 +185,8 @@ class RunOptions(ReadOptions):
         if self.folds and self.repeat > 1:
             raise ValueError(f"folds: with --folds {self.folds} the folds are the runs; --repeat must be 1")
         check_int("checkpoint_every", self.checkpoint_every, 0)
+        if check_int("bags", self.bags, 0) == 1:
+            raise ValueError("bags: expected 0 (no bagging) or an integer >= 2, got 1")
         if self.interval is not None:
             check_level(self.interval)
             if self.task == "classification":
@@ -478,7 +491,7 @@ def _fit_of(
         runs=opts.runs,
         folds=opts.folds,
         auto=opts.fusion == "auto",
-        bags=bags_for(data, opts.fusion == "auto"),
+        bags=bags_for(data, opts.fusion == "auto", opts.bags),
         baselines=opts.baselines,
         # A run on data given in memory cannot be resumed: checkpoints of it would be written
         # (and fsynced) for nothing, so only an interruption writes one.
