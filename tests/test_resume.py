@@ -118,8 +118,8 @@ def test_a_signal_stops_at_a_step_writes_last_and_resumes_bitwise(reference, tmp
     same_run(out, expected)
 
 
-# --fusion auto with an ensemble: 4 candidates (the data has a sequence modality) x 2 members, in 5 bags.
-AUTO = ["--fusion", "auto", "--ensemble", "2", "--d-model", "8", "--heads", "2", "--layers", "1",
+# --fusion auto with an ensemble: 4 candidates (the data has a sequence modality) x 2 members, in 2 bags.
+AUTO = ["--fusion", "auto", "--ensemble", "2", "--bags", "2", "--d-model", "8", "--heads", "2", "--layers", "1",
         "--batch-size", "8", "--epochs", "3"]  # fmt: skip
 
 
@@ -131,8 +131,8 @@ def test_sigkill_inside_auto_with_an_ensemble_then_resume_is_bitwise_the_same(tm
     expected = tmp_path / "uninterrupted"
     code, _, err = finish(attnfuse("train", "--data", data, *AUTO, "--out", expected))
     assert code == 0, err
-    # 4 candidates x 2 members x 5 bags (auto bags small data) x 3 epochs
-    assert len((expected / "log.csv").read_text().splitlines()) - 1 == 4 * 2 * 5 * 3
+    # 4 candidates x 2 members x 2 bags (auto bags small data) x 3 epochs
+    assert len((expected / "log.csv").read_text().splitlines()) - 1 == 4 * 2 * 2 * 3
     out = tmp_path / "killed"
     proc = attnfuse("train", "--data", data, *AUTO, "--out", out)
     rng = random.Random(os.getpid())
