@@ -209,13 +209,21 @@ def test_out_of_fold_outputs_come_from_the_bag_that_held_each_row_out(monkeypatc
         return model
 
     monkeypatch.setattr(fit_module, "_bag", spy)
-    options = {"fusion": "auto", "ensemble": 2, "baselines": False, "d_model": 8, "epochs": 2, "batch_size": 32}
+    options = {
+        "fusion": "auto",
+        "ensemble": 2,
+        "bags": 3,
+        "baselines": False,
+        "d_model": 8,
+        "epochs": 2,
+        "batch_size": 32,
+    }
     train(TrainSpec.from_options(options), data=two_classes(120))
     assert len(seen) == 3  # one per candidate
     for parts, bagged, members, model in seen:
         pool = np.sort(np.concatenate([parts.split["train"], parts.split["valid"]]))
         np.testing.assert_array_equal(model.valid_rows, pool)
-        assert len(bagged) == 5 and len(members) == 5 * 2
+        assert len(bagged) == 3 and len(members) == 3 * 2
         for b, bag in enumerate(bagged):
             out = torch.stack([predict(m.model, bag.sources["valid"]) for m in members[2 * b : 2 * b + 2]]).mean(0)
             at = np.searchsorted(pool, bag.split["valid"])
