@@ -127,9 +127,6 @@ def test_the_ensemble_is_never_worse_than_its_best_member_on_the_validation_rows
     record = result.report["weighted"]
     better = max if record["higher_is_better"] else min
     assert record["score"] == better(record["score"], *record["members"].values())
-    assert record["score"] == record["members"][record["best_member"]] or record["score"] != better(
-        *record["members"].values()
-    )
 
 
 def test_evaluate_of_the_saved_model_gives_the_numbers_of_metrics_json(trained, tmp_path):
@@ -151,7 +148,7 @@ def test_predict_of_the_saved_model_gives_its_test_predictions(trained, tmp_path
     assert written.exists() and len(written.read_text().splitlines()) == 241  # a header and every row
 
 
-def test_the_saved_model_loads_with_bitwise_the_same_outputs(trained):
+def test_the_saved_record_rebuilds_the_model_with_the_same_tensors(trained):
     out, _, _result = trained
     net, config, _ = load_model(out)
     rebuilt = build_recorded({**config, "ensemble": config["train"].get("ensemble", 1)})

@@ -512,7 +512,7 @@ def _weights_header(
     bad = [
         f"{k} ({dtype})"
         for k, (dtype, _) in header.items()
-        if dtype not in FLOAT_DTYPES and not (k.startswith(exact) and exact and dtype in EXACT_DTYPES)
+        if dtype not in FLOAT_DTYPES and not (k.startswith(exact) and dtype in EXACT_DTYPES)
     ]
     if bad:
         raise ValueError(f"model: {path}: expected floating-point weights, got {', '.join(bad[:3])}")

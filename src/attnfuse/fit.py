@@ -537,19 +537,13 @@ def weigh(
     if list(kept) == [primary] and not bagged:
         return base, record
     net = WeightedEnsemble(kept, {n: weights[n] for n in kept}, task, primary)
-    metrics, valid_loss, valid_se, valid_pred = assess(net, parts, fit.train, fit.dist)
-    weighted = replace(
-        base, model=net, metrics=metrics, valid_loss=valid_loss, valid_se=valid_se, valid_pred=valid_pred
-    )
+    metrics, *scored = assess(net, parts, fit.train, fit.dist)
+    more = {}
     if bagged:  # its out-of-fold outputs: the mixture of its parts' (what calibration is fitted on)
         mixed = mix({n: outputs[n] for n in kept if weights[n] > 0}, weights, task)
-        targets = torch.as_tensor(y)
-        weighted.metrics["valid"], valid_loss, valid_se, valid_pred = score_outputs(
-            net, task, mixed, targets, fit.train
-        )
-        weighted = replace(weighted, valid_loss=valid_loss, valid_se=valid_se, valid_pred=valid_pred)
-        weighted = replace(weighted, valid_outputs=mixed.numpy(), valid_rows=rows)
-    return weighted, record
+        metrics["valid"], *scored = score_outputs(net, task, mixed, torch.as_tensor(y), fit.train)
+        more = {"valid_outputs": mixed.numpy(), "valid_rows": rows}
+    return _as_one([base], net, metrics, scored, **more), record
 
 
 def _heads(
