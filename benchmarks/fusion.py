@@ -327,10 +327,12 @@ def render_baselines(results: list[dict]) -> str:
         "column is the seed's split: every row of a table saw the same training, validation and test rows. "
         "`auto (default)` is `attnfuse train` with no model options: the weighted ensemble of its candidates "
         "and the baselines (greedy ensemble selection), each candidate bagged (5 bags of the train + valid rows) "
-        "on tables under 1,000 rows. The rows `concat`, `self`, `self-modality` (and `cross`) are its candidates, "
-        "from the same runs (bagged where the default bags them); their `validation` column is then their "
-        "out-of-fold score on all train + valid rows, and the default's is the ensemble's on the rows it was "
-        "weighed on (optimistic). `auto before weighting` is the previous default on the same splits (one "
+        "on tables under 1,000 rows; on larger tables the candidates early-stop on one half of the validation "
+        "rows and the weights are fitted on the other half. The rows `concat`, `self`, `self-modality` (and "
+        "`cross`) are its candidates, from the same runs (bagged where the default bags them); their `validation` "
+        "column is their out-of-fold score on all train + valid rows (bagged) or their score on early stopping's "
+        "half (the others), and the default's is the ensemble's on all validation rows, or out-of-fold (bagged). "
+        "`auto before weighting` is the previous default on the same splits (one "
         "candidate picked by the one-standard-error rule on the validation rows, unbagged). Baselines: pooled "
         "features, `StandardScaler` + `LogisticRegression` / `RidgeCV`, and `HistGradientBoosting*`, fitted on the "
         "training rows. Seconds: the fusion's training wall time per split (the baselines: fit and predict; the "
@@ -376,11 +378,10 @@ def weights_line(r: dict) -> str:
     names = list(r["weights"][0]["weights"])
     mean = {n: statistics.mean(w["weights"][n] for w in r["weights"]) for n in names}
     bags = {w["bags"] for w in r["weights"]}
-    fitted = (
-        f"out-of-fold predictions of all train + valid rows ({bags.pop()} bags)"
-        if r["weights"][0]["fitted_on"] == "out-of-fold"
-        else "the validation rows"
-    )
+    fitted = {
+        "out-of-fold": f"out-of-fold predictions of all train + valid rows ({bags.pop()} bags)",
+        "held-out validation": f"the {r['weights'][0]['rows']} validation rows early stopping did not see",
+    }.get(r["weights"][0]["fitted_on"], "the validation rows")
     reused = (
         f" Rows {', '.join(r['reused'])}: from the previous run of this table (same splits)." if r.get("reused") else ""
     )

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnfuse.data import MultimodalDataset, Split, bags, carve_valid, kfold, make_split
+from attnfuse.data import MultimodalDataset, Split, bags, carve_valid, halve_valid, kfold, make_split
 
 
 def dataset(y: np.ndarray, split: np.ndarray | None = None, task: str = "auto") -> MultimodalDataset:
@@ -226,3 +226,37 @@ def test_bags_refuse_a_class_rarer_than_the_bags():
     split = {"train": np.arange(33), "valid": np.arange(0), "test": np.arange(0)}
     with pytest.raises(ValueError, match="bags: k=5 bags need at least 5 rows of every class, the smallest has 3"):
         bags(data, split, 5, 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(20, 300),
+    classes=st.integers(2, 4),
+    seed=st.integers(0, 2**16),
+    classify=st.booleans(),
+)
+def test_halve_valid_cuts_the_validation_rows_in_two_stratified_halves(n, classes, seed, classify):
+    """Early stopping's half and the held-out half: disjoint, together the validation rows, sizes
+    within one row, each class in proportion (within a row per class), the other parts untouched."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes if classify else rng.normal(size=n).astype(np.float32)
+    data = MultimodalDataset({"a": rng.normal(size=(n, 2))}, y)
+    split = make_split(data, seed)
+    stopping, held = halve_valid(data, split, seed)
+    valid = split["valid"]
+    np.testing.assert_array_equal(np.sort(np.concatenate([stopping["valid"], held])), valid)
+    assert abs(len(stopping["valid"]) - len(held)) <= 1 and len(stopping["valid"]) <= len(held)
+    for part in ("train", "test"):
+        np.testing.assert_array_equal(stopping[part], split[part])
+    if classify:
+        for c in range(classes):
+            assert abs(int((y[stopping["valid"]] == c).sum()) - int((y[held] == c).sum())) <= 1
+    _, held_again = halve_valid(data, split, seed)
+    np.testing.assert_array_equal(held_again, held)  # deterministic
+
+
+def test_halve_valid_needs_two_rows():
+    data = MultimodalDataset({"a": np.zeros((5, 1))}, np.zeros(5, np.float32))
+    split = {"train": np.arange(4), "valid": np.arange(4, 5), "test": np.arange(0)}
+    with pytest.raises(ValueError, match="halve_valid: 2 validation rows at least are needed to halve them, got 1"):
+        halve_valid(data, split, 0)

@@ -140,6 +140,19 @@ def test_evaluate_of_the_saved_model_gives_the_numbers_of_metrics_json(trained, 
         assert evaluated["test"][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), metric
 
 
+def test_evaluate_counts_a_bagged_models_validation_rows_as_training_rows(trained, tmp_path):
+    """The fixture's models are bagged (240 rows): every bag but one trained on each validation
+    row, so evaluate lists those rows under "train", not as a held-out "valid", and says why."""
+    out, path, _ = trained
+    assert read_config(out)["auto"]["bags"] == 3
+    written = tmp_path / "evaluation.json"
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--data", str(path), "--out", str(written)])
+    assert result.exit_code == 0, result.output
+    assert "its bags trained on the validation rows too" in " ".join(result.output.split())
+    evaluated = json.loads(written.read_text())
+    assert "valid" not in evaluated and {"train", "test", "all"} <= set(evaluated)
+
+
 def test_predict_of_the_saved_model_gives_its_test_predictions(trained, tmp_path):
     out, path, _ = trained
     written = tmp_path / "predictions.csv"
@@ -236,6 +249,33 @@ def test_the_weighted_ensemble_exports_to_onnx_with_its_baselines(trained, tmp_p
     result = CliRunner().invoke(app, ["export", "--model", str(out), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output
     assert "checked against the model" in result.output
+
+
+def test_unbagged_auto_early_stops_on_one_validation_half_and_weighs_on_the_other(monkeypatch):
+    """With enough validation rows and no bags, the candidates early-stop on one half of the
+    validation rows; the ensemble is weighed, and its intervals fitted, on the other half, rows
+    no choice was made on; the run's model is still assessed on all of them."""
+    from attnfuse.fit import HELD_ROWS
+    from attnfuse.training import Trainer
+
+    stopped_on = []
+    real = Trainer.fit
+
+    def spy(self, train_source, valid_source, *args, **kwargs):
+        stopped_on.append(np.asarray(valid_source.rows))
+        return real(self, train_source, valid_source, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    options = {**FAST, "epochs": 2, "bags": 0, "interval": 0.8}
+    result = train(TrainSpec.from_options(options), data=linear_table(800))  # 120 validation rows
+    assert HELD_ROWS <= 120
+    weighted = result.report["weighted"]
+    assert weighted["fitted_on"] == "held-out validation" and weighted["rows"] == 60
+    held, valid = result.first.valid_rows, result.first.split["valid"]
+    assert len(stopped_on) == 3 and len(valid) == 120  # three candidates; the model assessed on all 120
+    for rows in stopped_on:  # each candidate early-stopped on the other half
+        np.testing.assert_array_equal(np.sort(np.concatenate([rows, held])), np.sort(valid))
+    assert result.report["calibration"]["rows"] == 60
 
 
 def test_bags_zero_weighs_on_the_validation_rows_and_one_bag_is_refused(tmp_path):

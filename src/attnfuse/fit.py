@@ -8,8 +8,10 @@ whose position and finished work are a state object with ``to_dict``/``from_dict
     RunLoop.run()                                  # runs: the seeds of --repeat, or the folds of --folds
         for run in range(state.index, runs):
             split = fit.plan(run).rows(data)       # SplitPlan: the one place a split is made
-            parts, bagged = _parts(split)          # Parts.of: the one place inputs are standardised;
-                                                   # auto on small data: K bags of train + valid
+            rows = _parts(split)                   # Parts.of: the one place inputs are standardised;
+                                                   # auto on small data: K bags of train + valid; auto
+                                                   # on larger data: validation halved (early stopping |
+                                                   # weighing)
             CandidateLoop.run()                    # --fusion auto's portfolio, or the one fusion
                 for candidate in range(state.index, len(candidates)):
                     MemberLoop.run()               # --ensemble members, in each bag
@@ -20,7 +22,8 @@ whose position and finished work are a state object with ``to_dict``/``from_dict
             pick(...)                              # the best single candidate (recorded: config "auto")
             fit_baselines(...)                     # the classical models on the same rows
             weigh(...)                             # auto: the weighted ensemble of candidates and baselines,
-                                                   # fitted on validation or out-of-fold predictions
+                                                   # fitted on the held-out validation half, or on the
+                                                   # out-of-fold predictions
             calibrate(...)                         # its temperature or intervals, on the same rows
             state.finished.append(record)          # metrics.json's "runs"
     summarize_runs(fit, state.finished)            # metrics.json: one run's, or mean ± std; the verdict
@@ -51,9 +54,9 @@ import torch
 from torch import Tensor
 
 from .baselines import BaselineResult, fit_baseline, fit_baselines, pooled_features, summarize_baselines, verdict
-from .calibration import calibration_report, check_calibration, check_conformal_rows, fit_calibration
+from .calibration import calibration_report, check_calibration, check_conformal_rows, conformal_rows, fit_calibration
 from .checkpoint import metrics_for_json
-from .data import SPLITS, MultimodalDataset, Split, bags
+from .data import SPLITS, MultimodalDataset, RowBatches, Split, bags, halve_valid
 from .distributed import Dist
 from .ensemble import Ensemble, EnsembleSpec, WeightedEnsemble, mix
 from .heads import head_from_baseline
@@ -138,6 +141,33 @@ class Fit:
 
     def plan(self, run: int) -> SplitPlan:
         return SplitPlan.for_run(self.train.seed, run, self.folds)
+
+
+# Auto, unbagged: a validation part of at least HELD_ROWS rows is halved, one half for early
+# stopping, the other to weigh the ensemble and fit its calibration on. Early stopping picks each
+# candidate's epoch on the rows it validates on, so its scores there are too good by the luck of
+# that choice; weighed on those same rows, the candidates crowd out the baselines that chose
+# nothing (benchmarks/RESULTS.md: on a 6,366-row table ridge got weight 0 and the ensemble lost
+# 0.013 R² to it on test). Under HELD_ROWS the halves would be too small to choose on.
+HELD_ROWS = 100
+
+
+@dataclass
+class RunParts:
+    """One run's rows as its models see them: ``parts`` (the run's split: what the run's model is
+    assessed on), and what the candidates train on: ``bagged`` (each bag's parts), or ``stopping``
+    (the run's split with the first half of its validation rows, early stopping's) with the other
+    half ``held``, or ``parts`` itself."""
+
+    parts: Parts
+    bagged: list[Parts] = field(default_factory=list)
+    stopping: Parts | None = None
+    held: np.ndarray | None = None  # the validation rows early stopping does not see
+
+    @property
+    def trained(self) -> Parts:
+        """The parts the candidates' unbagged models train and early-stop on."""
+        return self.parts if self.stopping is None else self.stopping
 
 
 def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -262,40 +292,57 @@ class RunLoop:
                 fit.emit("note", {"message": split.note})
             if fit.interval is not None and fit.data.task == "regression":
                 check_conformal_rows(len(split["valid"]), fit.interval)  # before training, not after
-            parts, bagged = self._parts(split)
-            candidates = CandidateLoop.restore(fit, self.state, parts, bagged)
+            rows = self._parts(split)
+            candidates = CandidateLoop.restore(fit, self.state, rows)
             candidates.run()
-            self.state.finished.append(self._finish(parts, candidates.state.finished, bagged))
+            self.state.finished.append(self._finish(rows, candidates.state.finished))
         fit.seconds["fusion"] = sum(v for k, v in fit.seconds.items() if k.startswith("fusion:"))
 
-    def _parts(self, split: Split) -> tuple[Parts, list[Parts]]:
-        """The run's parts and, when its candidates are bagged, each bag's (:func:`attnfuse.data.bags`),
-        all standardised by the train + valid rows' statistics (their models average into one)."""
+    def _parts(self, split: Split) -> RunParts:
+        """The run's parts and what its candidates train on: each bag's (:func:`attnfuse.data.bags`),
+        all standardised by the train + valid rows' statistics (their models average into one), or,
+        auto unbagged, the run's split with its validation rows halved (:meth:`_halved`)."""
         fit = self.fit
         if not fit.bags:
-            return Parts.of(fit.data, split, fit.device), []
+            return self._halved(Parts.of(fit.data, split, fit.device))
         pool = np.sort(np.concatenate([split["train"], split["valid"]]))
         try:
             cuts = bags(fit.data, split, fit.bags, fit.seed(self.state.index))
         except ValueError as e:  # a class too rare to be in every bag: the validation rows select
             fit.emit("note", {"message": f"no bagging in run {self.state.index + 1}: {e}"})
-            return Parts.of(fit.data, split, fit.device), []
+            return self._halved(Parts.of(fit.data, split, fit.device))
         parts = Parts.of(fit.data, split, fit.device, fitted_on=pool)
         scaled = parts.standardizer
-        return parts, [Parts.of(fit.data, cut, fit.device, fitted_on=pool, standardizer=scaled) for cut in cuts]
+        return RunParts(
+            parts, [Parts.of(fit.data, cut, fit.device, fitted_on=pool, standardizer=scaled) for cut in cuts]
+        )
 
-    def _finish(self, parts: Parts, models: list[TrainedModel], bagged: list[Parts]) -> dict:
+    def _halved(self, parts: Parts) -> RunParts:
+        """Auto, unbagged, with :data:`HELD_ROWS` validation rows or more (and, for intervals,
+        enough in one half to fit them): the candidates early-stop on one half of the validation
+        rows, and the other half (``held``) weighs the ensemble and fits its calibration."""
+        fit, valid = self.fit, len(parts.split["valid"])
+        enough = fit.interval is None or fit.data.task != "regression" or valid // 2 >= conformal_rows(fit.interval)
+        if not (fit.auto and valid >= HELD_ROWS and enough):
+            return RunParts(parts)
+        split, held = halve_valid(fit.data, parts.split, fit.seed(self.state.index))
+        stopping = Parts.of(fit.data, split, fit.device, standardizer=parts.standardizer)
+        return RunParts(parts, stopping=stopping, held=held)
+
+    def _finish(self, rows: RunParts, models: list[TrainedModel]) -> dict:
         """The record of the run under way, once its candidates are trained: the model picked (auto:
         the weighted ensemble of the candidates and the baselines), its metrics and calibration,
         (auto) the candidates', the baselines'. The first run's model is kept, with its calibration."""
-        fit, index = self.fit, self.state.index
-        model, chosen, metrics_of = pick(fit, parts, models)
+        fit, index, parts = self.fit, self.state.index, rows.parts
+        model, chosen, metrics_of = pick(fit, models)
+        if rows.bagged:  # config.json's "auto" says so: the bags trained on the validation rows too
+            chosen["bags"] = len(rows.bagged)
         fit.candidate_metrics.append(metrics_of)
         fitted = self._baselines(parts) if fit.baselines else None
         weights = None
         if fit.auto:
             start = time.perf_counter()
-            model, weights = weigh(fit, parts, models, chosen, fitted, bagged, fit.seed(index))
+            model, weights = weigh(fit, rows, models, chosen, fitted, fit.seed(index))
             _add(fit.seconds, "weighing", time.perf_counter() - start)  # bagged: the baselines' refits too
         block, calibration = calibrate(fit, parts, model)
         record: dict[str, Any] = {"fold": index} if fit.folds else {}
@@ -336,24 +383,24 @@ class CandidateLoop:
         self,
         fit: Fit,
         runs: RunLoopState,
-        parts: Parts,
-        bagged: list[Parts],
+        rows: RunParts,
         state: CandidateLoopState | None = None,
         resume: tuple[dict, dict] | None = None,
     ) -> None:
-        self.fit, self.runs, self.parts, self.bagged = fit, runs, parts, bagged
+        self.fit, self.runs, self.rows = fit, runs, rows
+        self.parts, self.bagged = rows.parts, rows.bagged
         self.state = state or CandidateLoopState()
         self.resume = resume  # the checkpoint, when it was taken in this run
 
     @classmethod
-    def restore(cls, fit: Fit, runs: RunLoopState, parts: Parts, bagged: list[Parts]) -> CandidateLoop:
+    def restore(cls, fit: Fit, runs: RunLoopState, rows: RunParts) -> CandidateLoop:
         """The loop of run ``runs.index``: as the checkpoint left it when that is the run it was
         taken in, else fresh."""
         resumed = fit.checkpoints.resumed
         if resumed is None or resumed[1].get("run_index", 0) != runs.index:
-            return cls(fit, runs, parts, bagged)
-        state = CandidateLoopState.from_dict(*resumed, parts.split, fit.device)
-        return cls(fit, runs, parts, bagged, state, resumed)
+            return cls(fit, runs, rows)
+        state = CandidateLoopState.from_dict(*resumed, rows.trained.split, fit.device)
+        return cls(fit, runs, rows, state, resumed)
 
     @property
     def size(self) -> int:
@@ -361,8 +408,9 @@ class CandidateLoop:
         return max(1, len(self.bagged)) * self.fit.ensemble.size
 
     def parts_of(self, model: int) -> Parts:
-        """The rows model ``model`` of a candidate trains on: its bag's, or the run's."""
-        return self.bagged[model // self.fit.ensemble.size] if self.bagged else self.parts
+        """The rows model ``model`` of a candidate trains on: its bag's, or the run's (validation:
+        early stopping's half, when halved)."""
+        return self.bagged[model // self.fit.ensemble.size] if self.bagged else self.rows.trained
 
     def run(self) -> None:
         for c in range(self.state.index, len(self.fit.candidates)):
@@ -374,7 +422,7 @@ class CandidateLoop:
             if self.bagged:
                 self.state.finished.append(_bag(self.fit, self.parts, self.bagged, finished))
             else:
-                self.state.finished.append(_average(self.fit, self.parts, finished))
+                self.state.finished.append(_average(self.fit, self.rows.trained, finished))
 
 
 class MemberLoop:
@@ -394,7 +442,7 @@ class MemberLoop:
         """The loop of the candidate under way: as the checkpoint ``resumed`` left it, else fresh."""
         if resumed is None:
             return cls(candidates)
-        state = MemberLoopState.from_dict(*resumed, candidates.parts.split, candidates.fit.device)
+        state = MemberLoopState.from_dict(*resumed, candidates.rows.trained.split, candidates.fit.device)
         return cls(candidates, state, resumed)
 
     def run(self) -> None:
@@ -446,10 +494,10 @@ def _add(seconds: dict[str, float], key: str, value: float) -> None:
     seconds[key] = seconds.get(key, 0.0) + value
 
 
-def pick(fit: Fit, parts: Parts, models: list[TrainedModel]) -> tuple[TrainedModel, dict, dict[str, dict]]:
-    """One run's model: the candidate :func:`attnfuse.portfolio.choose` picks on the validation
-    split among the candidates' ``models`` (each its members averaged). Returns it, the record of
-    the choice and every candidate's metrics."""
+def pick(fit: Fit, models: list[TrainedModel]) -> tuple[TrainedModel, dict, dict[str, dict]]:
+    """One run's model: the candidate :func:`attnfuse.portfolio.choose` picks on the rows the
+    candidates' ``models`` (each its members averaged) were validated on (early stopping's, or
+    bagged, out-of-fold). Returns it, the record of the choice and every candidate's metrics."""
     metric, _ = selection = fit.train.selection_metric(fit.data.task)
     scores = {}
     for candidate, model in zip(fit.candidates, models):
@@ -462,7 +510,7 @@ def pick(fit: Fit, parts: Parts, models: list[TrainedModel]) -> tuple[TrainedMod
             "valid_metrics": model.metrics["valid"],
             "valid_pred": model.valid_pred,
         }
-    rows = models[0].valid_rows if models[0].valid_rows is not None else parts.split["valid"]  # bagged: out-of-fold
+    rows = models[0].valid_rows if models[0].valid_rows is not None else models[0].split["valid"]  # bagged: out-of-fold
     held = "validation" if models[0].valid_rows is None else "out-of-fold"
     chosen = choose(scores, selection, fit.left_out, np.asarray(fit.data.y[rows]), held)
     by_name = {candidate.name: model for candidate, model in zip(fit.candidates, models)}
@@ -493,34 +541,38 @@ WEIGHING_METRIC = {"regression": "rmse", "classification": "log_loss"}
 
 def weigh(
     fit: Fit,
-    parts: Parts,
+    run: RunParts,
     models: list[TrainedModel],
     chosen: dict,
     fitted: BaselineResult | None,
-    bagged: list[Parts],
     seed: int,
 ) -> tuple[TrainedModel, dict]:
     """``--fusion auto``'s model: the weighted ensemble (:class:`~attnfuse.ensemble.WeightedEnsemble`)
     that greedy ensemble selection (:func:`attnfuse.stacking.select_ensemble`) fits over the
     candidates' ``models`` and the ``fitted`` baselines (as modules of :mod:`attnfuse.heads`; none
-    with ``--no-baselines``), on the validation rows, or, bagged, on the out-of-fold predictions
-    of all train + valid rows. Never worse on those rows, by :data:`WEIGHING_METRIC`, than its best
-    member. Its primary fusion is the candidate of largest weight (``chosen["picked"]``, kept at
-    weight 0, when the baselines carry everything). An unbagged ensemble of one fusion is that
-    candidate's model itself.
+    with ``--no-baselines``), on rows no choice was made on when the run has them: bagged, the
+    out-of-fold predictions of all train + valid rows; halved, the validation half early stopping
+    did not see (``run.held``); else the validation rows. Never worse on those rows, by
+    :data:`WEIGHING_METRIC`, than its best member. Its primary fusion is the candidate of largest
+    weight (``chosen["picked"]``, kept at weight 0, when the baselines carry everything). An
+    unbagged, unhalved ensemble of one fusion is that candidate's model itself.
 
-    Returns the model (metrics assessed on every part; bagged, ``"valid"`` is out-of-fold) and
-    metrics.json's record of the weights."""
-    task = fit.data.task
+    Returns the model (metrics assessed on every part of the run; bagged, ``"valid"`` is
+    out-of-fold; bagged or halved, its outputs on the rows it was weighed on are kept for
+    :func:`calibrate`) and metrics.json's record of the weights."""
+    task, parts, bagged = fit.data.task, run.parts, run.bagged
     pool = {c.name: m.model for c, m in zip(fit.candidates, models)}
     if bagged:
         rows = models[0].valid_rows
         outputs = {c.name: torch.from_numpy(m.valid_outputs) for c, m in zip(fit.candidates, models)}
+        fitted_on = "out-of-fold"
     else:
-        rows = parts.split["valid"]
-        outputs = {name: predict(net, parts.sources["valid"]).cpu() for name, net in pool.items()}
+        rows = parts.split["valid"] if run.held is None else run.held
+        source = RowBatches(fit.data, rows, parts.standardizer, fit.device)
+        outputs = {name: predict(net, source).cpu() for name, net in pool.items()}
+        fitted_on = "validation" if run.held is None else "held-out validation"
     if fitted is not None:
-        heads, head_outputs = _heads(fit, parts, bagged, fitted, seed)
+        heads, head_outputs = _heads(fit, parts, bagged, fitted, seed, None if bagged else source)
         pool.update(heads)
         outputs.update(head_outputs)
     y = np.asarray(fit.data.y[rows])
@@ -530,29 +582,31 @@ def weigh(
     fusions = [c.name for c in fit.candidates]
     carried = [n for n in fusions if weights[n] > 0]
     primary = max(carried, key=lambda n: weights[n]) if carried else chosen["picked"]  # max: the first on a tie
-    record = {**selection.to_dict(), "rows": len(y), "fitted_on": "out-of-fold" if bagged else "validation"}
+    record = {**selection.to_dict(), "rows": len(y), "fitted_on": fitted_on}
     record.update(primary=primary, **({"bags": len(bagged)} if bagged else {}))
     base = models[fusions.index(primary)]
     kept = {n: net for n, net in pool.items() if weights[n] > 0 or n == primary}
-    if list(kept) == [primary] and not bagged:
+    alone = list(kept) == [primary] and not bagged  # the candidate's model itself
+    if alone and fitted_on == "validation":
         return base, record
-    net = WeightedEnsemble(kept, {n: weights[n] for n in kept}, task, primary)
-    metrics, *scored = assess(net, parts, fit.train, fit.dist)
-    more = {}
-    if bagged:  # its out-of-fold outputs: the mixture of its parts' (what calibration is fitted on)
-        mixed = mix({n: outputs[n] for n in kept if weights[n] > 0}, weights, task)
+    net = base.model if alone else WeightedEnsemble(kept, {n: weights[n] for n in kept}, task, primary)
+    metrics, *scored = assess(net, parts, fit.train, fit.dist)  # halved: on all validation rows
+    # Its outputs on the rows it was weighed on, the mixture of its parts' (what calibration is
+    # fitted on); bagged, they are its "valid" metrics too (out-of-fold on all train + valid rows).
+    mixed = outputs[primary] if alone else mix({n: outputs[n] for n in kept if weights[n] > 0}, weights, task)
+    if bagged:
         metrics["valid"], *scored = score_outputs(net, task, mixed, torch.as_tensor(y), fit.train)
-        more = {"valid_outputs": mixed.numpy(), "valid_rows": rows}
-    return _as_one([base], net, metrics, scored, **more), record
+    more = {} if fitted_on == "validation" else {"valid_outputs": mixed.numpy(), "valid_rows": np.asarray(rows)}
+    return _as_one([base], net, metrics, scored, split=parts.split, **more), record
 
 
 def _heads(
-    fit: Fit, parts: Parts, bagged: list[Parts], fitted: BaselineResult, seed: int
+    fit: Fit, parts: Parts, bagged: list[Parts], fitted: BaselineResult, seed: int, source: RowBatches | None
 ) -> tuple[dict[str, torch.nn.Module], dict[str, Tensor]]:
     """The baselines as modules of :mod:`attnfuse.heads` and their outputs on the rows the
-    ensemble is fitted on. Unbagged: the ``fitted`` ones (on the training rows), on the
-    validation rows. Bagged: refitted on all train + valid rows, with out-of-fold outputs from a
-    fit per bag; a baseline that cannot be fitted on some bag's rows is left out."""
+    ensemble is fitted on. Unbagged: the ``fitted`` ones (on the training rows), on ``source``'s
+    rows. Bagged: refitted on all train + valid rows, with out-of-fold outputs from a fit per
+    bag; a baseline that cannot be fitted on some bag's rows is left out."""
     data, task = fit.data, fit.data.task
     out_dim = data.num_classes if task == "classification" else data.target_dim
 
@@ -562,7 +616,7 @@ def _heads(
 
     if not bagged:
         heads = {name: head(estimator, name) for name, estimator in fitted.models.items()}
-        return heads, {name: predict(h, parts.sources["valid"]).cpu() for name, h in heads.items()}
+        return heads, {name: predict(h, source).cpu() for name, h in heads.items()}
     rows = parts.statistics_rows
     x, y = pooled_features(data, rows, presence=fitted.presence), np.asarray(data.y[rows])
     heads, outputs = {}, {}

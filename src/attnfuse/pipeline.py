@@ -79,6 +79,7 @@ __all__ = [
     "data_for_model",
     "label_space",
     "metrics_per_part",
+    "bagged_on_valid",
     "split_parts",
 ]
 
@@ -676,15 +677,26 @@ def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
     return parts
 
 
+def bagged_on_valid(data: MultimodalDataset, config: dict) -> bool:
+    """Whether ``data`` is a bagged model's own training data with a validation part: its bags
+    trained on those rows too (each on all but one fifth of train + valid), so the model's metrics
+    there are in-sample; its out-of-fold ones are metrics.json's ``"valid"``."""
+    bagged = bool((config.get("auto") or {}).get("bags"))
+    return bagged and config["data"].get("fingerprint") == fingerprint(data) and "valid" in split_parts(data, config)
+
+
 def metrics_per_part(net: Any, config: dict, standardizer: Standardizer | None, data: MultimodalDataset) -> dict:
     """A trained model's metrics on each part of ``data`` (:func:`split_parts`: its splits, and
-    all rows) and, under ``"calibration"``, those of its calibrated outputs per part
+    all rows; for a bagged model on its own training data, :func:`bagged_on_valid`, the validation
+    rows count as training rows) and, under ``"calibration"``, those of its calibrated outputs per part
     (:func:`attnfuse.calibration.evaluation_block`: the expected calibration error and NLL of the
     probabilities; the coverage and mean width of the intervals): ``attnfuse evaluate``'s report."""
     outputs = predict(net, RowBatches(data, None, standardizer))  # (N, out_dim)
     y_pred = to_predictions(data.task, outputs)
     sentiment = config["train"].get("metrics") == "sentiment"
     parts = split_parts(data, config)
+    if bagged_on_valid(data, config):  # its validation rows are training rows of its bags: "train"
+        parts = {"train": np.sort(np.concatenate([parts.pop("train"), parts.pop("valid")])), **parts}
     report: dict[str, dict] = {
         s: compute_metrics(data.task, data.y[idx], y_pred[idx], sentiment=sentiment)
         for s, idx in parts.items()

@@ -15,7 +15,7 @@ from ..calibration import calibrated_probabilities, half_width_of, prediction_in
 from ..checkpoint import EVALUATION, metrics_for_json
 from ..data import RowBatches, decode_labels
 from ..files import check_writable, write_json, write_text
-from ..pipeline import data_options, metrics_per_part, split_parts
+from ..pipeline import bagged_on_valid, data_options, metrics_per_part, split_parts
 from ..robustness import missing_modalities, plot_robustness, robustness_table
 from ..threads import set_threads
 from ..training import predict, to_predictions
@@ -63,6 +63,12 @@ def evaluate(
     report = metrics_for_json(metrics_per_part(net, config, standardizer, dataset))
     title = f"{config['fusion']} model {model} on {dataset.name}"
     console.print(metrics_table(title, {k: v for k, v in report.items() if k != "calibration"}))
+    if bagged_on_valid(dataset, config):
+        console.print(
+            "note: a bagged model: its bags trained on the validation rows too, so they are counted as "
+            'training rows here; their out-of-fold metrics are metrics.json\'s "valid"',
+            highlight=False,
+        )
     if "calibration" in report:
         console.print(_calibration_table(report["calibration"]))
     robustness = None

@@ -184,7 +184,7 @@ def print_result(result: TrainResult, run: RunOptions) -> None:
         title = f"{fusion} on {data.name}: mean ± std over {what}"
     console.print(metrics_table(title, rows))
     if result.calibration is not None and "calibration" in report:
-        held = "out-of-fold" if (weighted or {}).get("fitted_on") == "out-of-fold" else "validation"
+        held = (weighted or {}).get("fitted_on", "validation")  # the rows the ensemble was weighed on
         console.print(_calibration_line(result.calibration, report["calibration"], runs, held), highlight=False)
     if "baselines" in report:
         spent = ", ".join(
@@ -207,7 +207,7 @@ def _weights_line(weighted: dict, saved: str) -> str:
     parts = ", ".join(f"{escape(n)} {w:.2f}" for w, n in weights)
     metric, best = weighted["metric"], weighted["best_member"]
     scores = f"{metric} {weighted['score']:.4g}; {escape(best)} alone {weighted['members'][best]:.4g}"
-    rows = "out-of-fold" if weighted["fitted_on"] == "out-of-fold" else "validation"
+    rows = weighted["fitted_on"]  # validation, held-out validation (early stopping's other half), out-of-fold
     return (
         f"auto: the model{saved} is a weighted ensemble of {parts} (fitted on {weighted['rows']} {rows} rows: {scores})"
     )
@@ -217,7 +217,8 @@ def _calibration_line(block: dict, report: dict, runs: int, held: str = "validat
     """What the calibration of the saved model is, and what it did on the test rows (means over
     several runs): ``calibration: temperature 1.84 (fitted on 300 validation rows); test ECE
     0.0712 -> 0.0214, NLL 0.3311 -> 0.2902``. ``held``: which rows (``validation``, or the
-    ``out-of-fold`` predictions of a bagged run's train + valid rows)."""
+    ``held-out validation`` half that early stopping did not see, or the ``out-of-fold`` predictions
+    of a bagged run's train + valid rows)."""
 
     def at(part: str, key: str) -> float:
         value = report.get(part, {}).get(key)

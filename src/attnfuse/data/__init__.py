@@ -23,7 +23,7 @@ from .io.table import read_arrow, read_table
 from .labels import MAX_CLASSES, decode_labels, encode_labels
 from .preprocessing import RowBatches, Standardizer
 from .sources import load_data
-from .splits import Split, bags, carve_valid, kfold, make_split
+from .splits import Split, bags, carve_valid, halve_valid, kfold, make_split
 
 __all__ = [
     "SPLITS",
@@ -38,6 +38,7 @@ __all__ = [
     "carve_valid",
     "kfold",
     "bags",
+    "halve_valid",
     "MAX_CLASSES",
     "encode_labels",
     "decode_labels",

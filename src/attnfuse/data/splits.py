@@ -289,3 +289,19 @@ def _shortage(
 def _fold_seed(seed: int, fold: int) -> int:
     """A seed per fold, so each fold's carve is independent and reproducible."""
     return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+
+
+def halve_valid(data: MultimodalDataset, split: Mapping[str, np.ndarray], seed: int) -> tuple[Split, np.ndarray]:
+    """``split`` with its validation rows cut in two halves (stratified for classification,
+    shuffled by ``seed``): the split whose ``"valid"`` is the first half, and the second half's rows.
+
+    Early stopping picks each model's epoch on the first half; the second half is left to judge the
+    trained models on rows that chose nothing (:func:`attnfuse.fit.weigh`)."""
+    valid = np.asarray(split["valid"])
+    if valid.size < 2:
+        raise ValueError(f"halve_valid: 2 validation rows at least are needed to halve them, got {valid.size}")
+    order = _shuffled(valid, _stratify(data), np.random.default_rng(seed))
+    stopping, held = np.sort(order[: valid.size // 2]), np.sort(order[valid.size // 2 :])
+    rows = {**{k: np.asarray(v) for k, v in split.items()}, "valid": stopping}
+    how, note = (split.how, split.note) if isinstance(split, Split) else ("drawn", "")
+    return Split(rows, how, note), held
