@@ -64,6 +64,41 @@ def test_two_processes_follow_the_one_process_optimisation(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
+@pytest.mark.parametrize(("rows", "bags", "fitted_on"), [(90, "2", "out-of-fold"), (700, "0", "held-out validation")])
+def test_the_default_auto_trains_its_weighted_ensemble_under_torchrun(tmp_path, rows, bags, fitted_on):
+    """--fusion auto (the default) under torchrun: bagged, or with the validation rows halved; one
+    weighted ensemble written by rank 0, whose `evaluate` gives metrics.json's test numbers."""
+    data = write_data(tmp_path / "d.npz", rows)
+    small = [
+        "--d-model",
+        "8",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    two = torchrun("-m", "attnfuse", "train", "--data", data, *small, "--bags", bags, "--out", tmp_path / "m")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("written to") == 1 and two.stdout.count("auto: the model is a weighted ensemble") == 1
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["weighted"]["fitted_on"] == fitted_on
+    written = tmp_path / "evaluation.json"
+    one = subprocess.run(
+        [sys.executable, "-m", "attnfuse", "evaluate", "--model", tmp_path / "m", "--data", data, "--out", written],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    evaluated = json.loads(written.read_text())
+    for metric, value in metrics["test"].items():
+        assert evaluated["test"][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), metric
+
+
 def test_a_failing_rank_takes_the_job_down_with_one_line(tmp_path):
     data = write_data(tmp_path / "d.npz")
     script = tmp_path / "fail_on_rank1.py"

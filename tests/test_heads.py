@@ -184,6 +184,8 @@ def test_record_and_state_dict_rebuild_the_head_bitwise(name, task):
     record = json.loads(json.dumps(head.record()))  # JSON-able
     rebuilt = build_head(record)
     assert type(rebuilt) is type(head) and rebuilt.record() == head.record()
+    # What a weights file must hold for the record, computed without building the head:
+    assert heads.record_shapes(record) == {k: tuple(v.shape) for k, v in head.state_dict().items()}
     rebuilt.load_state_dict(head.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(batch), head(batch))
@@ -204,6 +206,24 @@ def test_tree_head_refuses_a_regressor_whose_predict_is_not_its_raw_prediction()
     model = HistGradientBoostingRegressor(loss="poisson", max_iter=3).fit(x, np.exp(data.y / 10))
     with pytest.raises(ValueError, match="baseline loss: expected one of .*, got 'poisson'"):
         head_from_baseline("hist_gb", model, data.modalities, Standardizer.fit(data), ["opt"], "regression", 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"kind": "forest"}, "head.kind: expected 'linear' or 'tree'"),
+        ({"n_iter": -1}, "head.n_iter: expected a non-negative integer, got -1"),
+        ({"nodes": 2.5}, "head.nodes: expected a non-negative integer, got 2.5"),
+        ({"modalities": [["a", 0]]}, "head.modalities: expected a list of \\[name, dim\\] pairs"),
+        ({"presence": "a"}, "head.presence: expected a list of modality names"),
+    ],
+)
+def test_record_shapes_refuse_what_no_head_records(change, match):
+    record = {"kind": "tree", "task": "regression", "out_dim": 1, "raw_dim": 1, "modalities": [["a", 3]]}
+    record |= {"presence": [], "n_iter": 2, "nodes": 7, "depth": 3}
+    assert heads.record_shapes(record)["value"] == (2, 7)
+    with pytest.raises(ValueError, match=match):
+        heads.record_shapes(record | change)
 
 
 def test_build_head_refuses_an_unknown_kind():

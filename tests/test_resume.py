@@ -123,6 +123,27 @@ AUTO = ["--fusion", "auto", "--ensemble", "2", "--bags", "2", "--d-model", "8", 
         "--batch-size", "8", "--epochs", "3"]  # fmt: skip
 
 
+def test_sigkill_inside_auto_with_halved_validation_then_resume_is_bitwise_the_same(tmp_path):
+    """Unbagged auto on enough rows: the candidates early-stop on one half of the validation rows
+    and the ensemble is weighed on the other; a run killed between candidates resumes on the same
+    halves and ends bit for bit as the uninterrupted one."""
+    data = write_data(tmp_path / "d.npz", n=700)  # 105 validation rows: halved
+    halved = [*AUTO[:2], "--bags", "0", *AUTO[6:]]  # no ensemble, no bags
+    expected = tmp_path / "uninterrupted"
+    code, _, err = finish(attnfuse("train", "--data", data, *halved, "--out", expected))
+    assert code == 0, err
+    assert json.loads((expected / "metrics.json").read_text())["weighted"]["fitted_on"] == "held-out validation"
+    out = tmp_path / "killed"
+    proc = attnfuse("train", "--data", data, *halved, "--out", out)
+    wait_for_epochs(out, proc, random.Random(os.getpid()).randint(4, 9))  # the second candidate or later
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
+    code, _, err = finish(attnfuse("train", "--resume", out))
+    assert code == 0, err
+    same_run(out, expected)
+
+
 def test_sigkill_inside_auto_with_an_ensemble_then_resume_is_bitwise_the_same(tmp_path):
     """A checkpoint says which candidate and member (of which bag) was training and keeps the models
     trained before it: a resumed run retrains none of them and ends bit for bit as the uninterrupted

@@ -204,6 +204,27 @@ def test_a_damaged_weighted_block_is_refused_in_one_line(trained, tmp_path):
         assert "\n" not in str(e.value)
 
 
+def test_a_head_record_larger_than_its_weights_is_refused_before_anything_is_allocated(trained, tmp_path):
+    """A config.json whose baseline head claims a billion nodes (a hostile or damaged file): read_config
+    compares the record's buffer shapes with the weights file's header and refuses in one line."""
+    out, _path, _ = trained
+    config = read_config(out)
+    if "weighted" not in config or not any(p["kind"] == "baseline" for p in config["weighted"]["parts"]):
+        pytest.skip("this run's ensemble holds no baseline")
+    bad = json.loads(json.dumps(config))
+    head = next(p for p in bad["weighted"]["parts"] if p["kind"] == "baseline")["head"]
+    head.update({"n_iter": 10**9, "nodes": 10**9} if head["kind"] == "tree" else {"raw_dim": 10**9})
+    copy = tmp_path / "m"
+    copy.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"^model: .*config.json's head describes .* as shape \[") as e:
+        read_config(copy)
+    assert "\n" not in str(e.value)
+
+
 def test_out_of_fold_outputs_come_from_the_bag_that_held_each_row_out(monkeypatch):
     """A bagged candidate's out-of-fold outputs cover every train + valid row of the run once, each
     the output of the models of the one bag that did not train on it."""

@@ -45,6 +45,7 @@ from .data.validation import check_columns
 from .ensemble import Ensemble, EnsembleSpec, WeightedEnsemble, build_recorded, weighted_record
 from .files import transaction, write_bytes, write_json, write_text
 from .fusion import FusionConfig, FusionModel, config_from_dict
+from .heads import record_shapes
 from .runstate import LAST, check_last
 from .splitplan import HOWS
 from .training import TrainConfig
@@ -592,14 +593,31 @@ def _read_config(files: _Pinned) -> dict:
     if weighted is None:
         members = EnsembleSpec.from_dict(config["train"]).size
         _check_size(fusion_config, header, str(model_dir), members)
-    else:  # each fusion part of a weighted ensemble, its own share of the weights file
+    else:  # each part of a weighted ensemble, its own share of the weights file
         for entry in weighted["parts"]:
+            prefix = f"parts.{entry['name']}."
+            held = {k: v for k, v in header.items() if k.startswith(prefix)}
+            where = f"{model_dir} (part {entry['name']})"
             if entry["kind"] == "fusion":
-                prefix = f"parts.{entry['name']}."
-                held = {k: v for k, v in header.items() if k.startswith(prefix)}
                 part_config = config_from_dict(entry["fusion"], entry["model"])
-                _check_size(part_config, held, f"{model_dir} (part {entry['name']})", entry.get("ensemble", 1))
+                _check_size(part_config, held, where, entry.get("ensemble", 1))
+            else:
+                _check_head(entry["head"], {k.removeprefix(prefix): shape for k, (_, shape) in held.items()}, where)
     return config
+
+
+def _check_head(record: dict, held: dict[str, tuple[int, ...]], where: str) -> None:
+    """A baseline part's head record must describe exactly the buffers the weights file holds for
+    it (:func:`attnfuse.heads.record_shapes`): refused with the first difference, never allocated."""
+    try:
+        expected = record_shapes(record)
+    except ValueError as e:
+        raise ValueError(f"model: {where}: config.json's {e}") from None
+    for name in sorted(set(expected) | set(held)):
+        if expected.get(name) != held.get(name):
+            want = "nothing" if name not in expected else f"shape {list(expected[name])}"
+            got = "nothing" if name not in held else f"shape {list(held[name])}"
+            raise ValueError(f"model: {where}: config.json's head describes {name} as {want}, {WEIGHTS} holds {got}")
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:

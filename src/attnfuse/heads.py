@@ -41,7 +41,16 @@ from torch import Tensor, nn
 from .data.dataset import Batch, ModalitySpec, MultimodalDataset
 from .data.preprocessing import Standardizer
 
-__all__ = ["ABSENT_LOGIT", "LinearHead", "Pooling", "TreeHead", "build_head", "head_from_baseline", "presence_columns"]
+__all__ = [
+    "ABSENT_LOGIT",
+    "LinearHead",
+    "Pooling",
+    "TreeHead",
+    "build_head",
+    "head_from_baseline",
+    "presence_columns",
+    "record_shapes",
+]
 
 ABSENT_LOGIT = -1e4  # a class absent from the baseline's training rows: softmax gives it ~0
 TASKS = ("classification", "regression")
@@ -316,6 +325,43 @@ def presence_columns(data: MultimodalDataset, rows: np.ndarray | None = None) ->
     :func:`head_from_baseline`, taken from the rows the baseline's features were pooled from."""
     rows = np.arange(data.n) if rows is None else np.asarray(rows, dtype=np.int64)
     return [m.name for m in data.modalities if not data.valid_mask(m.name)[rows].any(axis=1).all()]
+
+
+def record_shapes(record: dict) -> dict[str, tuple[int, ...]]:
+    """The buffers (name -> shape) of the head ``record`` describes (a head's :meth:`record`),
+    computed without allocating any: what a weights file must hold for it, checked before
+    :func:`build_head` allocates (a record of a billion nodes is refused, not allocated). A
+    ValueError names a field that is not what a head's record holds."""
+
+    def count(key: str) -> int:
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"head.{key}: expected a non-negative integer, got {value!r}")
+        return value
+
+    kind = record.get("kind")
+    if kind not in ("linear", "tree"):
+        raise ValueError(f"head.kind: expected 'linear' or 'tree', got {kind!r}")
+    modalities, presence = record.get("modalities"), record.get("presence")
+    pairs = isinstance(modalities, list) and all(
+        isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and type(m[1]) is int and m[1] > 0
+        for m in modalities
+    )
+    if not pairs:
+        raise ValueError(f"head.modalities: expected a list of [name, dim] pairs, got {modalities!r}")
+    if not (isinstance(presence, list) and all(isinstance(p, str) for p in presence)):
+        raise ValueError(f"head.presence: expected a list of modality names, got {presence!r}")
+    out_dim, raw_dim = count("out_dim"), count("raw_dim")
+    shapes: dict[str, tuple[int, ...]] = {"source": (out_dim,)}
+    for i, (_, dim) in enumerate(modalities):
+        shapes[f"pooling.mean_{i}"] = shapes[f"pooling.std_{i}"] = (dim,)
+    features = sum(dim for _, dim in modalities) + len(presence)
+    if kind == "linear":
+        return shapes | {"fill": (features,), "weight": (raw_dim, features), "bias": (raw_dim,)}
+    trees = (count("n_iter") * raw_dim, count("nodes"))
+    count("depth")
+    nodes = ("feature_idx", "num_threshold", "missing_go_to_left", "left", "right", "is_leaf", "value")
+    return shapes | dict.fromkeys(nodes, trees) | {"baseline": (raw_dim,)}
 
 
 def build_head(record: dict) -> _Head:
