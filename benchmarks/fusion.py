@@ -397,6 +397,7 @@ def fmt(scores: list[float], pct: bool) -> str:
 
 def write_section(path: Path, text: str, section: str = SECTION) -> None:
     old = path.read_text() if path.exists() else "# Benchmark results\n"
+    text = text.rstrip("\n") + "\n\n"  # a blank line before the next section
     pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
