@@ -10,9 +10,8 @@ coverage and width of the 90% split-conformal intervals on scikit-learn's diabet
 Every model is `attnfuse.pipeline.train` at its defaults (`--fusion auto`, 100 epochs, the default
 70/15/15 split drawn by the seed), without the baselines (the weighted ensemble of the fusion
 candidates: calibration is the fusion's), on one thread. The temperature and the half-widths are
-fitted on the rows the ensemble was weighed on: mfeat (2,000 rows), the half of the validation rows
-early stopping did not see; breast_cancer and diabetes (under 1,000 rows, bagged), the out-of-fold
-outputs of all train + valid rows. The numbers on the test rows are what carries over. Seconds: the
+fitted on the rows the ensemble was weighed on: every table here is bagged (under 5,000 rows), so
+on the out-of-fold outputs of all train + valid rows. The numbers on the test rows are what carries over. Seconds: the
 whole `train` call, and separately the temperature's fit (the golden-section search) on those rows.
 """
 
@@ -149,8 +148,8 @@ def render(results: dict) -> str:
         "",
         "### Temperature scaling: expected calibration error (15 bins) and NLL, before → after",
         "",
-        "Fitted on the rows the ensemble was weighed on (mfeat: the validation half early stopping did not see; "
-        "breast_cancer, bagged: the out-of-fold outputs of all train + valid rows); test rows never seen by the fit. "
+        "Fitted on the rows the ensemble was weighed on (bagged: the out-of-fold outputs of all train + valid "
+        "rows); test rows never seen by the fit. "
         "Over several seeds: mean ± std.",
         "",
         "| data | seeds | fitted on/test rows | accuracy (test) | temperature | ECE (fitted on) | ECE test | NLL test |",

@@ -58,6 +58,7 @@ def measure(name: str, epochs: int | None) -> dict:
         "run": described,
         "fusion": config["fusion"],
         "picked": (config.get("auto") or {}).get("picked"),
+        "weights": {n: w for n, w in (metrics.get("weighted") or {}).get("weights", {}).items() if w > 0},
         "test": metrics["test"],
         "missing": result.to_dict(),
         "seconds": {"training": trained_s, "robustness": result.seconds},
@@ -78,7 +79,7 @@ def from_json(entry: dict) -> Robustness:
 
 
 def plot(entry: dict, result: Robustness) -> None:
-    title = f"{entry['fusion']} model on {entry['name']} (seed 0): test rows"
+    title = f"{entry['missing']['models'][0]} on {entry['name']} (seed 0): test rows"
     plot_robustness(result, RESULTS_DIR / f"robustness-{entry['name']}.png", title=title)
 
 
@@ -90,11 +91,13 @@ def render(entry: dict) -> str:
     m = entry["missing"]
     metric = "R²" if m["metric"] == "r2" else m["metric"]
     fusion = m["models"][0]
+    weights = ", ".join(f"{n} {w:.2f}" for n, w in sorted(entry.get("weights", {}).items(), key=lambda t: -t[1]))
+    described = f"the {fusion} of {weights}" if weights else f"`{fusion}`"
     lines = [
         f"### {entry['name']}: {metric} on the {m['n']} test rows",
         "",
-        f"{entry['run']}: the model is `{fusion}`"
-        + (f" (auto picked {entry['picked']})" if entry.get("picked") else "")
+        f"{entry['run']}: the model is {described}"
+        + (f" (its best single candidate: {entry['picked']})" if entry.get("picked") else "")
         + f"; {entry['machine']}; finished {entry['finished']}, load average "
         + ", ".join(map(str, entry["load"]))
         + f". Training {entry['seconds']['training']:.0f} s, the robustness measurement "
@@ -117,7 +120,7 @@ def render(entry: dict) -> str:
             ]
         for modality, models in m[kind].items():
             for model in m["models"]:
-                label = f"**{model}** (fusion)" if model == fusion else model
+                label = (f"**{model}**" + ("" if weights else " (fusion)")) if model == fusion else model
                 cells = " | ".join(_cell(c[m["metric"]]) for c in models[model])
                 lines.append(f"| {modality} | {label} | {cells} |")
     costs = ", ".join(
@@ -126,7 +129,7 @@ def render(entry: dict) -> str:
     )
     lines += [
         "",
-        f"The {metric} the {fusion} model loses when a modality is absent from every test row (0% minus 100%; "
+        f"The {metric} the {fusion if weights else fusion + ' model'} loses when a modality is absent from every test row (0% minus 100%; "
         f"negative: better without it): {costs}.",
         "",
     ]

@@ -153,6 +153,22 @@ def test_evaluate_counts_a_bagged_models_validation_rows_as_training_rows(traine
     assert "valid" not in evaluated and {"train", "test", "all"} <= set(evaluated)
 
 
+def test_robustness_measures_and_names_the_whole_ensemble(trained):
+    """evaluate --missing on an auto model measures the weighted ensemble (not its primary fusion)
+    and names it so, beside the baselines."""
+    from attnfuse.pipeline import load_trained
+    from attnfuse.robustness import ENSEMBLE, missing_modalities, robustness_table
+
+    out, path, _ = trained
+    net, config, standardizer, data = load_trained(out, str(path))
+    if "weighted" not in config:
+        pytest.skip("this run's ensemble is one candidate")
+    result = missing_modalities(net, config, standardizer, data, fractions=[0.0, 1.0], scales=[0.0])
+    assert result.models[0] == ENSEMBLE and len(result.models) == 3
+    (_title, _header, rows), *_ = robustness_table(result)
+    assert rows[0][1] == f"{ENSEMBLE} (the model)"
+
+
 def test_predict_of_the_saved_model_gives_its_test_predictions(trained, tmp_path):
     out, path, _ = trained
     written = tmp_path / "predictions.csv"

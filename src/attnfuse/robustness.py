@@ -69,6 +69,8 @@ __all__ = [
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NOISE_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)  # standard deviations of the training rows
 HEADLINE = {"classification": "accuracy", "regression": "r2"}
+# The name of a --fusion auto model (a weighted ensemble of fusion models and baselines) in the curves.
+ENSEMBLE = "weighted ensemble"
 KINDS = ("absent", "noise")
 CHUNK = 1024  # rows read, perturbed and predicted at a time (the noise is drawn per chunk of this size)
 
@@ -167,7 +169,7 @@ def missing_modalities(
     parts = split_parts(data, config)
     part = "test" if "test" in parts and parts["test"].size else "all"
     rows = parts[part]
-    fusion = str(config["fusion"])
+    fusion = ENSEMBLE if config.get("weighted") else str(config["fusion"])  # auto: the whole ensemble is measured
     result = Robustness(data.task, HEADLINE[data.task], part, int(rows.size), seed, fractions, scales, [fusion])
     sentiment = config["train"].get("metrics") == "sentiment"
 
@@ -379,10 +381,17 @@ def robustness_table(result: Robustness) -> list[tuple[str, list[str], list[list
         body = []
         for m in getattr(result, kind):
             for name in result.models:
-                label = name if name != result.models[0] else f"{name} (fusion)"  # the others: baselines
+                label = _label(name, result)  # the others: baselines
                 body.append([m, label, *(_cell(v) for v in result.curve(kind, m, name))])
         out.append((title, header, body))
     return out
+
+
+def _label(name: str, result: Robustness) -> str:
+    """A model's name in tables and plots: the measured model marked as such, the baselines as named."""
+    if name != result.models[0]:
+        return name
+    return f"{name} (the model)" if name == ENSEMBLE else f"{name} (fusion)"
 
 
 def plot_robustness(result: Robustness, path: str | Path, title: str | None = None) -> None:
@@ -405,7 +414,7 @@ def plot_robustness(result: Robustness, path: str | Path, title: str | None = No
             ax = axes[row][j]
             levels = [100 * f for f in result.fractions] if kind == "absent" else result.scales
             for name in result.models:
-                label = name if name != result.models[0] else f"{name} (fusion)"
+                label = _label(name, result)
                 ax.plot(
                     levels,
                     result.curve(kind, m, name),
