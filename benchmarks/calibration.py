@@ -10,7 +10,7 @@ coverage and width of the 90% split-conformal intervals on scikit-learn's diabet
 Every model is `attnfuse.pipeline.train` at its defaults (`--fusion auto`, 100 epochs, the default
 70/15/15 split drawn by the seed), without the baselines (the weighted ensemble of the fusion
 candidates: calibration is the fusion's), on one thread. The temperature and the half-widths are
-fitted on the rows the ensemble was weighed on: every table here is bagged (under 5,000 rows), so
+fitted on the rows the ensemble was weighed on: every table here is bagged (under 10,000 rows), so
 on the out-of-fold outputs of all train + valid rows. The numbers on the test rows are what carries over. Seconds: the
 whole `train` call, and separately the temperature's fit (the golden-section search) on those rows.
 """

@@ -327,7 +327,7 @@ def render_baselines(results: list[dict]) -> str:
         "column is the seed's split: every row of a table saw the same training, validation and test rows. "
         "`auto (default)` is `attnfuse train` with no model options: the weighted ensemble of its candidates "
         "and the baselines (greedy ensemble selection), each candidate bagged (5 bags of the train + valid rows) "
-        "on tables under 1,000 rows, 3 bags under 5,000; on larger tables the candidates early-stop on one half "
+        "on tables under 1,000 rows, 3 bags under 10,000; on larger tables the candidates early-stop on one half "
         "of the validation rows and the weights are fitted on the other half. The rows `concat`, `self`, `self-modality` (and "
         "`cross`) are its candidates, from the same runs (bagged where the default bags them); their `validation` "
         "column is their out-of-fold score on all train + valid rows (bagged) or their score on early stopping's "

@@ -8,10 +8,10 @@ split-conformal intervals (`--interval 0.9`) on the test rows.
     python benchmarks/outputs.py --render                 # only RESULTS.md, from results/
 
 Every model is `attnfuse.pipeline.train` at its defaults (`--fusion auto`: the weighted ensemble of
-the candidates and the baselines, bagged below 5,000 rows), one thread, on the splits of
+the candidates and the baselines, bagged below 10,000 rows), one thread, on the splits of
 `benchmarks/fusion.py --part baselines` (seeds 0-2; mfeat: seed 0). The temperature and the
 intervals are fitted on the rows the ensemble was weighed on (a bagged run's out-of-fold
-predictions of all train + valid rows, or, from 5,000 rows, the half of the validation rows early
+predictions of all train + valid rows, or, from 10,000 rows, the half of the validation rows early
 stopping did not see); the test rows never.
 """
 

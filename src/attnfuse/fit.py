@@ -524,10 +524,12 @@ def pick(fit: Fit, models: list[TrainedModel]) -> tuple[TrainedModel, dict, dict
 # holds (a validation part of 45-150 rows picks mostly by chance: benchmarks/RESULTS.md). The
 # bags' models are averaged. From FEW_BAGS_ROWS rows on, in at most FEW_BAGS bags: K bags cost
 # about K x (K-1)/K of one training: on mfeat (2,000 rows) 3 bags gave 99.15% over 10 splits, 5
-# bags no more on the two splits tried at twice the time (2.6x the previous default's). From
-# BAG_ROWS rows on the candidates are not bagged (the validation rows are halved instead,
-# RunLoop._halved): minutes of training would become K times as many.
-BAG_ROWS = 5000
+# bags no more on the two splits tried at twice the time (2.6x the previous default's); on fair
+# (6,366 rows) 3 bags gave R² 0.0645 where halving the validation rows gave 0.0580 and ridge
+# 0.0619 (benchmarks/RESULTS.md). From BAG_ROWS rows on the candidates are not bagged (the
+# validation rows are halved instead, RunLoop._halved): minutes of training would become K - 1
+# times as many, and a validation half holds 750 rows or more.
+BAG_ROWS = 10_000
 FEW_BAGS_ROWS = 1000
 FEW_BAGS = 3
 

@@ -149,7 +149,7 @@ class RunOptions(ReadOptions):
         5,
         "--fusion auto on data of fewer than 1,000 rows: train each candidate in this many bags of the train + "
         "valid rows, each holding one part out, and weigh the ensemble on their out-of-fold predictions (at most "
-        "3 bags from 1,000 rows on, none from 5,000); 0: no bagging (the validation rows weigh it).",
+        "3 bags from 1,000 rows on, none from 10,000); 0: no bagging (the validation rows weigh it).",
     )
     baselines: bool = option(
         True,
