@@ -4,6 +4,7 @@ one thread, the versions interleaved round by round; the median of the rounds is
 
     python benchmarks/default_time.py --before ../old/src             # mfeat, seed 0's split
     python benchmarks/default_time.py --before ../old/src --data diabetes --rounds 3
+    python benchmarks/default_time.py --before ../old/src --threads default   # the cores the command would use
 
 ``--before`` is the ``src`` folder of another checkout (e.g. ``git worktree add ../old e8cd12f``);
 this checkout's ``src`` is "now". The split is the one `benchmarks/fusion.py --part baselines`
@@ -31,8 +32,12 @@ import json, sys, time
 sys.path.insert(0, {benchmarks!r})
 import torch
 from threadpoolctl import threadpool_limits
-torch.set_num_threads(1)
-threadpool_limits(1)
+if {one_thread}:
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+else:  # what the attnfuse command does: torch on the free cores; scikit-learn's own default
+    from attnfuse.threads import set_threads
+    set_threads()
 from attnfuse.pipeline import TrainSpec, train
 result = train(TrainSpec.from_options({{"data": {path!r}, "seed": {seed}}}))
 print(json.dumps({{"seconds": {{k: round(v, 2) for k, v in result.seconds.items()}},
@@ -49,11 +54,15 @@ def save_table(name: str, seed: int, path: Path) -> None:
     save_npz(with_split(loader(seed), seed, fractions), path)
 
 
-def one(src: Path, path: Path, seed: int) -> tuple[float, dict]:
+def one(src: Path, path: Path, seed: int, one_thread: bool) -> tuple[float, dict]:
     import time
 
-    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-    code = CHILD.format(benchmarks=str(HERE), path=str(path), seed=seed)
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    else:
+        env.pop("OMP_NUM_THREADS", None)
+    code = CHILD.format(benchmarks=str(HERE), path=str(path), seed=seed, one_thread=one_thread)
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return time.perf_counter() - start, json.loads(out.stdout.strip().splitlines()[-1])
@@ -65,6 +74,9 @@ def main() -> None:
     parser.add_argument("--data", default="mfeat", help="a table of benchmarks/fusion.py's BASELINE_SETS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--threads", choices=["1", "default"], default="1", help="1, or what the attnfuse command picks (free cores)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from fusion import machine
@@ -76,11 +88,13 @@ def main() -> None:
         save_table(args.data, args.seed, path)
         for r in range(args.rounds):
             for name, src in versions.items():
-                seconds, record = one(src, path, args.seed)
+                seconds, record = one(src, path, args.seed, args.threads == "1")
                 times[name].append(seconds)
                 print(f"round {r + 1} {name}: {seconds:.1f} s, parts {record['seconds']}, test {record['test']}")
     before, now = statistics.median(times["before"]), statistics.median(times["now"])
-    print(f"{args.data} seed {args.seed}: before {before:.1f} s, now {now:.1f} s, ratio {now / before:.2f}x")
+    print(
+        f"threads: {args.threads}; {args.data} seed {args.seed}: before {before:.1f} s, now {now:.1f} s, ratio {now / before:.2f}x"
+    )
     print(f"{machine()}, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
