@@ -39,7 +39,7 @@ else:  # what the attnfuse command does: torch on the free cores; scikit-learn's
     from attnfuse.threads import set_threads
     set_threads()
 from attnfuse.pipeline import TrainSpec, train
-result = train(TrainSpec.from_options({{"data": {path!r}, "seed": {seed}}}))
+result = train(TrainSpec.from_options({{"data": {path!r}, "seed": {seed}, **{options!r}}}))
 print(json.dumps({{"seconds": {{k: round(v, 2) for k, v in result.seconds.items()}},
                   "test": result.report["test"]}}))
 """
@@ -54,7 +54,7 @@ def save_table(name: str, seed: int, path: Path) -> None:
     save_npz(with_split(loader(seed), seed, fractions), path)
 
 
-def one(src: Path, path: Path, seed: int, one_thread: bool) -> tuple[float, dict]:
+def one(src: Path, path: Path, seed: int, one_thread: bool, options: dict) -> tuple[float, dict]:
     import time
 
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -62,7 +62,7 @@ def one(src: Path, path: Path, seed: int, one_thread: bool) -> tuple[float, dict
         env["OMP_NUM_THREADS"] = "1"
     else:
         env.pop("OMP_NUM_THREADS", None)
-    code = CHILD.format(benchmarks=str(HERE), path=str(path), seed=seed, one_thread=one_thread)
+    code = CHILD.format(benchmarks=str(HERE), path=str(path), seed=seed, one_thread=one_thread, options=options)
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return time.perf_counter() - start, json.loads(out.stdout.strip().splitlines()[-1])
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", choices=["1", "default"], default="1", help="1, or what the attnfuse command picks (free cores)"
     )
+    parser.add_argument("--now", default="{}", help='options of "now" only, as JSON (e.g. \'{"bags": 0}\')')
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from fusion import machine
@@ -88,12 +89,13 @@ def main() -> None:
         save_table(args.data, args.seed, path)
         for r in range(args.rounds):
             for name, src in versions.items():
-                seconds, record = one(src, path, args.seed, args.threads == "1")
+                options = json.loads(args.now) if name == "now" else {}
+                seconds, record = one(src, path, args.seed, args.threads == "1", options)
                 times[name].append(seconds)
                 print(f"round {r + 1} {name}: {seconds:.1f} s, parts {record['seconds']}, test {record['test']}")
     before, now = statistics.median(times["before"]), statistics.median(times["now"])
     print(
-        f"threads: {args.threads}; {args.data} seed {args.seed}: before {before:.1f} s, now {now:.1f} s, ratio {now / before:.2f}x"
+        f"threads: {args.threads}, now with {args.now}; {args.data} seed {args.seed}: before {before:.1f} s, now {now:.1f} s, ratio {now / before:.2f}x"
     )
     print(f"{machine()}, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
