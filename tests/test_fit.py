@@ -151,3 +151,18 @@ def test_resume_without_an_output_directory_is_one_error_naming_it():
     spec = TrainSpec.from_options({"fusion": "concat", "d_model": 8, "epochs": 1, "baselines": False})
     with pytest.raises(ValueError, match=r"^resume: expected the output directory of the run to continue \(out\)"):
         train(spec, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("rows", "auto", "bags", "expected"),
+    [(999, True, 5, 5), (1000, True, 5, 3), (9999, True, 5, 3), (9999, True, 2, 2), (10_000, True, 5, 0),
+     (500, True, 0, 0), (500, False, 5, 0)],
+)  # fmt: skip
+def test_bags_for_follows_the_row_counts(rows, auto, bags, expected):
+    """--bags (5) bags under 1,000 rows, at most 3 under 10,000, none from there on or without auto."""
+    from types import SimpleNamespace
+
+    from attnfuse.fit import BAG_ROWS, FEW_BAGS, FEW_BAGS_ROWS, bags_for
+
+    assert (FEW_BAGS_ROWS, BAG_ROWS, FEW_BAGS) == (1000, 10_000, 3)
+    assert bags_for(SimpleNamespace(n=rows), auto, bags) == expected
