@@ -69,20 +69,8 @@ def test_the_default_auto_trains_its_weighted_ensemble_under_torchrun(tmp_path, 
     """--fusion auto (the default) under torchrun: bagged, or with the validation rows halved; one
     weighted ensemble written by rank 0, whose `evaluate` gives metrics.json's test numbers."""
     data = write_data(tmp_path / "d.npz", rows)
-    small = [
-        "--d-model",
-        "8",
-        "--heads",
-        "2",
-        "--layers",
-        "1",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    small = ["--d-model", "8", "--heads", "2", "--layers", "1", "--batch-size", "32", "--epochs", "2",
+             "--device", "cpu"]  # fmt: skip
     two = torchrun("-m", "attnfuse", "train", "--data", data, *small, "--bags", bags, "--out", tmp_path / "m")
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("written to") == 1 and two.stdout.count("auto: the model is a weighted ensemble") == 1

@@ -5,6 +5,7 @@ model directory that holds it, and every command that reads one."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,16 @@ def test_no_baselines_keeps_the_ensemble_to_fusion_models(tmp_path):
     assert "baselines" not in result.report
 
 
+def with_config(model: Path, copy: Path, config: dict) -> Path:
+    """A copy of the model directory ``model`` at ``copy`` whose config.json is ``config``."""
+    copy.mkdir()
+    for f in model.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
 def test_a_damaged_weighted_block_is_refused_in_one_line(trained, tmp_path):
     out, _path, _ = trained
     config = read_config(out)
@@ -209,12 +220,7 @@ def test_a_damaged_weighted_block_is_refused_in_one_line(trained, tmp_path):
     ):
         bad = json.loads(json.dumps(config))
         damage(bad["weighted"])
-        copy = tmp_path / f"m{id(damage)}"
-        copy.mkdir()
-        for f in out.iterdir():
-            if f.is_file():
-                (copy / f.name).write_bytes(f.read_bytes())
-        (copy / "config.json").write_text(json.dumps(bad))
+        copy = with_config(out, tmp_path / f"m{id(damage)}", bad)
         with pytest.raises(ValueError, match=r"^model: .*config.json: weighted") as e:
             read_config(copy)
         assert "\n" not in str(e.value)
@@ -230,12 +236,7 @@ def test_a_head_record_larger_than_its_weights_is_refused_before_anything_is_all
     bad = json.loads(json.dumps(config))
     head = next(p for p in bad["weighted"]["parts"] if p["kind"] == "baseline")["head"]
     head.update({"n_iter": 10**9, "nodes": 10**9} if head["kind"] == "tree" else {"raw_dim": 10**9})
-    copy = tmp_path / "m"
-    copy.mkdir()
-    for f in out.iterdir():
-        if f.is_file():
-            (copy / f.name).write_bytes(f.read_bytes())
-    (copy / "config.json").write_text(json.dumps(bad))
+    copy = with_config(out, tmp_path / "m", bad)
     with pytest.raises(ValueError, match=r"^model: .*config.json's head describes .* as shape \[") as e:
         read_config(copy)
     assert "\n" not in str(e.value)

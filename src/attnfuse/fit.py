@@ -56,7 +56,7 @@ from torch import Tensor
 from .baselines import BaselineResult, fit_baseline, fit_baselines, pooled_features, summarize_baselines, verdict
 from .calibration import calibration_report, check_calibration, check_conformal_rows, conformal_rows, fit_calibration
 from .checkpoint import metrics_for_json
-from .data import SPLITS, MultimodalDataset, RowBatches, Split, bags, halve_valid
+from .data import SPLITS, Batch, MultimodalDataset, RowBatches, Split, bags, halve_valid
 from .distributed import Dist
 from .ensemble import Ensemble, EnsembleSpec, WeightedEnsemble, mix
 from .heads import head_from_baseline
@@ -524,7 +524,8 @@ def pick(fit: Fit, models: list[TrainedModel]) -> tuple[TrainedModel, dict, dict
 # holds (a validation part of 45-150 rows picks mostly by chance: benchmarks/RESULTS.md). The
 # bags' models are averaged. From FEW_BAGS_ROWS rows on, in at most FEW_BAGS bags: K bags cost
 # about K x (K-1)/K of one training: on mfeat (2,000 rows) 3 bags gave 99.15% over 10 splits, 5
-# bags no more on the two splits tried at twice the time (2.6x the previous default's); on fair
+# bags no more on the two splits tried at about twice the time of 3 (which cost 2.5x the previous
+# default's on mfeat: over the 2x budget, benchmarks/RESULTS.md); on fair
 # (6,366 rows) 3 bags gave R² 0.0645 where halving the validation rows gave 0.0580 and ridge
 # 0.0619 (benchmarks/RESULTS.md). From BAG_ROWS rows on the candidates are not bagged (the
 # validation rows are halved instead, RunLoop._halved): minutes of training would become K - 1
@@ -578,7 +579,9 @@ def weigh(
         fitted_on = "out-of-fold"
     else:
         rows = parts.split["valid"] if run.held is None else run.held
-        source = RowBatches(fit.data, rows, parts.standardizer, fit.device)
+        source = (
+            parts.sources["valid"] if run.held is None else RowBatches(fit.data, rows, parts.standardizer, fit.device)
+        )
         outputs = {name: predict(net, source).cpu() for name, net in pool.items()}
         fitted_on = "validation" if run.held is None else "held-out validation"
     if fitted is not None:
@@ -611,7 +614,7 @@ def weigh(
 
 
 def _heads(
-    fit: Fit, parts: Parts, bagged: list[Parts], fitted: BaselineResult, seed: int, source: RowBatches | None
+    fit: Fit, parts: Parts, bagged: list[Parts], fitted: BaselineResult, seed: int, source: RowBatches | Batch | None
 ) -> tuple[dict[str, torch.nn.Module], dict[str, Tensor]]:
     """The baselines as modules of :mod:`attnfuse.heads` and their outputs on the rows the
     ensemble is fitted on. Unbagged: the ``fitted`` ones (on the training rows), on ``source``'s

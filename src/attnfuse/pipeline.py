@@ -678,11 +678,11 @@ def split_parts(data: MultimodalDataset, config: dict) -> dict[str, np.ndarray]:
 
 
 def bagged_on_valid(data: MultimodalDataset, config: dict) -> bool:
-    """Whether ``data`` is a bagged model's own training data with a validation part: its bags
-    trained on those rows too (each on all but one fifth of train + valid), so the model's metrics
-    there are in-sample; its out-of-fold ones are metrics.json's ``"valid"``."""
+    """Whether ``data`` is a bagged model's own training data: its bags trained on the validation
+    rows too (each on all but one of K parts of train + valid), so the model's metrics there are
+    in-sample; its out-of-fold ones are metrics.json's ``"valid"``."""
     bagged = bool((config.get("auto") or {}).get("bags"))
-    return bagged and config["data"].get("fingerprint") == fingerprint(data) and "valid" in split_parts(data, config)
+    return bagged and config["data"].get("fingerprint") == fingerprint(data)
 
 
 def metrics_per_part(net: Any, config: dict, standardizer: Standardizer | None, data: MultimodalDataset) -> dict:
@@ -696,7 +696,7 @@ def metrics_per_part(net: Any, config: dict, standardizer: Standardizer | None, 
     sentiment = config["train"].get("metrics") == "sentiment"
     parts = split_parts(data, config)
     if bagged_on_valid(data, config):  # its validation rows are training rows of its bags: "train"
-        parts = {"train": np.sort(np.concatenate([parts.pop("train"), parts.pop("valid")])), **parts}
+        parts = {"train": np.sort(np.concatenate([parts.pop("train"), parts.pop("valid", [])])), **parts}
     report: dict[str, dict] = {
         s: compute_metrics(data.task, data.y[idx], y_pred[idx], sentiment=sentiment)
         for s, idx in parts.items()
