@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +47,6 @@ print(json.dumps({{"seconds": {{k: round(v, 2) for k, v in result.seconds.items(
 
 
 def save_table(name: str, seed: int, path: Path) -> None:
-    sys.path.insert(0, str(HERE))
     from attnfuse.data import save_npz
     from fusion import BASELINE_SETS, with_split
 
@@ -55,8 +55,6 @@ def save_table(name: str, seed: int, path: Path) -> None:
 
 
 def one(src: Path, path: Path, seed: int, one_thread: bool, options: dict) -> tuple[float, dict]:
-    import time
-
     env = {**os.environ, "PYTHONPATH": str(src)}
     if one_thread:
         env["OMP_NUM_THREADS"] = "1"
