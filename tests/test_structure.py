@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("nn", ["nn/"]),
     ("data", ["data/"]),
     ("model", ["modules.py", "fusion.py", "ensemble.py", "portfolio.py", "baselines.py", "heads.py"]),
-    ("training", ["training.py", "splitplan.py", "calibration.py", "stacking.py"]),
+    ("training", ["training.py", "splitplan.py", "calibration.py", "stacking.py", "workers.py"]),
     ("model directories", ["checkpoint.py", "runstate.py"]),
     ("pipeline", ["fit.py", "pipeline.py", "tune.py", "export.py", "robustness.py", "serve.py"]),
     ("explanation", ["explain/"]),

@@ -43,8 +43,10 @@ below; a *checkpoint* the saved state in ``OUT/last/``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, ClassVar
@@ -77,6 +79,7 @@ from .training import (
     score_outputs,
     to_predictions,
 )
+from .workers import Job, SideBySide
 
 __all__ = [
     "ProgressCallback",
@@ -128,6 +131,8 @@ class Fit:
     calibrate: bool = True  # classification: a temperature fitted on the validation logits
     bags: int = 0  # K >= 2: each candidate is K bagged models, out-of-fold on train + valid (auto, small data)
     interval: float | None = None  # regression: the coverage level of prediction intervals
+    workers: int = 1  # >= 2: a bagged run's models train side by side in this many processes (attnfuse.workers)
+    side: SideBySide | None = None  # their pool, started by the first run that uses it
     seconds: dict[str, float] = field(default_factory=lambda: {"fusion": 0.0})
     candidate_metrics: list[dict[str, dict]] = field(default_factory=list)
 
@@ -284,6 +289,14 @@ class RunLoop:
         return cls(fit, None if resumed is None else RunLoopState.from_dict(*resumed, fit))
 
     def run(self) -> None:
+        try:
+            self._runs()
+        finally:
+            if self.fit.side is not None:
+                self.fit.side.close()
+                self.fit.side = None
+
+    def _runs(self) -> None:
         fit = self.fit
         for index in range(self.state.index, fit.runs):
             self.state.index = index
@@ -294,9 +307,30 @@ class RunLoop:
                 check_conformal_rows(len(split["valid"]), fit.interval)  # before training, not after
             rows = self._parts(split)
             candidates = CandidateLoop.restore(fit, self.state, rows)
+            start = time.perf_counter()
+            if candidates.start():  # side by side: the baselines are fitted here meanwhile
+                baselines = self._train_side_by_side(candidates, rows)
+            else:
+                candidates.run()
+                baselines = self._baselines(rows)
+            _add(fit.seconds, "fusion", time.perf_counter() - start)  # side by side: less than the fusion:NAME sum
+            self.state.finished.append(self._finish(rows, candidates.state.finished, baselines))
+
+    def _train_side_by_side(self, candidates: CandidateLoop, rows: RunParts) -> RunBaselines | None:
+        """Take the run's models from the workers training them side by side while a thread of this
+        process fits the baselines (scikit-learn computes without the GIL; both on one thread each).
+        Returns the baselines."""
+        threads, cancel = torch.get_num_threads(), threading.Event()
+        torch.set_num_threads(1)  # this process's share meanwhile: a model's outputs now and then
+        meanwhile = ThreadPoolExecutor(1, thread_name_prefix="attnfuse-baselines")
+        try:
+            pending = meanwhile.submit(self._baselines, rows, cancel)
             candidates.run()
-            self.state.finished.append(self._finish(rows, candidates.state.finished))
-        fit.seconds["fusion"] = sum(v for k, v in fit.seconds.items() if k.startswith("fusion:"))
+            return pending.result()
+        finally:
+            cancel.set()  # when the run stopped: the baselines end at their next fit
+            meanwhile.shutdown(wait=False)
+            torch.set_num_threads(threads)
 
     def _parts(self, split: Split) -> RunParts:
         """The run's parts and what its candidates train on: each bag's (:func:`attnfuse.data.bags`),
@@ -329,7 +363,7 @@ class RunLoop:
         stopping = Parts.of(fit.data, split, fit.device, standardizer=parts.standardizer)
         return RunParts(parts, stopping=stopping, held=held)
 
-    def _finish(self, rows: RunParts, models: list[TrainedModel]) -> dict:
+    def _finish(self, rows: RunParts, models: list[TrainedModel], baselines: RunBaselines | None) -> dict:
         """The record of the run under way, once its candidates are trained: the model picked (auto:
         the weighted ensemble of the candidates and the baselines), its metrics and calibration,
         (auto) the candidates', the baselines'. The first run's model is kept, with its calibration."""
@@ -338,11 +372,10 @@ class RunLoop:
         if rows.bagged:  # config.json's "auto" says so: the bags trained on the validation rows too
             chosen["bags"] = len(rows.bagged)
         fit.candidate_metrics.append(metrics_of)
-        fitted = self._baselines(parts) if fit.baselines else None
         weights = None
         if fit.auto:
             start = time.perf_counter()
-            model, weights = weigh(fit, rows, models, chosen, fitted, fit.seed(index))
+            model, weights = weigh(fit, rows, models, chosen, baselines)
             _add(fit.seconds, "weighing", time.perf_counter() - start)  # bagged: the baselines' refits too
         block, calibration = calibrate(fit, parts, model)
         record: dict[str, Any] = {"fold": index} if fit.folds else {}
@@ -356,23 +389,64 @@ class RunLoop:
             fit.emit("selected", {"index": index, "selection": public(chosen)})
         if weights is not None:
             record["weighted"] = weights
-        if fitted is not None:
-            record["baselines"] = fitted.metrics
+        if baselines is not None:
+            record["baselines"] = baselines.fitted.metrics
         if self.state.first is None:
             self.state.first, self.state.selection = model, public(chosen) if fit.auto else None
             self.state.calibration = block
         return record
 
-    def _baselines(self, parts: Parts) -> BaselineResult:
-        """The baselines fitted on the run's training rows (on every rank: a weighted ensemble
-        holds them, and every rank returns the same model), with their seconds counted."""
-        fit = self.fit
-        fitted = fit_baselines(
-            fit.data, parts.split, seed=fit.seed(self.state.index), sentiment=fit.train.sentiment_metrics
-        )
+    def _baselines(self, rows: RunParts, cancel: threading.Event | None = None) -> RunBaselines | None:
+        """The run's baselines (None with ``--no-baselines``), with their seconds counted: fitted on
+        its training rows, and (auto, bagged) refitted per bag and on all train + valid rows
+        (:func:`refit_baselines`, seconds of the weighing). On every rank: a weighted ensemble holds
+        them, and every rank returns the same model. ``cancel``: set, the refits end early."""
+        fit, seed = self.fit, self.fit.seed(self.state.index)
+        if not fit.baselines:
+            return None
+        fitted = fit_baselines(fit.data, rows.parts.split, seed=seed, sentiment=fit.train.sentiment_metrics)
         for name, seconds in fitted.seconds.items():
             _add(fit.seconds, name, seconds)
-        return fitted
+        if not (fit.auto and rows.bagged):
+            return RunBaselines(fitted)
+        start = time.perf_counter()
+        refits = refit_baselines(fit.data, rows, fitted, seed, cancel)
+        _add(fit.seconds, "weighing", time.perf_counter() - start)
+        return RunBaselines(fitted, refits)
+
+
+@dataclass
+class RunBaselines:
+    """A run's baselines: ``fitted`` on its training rows (their metrics go beside the fusion's)
+    and, bagged, each one's refits (``refits``: name -> (its estimator on each bag's training rows,
+    its estimator on all the train + valid rows)); one that cannot be fitted on some bag has none."""
+
+    fitted: BaselineResult
+    refits: dict[str, tuple[list[Any], Any]] = field(default_factory=dict)
+
+
+def refit_baselines(
+    data: MultimodalDataset, rows: RunParts, fitted: BaselineResult, seed: int, cancel: threading.Event | None = None
+) -> dict[str, tuple[list[Any], Any]]:
+    """Each of the ``fitted`` baselines fitted again on each bag's training rows (for its
+    out-of-fold outputs) and on all of the run's train + valid rows (what the weighted ensemble
+    holds), as :attr:`RunBaselines.refits`; a baseline that cannot be fitted on some bag's rows is
+    left out. ``cancel``: set, the ones not yet fitted are left out."""
+    pool = rows.parts.statistics_rows
+    x, y = pooled_features(data, pool, presence=fitted.presence), np.asarray(data.y[pool])
+    refits = {}
+    for name in fitted.models:
+        try:
+            per_bag = []
+            for bag in rows.bagged:
+                if cancel is not None and cancel.is_set():
+                    return refits
+                train = np.searchsorted(pool, bag.split["train"])
+                per_bag.append(fit_baseline(name, data, x[train], y[train], seed))
+            refits[name] = (per_bag, fit_baseline(name, data, x, y, seed))
+        except Exception:  # as fit_baselines: a baseline that cannot be fitted ends no run
+            continue
+    return refits
 
 
 class CandidateLoop:
@@ -391,6 +465,7 @@ class CandidateLoop:
         self.parts, self.bagged = rows.parts, rows.bagged
         self.state = state or CandidateLoopState()
         self.resume = resume  # the checkpoint, when it was taken in this run
+        self.planned = False  # side by side: the run's models are queued in fit.side
 
     @classmethod
     def restore(cls, fit: Fit, runs: RunLoopState, rows: RunParts) -> CandidateLoop:
@@ -411,6 +486,49 @@ class CandidateLoop:
         """The rows model ``model`` of a candidate trains on: its bag's, or the run's (validation:
         early stopping's half, when halved)."""
         return self.bagged[model // self.fit.ensemble.size] if self.bagged else self.rows.trained
+
+    def start(self) -> bool:
+        """Side by side (:meth:`side_by_side`): queue the run's models from the one under way on,
+        and return True (the workers start on them); else False."""
+        member = 0 if self.resume is None else self.resume[1]["member"]
+        return self.side_by_side(member, self.resume) is not None
+
+    def train_config(self, model: int) -> TrainConfig:
+        """The settings of model ``model`` of a candidate: the run's, with its member's seed."""
+        fit = self.fit
+        return replace(fit.train, seed=fit.ensemble.seed(fit.seed(self.runs.index), model))
+
+    def side_by_side(self, model: int, resume: tuple[dict, dict] | None) -> SideBySide | None:
+        """The pool that trains a bagged run's models side by side (``fit.workers`` >= 2), with every
+        model of the run from the candidate under way's ``model`` on queued (that one continuing
+        from ``resume``); None: they train one after another, here."""
+        fit = self.fit
+        if fit.workers < 2 or not self.bagged:
+            return None
+        if fit.side is None:
+            fit.side = SideBySide(fit.data, fit.workers)
+        if not self.planned:
+            jobs, first = {}, self.state.index
+            for c in range(first, len(fit.candidates)):
+                for k in range(model if c == first else 0, self.size):
+                    jobs[(self.runs.index, c, k)] = self._job(c, k, resume if (c, k) == (first, model) else None)
+            fit.side.plan(jobs)
+            self.planned = True
+        return fit.side
+
+    def _job(self, c: int, k: int, resume: tuple[dict, dict] | None) -> Job:
+        fit, parts, candidate = self.fit, self.parts_of(k), self.fit.candidates[c]
+        return Job(
+            candidate.fusion,
+            candidate.settings,
+            self.train_config(k),
+            parts.split,
+            parts.standardizer,
+            parts.fitted_on,
+            checkpoint=fit.checkpoints.last is not None,
+            every=fit.checkpoint_every,
+            resume=resume,
+        )
 
     def run(self) -> None:
         for c in range(self.state.index, len(self.fit.candidates)):
@@ -457,19 +575,24 @@ class MemberLoop:
         unit = {"index": index, "candidate": candidate.name, "member": k}
         members = self.candidates.size
         fit.emit("model_start", {**unit, "seed": seed, "epochs": fit.train.epochs, "members": members})
-        control = Control(
-            dist=fit.dist,
-            resume=resume,
-            checkpoint=None if fit.checkpoints.last is None else self.save,
-            every=fit.checkpoint_every,
-            stop=fit.stop,
-        )
-        train = replace(fit.train, seed=fit.ensemble.seed(seed, k))
         on_epoch = partial(self._on_epoch, unit, seed)
-        start = time.perf_counter()
-        parts = self.candidates.parts_of(k)
-        model = fit_model(parts, candidate.fusion, candidate.settings, train, on_epoch=on_epoch, control=control)
-        _add(fit.seconds, f"fusion:{candidate.name}", time.perf_counter() - start)
+        side = self.candidates.side_by_side(k, resume)
+        if side is not None:
+            key = (index, self.candidates.state.index, k)
+            model, seconds = side.take(key, on_epoch, self._save, fit.stop)
+        else:
+            control = Control(
+                dist=fit.dist,
+                resume=resume,
+                checkpoint=None if fit.checkpoints.last is None else self.save,
+                every=fit.checkpoint_every,
+                stop=fit.stop,
+            )
+            start = time.perf_counter()
+            train, parts = self.candidates.train_config(k), self.candidates.parts_of(k)
+            model = fit_model(parts, candidate.fusion, candidate.settings, train, on_epoch=on_epoch, control=control)
+            seconds = time.perf_counter() - start
+        _add(fit.seconds, f"fusion:{candidate.name}", seconds)
         fit.emit("model_end", {**unit, "epochs": len(model.history), "best_epoch": model.best_epoch})
         if model.note:
             fit.emit("diverged", {"index": index, "message": model.note, "best_epoch": model.best_epoch})
@@ -481,9 +604,13 @@ class MemberLoop:
 
     def save(self, trainer: Trainer) -> None:
         """The checkpoint of the member under way: the trainer's state and the three loops' states."""
-        tensors, meta = trainer.state_dict()  # on every rank: the ranks' RNG states are gathered
-        if not self.fit.dist.main:
-            return
+        state = trainer.state_dict()  # on every rank: the ranks' RNG states are gathered
+        if self.fit.dist.main:
+            self._save(state)
+
+    def _save(self, state: tuple[dict[str, Tensor], dict]) -> None:
+        """Checkpoint a trainer's ``state`` (of the member under way) with the three loops' states."""
+        tensors, meta = state
         for loop_tensors, loop_meta in (self.runs.to_dict(), self.candidates.state.to_dict(), self.state.to_dict()):
             tensors.update(loop_tensors)
             meta.update(loop_meta)
@@ -555,12 +682,11 @@ def weigh(
     run: RunParts,
     models: list[TrainedModel],
     chosen: dict,
-    fitted: BaselineResult | None,
-    seed: int,
+    baselines: RunBaselines | None,
 ) -> tuple[TrainedModel, dict]:
     """``--fusion auto``'s model: the weighted ensemble (:class:`~attnfuse.ensemble.WeightedEnsemble`)
     that greedy ensemble selection (:func:`attnfuse.stacking.select_ensemble`) fits over the
-    candidates' ``models`` and the ``fitted`` baselines (as modules of :mod:`attnfuse.heads`; none
+    candidates' ``models`` and the run's ``baselines`` (as modules of :mod:`attnfuse.heads`; none
     with ``--no-baselines``), on rows no choice was made on when the run has them: bagged, the
     out-of-fold predictions of all train + valid rows; halved, the validation half early stopping
     did not see (``run.held``); else the validation rows. Never worse on those rows, by
@@ -584,8 +710,8 @@ def weigh(
         )
         outputs = {name: predict(net, source).cpu() for name, net in pool.items()}
         fitted_on = "validation" if run.held is None else "held-out validation"
-    if fitted is not None:
-        heads, head_outputs = _heads(fit, parts, bagged, fitted, seed, None if bagged else source)
+    if baselines is not None:
+        heads, head_outputs = _heads(fit, parts, bagged, baselines, None if bagged else source)
         pool.update(heads)
         outputs.update(head_outputs)
     y = np.asarray(fit.data.y[rows])
@@ -614,36 +740,31 @@ def weigh(
 
 
 def _heads(
-    fit: Fit, parts: Parts, bagged: list[Parts], fitted: BaselineResult, seed: int, source: RowBatches | Batch | None
+    fit: Fit, parts: Parts, bagged: list[Parts], baselines: RunBaselines, source: RowBatches | Batch | None
 ) -> tuple[dict[str, torch.nn.Module], dict[str, Tensor]]:
     """The baselines as modules of :mod:`attnfuse.heads` and their outputs on the rows the
-    ensemble is fitted on. Unbagged: the ``fitted`` ones (on the training rows), on ``source``'s
-    rows. Bagged: refitted on all train + valid rows, with out-of-fold outputs from a fit per
-    bag; a baseline that cannot be fitted on some bag's rows is left out."""
-    data, task = fit.data, fit.data.task
+    ensemble is fitted on. Unbagged: the ones fitted on the training rows, on ``source``'s rows.
+    Bagged: their refits on all train + valid rows, with out-of-fold outputs from the refit of
+    each bag (:attr:`RunBaselines.refits`)."""
+    data, task, presence = fit.data, fit.data.task, baselines.fitted.presence
     out_dim = data.num_classes if task == "classification" else data.target_dim
 
     def head(estimator: Any, name: str) -> torch.nn.Module:
-        made = head_from_baseline(name, estimator, data.modalities, parts.standardizer, fitted.presence, task, out_dim)
+        made = head_from_baseline(name, estimator, data.modalities, parts.standardizer, presence, task, out_dim)
         return made.to(fit.device)
 
     if not bagged:
-        heads = {name: head(estimator, name) for name, estimator in fitted.models.items()}
+        heads = {name: head(estimator, name) for name, estimator in baselines.fitted.models.items()}
         return heads, {name: predict(h, source).cpu() for name, h in heads.items()}
-    rows = parts.statistics_rows
-    x, y = pooled_features(data, rows, presence=fitted.presence), np.asarray(data.y[rows])
+    pool = parts.statistics_rows
     heads, outputs = {}, {}
-    for name in fitted.models:
-        out = torch.zeros(len(rows), out_dim)
-        try:
-            for bag in bagged:
-                train, valid = np.searchsorted(rows, bag.split["train"]), np.searchsorted(rows, bag.split["valid"])
-                estimator = fit_baseline(name, data, x[train], y[train], seed)
-                out[torch.from_numpy(valid)] = predict(head(estimator, name), bag.sources["valid"]).cpu()
-            heads[name] = head(fit_baseline(name, data, x, y, seed), name)
-        except Exception:  # as fit_baselines: a baseline that cannot be fitted ends no run
-            continue
-        outputs[name] = out
+    for name, (per_bag, everything) in baselines.refits.items():
+        out = torch.zeros(len(pool), out_dim)  # (N_pool, out_dim)
+        for bag, estimator in zip(bagged, per_bag):
+            out[torch.from_numpy(np.searchsorted(pool, bag.split["valid"]))] = predict(
+                head(estimator, name), bag.sources["valid"]
+            ).cpu()
+        heads[name], outputs[name] = head(everything, name), out
     return heads, outputs
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from .calibration import check_level, evaluation_block
@@ -59,6 +60,7 @@ from .portfolio import PORTFOLIO, Candidate, candidates_for
 from .runstate import Checkpoints, last_dir
 from .splitplan import SplitPlan
 from .training import DivergedError, Interrupted, TrainConfig, TrainedModel, model_config, predict, to_predictions
+from .workers import FORK
 
 __all__ = [
     "ReadOptions",
@@ -484,6 +486,8 @@ def _fit_of(
     """What every loop of the request reads (:class:`attnfuse.fit.Fit`)."""
     opts, cfg = spec.run, spec.train
     candidates, left_out = portfolio
+    device = local_device(cfg.torch_device())
+    bags = bags_for(data, opts.fusion == "auto", opts.bags)
     return Fit(
         data=data,
         candidates=candidates,
@@ -492,19 +496,30 @@ def _fit_of(
         runs=opts.runs,
         folds=opts.folds,
         auto=opts.fusion == "auto",
-        bags=bags_for(data, opts.fusion == "auto", opts.bags),
+        bags=bags,
         baselines=opts.baselines,
         # A run on data given in memory cannot be resumed: checkpoints of it would be written
         # (and fsynced) for nothing, so only an interruption writes one.
         checkpoint_every=0 if in_memory else opts.checkpoint_every,
         calibrate=opts.calibrate,
         interval=opts.interval,
-        device=local_device(cfg.torch_device()),
+        device=device,
+        workers=side_by_side(cfg.threads, device, dist, bags),
         dist=dist,
         emit=emit,
         checkpoints=checkpoints,
         stop=stop,
     )
+
+
+def side_by_side(threads: int | None, device: torch.device, dist: Dist, bags: int) -> int:
+    """How many processes train a run's models side by side (:mod:`attnfuse.workers`): with bags on
+    the CPU in one process, one per thread (``--threads``; default: torch's count, the free cores),
+    each with one thread; else 1 (one after another, with all the threads; so too where processes
+    are not forked, :data:`attnfuse.workers.FORK`)."""
+    if bags < 2 or device.type != "cpu" or dist.enabled or not FORK:
+        return 1
+    return threads if threads is not None else torch.get_num_threads()
 
 
 def _recorded_options(spec: TrainSpec, given: MultimodalDataset | None) -> dict[str, Any]:
