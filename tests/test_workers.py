@@ -146,3 +146,4 @@ def test_a_worker_that_dies_fails_the_run_in_one_line(tmp_path):
     assert "Traceback" not in err and "worker" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not (out / "config.json").exists() and not (out / "metrics.json").exists()
+    assert not _processes_of(out), "a worker outlived the command"

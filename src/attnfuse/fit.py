@@ -12,15 +12,19 @@ whose position and finished work are a state object with ``to_dict``/``from_dict
                                                    # auto on small data: K bags of train + valid; auto
                                                    # on larger data: validation halved (early stopping |
                                                    # weighing)
+            CandidateLoop.start()                  # bagged on the CPU: the run's models queued to workers
+                                                   # that train them side by side (attnfuse.workers)
             CandidateLoop.run()                    # --fusion auto's portfolio, or the one fusion
                 for candidate in range(state.index, len(candidates)):
                     MemberLoop.run()               # --ensemble members, in each bag
                         for model in range(state.index, bags x ensemble.size):
                             fit_model(parts_of(model), ...)  # seed EnsembleSpec.seed(seed, model);
-                                                   # Trainer.fit: epochs x steps, checkpoints (MemberLoop.save)
+                                                   # Trainer.fit: epochs x steps, checkpoints (MemberLoop.save);
+                                                   # side by side: SideBySide.take, the same model
                     state.finished.append(_average(members) or _bag(members))  # the candidate's model
+            _baselines(...)                        # the classical models on the same rows (bagged auto: refitted
+                                                   # per bag); side by side: in a thread, during run()
             pick(...)                              # the best single candidate (recorded: config "auto")
-            fit_baselines(...)                     # the classical models on the same rows
             weigh(...)                             # auto: the weighted ensemble of candidates and baselines,
                                                    # fitted on the held-out validation half, or on the
                                                    # out-of-fold predictions
@@ -651,8 +655,9 @@ def pick(fit: Fit, models: list[TrainedModel]) -> tuple[TrainedModel, dict, dict
 # holds (a validation part of 45-150 rows picks mostly by chance: benchmarks/RESULTS.md). The
 # bags' models are averaged. From FEW_BAGS_ROWS rows on, in at most FEW_BAGS bags: K bags cost
 # about K x (K-1)/K of one training: on mfeat (2,000 rows) 3 bags gave 99.15% over 10 splits, 5
-# bags no more on the two splits tried at about twice the time of 3 (which cost 2.5x the previous
-# default's on mfeat: over the 2x budget, benchmarks/RESULTS.md); on fair
+# bags no more on the two splits tried at about twice the time of 3 (3 bags, trained side by side
+# on 2 cores, cost 1.77x the previous default's time on mfeat: within the 2x budget,
+# benchmarks/RESULTS.md; one after another 2.5x); on fair
 # (6,366 rows) 3 bags gave R² 0.0645 where halving the validation rows gave 0.0580 and ridge
 # 0.0619 (benchmarks/RESULTS.md). From BAG_ROWS rows on the candidates are not bagged (the
 # validation rows are halved instead, RunLoop._halved): minutes of training would become K - 1

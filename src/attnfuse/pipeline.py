@@ -293,7 +293,9 @@ class TrainResult:
     "reason"}`` (see :func:`attnfuse.portfolio.choose`).
     ``verdict``: the best baseline when it beats the fusion on the validation split (means over
     the runs), see :func:`attnfuse.baselines.verdict`. ``seconds``: wall time of the fusion
-    training (``"fusion"``: all candidates and members; ``"fusion:<candidate>"``: each), of
+    training (``"fusion"``: all candidates and members; ``"fusion:<candidate>"``: each, the sum of
+    its models' own training, which side by side (:mod:`attnfuse.workers`) add up to more than
+    ``"fusion"``, the baselines' fits inside it), of
     each baseline and (auto) of the weighted ensemble's fit (``"weighing"``: its selection, and a
     bagged run's refits of the baselines), summed over the runs (of this process: a resumed run
     counts what it trained).

@@ -12,6 +12,9 @@ the number of cores that are free now: the cores this process may run on
 A machine to itself gets every core; a busy one gets what is left. The count is taken once, when
 a command starts.
 
+A bagged ``--fusion auto`` run on the CPU spends the count on processes instead: that many workers
+of one thread each train its models side by side (:mod:`attnfuse.workers`).
+
 ``--threads N`` sets it; the environment's ``OMP_NUM_THREADS`` (the OpenMP convention, which
 torch reads when it is imported) is respected when set and no ``--threads`` is given.
 

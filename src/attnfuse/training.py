@@ -86,7 +86,8 @@ class TrainConfig:
     threads: int | None = option(
         None,
         "CPU threads of torch (default: the cores other processes leave free, or OMP_NUM_THREADS when set; "
-        "see attnfuse.threads).",
+        "see attnfuse.threads). Bagged auto on the CPU: that many processes of one thread train the bags "
+        "side by side (attnfuse.workers).",
         bounds=(1, 4096),
     )
     loss: str = option(

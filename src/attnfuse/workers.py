@@ -27,6 +27,7 @@ another:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -178,10 +179,17 @@ class SideBySide:
         return future
 
     def close(self) -> None:
-        """Stop the jobs under way (at their next step) and drop the rest; wait for the workers to end."""
-        if self._running and not self._stop.value:
-            self._stop.value = signal.SIGTERM
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """End the workers, whatever they are doing: what they hold is lost (a stopped job's
+        checkpoint has reached the command before its result), and none waits on another. A
+        graceful shutdown can wait forever: a worker killed while it held the lock of the queue
+        the workers read their jobs from leaves the others blocked on it."""
+        self._stop.value = self._stop.value or signal.SIGTERM
+        processes = list(getattr(self._pool, "_processes", None) or {})  # (the executor's own, by pid)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):  # ended already
+                os.kill(pid, signal.SIGKILL)
+        self._pool.shutdown(wait=True)
 
     def __enter__(self) -> SideBySide:
         return self
