@@ -509,8 +509,8 @@ class CandidateLoop:
         fit = self.fit
         if fit.workers < 2 or not self.bagged:
             return None
-        if fit.side is None:
-            fit.side = SideBySide(fit.data, fit.workers)
+        if fit.side is None:  # no more workers than a run has models
+            fit.side = SideBySide(fit.data, min(fit.workers, len(fit.candidates) * self.size))
         if not self.planned:
             jobs, first = {}, self.state.index
             for c in range(first, len(fit.candidates)):
