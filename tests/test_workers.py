@@ -39,7 +39,8 @@ def test_side_by_side_trains_what_one_after_another_trains(tmp_path, monkeypatch
     results = {}
     for threads in (1, 2):
         events = []
-        spec = TrainSpec.from_options({"data": str(data), **SMALL, "bags": 3, "ensemble": 2, "threads": threads})
+        options = {"data": str(data), **SMALL, "bags": 3, "ensemble": 2, "repeat": 2, "threads": threads}
+        spec = TrainSpec.from_options(options)  # two runs: one pool, the second run's jobs queued after the first's
         result = train(
             spec, tmp_path / f"t{threads}", progress=lambda e, info, seen=events: seen.append((e, _plain(info)))
         )
