@@ -61,6 +61,30 @@ def wait_for_epochs(out: Path, proc: subprocess.Popen, epochs: int, timeout: flo
         time.sleep(0.01)
 
 
+def kill_at_random(out: Path, proc: subprocess.Popen, low: int, high: int) -> None:
+    """SIGKILL the run in ``out`` once it has logged a random number of epochs in [low, high], and
+    anywhere inside an epoch or a checkpoint write; it must not have finished."""
+    rng = random.Random(os.getpid())
+    wait_for_epochs(out, proc, rng.randint(low, high))
+    time.sleep(rng.uniform(0.0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
+
+
+def stop_with(out: Path, proc: subprocess.Popen, sig: int, code: int) -> None:
+    """Send ``sig`` to the run in ``out`` after its second epoch: it exits with ``code`` and one line
+    naming ``--resume``, no traceback, and has checkpointed past its start."""
+    wait_for_epochs(out, proc, 2)
+    proc.send_signal(sig)
+    returncode, _, err = finish(proc)
+    assert returncode == code, err
+    assert "Traceback" not in err and f"attnfuse train --resume {out}" in err
+    assert len(err.strip().splitlines()) == 1, err
+    _, meta = load_state(out / "last")
+    assert meta["step"] > 0 or meta["epoch"] > 0
+
+
 def same_run(a: Path, b: Path) -> None:
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -85,14 +109,9 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise_the_same(reference, t
     data, expected = reference
     out = tmp_path / "killed"
     proc = attnfuse("train", "--data", data, *LONG, "--epochs", EPOCHS, "--repeat", "2", "--out", out)
-    rng = random.Random(os.getpid())
     # In the second seed's run (the first's finished model then lives in the checkpoint too; the
     # signal tests below stop the first), after a random number of its epochs.
-    wait_for_epochs(out, proc, rng.randint(int(EPOCHS), 2 * int(EPOCHS) - 2))
-    time.sleep(rng.uniform(0.0, 0.05))  # and anywhere inside an epoch or a checkpoint write
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
+    kill_at_random(out, proc, int(EPOCHS), 2 * int(EPOCHS) - 2)
     assert (out / "last" / "state" / "trainer.json").is_file()
     code, _, err = finish(attnfuse("train", "--resume", out))
     assert code == 0, err
@@ -105,14 +124,7 @@ def test_a_signal_stops_at_a_step_writes_last_and_resumes_bitwise(reference, tmp
     data, expected = reference
     out = tmp_path / "stopped"
     proc = attnfuse("train", "--data", data, *LONG, "--epochs", EPOCHS, "--repeat", "2", "--out", out)
-    wait_for_epochs(out, proc, 2)
-    proc.send_signal(sig)
-    returncode, _, err = finish(proc)
-    assert returncode == code, err
-    assert "Traceback" not in err and f"attnfuse train --resume {out}" in err
-    assert len(err.strip().splitlines()) == 1, err
-    _, meta = load_state(out / "last")
-    assert meta["step"] > 0 or meta["epoch"] > 0
+    stop_with(out, proc, sig, code)
     returncode, _, err = finish(attnfuse("train", "--resume", out))
     assert returncode == 0, err
     same_run(out, expected)
@@ -135,10 +147,7 @@ def test_sigkill_inside_auto_with_halved_validation_then_resume_is_bitwise_the_s
     assert json.loads((expected / "metrics.json").read_text())["weighted"]["fitted_on"] == "held-out validation"
     out = tmp_path / "killed"
     proc = attnfuse("train", "--data", data, *halved, "--out", out)
-    wait_for_epochs(out, proc, random.Random(os.getpid()).randint(4, 9))  # the second candidate or later
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
+    kill_at_random(out, proc, 4, 9)  # the second candidate or later
     code, _, err = finish(attnfuse("train", "--resume", out))
     assert code == 0, err
     same_run(out, expected)
@@ -156,13 +165,8 @@ def test_sigkill_inside_auto_with_an_ensemble_then_resume_is_bitwise_the_same(tm
     assert len((expected / "log.csv").read_text().splitlines()) - 1 == 4 * 2 * 2 * 3
     out = tmp_path / "killed"
     proc = attnfuse("train", "--data", data, *AUTO, "--out", out)
-    rng = random.Random(os.getpid())
     # Row 5 of log.csv is written after epoch 4 was checkpointed: the first epoch of the second model.
-    wait_for_epochs(out, proc, rng.randint(5, 16))
-    time.sleep(rng.uniform(0.0, 0.05))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
+    kill_at_random(out, proc, 5, 16)
     _, meta = load_state(out / "last")
     position = (meta["candidate"], meta["member"])
     assert position != (0, 0) and (meta["candidates"] or meta["members"]), position  # finished models are kept

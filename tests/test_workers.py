@@ -4,7 +4,6 @@ models, events and checkpoints as one after another; a kill, a signal, a dead wo
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -14,10 +13,10 @@ import torch
 
 from attnfuse import fit as fit_module
 from attnfuse.distributed import Dist
-from attnfuse.pipeline import TrainSpec, side_by_side, train
-from attnfuse.runstate import load_state
+from attnfuse.fit import workers_for
+from attnfuse.pipeline import TrainSpec, train
 from attnfuse.workers import FORK
-from test_resume import AUTO, attnfuse, finish, same_run, wait_for_epochs, write_data
+from test_resume import AUTO, attnfuse, finish, kill_at_random, same_run, stop_with, wait_for_epochs, write_data
 
 pytestmark = pytest.mark.skipif(not FORK, reason="side by side only where processes are forked (Linux)")
 
@@ -59,11 +58,11 @@ def _plain(info: dict) -> dict:
 def test_the_rule_of_side_by_side():
     """Side by side: bagged, on the CPU, in one process, with two threads or more."""
     cpu, one = torch.device("cpu"), Dist()
-    assert side_by_side(4, cpu, one, bags=3) == 4
-    assert side_by_side(None, cpu, one, bags=3) == torch.get_num_threads()
-    assert side_by_side(4, cpu, one, bags=0) == 1  # unbagged: one model at a time, every thread
-    assert side_by_side(4, torch.device("cuda"), one, bags=3) == 1
-    assert side_by_side(4, cpu, Dist(rank=0, world=2), bags=3) == 1
+    assert workers_for(4, cpu, one, bags=3) == 4
+    assert workers_for(None, cpu, one, bags=3) == torch.get_num_threads()
+    assert workers_for(4, cpu, one, bags=0) == 1  # unbagged: one model at a time, every thread
+    assert workers_for(4, torch.device("cuda"), one, bags=3) == 1
+    assert workers_for(4, cpu, Dist(rank=0, world=2), bags=3) == 1
 
 
 SIDE = [*AUTO, "--threads", "2"]
@@ -98,12 +97,7 @@ def test_sigkill_side_by_side_then_resume_is_bitwise_the_same_and_leaves_no_work
     data, expected = uninterrupted
     out = tmp_path / "killed"
     proc = attnfuse("train", "--data", data, *SIDE, "--out", out)
-    rng = random.Random(os.getpid())
-    wait_for_epochs(out, proc, rng.randint(5, 16))
-    time.sleep(rng.uniform(0.0, 0.05))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "config.json").exists(), "the run finished before the kill: make it longer"
+    kill_at_random(out, proc, 5, 16)
     end = time.time() + 30
     while _processes_of(out) and time.time() < end:
         time.sleep(0.1)
@@ -118,14 +112,7 @@ def test_a_signal_stops_the_workers_writes_last_and_resumes_bitwise(uninterrupte
     data, expected = uninterrupted
     out = tmp_path / "stopped"
     proc = attnfuse("train", "--data", data, *SIDE, "--out", out)
-    wait_for_epochs(out, proc, 2)
-    proc.send_signal(sig)
-    returncode, _, err = finish(proc)
-    assert returncode == code, err
-    assert "Traceback" not in err and f"attnfuse train --resume {out}" in err
-    assert len(err.strip().splitlines()) == 1, err
-    _, meta = load_state(out / "last")
-    assert meta["step"] > 0 or meta["epoch"] > 0
+    stop_with(out, proc, sig, code)
     assert not _processes_of(out)
     returncode, _, err = finish(attnfuse("train", "--resume", out))
     assert returncode == 0, err

@@ -83,7 +83,7 @@ from .training import (
     score_outputs,
     to_predictions,
 )
-from .workers import Job, SideBySide
+from .workers import FORK, Job, SideBySide
 
 __all__ = [
     "ProgressCallback",
@@ -95,6 +95,7 @@ __all__ = [
     "CandidateLoop",
     "MemberLoop",
     "bags_for",
+    "workers_for",
     "pick",
     "weigh",
     "calibrate",
@@ -469,7 +470,7 @@ class CandidateLoop:
         self.parts, self.bagged = rows.parts, rows.bagged
         self.state = state or CandidateLoopState()
         self.resume = resume  # the checkpoint, when it was taken in this run
-        self.planned = False  # side by side: the run's models are queued in fit.side
+        self.side: SideBySide | None = None  # side by side: the pool the run's models are queued in (start)
 
     @classmethod
     def restore(cls, fit: Fit, runs: RunLoopState, rows: RunParts) -> CandidateLoop:
@@ -492,33 +493,27 @@ class CandidateLoop:
         return self.bagged[model // self.fit.ensemble.size] if self.bagged else self.rows.trained
 
     def start(self) -> bool:
-        """Side by side (:meth:`side_by_side`): queue the run's models from the one under way on,
-        and return True (the workers start on them); else False."""
-        member = 0 if self.resume is None else self.resume[1]["member"]
-        return self.side_by_side(member, self.resume) is not None
+        """A bagged run with ``fit.workers`` >= 2: queue its models, from the one under way on (that
+        one continuing from the checkpoint), in the pool that trains them side by side (``side``,
+        started by the first run), and return True; else False: they train one after another, here."""
+        fit = self.fit
+        if fit.workers < 2 or not self.bagged:
+            return False
+        if fit.side is None:  # no more workers than a run has models
+            fit.side = SideBySide(fit.data, min(fit.workers, len(fit.candidates) * self.size))
+        first, member = self.state.index, 0 if self.resume is None else self.resume[1]["member"]
+        jobs = {}
+        for c in range(first, len(fit.candidates)):
+            for k in range(member if c == first else 0, self.size):
+                jobs[(self.runs.index, c, k)] = self._job(c, k, self.resume if (c, k) == (first, member) else None)
+        fit.side.plan(jobs)
+        self.side = fit.side
+        return True
 
     def train_config(self, model: int) -> TrainConfig:
         """The settings of model ``model`` of a candidate: the run's, with its member's seed."""
         fit = self.fit
         return replace(fit.train, seed=fit.ensemble.seed(fit.seed(self.runs.index), model))
-
-    def side_by_side(self, model: int, resume: tuple[dict, dict] | None) -> SideBySide | None:
-        """The pool that trains a bagged run's models side by side (``fit.workers`` >= 2), with every
-        model of the run from the candidate under way's ``model`` on queued (that one continuing
-        from ``resume``); None: they train one after another, here."""
-        fit = self.fit
-        if fit.workers < 2 or not self.bagged:
-            return None
-        if fit.side is None:  # no more workers than a run has models
-            fit.side = SideBySide(fit.data, min(fit.workers, len(fit.candidates) * self.size))
-        if not self.planned:
-            jobs, first = {}, self.state.index
-            for c in range(first, len(fit.candidates)):
-                for k in range(model if c == first else 0, self.size):
-                    jobs[(self.runs.index, c, k)] = self._job(c, k, resume if (c, k) == (first, model) else None)
-            fit.side.plan(jobs)
-            self.planned = True
-        return fit.side
 
     def _job(self, c: int, k: int, resume: tuple[dict, dict] | None) -> Job:
         fit, parts, candidate = self.fit, self.parts_of(k), self.fit.candidates[c]
@@ -580,8 +575,8 @@ class MemberLoop:
         members = self.candidates.size
         fit.emit("model_start", {**unit, "seed": seed, "epochs": fit.train.epochs, "members": members})
         on_epoch = partial(self._on_epoch, unit, seed)
-        side = self.candidates.side_by_side(k, resume)
-        if side is not None:
+        side = self.candidates.side
+        if side is not None:  # queued by CandidateLoop.start, with the checkpoint's state
             key = (index, self.candidates.state.index, k)
             model, seconds = side.take(key, on_epoch, self._save, fit.stop)
         else:
@@ -674,6 +669,16 @@ def bags_for(data: MultimodalDataset, auto: bool, bags: int) -> int:
     if not auto or data.n >= BAG_ROWS:
         return 0
     return bags if data.n < FEW_BAGS_ROWS else min(bags, FEW_BAGS)
+
+
+def workers_for(threads: int | None, device: torch.device, dist: Dist, bags: int) -> int:
+    """How many processes train a run's models side by side (:mod:`attnfuse.workers`): with bags on
+    the CPU in one process, one per thread (``--threads``; default: torch's count, the free cores),
+    each with one thread; else 1 (one after another, with all the threads; so too where processes
+    are not forked, :data:`attnfuse.workers.FORK`)."""
+    if bags < 2 or device.type != "cpu" or dist.enabled or not FORK:
+        return 1
+    return threads if threads is not None else torch.get_num_threads()
 
 
 # What ensemble selection minimises: the squared error for values, the log-loss for classes (a

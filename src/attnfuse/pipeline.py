@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from .calibration import check_level, evaluation_block
@@ -52,7 +51,7 @@ from .data.dataset import TASKS
 from .data.io._common import read_bounded
 from .data.io.table import TABLE_SUFFIXES, parse_modality_options
 from .distributed import Dist, local_device, setup, teardown
-from .fit import Fit, ProgressCallback, RunLoop, RunLoopState, bags_for, summarize_runs
+from .fit import Fit, ProgressCallback, RunLoop, RunLoopState, bags_for, summarize_runs, workers_for
 from .fusion import FUSIONS, FusionModel, config_from_dict
 from .metrics import compute_metrics
 from .options import Option, by_name, coerce, option, options_of, shorten
@@ -60,7 +59,6 @@ from .portfolio import PORTFOLIO, Candidate, candidates_for
 from .runstate import Checkpoints, last_dir
 from .splitplan import SplitPlan
 from .training import DivergedError, Interrupted, TrainConfig, TrainedModel, model_config, predict, to_predictions
-from .workers import FORK
 
 __all__ = [
     "ReadOptions",
@@ -506,22 +504,12 @@ def _fit_of(
         calibrate=opts.calibrate,
         interval=opts.interval,
         device=device,
-        workers=side_by_side(cfg.threads, device, dist, bags),
+        workers=workers_for(cfg.threads, device, dist, bags),
         dist=dist,
         emit=emit,
         checkpoints=checkpoints,
         stop=stop,
     )
-
-
-def side_by_side(threads: int | None, device: torch.device, dist: Dist, bags: int) -> int:
-    """How many processes train a run's models side by side (:mod:`attnfuse.workers`): with bags on
-    the CPU in one process, one per thread (``--threads``; default: torch's count, the free cores),
-    each with one thread; else 1 (one after another, with all the threads; so too where processes
-    are not forked, :data:`attnfuse.workers.FORK`)."""
-    if bags < 2 or device.type != "cpu" or dist.enabled or not FORK:
-        return 1
-    return threads if threads is not None else torch.get_num_threads()
 
 
 def _recorded_options(spec: TrainSpec, given: MultimodalDataset | None) -> dict[str, Any]:

@@ -56,7 +56,7 @@ __all__ = ["FORK", "Job", "SideBySide"]
 # each worker (and fail there). A forked worker inherits the command's OpenMP state; its first act
 # is torch.set_num_threads(1), after which torch starts no OpenMP team (as torch's DataLoader
 # workers do). Only on Linux: macOS's system libraries are not fork-safe (Python spawns there by
-# default); elsewhere the models train one after another (attnfuse.pipeline.side_by_side).
+# default); elsewhere the models train one after another (attnfuse.fit.workers_for).
 FORK = sys.platform == "linux"
 
 POLL_SECONDS = 0.05  # how often the command looks for a stop while it waits on a worker
@@ -215,22 +215,20 @@ def _start(data: MultimodalDataset, events: Any, head: Any, stop: Any, parent: i
     # Exit without waiting for the events still in the pipe: once the command stops reading (it
     # stopped, or failed), a worker waiting to write a checkpoint into a full pipe would never end.
     events.cancel_join_thread()
-    _worker.update(data=data, events=events, head=head, stop=stop, parent=parent)
+    _worker.update(data=data, events=events, head=head, stop=stop)
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
 
 
 def _end_with(parent: int) -> None:
-    """End this worker when the command's process is gone (killed: nothing else tells a waiting
-    worker, which holds its own copy of the pipe it waits on)."""
+    """End this worker when the command's process is gone (killed), whether it waits for a job
+    (on a pipe it holds a copy of itself: no end of file tells it) or trains one."""
     while os.getppid() == parent:
         time.sleep(ORPHAN_POLL_SECONDS)
     os._exit(1)
 
 
 def _stopped() -> int:
-    """The signal this worker's trainer stops on: the command's, or SIGTERM when it is gone."""
-    if os.getppid() != _worker["parent"]:
-        return signal.SIGTERM
+    """The signal this worker's trainer stops on: the command's (0: none)."""
     return _worker["stop"].value
 
 
