@@ -32,7 +32,8 @@ def machine() -> str:
     """CPU model and vendor, cores, torch and its threads, load average: one line."""
     model, vendor = cpu()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
-        f"{model} ({vendor}), {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}, load average {load} at the start"
+        f"{model} ({vendor}), {os.cpu_count()} cores{gpu}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, load average {load} at the start"
     )

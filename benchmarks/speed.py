@@ -237,7 +237,11 @@ def attnfuse_model(lib: types.ModuleType, fusion: str, overrides: dict, device: 
 
 
 class Contender:
-    """A model and how to call it: ``forward()`` -> (B, 1) on fixed inputs of ``batch`` samples."""
+    """A model and how to call it: ``forward()`` -> (B, 1) on fixed inputs of ``batch`` samples.
+    ``autocast`` (set once by --precision, alike for every contender): the mixed-precision dtype
+    the forward passes run under, or None for float32."""
+
+    autocast: torch.dtype | None = None
 
     def __init__(self, model: nn.Module, forward: Callable[[], Tensor], y: Tensor) -> None:
         self.model, self.forward, self.y = model, forward, y
@@ -247,20 +251,25 @@ class Contender:
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def _precision(self):
+        return torch.autocast(self.y.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
     def train_step(self) -> None:
         self.model.train()
-        loss = F.l1_loss(self.forward(), self.y)
+        with self._precision():
+            loss = F.l1_loss(self.forward().float(), self.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
     def train_forward(self) -> None:
         self.model.train()
-        self.forward()
+        with self._precision():
+            self.forward()
 
     def inference(self) -> None:
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._precision():
             self.forward()
 
 
@@ -528,8 +537,10 @@ def part_compile(args) -> list[str]:
     compiled.forward = lambda: fn(batch)
     first = []
     for _ in range(3):
+        sync(dev)
         t0 = time.perf_counter()
         compiled.train_step()
+        sync(dev)
         first.append(time.perf_counter() - t0)
     times = interleaved({"eager": eager.train_step, "compiled": compiled.train_step}, args)
     e, c = (1e3 * statistics.median(times[n]) for n in ("eager", "compiled"))
@@ -631,6 +642,9 @@ def main() -> None:
     )
     p.add_argument("--compile-fusion", default="cross", help="the fusion model of the compile part (default cross)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--precision", default="32", choices=("32", "bf16"), help="32 (default) or bf16 autocast, for every contender"
+    )
     p.add_argument("--mfeat-splits", type=int, default=3, help="mfeat splits of the accuracy part (default 3)")
     p.add_argument("--quick", action="store_true", help="3 rounds of 1 call, prints only")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
@@ -639,6 +653,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.warmup, args.number = 3, 1, 1
     args.torch_device = torch.device(args.device)
+    Contender.autocast = torch.bfloat16 if args.precision == "bf16" else None
     parts = [x for x in PARTS if x in (args.part or DEFAULT_PARTS)]
     before = load_before(args) if {"mult", "nn", "infer", "profile"} & set(parts) else None
     anchors = anchor_folder(args)
@@ -660,6 +675,10 @@ def main() -> None:
             command += f" --src {args.src}" if args.src else f" --before {args.before}"
         if part == "compile":
             command += f" --compile-fusion {args.compile_fusion}"
+        if args.device != "cpu":
+            command += f" --device {args.device}"
+        if args.precision != "32":
+            command += f" --precision {args.precision}"
         if part not in ("profile", "accuracy"):
             command += f" --rounds {args.rounds} --number {args.number}"
         run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, `{command}`; {machine_line}"

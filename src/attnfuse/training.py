@@ -103,7 +103,10 @@ class TrainConfig:
         "Floating point: 32, or mixed precision bf16 (CPU and GPU) or fp16 (GPU only, with loss scaling).",
         choices=PRECISIONS,
     )
-    compile: bool = option(False, "torch.compile the model (faster steps after a slow first one).")
+    compile: bool = option(
+        False,
+        "torch.compile the model (a slow first step; faster steps after it on a GPU, on the CPU on some machines).",
+    )
     ensemble: int = option(
         1,
         "Train this many models from different seeds on the same rows and average their outputs (small data).",

@@ -3,14 +3,14 @@ autograd function whose every product has the layout the CPU's GEMM is fast at.
 
 Per head, attention multiplies an (L, S) probability matrix by (S, d_head) values. With the small
 heads of multimodal models (d_head = 6 or 12 for MulT on CMU-MOSEI) a product whose *output* has
-d_head columns is slow on the CPU: ``bmm(P, V)`` at (120, 50, 50) x (120, 50, 6) takes over twice as
-long as the same product computed transposed, ``bmm(Vᵀ, Pᵀ)``, whose output has 50 columns
-(0.86 ms against 0.38 ms, medians, on one thread of an AMD EPYC: benchmarks/speed.py --part kernel).
+d_head columns is slow on some CPUs: on one thread of an AMD EPYC, ``bmm(P, V)`` at (120, 50, 50) x
+(120, 50, 6) takes twice as long as the same product computed transposed, ``bmm(Vᵀ, Pᵀ)``, whose
+output has 50 columns (0.33 ms against 0.17 ms, medians: benchmarks/speed.py --part kernel). On an
+Intel Xeon it is the other way round (0.26 ms against 2.16 ms).
 Autograd's backward of ``P @ V`` and of ``Q @ Kᵀ`` builds three more such products (dQ, dK, dV
 all have d_head columns). Here the forward computes ``(P V)ᵀ = Vᵀ Pᵀ`` and the backward computes
 dQᵀ, dKᵀ and dVᵀ, each a wide product, returned as transposed views. Whether the whole function
-beats plain ops depends on the CPU's GEMM library (another vendor's CPU may prefer other layouts),
-so :mod:`.kernels` times both at first use.
+beats plain ops depends on the CPU's GEMM library, so :mod:`.kernels` times both at first use.
 
 The backward also needs fewer (L, S) tensors than autograd's: with A = P ⊙ M the dropped-out
 probabilities (M = 0 or 1/(1-p)), the softmax backward through the dropout is

@@ -9,9 +9,9 @@ same dropout mask from the same random numbers, and agree to float32 rounding:
 * ``"autograd"``: the same function as plain ops, differentiated by autograd.
 
 Which one is faster depends on the machine, not on the model: at MulT's sizes (q, k, v
-``(24, 5, 50, 6)``) the explicit kernel took 0.74x the time of plain ops, forward and backward,
-on an AMD EPYC, and 1.38x on an Intel Xeon (benchmarks/RESULTS.md; the CPU's GEMM library takes
-other code paths on the two vendors). So neither is a default that holds everywhere; like cuDNN's
+``(24, 5, 50, 6)``) the explicit kernel took 0.88x the time of plain ops, forward and backward,
+on an AMD EPYC, and 1.69x on an Intel Xeon (benchmarks/RESULTS.md, "Fusion model speed"; the
+CPUs' GEMM libraries take other code paths for its transposed products). So neither is a default that holds everywhere; like cuDNN's
 benchmark mode, the first call of a shape times both kernels on random inputs of that shape and
 every later call of the shape in this process runs the winner (:func:`choose`). The choice is
 keyed by the sizes of one attention problem (L, S, E, Ev, dtype, mask, gradient), not by the batch:
