@@ -5,7 +5,8 @@ would write instead, and (with --before or --src) against another version of att
     python benchmarks/speed.py --threads 1         # the default parts; writes their blocks in RESULTS.md
     python benchmarks/speed.py --quick             # 3 rounds, prints only
     python benchmarks/speed.py --part mult         # one part (repeatable): mult, nn, infer, profile,
-                                                   # kernel, accuracy, compile; its block alone is replaced
+                                                   # kernel, accuracy, compile, guard; its block alone is replaced
+    python benchmarks/speed.py --device cuda --precision bf16   # on a GPU, under bf16 autocast
     python benchmarks/speed.py --before REV        # adds "before" = attnfuse at git revision REV (git archive)
     python benchmarks/speed.py --src PATH          # adds "before" = the attnfuse package in PATH (a checkout's src/)
 
@@ -24,7 +25,9 @@ name ``attnfuse_before`` next to the current one.
 
 The ``compile`` part (not in the default set: compiling takes minutes on a small CPU) times
 ``torch.compile`` of one fusion model against eager: its first steps (the compilation) and its
-steady state, separately.
+steady state, separately. The ``guard`` part (not in the default set either: off the CPU the
+guard always runs, so it is a GPU question) times a training step with attnfuse's non-finite guard
+and with it switched off, beside torch.nn, and counts the kernels each launches.
 
 The reference MulT (yaohungt/Multimodal-Transformer, MIT) is imported at run time from
 ``../shared/anchors/mult-reference`` (beside the checkout, or beside the main checkout of a git
@@ -555,6 +558,58 @@ def part_compile(args) -> list[str]:
     return lines
 
 
+def part_guard(args) -> list[str]:
+    """What the non-finite guard costs a training step (``attnfuse.nn.functional.needs_guard``; off
+    the CPU it always runs): attnfuse with it, attnfuse with it switched off (``needs_guard`` made
+    ``False`` during its steps, exact for these finite inputs) and the torch.nn composition, with
+    the kernels (CUDA) and aten ops one step launches."""
+    from torch.profiler import ProfilerActivity  # only this part needs the profiler
+    from torch.profiler import profile as torch_profile
+
+    from attnfuse.nn import attention as attention_module
+    from attnfuse.nn import functional as functional_module
+
+    dev, real = args.torch_device, functional_module.needs_guard
+
+    def unguarded(step: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            attention_module.needs_guard = functional_module.needs_guard = lambda *inputs: False
+            try:
+                step()
+            finally:
+                attention_module.needs_guard = functional_module.needs_guard = real
+
+        return run
+
+    def launched(step: Callable[[], None]) -> tuple[int, int]:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            step()
+            sync(dev)
+        events = prof.events()
+        kernels_ = sum(1 for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        return kernels_, sum(1 for e in events if e.name.startswith("aten::"))
+
+    lines = [
+        "| fusion | contender | ms per step, median | attnfuse / this | CUDA kernels per step | aten ops per step |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for fusion in ("cross", "self"):
+        ours = of_attnfuse(attnfuse, fusion, MOSEI, 24, dev)
+        steps = {
+            "attnfuse": ours.train_step,
+            "attnfuse, guard off": unguarded(ours.train_step),
+            "torch.nn composition": of_torch(fusion, 24, dev).train_step,
+        }
+        times = interleaved(steps, args)
+        for n, step in steps.items():
+            ratio = "–" if n == "attnfuse" else f"{paired(times, 'attnfuse', n):.2f}"
+            k, ops = launched(step)
+            lines.append(f"| {fusion} | {n} | {1e3 * statistics.median(times[n]):.2f} | {ratio} | {k} | {ops} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 # Recorded in RESULTS.md, "Fusion models" (benchmarks/fusion.py, 2026-11-21).
 RECORDED = {"planted cross": "0.9664 ± 0.0043", "planted self": "0.9660 ± 0.0056", "mfeat self": "98.78 ± 0.63"}
 
@@ -600,8 +655,8 @@ def part_accuracy(args) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
-PARTS = ("mult", "nn", "infer", "profile", "kernel", "accuracy", "compile")
-DEFAULT_PARTS = PARTS[:-1]  # compile: only when asked (minutes of compilation)
+PARTS = ("mult", "nn", "infer", "profile", "kernel", "accuracy", "compile", "guard")
+DEFAULT_PARTS = PARTS[:-2]  # compile (minutes of compilation) and guard (a GPU question): only when asked
 TITLES = {
     "mult": "`mult` against the reference MulT, training step (batch 24)",
     "nn": "`self`, `cross`, `bicross` against torch.nn compositions, training step (batch 24)",
@@ -612,6 +667,7 @@ TITLES = {
     "kernel": "The two CPU kernels of attention with dropout 0.1 (`attnfuse.nn.kernels`), forward + backward, "
     "and the GEMM layouts behind them",
     "compile": "`torch.compile` (`--compile`) against eager, training step (batch 24): compilation and steady state",
+    "guard": "The non-finite guard's cost, training step (batch 24): with it, switched off, and torch.nn",
     "accuracy": 'Accuracy on the final code (planted: `TrainConfig(seed=s, loss="l1")`, defaults otherwise; '
     "mfeat: `TrainConfig(seed=s)`, fractions 0.7/0.1/0.2)",
 }
@@ -669,6 +725,7 @@ def main() -> None:
             "kernel": lambda: part_kernel(args),
             "accuracy": lambda: part_accuracy(args),
             "compile": lambda: part_compile(args),
+            "guard": lambda: part_guard(args),
         }[part]()
         command = f"python benchmarks/speed.py --part {part}" + (f" --threads {args.threads}" if args.threads else "")
         if part in ("mult", "nn", "infer", "profile") and before is not None:
