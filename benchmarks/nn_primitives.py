@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnfuse.nn as after
-import attnfuse.nn.attention as after_attention
 from _machine import machine
 from attention import interleave
 from attnfuse.nn import functional as AF
 from attnfuse.nn.dropout import dropout
 from speed import load_before as load_package
+from speed import unguarded
 
 B, T, D, H, P = 24, 50, 30, 5, 0.1
 BEGIN, END = "<!-- begin: benchmarks/nn_primitives.py -->", "<!-- end: benchmarks/nn_primitives.py -->"
@@ -205,16 +205,7 @@ def stack_rows(args, before) -> tuple[list[tuple[str, float, float]], dict]:
     rows = [("MulT-like block (one target), training step", t.get("before", float("nan")), t["after"])]
 
     # The guard's cost: the same block with the CPU check answered "no" without summing.
-    real = after_attention.needs_guard, AF.needs_guard
-
-    def unguarded():
-        after_attention.needs_guard = AF.needs_guard = lambda *inputs: False
-        try:
-            steps["after"]()
-        finally:
-            after_attention.needs_guard, AF.needs_guard = real
-
-    t = timed({"off": unguarded, "on": steps["after"]}, args, number=3)
+    t = timed({"off": unguarded(steps["after"]), "on": steps["after"]}, args, number=3)
     rows.append(("same block, non-finite guard off (before) vs on (after)", t["off"], t["on"]))
     for shape in [(B, T, D), (32, 512, 512)]:  # a MOSEI layer's input; the attention benchmark's input
         x = torch.randn(shape, requires_grad=True)

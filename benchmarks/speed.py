@@ -37,6 +37,7 @@ worktree; --anchors overrides), never copied here; without it its rows are skipp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.util
@@ -254,8 +255,10 @@ class Contender:
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def _precision(self):
-        return torch.autocast(self.y.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+    def _precision(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()  # float32: the step runs what it ran before --precision existed
+        return torch.autocast(self.y.device.type, dtype=self.autocast)
 
     def train_step(self) -> None:
         self.model.train()
@@ -331,6 +334,23 @@ def interleaved(steps: dict[str, Callable[[], None]], args, number: int | None =
             if r >= args.warmup:
                 times[n].append((time.perf_counter() - t0) / number)
     return times
+
+
+def unguarded(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the non-finite guard switched off (``needs_guard`` answers False, where the
+    attention core asks it): exact for finite inputs, so it times what the guard costs."""
+    from attnfuse.nn import attention as attention_module
+    from attnfuse.nn import functional as functional_module
+
+    def run() -> None:
+        real = functional_module.needs_guard
+        attention_module.needs_guard = functional_module.needs_guard = lambda *inputs: False
+        try:
+            step()
+        finally:
+            attention_module.needs_guard = functional_module.needs_guard = real
+
+    return run
 
 
 def rates(times: list[float], samples: int) -> tuple[float, float]:
@@ -566,20 +586,7 @@ def part_guard(args) -> list[str]:
     from torch.profiler import ProfilerActivity  # only this part needs the profiler
     from torch.profiler import profile as torch_profile
 
-    from attnfuse.nn import attention as attention_module
-    from attnfuse.nn import functional as functional_module
-
-    dev, real = args.torch_device, functional_module.needs_guard
-
-    def unguarded(step: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            attention_module.needs_guard = functional_module.needs_guard = lambda *inputs: False
-            try:
-                step()
-            finally:
-                attention_module.needs_guard = functional_module.needs_guard = real
-
-        return run
+    dev = args.torch_device
 
     def launched(step: Callable[[], None]) -> tuple[int, int]:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -587,8 +594,8 @@ def part_guard(args) -> list[str]:
             step()
             sync(dev)
         events = prof.events()
-        kernels_ = sum(1 for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
-        return kernels_, sum(1 for e in events if e.name.startswith("aten::"))
+        launches = sum(1 for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        return launches, sum(1 for e in events if e.name.startswith("aten::"))
 
     lines = [
         "| fusion | contender | ms per step, median | attnfuse / this | CUDA kernels per step | aten ops per step |",

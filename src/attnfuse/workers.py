@@ -7,8 +7,9 @@ default ``attnfuse train`` on mfeat took 25.1 s with two threads and 27.9 s with
 threads would not: a model's Python code holds the GIL between its operations.
 
 How: :class:`SideBySide` keeps a pool of worker processes forked from the command (:data:`FORK`:
-each starts with the command's data, copied only where written) and the run's :class:`Job` s in the order the loops of :mod:`attnfuse.fit` train them;
-:meth:`SideBySide.take` returns one job's model while every worker trains the jobs after it. The
+each starts with the command's data, copied only where written) and the run's :class:`Job` s in
+the order the loops of :mod:`attnfuse.fit` train them; :meth:`SideBySide.take` returns one job's
+model while every worker trains the jobs after it. The
 loops take the jobs in order, so they see what they would have seen training the models one after
 another:
 
@@ -233,8 +234,8 @@ def _stopped() -> int:
 
 
 def _run(key: int, job: bytes) -> tuple[str, Any, float]:
-    """Train job ``key`` (a pickled :class:`Job`): ``("model", the pickled TrainedModel, seconds)``, or ``("interrupted",
-    (epoch, step, signal), seconds)``. Events go to the queue: ``("epoch", key, record)``,
+    """Train job ``key`` (a pickled :class:`Job`): ``("model", the pickled TrainedModel, seconds)``,
+    or ``("interrupted", (epoch, step, signal), seconds)``. Events go to the queue: ``("epoch", key, record)``,
     ``("checkpoint", key, pickled trainer state)`` and, last, ``("done", key, None)``.
 
     What crosses between the processes is pickled here, by value: torch's own reduction for
