@@ -147,25 +147,7 @@ def render_section(entries: list[dict]) -> str:
         "model's training rows as `attnfuse train` fits them. One thread.",
         "",
     ]
-    return "\n".join(head + [render(e) for e in entries] + READING)
-
-
-# What the run of 2026-12-03 15:15 UTC shows (written by hand from the tables above; re-read after a new run).
-READING = [
-    "### What it shows",
-    "",
-    "On the **planted lookup** both modalities are needed (the text asks which step, the video holds the "
-    "answer): without either, R² falls from 0.961 to below 0, in proportion to the share of rows that lost "
-    "it. The model was never trained without a modality and does not fall back on what is left (the mean of "
-    "the video's values, about what ridge's 0.087 holds). Noise of half a standard deviation costs 0.01 on "
-    "the text (the query still matches its key) and 0.08 on the video. On **mfeat** the six views are "
-    "redundant: the `concat` model loses nothing when any one of fou, fac, kar, pix or zer is absent from "
-    "every test row and 1 point without mor, logistic regression with mean imputation at most 0.3 points; "
-    "gradient boosting loses 25 points without fac and 8 without mor (its trees lean on them; a "
-    "mean-imputed value sends every row down one branch). Noise of 2 standard deviations on mor costs "
-    "`concat` 5 points, gradient boosting 11, logistic regression 0.3.",
-    "",
-]
+    return "\n".join(head + [render(e) for e in entries])
 
 
 def main() -> None:

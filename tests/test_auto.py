@@ -14,7 +14,7 @@ from attnfuse.cli import app
 from attnfuse.data import MultimodalDataset, make_planted, save_npz
 from attnfuse.metrics import paired_standard_error, standard_error
 from attnfuse.pipeline import PORTFOLIO, TrainSpec, candidates_for, train
-from attnfuse.portfolio import choose, public
+from attnfuse.portfolio import MODALITY_DROPOUT, choose, public
 
 # Small enough to run in seconds, large enough that attention clearly solves the planted lookup.
 PLANTED = {"n": 400, "seq_len": 4, "num_keys": 8, "key_dim": 8, "value_dim": 4, "noise": 0.05}
@@ -60,13 +60,25 @@ def test_candidates_depend_on_the_data():
 def test_user_settings_reach_the_candidates_that_have_them():
     cands, left_out = candidates_for(sequences(), "auto", {"d_model": 8, "nhead": 2, "pooling": "attention"})
     by_name = {c.name: c for c in cands}
-    assert by_name["concat"].settings == {"d_model": 8}  # concat has no heads or pooling
-    assert by_name["self"].settings == {"pooling": "attention", "d_model": 8, "nhead": 2}
+    md = {"modality_dropout": MODALITY_DROPOUT}  # every candidate's own
+    assert by_name["concat"].settings == {**md, "d_model": 8}  # concat has no heads or pooling
+    assert by_name["self"].settings == {"pooling": "attention", **md, "d_model": 8, "nhead": 2}
     assert by_name["cross"].settings["pooling"] == "attention"
     assert "self-modality" in left_out and "same model" in left_out["self-modality"]  # both self now identical
     # A value only some candidates take leaves the others out (cross has no [CLS] pooling).
     cands, left_out = candidates_for(sequences(), "auto", {"pooling": "cls"})
     assert "cross" not in [c.name for c in cands] and "pooling" in left_out["cross"]
+
+
+def test_every_candidate_trains_with_modality_dropout_unless_the_user_sets_it():
+    # The portfolio's regulariser (portfolio.MODALITY_DROPOUT, measured in RESULTS.md); a named
+    # fusion keeps the model's own default (no dropout), and the user's value wins in auto.
+    cands, _ = candidates_for(sequences(), "auto", {})
+    assert {c.name: c.settings["modality_dropout"] for c in cands} == {c.name: 0.1 for c in PORTFOLIO}
+    (only,), _ = candidates_for(sequences(), "self", {})
+    assert "modality_dropout" not in only.settings
+    cands, _ = candidates_for(sequences(), "auto", {"modality_dropout": 0.0})
+    assert all(c.settings["modality_dropout"] == 0.0 for c in cands)
 
 
 @pytest.mark.parametrize(

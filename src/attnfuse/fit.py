@@ -649,13 +649,14 @@ def pick(fit: Fit, models: list[TrainedModel]) -> tuple[TrainedModel, dict, dict
 # the candidates and the baselines are weighed on all of them, not on the 15% a validation part
 # holds (a validation part of 45-150 rows picks mostly by chance: benchmarks/RESULTS.md). The
 # bags' models are averaged. From FEW_BAGS_ROWS rows on, in at most FEW_BAGS bags: K bags cost
-# about K x (K-1)/K of one training. On mfeat (2,000 rows) 3 bags gave 99.15% over 10 splits, 4
-# bags 99.13% at 1.29x the time of 3, 5 bags no more on the two splits tried at about twice the
-# time of 3; 3 bags, trained side by side on 2 cores, cost 1.77x the previous default's time on
-# mfeat (within the 2x budget; one after another 2.5x). On fair (6,366 rows) 3 bags gave R² 0.0645
-# where halving the validation rows gave 0.0580 and ridge 0.0619 (benchmarks/RESULTS.md). From BAG_ROWS rows on the candidates are not bagged (the
-# validation rows are halved instead, RunLoop._halved): minutes of training would become K - 1
-# times as many, and a validation half holds 750 rows or more.
+# about K x (K-1)/K of one training. On mfeat (2,000 rows; the candidates then without modality
+# dropout) 3 bags gave 99.15% over 10 splits, 4 bags 99.13% at 1.29x the time of 3, 5 bags no
+# more on the two splits tried at about twice the time of 3; 3 bags, trained side by side on 2
+# cores, cost 1.77-1.91x the previous default's time on mfeat (within the 2x budget; one after
+# another 2.5x). On fair (6,366 rows) 3 bags gave R² 0.0645 where halving the validation rows
+# gave 0.0580 and ridge 0.0619 (benchmarks/RESULTS.md). From BAG_ROWS rows on the candidates are
+# not bagged (the validation rows are halved instead, RunLoop._halved): minutes of training would
+# become K - 1 times as many, and a validation half holds 750 rows or more.
 BAG_ROWS = 10_000
 FEW_BAGS_ROWS = 1000
 FEW_BAGS = 3

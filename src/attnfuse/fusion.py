@@ -78,7 +78,9 @@ class FusionConfig:
     dropout: float = option(0.1, "Dropout rate (embeddings, attention, feed-forward, head).")
     head_hidden: int | None = option(None, "Hidden size of the MLP head (default 2 * d_model).")
     modality_dropout: float = option(
-        0.0, "Training only: hide each modality of a sample with this probability (at least one stays)."
+        0.0,
+        "Training only: hide each modality of a sample with this probability (at least one stays). "
+        "The --fusion auto candidates: 0.1 unless given.",
     )
 
     def __post_init__(self) -> None:

@@ -33,11 +33,19 @@ class Candidate:
 # (mfeat) concat and self with per-modality pooling are the best models and cost little; on
 # sequences (the planted lookup) pooling destroys the alignment and an attention model is needed:
 # self and cross both solve it, cross is the canonical "text queries video" model.
+#
+# Every candidate trains with modality dropout (each modality of a training sample hidden through
+# its mask with probability 0.1, ModDrop: Neverova et al., 2015): measured on mfeat's ten splits,
+# it cut each candidate's out-of-fold errors (concat 201 -> 177, self 195 -> 179, self-modality
+# 197 -> 172 of 16,000 rows) and the weighted ensemble's on 9 splits of 10, none worse (RESULTS.md,
+# "Modality dropout in the portfolio"). A model that has seen absent modalities also degrades
+# gracefully when one is missing, and masking explanations measure what a modality carries.
+MODALITY_DROPOUT = 0.1
 PORTFOLIO: tuple[Candidate, ...] = (
-    Candidate("concat", "concat"),
-    Candidate("self", "self", {"pooling": "mean"}),
-    Candidate("self-modality", "self", {"pooling": "modality"}),
-    Candidate("cross", "cross", {}, sequences_only=True),
+    Candidate("concat", "concat", {"modality_dropout": MODALITY_DROPOUT}),
+    Candidate("self", "self", {"pooling": "mean", "modality_dropout": MODALITY_DROPOUT}),
+    Candidate("self-modality", "self", {"pooling": "modality", "modality_dropout": MODALITY_DROPOUT}),
+    Candidate("cross", "cross", {"modality_dropout": MODALITY_DROPOUT}, sequences_only=True),
 )
 
 
