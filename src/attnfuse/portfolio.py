@@ -38,8 +38,11 @@ class Candidate:
 # its mask with probability 0.1, ModDrop: Neverova et al., 2015): measured on mfeat's ten splits,
 # it cut each candidate's out-of-fold errors (concat 201 -> 177, self 195 -> 179, self-modality
 # 197 -> 172 of 16,000 rows) and the weighted ensemble's on 9 splits of 10, none worse (RESULTS.md,
-# "Modality dropout in the portfolio"). A model that has seen absent modalities also degrades
-# gracefully when one is missing, and masking explanations measure what a modality carries.
+# "Modality dropout in the portfolio"). The ensemble's out-of-fold score rose on the five benchmark
+# tables whose views overlap and fell a little on the two whose views complement each other
+# (planted 0.9649 -> 0.9639 R², fair 0.0845 -> 0.0829). A model that has seen absent modalities
+# also degrades gracefully when one is missing, and masking explanations measure what a modality
+# carries instead of its reaction to an input it never saw.
 MODALITY_DROPOUT = 0.1
 PORTFOLIO: tuple[Candidate, ...] = (
     Candidate("concat", "concat", {"modality_dropout": MODALITY_DROPOUT}),
